@@ -1,0 +1,184 @@
+//! The inode table: which backing file each FUSE node id stands for, and how many lookups
+//! the kernel holds on it. Each node keeps an `O_PATH` descriptor of its backing file, so it
+//! follows renames and hard links without walfs tracking paths. Node ids are the backing
+//! inode numbers where they can be (so `stat` shows the same `st_ino` as the backing
+//! directory), and synthetic ids for files on other devices.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use fuser::BackingId;
+use parking_lot::{Mutex, RwLock};
+
+use super::error::{FsError, FsResult};
+
+/// The FUSE node id of the mount's root.
+pub const ROOT_ID: u64 = 1;
+
+/// Synthetic node ids start here, far above real inode numbers.
+const SYNTHETIC_BASE: u64 = 1 << 62;
+
+/// A backing file's identity: device and inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileKey {
+    pub fn of(st: &libc::stat) -> FileKey {
+        FileKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+}
+
+/// One node the kernel knows about.
+pub struct Inode {
+    pub nodeid: u64,
+    pub key: FileKey,
+    /// File type bits (`S_IFMT`) of the backing file.
+    pub kind: u32,
+    fd: OwnedFd,
+    /// Lookups the kernel holds; changed only under the table's write lock.
+    lookups: AtomicU64,
+    /// The kernel passthrough registration of this file, shared by all its open handles.
+    pub backing: Mutex<Weak<BackingId>>,
+}
+
+impl Inode {
+    /// The `O_PATH` descriptor of the backing file.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == libc::S_IFDIR
+    }
+
+    pub fn is_regular(&self) -> bool {
+        self.kind == libc::S_IFREG
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    by_id: HashMap<u64, Arc<Inode>>,
+    by_key: HashMap<FileKey, u64>,
+}
+
+pub struct InodeTable {
+    root_dev: u64,
+    tables: RwLock<Tables>,
+    next_synthetic: AtomicU64,
+}
+
+impl InodeTable {
+    /// A table holding only the root, whose `O_PATH` descriptor is `root_fd`.
+    pub fn new(root_fd: OwnedFd, root_stat: &libc::stat) -> InodeTable {
+        let key = FileKey::of(root_stat);
+        let root = Arc::new(Inode {
+            nodeid: ROOT_ID,
+            key,
+            kind: root_stat.st_mode & libc::S_IFMT,
+            fd: root_fd,
+            lookups: AtomicU64::new(u64::MAX / 2),
+            backing: Mutex::new(Weak::new()),
+        });
+        let mut tables = Tables::default();
+        tables.by_id.insert(ROOT_ID, root);
+        tables.by_key.insert(key, ROOT_ID);
+        InodeTable {
+            root_dev: key.dev,
+            tables: RwLock::new(tables),
+            next_synthetic: AtomicU64::new(SYNTHETIC_BASE),
+        }
+    }
+
+    pub fn get(&self, nodeid: u64) -> FsResult<Arc<Inode>> {
+        self.tables
+            .read()
+            .by_id
+            .get(&nodeid)
+            .cloned()
+            .ok_or(FsError(libc::ESTALE))
+    }
+
+    pub fn root(&self) -> Arc<Inode> {
+        self.get(ROOT_ID).expect("the root is never forgotten")
+    }
+
+    /// The node id a directory entry with inode number `ino` shows, as `readdir` reports it.
+    pub fn id_for_listing(&self, ino: u64) -> u64 {
+        let root = self.root();
+        if ino == root.key.ino {
+            ROOT_ID
+        } else {
+            ino
+        }
+    }
+
+    /// Records one kernel lookup of the backing file behind `fd` (with stat `st`), adding a
+    /// node for it if the kernel did not know it yet. `fd` is dropped if a node exists.
+    pub fn lookup_of(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
+        let key = FileKey::of(st);
+        let mut tables = self.tables.write();
+        if let Some(id) = tables.by_key.get(&key) {
+            let inode = tables.by_id[id].clone();
+            inode.lookups.fetch_add(1, Ordering::Relaxed);
+            return inode;
+        }
+        let nodeid = if key.dev == self.root_dev
+            && key.ino > ROOT_ID
+            && key.ino < SYNTHETIC_BASE
+            && !tables.by_id.contains_key(&key.ino)
+        {
+            key.ino
+        } else {
+            self.next_synthetic.fetch_add(1, Ordering::Relaxed)
+        };
+        let inode = Arc::new(Inode {
+            nodeid,
+            key,
+            kind: st.st_mode & libc::S_IFMT,
+            fd,
+            lookups: AtomicU64::new(1),
+            backing: Mutex::new(Weak::new()),
+        });
+        tables.by_id.insert(nodeid, inode.clone());
+        tables.by_key.insert(key, nodeid);
+        inode
+    }
+
+    /// The kernel dropped `count` lookups of `nodeid`; the node goes when none remain.
+    pub fn forget(&self, nodeid: u64, count: u64) {
+        if nodeid == ROOT_ID {
+            return;
+        }
+        let mut tables = self.tables.write();
+        let Some(inode) = tables.by_id.get(&nodeid) else {
+            return;
+        };
+        let left = inode.lookups.load(Ordering::Relaxed).saturating_sub(count);
+        inode.lookups.store(left, Ordering::Relaxed);
+        if left == 0 {
+            let key = inode.key;
+            tables.by_id.remove(&nodeid);
+            if tables.by_key.get(&key) == Some(&nodeid) {
+                tables.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Number of nodes the kernel holds, the root included.
+    pub fn len(&self) -> usize {
+        self.tables.read().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

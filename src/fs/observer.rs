@@ -1,0 +1,75 @@
+//! The hook through which per-database capture watches the filesystem. The FUSE layer knows
+//! nothing about SQLite or replication: at SQLite's barriers (fsync, truncate, unlink, rename)
+//! and at create and close, it calls an `Observer` before replying to the kernel. An observer
+//! that cannot record what it must returns an error, and the application's operation fails
+//! with it (EIO) instead of the replica silently diverging.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::error::FsResult;
+use super::inode::Inode;
+
+/// A file or directory under the mount, as the observer sees it.
+pub struct Node<'a> {
+    pub(super) inode: &'a Inode,
+    pub(super) root: &'a Path,
+}
+
+impl Node<'_> {
+    /// The node's current absolute path in the backing directory. It follows renames.
+    pub fn backing_path(&self) -> io::Result<PathBuf> {
+        super::sys::fd_path(self.inode.fd())
+    }
+
+    /// The node's current path relative to the backing root (empty for the root).
+    pub fn relative_path(&self) -> io::Result<PathBuf> {
+        let abs = self.backing_path()?;
+        Ok(abs.strip_prefix(self.root).unwrap_or(&abs).to_path_buf())
+    }
+
+    /// The FUSE node id.
+    pub fn nodeid(&self) -> u64 {
+        self.inode.nodeid
+    }
+}
+
+/// Called by the filesystem at barriers, after the backing operation (or just before it, for
+/// removals) and before the reply. Every method defaults to doing nothing.
+pub trait Observer: Send + Sync + 'static {
+    /// A regular file was created (or opened with O_CREAT) in `dir`.
+    fn created(&self, _dir: &Node<'_>, _name: &OsStr, _file: &Node<'_>) -> FsResult<()> {
+        Ok(())
+    }
+    /// `fsync`/`fdatasync` on `file` reached the backing file.
+    fn synced(&self, _file: &Node<'_>) -> FsResult<()> {
+        Ok(())
+    }
+    /// `file` was truncated (or extended) to `size` bytes.
+    fn truncated(&self, _file: &Node<'_>, _size: u64) -> FsResult<()> {
+        Ok(())
+    }
+    /// `name` in `dir` is about to be unlinked; it can still be read.
+    fn unlinking(&self, _dir: &Node<'_>, _name: &OsStr) -> FsResult<()> {
+        Ok(())
+    }
+    /// `name` in `dir` is about to be renamed to `new_name` in `new_dir`.
+    fn renaming(
+        &self,
+        _dir: &Node<'_>,
+        _name: &OsStr,
+        _new_dir: &Node<'_>,
+        _new_name: &OsStr,
+    ) -> FsResult<()> {
+        Ok(())
+    }
+    /// The last reference to an open of `file` went away; `wrote` says whether the
+    /// handle was opened for writing.
+    fn released(&self, _file: &Node<'_>, _wrote: bool) {}
+}
+
+/// The observer of a plain mirror: watches nothing.
+pub struct NoObserver;
+
+impl Observer for NoObserver {}

@@ -1,0 +1,333 @@
+//! `walfs mount`: the checks that turn a bad set-up into a one-line error before anything is
+//! mounted, the cleaning of a stale mount left by a killed daemon, the FUSE session itself,
+//! and a clean unmount on SIGINT or SIGTERM.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fuser::{MountOption, SessionACL};
+
+use crate::fs::fuse::FuseAdapter;
+use crate::fs::metrics::Metrics;
+use crate::fs::{FsConfig, IoMode, NoObserver, PassthroughFs};
+
+/// What `walfs mount` was asked to do.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub read_only: bool,
+    pub threads: usize,
+    /// Use kernel passthrough when the daemon may (CAP_SYS_ADMIN).
+    pub passthrough: bool,
+    pub cache_ttl: Duration,
+    pub allow_nonempty: bool,
+}
+
+/// Mounts and serves until unmounted (by a signal or `fusermount3 -u`).
+pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
+    let (backing, mountpoint) = preflight(opts)?;
+    raise_open_file_limit();
+
+    let io_mode = if !opts.passthrough {
+        IoMode::PageCache
+    } else if has_cap_sys_admin() {
+        IoMode::Passthrough
+    } else {
+        tracing::warn!(
+            "no CAP_SYS_ADMIN: kernel passthrough is off and file I/O goes through walfs (slower); run as root or grant CAP_SYS_ADMIN for native speed"
+        );
+        IoMode::PageCache
+    };
+    let config = FsConfig {
+        read_only: opts.read_only,
+        io_mode,
+        cache_ttl: opts.cache_ttl,
+    };
+    let fs = Arc::new(
+        PassthroughFs::new(&backing, config, Arc::new(NoObserver))
+            .with_context(|| format!("cannot open backing directory {}", backing.display()))?,
+    );
+    let metrics = Arc::new(Metrics::default());
+
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(format!("walfs:{}", backing.display())),
+        MountOption::Subtype("walfs".into()),
+        // The kernel checks permissions against the backing file's attributes, as the
+        // backing filesystem would.
+        MountOption::DefaultPermissions,
+        if opts.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    fuse_config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    fuse_config.n_threads = Some(opts.threads.max(1));
+    fuse_config.clone_fd = true;
+
+    let mut session = fuser::Session::new(
+        FuseAdapter::new(fs.clone(), metrics),
+        &mountpoint,
+        &fuse_config,
+    )
+    .map_err(|e| mount_failed(e, &mountpoint))?;
+    tracing::info!(
+        backing = %backing.display(),
+        mountpoint = %mountpoint.display(),
+        passthrough = fs.passthrough_enabled(),
+        threads = opts.threads,
+        "mounted"
+    );
+    unmount_on_signal(session.unmount_callable(), mountpoint.clone())?;
+    session.run().context("FUSE session failed")?;
+    tracing::info!(mountpoint = %mountpoint.display(), "walfs stopped");
+    Ok(())
+}
+
+/// Validates the set-up and returns the canonical backing directory and mountpoint.
+fn preflight(opts: &MountOptions) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let backing = &opts.backing;
+    match std::fs::metadata(backing) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!(
+            "backing path {} is not a directory; give the directory that holds your data",
+            backing.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "backing directory {} does not exist; create it first (mkdir -p {})",
+            backing.display(),
+            backing.display()
+        ),
+        Err(e) => bail!("cannot use backing directory {}: {e}", backing.display()),
+    }
+    let backing = std::fs::canonicalize(backing)?;
+
+    let mountpoint = absolute(&opts.mountpoint)?;
+    match std::fs::metadata(&mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            clean_stale_mount(&mountpoint)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "mountpoint {} does not exist; create it first (mkdir -p {})",
+            mountpoint.display(),
+            mountpoint.display()
+        ),
+        Err(e) => bail!("cannot use mountpoint {}: {e}", mountpoint.display()),
+        Ok(m) if !m.is_dir() => bail!(
+            "mountpoint {} is not a directory; give an empty directory",
+            mountpoint.display()
+        ),
+        Ok(_) => {
+            if is_mountpoint(&mountpoint) {
+                bail!(
+                    "mountpoint {} is already mounted; unmount it first (fusermount3 -u {})",
+                    mountpoint.display(),
+                    mountpoint.display()
+                );
+            }
+        }
+    }
+    let mountpoint = std::fs::canonicalize(&mountpoint)?;
+
+    if mountpoint.starts_with(&backing) {
+        bail!(
+            "mountpoint {} is inside backing directory {}; that would loop: put the mountpoint elsewhere",
+            mountpoint.display(),
+            backing.display()
+        );
+    }
+    if backing.starts_with(&mountpoint) {
+        bail!(
+            "backing directory {} is inside mountpoint {}; that would loop: put the backing directory elsewhere",
+            backing.display(),
+            mountpoint.display()
+        );
+    }
+    if !opts.allow_nonempty && std::fs::read_dir(&mountpoint)?.next().is_some() {
+        bail!(
+            "mountpoint {} is busy: it is not empty and the mount would hide its files; empty it or pass --allow-nonempty",
+            mountpoint.display()
+        );
+    }
+
+    match std::fs::metadata("/dev/fuse") {
+        Ok(m) if m.file_type().is_char_device() => {}
+        _ => bail!(
+            "/dev/fuse is missing: install the fuse3 package (apt-get install fuse3) and load the module (modprobe fuse); in Docker pass --device /dev/fuse --cap-add SYS_ADMIN"
+        ),
+    }
+    // SAFETY: plain getter.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && find_in_path("fusermount3").is_none() {
+        bail!(
+            "fusermount3 not found: install the fuse3 package (apt-get install fuse3), or run walfs as root"
+        );
+    }
+    Ok((backing, mountpoint))
+}
+
+/// `path` made absolute without resolving its last component (which may be a dead mount).
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => match std::fs::canonicalize(parent) {
+            Ok(p) => Ok(p.join(name)),
+            Err(_) => Ok(abs),
+        },
+        _ => Ok(abs),
+    }
+}
+
+/// True if `path` is the mountpoint of some mount in this namespace.
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .map(|p| Path::new(&unescape_mountinfo(p)) == path)
+            .unwrap_or(false)
+    })
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = Vec::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches a mount whose daemon died ("transport endpoint is not connected").
+fn clean_stale_mount(mountpoint: &Path) -> anyhow::Result<()> {
+    tracing::warn!(
+        mountpoint = %mountpoint.display(),
+        "found a stale mount left by a daemon that died; cleaning it"
+    );
+    if detach(mountpoint).is_err() {
+        let status = std::process::Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(mountpoint)
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            bail!(
+                "mountpoint {} holds a stale mount that walfs cannot remove; run: fusermount3 -uz {}",
+                mountpoint.display(),
+                mountpoint.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn detach(mountpoint: &Path) -> io::Result<()> {
+    let c = crate::fs::sys::cstr(mountpoint.as_os_str())?;
+    // SAFETY: valid path string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn mount_failed(e: io::Error, mountpoint: &Path) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => anyhow::anyhow!(
+            "mountpoint {} is busy; stop what is using it, or pick another directory",
+            mountpoint.display()
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => anyhow::anyhow!(
+            "not permitted to mount at {}: run as root, or install fuse3 so fusermount3 can mount for you ({e})",
+            mountpoint.display()
+        ),
+        _ => anyhow::anyhow!("cannot mount at {}: {e}", mountpoint.display()),
+    }
+}
+
+/// On SIGINT or SIGTERM: unmount, so the session ends and the process exits 0. If
+/// something still has files open, detach the mount lazily and exit after a short grace.
+fn unmount_on_signal(
+    mut unmounter: fuser::SessionUnmounter,
+    mountpoint: PathBuf,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::Builder::new()
+        .name("walfs-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::warn!(
+                        "unmount failed ({e}): files are still open under the mountpoint; detaching lazily"
+                    );
+                    let _ = detach(&mountpoint);
+                    std::thread::sleep(Duration::from_secs(2));
+                    tracing::info!("walfs stopped");
+                    std::process::exit(0);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn has_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// Each node the kernel knows holds one descriptor; allow as many as the hard limit.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer, then the same struct back in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
+    })
+}
