@@ -33,6 +33,10 @@ pub struct MountOptions {
 pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
     let (backing, mountpoint) = preflight(opts)?;
     raise_open_file_limit();
+    // The kernel applies the caller's umask before a create request reaches walfs; the
+    // daemon's own umask must not mask the mode a second time.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0) };
 
     let io_mode = if !opts.passthrough {
         IoMode::PageCache

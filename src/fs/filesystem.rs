@@ -413,19 +413,39 @@ impl PassthroughFs {
 
     pub fn open(
         &self,
+        caller: Caller,
         nodeid: u64,
         flags: i32,
         register: Option<BackingRegistrar<'_>>,
     ) -> FsResult<Opened> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+        let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writing {
             self.check_writable()?;
         }
         let inode = self.inodes.get(nodeid)?;
         let fd = sys::reopen(inode.fd(), flags)?;
+        if writing && caller.uid != 0 && inode.is_regular() {
+            self.drop_set_id_bits(&fd)?;
+        }
         if flags & libc::O_TRUNC != 0 && inode.is_regular() {
             self.observer.truncated(&self.node(&inode), 0)?;
         }
         Ok(self.add_handle(inode, fd, flags, register))
+    }
+
+    /// Writes by an unprivileged user clear a file's set-user-ID bit, and its set-group-ID
+    /// bit when group-executable. Passthrough writes run with walfs's privileges and never
+    /// reach walfs, so the bits are cleared when such a user opens the file for writing.
+    fn drop_set_id_bits(&self, fd: &OwnedFd) -> FsResult<()> {
+        let mode = sys::fstat(fd.as_fd())?.st_mode;
+        let mut kill = mode & libc::S_ISUID;
+        if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+            kill |= libc::S_ISGID;
+        }
+        if kill != 0 {
+            sys::fchmod(fd.as_fd(), mode & 0o7777 & !kill)?;
+        }
+        Ok(())
     }
 
     pub fn create(
@@ -878,9 +898,9 @@ mod tests {
             Some(FsError::EROFS)
         );
         assert_eq!(
-            fs.open(f.ino.0, libc::O_RDWR, None).err(),
+            fs.open(me(), f.ino.0, libc::O_RDWR, None).err(),
             Some(FsError::EROFS)
         );
-        assert!(fs.open(f.ino.0, libc::O_RDONLY, None).is_ok());
+        assert!(fs.open(me(), f.ino.0, libc::O_RDONLY, None).is_ok());
     }
 }

@@ -84,9 +84,13 @@ impl Filesystem for FuseAdapter {
         // Lock forwarding (FUSE_POSIX_LOCKS, FUSE_FLOCK_LOCKS) and the writeback cache are
         // never requested: the kernel keeps SQLite's locks itself, and every write reaches
         // the backing file before write() returns.
+        // HANDLE_KILLPRIV_V2 makes walfs responsible for clearing set-user-ID bits on
+        // write, and in exchange lets the kernel mark the superblock SB_NOSEC, so it stops
+        // asking for `security.capability` (a round trip) on every write().
         let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if let Err(missing) = config.add_capabilities(wanted) {
             let _ = config.add_capabilities(wanted - missing);
         }
@@ -273,9 +277,11 @@ impl Filesystem for FuseAdapter {
         self.reply_entry(reply, result);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let register = |fd: std::os::fd::BorrowedFd<'_>| reply.open_backing(fd);
-        let result = self.run(Op::open, || self.fs.open(ino.0, flags.0, Some(&register)));
+        let result = self.run(Op::open, || {
+            self.fs.open(caller(req), ino.0, flags.0, Some(&register))
+        });
         match result {
             Ok(opened) => match &opened.passthrough {
                 Some(id) => reply.opened_passthrough(

@@ -1,0 +1,492 @@
+//! walfs-bench: the workload driver used by `scripts/bench`.
+//!
+//! This file owns the benchmark workloads only; it knows nothing about
+//! walfs itself. Every subcommand operates on a plain directory (`--dir`),
+//! which `scripts/bench` points at a native directory, a walfs mount, a
+//! bindfs mount, ... so the same workload can be compared across targets.
+//! Each subcommand prints exactly one line of JSON on stdout.
+//!
+//! Subcommands:
+//! - `write`: small SQLite write transactions (one INSERT of a random key and
+//!   a ~100-byte blob per transaction) for a fixed time, with a chosen
+//!   journal mode and synchronous level; starts from an empty database.
+//! - `prepare-read`: builds `read.db` (page_size 4096) of roughly `--mib` MiB.
+//! - `read`: random point lookups by rowid on `read.db` with a tiny SQLite
+//!   cache and mmap disabled, so every lookup goes to the filesystem
+//!   (served from the OS page cache after a warm-up pass).
+//! - `seq`: sequential 1 MiB writes + fsync of a large file, then a cold
+//!   sequential read after dropping the page cache (writes `1` to
+//!   `/proc/sys/vm/drop_caches`, falling back to `posix_fadvise(DONTNEED)`
+//!   when that is not permitted; the JSON says which was used).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use rusqlite::{params, Connection, OpenFlags};
+
+#[derive(Parser)]
+#[command(
+    name = "walfs-bench",
+    about = "SQLite and file I/O workloads for benchmarking walfs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Journal {
+    Wal,
+    Delete,
+    Truncate,
+    Persist,
+}
+
+impl Journal {
+    fn pragma(self) -> &'static str {
+        match self {
+            Journal::Wal => "WAL",
+            Journal::Delete => "DELETE",
+            Journal::Truncate => "TRUNCATE",
+            Journal::Persist => "PERSIST",
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Sync {
+    Normal,
+    Full,
+}
+
+impl Sync {
+    fn pragma(self) -> &'static str {
+        match self {
+            Sync::Normal => "NORMAL",
+            Sync::Full => "FULL",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Small write transactions for a fixed time on a fresh DIR/bench.db.
+    Write {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        journal: Journal,
+        #[arg(long, value_enum)]
+        sync: Sync,
+        #[arg(long)]
+        seconds: f64,
+        /// Writer threads, each with its own connection (BEGIN IMMEDIATE).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Build DIR/read.db of about MIB MiB (skipped if already built to that size).
+    PrepareRead {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Rebuild even if a matching read.db already exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Random rowid point lookups on DIR/read.db for a fixed time.
+    Read {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        seconds: f64,
+        /// Skip the sequential warm-up pass that loads read.db into the page cache.
+        #[arg(long)]
+        no_warmup: bool,
+    },
+    /// Sequential write (1 MiB writes + fsync) then cold sequential read of DIR/seq.bin.
+    Seq {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+    },
+}
+
+/// Bytes per row payload in read.db: about 3 rows per 4 KiB page, all stored
+/// locally in the leaf (no overflow pages), so a lookup touches one leaf.
+const READ_ROW_BYTES: u64 = 1200;
+const ROWS_PER_PAGE: u64 = 3;
+const BLOB_BYTES: usize = 100;
+const MIB: u64 = 1024 * 1024;
+
+/// xorshift64*: good enough for picking keys, no extra dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(salt: u64) -> Self {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let mut s = t ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id());
+        if s == 0 {
+            s = 0x2545_F491_4F6C_DD1D;
+        }
+        Rng(s)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Write {
+            dir,
+            journal,
+            sync,
+            seconds,
+            threads,
+        } => cmd_write(&dir, journal, sync, seconds, threads),
+        Cmd::PrepareRead { dir, mib, force } => cmd_prepare_read(&dir, mib, force),
+        Cmd::Read {
+            dir,
+            seconds,
+            no_warmup,
+        } => cmd_read(&dir, seconds, !no_warmup),
+        Cmd::Seq { dir, mib } => cmd_seq(&dir, mib),
+    }
+}
+
+fn remove_if_exists(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
+    }
+}
+
+fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn remove_db(db: &Path) -> Result<()> {
+    remove_if_exists(db)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        remove_if_exists(&with_suffix(db, suffix))?;
+    }
+    Ok(())
+}
+
+fn seconds_duration(seconds: f64) -> Result<Duration> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        bail!("--seconds must be a positive number");
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn open_writer(db: &Path, journal: Journal, sync: Sync) -> Result<Connection> {
+    let conn = Connection::open(db).with_context(|| format!("opening {}", db.display()))?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    let mode: String = conn.query_row(
+        &format!("PRAGMA journal_mode={}", journal.pragma()),
+        [],
+        |r| r.get(0),
+    )?;
+    if !mode.eq_ignore_ascii_case(journal.pragma()) {
+        bail!(
+            "journal_mode={} was not accepted (got {mode})",
+            journal.pragma()
+        );
+    }
+    conn.execute_batch(&format!("PRAGMA synchronous={};", sync.pragma()))?;
+    Ok(conn)
+}
+
+fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted_us.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted_us[idx]) / 1000.0
+}
+
+fn cmd_write(dir: &Path, journal: Journal, sync: Sync, seconds: f64, threads: usize) -> Result<()> {
+    let duration = seconds_duration(seconds)?;
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let db = dir.join("bench.db");
+    remove_db(&db)?;
+    {
+        let conn = open_writer(&db, journal, sync)?;
+        conn.execute_batch(
+            "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER, v BLOB);
+             CREATE INDEX t_k ON t(k);",
+        )?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let db = db.clone();
+        let stop = Arc::clone(&stop);
+        handles.push(std::thread::spawn(move || -> Result<Vec<u32>> {
+            let conn = open_writer(&db, journal, sync)?;
+            let mut rng = Rng::new(i as u64 + 1);
+            let mut blob = [0u8; BLOB_BYTES];
+            let mut lat_us = Vec::with_capacity(1 << 16);
+            let mut begin = conn.prepare("BEGIN IMMEDIATE")?;
+            let mut insert = conn.prepare("INSERT INTO t(k, v) VALUES (?1, ?2)")?;
+            let mut commit = conn.prepare("COMMIT")?;
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
+                rng.fill(&mut blob);
+                let k = (rng.next() >> 1) as i64;
+                let t0 = Instant::now();
+                begin.execute([])?;
+                insert.execute(params![k, &blob[..]])?;
+                commit.execute([])?;
+                lat_us.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            Ok(lat_us)
+        }));
+    }
+    let mut lat_us = Vec::new();
+    let mut first_err = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(v)) => lat_us.extend(v),
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::Relaxed);
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                first_err.get_or_insert(anyhow::anyhow!("writer thread panicked"));
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    // Sanity check: every committed transaction is visible.
+    let conn = Connection::open(&db)?;
+    let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?;
+    if rows as usize != lat_us.len() {
+        bail!(
+            "committed {} transactions but found {rows} rows",
+            lat_us.len()
+        );
+    }
+    drop(conn);
+    lat_us.sort_unstable();
+    let tx = lat_us.len();
+    println!(
+        "{{\"tx_per_s\": {:.1}, \"tx\": {}, \"seconds\": {:.3}, \"threads\": {}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
+        tx as f64 / elapsed,
+        tx,
+        elapsed,
+        threads,
+        percentile_ms(&lat_us, 0.50),
+        percentile_ms(&lat_us, 0.99)
+    );
+    Ok(())
+}
+
+/// Returns the row count of an existing, complete read.db of the requested size.
+fn existing_read_db(db: &Path, rows_wanted: i64) -> Option<i64> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ok()?;
+    let rows: i64 = conn
+        .query_row("SELECT rows FROM meta", [], |r| r.get(0))
+        .ok()?;
+    (page_size == 4096 && rows == rows_wanted).then_some(rows)
+}
+
+fn cmd_prepare_read(dir: &Path, mib: u64, force: bool) -> Result<()> {
+    if mib == 0 {
+        bail!("--mib must be at least 1");
+    }
+    let db = dir.join("read.db");
+    // Three rows fill a 4 KiB leaf page, so this yields about `mib` MiB.
+    let rows = (mib * MIB / 4096 * ROWS_PER_PAGE) as i64;
+    let start = Instant::now();
+    let reused = !force && existing_read_db(&db, rows).is_some();
+    if !reused {
+        remove_db(&db)?;
+        let conn = Connection::open(&db).with_context(|| format!("creating {}", db.display()))?;
+        conn.execute_batch(&format!(
+            "PRAGMA page_size=4096;
+             PRAGMA journal_mode=OFF;
+             PRAGMA synchronous=OFF;
+             BEGIN;
+             CREATE TABLE r(id INTEGER PRIMARY KEY, v BLOB);
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows})
+               INSERT INTO r(id, v) SELECT x, randomblob({READ_ROW_BYTES}) FROM c;
+             CREATE TABLE meta(rows INTEGER);
+             INSERT INTO meta(rows) VALUES ({rows});
+             COMMIT;"
+        ))?;
+        drop(conn);
+        // Make it durable so later workloads do not pay for its writeback.
+        File::open(&db)?.sync_all()?;
+    }
+    let bytes = fs::metadata(&db)?.len();
+    println!(
+        "{{\"rows\": {rows}, \"bytes\": {bytes}, \"reused\": {reused}, \"seconds\": {:.3}}}",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_read(dir: &Path, seconds: f64, warmup: bool) -> Result<()> {
+    let duration = seconds_duration(seconds)?;
+    let db = dir.join("read.db");
+    if warmup {
+        // Load the whole file into the page cache (through this filesystem),
+        // so we measure per-read overhead and not the disk.
+        let mut f = File::open(&db).with_context(|| format!("opening {}", db.display()))?;
+        let mut buf = vec![0u8; MIB as usize];
+        while f.read(&mut buf)? > 0 {}
+    }
+    let conn = Connection::open_with_flags(
+        &db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("opening {}", db.display()))?;
+    conn.execute_batch("PRAGMA cache_size=-64; PRAGMA mmap_size=0;")?;
+    let rows: i64 = conn
+        .query_row("SELECT rows FROM meta", [], |r| r.get(0))
+        .context("read.db is missing its meta table; run prepare-read first")?;
+    let mut stmt = conn.prepare("SELECT v FROM r WHERE id = ?1")?;
+    let mut rng = Rng::new(0xdead_beef);
+    let mut reads: u64 = 0;
+    let mut bytes: u64 = 0;
+    let start = Instant::now();
+    loop {
+        // Check the clock every 64 lookups; a lookup is a few microseconds.
+        for _ in 0..64 {
+            let id = (rng.next() % rows as u64) as i64 + 1;
+            let len = stmt.query_row([id], |r| {
+                Ok(r.get_ref(0)?.as_blob().map(<[u8]>::len).unwrap_or(0))
+            })?;
+            bytes += len as u64;
+            reads += 1;
+        }
+        if start.elapsed() >= duration {
+            break;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if bytes != reads * READ_ROW_BYTES {
+        bail!("read {bytes} payload bytes from {reads} lookups; read.db looks corrupt");
+    }
+    println!(
+        "{{\"reads_per_s\": {:.1}, \"reads\": {reads}, \"seconds\": {elapsed:.3}}}",
+        reads as f64 / elapsed
+    );
+    Ok(())
+}
+
+/// Drop the page cache for `path`: globally via /proc/sys/vm/drop_caches if we
+/// may (this also drops a FUSE target's backing file, which fadvise on the
+/// mounted file would not), else per file with posix_fadvise(DONTNEED).
+fn drop_cache(path: &Path) -> Result<&'static str> {
+    // SAFETY: sync() takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    let f = File::open(path)?;
+    // SAFETY: valid fd for the lifetime of `f`; offset/len 0 means whole file.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        bail!(
+            "posix_fadvise(DONTNEED) failed: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    match OpenOptions::new()
+        .write(true)
+        .open("/proc/sys/vm/drop_caches")
+        .and_then(|mut d| d.write_all(b"1\n"))
+    {
+        Ok(()) => Ok("drop_caches"),
+        Err(_) => Ok("fadvise"),
+    }
+}
+
+fn cmd_seq(dir: &Path, mib: u64) -> Result<()> {
+    if mib == 0 {
+        bail!("--mib must be at least 1");
+    }
+    let path = dir.join("seq.bin");
+    remove_if_exists(&path)?;
+    let result = seq_inner(&path, mib);
+    let cleanup = remove_if_exists(&path);
+    let (w, r, how) = result?;
+    cleanup?;
+    println!("{{\"write_mib_s\": {w:.1}, \"read_mib_s\": {r:.1}, \"mib\": {mib}, \"cache_drop\": \"{how}\"}}");
+    Ok(())
+}
+
+fn seq_inner(path: &Path, mib: u64) -> Result<(f64, f64, &'static str)> {
+    let mut buf = vec![0u8; MIB as usize];
+    Rng::new(7).fill(&mut buf);
+
+    let start = Instant::now();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    for i in 0..mib {
+        // Vary the content a little so nothing can dedupe identical blocks.
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all(&buf)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    let write_mib_s = mib as f64 / start.elapsed().as_secs_f64();
+
+    let how = drop_cache(path)?;
+
+    let start = Instant::now();
+    let mut f = File::open(path)?;
+    let mut total: u64 = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let read_mib_s = mib as f64 / start.elapsed().as_secs_f64();
+    if total != mib * MIB {
+        bail!("read back {total} bytes, expected {}", mib * MIB);
+    }
+    Ok((write_mib_s, read_mib_s, how))
+}

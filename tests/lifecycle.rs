@@ -1,0 +1,196 @@
+//! The life of a mount: SIGTERM and SIGINT unmount and exit 0 (even with files held open),
+//! `fusermount3 -u` ends the daemon, a stale mount left by `kill -9` is cleaned by the next
+//! mount, and every bad set-up gets its one-line error and a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{is_mounted, wait_timeout, Mount, WALFS};
+
+fn walfs(args: &[&str]) -> Output {
+    Command::new(WALFS)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run walfs")
+}
+
+/// Runs `walfs mount` expecting a refusal; returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = walfs(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "walfs {args:?} should fail, got: {err}");
+    assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {err}");
+    let line = err.lines().last().unwrap_or_default();
+    assert!(line.starts_with("walfs: error: "), "one error line, got: {err}");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_zero() {
+    let mut m = Mount::new();
+    std::fs::write(m.path("f"), b"data").unwrap();
+    let start = Instant::now();
+    m.stop();
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert_eq!(std::fs::read(m.backing_path("f")).unwrap(), b"data");
+}
+
+#[test]
+fn sigint_unmounts_and_exits_zero() {
+    let mut m = Mount::new();
+    let mut child = m.child.take().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = wait_timeout(&mut child, Duration::from_secs(5)).expect("exit after SIGINT");
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&m.mountpoint));
+}
+
+#[test]
+fn sigterm_with_an_open_file_still_exits_promptly() {
+    let mut m = Mount::new();
+    let held = std::fs::File::create(m.path("held")).unwrap();
+    let mut child = m.child.take().unwrap();
+    let start = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_timeout(&mut child, Duration::from_secs(8)).expect("exit while busy");
+    assert!(status.success(), "{status}");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(!is_mounted(&m.mountpoint), "busy mount must be detached");
+    drop(held);
+}
+
+#[test]
+fn fusermount_unmount_ends_the_daemon() {
+    let mut m = Mount::new();
+    let status = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&m.mountpoint)
+        .status()
+        .expect("run fusermount3 (apt-get install fuse3)");
+    assert!(status.success());
+    let mut child = m.child.take().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(5)).expect("daemon exits");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn stale_mount_after_kill_9_is_cleaned_by_the_next_mount() {
+    let mut m = Mount::new();
+    std::fs::write(m.path("kept"), b"before the crash").unwrap();
+    m.kill9();
+    let err = std::fs::metadata(&m.mountpoint).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "expected a stale mount");
+    m.start(&[]);
+    assert_eq!(std::fs::read(m.path("kept")).unwrap(), b"before the crash");
+    let log = m.stop();
+    assert!(log.contains("stale mount"), "log: {log}");
+}
+
+#[test]
+fn bad_backing_and_mountpoint_are_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    let mnt = dir.path().join("mnt");
+    let file = dir.path().join("file");
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::write(&file, b"x").unwrap();
+    let missing = dir.path().join("missing");
+
+    let err = refused(&["mount", s(&missing), s(&mnt)]);
+    assert!(err.contains("does not exist") && err.contains("mkdir -p"), "{err}");
+    let err = refused(&["mount", s(&file), s(&mnt)]);
+    assert!(err.contains("not a directory"), "{err}");
+    let err = refused(&["mount", s(&backing), s(&missing)]);
+    assert!(err.contains("mountpoint") && err.contains("does not exist"), "{err}");
+    let err = refused(&["mount", s(&backing), s(&file)]);
+    assert!(err.contains("not a directory"), "{err}");
+
+    // A mountpoint inside the backing directory, and the reverse, would loop.
+    let inner = backing.join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    let err = refused(&["mount", s(&backing), s(&inner)]);
+    assert!(err.contains("inside backing") && err.contains("loop"), "{err}");
+    let err = refused(&["mount", s(dir.path()), s(&mnt)]);
+    assert!(err.contains("inside mountpoint") || err.contains("inside backing"), "{err}");
+    let nested_backing = mnt.join("data");
+    std::fs::create_dir(&nested_backing).unwrap();
+    let err = refused(&["mount", s(&nested_backing), s(&mnt)]);
+    assert!(err.contains("inside mountpoint") && err.contains("loop"), "{err}");
+    std::fs::remove_dir(&nested_backing).unwrap();
+
+    // A non-empty mountpoint would hide its files.
+    std::fs::write(mnt.join("x"), b"x").unwrap();
+    let err = refused(&["mount", s(&backing), s(&mnt)]);
+    assert!(err.contains("busy") && err.contains("--allow-nonempty"), "{err}");
+}
+
+#[test]
+fn an_already_mounted_mountpoint_is_refused() {
+    let m = Mount::new();
+    let other = tempfile::tempdir().unwrap();
+    let err = refused(&["mount", s(other.path()), s(&m.mountpoint)]);
+    assert!(err.contains("already mounted") && err.contains("fusermount3 -u"), "{err}");
+    // The first mount is unharmed.
+    std::fs::write(m.path("still"), b"ok").unwrap();
+    assert_eq!(std::fs::read(m.backing_path("still")).unwrap(), b"ok");
+}
+
+#[test]
+fn missing_dev_fuse_names_the_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("b");
+    let mnt = dir.path().join("m");
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    // A private mount namespace whose /dev has no fuse device.
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {WALFS} mount {} {}",
+        s(&backing),
+        s(&mnt)
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/dev/fuse") && err.contains("apt-get install fuse3"), "{err}");
+}
+
+#[test]
+fn missing_fusermount3_names_the_package_for_unprivileged_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("b");
+    let mnt = dir.path().join("m");
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    for p in [dir.path(), &backing, &mnt] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env", "PATH=/nonexistent"])
+        .arg(WALFS)
+        .args(["mount", s(&backing), s(&mnt)])
+        .output()
+        .expect("run setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("fusermount3 not found") && err.contains("fuse3"), "{err}");
+}
+
+#[test]
+fn read_only_and_threads_options_are_honoured() {
+    let mut m = Mount::with_args(&["--read-only", "--threads", "1"]);
+    let err = std::fs::write(m.path("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    m.stop();
+}
