@@ -22,10 +22,16 @@ fn walfs(args: &[&str]) -> Output {
 fn refused(args: &[&str]) -> String {
     let out = walfs(args);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "walfs {args:?} should fail, got: {err}");
+    assert!(
+        !out.status.success(),
+        "walfs {args:?} should fail, got: {err}"
+    );
     assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {err}");
     let line = err.lines().last().unwrap_or_default();
-    assert!(line.starts_with("walfs: error: "), "one error line, got: {err}");
+    assert!(
+        line.starts_with("walfs: error: "),
+        "one error line, got: {err}"
+    );
     err
 }
 
@@ -39,7 +45,11 @@ fn sigterm_unmounts_and_exits_zero() {
     std::fs::write(m.path("f"), b"data").unwrap();
     let start = Instant::now();
     m.stop();
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     assert_eq!(std::fs::read(m.backing_path("f")).unwrap(), b"data");
 }
 
@@ -62,7 +72,11 @@ fn sigterm_with_an_open_file_still_exits_promptly() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_timeout(&mut child, Duration::from_secs(8)).expect("exit while busy");
     assert!(status.success(), "{status}");
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     assert!(!is_mounted(&m.mountpoint), "busy mount must be detached");
     drop(held);
 }
@@ -87,7 +101,11 @@ fn stale_mount_after_kill_9_is_cleaned_by_the_next_mount() {
     std::fs::write(m.path("kept"), b"before the crash").unwrap();
     m.kill9();
     let err = std::fs::metadata(&m.mountpoint).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "expected a stale mount");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "expected a stale mount"
+    );
     m.start(&[]);
     assert_eq!(std::fs::read(m.path("kept")).unwrap(), b"before the crash");
     let log = m.stop();
@@ -106,11 +124,17 @@ fn bad_backing_and_mountpoint_are_refused_with_one_line() {
     let missing = dir.path().join("missing");
 
     let err = refused(&["mount", s(&missing), s(&mnt)]);
-    assert!(err.contains("does not exist") && err.contains("mkdir -p"), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("mkdir -p"),
+        "{err}"
+    );
     let err = refused(&["mount", s(&file), s(&mnt)]);
     assert!(err.contains("not a directory"), "{err}");
     let err = refused(&["mount", s(&backing), s(&missing)]);
-    assert!(err.contains("mountpoint") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("mountpoint") && err.contains("does not exist"),
+        "{err}"
+    );
     let err = refused(&["mount", s(&backing), s(&file)]);
     assert!(err.contains("not a directory"), "{err}");
 
@@ -118,19 +142,31 @@ fn bad_backing_and_mountpoint_are_refused_with_one_line() {
     let inner = backing.join("inner");
     std::fs::create_dir(&inner).unwrap();
     let err = refused(&["mount", s(&backing), s(&inner)]);
-    assert!(err.contains("inside backing") && err.contains("loop"), "{err}");
+    assert!(
+        err.contains("inside backing") && err.contains("loop"),
+        "{err}"
+    );
     let err = refused(&["mount", s(dir.path()), s(&mnt)]);
-    assert!(err.contains("inside mountpoint") || err.contains("inside backing"), "{err}");
+    assert!(
+        err.contains("inside mountpoint") || err.contains("inside backing"),
+        "{err}"
+    );
     let nested_backing = mnt.join("data");
     std::fs::create_dir(&nested_backing).unwrap();
     let err = refused(&["mount", s(&nested_backing), s(&mnt)]);
-    assert!(err.contains("inside mountpoint") && err.contains("loop"), "{err}");
+    assert!(
+        err.contains("inside mountpoint") && err.contains("loop"),
+        "{err}"
+    );
     std::fs::remove_dir(&nested_backing).unwrap();
 
     // A non-empty mountpoint would hide its files.
     std::fs::write(mnt.join("x"), b"x").unwrap();
     let err = refused(&["mount", s(&backing), s(&mnt)]);
-    assert!(err.contains("busy") && err.contains("--allow-nonempty"), "{err}");
+    assert!(
+        err.contains("busy") && err.contains("--allow-nonempty"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -138,7 +174,10 @@ fn an_already_mounted_mountpoint_is_refused() {
     let m = Mount::new();
     let other = tempfile::tempdir().unwrap();
     let err = refused(&["mount", s(other.path()), s(&m.mountpoint)]);
-    assert!(err.contains("already mounted") && err.contains("fusermount3 -u"), "{err}");
+    assert!(
+        err.contains("already mounted") && err.contains("fusermount3 -u"),
+        "{err}"
+    );
     // The first mount is unharmed.
     std::fs::write(m.path("still"), b"ok").unwrap();
     assert_eq!(std::fs::read(m.backing_path("still")).unwrap(), b"ok");
@@ -163,7 +202,10 @@ fn missing_dev_fuse_names_the_package() {
         .expect("run unshare (util-linux)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("/dev/fuse") && err.contains("apt-get install fuse3"), "{err}");
+    assert!(
+        err.contains("/dev/fuse") && err.contains("apt-get install fuse3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -177,14 +219,23 @@ fn missing_fusermount3_names_the_package_for_unprivileged_users() {
         std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env", "PATH=/nonexistent"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "PATH=/nonexistent",
+        ])
         .arg(WALFS)
         .args(["mount", s(&backing), s(&mnt)])
         .output()
         .expect("run setpriv (util-linux)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("fusermount3 not found") && err.contains("fuse3"), "{err}");
+    assert!(
+        err.contains("fusermount3 not found") && err.contains("fuse3"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -77,6 +77,8 @@ struct Handle {
     fd: OwnedFd,
     inode: Arc<Inode>,
     writable: bool,
+    /// Opened with O_APPEND, where `pwrite` appends whatever the offset.
+    append: bool,
     /// Keeps the kernel's passthrough registration alive while the handle is open.
     _passthrough: Option<Arc<BackingId>>,
 }
@@ -405,6 +407,7 @@ impl PassthroughFs {
             fd,
             inode,
             writable,
+            append: flags & libc::O_APPEND != 0,
             _passthrough: passthrough.clone(),
         });
         self.handles.write().insert(fh, handle);
@@ -423,7 +426,7 @@ impl PassthroughFs {
             self.check_writable()?;
         }
         let inode = self.inodes.get(nodeid)?;
-        let fd = sys::reopen(inode.fd(), flags)?;
+        let fd = sys::reopen(inode.fd(), own_flags(&inode, flags))?;
         if writing && caller.uid != 0 && inode.is_regular() {
             self.drop_set_id_bits(&fd)?;
         }
@@ -464,7 +467,7 @@ impl PassthroughFs {
             Ok(sys::openat(
                 Some(parent.fd()),
                 &cname,
-                (flags | libc::O_CREAT) & !libc::O_NOCTTY,
+                (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT),
                 mode,
             )?)
         })?;
@@ -499,6 +502,20 @@ impl PassthroughFs {
         self.check_writable()?;
         let handle = self.handle(fh)?;
         let n = sys::pwrite(handle.fd.as_fd(), data, offset)?;
+        Ok(n as u32)
+    }
+
+    /// Writes back pages of the kernel's cache (from a shared writable mapping): they
+    /// belong at `offset` even when the handle was opened with O_APPEND, where `pwrite`
+    /// would append them instead.
+    pub fn write_back(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.check_writable()?;
+        let handle = self.handle(fh)?;
+        if !handle.append {
+            return self.write(fh, offset, data);
+        }
+        let fd = sys::reopen(handle.fd.as_fd(), libc::O_WRONLY)?;
+        let n = sys::pwrite(fd.as_fd(), data, offset)?;
         Ok(n as u32)
     }
 
@@ -577,11 +594,22 @@ impl PassthroughFs {
         Ok(fh)
     }
 
-    /// Entries of an open directory from `offset` on: `(node id, next offset, type, name)`.
-    pub fn readdir(&self, fh: u64, offset: i64) -> FsResult<Vec<(u64, i64, FileType, OsString)>> {
-        let dir = self.dir_handle(fh)?;
-        let fd = dir.fd.lock();
-        let entries = sys::read_dir_at(fd.as_fd(), offset)?;
+    /// Entries of directory `nodeid` from `offset` on: `(node id, next offset, type,
+    /// name)`. Uses the handle from `opendir` if there is one; without one (the kernel
+    /// skips opendir when walfs declines it) the directory is opened for this call.
+    pub fn readdir(
+        &self,
+        nodeid: u64,
+        fh: u64,
+        offset: i64,
+    ) -> FsResult<Vec<(u64, i64, FileType, OsString)>> {
+        let entries = match self.dir_handle(fh) {
+            Ok(dir) => sys::read_dir_at(dir.fd.lock().as_fd(), offset)?,
+            Err(_) => {
+                let fd = self.open_dir_fd(nodeid)?;
+                sys::read_dir_at(fd.as_fd(), offset)?
+            }
+        };
         Ok(entries
             .into_iter()
             .map(|e| {
@@ -595,14 +623,20 @@ impl PassthroughFs {
             .collect())
     }
 
+    fn open_dir_fd(&self, nodeid: u64) -> FsResult<OwnedFd> {
+        let inode = self.inodes.get(nodeid)?;
+        Ok(sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_DIRECTORY)?)
+    }
+
     pub fn releasedir(&self, fh: u64) {
         self.dirs.write().remove(&fh);
     }
 
-    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        let dir = self.dir_handle(fh)?;
-        let fd = dir.fd.lock();
-        Ok(sys::fsync(fd.as_fd(), datasync)?)
+    pub fn fsyncdir(&self, nodeid: u64, fh: u64, datasync: bool) -> FsResult<()> {
+        match self.dir_handle(fh) {
+            Ok(dir) => Ok(sys::fsync(dir.fd.lock().as_fd(), datasync)?),
+            Err(_) => Ok(sys::fsync(self.open_dir_fd(nodeid)?.as_fd(), datasync)?),
+        }
     }
 
     pub fn statfs(&self, nodeid: u64) -> FsResult<libc::statvfs> {
@@ -655,6 +689,17 @@ impl PassthroughFs {
     /// The node id of the root, for tests.
     pub fn root_id(&self) -> u64 {
         ROOT_ID
+    }
+}
+
+/// Open flags for walfs's own descriptor of `inode`. It never has O_DIRECT on a regular
+/// file: the kernel sends requests with buffers and offsets of any alignment (with
+/// passthrough, the kernel opens the backing file itself, with the caller's flags).
+fn own_flags(inode: &Inode, flags: i32) -> i32 {
+    if inode.is_regular() {
+        flags & !libc::O_DIRECT
+    } else {
+        flags
     }
 }
 

@@ -7,7 +7,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags,
@@ -26,11 +26,17 @@ const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 pub struct FuseAdapter {
     fs: Arc<PassthroughFs>,
     metrics: Arc<Metrics>,
+    /// The kernel agreed to skip opendir/releasedir when walfs declines opendir.
+    no_opendir: bool,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<PassthroughFs>, metrics: Arc<Metrics>) -> FuseAdapter {
-        FuseAdapter { fs, metrics }
+        FuseAdapter {
+            fs,
+            metrics,
+            no_opendir: false,
+        }
     }
 
     fn ttl(&self) -> Duration {
@@ -60,6 +66,25 @@ impl FuseAdapter {
 /// The one place an `FsError` becomes the errno the kernel returns to the application.
 fn errno(e: FsError) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+/// fuser 0.18 decodes a time before 1970, `secs < 0` plus `nsecs`, as `-(|secs| + nsecs)`
+/// (its `system_time_from_time`); this undoes that, so `utimensat` before 1970 with
+/// nanoseconds sets the time asked for.
+fn pre_epoch_fixed(t: TimeOrNow) -> TimeOrNow {
+    match t {
+        TimeOrNow::SpecificTime(st) => match st.duration_since(UNIX_EPOCH) {
+            Ok(_) => t,
+            Err(e) => {
+                let d = e.duration();
+                TimeOrNow::SpecificTime(
+                    UNIX_EPOCH - Duration::from_secs(d.as_secs())
+                        + Duration::from_nanos(d.subsec_nanos() as u64),
+                )
+            }
+        },
+        TimeOrNow::Now => t,
+    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -94,6 +119,11 @@ impl Filesystem for FuseAdapter {
         if let Err(missing) = config.add_capabilities(wanted) {
             let _ = config.add_capabilities(wanted - missing);
         }
+        // Directories need no open handle: declining opendir saves two round trips each
+        // time SQLite opens a directory to fsync it (every transaction in DELETE mode).
+        self.no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         if self.fs.passthrough_enabled() {
             // Files on overlayfs (a container's own filesystem) are already stacked once.
             let on_overlay =
@@ -170,8 +200,8 @@ impl Filesystem for FuseAdapter {
             uid,
             gid,
             size,
-            atime,
-            mtime,
+            atime: atime.map(pre_epoch_fixed),
+            mtime: mtime.map(pre_epoch_fixed),
         };
         match self.run(Op::setattr, || self.fs.setattr(ino.0, fh.map(|f| f.0), set)) {
             Ok(attr) => reply.attr(&self.ttl(), &attr),
@@ -319,12 +349,18 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.run(Op::write, || self.fs.write(fh.0, offset, data)) {
+        match self.run(Op::write, || {
+            if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                self.fs.write_back(fh.0, offset, data)
+            } else {
+                self.fs.write(fh.0, offset, data)
+            }
+        }) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -374,6 +410,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            // ENOSYS here tells the kernel to stop sending opendir and releasedir.
+            let _ = self.run(Op::opendir, || Ok(()));
+            return reply.error(Errno::ENOSYS);
+        }
         match self.run(Op::opendir, || self.fs.opendir(ino.0, flags.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(e)),
@@ -383,14 +424,14 @@ impl Filesystem for FuseAdapter {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let mut offset = offset as i64;
         loop {
-            let batch = match self.run(Op::readdir, || self.fs.readdir(fh.0, offset)) {
+            let batch = match self.run(Op::readdir, || self.fs.readdir(ino.0, fh.0, offset)) {
                 Ok(batch) => batch,
                 Err(e) => return reply.error(errno(e)),
             };
@@ -425,12 +466,12 @@ impl Filesystem for FuseAdapter {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.run(Op::fsyncdir, || self.fs.fsyncdir(fh.0, datasync)) {
+        match self.run(Op::fsyncdir, || self.fs.fsyncdir(ino.0, fh.0, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
