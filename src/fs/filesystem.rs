@@ -175,8 +175,11 @@ impl PassthroughFs {
 
     /// Runs `f` with this thread's file-system identity set to the caller's, so files are
     /// created with the caller's owner and group and the backing filesystem's own rules.
+    /// An unprivileged daemon cannot switch identity; its files are then owned by the user
+    /// running walfs, as on any FUSE filesystem mounted by that user.
     fn as_caller<T>(&self, caller: Caller, f: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
-        if caller.uid == self.daemon_uid && caller.gid == self.daemon_gid {
+        let same = caller.uid == self.daemon_uid && caller.gid == self.daemon_gid;
+        if same || self.daemon_uid != 0 {
             return f();
         }
         let groups = sys::process_groups(caller.pid);

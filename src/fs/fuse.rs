@@ -115,7 +115,10 @@ impl Filesystem for FuseAdapter {
         let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            // In page-cache mode, drop cached pages when a file's mtime or size changed
+            // behind walfs's back (in BACKING directly), as the cache TTL promises.
+            | InitFlags::FUSE_AUTO_INVAL_DATA;
         if let Err(missing) = config.add_capabilities(wanted) {
             let _ = config.add_capabilities(wanted - missing);
         }
