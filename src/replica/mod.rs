@@ -1,0 +1,6 @@
+//! The replica: LTX encoding, object layout, upload, compaction and retention.
+
+pub mod ltx;
+
+#[cfg(test)]
+mod ltx_interop_tests;
