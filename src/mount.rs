@@ -178,6 +178,12 @@ fn preflight(opts: &MountOptions) -> anyhow::Result<(PathBuf, PathBuf)> {
             "fusermount3 not found: install the fuse3 package (apt-get install fuse3), or run walfs as root"
         );
     }
+    // SAFETY: valid C string; access() only reads it.
+    if !root && unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
+        bail!(
+            "/dev/fuse is not accessible to this user: make it mode 0666 (the fuse3 default: chmod 0666 /dev/fuse), or run walfs as root"
+        );
+    }
     Ok((backing, mountpoint))
 }
 
@@ -274,8 +280,9 @@ fn mount_failed(e: io::Error, mountpoint: &Path) -> anyhow::Error {
     }
 }
 
-/// On SIGINT or SIGTERM: unmount, so the session ends and the process exits 0. If
-/// something still has files open, detach the mount lazily and exit after a short grace.
+/// On SIGINT or SIGTERM: unmount, so the session ends and the process exits 0. If the
+/// mount is still there a few seconds later (files held open under it, or an unmount that
+/// did not take), detach it lazily and exit anyway.
 fn unmount_on_signal(
     mut unmounter: fuser::SessionUnmounter,
     mountpoint: PathBuf,
@@ -285,18 +292,25 @@ fn unmount_on_signal(
     std::thread::Builder::new()
         .name("walfs-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "unmounting");
-                if let Err(e) = unmounter.unmount() {
-                    tracing::warn!(
-                        "unmount failed ({e}): files are still open under the mountpoint; detaching lazily"
-                    );
-                    let _ = detach(&mountpoint);
-                    std::thread::sleep(Duration::from_secs(2));
-                    tracing::info!("walfs stopped");
-                    std::process::exit(0);
-                }
+            let Some(sig) = signals.forever().next() else {
+                return;
+            };
+            tracing::info!(signal = sig, "unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::warn!("unmount failed ({e}): files are still open under the mountpoint");
             }
+            // The session ends, and the process with it, once the kernel lets go. Still
+            // here after the grace period means it did not.
+            std::thread::sleep(Duration::from_secs(3));
+            tracing::warn!("the mount did not go away; detaching it lazily and exiting");
+            if detach(&mountpoint).is_err() {
+                let _ = std::process::Command::new("fusermount3")
+                    .args(["-u", "-z"])
+                    .arg(&mountpoint)
+                    .status();
+            }
+            tracing::info!("walfs stopped");
+            std::process::exit(0);
         })?;
     Ok(())
 }

@@ -245,3 +245,105 @@ fn read_only_and_threads_options_are_honoured() {
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     m.stop();
 }
+
+#[test]
+fn without_cap_sys_admin_it_serves_through_the_page_cache_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("b");
+    let mnt = dir.path().join("m");
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for p in [&backing, &mnt] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
+    // An unprivileged user mounts through the setuid fusermount3, as on a desktop, where
+    // /dev/fuse is mode 0666 (udev's default; this machine may have it 0600).
+    let _dev_fuse = DevFuseOpenToAll::new();
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(WALFS)
+        .args(["mount", s(&backing), s(&mnt)])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run setpriv (util-linux)");
+    let mut child = KillOnDrop(child);
+    let child = &mut child.0;
+    // Root cannot stat another user's FUSE mount without allow_other: watch mountinfo.
+    let start = Instant::now();
+    while !is_mounted(&mnt) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "walfs exited before mounting"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "walfs did not mount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sqlite3",
+        ])
+        .arg(mnt.join("app.db"))
+        .arg("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (42);")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_timeout(child, Duration::from_secs(10)).expect("exits on SIGTERM");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!is_mounted(&mnt));
+    assert!(log.contains("passthrough is off"), "log: {log}");
+    let out = common::sqlite3(
+        &backing.join("app.db"),
+        "SELECT x FROM t; PRAGMA integrity_check;",
+    );
+    assert_eq!(out, "42\nok\n");
+    let meta = std::fs::metadata(backing.join("app.db")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+}
+
+/// Makes /dev/fuse mode 0666 (the fuse3 package's udev default) for the life of the value.
+struct DevFuseOpenToAll(u32);
+
+impl DevFuseOpenToAll {
+    fn new() -> DevFuseOpenToAll {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666)).unwrap();
+        DevFuseOpenToAll(mode)
+    }
+}
+
+impl Drop for DevFuseOpenToAll {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// Kills a daemon that a failed assertion would otherwise leave mounted.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
