@@ -158,19 +158,25 @@ impl InodeTable {
         if nodeid == ROOT_ID {
             return;
         }
-        let mut tables = self.tables.write();
-        let Some(inode) = tables.by_id.get(&nodeid) else {
-            return;
-        };
-        let left = inode.lookups.load(Ordering::Relaxed).saturating_sub(count);
-        inode.lookups.store(left, Ordering::Relaxed);
-        if left == 0 {
+        let removed = {
+            let mut tables = self.tables.write();
+            let Some(inode) = tables.by_id.get(&nodeid) else {
+                return;
+            };
+            let left = inode.lookups.load(Ordering::Relaxed).saturating_sub(count);
+            inode.lookups.store(left, Ordering::Relaxed);
+            if left > 0 {
+                return;
+            }
             let key = inode.key;
-            tables.by_id.remove(&nodeid);
             if tables.by_key.get(&key) == Some(&nodeid) {
                 tables.by_key.remove(&key);
             }
-        }
+            tables.by_id.remove(&nodeid)
+        };
+        // Closing the last descriptor of an unlinked file frees it in the backing
+        // filesystem, which can take a while: never under the table lock.
+        drop(removed);
     }
 
     /// Number of nodes the kernel holds, the root included.

@@ -114,16 +114,19 @@ impl Metrics {
             .collect()
     }
 
-    /// One line: `lookup=12 getattr=40(2 err) ...`.
+    /// One line: `lookup=12/3us getattr=40/2us(2 err) ...`: calls, mean time in walfs,
+    /// and errors.
     pub fn summary(&self) -> String {
         self.totals()
             .iter()
             .map(|t| {
-                if t.errors > 0 {
-                    format!("{}={}({} err)", t.op.name(), t.calls, t.errors)
+                let mean_us = t.time.as_micros() as u64 / t.calls.max(1);
+                let errors = if t.errors > 0 {
+                    format!("({} err)", t.errors)
                 } else {
-                    format!("{}={}", t.op.name(), t.calls)
-                }
+                    String::new()
+                };
+                format!("{}={}/{mean_us}us{errors}", t.op.name(), t.calls)
             })
             .collect::<Vec<_>>()
             .join(" ")
