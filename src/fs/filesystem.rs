@@ -18,7 +18,7 @@ use fuser::{BackingId, FileAttr, FileType, TimeOrNow};
 use parking_lot::{Mutex, RwLock};
 
 use super::error::{FsError, FsResult};
-use super::inode::{Inode, InodeTable, ROOT_ID};
+use super::inode::{Inode, InodeTable};
 use super::observer::{Node, Observer};
 use super::sys;
 
@@ -688,11 +688,6 @@ impl PassthroughFs {
             &sys::cstr(name)?,
         )?)
     }
-
-    /// The node id of the root, for tests.
-    pub fn root_id(&self) -> u64 {
-        ROOT_ID
-    }
 }
 
 /// Open flags for walfs's own descriptor of `inode`. It never has O_DIRECT on a regular
@@ -790,6 +785,7 @@ pub fn stat_to_attr(nodeid: u64, st: &libc::stat) -> FileAttr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fs::inode::ROOT_ID;
     use crate::fs::observer::NoObserver;
     use std::sync::Mutex as StdMutex;
 

@@ -417,7 +417,6 @@ pub fn read_dir_at(fd: BorrowedFd<'_>, offset: i64) -> Result<Vec<DirEntry>> {
 /// (so ownership, set-group-ID directories and permission checks are the kernel's own).
 /// Linux keeps fsuid, fsgid and supplementary groups per thread when set with raw syscalls.
 pub struct CallerIdentity {
-    switched: bool,
     saved_groups: Vec<libc::gid_t>,
 }
 
@@ -430,7 +429,6 @@ impl CallerIdentity {
         let got = unsafe { libc::getgroups(saved.len() as i32, saved.as_mut_ptr()) };
         saved.truncate(got.max(0) as usize);
         let guard = CallerIdentity {
-            switched: true,
             saved_groups: saved,
         };
         // SAFETY: raw syscalls change only this thread's credentials (unlike glibc's
@@ -448,17 +446,15 @@ impl CallerIdentity {
 
 impl Drop for CallerIdentity {
     fn drop(&mut self) {
-        if self.switched {
-            // SAFETY: as in `assume`: thread-local credential changes back to the daemon's own.
-            unsafe {
-                libc::syscall(libc::SYS_setfsuid, libc::geteuid());
-                libc::syscall(libc::SYS_setfsgid, libc::getegid());
-                libc::syscall(
-                    libc::SYS_setgroups,
-                    self.saved_groups.len(),
-                    self.saved_groups.as_ptr(),
-                );
-            }
+        // SAFETY: as in `assume`: thread-local credential changes back to the daemon's own.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, libc::geteuid());
+            libc::syscall(libc::SYS_setfsgid, libc::getegid());
+            libc::syscall(
+                libc::SYS_setgroups,
+                self.saved_groups.len(),
+                self.saved_groups.as_ptr(),
+            );
         }
     }
 }
