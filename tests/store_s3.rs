@@ -1,0 +1,394 @@
+//! `ReplicaStore` against a real S3 API server: `moto_server` (PyPI `moto[server]`) on
+//! 127.0.0.1, started on a free port by each test and killed when the test ends. The server
+//! comes from `$MOTO_SERVER`, else `$HOME/.cache/walfs/venv/bin/moto_server` (what
+//! scripts/test installs). Without it the tests fail: they never skip.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use walfs::replica::store::{ReplicaStore, ReplicaUrl, StoreErrorKind, StoreTuning};
+
+const BUCKET: &str = "walfs-test";
+
+fn moto_server_path() -> PathBuf {
+    let path = match std::env::var_os("MOTO_SERVER") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .expect("neither XDG_CACHE_HOME nor HOME is set");
+            cache.join("walfs/venv/bin/moto_server")
+        }
+    };
+    assert!(
+        path.is_file(),
+        "moto_server not found at {}: run scripts/test (it installs moto[server] into the \
+         test venv) or set MOTO_SERVER to a moto_server binary",
+        path.display()
+    );
+    path
+}
+
+/// A raw HTTP/1.1 request to 127.0.0.1:port; returns (status, headers, body). moto does not
+/// check signatures, so unsigned requests do for bucket setup and independent checks.
+fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of HTTP headers"))?;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((status, head, buf[split + 4..].to_vec()))
+}
+
+/// Runs a Python snippet with boto3 from moto_server's venv against the server (an S3
+/// client independent of object_store, signing its requests); returns its stdout.
+fn boto3(port: u16, script: &str) -> String {
+    let python = moto_server_path().with_file_name("python3");
+    let prelude = format!(
+        "import boto3, json, sys\n\
+         s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', region_name='us-east-1', \
+         aws_access_key_id='testing', aws_secret_access_key='testing')\n"
+    );
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(prelude + script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "boto3 script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// HEAD of a key through boto3: its size and `litestream-timestamp` metadata.
+fn boto3_head(port: u16, key: &str) -> (u64, String) {
+    let out = boto3(
+        port,
+        &format!(
+            "h = s3.head_object(Bucket='{BUCKET}', Key='{key}')\n\
+             print(h['ContentLength'], h['Metadata'].get('litestream-timestamp', '-'))"
+        ),
+    );
+    let (size, stamp) = out.trim().split_once(' ').expect("size and timestamp");
+    (size.parse().unwrap(), stamp.to_string())
+}
+
+/// A running moto_server; killed on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let bin = moto_server_path();
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+            l.local_addr().unwrap().port()
+        };
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.reopen().unwrap())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut moto = Moto { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, ..)) = http(port, "GET", "/") {
+                break;
+            }
+            if let Ok(Some(status)) = moto.child.try_wait() {
+                panic!("moto_server exited with {status}: {}", moto.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer on port {port} within 60 s: {}",
+                moto.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (status, head, _) = http(port, "PUT", &format!("/{BUCKET}")).unwrap();
+        assert_eq!(status, 200, "create bucket: {head}");
+        moto
+    }
+
+    fn log_text(&mut self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn url(&self, prefix: &str) -> ReplicaUrl {
+        let env = |k: &str| match k {
+            "AWS_ACCESS_KEY_ID" => Some("testing".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("testing".to_string()),
+            _ => None,
+        };
+        ReplicaUrl::parse_with_env(
+            &format!(
+                "s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&forcePathStyle=true",
+                self.port
+            ),
+            env,
+        )
+        .unwrap()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn ts(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_round_trip_in_litestream_layout() {
+    let moto = Moto::start();
+    let store = ReplicaStore::open(&moto.url("backups/prod")).unwrap();
+    assert_eq!(store.requests().total(), 0, "opening makes no request");
+
+    assert!(store.list_ltx("", 0).await.unwrap().is_empty());
+    assert!(store.list_databases().await.unwrap().is_empty());
+
+    let body = Bytes::from_static(b"first ltx bytes");
+    let info = store
+        .put_ltx("", 0, 1, 1, body.clone(), ts(1_700_000_000_123))
+        .await
+        .unwrap();
+    assert_eq!(
+        info.key,
+        "backups/prod/0000/0000000000000001-0000000000000001.ltx"
+    );
+    store
+        .put_ltx(
+            "",
+            0,
+            2,
+            5,
+            Bytes::from_static(b"second"),
+            ts(1_700_000_001_000),
+        )
+        .await
+        .unwrap();
+    store
+        .put_ltx(
+            "",
+            9,
+            1,
+            5,
+            Bytes::from_static(b"snapshot"),
+            ts(1_700_000_002_000),
+        )
+        .await
+        .unwrap();
+    store
+        .put_ltx(
+            "dir/app.db",
+            10,
+            0xab,
+            0x1ff,
+            Bytes::from_static(b"nested"),
+            ts(5),
+        )
+        .await
+        .unwrap();
+
+    // The keys and metadata are Litestream's, checked through another S3 client.
+    let listed = boto3(
+        moto.port,
+        &format!(
+            "for o in s3.list_objects_v2(Bucket='{BUCKET}')['Contents']: print(o['Key'], o['Size'])"
+        ),
+    );
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        vec![
+            "backups/prod/0000/0000000000000001-0000000000000001.ltx 15",
+            "backups/prod/0000/0000000000000002-0000000000000005.ltx 6",
+            "backups/prod/0009/0000000000000001-0000000000000005.ltx 8",
+            "backups/prod/dir/app.db/000a/00000000000000ab-00000000000001ff.ltx 6",
+        ]
+    );
+    // The timestamp metadata, as Litestream writes it (Go's RFC3339Nano, UTC).
+    assert_eq!(
+        boto3_head(
+            moto.port,
+            "backups/prod/0000/0000000000000001-0000000000000001.ltx"
+        ),
+        (15, "2023-11-14T22:13:20.123Z".to_string())
+    );
+    assert_eq!(
+        boto3_head(
+            moto.port,
+            "backups/prod/0009/0000000000000001-0000000000000005.ltx"
+        ),
+        (8, "2023-11-14T22:13:22Z".to_string())
+    );
+    let got = boto3(
+        moto.port,
+        &format!(
+            "sys.stdout.write(s3.get_object(Bucket='{BUCKET}', \
+             Key='backups/prod/0000/0000000000000001-0000000000000001.ltx')['Body'].read().decode())"
+        ),
+    );
+    assert_eq!(got.as_bytes(), body.as_ref());
+
+    let l0 = store.list_ltx("", 0).await.unwrap();
+    assert_eq!(
+        l0.iter()
+            .map(|i| (i.level, i.min_txid, i.max_txid, i.size))
+            .collect::<Vec<_>>(),
+        vec![(0, 1, 1, body.len() as u64), (0, 2, 5, 6)]
+    );
+    assert_eq!(store.list_ltx("", 9).await.unwrap().len(), 1);
+    let nested = store.list_ltx("dir/app.db", 10).await.unwrap();
+    assert_eq!(nested.len(), 1);
+    assert_eq!(
+        nested[0].key,
+        "backups/prod/dir/app.db/000a/00000000000000ab-00000000000001ff.ltx"
+    );
+    assert!(store.list_ltx("", 1).await.unwrap().is_empty());
+    assert_eq!(
+        store.list_databases().await.unwrap(),
+        vec![String::new(), "dir/app.db".to_string()]
+    );
+
+    // HEAD reads the litestream-timestamp metadata back.
+    let head = store.head_ltx("", 0, 1, 1).await.unwrap();
+    assert_eq!(head.timestamp, ts(1_700_000_000_123));
+    assert_eq!(head.size, body.len() as u64);
+    assert_eq!(
+        store
+            .head_ltx("dir/app.db", 10, 0xab, 0x1ff)
+            .await
+            .unwrap()
+            .timestamp,
+        ts(5)
+    );
+
+    assert_eq!(store.get_ltx("", 0, 1, 1).await.unwrap(), body);
+    let missing = store.get_ltx("", 0, 7, 7).await.unwrap_err();
+    assert_eq!(missing.kind(), StoreErrorKind::NotFound, "{missing}");
+    assert!(
+        missing
+            .to_string()
+            .contains("s3://walfs-test/backups/prod/0000/0000000000000007-0000000000000007.ltx"),
+        "{missing}"
+    );
+
+    store.delete_ltx("", 0, 1, 1).await.unwrap();
+    store.delete_ltx("", 0, 1, 1).await.unwrap(); // deleting a missing object succeeds
+    assert_eq!(
+        store
+            .list_ltx("", 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|i| i.min_txid)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert!(store.get_ltx("", 0, 1, 1).await.unwrap_err().is_not_found());
+
+    let c = store.requests();
+    assert_eq!(
+        (c.put, c.get, c.head, c.list, c.delete),
+        (4, 3, 2, 8, 2),
+        "{c:?}"
+    );
+
+    // Idle: no requests happen on their own.
+    let before = store.requests();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.requests(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_single_database_at_bucket_root() {
+    let moto = Moto::start();
+    let store = ReplicaStore::open(&moto.url("")).unwrap();
+    let info = store
+        .put_ltx("", 0, 1, 1, Bytes::from_static(b"x"), ts(1))
+        .await
+        .unwrap();
+    assert_eq!(info.key, "0000/0000000000000001-0000000000000001.ltx");
+    assert_eq!(
+        boto3_head(moto.port, &info.key),
+        (1, "1970-01-01T00:00:00.001Z".to_string())
+    );
+    assert_eq!(store.list_ltx("", 0).await.unwrap().len(), 1);
+    assert_eq!(store.list_databases().await.unwrap(), vec![String::new()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoint_fails_clearly_after_bounded_retries() {
+    let mut moto = Moto::start();
+    let url = moto.url("p");
+    moto.stop();
+    let tuning = StoreTuning {
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(3),
+        init_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+    };
+    let store = ReplicaStore::open_with(&url, &tuning).unwrap();
+    let started = Instant::now();
+    let err = store
+        .put_ltx("", 0, 1, 1, Bytes::from_static(b"x"), ts(1))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("unreachable endpoint after {took:?}: {err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+    let msg = err.to_string();
+    assert_eq!(err.kind(), StoreErrorKind::Request, "{msg}");
+    assert!(
+        msg.starts_with(
+            "s3 PUT of s3://walfs-test/p/0000/0000000000000001-0000000000000001.ltx failed:"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("check the credentials, endpoint"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+
+    let err = store.list_ltx("", 0).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("s3 LIST of s3://walfs-test/p/0000/ failed:"),
+        "{err}"
+    );
+}
