@@ -110,8 +110,9 @@ impl Filesystem for FuseAdapter {
         // never requested: the kernel keeps SQLite's locks itself, and every write reaches
         // the backing file before write() returns.
         // HANDLE_KILLPRIV_V2 makes walfs responsible for clearing set-user-ID bits on
-        // write, and in exchange lets the kernel mark the superblock SB_NOSEC, so it stops
-        // asking for `security.capability` (a round trip) on every write().
+        // write, and in exchange lets the kernel mark the superblock SB_NOSEC, so it skips
+        // the `security.capability` query (a round trip) on writes for as long as the
+        // inode's attributes stay valid (each attribute refresh clears the flag again).
         let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
