@@ -4,11 +4,16 @@
 //! Data flows one way through the modules:
 //! - `fs`: the FUSE layer, a passthrough mirror with a hook at SQLite's barriers;
 //! - `sqlite`: SQLite's on-disk formats (database header, WAL, rollback journal);
-//! - `replica`: the replica format (LTX) and, later, its object layout, upload,
-//!   compaction and retention;
+//! - `capture`: per-database capture of commits at SQLite's barriers, FUSE-agnostic;
+//! - `staging`: the durable local staging area where captured transactions wait, as LTX
+//!   files, for upload;
+//! - `replica`: the replica format (LTX) and its object store (file:// and s3://, in
+//!   Litestream 0.5's layout); upload, compaction and retention come next;
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals).
 
+pub mod capture;
 pub mod fs;
 pub mod mount;
 pub mod replica;
 pub mod sqlite;
+pub mod staging;

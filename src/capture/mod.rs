@@ -1,0 +1,913 @@
+//! Per-database capture of SQLite commits, at SQLite's barriers; FUSE-agnostic.
+//!
+//! This module owns the path from "a barrier happened on a database's files" to "every
+//! transaction committed so far is durably staged as LTX":
+//! - [`DatabaseCapture`]: one database (its backing path). It keeps a [`WalTracker`] on the
+//!   backing `-wal`, the running [`DatabaseChecksum`] and one checksum contribution per page
+//!   (so each transaction updates the checksum incrementally), and stages each committed
+//!   WAL transaction as one LTX file with the next TXID, reading its pages once from the
+//!   backing `-wal` (in the page cache at that moment). When it cannot prove that no commit
+//!   was missed (a WAL restart with continuity `Gap`/`Unknown`, typically
+//!   `synchronous=OFF`), it heals with a full snapshot and says so ([`CaptureEvent::Healed`]).
+//!   Pages of uncommitted or rolled-back transactions are never staged: the tracker yields
+//!   committed transactions only.
+//! - [`Capture`]: the registry of one mount, keyed by path relative to the backing root. It
+//!   maps `x-wal` to `x`, recognises databases by their header, and ignores other files.
+//! - [`CaptureObserver`]: the [`Observer`] that the FUSE layer calls; it routes fsync,
+//!   ftruncate, unlink and rename of a database or its `-wal` to the registry, and fails the
+//!   application's operation with EIO when staging fails.
+//!
+//! Rollback-journal databases are registered (and snapshotted) but their commits are not
+//! captured incrementally yet; that is reported once per database
+//! ([`CaptureEvent::Unsupported`]). If such a database later switches to WAL mode, the
+//! capture heals with a snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use crate::fs::observer::{Node, Observer};
+use crate::fs::{FsError, FsResult};
+use crate::replica::ltx::{lock_pgno, DatabaseChecksum, LtxHeader};
+use crate::sqlite::{
+    read_full, DbHeader, FileFormat, WalError, WalEvent, WalPage, WalPosition, WalTracker,
+    WalTransaction, DB_HEADER_SIZE,
+};
+use crate::staging::{DbState, LtxWriter, Staging, TxnMeta};
+
+/// What a capture call did that the caller may want to log or count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureEvent {
+    /// A transaction or snapshot was staged.
+    Staged {
+        min_txid: u64,
+        max_txid: u64,
+        pages: u32,
+    },
+    /// Committed frames may have been missed; a snapshot at `txid` restored exactness.
+    Healed { txid: u64, reason: String },
+    /// The database's commits cannot be captured (yet); the replica falls behind.
+    Unsupported { reason: String },
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The `-wal` path of a database path.
+pub fn wal_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-wal");
+    PathBuf::from(s)
+}
+
+/// Opens a file for reading, or `None` if it does not exist.
+fn open_optional(path: &Path) -> io::Result<Option<File>> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn wal_io(e: WalError) -> io::Error {
+    match e {
+        WalError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// Polls `tracker` on an optional WAL file (absent reads as empty).
+fn poll_wal(
+    tracker: &mut WalTracker,
+    wal: Option<&File>,
+    barrier: bool,
+) -> io::Result<Vec<WalEvent>> {
+    let empty: &[u8] = &[];
+    let r = match (wal, barrier) {
+        (Some(f), true) => tracker.poll_barrier(f),
+        (Some(f), false) => tracker.poll(f),
+        (None, true) => tracker.poll_barrier(empty),
+        (None, false) => tracker.poll(empty),
+    };
+    r.map_err(wal_io)
+}
+
+/// Reads the database header of `file`, or `None` if it is not (yet) an SQLite database.
+fn read_db_header(file: &File) -> io::Result<Option<DbHeader>> {
+    let mut b = [0u8; DB_HEADER_SIZE];
+    if !read_full(file, 0, &mut b)? {
+        return Ok(None);
+    }
+    Ok(DbHeader::parse(&b).ok())
+}
+
+/// The committed database image as of the WAL transactions `txns` on top of `db`: its page
+/// size, its size in pages and, per page, where its newest version lies.
+struct Image<'a> {
+    page_size: u32,
+    size: u32,
+    overlay: BTreeMap<u32, (&'a WalTransaction, WalPage)>,
+}
+
+impl<'a> Image<'a> {
+    fn new(header: &DbHeader, db_len: u64, txns: &'a [WalTransaction]) -> Image<'a> {
+        let page_size = header.page_size;
+        let mut size = header
+            .valid_db_size()
+            .unwrap_or((db_len / u64::from(page_size)) as u32);
+        let mut overlay = BTreeMap::new();
+        for t in txns {
+            for p in &t.pages {
+                overlay.insert(p.pgno, (t, *p));
+            }
+            size = t.db_size;
+        }
+        Image {
+            page_size,
+            size,
+            overlay,
+        }
+    }
+
+    /// Calls `f` for every page from 1 to the size (but the lock page), in order.
+    /// `Ok(false)` means a WAL frame changed under the read: retry.
+    fn walk(
+        &self,
+        db: &File,
+        wal: Option<&File>,
+        mut f: impl FnMut(u32, &[u8]) -> io::Result<()>,
+    ) -> io::Result<bool> {
+        let ps = self.page_size as usize;
+        let lock = lock_pgno(self.page_size);
+        let mut buf = vec![0u8; ps];
+        for pgno in 1..=self.size {
+            if pgno == lock {
+                continue;
+            }
+            match (self.overlay.get(&pgno), wal) {
+                (Some((t, p)), Some(wal)) => match t.read_page(wal, p, &mut buf) {
+                    Ok(()) => {}
+                    Err(WalError::FrameChanged { .. }) => return Ok(false),
+                    Err(e) => return Err(wal_io(e)),
+                },
+                (Some(_), None) => return Ok(false),
+                (None, _) => {
+                    let off = u64::from(pgno - 1) * ps as u64;
+                    if !read_full(db, off, &mut buf)? {
+                        // Past the end of the file: what SQLite reads there is zeros.
+                        let n = db_len_from(db)?.saturating_sub(off).min(ps as u64) as usize;
+                        read_full(db, off, &mut buf[..n])?;
+                        buf[n..].fill(0);
+                    }
+                }
+            }
+            f(pgno, &buf)?;
+        }
+        Ok(true)
+    }
+}
+
+fn db_len_from(f: &File) -> io::Result<u64> {
+    Ok(f.metadata()?.len())
+}
+
+/// Receives the pages of a database image: computes per-page checksums and, for a
+/// snapshot, writes them to a staged LTX file. `start` may be called again on a retry.
+struct ImageSink {
+    /// For a snapshot: the staging area, the key, the TXID and the file being written.
+    writer: Option<(Arc<Staging>, PathBuf, u64, Option<LtxWriter>)>,
+    sums: Vec<u64>,
+    sum: DatabaseChecksum,
+}
+
+impl ImageSink {
+    fn start(&mut self, page_size: u32, size: u32) -> io::Result<()> {
+        self.sums = vec![0u64; size as usize];
+        self.sum = DatabaseChecksum::EMPTY;
+        if let Some((staging, rel, txid, w)) = &mut self.writer {
+            *w = None;
+            if size > 0 {
+                let h = LtxHeader::snapshot(page_size, size, *txid, now_ms());
+                *w = Some(staging.begin(rel, h)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+        let c = DatabaseChecksum::page_checksum(pgno, data);
+        self.sums[pgno as usize - 1] = c;
+        self.sum.toggle(c);
+        if let Some((_, _, _, Some(w))) = &mut self.writer {
+            w.add_page(pgno, data)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a transaction could not be staged.
+enum StageError {
+    /// The WAL changed under the read (a restart overwrote it): heal.
+    WalChanged(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for StageError {
+    fn from(e: io::Error) -> Self {
+        StageError::Io(e)
+    }
+}
+
+/// The capture of one database file.
+pub struct DatabaseCapture {
+    rel: PathBuf,
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    staging: Arc<Staging>,
+    tracker: WalTracker,
+    state: DbState,
+    saved: Option<DbState>,
+    /// Checksum contribution of each page (index `pgno - 1`); 0 for the lock page.
+    sums: Vec<u64>,
+    /// The database was in rollback-journal mode when last seen without a WAL.
+    rollback: bool,
+}
+
+impl DatabaseCapture {
+    /// Starts capturing the database at `db_path` (a backing path), staged under `rel`.
+    /// With no saved state, stages an initial snapshot. With a saved state, resumes where it
+    /// stopped if the database still matches the saved checksum, and otherwise heals with a
+    /// snapshot. Call it at a barrier if possible (`at_barrier`).
+    pub fn open(
+        staging: Arc<Staging>,
+        rel: &Path,
+        db_path: &Path,
+        at_barrier: bool,
+    ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
+        let mut c = DatabaseCapture {
+            rel: rel.to_path_buf(),
+            db_path: db_path.to_path_buf(),
+            wal_path: wal_path(db_path),
+            staging,
+            tracker: WalTracker::new(),
+            state: DbState::default(),
+            saved: None,
+            sums: Vec::new(),
+            rollback: false,
+        };
+        let mut events = Vec::new();
+        match c.staging.state(rel)? {
+            None => {
+                c.snapshot_inner(at_barrier, &mut events)?;
+            }
+            Some(st) => {
+                c.staging.discard_after(rel, st.txid)?;
+                c.state = st;
+                c.saved = Some(st);
+                if !c.resume()? {
+                    let reason = "the database changed while it was not being captured";
+                    c.heal(reason, at_barrier, &mut events)?;
+                }
+            }
+        }
+        if c.rollback {
+            events.push(CaptureEvent::Unsupported {
+                reason: "rollback-journal mode: commits are not captured incrementally yet".into(),
+            });
+        }
+        Ok((c, events))
+    }
+
+    /// The path relative to the backing root (the staging key).
+    pub fn relative_path(&self) -> &Path {
+        &self.rel
+    }
+
+    /// What has been staged so far.
+    pub fn state(&self) -> &DbState {
+        &self.state
+    }
+
+    /// The database checksum after the last staged TXID.
+    pub fn checksum(&self) -> DatabaseChecksum {
+        self.state.database_checksum()
+    }
+
+    /// Call while the application is blocked in an fsync, ftruncate, unlink or rename of the
+    /// database or its `-wal` (for removals: before the file goes). Stages every transaction
+    /// committed since the last call.
+    pub fn on_wal_barrier(&mut self) -> io::Result<Vec<CaptureEvent>> {
+        self.capture(true)
+    }
+
+    /// Call when the backing WAL changed between barriers (for the RPO).
+    pub fn on_wal_changed(&mut self) -> io::Result<Vec<CaptureEvent>> {
+        self.capture(false)
+    }
+
+    /// Stages a full snapshot of the current committed state now.
+    pub fn snapshot(&mut self) -> io::Result<Vec<CaptureEvent>> {
+        let mut events = Vec::new();
+        self.snapshot_inner(false, &mut events)?;
+        Ok(events)
+    }
+
+    fn save(&mut self) -> io::Result<()> {
+        if self.saved != Some(self.state) {
+            self.staging.save_state(&self.rel, &self.state)?;
+            self.saved = Some(self.state);
+        }
+        Ok(())
+    }
+
+    fn heal(
+        &mut self,
+        reason: &str,
+        barrier: bool,
+        events: &mut Vec<CaptureEvent>,
+    ) -> io::Result<()> {
+        self.snapshot_inner(barrier, events)?;
+        events.push(CaptureEvent::Healed {
+            txid: self.state.txid,
+            reason: reason.to_string(),
+        });
+        Ok(())
+    }
+
+    fn capture(&mut self, barrier: bool) -> io::Result<Vec<CaptureEvent>> {
+        let mut events = Vec::new();
+        let wal = open_optional(&self.wal_path)?;
+        let mut tracker = self.tracker.clone();
+        let polled = poll_wal(&mut tracker, wal.as_ref(), barrier)?;
+        let mut heal: Option<String> = None;
+        let mut last: Option<WalPosition> = None;
+        for ev in polled {
+            match ev {
+                WalEvent::Started { .. } => {
+                    if self.rollback {
+                        heal =
+                            Some("the database switched from rollback-journal to WAL mode".into());
+                        break;
+                    }
+                }
+                WalEvent::Restarted { continuity, .. }
+                | WalEvent::Truncated { continuity, .. }
+                | WalEvent::Invalidated { continuity, .. } => {
+                    if continuity.may_have_missed() {
+                        heal = Some(format!(
+                            "the WAL was restarted, truncated or replaced before all of its \
+                             commits were read (continuity {continuity:?}; synchronous=OFF?)"
+                        ));
+                        break;
+                    }
+                }
+                WalEvent::Commit(txn) => {
+                    let Some(wal) = wal.as_ref() else {
+                        heal = Some("the WAL disappeared while it was read".into());
+                        break;
+                    };
+                    match self.stage_txn(wal, &txn) {
+                        Ok(ev) => {
+                            events.push(ev);
+                            last = Some(WalPosition::after(&txn));
+                        }
+                        Err(StageError::WalChanged(reason)) => {
+                            heal = Some(reason);
+                            break;
+                        }
+                        Err(StageError::Io(e)) => {
+                            // Keep what was staged; read the rest again next time.
+                            if let Some(pos) = last {
+                                self.tracker = WalTracker::resume(pos);
+                                self.state.wal = Some(pos);
+                                let _ = self.save();
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        match heal {
+            Some(reason) => self.heal(&reason, barrier, &mut events)?,
+            None => {
+                self.tracker = tracker;
+                if self.tracker.position().is_some() {
+                    self.rollback = false;
+                }
+                self.state.wal = self.tracker.position();
+                self.save()?;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Stages one committed WAL transaction as TXID `state.txid + 1`.
+    fn stage_txn(&mut self, wal: &File, txn: &WalTransaction) -> Result<CaptureEvent, StageError> {
+        let ps = txn.header.page_size;
+        if ps != self.state.page_size {
+            return Err(StageError::WalChanged(format!(
+                "the WAL page size {ps} differs from the database's {}",
+                self.state.page_size
+            )));
+        }
+        let txid = self.state.txid + 1;
+        let pre = self.state.database_checksum();
+        let meta = TxnMeta {
+            txid,
+            page_size: ps,
+            commit: txn.db_size,
+            pre_checksum: pre,
+            post_checksum: pre,
+            timestamp_ms: now_ms(),
+            wal: Some((
+                txn.start_offset as i64,
+                (txn.end_offset - txn.start_offset) as i64,
+                txn.header.salt1,
+                txn.header.salt2,
+            )),
+        };
+        let mut w = self.staging.begin(&self.rel, Staging::txn_header(&meta))?;
+        let mut sum = pre;
+        let mut buf = vec![0u8; ps as usize];
+        let mut new_sums = Vec::with_capacity(txn.pages.len());
+        for p in &txn.pages {
+            match txn.read_page(wal, p, &mut buf) {
+                Ok(()) => {}
+                Err(WalError::FrameChanged { .. }) => {
+                    return Err(StageError::WalChanged(
+                        "a committed WAL frame was overwritten before it was read".into(),
+                    ))
+                }
+                Err(e) => return Err(StageError::Io(wal_io(e))),
+            }
+            w.add_page(p.pgno, &buf)?;
+            let c = DatabaseChecksum::page_checksum(p.pgno, &buf);
+            if let Some(&old) = self.sums.get(p.pgno as usize - 1) {
+                if old != 0 {
+                    sum.toggle(old);
+                }
+            }
+            sum.toggle(c);
+            new_sums.push((p.pgno, c));
+        }
+        let old_size = self.sums.len() as u32;
+        let lock = lock_pgno(ps);
+        // Shrink: the pages past the new end leave the database.
+        for pgno in txn.db_size + 1..=old_size {
+            let old = self.sums[pgno as usize - 1];
+            if old != 0 {
+                sum.toggle(old);
+            }
+        }
+        // Growth past pages the transaction wrote: SQLite reads zeros there.
+        let mut gap_sums = Vec::new();
+        if txn.db_size > old_size {
+            let zero = vec![0u8; ps as usize];
+            let mut written = txn.pages.iter().map(|p| p.pgno).peekable();
+            for pgno in old_size + 1..=txn.db_size {
+                while written.next_if(|&w| w < pgno).is_some() {}
+                if written.peek() == Some(&pgno) || pgno == lock {
+                    continue;
+                }
+                let c = DatabaseChecksum::page_checksum(pgno, &zero);
+                sum.toggle(c);
+                gap_sums.push((pgno, c));
+            }
+        }
+        let staged = w.commit(sum)?;
+        self.sums.resize(txn.db_size as usize, 0);
+        for (pgno, c) in new_sums.into_iter().chain(gap_sums) {
+            self.sums[pgno as usize - 1] = c;
+        }
+        self.state.txid = txid;
+        self.state.commit = txn.db_size;
+        self.state.checksum = sum.value();
+        Ok(CaptureEvent::Staged {
+            min_txid: staged.min_txid,
+            max_txid: staged.max_txid,
+            pages: txn.pages.len() as u32,
+        })
+    }
+
+    /// Reads the database file plus its committed WAL frames, retrying while the WAL moves.
+    /// Calls `f` with each page; returns the tracker that read the WAL, the image's page size
+    /// and size, or `None` if the file is not an SQLite database.
+    fn read_image(
+        &self,
+        barrier: bool,
+        upto: Option<WalPosition>,
+        sink: &mut ImageSink,
+    ) -> io::Result<Option<(WalTracker, u32, u32, FileFormat)>> {
+        for _ in 0..10 {
+            let Some(db) = open_optional(&self.db_path)? else {
+                return Ok(None);
+            };
+            let Some(header) = read_db_header(&db)? else {
+                return Ok(None);
+            };
+            let wal = open_optional(&self.wal_path)?;
+            let mut tracker = WalTracker::new();
+            let mut txns = Vec::new();
+            for ev in poll_wal(&mut tracker, wal.as_ref(), false)? {
+                if let WalEvent::Commit(t) = ev {
+                    txns.push(t);
+                }
+            }
+            if let Some(pos) = upto {
+                if tracker.header() != Some(pos.header) {
+                    return Ok(None);
+                }
+                txns.retain(|t| t.end_offset <= pos.committed_end);
+                if txns.last().map_or(32, |t| t.end_offset) != pos.committed_end {
+                    return Ok(None);
+                }
+                tracker = WalTracker::resume(pos);
+            }
+            if let Some(t) = txns.first() {
+                if t.header.page_size != header.page_size {
+                    return Err(io::Error::other(format!(
+                        "{}: WAL page size {} differs from the database's {}",
+                        self.db_path.display(),
+                        t.header.page_size,
+                        header.page_size
+                    )));
+                }
+            }
+            let format = header.format().unwrap_or(FileFormat::Rollback);
+            let image = Image::new(&header, db_len_from(&db)?, &txns);
+            sink.start(image.page_size, image.size)?;
+            if !image.walk(&db, wal.as_ref(), |pgno, data| sink.page(pgno, data))? {
+                continue;
+            }
+            // Nothing may have moved while the database file was read.
+            let wal2 = open_optional(&self.wal_path)?;
+            let mut check = tracker.clone();
+            if upto.is_none() && !poll_wal(&mut check, wal2.as_ref(), barrier)?.is_empty() {
+                continue;
+            }
+            if upto.is_none() {
+                tracker = check;
+            }
+            return Ok(Some((tracker, image.page_size, image.size, format)));
+        }
+        Err(io::Error::other(format!(
+            "{}: the database kept changing while it was read for a snapshot",
+            self.db_path.display()
+        )))
+    }
+
+    fn snapshot_inner(&mut self, barrier: bool, events: &mut Vec<CaptureEvent>) -> io::Result<()> {
+        let txid = self.state.txid + 1;
+        let mut sink = ImageSink {
+            writer: Some((self.staging.clone(), self.rel.clone(), txid, None)),
+            sums: Vec::new(),
+            sum: DatabaseChecksum::EMPTY,
+        };
+        let got = self.read_image(barrier, None, &mut sink)?;
+        let Some((tracker, page_size, size, format)) = got else {
+            return Err(io::Error::other(format!(
+                "{} is not an SQLite database",
+                self.db_path.display()
+            )));
+        };
+        let ImageSink {
+            writer, sums, sum, ..
+        } = sink;
+        let writer = writer.and_then(|w| w.3);
+        if size == 0 {
+            // An empty database: nothing to stage yet.
+            drop(writer);
+        } else {
+            let staged = writer.expect("writer was started").commit(sum)?;
+            events.push(CaptureEvent::Staged {
+                min_txid: staged.min_txid,
+                max_txid: staged.max_txid,
+                pages: size,
+            });
+            self.state.txid = txid;
+        }
+        self.rollback = format == FileFormat::Rollback && tracker.position().is_none();
+        self.tracker = tracker;
+        self.sums = sums;
+        self.state.page_size = page_size;
+        self.state.commit = size;
+        self.state.checksum = sum.value();
+        self.state.wal = self.tracker.position();
+        self.save()
+    }
+
+    /// Rebuilds the per-page checksums from the files for a saved state. True if the files
+    /// still hold exactly the saved state (at the saved WAL position, or with every commit
+    /// in the WAL); then capture continues from there.
+    fn resume(&mut self) -> io::Result<bool> {
+        let mut candidates = vec![None];
+        if let Some(pos) = self.state.wal {
+            candidates.insert(0, Some(pos));
+        }
+        for upto in candidates {
+            let mut sink = ImageSink {
+                writer: None,
+                sums: Vec::new(),
+                sum: DatabaseChecksum::EMPTY,
+            };
+            let got = self.read_image(false, upto, &mut sink)?;
+            let ImageSink { sums, sum, .. } = sink;
+            let Some((tracker, page_size, size, format)) = got else {
+                continue;
+            };
+            let expected = self.state.database_checksum();
+            if page_size == self.state.page_size && size == self.state.commit && sum == expected {
+                self.rollback = format == FileFormat::Rollback && tracker.position().is_none();
+                self.tracker = tracker;
+                self.sums = sums;
+                self.state.wal = self.tracker.position();
+                self.save()?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Counters of one mount's capture.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    /// LTX files staged (transactions and snapshots).
+    pub staged: AtomicU64,
+    /// Snapshots taken to heal a possible gap.
+    pub heals: AtomicU64,
+    /// Capture failures returned to the application as EIO.
+    pub failures: AtomicU64,
+}
+
+type Slot = Arc<Mutex<Option<DatabaseCapture>>>;
+
+/// The captures of one mount, keyed by path relative to the backing root.
+pub struct Capture {
+    root: PathBuf,
+    staging: Arc<Staging>,
+    dbs: Mutex<HashMap<PathBuf, Slot>>,
+    stats: CaptureStats,
+}
+
+/// The database a file belongs to, by name: `x-wal` belongs to `x`; `-shm` and
+/// `-journal` files are not captured through (None); anything else may be a database.
+pub fn database_of(rel: &Path) -> Option<(PathBuf, bool)> {
+    let name = rel.file_name()?.as_bytes();
+    if let Some(base) = name.strip_suffix(b"-wal") {
+        if base.is_empty() {
+            return None;
+        }
+        let mut db = rel.to_path_buf();
+        db.set_file_name(OsStr::from_bytes(base));
+        return Some((db, true));
+    }
+    if name.ends_with(b"-shm") || name.ends_with(b"-journal") {
+        return None;
+    }
+    Some((rel.to_path_buf(), false))
+}
+
+impl Capture {
+    /// A registry for the mount whose backing root is `root`, staging into `staging`.
+    pub fn new(root: impl Into<PathBuf>, staging: Arc<Staging>) -> Capture {
+        Capture {
+            root: root.into(),
+            staging,
+            dbs: Mutex::new(HashMap::new()),
+            stats: CaptureStats::default(),
+        }
+    }
+
+    /// The staging area.
+    pub fn staging(&self) -> &Arc<Staging> {
+        &self.staging
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &CaptureStats {
+        &self.stats
+    }
+
+    /// The databases captured now.
+    pub fn databases(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .dbs
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.lock().is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether `db` (relative) is being captured.
+    pub fn is_captured(&self, db: &Path) -> bool {
+        self.slot(db, false).is_some_and(|s| s.lock().is_some())
+    }
+
+    fn slot(&self, db: &Path, create: bool) -> Option<Slot> {
+        let mut dbs = self.dbs.lock();
+        if let Some(s) = dbs.get(db) {
+            return Some(s.clone());
+        }
+        if !create {
+            return None;
+        }
+        let s: Slot = Arc::new(Mutex::new(None));
+        dbs.insert(db.to_path_buf(), s.clone());
+        Some(s)
+    }
+
+    /// Runs `f` on the capture of the database that `rel` belongs to, registering it first
+    /// if its file holds an SQLite header (`register`). Files of other kinds cost one
+    /// 100-byte read.
+    fn with_db(
+        &self,
+        rel: &Path,
+        register: bool,
+        barrier: bool,
+        f: impl FnOnce(&mut DatabaseCapture) -> io::Result<Vec<CaptureEvent>>,
+    ) -> io::Result<Vec<CaptureEvent>> {
+        let Some((db, _)) = database_of(rel) else {
+            return Ok(Vec::new());
+        };
+        if !register && !self.is_captured(&db) {
+            return Ok(Vec::new());
+        }
+        let Some(slot) = self.slot(&db, false).or_else(|| {
+            let is_db = File::open(self.root.join(&db))
+                .ok()
+                .and_then(|f| read_db_header(&f).ok().flatten())
+                .is_some();
+            if is_db {
+                self.slot(&db, true)
+            } else {
+                None
+            }
+        }) else {
+            return Ok(Vec::new());
+        };
+        let mut guard = slot.lock();
+        let mut events = Vec::new();
+        let res = (|| {
+            if guard.is_none() {
+                let (c, ev) = DatabaseCapture::open(
+                    self.staging.clone(),
+                    &db,
+                    &self.root.join(&db),
+                    barrier,
+                )?;
+                events.extend(ev);
+                *guard = Some(c);
+            }
+            events.extend(f(guard.as_mut().expect("capture was just opened"))?);
+            Ok(())
+        })();
+        drop(guard);
+        self.account(&db, &events, res.as_ref().err());
+        res.map(|()| events)
+    }
+
+    fn account(&self, db: &Path, events: &[CaptureEvent], err: Option<&io::Error>) {
+        for e in events {
+            match e {
+                CaptureEvent::Staged { .. } => {
+                    self.stats.staged.fetch_add(1, Ordering::Relaxed);
+                }
+                CaptureEvent::Healed { txid, reason } => {
+                    self.stats.staged.fetch_add(1, Ordering::Relaxed);
+                    self.stats.heals.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(db = %db.display(), txid, "capture healed with a snapshot: {reason}");
+                }
+                CaptureEvent::Unsupported { reason } => {
+                    tracing::warn!(db = %db.display(), "replica falls behind: {reason}");
+                }
+            }
+        }
+        if let Some(e) = err {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(db = %db.display(), "capture failed, failing the operation with EIO: {e}");
+        }
+    }
+
+    /// A barrier (fsync, ftruncate, unlink, rename) on `rel` (a database or its `-wal`).
+    pub fn on_barrier(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, true, true, |c| c.on_wal_barrier())
+    }
+
+    /// `rel` changed between barriers; only databases already captured are polled.
+    pub fn on_changed(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, false, false, |c| c.on_wal_changed())
+    }
+
+    /// Stops capturing `db` (it was unlinked or renamed away). Staged files stay.
+    pub fn forget(&self, db: &Path) {
+        self.dbs.lock().remove(db);
+    }
+}
+
+/// The observer that connects the FUSE layer to a [`Capture`].
+pub struct CaptureObserver {
+    capture: Arc<Capture>,
+}
+
+impl CaptureObserver {
+    pub fn new(capture: Arc<Capture>) -> CaptureObserver {
+        CaptureObserver { capture }
+    }
+
+    pub fn capture(&self) -> &Arc<Capture> {
+        &self.capture
+    }
+
+    fn barrier(&self, rel: io::Result<PathBuf>) -> FsResult<()> {
+        let rel = rel.map_err(|_| FsError::EIO)?;
+        self.capture
+            .on_barrier(&rel)
+            .map(drop)
+            .map_err(|_| FsError::EIO)
+    }
+
+    /// A removal or rename of `rel`: capture first; forget a database that goes away.
+    fn removing(&self, rel: &Path) -> FsResult<()> {
+        let Some((db, is_wal)) = database_of(rel) else {
+            return Ok(());
+        };
+        if is_wal || self.capture.is_captured(&db) {
+            self.capture.on_barrier(rel).map_err(|_| FsError::EIO)?;
+        }
+        if !is_wal {
+            self.capture.forget(&db);
+        }
+        Ok(())
+    }
+}
+
+impl Observer for CaptureObserver {
+    fn created(&self, dir: &Node<'_>, name: &OsStr, _file: &Node<'_>) -> FsResult<()> {
+        // A new `-wal` announces a WAL-mode database; a new database file is empty and is
+        // registered at its first barrier, once it has a header.
+        if name.as_bytes().ends_with(b"-wal") {
+            let rel = dir.relative_path().map(|d| d.join(name));
+            return self.barrier(rel);
+        }
+        Ok(())
+    }
+
+    fn synced(&self, file: &Node<'_>) -> FsResult<()> {
+        self.barrier(file.relative_path())
+    }
+
+    fn truncated(&self, file: &Node<'_>, _size: u64) -> FsResult<()> {
+        self.barrier(file.relative_path())
+    }
+
+    fn unlinking(&self, dir: &Node<'_>, name: &OsStr) -> FsResult<()> {
+        let rel = dir.relative_path().map_err(|_| FsError::EIO)?.join(name);
+        self.removing(&rel)
+    }
+
+    fn renaming(
+        &self,
+        dir: &Node<'_>,
+        name: &OsStr,
+        new_dir: &Node<'_>,
+        new_name: &OsStr,
+    ) -> FsResult<()> {
+        let from = dir.relative_path().map_err(|_| FsError::EIO)?.join(name);
+        let to = new_dir
+            .relative_path()
+            .map_err(|_| FsError::EIO)?
+            .join(new_name);
+        self.removing(&from)?;
+        // A database renamed over is replaced: its next barrier registers the new file,
+        // and the changed content heals with a snapshot.
+        self.removing(&to)
+    }
+
+    fn released(&self, file: &Node<'_>, wrote: bool) {
+        if wrote {
+            if let Ok(rel) = file.relative_path() {
+                let _ = self.capture.on_changed(&rel);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,439 @@
+//! Capture tests with real SQLite on a plain directory: the barrier methods are called
+//! exactly where the FUSE layer will call them. Each test rebuilds the database from the
+//! staged LTX files and compares it, page by page, with the live database, and checks the
+//! recorded database checksum.
+
+use std::fs;
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::*;
+use crate::replica::ltx::decode;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    capture: Capture,
+    db: PathBuf,
+    rel: PathBuf,
+    wal_rel: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("sub")).unwrap();
+    let staging = Arc::new(Staging::open(dir.path().join("staging")).unwrap());
+    staging.set_checksums(true);
+    Fixture {
+        capture: Capture::new(&root, staging),
+        db: root.join("sub/app.db"),
+        rel: PathBuf::from("sub/app.db"),
+        wal_rel: PathBuf::from("sub/app.db-wal"),
+        _dir: dir,
+    }
+}
+
+fn open_db(path: &Path, page_size: u32, sync: &str, autockpt: u32) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(&format!("PRAGMA page_size={page_size};"))
+        .unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={sync}; PRAGMA wal_autocheckpoint={autockpt};
+         CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB);"
+    ))
+    .unwrap();
+    conn
+}
+
+fn checkpoint(conn: &Connection, mode: &str) {
+    let busy: i64 = conn
+        .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(busy, 0, "{mode}");
+}
+
+/// Rebuilds the database from the staged files, in TXID order, checking every file's
+/// pre- and post-apply checksums against the image.
+fn rebuild(f: &Fixture) -> Vec<u8> {
+    let staging = f.capture.staging();
+    let mut image: Vec<u8> = Vec::new();
+    let mut last = 0u64;
+    for s in staging.pending(&f.rel).unwrap() {
+        let file = decode(File::open(&s.path).unwrap()).unwrap();
+        let h = file.header;
+        let ps = h.page_size as usize;
+        assert!(h.has_checksums());
+        if h.is_snapshot() {
+            assert!(h.max_txid > last, "snapshot {} after {last}", h.max_txid);
+            image.clear();
+        } else {
+            assert_eq!(h.min_txid, last + 1, "TXIDs are contiguous");
+            assert_eq!(
+                h.pre_apply_checksum,
+                DatabaseChecksum::of_database(&image, h.page_size)
+                    .unwrap()
+                    .value()
+            );
+        }
+        last = h.max_txid;
+        for p in &file.pages {
+            let at = (p.pgno as usize - 1) * ps;
+            if image.len() < at + ps {
+                image.resize(at + ps, 0);
+            }
+            image[at..at + ps].copy_from_slice(&p.data);
+        }
+        image.resize(h.commit as usize * ps, 0);
+        assert_eq!(
+            file.trailer.post_apply_checksum,
+            DatabaseChecksum::of_database(&image, h.page_size)
+                .unwrap()
+                .value(),
+            "TXID {}",
+            h.max_txid
+        );
+    }
+    image
+}
+
+/// Checkpoints everything (with the barriers the checkpoint makes), then compares.
+fn assert_replica_matches(f: &Fixture, conn: &Connection) {
+    f.capture.on_barrier(&f.wal_rel).unwrap();
+    checkpoint(conn, "TRUNCATE");
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+    let live = fs::read(&f.db).unwrap();
+    let ps: u32 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap();
+    let image = rebuild(f);
+    assert_eq!(image.len(), live.len());
+    for (i, (a, b)) in image
+        .chunks(ps as usize)
+        .zip(live.chunks(ps as usize))
+        .enumerate()
+    {
+        assert!(a == b, "page {} differs", i + 1);
+    }
+    let slot = f.capture.slot(&f.rel, false).unwrap();
+    let guard = slot.lock();
+    let c = guard.as_ref().unwrap();
+    assert_eq!(
+        c.checksum(),
+        DatabaseChecksum::of_database(&live, ps).unwrap()
+    );
+    assert_eq!(
+        f.capture.staging().state(&f.rel).unwrap().unwrap(),
+        *c.state()
+    );
+}
+
+fn heals(events: &[CaptureEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, CaptureEvent::Healed { .. }))
+        .count()
+}
+
+/// synchronous=FULL: a barrier after every commit (its WAL fsync) and around every
+/// checkpoint, in every checkpoint mode, with growth, shrink and VACUUM.
+fn full_sync_workload(page_size: u32, autockpt: u32) {
+    let f = fixture();
+    let conn = open_db(&f.db, page_size, "FULL", autockpt);
+    // Registration through the -wal name takes the initial snapshot.
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert!(
+        matches!(ev[0], CaptureEvent::Staged { min_txid: 1, .. }),
+        "{ev:?}"
+    );
+    assert!(f.capture.is_captured(&f.rel));
+    let modes = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"];
+    let blob = (page_size as usize * 3 / 2).min(20_000);
+    for i in 0..40usize {
+        conn.execute(
+            "INSERT INTO t(v) VALUES(randomblob(?1))",
+            [(i * 997 % blob + 10) as i64],
+        )
+        .unwrap();
+        let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+        assert_eq!(heals(&ev), 0, "{ev:?}");
+        if i % 4 == 0 {
+            conn.execute(
+                "UPDATE t SET v = randomblob(200) WHERE id % 3 = ?1",
+                [(i % 3) as i64],
+            )
+            .unwrap();
+            f.capture.on_barrier(&f.wal_rel).unwrap();
+        }
+        if i % 7 == 6 {
+            f.capture.on_barrier(&f.wal_rel).unwrap(); // the checkpoint's WAL fsync
+            checkpoint(&conn, modes[(i / 7) % 4]);
+            let ev = f.capture.on_barrier(&f.rel).unwrap(); // its database fsync
+            assert_eq!(heals(&ev), 0, "{ev:?}");
+        }
+        if i == 20 {
+            // Growth, then shrink.
+            conn.execute_batch(
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<60)
+                 INSERT INTO t(v) SELECT randomblob(1500) FROM c;",
+            )
+            .unwrap();
+            f.capture.on_barrier(&f.wal_rel).unwrap();
+            conn.execute_batch("DELETE FROM t WHERE id % 2 = 0;")
+                .unwrap();
+            f.capture.on_barrier(&f.wal_rel).unwrap();
+            conn.execute_batch("VACUUM;").unwrap();
+            let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+            assert_eq!(heals(&ev), 0, "{ev:?}");
+        }
+    }
+    assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 0);
+    assert_replica_matches(&f, &conn);
+    // The last connection closes: checkpoint and unlink of the WAL, a barrier before it.
+    drop(conn);
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+    assert!(!f.db.with_file_name("app.db-wal").exists());
+    let conn = open_db(&f.db, page_size, "FULL", autockpt);
+    conn.execute("INSERT INTO t(v) VALUES(x'0102')", [])
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert_replica_matches(&f, &conn);
+}
+
+#[test]
+fn full_sync_512_no_autocheckpoint() {
+    full_sync_workload(512, 0);
+}
+
+#[test]
+fn full_sync_4096_autocheckpoint_10() {
+    full_sync_workload(4096, 10);
+}
+
+#[test]
+fn full_sync_65536_autocheckpoint_10() {
+    full_sync_workload(65536, 10);
+}
+
+#[test]
+fn full_sync_4096_no_autocheckpoint() {
+    full_sync_workload(4096, 0);
+}
+
+/// A transaction that spills frames into the WAL and rolls back is never staged, even
+/// when a barrier runs while its frames are there.
+#[test]
+fn rolled_back_transaction_is_never_staged() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
+        .unwrap();
+    f.capture.on_barrier(&f.wal_rel).unwrap();
+    let before = f.capture.staging().pending(&f.rel).unwrap().len();
+    conn.execute_batch(
+        "PRAGMA cache_size=10; BEGIN;
+         WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<300)
+         INSERT INTO t(v) SELECT randomblob(2000) FROM c;",
+    )
+    .unwrap();
+    let wal_len = fs::metadata(f.db.with_file_name("app.db-wal"))
+        .unwrap()
+        .len();
+    assert!(wal_len > 100 * 4096, "the transaction spilled into the WAL");
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+    conn.execute_batch("ROLLBACK; PRAGMA cache_size=-2000;")
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(f.capture.staging().pending(&f.rel).unwrap().len(), before);
+    // A later commit overwrites the rolled-back frames.
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(5000))", [])
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_replica_matches(&f, &conn);
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 2);
+}
+
+/// synchronous=OFF: no barrier for commits or the checkpoint; the restart is only seen
+/// afterwards, with frames never read. The capture heals with a snapshot and says so.
+#[test]
+fn synchronous_off_missed_restart_heals() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "OFF", 0);
+    f.capture.on_barrier(&f.wal_rel).unwrap(); // registration (at the WAL's creation)
+    for _ in 0..5 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+        f.capture.on_wal_changed_for_test(&f.wal_rel);
+    }
+    // Missed: commits, a checkpoint and a restart, then one small commit.
+    for _ in 0..10 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+    }
+    checkpoint(&conn, "RESTART");
+    conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert_eq!(heals(&ev), 1, "{ev:?}");
+    let CaptureEvent::Healed { reason, .. } = ev
+        .iter()
+        .find(|e| heals(std::slice::from_ref(e)) == 1)
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert!(reason.contains("synchronous=OFF"), "{reason}");
+    assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 1);
+    // Capture continues incrementally after the heal.
+    conn.execute("INSERT INTO t(v) VALUES(x'02')", []).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert_replica_matches(&f, &conn);
+}
+
+impl Capture {
+    fn on_wal_changed_for_test(&self, rel: &Path) {
+        let ev = self.on_changed(rel).unwrap();
+        assert_eq!(heals(&ev), 0, "{ev:?}");
+    }
+}
+
+/// A restart of walfs resumes from the saved state without a snapshot when the files still
+/// match it, and heals when the database changed behind its back.
+#[test]
+fn resume_after_restart_of_the_capture() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    for _ in 0..5 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+        f.capture.on_barrier(&f.wal_rel).unwrap();
+    }
+    let staged = f.capture.staging().pending(&f.rel).unwrap().len();
+    // walfs stops; the app commits more (still in the same WAL generation).
+    f.capture.forget(&f.rel);
+    for _ in 0..3 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+    }
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert_eq!(
+        f.capture.staging().pending(&f.rel).unwrap().len(),
+        staged + 3,
+        "{ev:?}"
+    );
+    assert_replica_matches(&f, &conn);
+
+    // Stopped again; now a checkpoint and restart hide the new commits from the WAL.
+    f.capture.forget(&f.rel);
+    for _ in 0..3 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+    }
+    checkpoint(&conn, "TRUNCATE");
+    conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert_eq!(heals(&ev), 1, "{ev:?}");
+    assert_replica_matches(&f, &conn);
+
+    // Idle restart: nothing staged.
+    f.capture.forget(&f.rel);
+    let n = f.capture.staging().pending(&f.rel).unwrap().len();
+    let ev = f.capture.on_barrier(&f.rel).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(f.capture.staging().pending(&f.rel).unwrap().len(), n);
+}
+
+#[test]
+fn registry_names_and_non_sqlite_files() {
+    let f = fixture();
+    assert_eq!(
+        database_of(Path::new("a/x.db-wal")),
+        Some((PathBuf::from("a/x.db"), true))
+    );
+    assert_eq!(
+        database_of(Path::new("x.db")),
+        Some((PathBuf::from("x.db"), false))
+    );
+    assert_eq!(database_of(Path::new("x.db-shm")), None);
+    assert_eq!(database_of(Path::new("x.db-journal")), None);
+    assert_eq!(database_of(Path::new("-wal")), None);
+
+    let root = f.db.parent().unwrap().parent().unwrap().to_path_buf();
+    fs::write(
+        root.join("notes.db"),
+        b"just some text, not a database at all",
+    )
+    .unwrap();
+    fs::write(root.join("notes.db-wal"), b"nor is this").unwrap();
+    assert!(f
+        .capture
+        .on_barrier(Path::new("notes.db"))
+        .unwrap()
+        .is_empty());
+    assert!(f
+        .capture
+        .on_barrier(Path::new("notes.db-wal"))
+        .unwrap()
+        .is_empty());
+    assert!(f
+        .capture
+        .on_barrier(Path::new("missing.db"))
+        .unwrap()
+        .is_empty());
+    assert!(f.capture.databases().is_empty());
+    assert!(f
+        .capture
+        .staging()
+        .pending(Path::new("notes.db"))
+        .unwrap()
+        .is_empty());
+
+    // A rollback-journal database is registered, snapshotted, and reported as not
+    // captured incrementally.
+    let conn = Connection::open(root.join("r.db")).unwrap();
+    conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
+        .unwrap();
+    let ev = f.capture.on_barrier(Path::new("r.db")).unwrap();
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, CaptureEvent::Unsupported { .. })),
+        "{ev:?}"
+    );
+    assert_eq!(f.capture.databases(), vec![PathBuf::from("r.db")]);
+}
+
+/// Staging failures surface as errors, and the capture retries cleanly afterwards.
+#[test]
+fn staging_failure_is_an_error_and_retry_recovers() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    f.capture.on_barrier(&f.wal_rel).unwrap();
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    // Make the staging directory of this database unusable: a file where `ltx` must be.
+    let ltx = f.capture.staging().db_dir(&f.rel).unwrap().join("ltx");
+    let moved = ltx.with_file_name("ltx.away");
+    fs::rename(&ltx, &moved).unwrap();
+    fs::write(&ltx, b"in the way").unwrap();
+    assert!(f.capture.on_barrier(&f.wal_rel).is_err());
+    assert_eq!(f.capture.stats().failures.load(Ordering::Relaxed), 1);
+    fs::remove_file(&ltx).unwrap();
+    fs::rename(&moved, &ltx).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_replica_matches(&f, &conn);
+}

@@ -1,0 +1,528 @@
+//! The durable local staging area of one mount: captured transactions wait here, as LTX
+//! files, until the replica holds them.
+//!
+//! This file owns the staging directory and everything in it. Per database, keyed by its
+//! path relative to the mount's backing root:
+//!
+//! ```text
+//! <staging>/<relpath>/ltx/0/<min %016x>-<max %016x>.ltx   staged LTX files, not yet uploaded
+//! <staging>/<relpath>/state                               the capture position (DbState)
+//! ```
+//!
+//! Every write is crash-safe: a file is written under a temporary name (`.*.tmp`), fsynced,
+//! renamed into place, and its directory fsynced. An LTX file is durable before the state
+//! that points past it is saved; after a crash, files beyond the saved TXID are stale and
+//! [`Staging::discard_after`] removes them (the capture reads those transactions again).
+//!
+//! Staging knows nothing about SQLite or the WAL beyond the position it stores, and it
+//! never talks to the network. Every failure (ENOSPC, EROFS, EACCES, ...) is an
+//! `io::Error`, so that the caller can fail the application's operation with EIO.
+//!
+//! LTX files are written without database checksums in their headers unless
+//! [`Staging::set_checksums`] turns them on: Litestream 0.5 restores only files without
+//! them. The running checksum is kept in the state either way.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::replica::ltx::{
+    ltx_object_name, parse_ltx_object_name, DatabaseChecksum, LtxEncoder, LtxError, LtxHeader,
+};
+use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
+
+/// Name of the per-database state file.
+const STATE_FILE: &str = "state";
+/// First line of a state file: the format and its version.
+const STATE_MAGIC: &str = "walfs-staging-state 1";
+
+/// The staging area of one mount.
+#[derive(Debug)]
+pub struct Staging {
+    root: PathBuf,
+    checksums: AtomicBool,
+}
+
+/// What the capture of one database has staged so far; saved atomically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DbState {
+    /// The last TXID staged (0: nothing yet).
+    pub txid: u64,
+    /// Page size of the database.
+    pub page_size: u32,
+    /// Database size in pages after `txid`.
+    pub commit: u32,
+    /// The database checksum after `txid` ([`DatabaseChecksum::value`]).
+    pub checksum: u64,
+    /// Where the WAL reader stood after `txid` (`None` if no WAL was seen).
+    pub wal: Option<WalPosition>,
+    /// The last TXID the replica is known to hold (0: none).
+    pub uploaded_txid: u64,
+}
+
+impl DbState {
+    /// The database checksum after [`DbState::txid`].
+    pub fn database_checksum(&self) -> DatabaseChecksum {
+        if self.checksum == 0 {
+            DatabaseChecksum::EMPTY
+        } else {
+            DatabaseChecksum::from_value(self.checksum)
+        }
+    }
+}
+
+/// One staged LTX file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedLtx {
+    /// First TXID it covers (1 for a snapshot).
+    pub min_txid: u64,
+    /// Last TXID it covers.
+    pub max_txid: u64,
+    /// Where it lies.
+    pub path: PathBuf,
+}
+
+impl StagedLtx {
+    /// A snapshot holds the whole database (minimum TXID 1).
+    pub fn is_snapshot(&self) -> bool {
+        self.min_txid == 1
+    }
+}
+
+/// Describes one staged transaction (or snapshot) for [`Staging::stage_transaction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnMeta {
+    /// The TXID of the transaction.
+    pub txid: u64,
+    /// Database page size.
+    pub page_size: u32,
+    /// Database size in pages after the transaction.
+    pub commit: u32,
+    /// Database checksum before the transaction.
+    pub pre_checksum: DatabaseChecksum,
+    /// Database checksum after it.
+    pub post_checksum: DatabaseChecksum,
+    /// Commit time, milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// The WAL segment the pages came from: (offset, size, salt-1, salt-2); informational.
+    pub wal: Option<(i64, i64, u32, u32)>,
+}
+
+fn ltx_err(e: LtxError) -> io::Error {
+    match e {
+        LtxError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+}
+
+/// Fsyncs a directory, so that renames and creations in it are durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, dir fsync).
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| invalid("path has no parent"))?;
+    let tmp = tmp_path(path);
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()))
+}
+
+/// A staged LTX file being written; [`LtxWriter::commit`] makes it durable, dropping it
+/// without committing removes the temporary file.
+pub struct LtxWriter {
+    encoder: Option<LtxEncoder<BufWriter<File>>>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    header: LtxHeader,
+}
+
+impl LtxWriter {
+    /// Adds one page (pages ascend; a snapshot holds every page but the lock page).
+    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+        match &mut self.encoder {
+            Some(e) => e.add_page(pgno, data).map_err(ltx_err),
+            None => Err(io::Error::other("LTX writer already finished")),
+        }
+    }
+
+    /// The header being written.
+    pub fn header(&self) -> &LtxHeader {
+        &self.header
+    }
+
+    /// Finishes the file with the post-apply checksum, fsyncs it, renames it into place and
+    /// fsyncs the directory.
+    pub fn commit(mut self, post_checksum: DatabaseChecksum) -> io::Result<StagedLtx> {
+        let mut enc = self
+            .encoder
+            .take()
+            .ok_or_else(|| io::Error::other("LTX writer already finished"))?;
+        let post = if self.header.has_checksums() {
+            post_checksum.value()
+        } else {
+            0
+        };
+        enc.finish(post).map_err(ltx_err)?;
+        let file = enc.into_inner().into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&self.tmp, &self.dest)?;
+        sync_dir(self.dest.parent().expect("staged file has a directory"))?;
+        Ok(StagedLtx {
+            min_txid: self.header.min_txid,
+            max_txid: self.header.max_txid,
+            path: self.dest.clone(),
+        })
+    }
+}
+
+impl Drop for LtxWriter {
+    fn drop(&mut self) {
+        if self.encoder.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl Staging {
+    /// Opens (creating if needed) the staging area at `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> io::Result<Staging> {
+        let root = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&root)?;
+        Ok(Staging {
+            root,
+            checksums: AtomicBool::new(false),
+        })
+    }
+
+    /// The staging directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether new LTX files carry database checksums in their headers and trailers
+    /// (default off, as Litestream 0.5 requires).
+    pub fn set_checksums(&self, on: bool) {
+        self.checksums.store(on, Ordering::Relaxed);
+    }
+
+    /// The staging directory of database `db` (a relative path without `..`).
+    pub fn db_dir(&self, db: &Path) -> io::Result<PathBuf> {
+        if db.as_os_str().is_empty() || !db.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(invalid(format!(
+                "database key {} is not a plain relative path",
+                db.display()
+            )));
+        }
+        Ok(self.root.join(db))
+    }
+
+    fn ltx_dir(&self, db: &Path) -> io::Result<PathBuf> {
+        Ok(self.db_dir(db)?.join("ltx").join("0"))
+    }
+
+    /// Starts writing a staged LTX file with `header` (checksums are stripped unless
+    /// enabled). The file appears only on [`LtxWriter::commit`].
+    pub fn begin(&self, db: &Path, mut header: LtxHeader) -> io::Result<LtxWriter> {
+        if !self.checksums.load(Ordering::Relaxed) {
+            header = header.without_checksums();
+        }
+        let dir = self.ltx_dir(db)?;
+        fs::create_dir_all(&dir)?;
+        let dest = dir.join(ltx_object_name(header.min_txid, header.max_txid));
+        let tmp = tmp_path(&dest);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let encoder = match LtxEncoder::new(BufWriter::with_capacity(256 * 1024, file), header) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(ltx_err(e));
+            }
+        };
+        Ok(LtxWriter {
+            encoder: Some(encoder),
+            tmp,
+            dest,
+            header,
+        })
+    }
+
+    /// Stages a snapshot (TXIDs `1..=txid`) of `commit` pages, given in order (every page
+    /// from 1 to `commit` except the lock page).
+    pub fn stage_snapshot<I, B>(
+        &self,
+        db: &Path,
+        pages: I,
+        page_size: u32,
+        commit: u32,
+        txid: u64,
+        timestamp_ms: i64,
+    ) -> io::Result<(StagedLtx, DatabaseChecksum)>
+    where
+        I: IntoIterator<Item = io::Result<(u32, B)>>,
+        B: AsRef<[u8]>,
+    {
+        let header = LtxHeader::snapshot(page_size, commit, txid, timestamp_ms);
+        let mut w = self.begin(db, header)?;
+        let mut sum = DatabaseChecksum::EMPTY;
+        for page in pages {
+            let (pgno, data) = page?;
+            w.add_page(pgno, data.as_ref())?;
+            sum.add_page(pgno, data.as_ref());
+        }
+        Ok((w.commit(sum)?, sum))
+    }
+
+    /// Stages one transaction (TXID `meta.txid`) holding `pages` in ascending order.
+    pub fn stage_transaction<I, B>(
+        &self,
+        db: &Path,
+        meta: &TxnMeta,
+        pages: I,
+    ) -> io::Result<StagedLtx>
+    where
+        I: IntoIterator<Item = io::Result<(u32, B)>>,
+        B: AsRef<[u8]>,
+    {
+        let mut w = self.begin(db, Self::txn_header(meta))?;
+        for page in pages {
+            let (pgno, data) = page?;
+            w.add_page(pgno, data.as_ref())?;
+        }
+        w.commit(meta.post_checksum)
+    }
+
+    /// The LTX header of a staged transaction.
+    pub fn txn_header(meta: &TxnMeta) -> LtxHeader {
+        let mut h = LtxHeader::incremental(
+            meta.page_size,
+            meta.commit,
+            meta.txid,
+            meta.txid,
+            meta.timestamp_ms,
+            meta.pre_checksum.value(),
+        );
+        if let Some((offset, size, salt1, salt2)) = meta.wal {
+            if offset > 0 && size >= 0 {
+                h.wal_offset = offset;
+                h.wal_size = size;
+                h.wal_salt1 = salt1;
+                h.wal_salt2 = salt2;
+            }
+        }
+        h
+    }
+
+    /// Staged files not yet uploaded, by ascending maximum TXID (then minimum).
+    pub fn pending(&self, db: &Path) -> io::Result<Vec<StagedLtx>> {
+        let dir = self.ltx_dir(db)?;
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some((min_txid, max_txid)) = name.to_str().and_then(parse_ltx_object_name) else {
+                continue;
+            };
+            out.push(StagedLtx {
+                min_txid,
+                max_txid,
+                path: entry.path(),
+            });
+        }
+        out.sort_by_key(|s| (s.max_txid, s.min_txid));
+        Ok(out)
+    }
+
+    fn remove_where(&self, db: &Path, pred: impl Fn(&StagedLtx) -> bool) -> io::Result<usize> {
+        let mut n = 0;
+        for s in self.pending(db)? {
+            if pred(&s) {
+                fs::remove_file(&s.path)?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            sync_dir(&self.ltx_dir(db)?)?;
+        }
+        Ok(n)
+    }
+
+    /// The replica holds everything up to `upto_txid`: deletes the staged files it covers
+    /// and records it in the state. Returns how many files were deleted.
+    pub fn mark_uploaded(&self, db: &Path, upto_txid: u64) -> io::Result<usize> {
+        let n = self.remove_where(db, |s| s.max_txid <= upto_txid)?;
+        if let Some(mut st) = self.state(db)? {
+            if upto_txid > st.uploaded_txid {
+                st.uploaded_txid = upto_txid;
+                self.save_state(db, &st)?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes staged files beyond `txid` (left by a crash between staging a file and
+    /// saving the state that counts it), and stray temporary files.
+    pub fn discard_after(&self, db: &Path, txid: u64) -> io::Result<usize> {
+        let dir = self.ltx_dir(db)?;
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') && name.ends_with(".tmp") {
+                    fs::remove_file(entry.path())?;
+                }
+            }
+        }
+        self.remove_where(db, |s| s.max_txid > txid)
+    }
+
+    /// The saved state of `db`, or `None` if it was never saved.
+    pub fn state(&self, db: &Path) -> io::Result<Option<DbState>> {
+        let path = self.db_dir(db)?.join(STATE_FILE);
+        match fs::read_to_string(&path) {
+            Ok(text) => parse_state(&text).map(Some).map_err(|m| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("corrupt staging state {}: {m}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Saves the state of `db` atomically and durably.
+    pub fn save_state(&self, db: &Path, state: &DbState) -> io::Result<()> {
+        let dir = self.db_dir(db)?;
+        fs::create_dir_all(&dir)?;
+        write_atomic(&dir.join(STATE_FILE), format_state(state).as_bytes())
+    }
+}
+
+fn crc_of(text: &str) -> u64 {
+    crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO).checksum(text.as_bytes())
+}
+
+fn format_state(s: &DbState) -> String {
+    let mut t = format!(
+        "{STATE_MAGIC}\ntxid {}\npage_size {}\ncommit {}\nchecksum {:016x}\nuploaded_txid {}\n",
+        s.txid, s.page_size, s.commit, s.checksum, s.uploaded_txid
+    );
+    if let Some(w) = &s.wal {
+        let h = &w.header;
+        t.push_str(&format!(
+            "wal {} {} {} {} {} {} {} {} {} {}\n",
+            u8::from(h.big_endian_checksum),
+            h.page_size,
+            h.checkpoint_seq,
+            h.salt1,
+            h.salt2,
+            h.checksum[0],
+            h.checksum[1],
+            w.committed_end,
+            w.checksum[0],
+            w.checksum[1]
+        ));
+    }
+    let crc = crc_of(&t);
+    t.push_str(&format!("crc {crc:016x}\n"));
+    t
+}
+
+fn parse_state(text: &str) -> Result<DbState, String> {
+    let body_end = text
+        .rfind("crc ")
+        .ok_or_else(|| "no crc line".to_string())?;
+    let (body, crc_line) = text.split_at(body_end);
+    let stored = u64::from_str_radix(crc_line.trim_start_matches("crc ").trim(), 16)
+        .map_err(|_| "bad crc line".to_string())?;
+    if stored != crc_of(body) {
+        return Err("crc mismatch".into());
+    }
+    let mut lines = body.lines();
+    if lines.next() != Some(STATE_MAGIC) {
+        return Err("unknown format".into());
+    }
+    let mut s = DbState::default();
+    for line in lines {
+        let mut it = line.split_ascii_whitespace();
+        let key = it.next().unwrap_or_default();
+        let vals: Vec<&str> = it.collect();
+        let num = |i: usize| -> Result<u64, String> {
+            vals.get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| format!("bad value in {line:?}"))
+        };
+        let u32v = |i: usize| num(i).and_then(|v| u32::try_from(v).map_err(|e| e.to_string()));
+        match key {
+            "txid" => s.txid = num(0)?,
+            "page_size" => s.page_size = u32v(0)?,
+            "commit" => s.commit = u32v(0)?,
+            "uploaded_txid" => s.uploaded_txid = num(0)?,
+            "checksum" => {
+                s.checksum = vals
+                    .first()
+                    .and_then(|v| u64::from_str_radix(v, 16).ok())
+                    .ok_or_else(|| format!("bad value in {line:?}"))?
+            }
+            "wal" => {
+                if vals.len() != 10 {
+                    return Err(format!("bad wal line {line:?}"));
+                }
+                let header = WalHeader {
+                    big_endian_checksum: num(0)? != 0,
+                    version: WAL_VERSION,
+                    page_size: u32v(1)?,
+                    checkpoint_seq: u32v(2)?,
+                    salt1: u32v(3)?,
+                    salt2: u32v(4)?,
+                    checksum: [u32v(5)?, u32v(6)?],
+                };
+                s.wal = Some(WalPosition {
+                    header,
+                    committed_end: num(7)?,
+                    checksum: [u32v(8)?, u32v(9)?],
+                });
+            }
+            _ => return Err(format!("unknown key {key:?}")),
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests;
