@@ -9,11 +9,13 @@
 //!   files, for upload;
 //! - `replica`: the replica format (LTX) and its object store (file:// and s3://, in
 //!   Litestream 0.5's layout); upload, compaction and retention come next;
+//! - `replicate`: capture, staging and upload wired together for one mount;
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals).
 
 pub mod capture;
 pub mod fs;
 pub mod mount;
 pub mod replica;
+pub mod replicate;
 pub mod sqlite;
 pub mod staging;

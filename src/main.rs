@@ -52,6 +52,17 @@ enum Command {
         /// Mount even if MOUNTPOINT is not empty (its files are hidden while mounted).
         #[arg(long)]
         allow_nonempty: bool,
+        /// Stream every database's commits to this replica: file:///abs/dir or
+        /// s3://bucket/prefix?endpoint=...&region=...&forcePathStyle=true. May be repeated.
+        #[arg(long = "replica", value_name = "URL")]
+        replicas: Vec<String>,
+        /// Where captured transactions wait for upload (default: /var/lib/walfs/staging/...
+        /// for root). Must not be inside BACKING.
+        #[arg(long)]
+        staging_dir: Option<PathBuf>,
+        /// How often staged transactions are uploaded: 1s, 500ms, 0 (each commit at once).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        sync_interval: Duration,
     },
 }
 
@@ -68,6 +79,9 @@ fn main() -> ExitCode {
             no_passthrough,
             cache_ttl,
             allow_nonempty,
+            replicas,
+            staging_dir,
+            sync_interval,
         } => walfs::mount::run(&walfs::mount::MountOptions {
             backing,
             mountpoint,
@@ -77,6 +91,11 @@ fn main() -> ExitCode {
             passthrough: !no_passthrough,
             cache_ttl: Duration::from_secs_f64(cache_ttl.max(0.0)),
             allow_nonempty,
+            replication: walfs::replicate::ReplicationOptions {
+                replicas,
+                staging_dir,
+                sync_interval,
+            },
         }),
     };
     match result {
@@ -86,6 +105,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `1s`, `500ms`, `2m`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 1s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    if !(secs >= 0.0 && secs.is_finite()) {
+        return Err(format!("{s:?} must be zero or more"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn init_logging(level: Option<&str>) {

@@ -13,7 +13,8 @@ use fuser::{MountOption, SessionACL};
 
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::metrics::Metrics;
-use crate::fs::{FsConfig, IoMode, NoObserver, PassthroughFs};
+use crate::fs::{FsConfig, IoMode, NoObserver, Observer, PassthroughFs};
+use crate::replicate::{Replication, ReplicationOptions};
 
 /// What `walfs mount` was asked to do.
 #[derive(Debug, Clone)]
@@ -27,6 +28,8 @@ pub struct MountOptions {
     pub passthrough: bool,
     pub cache_ttl: Duration,
     pub allow_nonempty: bool,
+    /// Replicas to stream every database's commits to (none: a plain mirror).
+    pub replication: ReplicationOptions,
 }
 
 /// Mounts and serves until unmounted (by a signal or `fusermount3 -u`).
@@ -53,8 +56,17 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
         io_mode,
         cache_ttl: opts.cache_ttl,
     };
+    let replication = if opts.replication.replicas.is_empty() {
+        None
+    } else {
+        Some(Replication::start(&backing, &opts.replication)?)
+    };
+    let observer: Arc<dyn Observer> = match &replication {
+        Some(r) => r.observer(),
+        None => Arc::new(NoObserver),
+    };
     let fs = Arc::new(
-        PassthroughFs::new(&backing, config, Arc::new(NoObserver))
+        PassthroughFs::new(&backing, config, observer)
             .with_context(|| format!("cannot open backing directory {}", backing.display()))?,
     );
     let metrics = Arc::new(Metrics::default());
@@ -94,7 +106,11 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
         "mounted"
     );
     unmount_on_signal(session.unmount_callable(), mountpoint.clone())?;
-    session.run().context("FUSE session failed")?;
+    let served = session.run().context("FUSE session failed");
+    if let Some(r) = replication {
+        r.stop();
+    }
+    served?;
     tracing::info!(mountpoint = %mountpoint.display(), "walfs stopped");
     Ok(())
 }

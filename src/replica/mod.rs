@@ -2,6 +2,7 @@
 
 pub mod ltx;
 pub mod store;
+pub mod upload;
 
 #[cfg(test)]
 mod ltx_interop_tests;

@@ -1,0 +1,157 @@
+//! Replication of one mount: wires capture (at the FUSE barriers), staging and upload
+//! together. At start it finds the databases already in the backing directory and stages
+//! their initial snapshots; while mounted the uploader sends what capture staged every sync
+//! interval; at unmount it flushes what is pending within a bounded time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::capture::{Capture, CaptureObserver};
+use crate::fs::Observer;
+use crate::replica::store::{ReplicaStore, ReplicaUrl};
+use crate::replica::upload::Uploader;
+use crate::staging::Staging;
+
+/// How long unmount waits for pending uploads before giving up (and saying so).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Replication settings of a mount.
+#[derive(Debug, Clone)]
+pub struct ReplicationOptions {
+    pub replicas: Vec<String>,
+    pub staging_dir: Option<PathBuf>,
+    pub sync_interval: Duration,
+}
+
+pub struct Replication {
+    capture: Arc<Capture>,
+    uploader: Arc<Uploader>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Replication {
+    /// Opens the replicas and staging, stages snapshots of the databases already in
+    /// `backing`, and starts the uploader.
+    pub fn start(backing: &Path, opts: &ReplicationOptions) -> anyhow::Result<Replication> {
+        let mut replicas = Vec::new();
+        for url in &opts.replicas {
+            let parsed = ReplicaUrl::parse(url).map_err(|e| anyhow::anyhow!("--replica: {e}"))?;
+            replicas.push(ReplicaStore::open(&parsed).map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
+        let dir = match &opts.staging_dir {
+            Some(d) => d.clone(),
+            None => default_staging_dir(backing),
+        };
+        if dir.starts_with(backing) {
+            anyhow::bail!(
+                "staging directory {} is inside the backing directory; put it elsewhere (--staging-dir)",
+                dir.display()
+            );
+        }
+        let staging = Arc::new(Staging::open(&dir).with_context(|| {
+            format!(
+                "cannot use staging directory {}; give a writable one with --staging-dir",
+                dir.display()
+            )
+        })?);
+        let capture = Arc::new(Capture::new(backing, staging.clone()));
+        let found = stage_existing_databases(backing, &capture)?;
+        tracing::info!(
+            staging = %dir.display(),
+            replicas = opts.replicas.len(),
+            databases = found,
+            "replication on"
+        );
+        let uploader = Arc::new(Uploader::new(staging, replicas)?);
+        let thread = {
+            let (uploader, capture) = (uploader.clone(), capture.clone());
+            let interval = opts.sync_interval;
+            std::thread::Builder::new()
+                .name("walfs-upload".into())
+                .spawn(move || uploader.run(interval, || capture.databases()))?
+        };
+        Ok(Replication {
+            capture,
+            uploader,
+            thread: Some(thread),
+        })
+    }
+
+    /// The observer the FUSE layer calls at barriers.
+    pub fn observer(&self) -> Arc<dyn Observer> {
+        Arc::new(CaptureObserver::new(self.capture.clone()))
+    }
+
+    /// Stops the uploader after one last round, then retries what is still pending until
+    /// the flush timeout. Returns false (and logs why) if the replica is left behind.
+    pub fn stop(mut self) -> bool {
+        self.uploader.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let dbs = self.capture.databases();
+        let done = self.uploader.flush(&dbs, Instant::now() + FLUSH_TIMEOUT);
+        if !done {
+            tracing::error!(
+                "the replica is behind: staged transactions could not be uploaded before exit; they stay in staging and are uploaded at the next mount"
+            );
+        }
+        done
+    }
+}
+
+/// `/var/lib/walfs/staging/<backing path>` for root, else under `$XDG_STATE_HOME` (or
+/// `~/.local/state`).
+fn default_staging_dir(backing: &Path) -> PathBuf {
+    let name = backing
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "%");
+    // SAFETY: plain getter.
+    let base = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/walfs/staging")
+    } else {
+        std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .unwrap_or_else(|| PathBuf::from("/tmp"))
+            .join("walfs/staging")
+    };
+    base.join(name)
+}
+
+/// Registers every SQLite database under `backing` (by header) and stages what it holds.
+fn stage_existing_databases(backing: &Path, capture: &Capture) -> anyhow::Result<usize> {
+    let mut stack = vec![PathBuf::new()];
+    let mut found = 0;
+    while let Some(rel) = stack.pop() {
+        let entries = match std::fs::read_dir(backing.join(&rel)) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(dir = %rel.display(), "cannot scan for databases: {e}");
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let child = rel.join(entry.file_name());
+            if kind.is_dir() {
+                stack.push(child);
+            } else if kind.is_file() {
+                capture
+                    .on_barrier(&child)
+                    .with_context(|| format!("cannot stage {}", child.display()))?;
+                if capture.is_captured(&child) {
+                    found += 1;
+                }
+            }
+        }
+    }
+    Ok(found)
+}

