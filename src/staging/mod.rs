@@ -42,6 +42,9 @@ const STATE_MAGIC: &str = "walfs-staging-state 1";
 pub struct Staging {
     root: PathBuf,
     checksums: AtomicBool,
+    /// Serialises state-file updates: capture saves its position while the uploader
+    /// records what the replica holds, and neither may undo the other.
+    state_lock: parking_lot::Mutex<()>,
 }
 
 /// What the capture of one database has staged so far; saved atomically.
@@ -216,6 +219,7 @@ impl Staging {
         Ok(Staging {
             root,
             checksums: AtomicBool::new(false),
+            state_lock: parking_lot::Mutex::new(()),
         })
     }
 
@@ -385,10 +389,11 @@ impl Staging {
     /// and records it in the state. Returns how many files were deleted.
     pub fn mark_uploaded(&self, db: &Path, upto_txid: u64) -> io::Result<usize> {
         let n = self.remove_where(db, |s| s.max_txid <= upto_txid)?;
+        let _guard = self.state_lock.lock();
         if let Some(mut st) = self.state(db)? {
             if upto_txid > st.uploaded_txid {
                 st.uploaded_txid = upto_txid;
-                self.save_state(db, &st)?;
+                self.write_state(db, &st)?;
             }
         }
         Ok(n)
@@ -425,8 +430,18 @@ impl Staging {
         }
     }
 
-    /// Saves the state of `db` atomically and durably.
+    /// Saves the state of `db` atomically and durably. The uploaded TXID never goes
+    /// backwards: a concurrent [`Staging::mark_uploaded`] may have advanced it.
     pub fn save_state(&self, db: &Path, state: &DbState) -> io::Result<()> {
+        let _guard = self.state_lock.lock();
+        let mut state = *state;
+        if let Ok(Some(saved)) = self.state(db) {
+            state.uploaded_txid = state.uploaded_txid.max(saved.uploaded_txid);
+        }
+        self.write_state(db, &state)
+    }
+
+    fn write_state(&self, db: &Path, state: &DbState) -> io::Result<()> {
         let dir = self.db_dir(db)?;
         fs::create_dir_all(&dir)?;
         write_atomic(&dir.join(STATE_FILE), format_state(state).as_bytes())
