@@ -158,3 +158,37 @@ fn databases_present_before_the_mount_get_an_initial_snapshot() {
         "a non-SQLite file named *.db must not be replicated"
     );
 }
+
+#[test]
+fn commits_racing_the_uploader_are_all_replicated() {
+    // A sync interval of 0 keeps the uploader marking uploads while capture stages the
+    // next commits: the two must never fail an fsync or lose a position.
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    let staging = dir.path().join("staging");
+    let mut m = Mount::with_args(&[
+        "--replica",
+        &format!("file://{}", replica.display()),
+        "--staging-dir",
+        staging.to_str().unwrap(),
+        "--sync-interval",
+        "0",
+    ]);
+    {
+        let conn = rusqlite::Connection::open(m.path("busy.db")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);",
+        )
+        .unwrap();
+        for i in 0..400 {
+            conn.execute("INSERT INTO t(v) VALUES (randomblob(?1))", [50 + i % 300])
+                .expect("a commit failed while the uploader ran");
+        }
+    }
+    m.stop();
+    let out = m.root.path().join("restored.db");
+    litestream_restore(&replica.join("busy.db"), &out);
+    assert_same_database(&m.backing_path("busy.db"), &out);
+    assert_eq!(sqlite3(&out, "SELECT count(*) FROM t;"), "400\n");
+}
