@@ -10,6 +10,7 @@
 //! - `replica`: the replica format (LTX) and its object store (file:// and s3://, in
 //!   Litestream 0.5's layout); upload, compaction and retention come next;
 //! - `replicate`: capture, staging and upload wired together for one mount;
+//! - `restore`: restore plans, verified restores and listing;
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals).
 
 pub mod capture;
@@ -17,5 +18,6 @@ pub mod fs;
 pub mod mount;
 pub mod replica;
 pub mod replicate;
+pub mod restore;
 pub mod sqlite;
 pub mod staging;

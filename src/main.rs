@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 
@@ -64,6 +64,34 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         sync_interval: Duration,
     },
+    /// Restore databases from a replica, verified (content checksum where the writer
+    /// recorded one, and PRAGMA integrity_check), written atomically.
+    Restore {
+        /// A mount's replica root, or one database's replica (as Litestream lays it out).
+        url: String,
+        /// The database file to create; a directory when restoring a whole replica.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Restore only this database (its path relative to the replica root).
+        #[arg(long)]
+        db: Option<String>,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+        /// Restore exactly this transaction (decimal, or Litestream's 16-digit hex).
+        #[arg(long, value_parser = parse_txid)]
+        txid: Option<u64>,
+        /// Restore the newest state committed at or before this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        timestamp: Option<SystemTime>,
+    },
+    /// List the databases in a replica with their latest TXID, time and size.
+    List {
+        url: String,
+        /// Show the restorable range and objects of this database.
+        #[arg(long)]
+        db: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +125,24 @@ fn main() -> ExitCode {
                 sync_interval,
             },
         }),
+        Command::Restore {
+            url,
+            output,
+            db,
+            force,
+            txid,
+            timestamp,
+        } => walfs::restore::restore_command(&walfs::restore::RestoreArgs {
+            url,
+            output,
+            db,
+            force,
+            txid,
+            timestamp,
+        }),
+        Command::List { url, db } => {
+            walfs::restore::list_command(&walfs::restore::ListArgs { url, db })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +151,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A TXID: 16 hex digits as Litestream prints them, or a decimal number.
+fn parse_txid(s: &str) -> Result<u64, String> {
+    let parsed = if s.len() == 16 {
+        u64::from_str_radix(s, 16).ok()
+    } else {
+        s.parse().ok()
+    };
+    parsed.ok_or_else(|| format!("{s:?} is not a TXID: give a decimal number or 16 hex digits"))
+}
+
+/// An RFC 3339 time such as 2026-11-22T05:00:00Z.
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    walfs::replica::store::parse_rfc3339(s)
+        .ok_or_else(|| format!("{s:?} is not an RFC 3339 time such as 2026-11-22T05:00:00Z"))
 }
 
 /// `1s`, `500ms`, `2m`, or a bare number of seconds.

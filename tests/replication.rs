@@ -123,6 +123,34 @@ fn wal_commits_reach_the_replica_and_litestream_restores_them() {
     // whole database.
     assert!(!m.backing_path("data/nested/app.db-wal").exists());
     assert_same_database(&m.backing_path("data/nested/app.db"), &out);
+
+    // walfs restore of the whole replica root, verified against walfs's checksum record.
+    let all = m.root.path().join("all");
+    let log = walfs_restore(&[
+        &format!("file://{}", replica.display()),
+        "-o",
+        all.to_str().unwrap(),
+    ]);
+    assert!(
+        log.contains("content checksum matches the writer's record"),
+        "restore did not verify the recorded checksum: {log}"
+    );
+    assert_same_database(
+        &m.backing_path("data/nested/app.db"),
+        &all.join("data/nested/app.db"),
+    );
+}
+
+/// Runs `walfs restore ARGS`, requires success, and returns its stderr.
+fn walfs_restore(args: &[&str]) -> String {
+    let o = Command::new(common::WALFS)
+        .arg("restore")
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "walfs restore {args:?} failed: {err}");
+    err
 }
 
 #[test]
@@ -191,4 +219,14 @@ fn commits_racing_the_uploader_are_all_replicated() {
     litestream_restore(&replica.join("busy.db"), &out);
     assert_same_database(&m.backing_path("busy.db"), &out);
     assert_eq!(sqlite3(&out, "SELECT count(*) FROM t;"), "400\n");
+    let mine = m.root.path().join("walfs-restored.db");
+    let log = walfs_restore(&[
+        &format!("file://{}", replica.display()),
+        "--db",
+        "busy.db",
+        "-o",
+        mine.to_str().unwrap(),
+    ]);
+    assert!(log.contains("content checksum matches"), "{log}");
+    assert_same_database(&m.backing_path("busy.db"), &mine);
 }

@@ -952,6 +952,56 @@ impl ReplicaStore {
         )
     }
 
+    /// The S3 prefix of the replica ("" for file replicas, whose directory is the root).
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// Uploads `bytes` to `key` (relative to the bucket or replica directory) atomically.
+    /// For objects that are not LTX files, such as walfs's verification records.
+    pub async fn put_object(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let path = self.object_path(key)?;
+        Counters::bump(&self.counters.put);
+        self.store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map(drop)
+            .map_err(|e| self.request_error("PUT", key, e))
+    }
+
+    /// Downloads the object at `key`; an error of kind NotFound if there is none.
+    pub async fn get_object(&self, key: &str) -> Result<Bytes, StoreError> {
+        let path = self.object_path(key)?;
+        Counters::bump(&self.counters.get);
+        let res = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| self.request_error("GET", key, e))?;
+        res.bytes()
+            .await
+            .map_err(|e| self.request_error("GET", key, e))
+    }
+
+    /// Downloads bytes `range` of the object at `key`.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let path = self.object_path(key)?;
+        Counters::bump(&self.counters.get);
+        self.store
+            .get_range(&path, range)
+            .await
+            .map_err(|e| self.request_error("GET", key, e))
+    }
+
+    /// The replica's address without credentials, for messages.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Uploads an LTX object atomically (readers see all of it or none), with its timestamp
     /// as the file mtime or the `litestream-timestamp` metadata.
     pub async fn put_ltx(

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use super::ltx::{decode, LtxEncoder, LtxHeader};
+use super::record::{ChecksumRecord, SidecarStore};
 use super::store::ReplicaStore;
 use crate::staging::{StagedLtx, Staging};
 
@@ -185,6 +186,22 @@ impl Uploader {
             }
         }
         let max = staged.last().map_or(0, |s| s.max_txid);
+        // The verification record restore checks against: the database checksum after
+        // `max`, known when capture's saved state is at `max` (else the next round writes
+        // one).
+        if let Some(state) = self.staging.state(db)?.filter(|st| st.txid == max) {
+            let record = ChecksumRecord {
+                txid: max,
+                checksum: state.checksum,
+                page_size: state.page_size,
+                commit: state.commit,
+            };
+            for replica in &self.replicas {
+                let sidecar = SidecarStore::new(replica.clone());
+                self.runtime
+                    .block_on(sidecar.put_checksum_record(&key, &record))?;
+            }
+        }
         self.staging.mark_uploaded(db, max)?;
         tracing::debug!(db = %db.display(), txid = max, files = staged.len(), "uploaded");
         Ok(())

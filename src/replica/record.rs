@@ -1,0 +1,275 @@
+//! The verification record: per database, a small sidecar object that holds the database
+//! checksum after each uploaded TXID range, in a place Litestream ignores. Restores compare
+//! the rebuilt database against it (DESIGN.md, contract item 4).
+//!
+//! This file owns the record's format and keys ([`ChecksumRecord`], [`checksum_record_key`])
+//! and [`SidecarStore`], the access to objects that are not LTX files (records, and the
+//! 100-byte header of an LTX object).
+//!
+//! Keys (`<txid>` is the max TXID of the uploaded range, `%016x`):
+//! - file replica: `<dir>/<db>/walfs/checksums/<txid>`;
+//! - S3: `<prefix>/<db>/walfs/checksums/<txid>`.
+//!
+//! Content, one line: `txid=<%016x> checksum=<%016x> page_size=<n> commit=<n>`, where the
+//! checksum is [`DatabaseChecksum::value`] of the whole database after `txid`, and commit is
+//! its size in pages.
+//!
+//! Litestream lists only `<db>/ltx/<level>/` (file) or `<db>/<level %04x>/` (S3) and parses
+//! object names as `<min>-<max>.ltx`, so it never sees these objects, and
+//! `ReplicaStore::list_databases` ignores them for the same reason.
+//!
+
+use std::ops::Range;
+
+use anyhow::{anyhow, bail};
+use bytes::Bytes;
+
+use crate::replica::ltx::{LtxHeader, HEADER_SIZE};
+use crate::replica::store::{Layout, ReplicaStore, ReplicaUrl};
+
+/// The directory of a database's records, below the database's replica path.
+pub const CHECKSUMS_DIR: &str = "walfs/checksums";
+
+/// The database checksum after one TXID, as walfs recorded it when it uploaded that TXID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChecksumRecord {
+    /// The TXID (the max TXID of an uploaded range).
+    pub txid: u64,
+    /// [`DatabaseChecksum::value`](crate::replica::ltx::DatabaseChecksum::value) of the whole
+    /// database after `txid`.
+    pub checksum: u64,
+    /// The database page size.
+    pub page_size: u32,
+    /// The database size in pages after `txid`.
+    pub commit: u32,
+}
+
+impl ChecksumRecord {
+    /// The record's content: one line, ending in a newline.
+    pub fn encode(&self) -> String {
+        format!(
+            "txid={:016x} checksum={:016x} page_size={} commit={}\n",
+            self.txid, self.checksum, self.page_size, self.commit
+        )
+    }
+
+    /// Parses a record's content; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let line = text.trim();
+        if line.contains('\n') {
+            return Err("a record is one line".into());
+        }
+        let (mut txid, mut checksum, mut page_size, mut commit) = (None, None, None, None);
+        for field in line.split_whitespace() {
+            let (k, v) = field
+                .split_once('=')
+                .ok_or_else(|| format!("field {field:?} is not key=value"))?;
+            let bad = |what: &str| format!("{k}={v:?} is not {what}");
+            match k {
+                "txid" => txid = Some(u64::from_str_radix(v, 16).map_err(|_| bad("hex"))?),
+                "checksum" => checksum = Some(u64::from_str_radix(v, 16).map_err(|_| bad("hex"))?),
+                "page_size" => page_size = Some(v.parse().map_err(|_| bad("a number"))?),
+                "commit" => commit = Some(v.parse().map_err(|_| bad("a number"))?),
+                // Unknown fields are allowed, for later versions.
+                _ => {}
+            }
+        }
+        let need = |name: &str| format!("the record has no {name} field");
+        Ok(ChecksumRecord {
+            txid: txid.ok_or_else(|| need("txid"))?,
+            checksum: checksum.ok_or_else(|| need("checksum"))?,
+            page_size: page_size.ok_or_else(|| need("page_size"))?,
+            commit: commit.ok_or_else(|| need("commit"))?,
+        })
+    }
+}
+
+/// The key of the record of `db_path` at `txid`, relative to the bucket (S3, whose prefix is
+/// `root`) or the replica directory (file, `root` is "").
+pub fn checksum_record_key(layout: Layout, root: &str, db_path: &str, txid: u64) -> String {
+    let _ = layout; // The same shape in both layouts.
+    [root, db_path, CHECKSUMS_DIR, &format!("{txid:016x}")]
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Access to a replica's objects that are not LTX files: verification records, and the
+/// 100-byte header of an LTX object. A thin layer over [`ReplicaStore`], so it shares its
+/// retries, request counters and credentials.
+#[derive(Debug, Clone)]
+pub struct SidecarStore {
+    store: ReplicaStore,
+}
+
+impl SidecarStore {
+    /// Opens a handle on the replica at `url`. Makes no request.
+    pub fn open(url: &ReplicaUrl) -> anyhow::Result<Self> {
+        Ok(SidecarStore {
+            store: ReplicaStore::open(url).map_err(|e| anyhow!("{e}"))?,
+        })
+    }
+
+    /// A sidecar on an already open replica store.
+    pub fn new(store: ReplicaStore) -> Self {
+        SidecarStore { store }
+    }
+
+    /// The key of `db_path`'s record at `txid`.
+    pub fn record_key(&self, db_path: &str, txid: u64) -> String {
+        checksum_record_key(self.store.layout(), self.store.root(), db_path, txid)
+    }
+
+    /// Uploads `db_path`'s record (atomically: readers see all of it or nothing).
+    pub async fn put_checksum_record(
+        &self,
+        db_path: &str,
+        record: &ChecksumRecord,
+    ) -> anyhow::Result<()> {
+        let key = self.record_key(db_path, record.txid);
+        self.store
+            .put_object(&key, Bytes::from(record.encode()))
+            .await
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Downloads `db_path`'s record at `txid`; `None` if the writer recorded none.
+    pub async fn get_checksum_record(
+        &self,
+        db_path: &str,
+        txid: u64,
+    ) -> anyhow::Result<Option<ChecksumRecord>> {
+        let key = self.record_key(db_path, txid);
+        let base = self.store.base().to_string();
+        let bytes = match self.store.get_object(&key).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(anyhow!("{e}")),
+        };
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| anyhow!("verification record {base}/{key} is not text"))?;
+        let record = ChecksumRecord::parse(text)
+            .map_err(|m| anyhow!("verification record {base}/{key} is malformed: {m}"))?;
+        if record.txid != txid {
+            bail!(
+                "verification record {}/{key} is for TXID {}, not {txid}",
+                base,
+                record.txid
+            );
+        }
+        Ok(Some(record))
+    }
+
+    /// Reads bytes `range` of the object at `key`.
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes> {
+        self.store
+            .get_range(key, range)
+            .await
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Reads and parses only the 100-byte header of the LTX object at `key`.
+    pub async fn ltx_header(&self, key: &str) -> anyhow::Result<LtxHeader> {
+        let b = self.get_range(key, 0..HEADER_SIZE as u64).await?;
+        let arr: &[u8; HEADER_SIZE] = b[..]
+            .try_into()
+            .map_err(|_| anyhow!("object {key} is shorter than an LTX header"))?;
+        let h = LtxHeader::from_bytes(arr).map_err(|m| anyhow!("object {key} is corrupt: {m}"))?;
+        h.validate()
+            .map_err(|m| anyhow!("object {key} is corrupt: invalid header: {m}"))?;
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip() {
+        let r = ChecksumRecord {
+            txid: 0x2a,
+            checksum: 0x8000_0000_dead_beef,
+            page_size: 4096,
+            commit: 12,
+        };
+        let text = r.encode();
+        assert_eq!(
+            text,
+            "txid=000000000000002a checksum=80000000deadbeef page_size=4096 commit=12\n"
+        );
+        assert_eq!(ChecksumRecord::parse(&text).unwrap(), r);
+        assert_eq!(
+            ChecksumRecord::parse("commit=12 txid=2a checksum=80000000deadbeef page_size=4096 x=y")
+                .unwrap(),
+            r
+        );
+        for (bad, want) in [
+            ("txid=2a checksum=1 page_size=4096", "no commit"),
+            ("txid=zz checksum=1 page_size=1 commit=1", "not hex"),
+            ("txid", "key=value"),
+            ("txid=1\ncommit=2", "one line"),
+        ] {
+            let e = ChecksumRecord::parse(bad).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn record_keys() {
+        assert_eq!(
+            checksum_record_key(Layout::File, "", "app/main.db", 0x2a),
+            "app/main.db/walfs/checksums/000000000000002a"
+        );
+        assert_eq!(
+            checksum_record_key(Layout::File, "", "", 1),
+            "walfs/checksums/0000000000000001"
+        );
+        assert_eq!(
+            checksum_record_key(Layout::S3, "backups/prod", "a.db", 1),
+            "backups/prod/a.db/walfs/checksums/0000000000000001"
+        );
+        // Not an LTX key in either layout, so Litestream and list_databases skip it.
+        for layout in [Layout::File, Layout::S3] {
+            assert_eq!(
+                layout.parse_key(&checksum_record_key(layout, "", "a.db", 1)),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn file_records_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = ReplicaUrl::parse(&format!("file://{}", tmp.path().display())).unwrap();
+        let s = SidecarStore::open(&url).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(s.get_checksum_record("a.db", 7).await.unwrap(), None);
+            let r = ChecksumRecord {
+                txid: 7,
+                checksum: 0x8000_0000_0000_0001,
+                page_size: 512,
+                commit: 3,
+            };
+            s.put_checksum_record("a.db", &r).await.unwrap();
+            assert!(tmp
+                .path()
+                .join("a.db/walfs/checksums/0000000000000007")
+                .is_file());
+            assert_eq!(s.get_checksum_record("a.db", 7).await.unwrap(), Some(r));
+            std::fs::write(
+                tmp.path().join("a.db/walfs/checksums/0000000000000008"),
+                "junk",
+            )
+            .unwrap();
+            let e = s.get_checksum_record("a.db", 8).await.unwrap_err();
+            assert!(e.to_string().contains("malformed"), "{e}");
+        });
+    }
+}

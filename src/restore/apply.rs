@@ -1,0 +1,369 @@
+//! Applying a restore plan: download the planned LTX objects, rebuild the database in a
+//! temporary file next to the output, verify it, and only then rename it into place.
+//!
+//! This file owns [`restore_database`] and what it reports ([`RestoreOutcome`]).
+//!
+//! Steps, for output `OUT`:
+//! 1. refuse an existing `OUT` unless `force` (a directory is always refused);
+//! 2. write pages into `.OUT.walfs-restore-XXXX` in `OUT`'s directory, object by object
+//!    (each object is decoded and checked in full: a corrupt object is an error naming its
+//!    key), truncating whenever a file shrinks the database and finally to the last
+//!    commit size (pages × page size), then fsync;
+//! 3. verify: the SQLite header agrees with the LTX page size and commit size; the database
+//!    checksum over the result equals the writer's verification record for the TXID, if one
+//!    exists (and the last object's post-apply checksum, if it carries one); and
+//!    `PRAGMA integrity_check` says `ok`;
+//! 4. remove a stale `OUT-wal`, `OUT-shm` or `OUT-journal` (SQLite would apply them to the
+//!    new file), rename the temporary file to `OUT`, fsync the directory.
+//!
+//! On any error the temporary file is removed and `OUT` is untouched: never half-written.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, IsTerminal};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use rusqlite::{Connection, OpenFlags};
+use tokio::runtime::Runtime;
+
+use crate::replica::ltx::{DatabaseChecksum, LtxDecoder, LtxHeader};
+use crate::replica::store::ReplicaStore;
+use crate::sqlite::header::DbHeader;
+
+use super::plan::{db_label, RestorePlan};
+use super::record::SidecarStore;
+
+/// How the content checksum of a restored database was verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumCheck {
+    /// It equals the checksum the writer recorded for the TXID.
+    Recorded,
+    /// The writer recorded none (e.g. Litestream wrote the replica); only
+    /// `integrity_check` vouches for the content.
+    NotRecorded,
+}
+
+/// What a successful restore produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreOutcome {
+    /// The database path in the replica.
+    pub db: String,
+    /// Where it was restored.
+    pub output: PathBuf,
+    /// The TXID restored.
+    pub txid: u64,
+    /// When that TXID was written.
+    pub timestamp: SystemTime,
+    /// The page size.
+    pub page_size: u32,
+    /// The database size in pages.
+    pub commit: u32,
+    /// The database checksum of the restored file.
+    pub checksum: DatabaseChecksum,
+    /// How the checksum was verified.
+    pub checksum_check: ChecksumCheck,
+    /// Objects applied.
+    pub objects: usize,
+    /// Bytes downloaded.
+    pub bytes: u64,
+}
+
+/// Removes the temporary file unless disarmed.
+struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A sibling name for the temporary file: `.OUT.walfs-restore-XXXX`.
+fn temp_path(out: &Path) -> anyhow::Result<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| anyhow!("{} does not name a file", out.display()))?;
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tag = (u64::from(std::process::id()) << 32 | u64::from(nanos)) & 0xffff_ffff_ffff;
+    let mut n = std::ffi::OsString::from(".");
+    n.push(name);
+    n.push(format!(".walfs-restore-{tag:012x}"));
+    Ok(out.with_file_name(n))
+}
+
+fn parent_dir(out: &Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Checks that `out` may be written: absent, or a non-directory with `force`.
+pub fn check_output(out: &Path, force: bool) -> anyhow::Result<()> {
+    match fs::symlink_metadata(out) {
+        Ok(m) if m.is_dir() => bail!(
+            "{} is a directory; give the path of the database file to create",
+            out.display()
+        ),
+        Ok(_) if !force => bail!("{} exists; pass --force to replace it", out.display()),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow!("cannot check {}: {e}", out.display())),
+    }
+}
+
+/// Restores `plan` into `out` (see the module documentation). `progress` shows a progress
+/// bar on stderr if stderr is a terminal.
+pub fn restore_database(
+    rt: &Runtime,
+    store: &ReplicaStore,
+    sidecar: &SidecarStore,
+    plan: &RestorePlan,
+    out: &Path,
+    force: bool,
+    progress: bool,
+) -> anyhow::Result<RestoreOutcome> {
+    check_output(out, force)?;
+    let label = db_label(&plan.db);
+    let dir = parent_dir(out);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = temp_path(out)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut guard = TempGuard {
+        path: tmp.clone(),
+        armed: true,
+    };
+
+    let bar = if progress && std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(plan.bytes());
+        b.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.set_message(format!("restoring {label}"));
+        Some(b)
+    } else {
+        None
+    };
+
+    let mut last: Option<(LtxHeader, u64)> = None;
+    let mut len = 0u64;
+    let mut page = Vec::new();
+    let mut downloaded = 0u64;
+    for obj in &plan.objects {
+        let bytes = rt
+            .block_on(store.get_ltx(&plan.db, obj.level, obj.min_txid, obj.max_txid))
+            .with_context(|| format!("cannot download object {}", obj.key))?;
+        downloaded += bytes.len() as u64;
+        let corrupt = |e: &dyn std::fmt::Display| anyhow!("object {} is corrupt: {e}", obj.key);
+        let mut dec = LtxDecoder::new(&bytes[..]).map_err(|e| corrupt(&e))?;
+        let h = *dec.header();
+        if (h.min_txid, h.max_txid) != (obj.min_txid, obj.max_txid) {
+            return Err(corrupt(&format!(
+                "its header covers TXIDs {} to {}, its name {} to {}",
+                h.min_txid, h.max_txid, obj.min_txid, obj.max_txid
+            )));
+        }
+        if let Some((prev, _)) = &last {
+            if prev.page_size != h.page_size {
+                return Err(corrupt(&format!(
+                    "its page size {} differs from the {} of the objects before it",
+                    h.page_size, prev.page_size
+                )));
+            }
+        }
+        let ps = u64::from(h.page_size);
+        page.resize(h.page_size as usize, 0);
+        while let Some(pgno) = dec.read_page(&mut page).map_err(|e| corrupt(&e))? {
+            file.write_all_at(&page, (u64::from(pgno) - 1) * ps)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            len = len.max(u64::from(pgno) * ps);
+        }
+        let trailer = dec.finish().map_err(|e| corrupt(&e))?;
+        // A shrinking transaction drops the pages past its commit size: later growth must
+        // not resurrect them.
+        let size = u64::from(h.commit) * ps;
+        if size < len {
+            file.set_len(size)
+                .with_context(|| format!("cannot truncate {}", tmp.display()))?;
+            len = size;
+        }
+        last = Some((h, trailer.post_apply_checksum));
+        if let Some(b) = &bar {
+            b.inc(obj.size);
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let Some((h, post_apply)) = last else {
+        bail!("the restore plan for {label} holds no objects");
+    };
+    let page_size = h.page_size;
+    let commit = h.commit;
+    file.set_len(u64::from(commit) * u64::from(page_size))
+        .with_context(|| format!("cannot size {}", tmp.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot fsync {}", tmp.display()))?;
+
+    // (c) The SQLite header agrees with the LTX headers.
+    if commit > 0 {
+        let mut head = [0u8; 100];
+        file.read_exact_at(&mut head, 0)
+            .with_context(|| format!("cannot read {}", tmp.display()))?;
+        let dbh = DbHeader::parse(&head).map_err(|e| {
+            anyhow!("restored {label} at TXID {} has no valid SQLite header ({e:?}); the replica is corrupt", plan.txid)
+        })?;
+        if dbh.page_size != page_size {
+            bail!(
+                "restored {label} at TXID {}: its header says page size {}, the replica {page_size}; the replica is corrupt",
+                plan.txid,
+                dbh.page_size
+            );
+        }
+        if let Some(n) = dbh.valid_db_size() {
+            if n != commit {
+                bail!(
+                    "restored {label} at TXID {}: its header says {n} pages, the replica {commit}; the replica is corrupt",
+                    plan.txid
+                );
+            }
+        }
+    }
+
+    // (a) The content checksum.
+    let reader = File::open(&tmp)
+        .map(|f| BufReader::with_capacity(1 << 20, f))
+        .with_context(|| format!("cannot read back {}", tmp.display()))?;
+    let checksum = DatabaseChecksum::from_reader(reader, page_size)
+        .with_context(|| format!("cannot read back {}", tmp.display()))?;
+    if h.has_checksums() && post_apply != 0 && post_apply != checksum.value() {
+        bail!(
+            "restored {label} at TXID {} does not match the checksum in object {} ({post_apply:016x}, restored {:016x}); the replica is corrupt",
+            plan.txid,
+            plan.objects.last().map(|o| o.key.as_str()).unwrap_or(""),
+            checksum.value()
+        );
+    }
+    let record = rt
+        .block_on(sidecar.get_checksum_record(&plan.db, plan.txid))
+        .with_context(|| format!("cannot read the verification record of {label}"))?;
+    let checksum_check = match record {
+        Some(r) => {
+            if (r.checksum, r.page_size, r.commit) != (checksum.value(), page_size, commit) {
+                bail!(
+                    "restored {label} at TXID {} does not match its verification record {}: \
+                     recorded checksum {:016x} ({} pages of {} bytes), restored {:016x} \
+                     ({commit} pages of {page_size} bytes); the replica is corrupt or was \
+                     changed; {} was not written",
+                    plan.txid,
+                    sidecar.record_key(&plan.db, plan.txid),
+                    r.checksum,
+                    r.commit,
+                    r.page_size,
+                    checksum.value(),
+                    out.display()
+                );
+            }
+            ChecksumCheck::Recorded
+        }
+        None => ChecksumCheck::NotRecorded,
+    };
+
+    // (b) SQLite's own check.
+    integrity_check(&tmp).map_err(|e| {
+        anyhow!(
+            "restored {label} at TXID {} fails PRAGMA integrity_check: {e}; the replica is \
+             corrupt; {} was not written",
+            plan.txid,
+            out.display()
+        )
+    })?;
+    drop(file);
+
+    // Stale companions of a replaced database would be applied to the new one.
+    if force {
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let mut p = out.as_os_str().to_owned();
+            p.push(suffix);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(anyhow!(
+                        "cannot remove {}: {e}; remove it before replacing {}",
+                        Path::new(&p).display(),
+                        out.display()
+                    ))
+                }
+            }
+        }
+    }
+    fs::rename(&tmp, out)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
+    guard.armed = false;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync directory {}", dir.display()))?;
+
+    Ok(RestoreOutcome {
+        db: plan.db.clone(),
+        output: out.to_path_buf(),
+        txid: plan.txid,
+        timestamp: plan.timestamp,
+        page_size,
+        commit,
+        checksum,
+        checksum_check,
+        objects: plan.objects.len(),
+        bytes: downloaded,
+    })
+}
+
+/// Runs `PRAGMA integrity_check` on a database file without locking it or creating any
+/// companion file (`immutable=1`).
+pub fn integrity_check(path: &Path) -> anyhow::Result<()> {
+    let abs = std::path::absolute(path)?;
+    let s = abs
+        .to_str()
+        .ok_or_else(|| anyhow!("{} is not UTF-8", path.display()))?;
+    let mut uri = String::from("file:");
+    for c in s.chars() {
+        match c {
+            '%' | '?' | '#' => uri.push_str(&format!("%{:02X}", c as u32)),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    if rows != ["ok"] {
+        let shown: Vec<&str> = rows.iter().take(5).map(String::as_str).collect();
+        bail!("{}", shown.join("; "));
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Restores and listing: rebuild databases from a replica (walfs's or Litestream 0.5's
+//! layout), verified against the writer's content checksums and `PRAGMA integrity_check`
+//! before they are renamed into place (DESIGN.md, contract item 4).
+//!
+//! - `plan`: which LTX objects, in which order, rebuild a database at a TXID or time;
+//! - `apply`: downloading, applying and verifying a plan into a temporary file, then the
+//!   atomic rename;
+//! - `record`: re-exported from `replica`, where the uploader writes it: the verification
+//!   record (per-TXID checksum sidecar objects) and access to non-LTX objects;
+//! - `command`: `walfs restore` for one database or a whole replica ([`restore_command`]);
+//! - `list`: `walfs list` ([`list_command`]).
+
+pub mod apply;
+mod command;
+pub mod list;
+pub mod plan;
+pub use crate::replica::record;
+
+pub use command::{list_objects, open_replica, restore_command, runtime, RestoreArgs};
+pub use list::{list_command, ListArgs};
