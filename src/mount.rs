@@ -318,6 +318,10 @@ fn unmount_on_signal(
             // The session ends, and the process with it, once the kernel lets go. Still
             // here after the grace period means it did not.
             std::thread::sleep(Duration::from_secs(3));
+            if !is_mountpoint(&mountpoint) {
+                // Unmounted: the main thread is finishing (flushing uploads, say).
+                return;
+            }
             tracing::warn!("the mount did not go away; detaching it lazily and exiting");
             if detach(&mountpoint).is_err() {
                 let _ = std::process::Command::new("fusermount3")
