@@ -307,28 +307,13 @@ fn spawn_cli_writer(db: &Path, journal: &str, writer: i64, txns: u64) -> Proc {
 
 /// Runs the `sqlite3` CLI expecting failure; returns its stderr.
 fn sqlite3_fails(db: &Path, sql: &str) -> String {
-    let mut child = Command::new("sqlite3")
-        .args(["-batch", "-bail"])
-        .arg(db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sqlite3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(sql.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let out = common::run_sqlite3(db, sql);
     assert!(
         !out.status.success(),
         "sqlite3 should have failed on {sql:?}; stdout: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    err
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Entry point of the re-executed writer processes; a no-op in a normal test run.

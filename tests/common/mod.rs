@@ -167,8 +167,8 @@ pub fn wait_mounted(mountpoint: &Path, child: &mut Child) {
     }
 }
 
-/// Runs the `sqlite3` CLI on `db` with `sql` on stdin and returns stdout; panics on failure.
-pub fn sqlite3(db: &Path, sql: &str) -> String {
+/// Runs the `sqlite3` CLI on `db` with `sql` on stdin (batch mode, stop at the first error).
+pub fn run_sqlite3(db: &Path, sql: &str) -> std::process::Output {
     use std::io::Write;
     let mut child = Command::new("sqlite3")
         .arg("-batch")
@@ -185,7 +185,12 @@ pub fn sqlite3(db: &Path, sql: &str) -> String {
         .unwrap()
         .write_all(sql.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs the `sqlite3` CLI on `db` with `sql` on stdin and returns stdout; panics on failure.
+pub fn sqlite3(db: &Path, sql: &str) -> String {
+    let out = run_sqlite3(db, sql);
     assert!(
         out.status.success(),
         "sqlite3 {} failed: {}",
