@@ -25,27 +25,10 @@ const PJDFSTEST_VERSION: &str = "0.2.2";
 const RUN_LIMIT: Duration = Duration::from_secs(240);
 
 fn pjdfstest_bin() -> PathBuf {
-    let path = match std::env::var_os("PJDFSTEST") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .expect("neither XDG_CACHE_HOME nor HOME is set");
-            cache
-                .join("walfs")
-                .join(format!("pjdfstest-{PJDFSTEST_VERSION}"))
-                .join("bin")
-                .join("pjdfstest")
-        }
-    };
-    assert!(
-        path.is_file(),
-        "pjdfstest binary not found at {}: run scripts/install-pjdfstest \
-         (or set PJDFSTEST to the binary's path)",
-        path.display()
-    );
-    path
+    common::installed_tool(
+        "PJDFSTEST",
+        &format!("pjdfstest-{PJDFSTEST_VERSION}/bin/pjdfstest"),
+    )
 }
 
 /// The primary group name of `user`, from /etc/passwd and /etc/group.

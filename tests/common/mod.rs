@@ -199,3 +199,23 @@ pub fn sqlite3(db: &Path, sql: &str) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// A tool that `scripts/test` installs: `$env_var` if set, else `cache_rel` under
+/// `$XDG_CACHE_HOME/walfs` (or `~/.cache/walfs`). Panics, never skips, if it is missing.
+pub fn installed_tool(env_var: &str, cache_rel: &str) -> PathBuf {
+    let path = match std::env::var_os(env_var) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .expect("neither XDG_CACHE_HOME nor HOME is set")
+            .join("walfs")
+            .join(cache_rel),
+    };
+    assert!(
+        path.is_file(),
+        "{} not found: run scripts/test, which installs it, or set {env_var}",
+        path.display()
+    );
+    path
+}
