@@ -246,7 +246,13 @@ fn spawn_rust_writer(
     stall_after: Option<u64>,
 ) -> Proc {
     let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process_entry", "--ignored", "--nocapture", "-q"])
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--ignored",
+            "--nocapture",
+            "-q",
+        ])
         .args(["--test-threads", "1"])
         .env(CHILD_ENV, "writer")
         .env("WALFS_SQLITE_DB", db)

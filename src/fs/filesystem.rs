@@ -77,8 +77,6 @@ struct Handle {
     fd: OwnedFd,
     inode: Arc<Inode>,
     writable: bool,
-    /// Opened with O_APPEND, where `pwrite` appends whatever the offset.
-    append: bool,
     /// Keeps the kernel's passthrough registration alive while the handle is open.
     _passthrough: Option<Arc<BackingId>>,
 }
@@ -410,7 +408,6 @@ impl PassthroughFs {
             fd,
             inode,
             writable,
-            append: flags & libc::O_APPEND != 0,
             _passthrough: passthrough.clone(),
         });
         self.handles.write().insert(fh, handle);
@@ -470,7 +467,7 @@ impl PassthroughFs {
             Ok(sys::openat(
                 Some(parent.fd()),
                 &cname,
-                (flags | libc::O_CREAT) & !(libc::O_NOCTTY | libc::O_DIRECT),
+                own_file_flags(flags | libc::O_CREAT) & !libc::O_NOCTTY,
                 mode,
             )?)
         })?;
@@ -505,20 +502,6 @@ impl PassthroughFs {
         self.check_writable()?;
         let handle = self.handle(fh)?;
         let n = sys::pwrite(handle.fd.as_fd(), data, offset)?;
-        Ok(n as u32)
-    }
-
-    /// Writes back pages of the kernel's cache (from a shared writable mapping): they
-    /// belong at `offset` even when the handle was opened with O_APPEND, where `pwrite`
-    /// would append them instead.
-    pub fn write_back(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.check_writable()?;
-        let handle = self.handle(fh)?;
-        if !handle.append {
-            return self.write(fh, offset, data);
-        }
-        let fd = sys::reopen(handle.fd.as_fd(), libc::O_WRONLY)?;
-        let n = sys::pwrite(fd.as_fd(), data, offset)?;
         Ok(n as u32)
     }
 
@@ -690,15 +673,22 @@ impl PassthroughFs {
     }
 }
 
-/// Open flags for walfs's own descriptor of `inode`. It never has O_DIRECT on a regular
-/// file: the kernel sends requests with buffers and offsets of any alignment (with
-/// passthrough, the kernel opens the backing file itself, with the caller's flags).
+/// Open flags for walfs's own descriptor of `inode`. On a regular file it never has
+/// O_DIRECT (the kernel sends requests with buffers and offsets of any alignment) nor
+/// O_APPEND (the kernel puts appends at the end itself and sends that offset, and pages
+/// written back from a shared mapping must land where they belong). With passthrough, the
+/// kernel opens the backing file itself, with the caller's flags.
 fn own_flags(inode: &Inode, flags: i32) -> i32 {
     if inode.is_regular() {
-        flags & !libc::O_DIRECT
+        own_file_flags(flags)
     } else {
         flags
     }
+}
+
+/// [`own_flags`] of a regular file.
+fn own_file_flags(flags: i32) -> i32 {
+    flags & !(libc::O_DIRECT | libc::O_APPEND)
 }
 
 fn to_timespec(t: TimeOrNow) -> libc::timespec {

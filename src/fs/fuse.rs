@@ -353,18 +353,12 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        write_flags: WriteFlags,
+        _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.run(Op::write, || {
-            if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) {
-                self.fs.write_back(fh.0, offset, data)
-            } else {
-                self.fs.write(fh.0, offset, data)
-            }
-        }) {
+        match self.run(Op::write, || self.fs.write(fh.0, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
