@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::capture::watch::WalWatcher;
 use crate::capture::{Capture, CaptureObserver};
 use crate::fs::Observer;
 use crate::replica::store::{ReplicaStore, ReplicaUrl};
@@ -18,6 +19,9 @@ use crate::staging::Staging;
 
 /// How long unmount waits for pending uploads before giving up (and saying so).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest time WAL changes between barriers wait to be read, merged into one batch.
+const WATCH_COALESCE: Duration = Duration::from_millis(250);
 
 /// Replication settings of a mount.
 #[derive(Debug, Clone)]
@@ -30,7 +34,9 @@ pub struct ReplicationOptions {
 pub struct Replication {
     capture: Arc<Capture>,
     uploader: Arc<Uploader>,
+    merge: bool,
     thread: Option<JoinHandle<()>>,
+    watcher: Option<WalWatcher>,
 }
 
 impl Replication {
@@ -59,6 +65,11 @@ impl Replication {
             )
         })?);
         let capture = Arc::new(Capture::new(backing, staging.clone()));
+        let uploader = Arc::new(Uploader::new(staging, replicas)?);
+        {
+            let uploader = uploader.clone();
+            capture.set_notify(Box::new(move || uploader.notify()));
+        }
         let found = stage_existing_databases(backing, &capture)?;
         tracing::info!(
             staging = %dir.display(),
@@ -66,18 +77,22 @@ impl Replication {
             databases = found,
             "replication on"
         );
-        let uploader = Arc::new(Uploader::new(staging, replicas)?);
         let thread = {
             let (uploader, capture) = (uploader.clone(), capture.clone());
             let interval = opts.sync_interval;
             std::thread::Builder::new()
                 .name("walfs-upload".into())
-                .spawn(move || uploader.run(interval, || capture.databases()))?
+                .spawn(move || uploader.run(interval, || capture.take_staged()))?
         };
+        let coalesce = (opts.sync_interval / 4).clamp(Duration::from_millis(10), WATCH_COALESCE);
+        let watcher = WalWatcher::start(capture.clone(), coalesce)
+            .context("cannot watch the backing directory for WAL changes (inotify)")?;
         Ok(Replication {
             capture,
             uploader,
+            merge: !opts.sync_interval.is_zero(),
             thread: Some(thread),
+            watcher: Some(watcher),
         })
     }
 
@@ -89,12 +104,22 @@ impl Replication {
     /// Stops the uploader after one last round, then retries what is still pending until
     /// the flush timeout. Returns false (and logs why) if the replica is left behind.
     pub fn stop(mut self) -> bool {
+        if let Some(w) = self.watcher.take() {
+            w.stop();
+        }
         self.uploader.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let dbs = self.capture.databases();
-        let done = self.uploader.flush(&dbs, Instant::now() + FLUSH_TIMEOUT);
+        // Commits made since the last WAL event, then everything sealed.
+        self.capture.poll_all();
+        let mut dbs = self.capture.take_staged();
+        dbs.extend(self.capture.staging().databases().unwrap_or_default());
+        dbs.sort();
+        dbs.dedup();
+        let done = self
+            .uploader
+            .flush(&dbs, self.merge, Instant::now() + FLUSH_TIMEOUT);
         if !done {
             tracing::error!(
                 "the replica is behind: staged transactions could not be uploaded before exit; they stay in staging and are uploaded at the next mount"
@@ -145,7 +170,7 @@ fn stage_existing_databases(backing: &Path, capture: &Capture) -> anyhow::Result
                 stack.push(child);
             } else if kind.is_file() {
                 capture
-                    .on_barrier(&child)
+                    .on_barrier(&child, true)
                     .with_context(|| format!("cannot stage {}", child.display()))?;
                 if capture.is_captured(&child) {
                     found += 1;

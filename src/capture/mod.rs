@@ -22,7 +22,7 @@
 //! ([`CaptureEvent::Unsupported`]). If such a database later switches to WAL mode, the
 //! capture heals with a snapshot.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
@@ -41,7 +41,7 @@ use crate::sqlite::{
     read_full, DbHeader, FileFormat, WalError, WalEvent, WalPage, WalPosition, WalTracker,
     WalTransaction, DB_HEADER_SIZE,
 };
-use crate::staging::{DbState, LtxWriter, Staging, TxnMeta};
+use crate::staging::{BatchHeader, DbState, LtxWriter, PageMerge, SegmentWriter, Staging};
 
 /// What a capture call did that the caller may want to log or count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,7 +200,7 @@ impl ImageSink {
             *w = None;
             if size > 0 {
                 let h = LtxHeader::snapshot(page_size, size, *txid, now_ms());
-                *w = Some(staging.begin(rel, h)?);
+                *w = Some(staging.begin_snapshot(rel, h)?);
             }
         }
         Ok(())
@@ -236,6 +236,8 @@ pub struct DatabaseCapture {
     db_path: PathBuf,
     wal_path: PathBuf,
     staging: Arc<Staging>,
+    /// The active segment batches are appended to.
+    segment: SegmentWriter,
     tracker: WalTracker,
     state: DbState,
     saved: Option<DbState>,
@@ -256,11 +258,22 @@ impl DatabaseCapture {
         db_path: &Path,
         at_barrier: bool,
     ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
+        let saved = staging.state(rel)?;
+        let dropped = staging.recover(rel, saved.map_or(0, |s| s.txid))?;
+        if dropped > 0 {
+            tracing::info!(
+                db = %rel.display(),
+                dropped,
+                "staged batches beyond the last durable state are read again from the WAL"
+            );
+        }
+        let segment = staging.open_segment(rel)?;
         let mut c = DatabaseCapture {
             rel: rel.to_path_buf(),
             db_path: db_path.to_path_buf(),
             wal_path: wal_path(db_path),
             staging,
+            segment,
             tracker: WalTracker::new(),
             state: DbState::default(),
             saved: None,
@@ -268,12 +281,11 @@ impl DatabaseCapture {
             rollback: false,
         };
         let mut events = Vec::new();
-        match c.staging.state(rel)? {
+        match saved {
             None => {
                 c.snapshot_inner(at_barrier, &mut events)?;
             }
             Some(st) => {
-                c.staging.discard_after(rel, st.txid)?;
                 c.state = st;
                 c.saved = Some(st);
                 if !c.resume()? {
@@ -307,14 +319,29 @@ impl DatabaseCapture {
 
     /// Call while the application is blocked in an fsync, ftruncate, unlink or rename of the
     /// database or its `-wal` (for removals: before the file goes). Stages every transaction
-    /// committed since the last call.
-    pub fn on_wal_barrier(&mut self) -> io::Result<Vec<CaptureEvent>> {
-        self.capture(true)
+    /// committed since the last call. With `durable` (a barrier after which the `-wal` may
+    /// no longer hold those frames: a database fsync, which ends a checkpoint's backfill,
+    /// or a truncation, unlink or rename), also makes the staged batches and the state
+    /// durable.
+    pub fn on_wal_barrier(&mut self, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+        self.capture(true, durable)
     }
 
     /// Call when the backing WAL changed between barriers (for the RPO).
     pub fn on_wal_changed(&mut self) -> io::Result<Vec<CaptureEvent>> {
-        self.capture(false)
+        self.capture(false, false)
+    }
+
+    /// Makes everything staged so far durable and seals the active segment for upload.
+    pub fn seal(&mut self) -> io::Result<()> {
+        self.segment.seal()?;
+        self.save()
+    }
+
+    /// Makes the staged batches and then the state that counts them durable.
+    fn make_durable(&mut self) -> io::Result<()> {
+        self.segment.sync()?;
+        self.save()
     }
 
     /// Stages a full snapshot of the current committed state now.
@@ -346,14 +373,22 @@ impl DatabaseCapture {
         Ok(())
     }
 
-    fn capture(&mut self, barrier: bool) -> io::Result<Vec<CaptureEvent>> {
+    fn capture(&mut self, barrier: bool, durable: bool) -> io::Result<Vec<CaptureEvent>> {
         let mut events = Vec::new();
         let wal = open_optional(&self.wal_path)?;
         let mut tracker = self.tracker.clone();
         let polled = poll_wal(&mut tracker, wal.as_ref(), barrier)?;
         let mut heal: Option<String> = None;
-        let mut last: Option<WalPosition> = None;
+        // The log changed generation: what was read of the old one must not be lost.
+        let mut durable = durable;
+        let mut batch: Vec<WalTransaction> = Vec::new();
         for ev in polled {
+            if !matches!(ev, WalEvent::Commit(_)) && !batch.is_empty() {
+                if let Err(reason) = self.stage_pending(wal.as_ref(), &mut batch, &mut events)? {
+                    heal = Some(reason);
+                    break;
+                }
+            }
             match ev {
                 WalEvent::Started { .. } => {
                     if self.rollback {
@@ -365,6 +400,7 @@ impl DatabaseCapture {
                 WalEvent::Restarted { continuity, .. }
                 | WalEvent::Truncated { continuity, .. }
                 | WalEvent::Invalidated { continuity, .. } => {
+                    durable = true;
                     if continuity.may_have_missed() {
                         heal = Some(format!(
                             "the WAL was restarted, truncated or replaced before all of its \
@@ -373,31 +409,12 @@ impl DatabaseCapture {
                         break;
                     }
                 }
-                WalEvent::Commit(txn) => {
-                    let Some(wal) = wal.as_ref() else {
-                        heal = Some("the WAL disappeared while it was read".into());
-                        break;
-                    };
-                    match self.stage_txn(wal, &txn) {
-                        Ok(ev) => {
-                            events.push(ev);
-                            last = Some(WalPosition::after(&txn));
-                        }
-                        Err(StageError::WalChanged(reason)) => {
-                            heal = Some(reason);
-                            break;
-                        }
-                        Err(StageError::Io(e)) => {
-                            // Keep what was staged; read the rest again next time.
-                            if let Some(pos) = last {
-                                self.tracker = WalTracker::resume(pos);
-                                self.state.wal = Some(pos);
-                                let _ = self.save();
-                            }
-                            return Err(e);
-                        }
-                    }
-                }
+                WalEvent::Commit(txn) => batch.push(txn),
+            }
+        }
+        if heal.is_none() && !batch.is_empty() {
+            if let Err(reason) = self.stage_pending(wal.as_ref(), &mut batch, &mut events)? {
+                heal = Some(reason);
             }
         }
         match heal {
@@ -408,97 +425,126 @@ impl DatabaseCapture {
                     self.rollback = false;
                 }
                 self.state.wal = self.tracker.position();
-                self.save()?;
+                if durable {
+                    self.make_durable()?;
+                }
             }
         }
         Ok(events)
     }
 
-    /// Stages one committed WAL transaction as TXID `state.txid + 1`.
-    fn stage_txn(&mut self, wal: &File, txn: &WalTransaction) -> Result<CaptureEvent, StageError> {
-        let ps = txn.header.page_size;
+    /// Stages `batch` (and empties it). On an I/O error, the tracker is put back at the
+    /// last staged transaction so that the rest is read again at the next call. The inner
+    /// `Err` asks for a heal.
+    fn stage_pending(
+        &mut self,
+        wal: Option<&File>,
+        batch: &mut Vec<WalTransaction>,
+        events: &mut Vec<CaptureEvent>,
+    ) -> io::Result<Result<(), String>> {
+        let txns = std::mem::take(batch);
+        let Some(wal) = wal else {
+            return Ok(Err("the WAL disappeared while it was read".into()));
+        };
+        match self.stage_batch(wal, &txns) {
+            Ok(ev) => {
+                events.push(ev);
+                Ok(Ok(()))
+            }
+            Err(StageError::WalChanged(reason)) => Ok(Err(reason)),
+            Err(StageError::Io(e)) => {
+                // Nothing of this batch was staged: read it again next time, from after
+                // the last batch staged (by this call or an earlier one).
+                if let Some(pos) = self.state.wal {
+                    if self.tracker.position() != Some(pos) {
+                        self.tracker = WalTracker::resume(pos);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stages the committed WAL transactions `txns` (consecutive, one log generation) as one
+    /// batch with TXIDs `state.txid + 1 ..= state.txid + txns.len()`: the newest version of
+    /// each page they wrote, read once from the WAL.
+    fn stage_batch(
+        &mut self,
+        wal: &File,
+        txns: &[WalTransaction],
+    ) -> Result<CaptureEvent, StageError> {
+        let Some(last) = txns.last() else {
+            return Err(StageError::Io(io::Error::other("empty batch")));
+        };
+        let ps = last.header.page_size;
         if ps != self.state.page_size {
             return Err(StageError::WalChanged(format!(
                 "the WAL page size {ps} differs from the database's {}",
                 self.state.page_size
             )));
         }
-        let txid = self.state.txid + 1;
-        let pre = self.state.database_checksum();
-        let meta = TxnMeta {
-            txid,
-            page_size: ps,
-            commit: txn.db_size,
-            pre_checksum: pre,
-            post_checksum: pre,
-            timestamp_ms: now_ms(),
-            wal: Some((
-                txn.start_offset as i64,
-                (txn.end_offset - txn.start_offset) as i64,
-                txn.header.salt1,
-                txn.header.salt2,
-            )),
-        };
-        let mut w = self.staging.begin(&self.rel, Staging::txn_header(&meta))?;
-        let mut sum = pre;
-        let mut buf = vec![0u8; ps as usize];
-        let mut new_sums = Vec::with_capacity(txn.pages.len());
-        for p in &txn.pages {
-            match txn.read_page(wal, p, &mut buf) {
-                Ok(()) => {}
-                Err(WalError::FrameChanged { .. }) => {
-                    return Err(StageError::WalChanged(
-                        "a committed WAL frame was overwritten before it was read".into(),
-                    ))
-                }
-                Err(e) => return Err(StageError::Io(wal_io(e))),
-            }
-            w.add_page(p.pgno, &buf)?;
-            let c = DatabaseChecksum::page_checksum(p.pgno, &buf);
-            if let Some(&old) = self.sums.get(p.pgno as usize - 1) {
-                if old != 0 {
-                    sum.toggle(old);
-                }
-            }
-            sum.toggle(c);
-            new_sums.push((p.pgno, c));
-        }
         let old_size = self.sums.len() as u32;
         let lock = lock_pgno(ps);
+        let mut merge = PageMerge::new(Some(old_size));
+        for (i, t) in txns.iter().enumerate() {
+            merge.apply(t.db_size, t.pages.iter().map(|p| (p.pgno, (i, *p))));
+        }
+        let (commit, pages) = merge.finish(lock);
+        let header = BatchHeader {
+            page_size: ps,
+            commit,
+            min_txid: self.state.txid + 1,
+            max_txid: self.state.txid + txns.len() as u64,
+            timestamp_ms: now_ms(),
+            page_count: pages.len() as u32,
+        };
+        let mut sum = self.state.database_checksum();
         // Shrink: the pages past the new end leave the database.
-        for pgno in txn.db_size + 1..=old_size {
+        for pgno in commit + 1..=old_size {
             let old = self.sums[pgno as usize - 1];
             if old != 0 {
                 sum.toggle(old);
             }
         }
-        // Growth past pages the transaction wrote: SQLite reads zeros there.
-        let mut gap_sums = Vec::new();
-        if txn.db_size > old_size {
-            let zero = vec![0u8; ps as usize];
-            let mut written = txn.pages.iter().map(|p| p.pgno).peekable();
-            for pgno in old_size + 1..=txn.db_size {
-                while written.next_if(|&w| w < pgno).is_some() {}
-                if written.peek() == Some(&pgno) || pgno == lock {
-                    continue;
-                }
-                let c = DatabaseChecksum::page_checksum(pgno, &zero);
-                sum.toggle(c);
-                gap_sums.push((pgno, c));
+        let mut w = self.segment.begin(header);
+        let mut buf = vec![0u8; ps as usize];
+        let mut new_sums = Vec::with_capacity(pages.len());
+        for (pgno, at) in pages {
+            match at {
+                Some((i, p)) => match txns[i].read_page(wal, &p, &mut buf) {
+                    Ok(()) => {}
+                    Err(WalError::FrameChanged { .. }) => {
+                        return Err(StageError::WalChanged(
+                            "a committed WAL frame was overwritten before it was read".into(),
+                        ))
+                    }
+                    Err(e) => return Err(StageError::Io(wal_io(e))),
+                },
+                None => buf.fill(0),
             }
+            w.add_page(pgno, &buf)?;
+            let c = DatabaseChecksum::page_checksum(pgno, &buf);
+            if let Some(&old) = self.sums.get(pgno as usize - 1) {
+                if old != 0 && pgno <= commit {
+                    sum.toggle(old);
+                }
+            }
+            sum.toggle(c);
+            new_sums.push((pgno, c));
         }
-        let staged = w.commit(sum)?;
-        self.sums.resize(txn.db_size as usize, 0);
-        for (pgno, c) in new_sums.into_iter().chain(gap_sums) {
+        w.finish(sum.value())?;
+        self.sums.resize(commit as usize, 0);
+        for (pgno, c) in new_sums {
             self.sums[pgno as usize - 1] = c;
         }
-        self.state.txid = txid;
-        self.state.commit = txn.db_size;
+        self.state.txid = header.max_txid;
+        self.state.commit = commit;
         self.state.checksum = sum.value();
+        self.state.wal = Some(WalPosition::after(last));
         Ok(CaptureEvent::Staged {
-            min_txid: staged.min_txid,
-            max_txid: staged.max_txid,
-            pages: txn.pages.len() as u32,
+            min_txid: header.min_txid,
+            max_txid: header.max_txid,
+            pages: header.page_count,
         })
     }
 
@@ -606,7 +652,7 @@ impl DatabaseCapture {
         self.state.commit = size;
         self.state.checksum = sum.value();
         self.state.wal = self.tracker.position();
-        self.save()
+        self.make_durable()
     }
 
     /// Rebuilds the per-page checksums from the files for a saved state. True if the files
@@ -655,11 +701,19 @@ pub struct CaptureStats {
 
 type Slot = Arc<Mutex<Option<DatabaseCapture>>>;
 
+/// Called when a database has something new staged (to wake the uploader).
+pub type StagedNotify = Box<dyn Fn() + Send + Sync>;
+
 /// The captures of one mount, keyed by path relative to the backing root.
 pub struct Capture {
     root: PathBuf,
     staging: Arc<Staging>,
     dbs: Mutex<HashMap<PathBuf, Slot>>,
+    /// Databases with batches staged since they were last sealed.
+    dirty: Mutex<BTreeSet<PathBuf>>,
+    notify: Mutex<Option<StagedNotify>>,
+    /// Incremented whenever a database starts being captured.
+    generation: AtomicU64,
     stats: CaptureStats,
 }
 
@@ -688,7 +742,72 @@ impl Capture {
             root: root.into(),
             staging,
             dbs: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(BTreeSet::new()),
+            notify: Mutex::new(None),
+            generation: AtomicU64::new(0),
             stats: CaptureStats::default(),
+        }
+    }
+
+    /// Changes whenever a database starts being captured.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The backing root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Sets what to call when a database has something new staged.
+    pub fn set_notify(&self, notify: StagedNotify) {
+        *self.notify.lock() = Some(notify);
+    }
+
+    /// Takes the databases with something staged since the last call, and seals what each
+    /// has staged (durable, ready for upload). A database whose seal fails stays in the set
+    /// and is logged; its batches stay staged.
+    pub fn take_staged(&self) -> Vec<PathBuf> {
+        let dirty = std::mem::take(&mut *self.dirty.lock());
+        let mut out = Vec::with_capacity(dirty.len());
+        for db in dirty {
+            match self.seal(&db) {
+                Ok(()) => out.push(db),
+                Err(e) => {
+                    tracing::error!(db = %db.display(), "cannot seal staged batches for upload: {e}");
+                    self.dirty.lock().insert(db);
+                }
+            }
+        }
+        out
+    }
+
+    /// Seals the active segment of `db`, if it is captured.
+    fn seal(&self, db: &Path) -> io::Result<()> {
+        match self.slot(db, false) {
+            Some(slot) => match slot.lock().as_mut() {
+                Some(c) => c.seal(),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Reads every captured database's `-wal` once more (before an unmount's final flush).
+    pub fn poll_all(&self) {
+        for db in self.databases() {
+            if let Err(e) = self.on_changed(&wal_path(&db)) {
+                tracing::error!(db = %db.display(), "final capture failed: {e}");
+            }
+        }
+    }
+
+    fn mark_staged(&self, db: &Path) {
+        let first = self.dirty.lock().insert(db.to_path_buf());
+        if first {
+            if let Some(n) = self.notify.lock().as_ref() {
+                n();
+            }
         }
     }
 
@@ -774,12 +893,19 @@ impl Capture {
                 )?;
                 events.extend(ev);
                 *guard = Some(c);
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
             events.extend(f(guard.as_mut().expect("capture was just opened"))?);
             Ok(())
         })();
         drop(guard);
         self.account(&db, &events, res.as_ref().err());
+        if events
+            .iter()
+            .any(|e| matches!(e, CaptureEvent::Staged { .. } | CaptureEvent::Healed { .. }))
+        {
+            self.mark_staged(&db);
+        }
         res.map(|()| events)
     }
 
@@ -806,8 +932,9 @@ impl Capture {
     }
 
     /// A barrier (fsync, ftruncate, unlink, rename) on `rel` (a database or its `-wal`).
-    pub fn on_barrier(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
-        self.with_db(rel, true, true, |c| c.on_wal_barrier())
+    /// `durable`: see [`DatabaseCapture::on_wal_barrier`].
+    pub fn on_barrier(&self, rel: &Path, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, true, true, |c| c.on_wal_barrier(durable))
     }
 
     /// `rel` changed between barriers; only databases already captured are polled.
@@ -815,8 +942,12 @@ impl Capture {
         self.with_db(rel, false, false, |c| c.on_wal_changed())
     }
 
-    /// Stops capturing `db` (it was unlinked or renamed away). Staged files stay.
+    /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed
+    /// and stays for the uploader.
     pub fn forget(&self, db: &Path) {
+        if let Err(e) = self.seal(db) {
+            tracing::error!(db = %db.display(), "cannot seal staged batches: {e}");
+        }
         self.dbs.lock().remove(db);
     }
 }
@@ -835,10 +966,10 @@ impl CaptureObserver {
         &self.capture
     }
 
-    fn barrier(&self, rel: io::Result<PathBuf>) -> FsResult<()> {
+    fn barrier(&self, rel: io::Result<PathBuf>, durable: bool) -> FsResult<()> {
         let rel = rel.map_err(|_| FsError::EIO)?;
         self.capture
-            .on_barrier(&rel)
+            .on_barrier(&rel, durable)
             .map(drop)
             .map_err(|_| FsError::EIO)
     }
@@ -849,7 +980,7 @@ impl CaptureObserver {
             return Ok(());
         };
         if is_wal || self.capture.is_captured(&db) {
-            self.capture.on_barrier(rel).map_err(|_| FsError::EIO)?;
+            self.capture.on_barrier(rel, true).map_err(|_| FsError::EIO)?;
         }
         if !is_wal {
             self.capture.forget(&db);
@@ -864,17 +995,26 @@ impl Observer for CaptureObserver {
         // registered at its first barrier, once it has a header.
         if name.as_bytes().ends_with(b"-wal") {
             let rel = dir.relative_path().map(|d| d.join(name));
-            return self.barrier(rel);
+            return self.barrier(rel, false);
         }
         Ok(())
     }
 
     fn synced(&self, file: &Node<'_>) -> FsResult<()> {
-        self.barrier(file.relative_path())
+        // A `-wal` fsync (every commit with synchronous=FULL, and a checkpoint's first
+        // step) leaves the frames in the WAL; a database fsync ends a checkpoint's backfill,
+        // after which the WAL may restart, so what was staged must then be durable.
+        let rel = file.relative_path();
+        let is_wal = rel
+            .as_ref()
+            .ok()
+            .and_then(|r| database_of(r))
+            .is_some_and(|(_, is_wal)| is_wal);
+        self.barrier(rel, !is_wal)
     }
 
     fn truncated(&self, file: &Node<'_>, _size: u64) -> FsResult<()> {
-        self.barrier(file.relative_path())
+        self.barrier(file.relative_path(), true)
     }
 
     fn unlinking(&self, dir: &Node<'_>, name: &OsStr) -> FsResult<()> {
@@ -908,6 +1048,8 @@ impl Observer for CaptureObserver {
         }
     }
 }
+
+pub mod watch;
 
 #[cfg(test)]
 mod tests;

@@ -10,6 +10,7 @@ use rusqlite::Connection;
 
 use super::*;
 use crate::replica::ltx::decode;
+use crate::staging::Staged;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -57,45 +58,60 @@ fn checkpoint(conn: &Connection, mode: &str) {
     assert_eq!(busy, 0, "{mode}");
 }
 
-/// Rebuilds the database from the staged files, in TXID order, checking every file's
-/// pre- and post-apply checksums against the image.
+/// Seals what is staged and counts the staged items (snapshots and batches).
+fn staged_count(f: &Fixture) -> usize {
+    f.capture.seal(&f.rel).unwrap();
+    f.capture.staging().pending(&f.rel).unwrap().len()
+}
+
+/// Rebuilds the database from the staged snapshots and batches, in TXID order, checking
+/// that TXIDs are contiguous and every post-apply checksum against the image.
 fn rebuild(f: &Fixture) -> Vec<u8> {
+    f.capture.seal(&f.rel).unwrap();
     let staging = f.capture.staging();
     let mut image: Vec<u8> = Vec::new();
     let mut last = 0u64;
     for s in staging.pending(&f.rel).unwrap() {
-        let file = decode(File::open(&s.path).unwrap()).unwrap();
-        let h = file.header;
-        let ps = h.page_size as usize;
-        assert!(h.has_checksums());
-        if h.is_snapshot() {
-            assert!(h.max_txid > last, "snapshot {} after {last}", h.max_txid);
-            image.clear();
-        } else {
-            assert_eq!(h.min_txid, last + 1, "TXIDs are contiguous");
-            assert_eq!(
-                h.pre_apply_checksum,
-                DatabaseChecksum::of_database(&image, h.page_size)
-                    .unwrap()
-                    .value()
-            );
-        }
-        last = h.max_txid;
-        for p in &file.pages {
-            let at = (p.pgno as usize - 1) * ps;
+        let (page_size, commit, post, pages) = match &s {
+            Staged::Snapshot(snap) => {
+                let file = decode(File::open(&snap.path).unwrap()).unwrap();
+                let h = file.header;
+                assert!(h.has_checksums());
+                assert!(h.is_snapshot());
+                assert!(h.max_txid > last, "snapshot {} after {last}", h.max_txid);
+                image.clear();
+                let pages: Vec<(u32, Vec<u8>)> =
+                    file.pages.into_iter().map(|p| (p.pgno, p.data)).collect();
+                (h.page_size, h.commit, file.trailer.post_apply_checksum, pages)
+            }
+            Staged::Batch(b) => {
+                assert_eq!(b.header.min_txid, last + 1, "TXIDs are contiguous");
+                let mut pages = Vec::new();
+                b.read_pages(|pgno, data| {
+                    pages.push((pgno, data.to_vec()));
+                    Ok(())
+                })
+                .unwrap();
+                (b.header.page_size, b.header.commit, b.post_checksum, pages)
+            }
+        };
+        last = s.max_txid();
+        let ps = page_size as usize;
+        image.resize(image.len().min(commit as usize * ps), 0);
+        for (pgno, data) in &pages {
+            let at = (*pgno as usize - 1) * ps;
             if image.len() < at + ps {
                 image.resize(at + ps, 0);
             }
-            image[at..at + ps].copy_from_slice(&p.data);
+            image[at..at + ps].copy_from_slice(data);
         }
-        image.resize(h.commit as usize * ps, 0);
+        image.resize(commit as usize * ps, 0);
         assert_eq!(
-            file.trailer.post_apply_checksum,
-            DatabaseChecksum::of_database(&image, h.page_size)
+            post,
+            DatabaseChecksum::of_database(&image, page_size)
                 .unwrap()
                 .value(),
-            "TXID {}",
-            h.max_txid
+            "TXID {last}"
         );
     }
     image
@@ -103,9 +119,9 @@ fn rebuild(f: &Fixture) -> Vec<u8> {
 
 /// Checkpoints everything (with the barriers the checkpoint makes), then compares.
 fn assert_replica_matches(f: &Fixture, conn: &Connection) {
-    f.capture.on_barrier(&f.wal_rel).unwrap();
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
     checkpoint(conn, "TRUNCATE");
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     let live = fs::read(&f.db).unwrap();
     let ps: u32 = conn
@@ -146,7 +162,7 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
     let f = fixture();
     let conn = open_db(&f.db, page_size, "FULL", autockpt);
     // Registration through the -wal name takes the initial snapshot.
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert!(
         matches!(ev[0], CaptureEvent::Staged { min_txid: 1, .. }),
         "{ev:?}"
@@ -160,7 +176,7 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
             [(i * 997 % blob + 10) as i64],
         )
         .unwrap();
-        let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+        let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
         assert_eq!(heals(&ev), 0, "{ev:?}");
         if i % 4 == 0 {
             conn.execute(
@@ -168,12 +184,12 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
                 [(i % 3) as i64],
             )
             .unwrap();
-            f.capture.on_barrier(&f.wal_rel).unwrap();
+            f.capture.on_barrier(&f.wal_rel, false).unwrap();
         }
         if i % 7 == 6 {
-            f.capture.on_barrier(&f.wal_rel).unwrap(); // the checkpoint's WAL fsync
+            f.capture.on_barrier(&f.wal_rel, false).unwrap(); // the checkpoint's WAL fsync
             checkpoint(&conn, modes[(i / 7) % 4]);
-            let ev = f.capture.on_barrier(&f.rel).unwrap(); // its database fsync
+            let ev = f.capture.on_barrier(&f.rel, true).unwrap(); // its database fsync
             assert_eq!(heals(&ev), 0, "{ev:?}");
         }
         if i == 20 {
@@ -183,12 +199,12 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
                  INSERT INTO t(v) SELECT randomblob(1500) FROM c;",
             )
             .unwrap();
-            f.capture.on_barrier(&f.wal_rel).unwrap();
+            f.capture.on_barrier(&f.wal_rel, false).unwrap();
             conn.execute_batch("DELETE FROM t WHERE id % 2 = 0;")
                 .unwrap();
-            f.capture.on_barrier(&f.wal_rel).unwrap();
+            f.capture.on_barrier(&f.wal_rel, false).unwrap();
             conn.execute_batch("VACUUM;").unwrap();
-            let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+            let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
             assert_eq!(heals(&ev), 0, "{ev:?}");
         }
     }
@@ -196,13 +212,13 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
     assert_replica_matches(&f, &conn);
     // The last connection closes: checkpoint and unlink of the WAL, a barrier before it.
     drop(conn);
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     assert!(!f.db.with_file_name("app.db-wal").exists());
     let conn = open_db(&f.db, page_size, "FULL", autockpt);
     conn.execute("INSERT INTO t(v) VALUES(x'0102')", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_replica_matches(&f, &conn);
 }
@@ -235,8 +251,8 @@ fn rolled_back_transaction_is_never_staged() {
     let conn = open_db(&f.db, 4096, "FULL", 0);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
         .unwrap();
-    f.capture.on_barrier(&f.wal_rel).unwrap();
-    let before = f.capture.staging().pending(&f.rel).unwrap().len();
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let before = staged_count(&f);
     conn.execute_batch(
         "PRAGMA cache_size=10; BEGIN;
          WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<300)
@@ -247,17 +263,17 @@ fn rolled_back_transaction_is_never_staged() {
         .unwrap()
         .len();
     assert!(wal_len > 100 * 4096, "the transaction spilled into the WAL");
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     conn.execute_batch("ROLLBACK; PRAGMA cache_size=-2000;")
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
-    assert_eq!(f.capture.staging().pending(&f.rel).unwrap().len(), before);
+    assert_eq!(staged_count(&f), before);
     // A later commit overwrites the rolled-back frames.
     conn.execute("INSERT INTO t(v) VALUES(randomblob(5000))", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_replica_matches(&f, &conn);
     let rows: i64 = conn
@@ -272,7 +288,7 @@ fn rolled_back_transaction_is_never_staged() {
 fn synchronous_off_missed_restart_heals() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "OFF", 0);
-    f.capture.on_barrier(&f.wal_rel).unwrap(); // registration (at the WAL's creation)
+    f.capture.on_barrier(&f.wal_rel, false).unwrap(); // registration (at the WAL's creation)
     for _ in 0..5 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
@@ -285,7 +301,7 @@ fn synchronous_off_missed_restart_heals() {
     }
     checkpoint(&conn, "RESTART");
     conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert_eq!(heals(&ev), 1, "{ev:?}");
     let CaptureEvent::Healed { reason, .. } = ev
         .iter()
@@ -298,7 +314,7 @@ fn synchronous_off_missed_restart_heals() {
     assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 1);
     // Capture continues incrementally after the heal.
     conn.execute("INSERT INTO t(v) VALUES(x'02')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_replica_matches(&f, &conn);
 }
@@ -319,21 +335,21 @@ fn resume_after_restart_of_the_capture() {
     for _ in 0..5 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
-        f.capture.on_barrier(&f.wal_rel).unwrap();
+        f.capture.on_barrier(&f.wal_rel, false).unwrap();
     }
-    let staged = f.capture.staging().pending(&f.rel).unwrap().len();
+    let staged = staged_count(&f);
     // walfs stops; the app commits more (still in the same WAL generation).
     f.capture.forget(&f.rel);
     for _ in 0..3 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
     }
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_eq!(
-        f.capture.staging().pending(&f.rel).unwrap().len(),
-        staged + 3,
-        "{ev:?}"
+        staged_count(&f),
+        staged + 1,
+        "the three commits made while walfs was stopped are one batch: {ev:?}"
     );
     assert_replica_matches(&f, &conn);
 
@@ -345,16 +361,16 @@ fn resume_after_restart_of_the_capture() {
     }
     checkpoint(&conn, "TRUNCATE");
     conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert_eq!(heals(&ev), 1, "{ev:?}");
     assert_replica_matches(&f, &conn);
 
     // Idle restart: nothing staged.
     f.capture.forget(&f.rel);
-    let n = f.capture.staging().pending(&f.rel).unwrap().len();
-    let ev = f.capture.on_barrier(&f.rel).unwrap();
+    let n = staged_count(&f);
+    let ev = f.capture.on_barrier(&f.rel, true).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
-    assert_eq!(f.capture.staging().pending(&f.rel).unwrap().len(), n);
+    assert_eq!(staged_count(&f), n);
 }
 
 #[test]
@@ -381,17 +397,17 @@ fn registry_names_and_non_sqlite_files() {
     fs::write(root.join("notes.db-wal"), b"nor is this").unwrap();
     assert!(f
         .capture
-        .on_barrier(Path::new("notes.db"))
+        .on_barrier(Path::new("notes.db"), true)
         .unwrap()
         .is_empty());
     assert!(f
         .capture
-        .on_barrier(Path::new("notes.db-wal"))
+        .on_barrier(Path::new("notes.db-wal"), true)
         .unwrap()
         .is_empty());
     assert!(f
         .capture
-        .on_barrier(Path::new("missing.db"))
+        .on_barrier(Path::new("missing.db"), true)
         .unwrap()
         .is_empty());
     assert!(f.capture.databases().is_empty());
@@ -407,7 +423,7 @@ fn registry_names_and_non_sqlite_files() {
     let conn = Connection::open(root.join("r.db")).unwrap();
     conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
         .unwrap();
-    let ev = f.capture.on_barrier(Path::new("r.db")).unwrap();
+    let ev = f.capture.on_barrier(Path::new("r.db"), true).unwrap();
     assert!(
         ev.iter()
             .any(|e| matches!(e, CaptureEvent::Unsupported { .. })),
@@ -416,24 +432,108 @@ fn registry_names_and_non_sqlite_files() {
     assert_eq!(f.capture.databases(), vec![PathBuf::from("r.db")]);
 }
 
-/// Staging failures surface as errors, and the capture retries cleanly afterwards.
+/// A full staging disk fails the barrier (the application sees EIO), nothing is skipped,
+/// and the capture catches up once there is room again. Needs root (a 1 MiB tmpfs).
 #[test]
-fn staging_failure_is_an_error_and_retry_recovers() {
-    let f = fixture();
+fn full_staging_disk_is_an_error_and_retry_recovers() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain getter.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs: run it as root");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let small = dir.path().join("staging");
+    fs::create_dir_all(&root).unwrap();
+    fs::create_dir_all(&small).unwrap();
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+    let tmpfs = CString::new("tmpfs").unwrap();
+    let opts = CString::new("size=1m").unwrap();
+    // SAFETY: valid NUL-terminated strings; unmounted by the guard below.
+    let rc = unsafe {
+        libc::mount(
+            tmpfs.as_ptr(),
+            c(&small).as_ptr(),
+            tmpfs.as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount tmpfs: {}", io::Error::last_os_error());
+    struct Unmount(CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: a valid path string.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let _guard = Unmount(c(&small));
+    let staging = Arc::new(Staging::open(&small).unwrap());
+    staging.set_checksums(true);
+    let f = Fixture {
+        capture: Capture::new(&root, staging),
+        db: root.join("app.db"),
+        rel: PathBuf::from("app.db"),
+        wal_rel: PathBuf::from("app.db-wal"),
+        _dir: dir,
+    };
     let conn = open_db(&f.db, 4096, "FULL", 0);
-    f.capture.on_barrier(&f.wal_rel).unwrap();
-    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    // Fill the staging filesystem.
+    let filler = small.join("filler");
+    let mut out = File::create(&filler).unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
+    drop(out);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(20000))", [])
         .unwrap();
-    // Make the staging directory of this database unusable: a file where `ltx` must be.
-    let ltx = f.capture.staging().db_dir(&f.rel).unwrap().join("ltx");
-    let moved = ltx.with_file_name("ltx.away");
-    fs::rename(&ltx, &moved).unwrap();
-    fs::write(&ltx, b"in the way").unwrap();
-    assert!(f.capture.on_barrier(&f.wal_rel).is_err());
+    let e = f.capture.on_barrier(&f.wal_rel, false).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
     assert_eq!(f.capture.stats().failures.load(Ordering::Relaxed), 1);
-    fs::remove_file(&ltx).unwrap();
-    fs::rename(&moved, &ltx).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel).unwrap();
+    // Room again: the same transaction is staged, once.
+    fs::remove_file(&filler).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_replica_matches(&f, &conn);
+}
+
+/// A crash of walfs loses the batches appended since the last durable point; at the next
+/// start they are read again from the WAL, with the same TXIDs, and nothing is missing.
+#[test]
+fn crash_rereads_unsynced_batches_from_the_wal() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let durable = f.capture.staging().state(&f.rel).unwrap().unwrap().txid;
+    for _ in 0..4 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+        f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    }
+    // The state on disk was not advanced by the WAL fsyncs (no durable point).
+    assert_eq!(
+        f.capture.staging().state(&f.rel).unwrap().unwrap().txid,
+        durable
+    );
+    // The daemon dies: its in-memory capture is gone, unsealed.
+    f.capture.dbs.lock().remove(&f.rel);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert_eq!(
+        ev,
+        vec![CaptureEvent::Staged {
+            min_txid: durable + 1,
+            max_txid: durable + 5,
+            pages: ev_pages(&ev),
+        }]
+    );
+    assert_replica_matches(&f, &conn);
+}
+
+fn ev_pages(ev: &[CaptureEvent]) -> u32 {
+    match ev.first() {
+        Some(CaptureEvent::Staged { pages, .. }) => *pages,
+        _ => 0,
+    }
 }

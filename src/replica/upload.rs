@@ -1,12 +1,15 @@
-//! Upload: moves what capture staged to every replica, once per sync interval. Each round
-//! merges a database's staged transactions into one level-0 LTX file (one PUT per
-//! database per interval, however many commits it holds), or uploads its newest snapshot
-//! to level 9, and only then tells staging they are safe to drop. A database with nothing
-//! staged costs no request at all. A failing replica is retried with backoff while staging
-//! keeps everything.
+//! Upload: moves what capture staged to every replica. It waits until a database has
+//! something staged, gives further commits one sync interval to join, then merges each
+//! database's sealed batches into one level-0 LTX file (one PUT per database per interval,
+//! however many commits it holds), or uploads its newest snapshot to level 9, and only then
+//! tells staging they are safe to drop. With a sync interval of 0, every batch is uploaded
+//! as its own file, so every captured commit stays restorable. A database with nothing
+//! staged costs no request at all, and an idle mount makes none. A failing replica is
+//! retried with backoff while staging keeps everything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,10 +18,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use super::ltx::{decode, LtxEncoder, LtxHeader};
+use super::ltx::{decode, lock_pgno, LtxEncoder, LtxHeader};
 use super::record::{ChecksumRecord, SidecarStore};
 use super::store::ReplicaStore;
-use crate::staging::{StagedLtx, Staging};
+use crate::staging::{Batch, PageMerge, Staged, Staging};
 
 /// Level of new transactions, and of snapshots, in Litestream's layout.
 const LEVEL_TRANSACTIONS: u8 = 0;
@@ -36,86 +39,112 @@ struct Upload {
     timestamp: SystemTime,
 }
 
-/// Builds what to upload for one database's staged files (ascending by TXID): the
-/// transactions before the first snapshot merged into one file (they continue what the
+/// Builds what to upload for one database's staged items (ascending by TXID): the
+/// batches before the first snapshot merged into one file (they continue what the
 /// replica holds, so point-in-time restore keeps them), the newest snapshot, then every
-/// transaction after it merged into one file. Anything between two snapshots is
-/// superseded by the newer one; a snapshot marks a possible gap, so nothing is merged
-/// across one.
-fn plan_uploads(staged: &[StagedLtx]) -> std::io::Result<Vec<Upload>> {
-    let (Some(first), Some(i)) = (
-        staged.iter().position(StagedLtx::is_snapshot),
-        staged.iter().rposition(StagedLtx::is_snapshot),
-    ) else {
-        return Ok(vec![merge_transactions(staged)?]);
+/// batch after it merged into one file. Anything between two snapshots is superseded by
+/// the newer one; a snapshot marks a possible gap, so nothing is merged across one.
+/// Without `merge`, every batch is its own file.
+fn plan_uploads(staged: &[Staged], merge: bool) -> std::io::Result<Vec<Upload>> {
+    let is_snapshot = |s: &Staged| matches!(s, Staged::Snapshot(_));
+    let (before, snapshot, after) = match (
+        staged.iter().position(is_snapshot),
+        staged.iter().rposition(is_snapshot),
+    ) {
+        (Some(first), Some(last)) => (&staged[..first], Some(&staged[last]), &staged[last + 1..]),
+        _ => (staged, None, &staged[..0]),
     };
     let mut uploads = Vec::new();
-    if first > 0 {
-        uploads.push(merge_transactions(&staged[..first])?);
+    push_batches(&mut uploads, before, merge)?;
+    if let Some(Staged::Snapshot(s)) = snapshot {
+        let bytes = std::fs::read(&s.path)?;
+        let header = decode(bytes.as_slice())
+            .map_err(|e| invalid_staged(&s.path, e))?
+            .header;
+        uploads.push(Upload {
+            level: LEVEL_SNAPSHOTS,
+            min_txid: s.min_txid,
+            max_txid: s.max_txid,
+            bytes: Bytes::from(bytes),
+            timestamp: millis_to_time(header.timestamp_ms),
+        });
     }
-    let s = &staged[i];
-    let bytes = std::fs::read(&s.path)?;
-    let header = decode(bytes.as_slice())
-        .map_err(|e| invalid_staged(&s.path, e))?
-        .header;
-    uploads.push(Upload {
-        level: LEVEL_SNAPSHOTS,
-        min_txid: s.min_txid,
-        max_txid: s.max_txid,
-        bytes: Bytes::from(bytes),
-        timestamp: millis_to_time(header.timestamp_ms),
-    });
-    if i + 1 < staged.len() {
-        uploads.push(merge_transactions(&staged[i + 1..])?);
-    }
+    push_batches(&mut uploads, after, merge)?;
     Ok(uploads)
 }
 
-/// Merges consecutive staged transactions into one LTX file: the newest version of each
-/// page, the last commit size, the TXID range of them all.
-fn merge_transactions(files: &[StagedLtx]) -> std::io::Result<Upload> {
-    let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-    let mut last: Option<LtxHeader> = None;
-    for f in files {
-        let ltx = decode(File::open(&f.path)?).map_err(|e| invalid_staged(&f.path, e))?;
-        for p in ltx.pages {
-            pages.insert(p.pgno, p.data);
+/// Adds the batches among `items` to `uploads`: merged into one file, or one file each.
+fn push_batches(uploads: &mut Vec<Upload>, items: &[Staged], merge: bool) -> std::io::Result<()> {
+    let batches: Vec<&Batch> = items
+        .iter()
+        .filter_map(|s| match s {
+            Staged::Batch(b) => Some(b),
+            Staged::Snapshot(_) => None,
+        })
+        .collect();
+    if batches.is_empty() {
+        return Ok(());
+    }
+    if merge {
+        uploads.push(merge_batches(&batches)?);
+    } else {
+        for b in batches {
+            uploads.push(merge_batches(&[b])?);
         }
-        last = Some(ltx.header);
     }
-    let last = last.expect("at least one file");
-    let (min_txid, max_txid) = (files[0].min_txid, last.max_txid);
-    if files.len() == 1 {
-        let bytes = std::fs::read(&files[0].path)?;
-        return Ok(Upload {
-            level: LEVEL_TRANSACTIONS,
-            min_txid,
-            max_txid,
-            bytes: Bytes::from(bytes),
-            timestamp: millis_to_time(last.timestamp_ms),
-        });
+    Ok(())
+}
+
+/// Encodes consecutive staged batches as one LTX file: the newest version of each page
+/// (read once from the segments), the last commit size, the TXID range of them all.
+fn merge_batches(batches: &[&Batch]) -> std::io::Result<Upload> {
+    let (first, last) = (batches[0], batches[batches.len() - 1]);
+    let page_size = last.header.page_size;
+    let mut merge = PageMerge::new(None);
+    for (i, b) in batches.iter().enumerate() {
+        if b.header.page_size != page_size {
+            return Err(invalid_staged(&b.path, "page size changed between batches"));
+        }
+        let offsets = b.page_offsets()?;
+        merge.apply(
+            b.header.commit,
+            offsets.into_iter().map(|(pgno, off)| (pgno, (i, off))),
+        );
     }
-    pages.retain(|&pgno, _| pgno <= last.commit);
+    let (commit, pages) = merge.finish(lock_pgno(page_size));
     let header = LtxHeader::incremental(
-        last.page_size,
-        last.commit,
-        min_txid,
-        max_txid,
-        last.timestamp_ms,
+        page_size,
+        commit,
+        first.header.min_txid,
+        last.header.max_txid,
+        last.header.timestamp_ms,
         0,
     )
     .without_checksums();
+    let mut files: HashMap<&Path, File> = HashMap::new();
     let mut enc = LtxEncoder::new(Vec::new(), header).map_err(std::io::Error::other)?;
-    for (pgno, data) in &pages {
-        enc.add_page(*pgno, data).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; page_size as usize];
+    for (pgno, at) in pages {
+        match at {
+            Some((i, off)) => {
+                let path = batches[i].path.as_path();
+                let file = match files.get(path) {
+                    Some(f) => f,
+                    None => files.entry(path).or_insert(File::open(path)?),
+                };
+                file.read_exact_at(&mut buf, off)?;
+            }
+            None => buf.fill(0),
+        }
+        enc.add_page(pgno, &buf).map_err(std::io::Error::other)?;
     }
     enc.finish(0).map_err(std::io::Error::other)?;
     Ok(Upload {
         level: LEVEL_TRANSACTIONS,
-        min_txid,
-        max_txid,
+        min_txid: first.header.min_txid,
+        max_txid: last.header.max_txid,
         bytes: Bytes::from(enc.into_inner()),
-        timestamp: millis_to_time(last.timestamp_ms),
+        timestamp: millis_to_time(last.header.timestamp_ms),
     })
 }
 
@@ -136,7 +165,10 @@ pub struct Uploader {
     replicas: Vec<ReplicaStore>,
     runtime: tokio::runtime::Runtime,
     stop: AtomicBool,
+    /// Set by [`Uploader::notify`]: something new is staged.
     wake: (Mutex<bool>, Condvar),
+    /// Uploads that completed, for tests and metrics.
+    uploaded: std::sync::atomic::AtomicU64,
 }
 
 impl Uploader {
@@ -150,28 +182,34 @@ impl Uploader {
             runtime,
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
+            uploaded: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// Uploads everything staged for the databases in `dbs`; returns how many databases
-    /// are still behind (their upload failed and will be retried).
-    pub fn upload_round(&self, dbs: &[PathBuf]) -> usize {
-        let mut behind = 0;
+    /// How many LTX files were uploaded (to every replica) so far.
+    pub fn uploaded_files(&self) -> u64 {
+        self.uploaded.load(Ordering::Relaxed)
+    }
+
+    /// Uploads everything sealed for the databases in `dbs`; returns those still behind
+    /// (their upload failed and will be retried).
+    pub fn upload_round(&self, dbs: &BTreeSet<PathBuf>, merge: bool) -> BTreeSet<PathBuf> {
+        let mut behind = BTreeSet::new();
         for db in dbs {
-            if let Err(e) = self.upload_database(db) {
-                behind += 1;
-                tracing::warn!(db = %db.display(), "replica is behind: {e}; retrying");
+            if let Err(e) = self.upload_database(db, merge) {
+                behind.insert(db.clone());
+                tracing::warn!(db = %db.display(), "replica is behind: {e:#}; retrying");
             }
         }
         behind
     }
 
-    fn upload_database(&self, db: &Path) -> anyhow::Result<()> {
+    fn upload_database(&self, db: &Path, merge: bool) -> anyhow::Result<()> {
         let staged = self.staging.pending(db)?;
-        if staged.is_empty() {
+        let Some(last) = staged.last() else {
             return Ok(());
-        }
-        let uploads = plan_uploads(&staged)?;
+        };
+        let uploads = plan_uploads(&staged, merge)?;
         let key = db.to_string_lossy();
         for replica in &self.replicas {
             for u in &uploads {
@@ -185,17 +223,29 @@ impl Uploader {
                 ))?;
             }
         }
-        let max = staged.last().map_or(0, |s| s.max_txid);
+        let max = last.max_txid();
         // The verification record restore checks against: the database checksum after
-        // `max`, known when capture's saved state is at `max` (else the next round writes
-        // one).
-        if let Some(state) = self.staging.state(db)?.filter(|st| st.txid == max) {
-            let record = ChecksumRecord {
+        // `max` (a batch carries it; for a snapshot, capture's state has it when it is
+        // still at `max`).
+        let record = match last {
+            Staged::Batch(b) => Some(ChecksumRecord {
                 txid: max,
-                checksum: state.checksum,
-                page_size: state.page_size,
-                commit: state.commit,
-            };
+                checksum: b.post_checksum,
+                page_size: b.header.page_size,
+                commit: b.header.commit,
+            }),
+            Staged::Snapshot(_) => self
+                .staging
+                .state(db)?
+                .filter(|st| st.txid == max)
+                .map(|st| ChecksumRecord {
+                    txid: max,
+                    checksum: st.checksum,
+                    page_size: st.page_size,
+                    commit: st.commit,
+                }),
+        };
+        if let Some(record) = record {
             for replica in &self.replicas {
                 let sidecar = SidecarStore::new(replica.clone());
                 self.runtime
@@ -203,21 +253,43 @@ impl Uploader {
             }
         }
         self.staging.mark_uploaded(db, max)?;
-        tracing::debug!(db = %db.display(), txid = max, files = staged.len(), "uploaded");
+        self.uploaded
+            .fetch_add(uploads.len() as u64, Ordering::Relaxed);
+        tracing::debug!(db = %db.display(), txid = max, files = uploads.len(), "uploaded");
         Ok(())
     }
 
-    /// Runs rounds every `interval` until `shutdown`, taking the databases to upload from
-    /// `databases` each round. Backs off (up to 30 s) while a replica fails.
-    pub fn run(&self, interval: Duration, databases: impl Fn() -> Vec<PathBuf>) {
-        let mut backoff = interval;
+    /// Runs until [`Uploader::shutdown`]: waits for [`Uploader::notify`], lets one
+    /// `interval` pass so that further commits join the upload, then uploads what `take`
+    /// returns (the databases with newly sealed batches) plus what is still behind. A
+    /// failing replica is retried with backoff (up to 30 s). At start it uploads whatever a
+    /// previous run left staged.
+    pub fn run(&self, interval: Duration, take: impl Fn() -> Vec<PathBuf>) {
+        let merge = !interval.is_zero();
+        let mut behind: BTreeSet<PathBuf> = match self.staging.databases() {
+            Ok(dbs) => dbs.into_iter().collect(),
+            Err(e) => {
+                tracing::error!("cannot list staged databases: {e}");
+                BTreeSet::new()
+            }
+        };
+        let mut backoff = Duration::ZERO;
         loop {
-            let stopping = self.wait(backoff);
-            let behind = self.upload_round(&databases());
-            backoff = if behind == 0 {
-                interval
+            let mut stopping = if behind.is_empty() {
+                self.wait_until(None, true)
             } else {
-                (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF)
+                self.wait_until(Some(Instant::now() + backoff), true)
+            };
+            if !stopping && !interval.is_zero() {
+                stopping = self.wait_until(Some(Instant::now() + interval), false);
+            }
+            let mut dbs = std::mem::take(&mut behind);
+            dbs.extend(take());
+            behind = self.upload_round(&dbs, merge);
+            backoff = if behind.is_empty() {
+                Duration::ZERO
+            } else {
+                (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF)
             };
             if stopping {
                 return;
@@ -225,29 +297,50 @@ impl Uploader {
         }
     }
 
-    /// Sleeps up to `d`; true once shutdown was asked for.
-    fn wait(&self, d: Duration) -> bool {
+    /// Sleeps until `deadline` (forever if `None`), or until notified if `on_notify`.
+    /// True once shutdown was asked for.
+    fn wait_until(&self, deadline: Option<Instant>, on_notify: bool) -> bool {
         let (lock, cvar) = &self.wake;
-        let mut woken = lock.lock();
-        if !*woken {
-            cvar.wait_for(&mut woken, d);
+        let mut notified = lock.lock();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return true;
+            }
+            if on_notify && *notified {
+                *notified = false;
+                return false;
+            }
+            match deadline {
+                Some(d) => {
+                    if Instant::now() >= d || cvar.wait_until(&mut notified, d).timed_out() {
+                        return self.stop.load(Ordering::Relaxed);
+                    }
+                }
+                None => cvar.wait(&mut notified),
+            }
         }
-        *woken = false;
-        self.stop.load(Ordering::Relaxed)
     }
 
-    /// Asks `run` to do one last round and return.
-    pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Relaxed);
+    /// Something new is staged: wakes [`Uploader::run`].
+    pub fn notify(&self) {
         let (lock, cvar) = &self.wake;
         *lock.lock() = true;
         cvar.notify_all();
     }
 
+    /// Asks `run` to do one last round and return.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _guard = self.wake.0.lock();
+        self.wake.1.notify_all();
+    }
+
     /// Uploads what is staged, retrying until `deadline`; true if nothing is left behind.
-    pub fn flush(&self, dbs: &[PathBuf], deadline: Instant) -> bool {
+    pub fn flush(&self, dbs: &[PathBuf], merge: bool, deadline: Instant) -> bool {
+        let mut left: BTreeSet<PathBuf> = dbs.iter().cloned().collect();
         loop {
-            if self.upload_round(dbs) == 0 {
+            left = self.upload_round(&left, merge);
+            if left.is_empty() {
                 return true;
             }
             if Instant::now() >= deadline {

@@ -1,26 +1,38 @@
-//! The durable local staging area of one mount: captured transactions wait here, as LTX
-//! files, until the replica holds them.
+//! The local staging area of one mount: captured transactions wait here until the replica
+//! holds them.
 //!
-//! This file owns the staging directory and everything in it. Per database, keyed by its
+//! This module owns the staging directory and everything in it. Per database, keyed by its
 //! path relative to the mount's backing root:
 //!
 //! ```text
-//! <staging>/<relpath>/ltx/0/<min %016x>-<max %016x>.ltx   staged LTX files, not yet uploaded
-//! <staging>/<relpath>/state                               the capture position (DbState)
+//! <staging>/<relpath>/state                              the capture position (DbState)
+//! <staging>/<relpath>/segments/active                    batches being appended (segment.rs)
+//! <staging>/<relpath>/segments/<min>-<max>.seg           sealed batches, awaiting upload
+//! <staging>/<relpath>/snapshots/<min>-<max>.ltx          snapshots (LTX), awaiting upload
 //! ```
 //!
-//! Every write is crash-safe: a file is written under a temporary name (`.*.tmp`), fsynced,
-//! renamed into place, and its directory fsynced. An LTX file is durable before the state
-//! that points past it is saved; after a crash, files beyond the saved TXID are stale and
-//! [`Staging::discard_after`] removes them (the capture reads those transactions again).
+//! Durability follows SQLite's own: transaction batches are appended without fsync, because
+//! the frames they hold stay in the backing `-wal` until a checkpoint, and a checkpoint is a
+//! barrier at which the capture makes its segment and state durable. The state is written
+//! only at such durable points (temp file, fsync, rename, directory fsync), so after a
+//! crash it is never ahead of what is durable: [`Staging::recover`] cuts off every batch
+//! beyond it, and the capture reads those transactions again from the `-wal`. Snapshots are
+//! written durably at once. Sealing (before an upload) makes a segment durable too, so the
+//! replica never holds a TXID that staging could forget.
 //!
 //! Staging knows nothing about SQLite or the WAL beyond the position it stores, and it
 //! never talks to the network. Every failure (ENOSPC, EROFS, EACCES, ...) is an
 //! `io::Error`, so that the caller can fail the application's operation with EIO.
 //!
-//! LTX files are written without database checksums in their headers unless
+//! Snapshot LTX files are written without database checksums in their headers unless
 //! [`Staging::set_checksums`] turns them on: Litestream 0.5 restores only files without
-//! them. The running checksum is kept in the state either way.
+//! them. The running checksum is kept in the state and in every batch either way.
+
+pub mod merge;
+pub mod segment;
+
+pub use merge::PageMerge;
+pub use segment::{Batch, BatchHeader, RecordWriter, SegmentWriter};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -34,6 +46,8 @@ use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
 
 /// Name of the per-database state file.
 const STATE_FILE: &str = "state";
+/// Name of the segment being appended to.
+const ACTIVE_SEGMENT: &str = "active";
 /// First line of a state file: the format and its version.
 const STATE_MAGIC: &str = "walfs-staging-state 1";
 
@@ -75,7 +89,7 @@ impl DbState {
     }
 }
 
-/// One staged LTX file.
+/// A staged snapshot: an LTX file holding the whole database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StagedLtx {
     /// First TXID it covers (1 for a snapshot).
@@ -93,23 +107,27 @@ impl StagedLtx {
     }
 }
 
-/// Describes one staged transaction (or snapshot) for [`Staging::stage_transaction`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TxnMeta {
-    /// The TXID of the transaction.
-    pub txid: u64,
-    /// Database page size.
-    pub page_size: u32,
-    /// Database size in pages after the transaction.
-    pub commit: u32,
-    /// Database checksum before the transaction.
-    pub pre_checksum: DatabaseChecksum,
-    /// Database checksum after it.
-    pub post_checksum: DatabaseChecksum,
-    /// Commit time, milliseconds since the Unix epoch.
-    pub timestamp_ms: i64,
-    /// The WAL segment the pages came from: (offset, size, salt-1, salt-2); informational.
-    pub wal: Option<(i64, i64, u32, u32)>,
+/// Something staged and ready for upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Staged {
+    Snapshot(StagedLtx),
+    Batch(Batch),
+}
+
+impl Staged {
+    pub fn min_txid(&self) -> u64 {
+        match self {
+            Staged::Snapshot(s) => s.min_txid,
+            Staged::Batch(b) => b.header.min_txid,
+        }
+    }
+
+    pub fn max_txid(&self) -> u64 {
+        match self {
+            Staged::Snapshot(s) => s.max_txid,
+            Staged::Batch(b) => b.header.max_txid,
+        }
+    }
 }
 
 fn ltx_err(e: LtxError) -> io::Error {
@@ -154,7 +172,16 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()))
 }
 
-/// A staged LTX file being written; [`LtxWriter::commit`] makes it durable, dropping it
+/// Lists a directory, treating a missing one as empty.
+fn list_dir(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries.collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A staged snapshot being written; [`LtxWriter::commit`] makes it durable, dropping it
 /// without committing removes the temporary file.
 pub struct LtxWriter {
     encoder: Option<LtxEncoder<BufWriter<File>>>,
@@ -228,7 +255,7 @@ impl Staging {
         &self.root
     }
 
-    /// Whether new LTX files carry database checksums in their headers and trailers
+    /// Whether new snapshot files carry database checksums in their headers and trailers
     /// (default off, as Litestream 0.5 requires).
     pub fn set_checksums(&self, on: bool) {
         self.checksums.store(on, Ordering::Relaxed);
@@ -246,17 +273,21 @@ impl Staging {
         Ok(self.root.join(db))
     }
 
-    fn ltx_dir(&self, db: &Path) -> io::Result<PathBuf> {
-        Ok(self.db_dir(db)?.join("ltx").join("0"))
+    fn snapshot_dir(&self, db: &Path) -> io::Result<PathBuf> {
+        Ok(self.db_dir(db)?.join("snapshots"))
     }
 
-    /// Starts writing a staged LTX file with `header` (checksums are stripped unless
+    fn segment_dir(&self, db: &Path) -> io::Result<PathBuf> {
+        Ok(self.db_dir(db)?.join("segments"))
+    }
+
+    /// Starts writing a staged snapshot with `header` (checksums are stripped unless
     /// enabled). The file appears only on [`LtxWriter::commit`].
-    pub fn begin(&self, db: &Path, mut header: LtxHeader) -> io::Result<LtxWriter> {
+    pub fn begin_snapshot(&self, db: &Path, mut header: LtxHeader) -> io::Result<LtxWriter> {
         if !self.checksums.load(Ordering::Relaxed) {
             header = header.without_checksums();
         }
-        let dir = self.ltx_dir(db)?;
+        let dir = self.snapshot_dir(db)?;
         fs::create_dir_all(&dir)?;
         let dest = dir.join(ltx_object_name(header.min_txid, header.max_txid));
         let tmp = tmp_path(&dest);
@@ -296,7 +327,7 @@ impl Staging {
         B: AsRef<[u8]>,
     {
         let header = LtxHeader::snapshot(page_size, commit, txid, timestamp_ms);
-        let mut w = self.begin(db, header)?;
+        let mut w = self.begin_snapshot(db, header)?;
         let mut sum = DatabaseChecksum::EMPTY;
         for page in pages {
             let (pgno, data) = page?;
@@ -306,89 +337,113 @@ impl Staging {
         Ok((w.commit(sum)?, sum))
     }
 
-    /// Stages one transaction (TXID `meta.txid`) holding `pages` in ascending order.
-    pub fn stage_transaction<I, B>(
-        &self,
-        db: &Path,
-        meta: &TxnMeta,
-        pages: I,
-    ) -> io::Result<StagedLtx>
-    where
-        I: IntoIterator<Item = io::Result<(u32, B)>>,
-        B: AsRef<[u8]>,
-    {
-        let mut w = self.begin(db, Self::txn_header(meta))?;
-        for page in pages {
-            let (pgno, data) = page?;
-            w.add_page(pgno, data.as_ref())?;
-        }
-        w.commit(meta.post_checksum)
+    /// Opens the active segment of `db` for appending (call [`Staging::recover`] first).
+    pub fn open_segment(&self, db: &Path) -> io::Result<SegmentWriter> {
+        let dir = self.segment_dir(db)?;
+        fs::create_dir_all(&dir)?;
+        SegmentWriter::open(&dir.join(ACTIVE_SEGMENT))
     }
 
-    /// The LTX header of a staged transaction.
-    pub fn txn_header(meta: &TxnMeta) -> LtxHeader {
-        let mut h = LtxHeader::incremental(
-            meta.page_size,
-            meta.commit,
-            meta.txid,
-            meta.txid,
-            meta.timestamp_ms,
-            meta.pre_checksum.value(),
-        );
-        if let Some((offset, size, salt1, salt2)) = meta.wal {
-            if offset > 0 && size >= 0 {
-                h.wal_offset = offset;
-                h.wal_size = size;
-                h.wal_salt1 = salt1;
-                h.wal_salt2 = salt2;
+    /// After a restart: forgets everything staged beyond `txid` (the last durable state),
+    /// which the capture reads again, and stray temporary files. Returns how many batches
+    /// and snapshots were dropped.
+    pub fn recover(&self, db: &Path, txid: u64) -> io::Result<usize> {
+        let mut dropped = 0;
+        let snapshots = self.snapshot_dir(db)?;
+        for entry in list_dir(&snapshots)? {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = match parse_ltx_object_name(&name) {
+                Some((_, max)) => max > txid,
+                None => name.starts_with('.') && name.ends_with(".tmp"),
+            };
+            if stale {
+                fs::remove_file(entry.path())?;
+                dropped += 1;
             }
         }
-        h
+        let segments = self.segment_dir(db)?;
+        for entry in list_dir(&segments)? {
+            let path = entry.path();
+            let (records, valid) = segment::read_segment(&path)?;
+            let keep = records
+                .iter()
+                .take_while(|b| b.header.max_txid <= txid)
+                .count();
+            dropped += records.len() - keep;
+            let keep_len = records.get(keep).map_or(valid, |b| b.offset);
+            if keep_len != entry.metadata()?.len() {
+                OpenOptions::new().write(true).open(&path)?.set_len(keep_len)?;
+            }
+            let is_active = entry.file_name() == ACTIVE_SEGMENT;
+            if !is_active {
+                // A sealed segment cut short gets the name of what it still holds.
+                match (records.first(), keep) {
+                    (_, 0) => fs::remove_file(&path)?,
+                    (Some(first), n) => {
+                        let name = segment::sealed_name(
+                            first.header.min_txid,
+                            records[n - 1].header.max_txid,
+                        );
+                        if entry.file_name().to_string_lossy() != name {
+                            fs::rename(&path, segments.join(name))?;
+                        }
+                    }
+                    (None, _) => {}
+                }
+            }
+        }
+        if dropped > 0 {
+            sync_dir(&segments)?;
+        }
+        Ok(dropped)
     }
 
-    /// Staged files not yet uploaded, by ascending maximum TXID (then minimum).
-    pub fn pending(&self, db: &Path) -> io::Result<Vec<StagedLtx>> {
-        let dir = self.ltx_dir(db)?;
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
+    /// Sealed batches and snapshots not yet uploaded, by ascending maximum TXID (a
+    /// snapshot before a batch that ends at the same TXID).
+    pub fn pending(&self, db: &Path) -> io::Result<Vec<Staged>> {
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry?;
+        for entry in list_dir(&self.snapshot_dir(db)?)? {
             let name = entry.file_name();
-            let Some((min_txid, max_txid)) = name.to_str().and_then(parse_ltx_object_name) else {
-                continue;
-            };
-            out.push(StagedLtx {
-                min_txid,
-                max_txid,
-                path: entry.path(),
-            });
+            if let Some((min_txid, max_txid)) = name.to_str().and_then(parse_ltx_object_name) {
+                out.push(Staged::Snapshot(StagedLtx {
+                    min_txid,
+                    max_txid,
+                    path: entry.path(),
+                }));
+            }
         }
-        out.sort_by_key(|s| (s.max_txid, s.min_txid));
+        for entry in list_dir(&self.segment_dir(db)?)? {
+            let name = entry.file_name();
+            if name.to_str().and_then(segment::parse_sealed_name).is_some() {
+                let (records, _) = segment::read_segment(&entry.path())?;
+                out.extend(records.into_iter().map(Staged::Batch));
+            }
+        }
+        out.sort_by_key(|s| (s.max_txid(), matches!(s, Staged::Batch(_)), s.min_txid()));
         Ok(out)
     }
 
-    fn remove_where(&self, db: &Path, pred: impl Fn(&StagedLtx) -> bool) -> io::Result<usize> {
+    /// The replica holds everything up to `upto_txid`: deletes the sealed segments and
+    /// snapshots it covers and records it in the state. Returns how many files went.
+    pub fn mark_uploaded(&self, db: &Path, upto_txid: u64) -> io::Result<usize> {
         let mut n = 0;
-        for s in self.pending(db)? {
-            if pred(&s) {
-                fs::remove_file(&s.path)?;
-                n += 1;
+        for dir in [self.snapshot_dir(db)?, self.segment_dir(db)?] {
+            let mut removed = false;
+            for entry in list_dir(&dir)? {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let range = parse_ltx_object_name(&name).or_else(|| segment::parse_sealed_name(&name));
+                if range.is_some_and(|(_, max)| max <= upto_txid) {
+                    fs::remove_file(entry.path())?;
+                    removed = true;
+                    n += 1;
+                }
+            }
+            if removed {
+                sync_dir(&dir)?;
             }
         }
-        if n > 0 {
-            sync_dir(&self.ltx_dir(db)?)?;
-        }
-        Ok(n)
-    }
-
-    /// The replica holds everything up to `upto_txid`: deletes the staged files it covers
-    /// and records it in the state. Returns how many files were deleted.
-    pub fn mark_uploaded(&self, db: &Path, upto_txid: u64) -> io::Result<usize> {
-        let n = self.remove_where(db, |s| s.max_txid <= upto_txid)?;
         let _guard = self.state_lock.lock();
         if let Some(mut st) = self.state(db)? {
             if upto_txid > st.uploaded_txid {
@@ -399,20 +454,27 @@ impl Staging {
         Ok(n)
     }
 
-    /// Deletes staged files beyond `txid` (left by a crash between staging a file and
-    /// saving the state that counts it), and stray temporary files.
-    pub fn discard_after(&self, db: &Path, txid: u64) -> io::Result<usize> {
-        let dir = self.ltx_dir(db)?;
-        if let Ok(entries) = fs::read_dir(&dir) {
-            for entry in entries.flatten() {
+    /// Every database with a saved state, as relative paths.
+    pub fn databases(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            for entry in list_dir(&self.root.join(&rel))? {
+                if !entry.file_type()?.is_dir() {
+                    continue;
+                }
+                let child = rel.join(entry.file_name());
+                if entry.path().join(STATE_FILE).is_file() {
+                    out.push(child.clone());
+                }
                 let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with('.') && name.ends_with(".tmp") {
-                    fs::remove_file(entry.path())?;
+                if name != "segments" && name != "snapshots" {
+                    stack.push(child);
                 }
             }
         }
-        self.remove_where(db, |s| s.max_txid > txid)
+        out.sort();
+        Ok(out)
     }
 
     /// The saved state of `db`, or `None` if it was never saved.

@@ -62,8 +62,31 @@ fn state_roundtrip_and_reopen() {
     }
 }
 
+fn append(seg: &mut SegmentWriter, min: u64, max: u64, pages: &[(u32, u8)]) {
+    let mut w = seg.begin(BatchHeader {
+        page_size: 512,
+        commit: 4,
+        min_txid: min,
+        max_txid: max,
+        timestamp_ms: 2000 + max as i64,
+        page_count: pages.len() as u32,
+    });
+    for &(pgno, fill) in pages {
+        w.add_page(pgno, &page(512, fill)).unwrap();
+    }
+    w.finish(max).unwrap();
+}
+
+fn ranges(s: &Staging, db: &Path) -> Vec<(u64, u64, bool)> {
+    s.pending(db)
+        .unwrap()
+        .iter()
+        .map(|p| (p.min_txid(), p.max_txid(), matches!(p, Staged::Snapshot(_))))
+        .collect()
+}
+
 #[test]
-fn stage_pending_upload_and_discard() {
+fn snapshots_segments_upload_and_recovery() {
     let dir = tempfile::tempdir().unwrap();
     let s = Staging::open(dir.path().join("staging")).unwrap();
     s.set_checksums(true);
@@ -71,119 +94,91 @@ fn stage_pending_upload_and_discard() {
     let ps = 512usize;
     let pages: Vec<io::Result<(u32, Vec<u8>)>> =
         (1..=3).map(|p| Ok((p, page(ps, p as u8)))).collect();
-    let (snap, sum) = s.stage_snapshot(db, pages, 512, 3, 1, 1000).unwrap();
+    let (snap, _) = s.stage_snapshot(db, pages, 512, 3, 1, 1000).unwrap();
     assert!(snap.is_snapshot());
     assert_eq!(
         snap.path,
         dir.path()
-            .join("staging/x.db/ltx/0")
+            .join("staging/x.db/snapshots")
             .join(ltx_object_name(1, 1))
     );
-    let mut post = sum;
-    post.replace_page(2, &page(ps, 2), &page(ps, 9));
-    post.add_page(4, &page(ps, 4));
-    for txid in 2..=4u64 {
-        let meta = TxnMeta {
-            txid,
-            page_size: 512,
-            commit: 4,
-            pre_checksum: sum,
-            post_checksum: post,
-            timestamp_ms: 2000 + txid as i64,
-            wal: Some((32, 2 * 536, 1, 2)),
-        };
-        let staged = s
-            .stage_transaction(
-                db,
-                &meta,
-                [Ok((2u32, page(ps, 9))), Ok((4u32, page(ps, 4)))],
-            )
-            .unwrap();
-        assert_eq!((staged.min_txid, staged.max_txid), (txid, txid));
-        let f = decode(File::open(&staged.path).unwrap()).unwrap();
-        assert_eq!(f.header.pre_apply_checksum, sum.value());
-        assert_eq!(f.trailer.post_apply_checksum, post.value());
-        assert_eq!(f.header.wal_offset, 32);
-        assert_eq!(f.pages.len(), 2);
-    }
-    let pending = s.pending(db).unwrap();
+    let f = decode(File::open(&snap.path).unwrap()).unwrap();
+    assert!(f.header.has_checksums());
+
+    // Batches are pending only once sealed.
+    let mut seg = s.open_segment(db).unwrap();
+    append(&mut seg, 2, 3, &[(2, 9), (4, 4)]);
+    append(&mut seg, 4, 4, &[(1, 7)]);
+    assert_eq!(ranges(&s, db), vec![(1, 1, true)]);
+    seg.seal().unwrap();
+    append(&mut seg, 5, 6, &[(3, 3)]);
     assert_eq!(
-        pending
-            .iter()
-            .map(|p| (p.min_txid, p.max_txid))
-            .collect::<Vec<_>>(),
-        vec![(1, 1), (2, 2), (3, 3), (4, 4)]
+        ranges(&s, db),
+        vec![(1, 1, true), (2, 3, false), (4, 4, false)]
     );
-    // Default: no checksums in the files (Litestream 0.5 compatibility).
-    s.set_checksums(false);
-    let meta = TxnMeta {
-        txid: 5,
-        page_size: 512,
-        commit: 4,
-        pre_checksum: post,
-        post_checksum: post,
-        timestamp_ms: 1,
-        wal: None,
+    let Staged::Batch(b) = &s.pending(db).unwrap()[1] else {
+        panic!("a batch")
     };
-    let staged = s
-        .stage_transaction(db, &meta, [Ok((1u32, page(ps, 1)))])
-        .unwrap();
-    let f = decode(File::open(&staged.path).unwrap()).unwrap();
+    assert_eq!(b.post_checksum, 3);
+    assert_eq!(
+        b.path,
+        dir.path()
+            .join("staging/x.db/segments")
+            .join(segment::sealed_name(2, 4))
+    );
+
+    // Default: no checksums in snapshot files (Litestream 0.5 compatibility).
+    s.set_checksums(false);
+    let pages: Vec<io::Result<(u32, Vec<u8>)>> = vec![Ok((1, page(ps, 1)))];
+    let (snap, _) = s.stage_snapshot(db, pages, 512, 1, 7, 1000).unwrap();
+    let f = decode(File::open(&snap.path).unwrap()).unwrap();
     assert!(!f.header.has_checksums());
     assert_eq!(f.trailer.post_apply_checksum, 0);
 
-    // A page out of order is refused and leaves nothing behind.
-    let meta = TxnMeta { txid: 6, ..meta };
-    let e = s
-        .stage_transaction(
-            db,
-            &meta,
-            [Ok((3u32, page(ps, 1))), Ok((2u32, page(ps, 1)))],
-        )
-        .unwrap_err();
-    assert!(e.to_string().contains("ascend"), "{e}");
-    let names: Vec<_> = fs::read_dir(dir.path().join("staging/x.db/ltx/0"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(names.len(), 5, "{names:?}");
-
     // Uploading: the state records it, the files go.
-    s.save_state(
-        db,
-        &DbState {
-            txid: 5,
-            page_size: 512,
-            commit: 4,
-            checksum: post.value(),
-            wal: None,
-            uploaded_txid: 0,
-        },
-    )
-    .unwrap();
-    assert_eq!(s.mark_uploaded(db, 3).unwrap(), 3);
-    assert_eq!(s.state(db).unwrap().unwrap().uploaded_txid, 3);
-    assert_eq!(s.pending(db).unwrap().len(), 2);
+    let st = DbState {
+        txid: 7,
+        page_size: 512,
+        commit: 4,
+        checksum: 1,
+        wal: None,
+        uploaded_txid: 0,
+    };
+    s.save_state(db, &st).unwrap();
+    assert_eq!(s.mark_uploaded(db, 4).unwrap(), 2);
+    assert_eq!(s.state(db).unwrap().unwrap().uploaded_txid, 4);
+    assert_eq!(ranges(&s, db), vec![(1, 7, true)]);
+    assert_eq!(s.databases().unwrap(), vec![PathBuf::from("x.db")]);
 
-    // A crash after staging TXID 5 but before saving a state that counts it.
+    // A crash: the durable state says TXID 6; a sealed segment holds 5..=6 and 7..=8
+    // (sealed, then the state could not be saved), the active one 9, plus a temporary
+    // file.
+    append(&mut seg, 7, 8, &[(2, 2)]);
+    drop(seg);
+    let segs = dir.path().join("staging/x.db/segments");
+    fs::rename(segs.join("active"), segs.join(segment::sealed_name(5, 8))).unwrap();
+    let mut seg = s.open_segment(db).unwrap();
+    append(&mut seg, 9, 9, &[(2, 2)]);
+    drop(seg);
     fs::write(
-        dir.path()
-            .join("staging/x.db/ltx/0/.0000000000000006-0000000000000006.ltx.tmp"),
+        dir.path().join("staging/x.db/snapshots/.x.ltx.tmp"),
         b"partial",
     )
     .unwrap();
-    assert_eq!(s.discard_after(db, 4).unwrap(), 1);
-    assert_eq!(s.pending(db).unwrap().len(), 1);
+    assert_eq!(s.recover(db, 6).unwrap(), 4, "7..=8, 9, the snapshot of 7, the tmp");
+    assert_eq!(ranges(&s, db), vec![(5, 6, false)]);
     assert_eq!(
-        fs::read_dir(dir.path().join("staging/x.db/ltx/0"))
+        fs::read_dir(dir.path().join("staging/x.db/snapshots"))
             .unwrap()
             .count(),
-        1
+        0
     );
+    let seg = s.open_segment(db).unwrap();
+    assert!(seg.is_empty());
     // Reopening sees the same thing.
     let s2 = Staging::open(dir.path().join("staging")).unwrap();
-    assert_eq!(s2.pending(db).unwrap().len(), 1);
-    assert_eq!(s2.state(db).unwrap().unwrap().txid, 5);
+    assert_eq!(ranges(&s2, db), vec![(5, 6, false)]);
+    assert_eq!(s2.state(db).unwrap().unwrap().txid, 7);
     assert!(s2.pending(Path::new("never.db")).unwrap().is_empty());
 }
 
@@ -242,7 +237,7 @@ fn full_or_readonly_staging_gives_io_errors() {
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
         // Nothing half-written is left behind.
         assert!(s.pending(db).unwrap().is_empty());
-        let leftovers = fs::read_dir(mnt.join("big.db/ltx/0")).unwrap().count();
+        let leftovers = fs::read_dir(mnt.join("big.db/snapshots")).unwrap().count();
         assert_eq!(leftovers, 0);
 
         let rc = unsafe {
@@ -257,21 +252,7 @@ fn full_or_readonly_staging_gives_io_errors() {
         assert_eq!(rc, 0, "remount ro: {}", io::Error::last_os_error());
         let e = s.save_state(db, &DbState::default()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
-        let e = s
-            .stage_transaction(
-                db,
-                &TxnMeta {
-                    txid: 2,
-                    page_size: 512,
-                    commit: 1,
-                    pre_checksum: DatabaseChecksum::EMPTY,
-                    post_checksum: DatabaseChecksum::EMPTY,
-                    timestamp_ms: 0,
-                    wal: None,
-                },
-                [Ok((1u32, page(512, 0)))],
-            )
-            .unwrap_err();
+        let e = s.open_segment(Path::new("other.db")).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     } else {
         use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,461 @@
+//! Segments: append-only files of captured transaction batches, the hot path's staging
+//! format.
+//!
+//! A capture appends one record per batch of committed transactions to its database's
+//! active segment with plain writes, no fsync: until a durable point, the same frames are
+//! still in the backing `-wal`, which SQLite itself made durable, so a crash loses nothing
+//! that cannot be read again. At a durable point the segment is fsynced
+//! ([`SegmentWriter::sync`]); at an upload it is sealed ([`SegmentWriter::seal`]): fsynced
+//! and renamed to `<min %016x>-<max %016x>.seg`.
+//!
+//! Pages are stored raw (the uploader compresses when it encodes LTX), so that an append
+//! costs one copy and no compression on the application's barrier. A record:
+//!
+//! ```text
+//! header  48 bytes  magic "WFSB", version 1, page size, commit (pages after max TXID),
+//!                   min TXID, max TXID, timestamp (ms), page count, reserved (all big-endian)
+//! pages   count × (pgno u32 + page data), ascending pgno; an all-zero page is a page the
+//!                   batch zeroed (the database shrank below it and grew again)
+//! trailer 16 bytes  post-apply database checksum, CRC-64/GO-ISO of everything before it
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crc::{Crc, Digest, CRC_64_GO_ISO};
+
+const RECORD_MAGIC: u32 = 0x5746_5342;
+const RECORD_VERSION: u32 = 1;
+const HEADER_SIZE: usize = 48;
+const TRAILER_SIZE: usize = 16;
+/// Appends are flushed to the file in chunks of this size.
+const FLUSH_AT: usize = 1 << 20;
+
+static CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_GO_ISO);
+
+/// What one record covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub page_size: u32,
+    /// Database size in pages after `max_txid`.
+    pub commit: u32,
+    pub min_txid: u64,
+    pub max_txid: u64,
+    /// Commit time of the newest transaction, ms since the Unix epoch.
+    pub timestamp_ms: i64,
+    pub page_count: u32,
+}
+
+impl BatchHeader {
+    fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..4].copy_from_slice(&RECORD_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&RECORD_VERSION.to_be_bytes());
+        b[8..12].copy_from_slice(&self.page_size.to_be_bytes());
+        b[12..16].copy_from_slice(&self.commit.to_be_bytes());
+        b[16..24].copy_from_slice(&self.min_txid.to_be_bytes());
+        b[24..32].copy_from_slice(&self.max_txid.to_be_bytes());
+        b[32..40].copy_from_slice(&self.timestamp_ms.to_be_bytes());
+        b[40..44].copy_from_slice(&self.page_count.to_be_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; HEADER_SIZE]) -> Option<BatchHeader> {
+        let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+        if u32_at(0) != RECORD_MAGIC || u32_at(4) != RECORD_VERSION {
+            return None;
+        }
+        let h = BatchHeader {
+            page_size: u32_at(8),
+            commit: u32_at(12),
+            min_txid: u64_at(16),
+            max_txid: u64_at(24),
+            timestamp_ms: u64_at(32) as i64,
+            page_count: u32_at(40),
+        };
+        let sane = h.page_size.is_power_of_two()
+            && (512..=65536).contains(&h.page_size)
+            && h.min_txid >= 1
+            && h.min_txid <= h.max_txid;
+        sane.then_some(h)
+    }
+
+    /// Length of the whole record.
+    pub fn record_len(&self) -> u64 {
+        HEADER_SIZE as u64
+            + u64::from(self.page_count) * (4 + u64::from(self.page_size))
+            + TRAILER_SIZE as u64
+    }
+}
+
+/// One record of a segment file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub header: BatchHeader,
+    /// The database checksum after `max_txid` ([`crate::replica::ltx::DatabaseChecksum`]).
+    pub post_checksum: u64,
+    /// The segment file.
+    pub path: PathBuf,
+    /// Where the record starts in it.
+    pub offset: u64,
+}
+
+impl Batch {
+    /// Reads the record's pages in order.
+    pub fn read_pages(&self, mut f: impl FnMut(u32, &[u8]) -> io::Result<()>) -> io::Result<()> {
+        let mut file = File::open(&self.path)?;
+        io::Seek::seek(&mut file, io::SeekFrom::Start(self.offset + HEADER_SIZE as u64))?;
+        let mut r = BufReader::with_capacity(256 * 1024, file);
+        let mut buf = vec![0u8; 4 + self.header.page_size as usize];
+        for _ in 0..self.header.page_count {
+            r.read_exact(&mut buf)?;
+            let pgno = u32::from_be_bytes(buf[..4].try_into().unwrap());
+            f(pgno, &buf[4..])?;
+        }
+        Ok(())
+    }
+
+    /// The page numbers in the record with the file offset of each page's data.
+    pub fn page_offsets(&self) -> io::Result<Vec<(u32, u64)>> {
+        let file = File::open(&self.path)?;
+        let stride = 4 + u64::from(self.header.page_size);
+        let base = self.offset + HEADER_SIZE as u64;
+        let mut out = Vec::with_capacity(self.header.page_count as usize);
+        let mut b = [0u8; 4];
+        for i in 0..u64::from(self.header.page_count) {
+            file.read_exact_at(&mut b, base + i * stride)?;
+            out.push((u32::from_be_bytes(b), base + i * stride + 4));
+        }
+        Ok(out)
+    }
+}
+
+/// Reads the valid records at the start of a segment file: stops at the first record that
+/// is incomplete or fails its CRC. Returns them and the length of that valid prefix.
+pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut r = BufReader::with_capacity(256 * 1024, file);
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    let mut buf = Vec::new();
+    while offset + (HEADER_SIZE + TRAILER_SIZE) as u64 <= len {
+        let mut hb = [0u8; HEADER_SIZE];
+        r.read_exact(&mut hb)?;
+        let Some(header) = BatchHeader::decode(&hb) else {
+            break;
+        };
+        let rec_len = header.record_len();
+        if offset + rec_len > len {
+            break;
+        }
+        let mut digest = CRC64.digest();
+        digest.update(&hb);
+        let mut left = rec_len - (HEADER_SIZE + TRAILER_SIZE) as u64;
+        buf.resize(FLUSH_AT, 0);
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..n])?;
+            digest.update(&buf[..n]);
+            left -= n as u64;
+        }
+        let mut tb = [0u8; TRAILER_SIZE];
+        r.read_exact(&mut tb)?;
+        digest.update(&tb[..8]);
+        if digest.finalize().to_be_bytes() != tb[8..16] {
+            break;
+        }
+        out.push(Batch {
+            header,
+            post_checksum: u64::from_be_bytes(tb[..8].try_into().unwrap()),
+            path: path.to_path_buf(),
+            offset,
+        });
+        offset += rec_len;
+    }
+    Ok((out, offset))
+}
+
+/// The name of a sealed segment.
+pub fn sealed_name(min_txid: u64, max_txid: u64) -> String {
+    format!("{min_txid:016x}-{max_txid:016x}.seg")
+}
+
+/// Parses [`sealed_name`].
+pub fn parse_sealed_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".seg")?;
+    let (a, b) = stem.split_once('-')?;
+    if a.len() != 16 || b.len() != 16 {
+        return None;
+    }
+    Some((
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    ))
+}
+
+/// The active segment of one database, appended to by its capture.
+#[derive(Debug)]
+pub struct SegmentWriter {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    txids: Option<(u64, u64)>,
+    unsynced: bool,
+}
+
+impl SegmentWriter {
+    /// Opens (creating) the active segment at `path`, keeping its valid records and
+    /// cutting off anything after them (a record torn by a crash).
+    pub fn open(path: &Path) -> io::Result<SegmentWriter> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let (records, valid) = read_segment(path)?;
+        if file.metadata()?.len() != valid {
+            file.set_len(valid)?;
+        }
+        let txids = match (records.first(), records.last()) {
+            (Some(a), Some(b)) => Some((a.header.min_txid, b.header.max_txid)),
+            _ => None,
+        };
+        Ok(SegmentWriter {
+            path: path.to_path_buf(),
+            file,
+            len: valid,
+            txids,
+            unsynced: valid > 0,
+        })
+    }
+
+    /// Whether the segment holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.txids.is_none()
+    }
+
+    /// The TXIDs the segment covers.
+    pub fn txids(&self) -> Option<(u64, u64)> {
+        self.txids
+    }
+
+    /// Starts appending a record; it is written only by [`RecordWriter::finish`].
+    pub fn begin(&mut self, header: BatchHeader) -> RecordWriter<'_> {
+        let mut digest = CRC64.digest();
+        let hb = header.encode();
+        digest.update(&hb);
+        let mut buf = Vec::with_capacity(
+            (header.record_len() as usize).min(FLUSH_AT + 4 + header.page_size as usize),
+        );
+        buf.extend_from_slice(&hb);
+        let start = self.len;
+        RecordWriter {
+            seg: self,
+            header,
+            digest,
+            buf,
+            start,
+            flushed: 0,
+            pages: 0,
+            done: false,
+        }
+    }
+
+    /// Makes every record durable (fdatasync).
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Seals the segment into `dir` as `<min>-<max>.seg` (fsynced, renamed, the directory
+    /// fsynced) and starts an empty one. Returns the sealed file, if it held anything.
+    pub fn seal(&mut self) -> io::Result<Option<PathBuf>> {
+        let Some((min, max)) = self.txids else {
+            return Ok(None);
+        };
+        self.file.sync_all()?;
+        let dir = self.path.parent().expect("segment has a directory");
+        let sealed = dir.join(sealed_name(min, max));
+        fs::rename(&self.path, &sealed)?;
+        let fresh = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)?;
+        File::open(dir)?.sync_all()?;
+        self.file = fresh;
+        self.len = 0;
+        self.txids = None;
+        self.unsynced = false;
+        Ok(Some(sealed))
+    }
+}
+
+/// One record being appended; dropping it unfinished cuts the file back.
+pub struct RecordWriter<'a> {
+    seg: &'a mut SegmentWriter,
+    header: BatchHeader,
+    digest: Digest<'static, u64>,
+    buf: Vec<u8>,
+    start: u64,
+    flushed: u64,
+    pages: u32,
+    done: bool,
+}
+
+impl RecordWriter<'_> {
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.seg
+                .file
+                .write_all_at(&self.buf, self.start + self.flushed)?;
+            self.flushed += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Adds the next page (ascending page numbers, exactly `page_count` of them).
+    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+        if data.len() != self.header.page_size as usize || self.pages >= self.header.page_count {
+            return Err(io::Error::other(format!(
+                "segment record: page {pgno} does not fit its header"
+            )));
+        }
+        let b = pgno.to_be_bytes();
+        self.digest.update(&b);
+        self.digest.update(data);
+        self.buf.extend_from_slice(&b);
+        self.buf.extend_from_slice(data);
+        self.pages += 1;
+        if self.buf.len() >= FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the trailer; the record is then part of the segment (not yet durable).
+    pub fn finish(mut self, post_checksum: u64) -> io::Result<()> {
+        if self.pages != self.header.page_count {
+            return Err(io::Error::other(format!(
+                "segment record: {} pages written, {} announced",
+                self.pages, self.header.page_count
+            )));
+        }
+        let pc = post_checksum.to_be_bytes();
+        self.digest.update(&pc);
+        let digest = std::mem::replace(&mut self.digest, CRC64.digest());
+        let crc = digest.finalize();
+        self.buf.extend_from_slice(&pc);
+        self.buf.extend_from_slice(&crc.to_be_bytes());
+        self.flush()?;
+        self.done = true;
+        let seg = &mut *self.seg;
+        seg.len = self.start + self.flushed;
+        seg.txids = Some(match seg.txids {
+            Some((min, _)) => (min, self.header.max_txid),
+            None => (self.header.min_txid, self.header.max_txid),
+        });
+        seg.unsynced = true;
+        Ok(())
+    }
+}
+
+impl Drop for RecordWriter<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.flushed > 0 {
+            let _ = self.seg.file.set_len(self.start);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(min: u64, max: u64, pages: u32) -> BatchHeader {
+        BatchHeader {
+            page_size: 512,
+            commit: 10,
+            min_txid: min,
+            max_txid: max,
+            timestamp_ms: 7,
+            page_count: pages,
+        }
+    }
+
+    #[test]
+    fn append_read_tear_and_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("active");
+        let mut w = SegmentWriter::open(&path).unwrap();
+        assert!(w.is_empty());
+        let mut r = w.begin(header(1, 3, 2));
+        r.add_page(1, &[1u8; 512]).unwrap();
+        r.add_page(4, &[4u8; 512]).unwrap();
+        r.finish(99).unwrap();
+        // A record abandoned halfway leaves nothing.
+        {
+            let mut r = w.begin(header(4, 4, 3000));
+            for p in 1..=2100 {
+                r.add_page(p, &[9u8; 512]).unwrap();
+            }
+        }
+        assert_eq!(fs::metadata(&path).unwrap().len(), header(1, 3, 2).record_len());
+        let mut r = w.begin(header(4, 4, 1));
+        r.add_page(2, &[2u8; 512]).unwrap();
+        r.finish(100).unwrap();
+        let (recs, valid) = read_segment(&path).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[1].post_checksum, 100);
+        let mut seen = Vec::new();
+        recs[0]
+            .read_pages(|p, d| {
+                seen.push((p, d[0]));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, vec![(1, 1), (4, 4)]);
+        let offs = recs[1].page_offsets().unwrap();
+        assert_eq!(offs.len(), 1);
+        let mut b = [0u8; 512];
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut b, offs[0].1)
+            .unwrap();
+        assert_eq!(b, [2u8; 512]);
+
+        // A torn tail (a crash mid-append) is cut off at reopen; a flipped byte too.
+        drop(w);
+        let f = OpenOptions::new().append(true).open(&path).unwrap();
+        io::Write::write_all(&mut &f, &header(5, 5, 1).encode()).unwrap();
+        let mut w = SegmentWriter::open(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), valid);
+        assert_eq!(w.txids(), Some((1, 4)));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[60] ^= 1;
+        let corrupt = dir.path().join("corrupt");
+        fs::write(&corrupt, &bytes).unwrap();
+        assert_eq!(read_segment(&corrupt).unwrap().0.len(), 0);
+
+        let sealed = w.seal().unwrap().unwrap();
+        assert_eq!(
+            sealed.file_name().unwrap().to_str().unwrap(),
+            sealed_name(1, 4)
+        );
+        assert_eq!(parse_sealed_name(&sealed_name(1, 4)), Some((1, 4)));
+        assert!(w.is_empty());
+        assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+        assert_eq!(read_segment(&sealed).unwrap().0.len(), 2);
+        assert_eq!(w.seal().unwrap(), None);
+    }
+}
