@@ -24,7 +24,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crc::{Crc, Digest, CRC_64_GO_ISO};
+use crc::{Crc, Digest, Table, CRC_64_GO_ISO};
 
 const RECORD_MAGIC: u32 = 0x5746_5342;
 const RECORD_VERSION: u32 = 1;
@@ -33,7 +33,7 @@ const TRAILER_SIZE: usize = 16;
 /// Appends are flushed to the file in chunks of this size.
 const FLUSH_AT: usize = 1 << 20;
 
-static CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_GO_ISO);
+static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_GO_ISO);
 
 /// What one record covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,7 +304,7 @@ impl SegmentWriter {
 pub struct RecordWriter<'a> {
     seg: &'a mut SegmentWriter,
     header: BatchHeader,
-    digest: Digest<'static, u64>,
+    digest: Digest<'static, u64, Table<16>>,
     buf: Vec<u8>,
     start: u64,
     flushed: u64,
