@@ -20,8 +20,10 @@ use crate::staging::Staging;
 /// How long unmount waits for pending uploads before giving up (and saying so).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The longest time WAL changes between barriers wait to be read, merged into one batch.
-const WATCH_COALESCE: Duration = Duration::from_millis(250);
+/// How long WAL changes between barriers wait to be read (merged into one batch). Short,
+/// so that the capture runs beside a busy writer rather than at its next checkpoint, where
+/// the writer would wait for it.
+const WATCH_COALESCE: Duration = Duration::from_millis(5);
 
 /// Replication settings of a mount.
 #[derive(Debug, Clone)]
@@ -84,8 +86,7 @@ impl Replication {
                 .name("walfs-upload".into())
                 .spawn(move || uploader.run(interval, || capture.take_staged()))?
         };
-        let coalesce = (opts.sync_interval / 4).clamp(Duration::from_millis(10), WATCH_COALESCE);
-        let watcher = WalWatcher::start(capture.clone(), coalesce)
+        let watcher = WalWatcher::start(capture.clone(), WATCH_COALESCE)
             .context("cannot watch the backing directory for WAL changes (inotify)")?;
         Ok(Replication {
             capture,

@@ -238,6 +238,8 @@ pub struct DatabaseCapture {
     staging: Arc<Staging>,
     /// The active segment batches are appended to.
     segment: SegmentWriter,
+    /// The open backing `-wal` (reopened after [`DatabaseCapture::wal_replaced`]).
+    wal_file: Option<File>,
     tracker: WalTracker,
     state: DbState,
     saved: Option<DbState>,
@@ -259,12 +261,24 @@ impl DatabaseCapture {
         at_barrier: bool,
     ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
         let saved = staging.state(rel)?;
+        // Batches staged after the state was last saved carry their own position.
+        let saved = match (saved, staging.last_batch(rel)?) {
+            (Some(st), Some(b)) if b.header.max_txid > st.txid => Some(DbState {
+                txid: b.header.max_txid,
+                page_size: b.header.page_size,
+                commit: b.header.commit,
+                checksum: b.post_checksum,
+                wal: b.header.wal,
+                uploaded_txid: st.uploaded_txid,
+            }),
+            (st, _) => st,
+        };
         let dropped = staging.recover(rel, saved.map_or(0, |s| s.txid))?;
         if dropped > 0 {
             tracing::info!(
                 db = %rel.display(),
                 dropped,
-                "staged batches beyond the last durable state are read again from the WAL"
+                "staged files beyond the last complete batch were dropped; their transactions are read again from the WAL"
             );
         }
         let segment = staging.open_segment(rel)?;
@@ -274,6 +288,7 @@ impl DatabaseCapture {
             wal_path: wal_path(db_path),
             staging,
             segment,
+            wal_file: None,
             tracker: WalTracker::new(),
             state: DbState::default(),
             saved: None,
@@ -338,10 +353,9 @@ impl DatabaseCapture {
         self.save()
     }
 
-    /// Makes the staged batches and then the state that counts them durable.
+    /// Makes the staged batches durable (each records the WAL position after it).
     fn make_durable(&mut self) -> io::Result<()> {
-        self.segment.sync()?;
-        self.save()
+        self.segment.sync()
     }
 
     /// Stages a full snapshot of the current committed state now.
@@ -373,18 +387,44 @@ impl DatabaseCapture {
         Ok(())
     }
 
+    /// The `-wal` file was created, unlinked or renamed: open it again next time.
+    pub fn wal_replaced(&mut self) {
+        self.wal_file = None;
+    }
+
     fn capture(&mut self, barrier: bool, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+        use std::os::unix::fs::MetadataExt;
+        // The open file, unless it was unlinked behind the observer's back (then a new
+        // `-wal` may exist under the name).
+        let cached = self
+            .wal_file
+            .take()
+            .filter(|f| f.metadata().is_ok_and(|m| m.nlink() > 0));
+        let wal = match cached {
+            Some(f) => Some(f),
+            None => open_optional(&self.wal_path)?,
+        };
+        let res = self.capture_from(wal.as_ref(), barrier, durable);
+        self.wal_file = wal;
+        res
+    }
+
+    fn capture_from(
+        &mut self,
+        wal: Option<&File>,
+        barrier: bool,
+        durable: bool,
+    ) -> io::Result<Vec<CaptureEvent>> {
         let mut events = Vec::new();
-        let wal = open_optional(&self.wal_path)?;
         let mut tracker = self.tracker.clone();
-        let polled = poll_wal(&mut tracker, wal.as_ref(), barrier)?;
+        let polled = poll_wal(&mut tracker, wal, barrier)?;
         let mut heal: Option<String> = None;
         // The log changed generation: what was read of the old one must not be lost.
         let mut durable = durable;
         let mut batch: Vec<WalTransaction> = Vec::new();
         for ev in polled {
             if !matches!(ev, WalEvent::Commit(_)) && !batch.is_empty() {
-                if let Err(reason) = self.stage_pending(wal.as_ref(), &mut batch, &mut events)? {
+                if let Err(reason) = self.stage_pending(wal, &mut batch, &mut events)? {
                     heal = Some(reason);
                     break;
                 }
@@ -413,7 +453,7 @@ impl DatabaseCapture {
             }
         }
         if heal.is_none() && !batch.is_empty() {
-            if let Err(reason) = self.stage_pending(wal.as_ref(), &mut batch, &mut events)? {
+            if let Err(reason) = self.stage_pending(wal, &mut batch, &mut events)? {
                 heal = Some(reason);
             }
         }
@@ -497,6 +537,7 @@ impl DatabaseCapture {
             max_txid: self.state.txid + txns.len() as u64,
             timestamp_ms: now_ms(),
             page_count: pages.len() as u32,
+            wal: Some(WalPosition::after(last)),
         };
         let mut sum = self.state.database_checksum();
         // Shrink: the pages past the new end leave the database.
@@ -522,8 +563,8 @@ impl DatabaseCapture {
                 },
                 None => buf.fill(0),
             }
-            w.add_page(pgno, &buf)?;
             let c = DatabaseChecksum::page_checksum(pgno, &buf);
+            w.add_page(pgno, &buf, c)?;
             if let Some(&old) = self.sums.get(pgno as usize - 1) {
                 if old != 0 && pgno <= commit {
                     sum.toggle(old);
@@ -652,7 +693,8 @@ impl DatabaseCapture {
         self.state.commit = size;
         self.state.checksum = sum.value();
         self.state.wal = self.tracker.position();
-        self.make_durable()
+        self.make_durable()?;
+        self.save()
     }
 
     /// Rebuilds the per-page checksums from the files for a saved state. True if the files
@@ -937,6 +979,15 @@ impl Capture {
         self.with_db(rel, true, true, |c| c.on_wal_barrier(durable))
     }
 
+    /// The `-wal` of `db` was created, or is about to be removed: forget its open file.
+    fn wal_replaced(&self, db: &Path) {
+        if let Some(slot) = self.slot(db, false) {
+            if let Some(c) = slot.lock().as_mut() {
+                c.wal_replaced();
+            }
+        }
+    }
+
     /// `rel` changed between barriers; only databases already captured are polled.
     pub fn on_changed(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
         self.with_db(rel, false, false, |c| c.on_wal_changed())
@@ -980,7 +1031,12 @@ impl CaptureObserver {
             return Ok(());
         };
         if is_wal || self.capture.is_captured(&db) {
-            self.capture.on_barrier(rel, true).map_err(|_| FsError::EIO)?;
+            self.capture
+                .on_barrier(rel, true)
+                .map_err(|_| FsError::EIO)?;
+        }
+        if is_wal {
+            self.capture.wal_replaced(&db);
         }
         if !is_wal {
             self.capture.forget(&db);
@@ -995,6 +1051,9 @@ impl Observer for CaptureObserver {
         // registered at its first barrier, once it has a header.
         if name.as_bytes().ends_with(b"-wal") {
             let rel = dir.relative_path().map(|d| d.join(name));
+            if let Some((db, true)) = rel.as_deref().ok().and_then(database_of) {
+                self.capture.wal_replaced(&db);
+            }
             return self.barrier(rel, false);
         }
         Ok(())

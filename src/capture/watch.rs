@@ -79,7 +79,8 @@ impl Watch {
             self.update_watches();
             let ready = {
                 let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
-                let timeout = PollTimeout::try_from(TICK.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+                let timeout =
+                    PollTimeout::try_from(TICK.as_millis() as i32).unwrap_or(PollTimeout::MAX);
                 poll(&mut fds, timeout).unwrap_or(0)
             };
             if ready == 0 {

@@ -110,20 +110,22 @@ impl From<io::Error> for WalError {
 /// `seed` (`[0, 0]` for the header). SQLite only checksums multiples of 8 bytes; a trailing
 /// remainder of `data.len() % 8` bytes is ignored.
 pub fn wal_checksum(big_endian: bool, data: &[u8], seed: [u32; 2]) -> [u32; 2] {
-    let [mut s0, mut s1] = seed;
-    let word = |b: &[u8]| -> u32 {
-        let a = [b[0], b[1], b[2], b[3]];
-        if big_endian {
-            u32::from_be_bytes(a)
-        } else {
-            u32::from_le_bytes(a)
+    // One loop per byte order, so that the word conversion is not decided per word.
+    fn run(data: &[u8], seed: [u32; 2], word: impl Fn([u8; 4]) -> u32) -> [u32; 2] {
+        let [mut s0, mut s1] = seed;
+        for pair in data.chunks_exact(8) {
+            let x0 = word([pair[0], pair[1], pair[2], pair[3]]);
+            let x1 = word([pair[4], pair[5], pair[6], pair[7]]);
+            s0 = s0.wrapping_add(x0).wrapping_add(s1);
+            s1 = s1.wrapping_add(x1).wrapping_add(s0);
         }
-    };
-    for pair in data.chunks_exact(8) {
-        s0 = s0.wrapping_add(word(&pair[..4])).wrapping_add(s1);
-        s1 = s1.wrapping_add(word(&pair[4..])).wrapping_add(s0);
+        [s0, s1]
     }
-    [s0, s1]
+    if big_endian {
+        run(data, seed, u32::from_be_bytes)
+    } else {
+        run(data, seed, u32::from_le_bytes)
+    }
 }
 
 /// The 32-byte WAL header.

@@ -13,12 +13,15 @@
 //!
 //! Durability follows SQLite's own: transaction batches are appended without fsync, because
 //! the frames they hold stay in the backing `-wal` until a checkpoint, and a checkpoint is a
-//! barrier at which the capture makes its segment and state durable. The state is written
-//! only at such durable points (temp file, fsync, rename, directory fsync), so after a
-//! crash it is never ahead of what is durable: [`Staging::recover`] cuts off every batch
-//! beyond it, and the capture reads those transactions again from the `-wal`. Snapshots are
-//! written durably at once. Sealing (before an upload) makes a segment durable too, so the
-//! replica never holds a TXID that staging could forget.
+//! barrier at which the capture fsyncs its segment. Every batch records the WAL position it
+//! was read up to, so the newest valid batch is where a restarted capture resumes; the
+//! state file (temp file, fsync, rename, directory fsync) is written only at snapshots and
+//! seals, and [`Staging::last_batch`] may be ahead of it. After a crash,
+//! [`Staging::recover`] cuts off whatever is beyond the position resumed from (a torn
+//! batch, a snapshot that was not committed), and the capture reads those transactions
+//! again from the `-wal`. Snapshots are written durably at once. Sealing (before an
+//! upload) makes a segment durable too, so the replica never holds a TXID that staging
+//! could forget.
 //!
 //! Staging knows nothing about SQLite or the WAL beyond the position it stores, and it
 //! never talks to the network. Every failure (ENOSPC, EROFS, EACCES, ...) is an
@@ -373,7 +376,10 @@ impl Staging {
             dropped += records.len() - keep;
             let keep_len = records.get(keep).map_or(valid, |b| b.offset);
             if keep_len != entry.metadata()?.len() {
-                OpenOptions::new().write(true).open(&path)?.set_len(keep_len)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(keep_len)?;
             }
             let is_active = entry.file_name() == ACTIVE_SEGMENT;
             if !is_active {
@@ -397,6 +403,23 @@ impl Staging {
             sync_dir(&segments)?;
         }
         Ok(dropped)
+    }
+
+    /// The newest staged batch of `db` (sealed or not), if any.
+    pub fn last_batch(&self, db: &Path) -> io::Result<Option<Batch>> {
+        let mut last: Option<Batch> = None;
+        for entry in list_dir(&self.segment_dir(db)?)? {
+            let (records, _) = segment::read_segment(&entry.path())?;
+            if let Some(b) = records.into_iter().last() {
+                if last
+                    .as_ref()
+                    .is_none_or(|l| b.header.max_txid > l.header.max_txid)
+                {
+                    last = Some(b);
+                }
+            }
+        }
+        Ok(last)
     }
 
     /// Sealed batches and snapshots not yet uploaded, by ascending maximum TXID (a
@@ -433,7 +456,8 @@ impl Staging {
             for entry in list_dir(&dir)? {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                let range = parse_ltx_object_name(&name).or_else(|| segment::parse_sealed_name(&name));
+                let range =
+                    parse_ltx_object_name(&name).or_else(|| segment::parse_sealed_name(&name));
                 if range.is_some_and(|(_, max)| max <= upto_txid) {
                     fs::remove_file(entry.path())?;
                     removed = true;

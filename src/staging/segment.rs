@@ -12,12 +12,20 @@
 //! costs one copy and no compression on the application's barrier. A record:
 //!
 //! ```text
-//! header  48 bytes  magic "WFSB", version 1, page size, commit (pages after max TXID),
-//!                   min TXID, max TXID, timestamp (ms), page count, reserved (all big-endian)
+//! header  96 bytes  magic "WFSB", version 1, page size, commit (pages after max TXID),
+//!                   min TXID, max TXID, timestamp (ms), page count, reserved, then the WAL
+//!                   position read up to (flag, byte order, page size, checkpoint sequence,
+//!                   salt-1, salt-2, header checksum ×2, committed end u64, chain ×2)
+//!                   (all big-endian)
 //! pages   count × (pgno u32 + page data), ascending pgno; an all-zero page is a page the
 //!                   batch zeroed (the database shrank below it and grew again)
-//! trailer 16 bytes  post-apply database checksum, CRC-64/GO-ISO of everything before it
+//! trailer 16 bytes  post-apply database checksum, CRC-64/GO-ISO of the record
 //! ```
+//!
+//! The record CRC covers the header, each page's number and checksum
+//! ([`DatabaseChecksum::page_checksum`], which the capture computes anyway), and the
+//! post-apply checksum; a reader recomputes the page checksums from the data. So every
+//! byte is verified, and the hot path hashes each page once.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
@@ -26,9 +34,12 @@ use std::path::{Path, PathBuf};
 
 use crc::{Crc, Digest, Table, CRC_64_GO_ISO};
 
+use crate::replica::ltx::DatabaseChecksum;
+use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
+
 const RECORD_MAGIC: u32 = 0x5746_5342;
 const RECORD_VERSION: u32 = 1;
-const HEADER_SIZE: usize = 48;
+const HEADER_SIZE: usize = 96;
 const TRAILER_SIZE: usize = 16;
 /// Appends are flushed to the file in chunks of this size.
 const FLUSH_AT: usize = 1 << 20;
@@ -46,6 +57,8 @@ pub struct BatchHeader {
     /// Commit time of the newest transaction, ms since the Unix epoch.
     pub timestamp_ms: i64,
     pub page_count: u32,
+    /// Where the WAL was read up to after `max_txid`: a restarted walfs resumes there.
+    pub wal: Option<WalPosition>,
 }
 
 impl BatchHeader {
@@ -59,6 +72,25 @@ impl BatchHeader {
         b[24..32].copy_from_slice(&self.max_txid.to_be_bytes());
         b[32..40].copy_from_slice(&self.timestamp_ms.to_be_bytes());
         b[40..44].copy_from_slice(&self.page_count.to_be_bytes());
+        if let Some(w) = &self.wal {
+            let h = &w.header;
+            let words = [
+                1,
+                u32::from(h.big_endian_checksum),
+                h.page_size,
+                h.checkpoint_seq,
+                h.salt1,
+                h.salt2,
+                h.checksum[0],
+                h.checksum[1],
+            ];
+            for (i, v) in words.iter().enumerate() {
+                b[48 + 4 * i..52 + 4 * i].copy_from_slice(&v.to_be_bytes());
+            }
+            b[80..88].copy_from_slice(&w.committed_end.to_be_bytes());
+            b[88..92].copy_from_slice(&w.checksum[0].to_be_bytes());
+            b[92..96].copy_from_slice(&w.checksum[1].to_be_bytes());
+        }
         b
     }
 
@@ -75,6 +107,19 @@ impl BatchHeader {
             max_txid: u64_at(24),
             timestamp_ms: u64_at(32) as i64,
             page_count: u32_at(40),
+            wal: (u32_at(48) == 1).then(|| WalPosition {
+                header: WalHeader {
+                    big_endian_checksum: u32_at(52) != 0,
+                    version: WAL_VERSION,
+                    page_size: u32_at(56),
+                    checkpoint_seq: u32_at(60),
+                    salt1: u32_at(64),
+                    salt2: u32_at(68),
+                    checksum: [u32_at(72), u32_at(76)],
+                },
+                committed_end: u64_at(80),
+                checksum: [u32_at(88), u32_at(92)],
+            }),
         };
         let sane = h.page_size.is_power_of_two()
             && (512..=65536).contains(&h.page_size)
@@ -107,7 +152,10 @@ impl Batch {
     /// Reads the record's pages in order.
     pub fn read_pages(&self, mut f: impl FnMut(u32, &[u8]) -> io::Result<()>) -> io::Result<()> {
         let mut file = File::open(&self.path)?;
-        io::Seek::seek(&mut file, io::SeekFrom::Start(self.offset + HEADER_SIZE as u64))?;
+        io::Seek::seek(
+            &mut file,
+            io::SeekFrom::Start(self.offset + HEADER_SIZE as u64),
+        )?;
         let mut r = BufReader::with_capacity(256 * 1024, file);
         let mut buf = vec![0u8; 4 + self.header.page_size as usize];
         for _ in 0..self.header.page_count {
@@ -154,13 +202,12 @@ pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
         }
         let mut digest = CRC64.digest();
         digest.update(&hb);
-        let mut left = rec_len - (HEADER_SIZE + TRAILER_SIZE) as u64;
-        buf.resize(FLUSH_AT, 0);
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            r.read_exact(&mut buf[..n])?;
-            digest.update(&buf[..n]);
-            left -= n as u64;
+        buf.resize(4 + header.page_size as usize, 0);
+        for _ in 0..header.page_count {
+            r.read_exact(&mut buf)?;
+            let pgno = u32::from_be_bytes(buf[..4].try_into().unwrap());
+            digest.update(&buf[..4]);
+            digest.update(&DatabaseChecksum::page_checksum(pgno, &buf[4..]).to_be_bytes());
         }
         let mut tb = [0u8; TRAILER_SIZE];
         r.read_exact(&mut tb)?;
@@ -324,16 +371,18 @@ impl RecordWriter<'_> {
         Ok(())
     }
 
-    /// Adds the next page (ascending page numbers, exactly `page_count` of them).
-    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+    /// Adds the next page (ascending page numbers, exactly `page_count` of them), with its
+    /// [`DatabaseChecksum::page_checksum`].
+    pub fn add_page(&mut self, pgno: u32, data: &[u8], page_checksum: u64) -> io::Result<()> {
         if data.len() != self.header.page_size as usize || self.pages >= self.header.page_count {
             return Err(io::Error::other(format!(
                 "segment record: page {pgno} does not fit its header"
             )));
         }
+        debug_assert_eq!(page_checksum, DatabaseChecksum::page_checksum(pgno, data));
         let b = pgno.to_be_bytes();
         self.digest.update(&b);
-        self.digest.update(data);
+        self.digest.update(&page_checksum.to_be_bytes());
         self.buf.extend_from_slice(&b);
         self.buf.extend_from_slice(data);
         self.pages += 1;
@@ -390,7 +439,18 @@ mod tests {
             max_txid: max,
             timestamp_ms: 7,
             page_count: pages,
+            wal: Some(WalPosition {
+                header: WalHeader::new(false, 512, 1, 2, 3),
+                committed_end: 32 + 3 * 536,
+                checksum: [5, 6],
+            }),
         }
+    }
+
+    fn add(r: &mut RecordWriter<'_>, pgno: u32, fill: u8) {
+        let data = [fill; 512];
+        r.add_page(pgno, &data, DatabaseChecksum::page_checksum(pgno, &data))
+            .unwrap();
     }
 
     #[test]
@@ -400,23 +460,27 @@ mod tests {
         let mut w = SegmentWriter::open(&path).unwrap();
         assert!(w.is_empty());
         let mut r = w.begin(header(1, 3, 2));
-        r.add_page(1, &[1u8; 512]).unwrap();
-        r.add_page(4, &[4u8; 512]).unwrap();
+        add(&mut r, 1, 1);
+        add(&mut r, 4, 4);
         r.finish(99).unwrap();
         // A record abandoned halfway leaves nothing.
         {
             let mut r = w.begin(header(4, 4, 3000));
             for p in 1..=2100 {
-                r.add_page(p, &[9u8; 512]).unwrap();
+                add(&mut r, p, 9);
             }
         }
-        assert_eq!(fs::metadata(&path).unwrap().len(), header(1, 3, 2).record_len());
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            header(1, 3, 2).record_len()
+        );
         let mut r = w.begin(header(4, 4, 1));
-        r.add_page(2, &[2u8; 512]).unwrap();
+        add(&mut r, 2, 2);
         r.finish(100).unwrap();
         let (recs, valid) = read_segment(&path).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].post_checksum, 100);
+        assert_eq!(recs[1].header, header(4, 4, 1));
         let mut seen = Vec::new();
         recs[0]
             .read_pages(|p, d| {
@@ -442,7 +506,7 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().len(), valid);
         assert_eq!(w.txids(), Some((1, 4)));
         let mut bytes = fs::read(&path).unwrap();
-        bytes[60] ^= 1;
+        bytes[HEADER_SIZE + 10] ^= 1;
         let corrupt = dir.path().join("corrupt");
         fs::write(&corrupt, &bytes).unwrap();
         assert_eq!(read_segment(&corrupt).unwrap().0.len(), 0);

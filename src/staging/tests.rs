@@ -70,9 +70,12 @@ fn append(seg: &mut SegmentWriter, min: u64, max: u64, pages: &[(u32, u8)]) {
         max_txid: max,
         timestamp_ms: 2000 + max as i64,
         page_count: pages.len() as u32,
+        wal: None,
     });
     for &(pgno, fill) in pages {
-        w.add_page(pgno, &page(512, fill)).unwrap();
+        let data = page(512, fill);
+        w.add_page(pgno, &data, DatabaseChecksum::page_checksum(pgno, &data))
+            .unwrap();
     }
     w.finish(max).unwrap();
 }
@@ -165,7 +168,11 @@ fn snapshots_segments_upload_and_recovery() {
         b"partial",
     )
     .unwrap();
-    assert_eq!(s.recover(db, 6).unwrap(), 4, "7..=8, 9, the snapshot of 7, the tmp");
+    assert_eq!(
+        s.recover(db, 6).unwrap(),
+        4,
+        "7..=8, 9, the snapshot of 7, the tmp"
+    );
     assert_eq!(ranges(&s, db), vec![(5, 6, false)]);
     assert_eq!(
         fs::read_dir(dir.path().join("staging/x.db/snapshots"))
