@@ -115,6 +115,7 @@ impl Replication {
         // Commits made since the last WAL event, then everything sealed.
         self.capture.poll_all();
         let mut dbs = self.capture.take_staged();
+        self.capture.close_all();
         dbs.extend(self.capture.staging().databases().unwrap_or_default());
         dbs.sort();
         dbs.dedup();
