@@ -39,7 +39,7 @@ use crate::fs::{FsError, FsResult};
 use crate::replica::ltx::{lock_pgno, DatabaseChecksum, LtxHeader};
 use crate::sqlite::{
     read_full, DbHeader, FileFormat, WalError, WalEvent, WalPage, WalPosition, WalTracker,
-    WalTransaction, DB_HEADER_SIZE,
+    WalTransaction, DB_HEADER_SIZE, WAL_FRAME_HEADER_SIZE,
 };
 use crate::staging::{BatchHeader, DbState, LtxWriter, PageMerge, SegmentWriter, Staging};
 
@@ -584,11 +584,11 @@ impl DatabaseCapture {
             }
         }
         let mut w = self.segment.begin(header);
-        let mut buf = vec![0u8; ps as usize];
+        let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + ps as usize];
         let mut new_sums = Vec::with_capacity(pages.len());
         for (pgno, at) in pages {
             match at {
-                Some((i, p)) => match txns[i].read_page(wal, &p, &mut buf) {
+                Some((i, p)) => match txns[i].read_frame_page(wal, &p, &mut frame) {
                     Ok(()) => {}
                     Err(WalError::FrameChanged { .. }) => {
                         return Err(StageError::WalChanged(
@@ -597,10 +597,11 @@ impl DatabaseCapture {
                     }
                     Err(e) => return Err(StageError::Io(wal_io(e))),
                 },
-                None => buf.fill(0),
+                None => frame.fill(0),
             }
-            let c = DatabaseChecksum::page_checksum(pgno, &buf);
-            w.add_page(pgno, &buf, c)?;
+            let buf = &frame[WAL_FRAME_HEADER_SIZE..];
+            let c = DatabaseChecksum::page_checksum(pgno, buf);
+            w.add_page(pgno, buf, c)?;
             if let Some(&old) = self.sums.get(pgno as usize - 1) {
                 if old != 0 && pgno <= commit {
                     sum.toggle(old);
