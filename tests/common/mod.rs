@@ -113,7 +113,7 @@ impl Mount {
                     self.log()
                 );
             }
-            if is_mounted(&self.mountpoint) && std::fs::metadata(&self.mountpoint).is_ok() {
+            if is_mounted(&self.mountpoint) && answers(&self.mountpoint) {
                 return;
             }
             assert!(
@@ -237,6 +237,25 @@ fn unescape_mount_path(p: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// True if a stat of `path` that bypasses the kernel's attribute cache succeeds: a FUSE
+/// mount whose daemon died still answers a plain stat from the cache for a moment.
+pub fn answers(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: an all-zero statx is a valid out buffer.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path string and out buffer.
+    unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_TYPE,
+            &mut buf,
+        ) == 0
+    }
+}
+
 /// Waits until `mountpoint` is a FUSE mount served by `child`; panics (never skips) if the
 /// daemon exits or the mount does not appear.
 pub fn wait_mounted(mountpoint: &Path, child: &mut Child) {
@@ -247,7 +266,7 @@ pub fn wait_mounted(mountpoint: &Path, child: &mut Child) {
             child.stderr.take().unwrap().read_to_string(&mut err).ok();
             panic!("walfs mount exited with {status} before mounting: {err}");
         }
-        if is_mounted(mountpoint) && std::fs::metadata(mountpoint).is_ok() {
+        if is_mounted(mountpoint) && answers(mountpoint) {
             return;
         }
         if start.elapsed() > Duration::from_secs(20) {
