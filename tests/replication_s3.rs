@@ -762,13 +762,12 @@ fn kill_9_of_walfs_mid_load_then_remount_loses_nothing_committed() {
         common::is_mounted(&m.mountpoint),
         "kill -9 leaves a stale mount"
     );
-    // What the crash left: commits that are only in the WAL, which no barrier announced
-    // to walfs.
+    // What the crash left (the WAL's size, in frames): commits that are only in the WAL,
+    // which no barrier announced to walfs.
     let wal_frames: Vec<u64> = dbs
         .iter()
         .map(|(rel, _)| file_len(&wal_of(&m.backing_path(rel))).saturating_sub(32) / (4096 + 24))
         .collect();
-    eprintln!("WAL frames left by the crash: {wal_frames:?}");
     assert!(
         wal_frames.iter().all(|&n| n > 0),
         "the crash left no WAL frames: {wal_frames:?}"
@@ -792,6 +791,18 @@ fn kill_9_of_walfs_mid_load_then_remount_loses_nothing_committed() {
         assert!(!wal_of(&backing).exists(), "{rel}: the WAL is still there");
         let out = r.restore_db(rel);
         assert_same_database(&backing, &out);
+    }
+
+    // The replica goes on from there: a further mount replicates new commits on top.
+    m.start(&as_strs(&args));
+    for (rel, sync) in dbs {
+        let c = open_wal(&m.path(rel), sync);
+        churn(&c, 100, 42);
+    }
+    m.stop();
+    for (rel, _) in dbs {
+        std::fs::remove_file(r.out(rel)).unwrap();
+        assert_replicated(&r, &m, rel);
     }
 }
 
