@@ -149,7 +149,11 @@ fn preflight(opts: &MountOptions) -> anyhow::Result<(PathBuf, PathBuf)> {
             mountpoint.display()
         ),
         Ok(_) => {
-            if is_mountpoint(&mountpoint) {
+            // A mount whose daemon died a moment ago still answers stat from the kernel's
+            // attribute cache (for up to --cache-ttl): only a fresh GETATTR tells.
+            if is_mountpoint(&mountpoint) && is_dead_fuse_mount(&mountpoint) {
+                clean_stale_mount(&mountpoint)?;
+            } else if is_mountpoint(&mountpoint) {
                 bail!(
                     "mountpoint {} is already mounted; unmount it first (fusermount3 -u {})",
                     mountpoint.display(),
@@ -248,6 +252,27 @@ fn unescape_mountinfo(field: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// True if `path` is a FUSE mount whose daemon is gone: a stat that bypasses the attribute
+/// cache (`AT_STATX_FORCE_SYNC`) fails with ENOTCONN.
+fn is_dead_fuse_mount(path: &Path) -> bool {
+    let Ok(c) = crate::fs::sys::cstr(path.as_os_str()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statx is a valid out buffer.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path string and out buffer.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_TYPE,
+            &mut buf,
+        )
+    };
+    r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// Detaches a mount whose daemon died ("transport endpoint is not connected").

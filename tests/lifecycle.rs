@@ -113,6 +113,26 @@ fn stale_mount_after_kill_9_is_cleaned_by_the_next_mount() {
 }
 
 #[test]
+fn stale_mount_is_cleaned_while_the_kernel_still_caches_its_attributes() {
+    // Right after kill -9 a plain stat of the mountpoint still succeeds from the kernel's
+    // attribute cache (for up to --cache-ttl): a remount at once must still see the mount
+    // is dead, not refuse it as "already mounted".
+    let mut m = Mount::with_args(&["--cache-ttl", "30"]);
+    std::fs::write(m.path("kept"), b"before the crash").unwrap();
+    std::fs::metadata(&m.mountpoint).unwrap();
+    m.kill9();
+    assert!(
+        std::fs::metadata(&m.mountpoint).is_ok(),
+        "expected the dead mount's attributes to be cached"
+    );
+    assert!(!common::answers(&m.mountpoint), "expected a stale mount");
+    m.start(&["--cache-ttl", "30"]);
+    assert_eq!(std::fs::read(m.path("kept")).unwrap(), b"before the crash");
+    let log = m.stop();
+    assert!(log.contains("stale mount"), "log: {log}");
+}
+
+#[test]
 fn bad_backing_and_mountpoint_are_refused_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("backing");

@@ -6,53 +6,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{sqlite3, Mount};
-
-fn litestream() -> PathBuf {
-    common::installed_tool("LITESTREAM", "venv/bin/litestream")
-}
+use common::{assert_same_database, sqlite3, walfs_restore, Mount};
 
 /// Restores `replica` (one database's replica directory) with litestream into `out`.
 fn litestream_restore(replica: &Path, out: &Path) {
-    let o = Command::new(litestream())
-        .arg("restore")
-        .arg("-o")
-        .arg(out)
-        .arg(format!("file://{}", replica.display()))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "litestream restore failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Asserts two database files hold the same pages and both pass integrity_check.
-fn assert_same_database(a: &Path, b: &Path) {
-    let out = Command::new("sqldiff")
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("run sqldiff (apt-get install sqlite3-tools)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "",
-        "sqldiff shows differences"
-    );
-    assert_eq!(
-        std::fs::read(a).unwrap(),
-        std::fs::read(b).unwrap(),
-        "pages differ"
-    );
-    assert_eq!(sqlite3(b, "PRAGMA integrity_check;"), "ok\n");
+    common::litestream_restore(&format!("file://{}", replica.display()), out, &[]);
 }
 
 /// `walfs mount` arguments replicating to `dir/replica`, staging in `dir/staging`.
@@ -138,18 +97,6 @@ fn wal_commits_reach_the_replica_and_litestream_restores_them() {
         &m.backing_path("data/nested/app.db"),
         &all.join("data/nested/app.db"),
     );
-}
-
-/// Runs `walfs restore ARGS`, requires success, and returns its stderr.
-fn walfs_restore(args: &[&str]) -> String {
-    let o = Command::new(common::WALFS)
-        .arg("restore")
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "walfs restore {args:?} failed: {err}");
-    err
 }
 
 #[test]

@@ -409,17 +409,13 @@ fn missing_replica_and_empty_replica() {
 // Interop with the real litestream
 // ---------------------------------------------------------------------------------------------
 
-fn litestream_path() -> PathBuf {
-    common::installed_tool("LITESTREAM", "venv/bin/litestream")
-}
-
 fn pages(b: &[u8]) -> Vec<&[u8]> {
     b.chunks(PS).collect()
 }
 
 #[test]
 fn restores_a_replica_written_by_litestream() {
-    let litestream = litestream_path();
+    let litestream = common::litestream();
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("app.db");
     let replica = tmp.path().join("replica");

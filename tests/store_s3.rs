@@ -5,45 +5,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use common::{moto_server_path, Moto, BUCKET};
 use walfs::replica::store::{ReplicaStore, ReplicaUrl, StoreErrorKind, StoreTuning};
-
-const BUCKET: &str = "walfs-test";
-
-fn moto_server_path() -> PathBuf {
-    common::installed_tool("MOTO_SERVER", "venv/bin/moto_server")
-}
-
-/// A raw HTTP/1.1 request to 127.0.0.1:port; returns (status, headers, body). moto does not
-/// check signatures, so unsigned requests do for bucket setup and independent checks.
-fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
-         Connection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of HTTP headers"))?;
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    Ok((status, head, buf[split + 4..].to_vec()))
-}
 
 /// Runs a Python snippet with boto3 from moto_server's venv against the server (an S3
 /// client independent of object_store, signing its requests); returns its stdout.
@@ -80,79 +47,15 @@ fn boto3_head(port: u16, key: &str) -> (u64, String) {
     (size.parse().unwrap(), stamp.to_string())
 }
 
-/// A running moto_server; killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-    log: tempfile::NamedTempFile,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let bin = moto_server_path();
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            l.local_addr().unwrap().port()
-        };
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.reopen().unwrap())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut moto = Moto { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok((200, ..)) = http(port, "GET", "/") {
-                break;
-            }
-            if let Ok(Some(status)) = moto.child.try_wait() {
-                panic!("moto_server exited with {status}: {}", moto.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not answer on port {port} within 60 s: {}",
-                moto.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let (status, head, _) = http(port, "PUT", &format!("/{BUCKET}")).unwrap();
-        assert_eq!(status, 200, "create bucket: {head}");
-        moto
-    }
-
-    fn log_text(&mut self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn url(&self, prefix: &str) -> ReplicaUrl {
-        let env = |k: &str| match k {
-            "AWS_ACCESS_KEY_ID" => Some("testing".to_string()),
-            "AWS_SECRET_ACCESS_KEY" => Some("testing".to_string()),
-            _ => None,
-        };
-        ReplicaUrl::parse_with_env(
-            &format!(
-                "s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&forcePathStyle=true",
-                self.port
-            ),
-            env,
-        )
-        .unwrap()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// The `ReplicaUrl` of `prefix` on `moto`, with moto's dummy credentials.
+fn replica_url(moto: &Moto, prefix: &str) -> ReplicaUrl {
+    let env = |k: &str| {
+        common::S3_ENV
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    };
+    ReplicaUrl::parse_with_env(&moto.s3_url(prefix), env).unwrap()
 }
 
 fn ts(ms: u64) -> SystemTime {
@@ -162,7 +65,7 @@ fn ts(ms: u64) -> SystemTime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_round_trip_in_litestream_layout() {
     let moto = Moto::start();
-    let store = ReplicaStore::open(&moto.url("backups/prod")).unwrap();
+    let store = ReplicaStore::open(&replica_url(&moto, "backups/prod")).unwrap();
     assert_eq!(store.requests().total(), 0, "opening makes no request");
 
     assert!(store.list_ltx("", 0).await.unwrap().is_empty());
@@ -324,7 +227,7 @@ async fn s3_round_trip_in_litestream_layout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_single_database_at_bucket_root() {
     let moto = Moto::start();
-    let store = ReplicaStore::open(&moto.url("")).unwrap();
+    let store = ReplicaStore::open(&replica_url(&moto, "")).unwrap();
     let info = store
         .put_ltx("", 0, 1, 1, Bytes::from_static(b"x"), ts(1))
         .await
@@ -341,7 +244,7 @@ async fn s3_single_database_at_bucket_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_endpoint_fails_clearly_after_bounded_retries() {
     let mut moto = Moto::start();
-    let url = moto.url("p");
+    let url = replica_url(&moto, "p");
     moto.stop();
     let tuning = StoreTuning {
         max_retries: 2,

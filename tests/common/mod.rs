@@ -4,9 +4,12 @@
 //! skip.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub const WALFS: &str = env!("CARGO_BIN_EXE_walfs");
@@ -17,6 +20,11 @@ pub struct Mount {
     pub backing: PathBuf,
     pub mountpoint: PathBuf,
     pub child: Option<Child>,
+    /// Extra environment of the daemon (for every start).
+    env: Vec<(String, String)>,
+    /// The daemon's stderr, when collected in the background (see [`Mount::with_env`]).
+    log: Option<Arc<Mutex<Vec<u8>>>>,
+    log_thread: Option<JoinHandle<()>>,
 }
 
 impl Mount {
@@ -27,6 +35,17 @@ impl Mount {
 
     /// Mounts a fresh backing directory with extra `walfs mount` arguments.
     pub fn with_args(args: &[&str]) -> Mount {
+        Mount::create(args, &[], false)
+    }
+
+    /// Mounts a fresh backing directory with extra arguments and extra environment for the
+    /// daemon. Its stderr is collected in the background (so a daemon that logs a lot never
+    /// blocks on a full pipe); [`Mount::log`] reads it, and `child.stderr` stays empty.
+    pub fn with_env(args: &[&str], env: &[(&str, &str)]) -> Mount {
+        Mount::create(args, env, true)
+    }
+
+    fn create(args: &[&str], env: &[(&str, &str)], collect_log: bool) -> Mount {
         let root = tempfile::Builder::new()
             .prefix("walfs-test-")
             .tempdir()
@@ -40,6 +59,12 @@ impl Mount {
             backing,
             mountpoint,
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log: collect_log.then(Default::default),
+            log_thread: None,
         };
         m.start(args);
         m
@@ -56,12 +81,72 @@ impl Mount {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn walfs");
         self.child = Some(child);
-        wait_mounted(&self.mountpoint, self.child.as_mut().unwrap());
+        let Some(log) = self.log.clone() else {
+            wait_mounted(&self.mountpoint, self.child.as_mut().unwrap());
+            return;
+        };
+        if let Some(t) = self.log_thread.take() {
+            t.join().ok();
+        }
+        let mut pipe = self.child.as_mut().unwrap().stderr.take().unwrap();
+        self.log_thread = Some(std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        }));
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.log_thread.take().unwrap().join().ok();
+                panic!(
+                    "walfs mount exited with {status} before mounting: {}",
+                    self.log()
+                );
+            }
+            if is_mounted(&self.mountpoint) && answers(&self.mountpoint) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "walfs did not mount {} within 20 s: {}",
+                self.mountpoint.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the daemon wrote to stderr so far (all its starts), when collected in the
+    /// background ([`Mount::with_env`]); else empty.
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|l| String::from_utf8_lossy(&l.lock().unwrap()).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The daemon's stderr up to now: the collected log, or what the pipe holds once the
+    /// daemon has exited.
+    fn take_stderr(&mut self, child: &mut Child) -> String {
+        if let Some(mut pipe) = child.stderr.take() {
+            let mut err = String::new();
+            pipe.read_to_string(&mut err).ok();
+            return err;
+        }
+        if let Some(t) = self.log_thread.take() {
+            t.join().ok();
+        }
+        self.log()
     }
 
     /// Path of `rel` under the mountpoint.
@@ -80,10 +165,15 @@ impl Mount {
             return String::new();
         };
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = wait_timeout(&mut child, Duration::from_secs(15))
-            .expect("walfs did not exit within 15 s of SIGTERM");
-        let mut err = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut err).ok();
+        let Some(status) = wait_timeout(&mut child, Duration::from_secs(15)) else {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "walfs did not exit within 15 s of SIGTERM: {}",
+                self.take_stderr(&mut child)
+            );
+        };
+        let err = self.take_stderr(&mut child);
         assert!(status.success(), "walfs exited with {status}: {err}");
         assert!(!is_mounted(&self.mountpoint), "still mounted after SIGTERM");
         err
@@ -147,6 +237,25 @@ fn unescape_mount_path(p: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// True if a stat of `path` that bypasses the kernel's attribute cache succeeds: a FUSE
+/// mount whose daemon died still answers a plain stat from the cache for a moment.
+pub fn answers(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: an all-zero statx is a valid out buffer.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path string and out buffer.
+    unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_TYPE,
+            &mut buf,
+        ) == 0
+    }
+}
+
 /// Waits until `mountpoint` is a FUSE mount served by `child`; panics (never skips) if the
 /// daemon exits or the mount does not appear.
 pub fn wait_mounted(mountpoint: &Path, child: &mut Child) {
@@ -157,7 +266,7 @@ pub fn wait_mounted(mountpoint: &Path, child: &mut Child) {
             child.stderr.take().unwrap().read_to_string(&mut err).ok();
             panic!("walfs mount exited with {status} before mounting: {err}");
         }
-        if is_mounted(mountpoint) && std::fs::metadata(mountpoint).is_ok() {
+        if is_mounted(mountpoint) && answers(mountpoint) {
             return;
         }
         if start.elapsed() > Duration::from_secs(20) {
@@ -219,3 +328,259 @@ pub fn installed_tool(env_var: &str, cache_rel: &str) -> PathBuf {
     );
     path
 }
+
+/// The `litestream` binary (0.5.17) that `scripts/test` installs.
+pub fn litestream() -> PathBuf {
+    installed_tool("LITESTREAM", "venv/bin/litestream")
+}
+
+/// Runs `litestream restore -o OUT URL` (a `file://` or `s3://` URL of one database's
+/// replica), with `env` added; panics with its log if it fails. `AWS_CA_BUNDLE` is removed
+/// from its environment: with it set, litestream fails against a plain-HTTP endpoint.
+pub fn litestream_restore(url: &str, out: &Path, env: &[(&str, &str)]) {
+    let o = Command::new(litestream())
+        .arg("restore")
+        .arg("-o")
+        .arg(out)
+        .arg(url)
+        .env_remove("AWS_CA_BUNDLE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "litestream restore {url} failed: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+/// Runs `walfs restore ARGS` with `env` added, requires success, and returns its stderr.
+pub fn walfs_restore_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let o = Command::new(WALFS)
+        .arg("restore")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "walfs restore {args:?} failed: {err}");
+    err
+}
+
+/// Runs `walfs restore ARGS`, requires success, and returns its stderr.
+pub fn walfs_restore(args: &[&str]) -> String {
+    walfs_restore_env(args, &[])
+}
+
+/// The page size recorded in a database file's header.
+fn header_page_size(path: &Path) -> usize {
+    let mut h = [0u8; 100];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .unwrap_or_else(|e| panic!("cannot read the header of {}: {e}", path.display()));
+    assert_eq!(
+        &h[..16],
+        b"SQLite format 3\0",
+        "{} is not an SQLite database",
+        path.display()
+    );
+    match u16::from_be_bytes([h[16], h[17]]) {
+        1 => 65536,
+        n => n as usize,
+    }
+}
+
+/// Asserts that database file `restored` holds exactly the pages of `source` (compared
+/// page by page, streaming, so it suits databases of gigabytes) and passes
+/// `PRAGMA integrity_check`. On a difference the message names the differing pages and
+/// shows sqldiff's view of it.
+pub fn assert_same_database(source: &Path, restored: &Path) {
+    let page_size = header_page_size(source);
+    let (len_a, len_b) = (
+        std::fs::metadata(source).unwrap().len(),
+        std::fs::metadata(restored).unwrap().len(),
+    );
+    let mut differing = Vec::new();
+    let mut count = 0u64;
+    {
+        let mut a =
+            std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(source).unwrap());
+        let mut b =
+            std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(restored).unwrap());
+        let (mut pa, mut pb) = (vec![0u8; page_size], vec![0u8; page_size]);
+        let pages = len_a.min(len_b) / page_size as u64;
+        for pgno in 1..=pages {
+            a.read_exact(&mut pa).unwrap();
+            b.read_exact(&mut pb).unwrap();
+            if pa != pb {
+                count += 1;
+                if differing.len() < 20 {
+                    differing.push(pgno);
+                }
+            }
+        }
+        // A partial page at the end (never in a valid database) is compared too.
+        let (mut ta, mut tb) = (Vec::new(), Vec::new());
+        a.read_to_end(&mut ta).unwrap();
+        b.read_to_end(&mut tb).unwrap();
+        if len_a == len_b && ta != tb {
+            count += 1;
+            differing.push(pages + 1);
+        }
+    }
+    if len_a != len_b || count > 0 {
+        let diff = Command::new("sqldiff")
+            .arg(source)
+            .arg(restored)
+            .output()
+            .map(|o| {
+                let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+                s.push_str(&String::from_utf8_lossy(&o.stderr));
+                s.chars().take(4000).collect::<String>()
+            })
+            .unwrap_or_else(|e| format!("(sqldiff did not run: {e})"));
+        panic!(
+            "{} ({len_a} bytes) and {} ({len_b} bytes) differ: {count} of the common pages \
+             (page size {page_size}) differ, first {differing:?}; sqldiff says:\n{diff}",
+            source.display(),
+            restored.display()
+        );
+    }
+    assert_eq!(
+        sqlite3(restored, "PRAGMA integrity_check;"),
+        "ok\n",
+        "integrity_check of {}",
+        restored.display()
+    );
+}
+
+/// The S3 bucket the tests' moto_server holds.
+pub const BUCKET: &str = "walfs-test";
+
+/// A raw HTTP/1.1 request to 127.0.0.1:port; returns (status, headers, body). moto does not
+/// check signatures, so unsigned requests do for bucket setup and independent checks.
+pub fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of HTTP headers"))?;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((status, head, buf[split + 4..].to_vec()))
+}
+
+/// `moto_server` (PyPI `moto[server]`), from `$MOTO_SERVER` or the venv scripts/test makes.
+pub fn moto_server_path() -> PathBuf {
+    installed_tool("MOTO_SERVER", "venv/bin/moto_server")
+}
+
+/// A running moto_server on a free port of 127.0.0.1, holding bucket [`BUCKET`]; killed on
+/// drop. Its log (one line per request it served) is kept, so tests can count the requests
+/// it received.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let bin = moto_server_path();
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(log.reopen().unwrap())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut moto = Moto { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, ..)) = http(port, "GET", "/") {
+                break;
+            }
+            if let Ok(Some(status)) = moto.child.try_wait() {
+                panic!("moto_server exited with {status}: {}", moto.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer on port {port} within 60 s: {}",
+                moto.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (status, head, _) = http(port, "PUT", &format!("/{BUCKET}")).unwrap();
+        assert_eq!(status, 200, "create bucket: {head}");
+        moto
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// The requests the server has answered so far, as logged: `"METHOD /path HTTP/1.1"`.
+    pub fn requests(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let start = l.find("] \"")? + 3;
+                let rest = &l[start..];
+                let end = rest.find(" HTTP/")?;
+                Some(rest[..end].to_string())
+            })
+            .collect()
+    }
+
+    /// The `s3://` URL of `prefix` in the bucket, served by this server at `port` (the
+    /// server's own port, or a proxy's), with Litestream's query keys.
+    pub fn s3_url_via(&self, port: u16, prefix: &str) -> String {
+        format!(
+            "s3://{BUCKET}/{prefix}?endpoint=http://127.0.0.1:{port}&region=us-east-1&forcePathStyle=true"
+        )
+    }
+
+    /// The `s3://` URL of `prefix` in the bucket on this server.
+    pub fn s3_url(&self, prefix: &str) -> String {
+        self.s3_url_via(self.port, prefix)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().unwrap().port()
+}
+
+/// Dummy credentials for moto, as a child's environment.
+pub const S3_ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+];
