@@ -13,9 +13,21 @@ use anyhow::Context;
 use crate::capture::watch::WalWatcher;
 use crate::capture::{Capture, CaptureObserver};
 use crate::fs::Observer;
-use crate::replica::store::{ReplicaStore, ReplicaUrl};
+use crate::replica::store::{ReplicaStore, ReplicaUrl, StoreTuning};
 use crate::replica::upload::Uploader;
 use crate::staging::Staging;
+
+/// The mount's uploads retry briefly inside the client and then leave it to the uploader's
+/// own backoff, so that a failing store is reported ("replica is behind") within seconds,
+/// not minutes.
+const UPLOAD_TUNING: StoreTuning = StoreTuning {
+    max_retries: 3,
+    retry_timeout: Duration::from_secs(15),
+    init_backoff: Duration::from_millis(100),
+    max_backoff: Duration::from_secs(2),
+    connect_timeout: Duration::from_secs(5),
+    request_timeout: Duration::from_secs(300),
+};
 
 /// How long unmount waits for pending uploads before giving up (and saying so).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,7 +60,9 @@ impl Replication {
         let mut replicas = Vec::new();
         for url in &opts.replicas {
             let parsed = ReplicaUrl::parse(url).map_err(|e| anyhow::anyhow!("--replica: {e}"))?;
-            replicas.push(ReplicaStore::open(&parsed).map_err(|e| anyhow::anyhow!("{e}"))?);
+            replicas.push(
+                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING).map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
         }
         let dir = match &opts.staging_dir {
             Some(d) => d.clone(),
