@@ -24,9 +24,10 @@
 //! `init` so the replicator can attach to it before the timed part starts:
 //! - `init`: a fresh database in WAL mode with the schema of `write`, `lag-write` or
 //!   `burst`; `write --existing` then writes into it instead of recreating it.
-//! - `lag-write`: paced commits (`--rate` per second), each row holding its sequence
-//!   number; the wall-clock time at which each COMMIT returned is written to `--times`
-//!   as `seq,unix_ns` lines, so the caller can match commits with replica objects.
+//! - `lag-write`: paced commits (`--rate` per second for `--seconds`; a writer that falls
+//!   behind stops at the end of the time), each row holding its sequence number; the
+//!   wall-clock time at which each COMMIT returned is written to `--times` as
+//!   `seq,unix_ns` lines, so the caller can match commits with replica objects.
 //! - `burst`: writes `--mib` MiB as fast as possible in transactions of `--tx-kib` KiB
 //!   and reports the size of the `-wal` file right after the last commit (connection
 //!   still open) and the largest size seen after any commit.
@@ -674,7 +675,9 @@ fn cmd_lag_write(
     let start = Instant::now();
     for i in 0u32.. {
         let due = period * i;
-        if due >= duration {
+        // Stop at the end of the schedule, or at the end of the time if the writer fell
+        // behind (the JSON then shows a lower rate and a large late_max_ms).
+        if due >= duration || start.elapsed() >= duration {
             break;
         }
         let now = start.elapsed();
