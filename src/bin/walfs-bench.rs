@@ -18,6 +18,21 @@
 //!   sequential read after dropping the page cache (writes `1` to
 //!   `/proc/sys/vm/drop_caches`, falling back to `posix_fadvise(DONTNEED)`
 //!   when that is not permitted; the JSON says which was used).
+//!
+//! For the replication benchmark (a replicator such as `walfs mount --replica` or
+//! `litestream replicate` watches the database), the database is created first with
+//! `init` so the replicator can attach to it before the timed part starts:
+//! - `init`: a fresh database in WAL mode with the schema of `write`, `lag-write` or
+//!   `burst`; `write --existing` then writes into it instead of recreating it.
+//! - `lag-write`: paced commits (`--rate` per second for `--seconds`; a writer that falls
+//!   behind stops at the end of the time), each row holding its sequence number; the
+//!   wall-clock time at which each COMMIT returned is written to `--times` as
+//!   `seq,unix_ns` lines, so the caller can match commits with replica objects.
+//! - `burst`: writes `--mib` MiB as fast as possible in transactions of `--tx-kib` KiB
+//!   and reports the size of the `-wal` file right after the last commit (connection
+//!   still open) and the largest size seen after any commit.
+//! - `prepare-restore`: builds a database of about `--mib` MiB of random blobs in WAL
+//!   mode (the source of the restore-time benchmark).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -61,6 +76,29 @@ impl Journal {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Schema {
+    /// `t(id, k, v)` with an index on k (the `write` workload).
+    Write,
+    /// `lag(seq, v)` (the `lag-write` workload).
+    Lag,
+    /// `b(id, v)` (the `burst` workload).
+    Burst,
+}
+
+impl Schema {
+    fn sql(self) -> &'static str {
+        match self {
+            Schema::Write => WRITE_SCHEMA,
+            Schema::Lag => "CREATE TABLE lag(seq INTEGER PRIMARY KEY, v BLOB);",
+            Schema::Burst => "CREATE TABLE b(id INTEGER PRIMARY KEY, v BLOB);",
+        }
+    }
+}
+
+const WRITE_SCHEMA: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER, v BLOB);
+     CREATE INDEX t_k ON t(k);";
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Sync {
     Normal,
     Full,
@@ -90,6 +128,69 @@ enum Cmd {
         /// Writer threads, each with its own connection (BEGIN IMMEDIATE).
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Database file name in DIR.
+        #[arg(long, default_value = "bench.db")]
+        db: String,
+        /// Write into an existing database made by `init --schema write` instead of
+        /// recreating it.
+        #[arg(long)]
+        existing: bool,
+    },
+    /// Create a fresh DIR/DB (removing an old one) with the schema of a workload.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        db: String,
+        #[arg(long, value_enum)]
+        schema: Schema,
+        #[arg(long, value_enum, default_value = "wal")]
+        journal: Journal,
+    },
+    /// Paced single-row commits on DIR/DB (made by `init --schema lag`).
+    LagWrite {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        db: String,
+        /// Commits per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, value_enum, default_value = "normal")]
+        sync: Sync,
+        /// Seconds to keep the connection open, idle, after the last commit (closing it
+        /// checkpoints and deletes the WAL, which a replicator may see as a barrier).
+        #[arg(long, default_value_t = 0.0)]
+        hold: f64,
+        /// Where to write `seq,unix_ns` (COMMIT returned) per commit.
+        #[arg(long)]
+        times: PathBuf,
+    },
+    /// Write MIB MiB as fast as possible into DIR/DB (made by `init --schema burst`) and
+    /// report the size of its -wal.
+    Burst {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        db: String,
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Payload per transaction, in KiB (rows of 1000-byte random blobs).
+        #[arg(long, default_value_t = 64)]
+        tx_kib: u64,
+        #[arg(long, value_enum, default_value = "normal")]
+        sync: Sync,
+    },
+    /// Build DIR/DB of about MIB MiB of random blobs (table r), in WAL mode.
+    PrepareRestore {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "restore.db")]
+        db: String,
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
     },
     /// Build DIR/read.db of about MIB MiB (skipped if already built to that size).
     PrepareRead {
@@ -169,7 +270,32 @@ fn main() -> Result<()> {
             sync,
             seconds,
             threads,
-        } => cmd_write(&dir, journal, sync, seconds, threads),
+            db,
+            existing,
+        } => cmd_write(&dir.join(db), journal, sync, seconds, threads, existing),
+        Cmd::Init {
+            dir,
+            db,
+            schema,
+            journal,
+        } => cmd_init(&dir.join(db), schema, journal),
+        Cmd::LagWrite {
+            dir,
+            db,
+            rate,
+            seconds,
+            sync,
+            hold,
+            times,
+        } => cmd_lag_write(&dir.join(db), rate, seconds, sync, hold, &times),
+        Cmd::Burst {
+            dir,
+            db,
+            mib,
+            tx_kib,
+            sync,
+        } => cmd_burst(&dir.join(db), mib, tx_kib, sync),
+        Cmd::PrepareRestore { dir, db, mib } => cmd_prepare_restore(&dir.join(db), mib),
         Cmd::PrepareRead { dir, mib, force } => cmd_prepare_read(&dir, mib, force),
         Cmd::Read {
             dir,
@@ -235,20 +361,29 @@ fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
     f64::from(sorted_us[idx]) / 1000.0
 }
 
-fn cmd_write(dir: &Path, journal: Journal, sync: Sync, seconds: f64, threads: usize) -> Result<()> {
+fn cmd_write(
+    db: &Path,
+    journal: Journal,
+    sync: Sync,
+    seconds: f64,
+    threads: usize,
+    existing: bool,
+) -> Result<()> {
     let duration = seconds_duration(seconds)?;
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
-    let db = dir.join("bench.db");
-    remove_db(&db)?;
-    {
+    let db = db.to_path_buf();
+    let rows_before: i64 = if existing {
         let conn = open_writer(&db, journal, sync)?;
-        conn.execute_batch(
-            "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER, v BLOB);
-             CREATE INDEX t_k ON t(k);",
-        )?;
-    }
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .with_context(|| format!("{} has no table t; run init --schema write", db.display()))?
+    } else {
+        remove_db(&db)?;
+        let conn = open_writer(&db, journal, sync)?;
+        conn.execute_batch(WRITE_SCHEMA)?;
+        0
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -298,6 +433,7 @@ fn cmd_write(dir: &Path, journal: Journal, sync: Sync, seconds: f64, threads: us
     // Sanity check: every committed transaction is visible.
     let conn = Connection::open(&db)?;
     let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?;
+    let rows = rows - rows_before;
     if rows as usize != lat_us.len() {
         bail!(
             "committed {} transactions but found {rows} rows",
@@ -489,4 +625,183 @@ fn seq_inner(path: &Path, mib: u64) -> Result<(f64, f64, &'static str)> {
         bail!("read back {total} bytes, expected {}", mib * MIB);
     }
     Ok((write_mib_s, read_mib_s, how))
+}
+
+fn cmd_init(db: &Path, schema: Schema, journal: Journal) -> Result<()> {
+    remove_db(db)?;
+    let conn = open_writer(db, journal, Sync::Normal)?;
+    conn.execute_batch(schema.sql())?;
+    drop(conn);
+    println!("{{\"db\": {:?}}}", db.display().to_string());
+    Ok(())
+}
+
+fn unix_ns(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn cmd_lag_write(
+    db: &Path,
+    rate: f64,
+    seconds: f64,
+    sync: Sync,
+    hold: f64,
+    times: &Path,
+) -> Result<()> {
+    let duration = seconds_duration(seconds)?;
+    if !(rate.is_finite() && rate > 0.0) {
+        bail!("--rate must be a positive number");
+    }
+    if !(hold.is_finite() && hold >= 0.0) {
+        bail!("--hold must be zero or more");
+    }
+    let conn = open_writer(db, Journal::Wal, sync)?;
+    let first_seq: i64 = conn
+        .query_row("SELECT coalesce(max(seq), 0) + 1 FROM lag", [], |r| {
+            r.get(0)
+        })
+        .with_context(|| format!("{} has no table lag; run init --schema lag", db.display()))?;
+    let mut begin = conn.prepare("BEGIN IMMEDIATE")?;
+    let mut insert = conn.prepare("INSERT INTO lag(seq, v) VALUES (?1, ?2)")?;
+    let mut commit = conn.prepare("COMMIT")?;
+    let mut rng = Rng::new(3);
+    let mut blob = [0u8; BLOB_BYTES];
+    let mut committed: Vec<(i64, u128)> = Vec::new();
+    let mut lat_us = Vec::new();
+    let mut late_max = Duration::ZERO;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now();
+    for i in 0u32.. {
+        let due = period * i;
+        // Stop at the end of the schedule, or at the end of the time if the writer fell
+        // behind (the JSON then shows a lower rate and a large late_max_ms).
+        if due >= duration || start.elapsed() >= duration {
+            break;
+        }
+        let now = start.elapsed();
+        if now < due {
+            std::thread::sleep(due - now);
+        } else {
+            late_max = late_max.max(now - due);
+        }
+        let seq = first_seq + i64::from(i);
+        rng.fill(&mut blob);
+        let t0 = Instant::now();
+        begin.execute([])?;
+        insert.execute(params![seq, &blob[..]])?;
+        commit.execute([])?;
+        let done = SystemTime::now();
+        lat_us.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        committed.push((seq, unix_ns(done)));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut out = String::with_capacity(committed.len() * 32);
+    for (seq, ns) in &committed {
+        out.push_str(&format!("{seq},{ns}\n"));
+    }
+    fs::write(times, out).with_context(|| format!("writing {}", times.display()))?;
+    if hold > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(hold));
+    }
+    drop((begin, insert, commit));
+    drop(conn);
+    lat_us.sort_unstable();
+    let n = committed.len();
+    println!(
+        "{{\"commits\": {n}, \"rate\": {:.1}, \"seconds\": {elapsed:.3}, \"first_seq\": {first_seq}, \
+         \"last_seq\": {}, \"late_max_ms\": {:.3}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
+        n as f64 / elapsed,
+        first_seq + n as i64 - 1,
+        late_max.as_secs_f64() * 1000.0,
+        percentile_ms(&lat_us, 0.50),
+        percentile_ms(&lat_us, 0.99)
+    );
+    Ok(())
+}
+
+/// Size of a file, 0 if it does not exist.
+fn file_len(p: &Path) -> Result<u64> {
+    match fs::metadata(p) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("stat {}", p.display())),
+    }
+}
+
+fn cmd_burst(db: &Path, mib: u64, tx_kib: u64, sync: Sync) -> Result<()> {
+    const ROW_BYTES: u64 = 1000;
+    if mib == 0 || tx_kib == 0 {
+        bail!("--mib and --tx-kib must be at least 1");
+    }
+    let wal = with_suffix(db, "-wal");
+    let conn = open_writer(db, Journal::Wal, sync)?;
+    conn.query_row("SELECT count(*) FROM b", [], |r| r.get::<_, i64>(0))
+        .with_context(|| format!("{} has no table b; run init --schema burst", db.display()))?;
+    let rows_total = (mib * MIB).div_ceil(ROW_BYTES);
+    let rows_per_tx = (tx_kib * 1024 / ROW_BYTES).max(1);
+    let mut insert = conn.prepare("INSERT INTO b(v) VALUES (?1)")?;
+    let mut rng = Rng::new(11);
+    let mut blob = [0u8; ROW_BYTES as usize];
+    let mut wal_max = 0u64;
+    let mut written = 0u64;
+    let mut tx = 0u64;
+    let start = Instant::now();
+    while written < rows_total {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let n = rows_per_tx.min(rows_total - written);
+        for _ in 0..n {
+            rng.fill(&mut blob);
+            insert.execute([&blob[..]])?;
+        }
+        conn.execute_batch("COMMIT")?;
+        written += n;
+        tx += 1;
+        wal_max = wal_max.max(file_len(&wal)?);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Measured with the connection still open: closing it checkpoints and deletes the WAL.
+    let wal_end = file_len(&wal)?;
+    let db_bytes = file_len(db)?;
+    drop(insert);
+    drop(conn);
+    println!(
+        "{{\"wal_bytes_end\": {wal_end}, \"wal_bytes_max\": {wal_max}, \"db_bytes\": {db_bytes}, \
+         \"mib_per_s\": {:.1}, \"tx\": {tx}, \"seconds\": {elapsed:.3}}}",
+        (written * ROW_BYTES) as f64 / MIB as f64 / elapsed
+    );
+    Ok(())
+}
+
+fn cmd_prepare_restore(db: &Path, mib: u64) -> Result<()> {
+    if mib == 0 {
+        bail!("--mib must be at least 1");
+    }
+    let rows = (mib * MIB / 4096 * ROWS_PER_PAGE) as i64;
+    let start = Instant::now();
+    remove_db(db)?;
+    let conn = Connection::open(db).with_context(|| format!("creating {}", db.display()))?;
+    conn.execute_batch(&format!(
+        "PRAGMA page_size=4096;
+         PRAGMA journal_mode=OFF;
+         PRAGMA synchronous=OFF;
+         BEGIN;
+         CREATE TABLE r(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows})
+           INSERT INTO r(id, v) SELECT x, randomblob({READ_ROW_BYTES}) FROM c;
+         COMMIT;"
+    ))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!("journal_mode=WAL was not accepted (got {mode})");
+    }
+    drop(conn);
+    File::open(db)?.sync_all()?;
+    println!(
+        "{{\"rows\": {rows}, \"bytes\": {}, \"seconds\": {:.3}}}",
+        file_len(db)?,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
