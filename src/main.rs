@@ -63,6 +63,11 @@ enum Command {
         /// How often staged transactions are uploaded: 1s, 500ms, 0 (each commit at once).
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         sync_interval: Duration,
+        /// Stage each commit before its WAL fsync returns (synchronous=FULL), instead of
+        /// within milliseconds after. Slower; the replica's RPO is the same, since the
+        /// upload is asynchronous either way.
+        #[arg(long)]
+        stage_at_commit: bool,
     },
     /// Restore databases from a replica, verified (content checksum where the writer
     /// recorded one, and PRAGMA integrity_check), written atomically.
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
             replicas,
             staging_dir,
             sync_interval,
+            stage_at_commit,
         } => walfs::mount::run(&walfs::mount::MountOptions {
             backing,
             mountpoint,
@@ -123,6 +129,7 @@ fn main() -> ExitCode {
                 replicas,
                 staging_dir,
                 sync_interval,
+                stage_at_commit,
             },
         }),
         Command::Restore {

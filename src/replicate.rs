@@ -43,10 +43,13 @@ pub struct ReplicationOptions {
     pub replicas: Vec<String>,
     pub staging_dir: Option<PathBuf>,
     pub sync_interval: Duration,
+    /// Capture at every `-wal` fsync before replying (see [`CaptureObserver::new`]).
+    pub stage_at_commit: bool,
 }
 
 pub struct Replication {
     capture: Arc<Capture>,
+    stage_at_commit: bool,
     uploader: Arc<Uploader>,
     merge: bool,
     thread: Option<JoinHandle<()>>,
@@ -61,7 +64,8 @@ impl Replication {
         for url in &opts.replicas {
             let parsed = ReplicaUrl::parse(url).map_err(|e| anyhow::anyhow!("--replica: {e}"))?;
             replicas.push(
-                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING).map_err(|e| anyhow::anyhow!("{e}"))?,
+                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
             );
         }
         let dir = match &opts.staging_dir {
@@ -104,6 +108,7 @@ impl Replication {
             .context("cannot watch the backing directory for WAL changes (inotify)")?;
         Ok(Replication {
             capture,
+            stage_at_commit: opts.stage_at_commit,
             uploader,
             merge: !opts.sync_interval.is_zero(),
             thread: Some(thread),
@@ -113,7 +118,10 @@ impl Replication {
 
     /// The observer the FUSE layer calls at barriers.
     pub fn observer(&self) -> Arc<dyn Observer> {
-        Arc::new(CaptureObserver::new(self.capture.clone()))
+        Arc::new(CaptureObserver::new(
+            self.capture.clone(),
+            self.stage_at_commit,
+        ))
     }
 
     /// Stops the uploader after one last round, then retries what is still pending until

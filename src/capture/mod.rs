@@ -1145,11 +1145,22 @@ impl Capture {
 /// The observer that connects the FUSE layer to a [`Capture`].
 pub struct CaptureObserver {
     capture: Arc<Capture>,
+    stage_at_commit: bool,
 }
 
 impl CaptureObserver {
-    pub fn new(capture: Arc<Capture>) -> CaptureObserver {
-        CaptureObserver { capture }
+    /// Connects `capture`. A `-wal` fsync (each commit with `synchronous=FULL`, and a
+    /// checkpoint's first step) is a capture barrier only with `stage_at_commit`; otherwise
+    /// the WAL watcher reads those commits within milliseconds, beside the writer. That
+    /// loses nothing: the frames stay in the `-wal` until a checkpoint has backfilled them
+    /// all, which ends with an ftruncate and (unless `synchronous=OFF`) an fsync of the
+    /// database file, and those are barriers at which the capture catches up, durably,
+    /// before SQLite may restart the log.
+    pub fn new(capture: Arc<Capture>, stage_at_commit: bool) -> CaptureObserver {
+        CaptureObserver {
+            capture,
+            stage_at_commit,
+        }
     }
 
     pub fn capture(&self) -> &Arc<Capture> {
@@ -1200,14 +1211,18 @@ impl Observer for CaptureObserver {
 
     fn synced(&self, file: &Node<'_>) -> FsResult<()> {
         // A `-wal` fsync (every commit with synchronous=FULL, and a checkpoint's first
-        // step) leaves the frames in the WAL; a database fsync ends a checkpoint's backfill,
-        // after which the WAL may restart, so what was staged must then be durable.
+        // step) leaves the frames in the WAL (see `new`); a database fsync ends a
+        // checkpoint's backfill, after which the WAL may restart, so what was staged must
+        // then be durable.
         let rel = file.relative_path();
         let is_wal = rel
             .as_ref()
             .ok()
             .and_then(|r| database_of(r))
             .is_some_and(|(_, is_wal)| is_wal);
+        if is_wal && !self.stage_at_commit {
+            return Ok(());
+        }
         self.barrier(rel, !is_wal)
     }
 

@@ -454,7 +454,11 @@ impl WalTransaction {
         if fh.pgno != page.pgno
             || fh.checksum != page.frame_checksum
             || fh
-                .verify(&self.header, page.checksum_in, &frame[WAL_FRAME_HEADER_SIZE..])
+                .verify(
+                    &self.header,
+                    page.checksum_in,
+                    &frame[WAL_FRAME_HEADER_SIZE..],
+                )
                 .is_none()
         {
             return Err(changed);
@@ -847,8 +851,7 @@ impl FrameReader {
         offset: u64,
         size: usize,
     ) -> io::Result<Option<&[u8]>> {
-        let in_buf = offset >= self.start
-            && offset + size as u64 <= self.start + self.len as u64;
+        let in_buf = offset >= self.start && offset + size as u64 <= self.start + self.len as u64;
         if !in_buf {
             self.chunk = if self.chunk == 0 {
                 4 * size
