@@ -281,3 +281,52 @@ async fn unreachable_endpoint_fails_clearly_after_bounded_retries() {
         "{err}"
     );
 }
+
+/// A staged file larger than the multipart threshold is streamed in parts (S3 multipart
+/// upload; on a file replica, the store's own multipart writer), keeps its timestamp
+/// metadata, and reads back byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_are_streamed_as_multipart_uploads() {
+    use walfs::replica::store::MULTIPART_THRESHOLD;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.ltx");
+    let len = MULTIPART_THRESHOLD as usize + 5 * 1024 * 1024 + 123;
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+
+    let moto = Moto::start();
+    let s3 = ReplicaStore::open(&replica_url(&moto, "mp")).unwrap();
+    let local = ReplicaStore::open(
+        &ReplicaUrl::parse(&format!("file://{}", dir.path().join("r").display())).unwrap(),
+    )
+    .unwrap();
+    for store in [&s3, &local] {
+        let info = store
+            .put_ltx_file("db", 9, (1, 7), &file, ts(1234))
+            .await
+            .unwrap();
+        assert_eq!(info.size, len as u64);
+        let back = store.get_ltx("db", 9, 1, 7).await.unwrap();
+        assert!(back.as_ref() == data.as_slice(), "content differs");
+    }
+    let (size, stamp) = boto3_head(
+        moto.port,
+        "mp/db/0009/0000000000000001-0000000000000007.ltx",
+    );
+    assert_eq!(size, len as u64);
+    assert_eq!(stamp, "1970-01-01T00:00:01.234Z");
+    // A missing staged file is a clear error, not a partial object.
+    let e = s3
+        .put_ltx_file("db", 9, (8, 8), &dir.path().join("gone.ltx"), ts(1))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("gone.ltx"), "{e}");
+}

@@ -21,7 +21,7 @@
 //! path with `/`); walfs writes `0000/...` there, the only form object stores agree on.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -34,7 +34,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, ObjectMeta,
-    ObjectStore, ObjectStoreExt, PutOptions, PutPayload, RetryConfig,
+    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+    WriteMultipart,
 };
 
 use super::ltx::{ltx_object_name, parse_ltx_object_name};
@@ -691,6 +692,20 @@ pub struct LtxObjectInfo {
     pub key: String,
 }
 
+/// Uploads larger than this are streamed in parts rather than read into memory.
+pub const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
+/// The size of one part of a multipart upload.
+const MULTIPART_PART: usize = 16 * 1024 * 1024;
+/// How many parts may be in flight at once (memory: this many parts).
+const MULTIPART_IN_FLIGHT: usize = 2;
+
+/// What an LTX upload reads from.
+enum LtxSource {
+    Bytes(Bytes),
+    /// A file and its size.
+    File(PathBuf, u64),
+}
+
 /// How hard a store retries and how long it waits.
 #[derive(Debug, Clone)]
 pub struct StoreTuning {
@@ -1013,24 +1028,133 @@ impl ReplicaStore {
         bytes: Bytes,
         timestamp: SystemTime,
     ) -> Result<LtxObjectInfo, StoreError> {
+        self.put_ltx_from(
+            db_path,
+            level,
+            (min_txid, max_txid),
+            LtxSource::Bytes(bytes),
+            timestamp,
+        )
+        .await
+    }
+
+    /// Uploads the LTX file at `file` like [`ReplicaStore::put_ltx`]. Files larger than
+    /// [`MULTIPART_THRESHOLD`] are streamed as a multipart upload with a bounded number of
+    /// parts in flight, so a large snapshot never sits in memory whole.
+    pub async fn put_ltx_file(
+        &self,
+        db_path: &str,
+        level: u8,
+        (min_txid, max_txid): (u64, u64),
+        file: &Path,
+        timestamp: SystemTime,
+    ) -> Result<LtxObjectInfo, StoreError> {
+        let read_err = |e: std::io::Error| {
+            StoreError::new(
+                StoreErrorKind::Request,
+                format!("cannot read staged file {}: {e}", file.display()),
+            )
+        };
+        let size = std::fs::metadata(file).map_err(read_err)?.len();
+        let source = if size <= MULTIPART_THRESHOLD {
+            LtxSource::Bytes(Bytes::from(std::fs::read(file).map_err(read_err)?))
+        } else {
+            LtxSource::File(file.to_path_buf(), size)
+        };
+        self.put_ltx_from(db_path, level, (min_txid, max_txid), source, timestamp)
+            .await
+    }
+
+    async fn put_ltx_from(
+        &self,
+        db_path: &str,
+        level: u8,
+        (min_txid, max_txid): (u64, u64),
+        source: LtxSource,
+        timestamp: SystemTime,
+    ) -> Result<LtxObjectInfo, StoreError> {
         check_db_path(db_path)?;
         let key = self.ltx_key(db_path, level, min_txid, max_txid);
         let path = self.object_path(&key)?;
-        let size = bytes.len() as u64;
-        let mut opts = PutOptions::default();
+        let mut attrs = Attributes::new();
         if self.layout == Layout::S3 {
-            let mut attrs = Attributes::new();
             attrs.insert(
                 Attribute::Metadata(METADATA_KEY_TIMESTAMP.into()),
                 AttributeValue::from(format_rfc3339_nano(timestamp)),
             );
-            opts.attributes = attrs;
         }
         Counters::bump(&self.counters.put);
-        self.store
-            .put_opts(&path, PutPayload::from_bytes(bytes), opts)
-            .await
-            .map_err(|e| self.request_error("PUT", &key, e))?;
+        let size = match source {
+            LtxSource::Bytes(bytes) => {
+                let size = bytes.len() as u64;
+                let opts = PutOptions {
+                    attributes: attrs,
+                    ..PutOptions::default()
+                };
+                self.store
+                    .put_opts(&path, PutPayload::from_bytes(bytes), opts)
+                    .await
+                    .map_err(|e| self.request_error("PUT", &key, e))?;
+                size
+            }
+            LtxSource::File(file, size) => {
+                let opts = PutMultipartOptions {
+                    attributes: attrs,
+                    ..PutMultipartOptions::default()
+                };
+                let upload = self
+                    .store
+                    .put_multipart_opts(&path, opts)
+                    .await
+                    .map_err(|e| self.request_error("PUT", &key, e))?;
+                let mut w = WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART);
+                let res: Result<(), StoreError> = async {
+                    let mut f = std::fs::File::open(&file).map_err(|e| {
+                        self.request_error(
+                            "PUT",
+                            &key,
+                            object_store::Error::Generic {
+                                store: "staging",
+                                source: Box::new(e),
+                            },
+                        )
+                    })?;
+                    let mut buf = vec![0u8; MULTIPART_PART];
+                    loop {
+                        w.wait_for_capacity(MULTIPART_IN_FLIGHT)
+                            .await
+                            .map_err(|e| self.request_error("PUT", &key, e))?;
+                        let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| {
+                            self.request_error(
+                                "PUT",
+                                &key,
+                                object_store::Error::Generic {
+                                    store: "staging",
+                                    source: Box::new(e),
+                                },
+                            )
+                        })?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        w.write(&buf[..n]);
+                    }
+                }
+                .await;
+                match res {
+                    Ok(()) => {
+                        w.finish()
+                            .await
+                            .map_err(|e| self.request_error("PUT", &key, e))?;
+                    }
+                    Err(e) => {
+                        let _ = w.abort().await;
+                        return Err(e);
+                    }
+                }
+                size
+            }
+        };
         if let Some(local) = &self.local {
             let file = local
                 .path_to_filesystem(&path)

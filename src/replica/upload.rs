@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use super::ltx::{decode, lock_pgno, LtxEncoder, LtxHeader};
+use super::ltx::{lock_pgno, LtxEncoder, LtxHeader, HEADER_SIZE};
 use super::record::{ChecksumRecord, SidecarStore};
 use super::store::ReplicaStore;
 use crate::staging::{Batch, PageMerge, Staged, Staging};
@@ -35,9 +35,21 @@ struct Upload {
     level: u8,
     min_txid: u64,
     max_txid: u64,
-    bytes: Bytes,
+    body: Body,
     timestamp: SystemTime,
 }
+
+/// Where an upload's LTX bytes are.
+enum Body {
+    Bytes(Bytes),
+    /// A staged snapshot file; streamed.
+    Staged(PathBuf),
+    /// A large merge written to a temporary file; streamed, then deleted.
+    Temp(PathBuf),
+}
+
+/// Merges whose pages exceed this are encoded into a temporary file rather than memory.
+const IN_MEMORY_MERGE: u64 = 32 * 1024 * 1024;
 
 /// Builds what to upload for one database's staged items (ascending by TXID): the
 /// batches before the first snapshot merged into one file (they continue what the
@@ -45,7 +57,7 @@ struct Upload {
 /// batch after it merged into one file. Anything between two snapshots is superseded by
 /// the newer one; a snapshot marks a possible gap, so nothing is merged across one.
 /// Without `merge`, every batch is its own file.
-fn plan_uploads(staged: &[Staged], merge: bool) -> std::io::Result<Vec<Upload>> {
+fn plan_uploads(staged: &[Staged], merge: bool, tmp_dir: &Path) -> std::io::Result<Vec<Upload>> {
     let is_snapshot = |s: &Staged| matches!(s, Staged::Snapshot(_));
     let (before, snapshot, after) = match (
         staged.iter().position(is_snapshot),
@@ -55,26 +67,31 @@ fn plan_uploads(staged: &[Staged], merge: bool) -> std::io::Result<Vec<Upload>> 
         _ => (staged, None, &staged[..0]),
     };
     let mut uploads = Vec::new();
-    push_batches(&mut uploads, before, merge)?;
+    push_batches(&mut uploads, before, merge, tmp_dir)?;
     if let Some(Staged::Snapshot(s)) = snapshot {
-        let bytes = std::fs::read(&s.path)?;
-        let header = decode(bytes.as_slice())
-            .map_err(|e| invalid_staged(&s.path, e))?
-            .header;
+        let mut hb = [0u8; HEADER_SIZE];
+        File::open(&s.path)?.read_exact_at(&mut hb, 0)?;
+        let header = LtxHeader::from_bytes(&hb).map_err(|e| invalid_staged(&s.path, e))?;
         uploads.push(Upload {
             level: LEVEL_SNAPSHOTS,
             min_txid: s.min_txid,
             max_txid: s.max_txid,
-            bytes: Bytes::from(bytes),
+            body: Body::Staged(s.path.clone()),
             timestamp: millis_to_time(header.timestamp_ms),
         });
     }
-    push_batches(&mut uploads, after, merge)?;
+    push_batches(&mut uploads, after, merge, tmp_dir)?;
     Ok(uploads)
 }
 
 /// Adds the batches among `items` to `uploads`: merged into one file, or one file each.
-fn push_batches(uploads: &mut Vec<Upload>, items: &[Staged], merge: bool) -> std::io::Result<()> {
+/// Large merges are written to temporary files in `tmp_dir`.
+fn push_batches(
+    uploads: &mut Vec<Upload>,
+    items: &[Staged],
+    merge: bool,
+    tmp_dir: &Path,
+) -> std::io::Result<()> {
     let batches: Vec<&Batch> = items
         .iter()
         .filter_map(|s| match s {
@@ -86,18 +103,19 @@ fn push_batches(uploads: &mut Vec<Upload>, items: &[Staged], merge: bool) -> std
         return Ok(());
     }
     if merge {
-        uploads.push(merge_batches(&batches)?);
+        uploads.push(merge_batches(&batches, tmp_dir)?);
     } else {
         for b in batches {
-            uploads.push(merge_batches(&[b])?);
+            uploads.push(merge_batches(&[b], tmp_dir)?);
         }
     }
     Ok(())
 }
 
 /// Encodes consecutive staged batches as one LTX file: the newest version of each page
-/// (read once from the segments), the last commit size, the TXID range of them all.
-fn merge_batches(batches: &[&Batch]) -> std::io::Result<Upload> {
+/// (read once from the segments), the last commit size, the TXID range of them all. In
+/// memory, or in a temporary file in `tmp_dir` when it would be large.
+fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> {
     let (first, last) = (batches[0], batches[batches.len() - 1]);
     let page_size = last.header.page_size;
     let mut merge = PageMerge::new(None);
@@ -121,9 +139,44 @@ fn merge_batches(batches: &[&Batch]) -> std::io::Result<Upload> {
         0,
     )
     .without_checksums();
+    let raw = pages.len() as u64 * u64::from(page_size);
+    if raw <= IN_MEMORY_MERGE {
+        let bytes = encode_pages(batches, header, pages, Vec::new())?;
+        return Ok(Upload {
+            level: LEVEL_TRANSACTIONS,
+            min_txid: first.header.min_txid,
+            max_txid: last.header.max_txid,
+            body: Body::Bytes(Bytes::from(bytes)),
+            timestamp: millis_to_time(last.header.timestamp_ms),
+        });
+    }
+    let tmp = tmp_dir.join(format!(
+        ".upload-{:016x}-{:016x}.ltx.tmp",
+        first.header.min_txid, last.header.max_txid
+    ));
+    let out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    let out = encode_pages(batches, header, pages, out)?;
+    out.into_inner().map_err(|e| e.into_error())?;
+    Ok(Upload {
+        level: LEVEL_TRANSACTIONS,
+        min_txid: first.header.min_txid,
+        max_txid: last.header.max_txid,
+        body: Body::Temp(tmp),
+        timestamp: millis_to_time(last.header.timestamp_ms),
+    })
+}
+
+/// Writes `pages` (located in `batches`' segments; `None` is a zero page) as an LTX file
+/// with `header` to `out`.
+fn encode_pages<W: std::io::Write>(
+    batches: &[&Batch],
+    header: LtxHeader,
+    pages: std::collections::BTreeMap<u32, Option<(usize, u64)>>,
+    out: W,
+) -> std::io::Result<W> {
     let mut files: HashMap<&Path, File> = HashMap::new();
-    let mut enc = LtxEncoder::new(Vec::new(), header).map_err(std::io::Error::other)?;
-    let mut buf = vec![0u8; page_size as usize];
+    let mut enc = LtxEncoder::new(out, header).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; header.page_size as usize];
     for (pgno, at) in pages {
         match at {
             Some((i, off)) => {
@@ -139,13 +192,7 @@ fn merge_batches(batches: &[&Batch]) -> std::io::Result<Upload> {
         enc.add_page(pgno, &buf).map_err(std::io::Error::other)?;
     }
     enc.finish(0).map_err(std::io::Error::other)?;
-    Ok(Upload {
-        level: LEVEL_TRANSACTIONS,
-        min_txid: first.header.min_txid,
-        max_txid: last.header.max_txid,
-        bytes: Bytes::from(enc.into_inner()),
-        timestamp: millis_to_time(last.header.timestamp_ms),
-    })
+    Ok(enc.into_inner())
 }
 
 fn invalid_staged(path: &Path, e: impl std::fmt::Display) -> std::io::Error {
@@ -209,20 +256,35 @@ impl Uploader {
         let Some(last) = staged.last() else {
             return Ok(());
         };
-        let uploads = plan_uploads(&staged, merge)?;
+        let uploads = plan_uploads(&staged, merge, &self.staging.db_dir(db)?)?;
         let key = db.to_string_lossy();
-        for replica in &self.replicas {
-            for u in &uploads {
-                self.runtime.block_on(replica.put_ltx(
-                    &key,
-                    u.level,
-                    u.min_txid,
-                    u.max_txid,
-                    u.bytes.clone(),
-                    u.timestamp,
-                ))?;
+        let sent = (|| -> anyhow::Result<()> {
+            for replica in &self.replicas {
+                for u in &uploads {
+                    let txids = (u.min_txid, u.max_txid);
+                    match &u.body {
+                        Body::Bytes(b) => self.runtime.block_on(replica.put_ltx(
+                            &key,
+                            u.level,
+                            txids.0,
+                            txids.1,
+                            b.clone(),
+                            u.timestamp,
+                        ))?,
+                        Body::Staged(f) | Body::Temp(f) => self
+                            .runtime
+                            .block_on(replica.put_ltx_file(&key, u.level, txids, f, u.timestamp))?,
+                    };
+                }
+            }
+            Ok(())
+        })();
+        for u in &uploads {
+            if let Body::Temp(f) = &u.body {
+                let _ = std::fs::remove_file(f);
             }
         }
+        sent?;
         let max = last.max_txid();
         // The verification record restore checks against: the database checksum after
         // `max` (a batch carries it; for a snapshot, capture's state has it when it is

@@ -352,6 +352,14 @@ impl Staging {
     /// and snapshots were dropped.
     pub fn recover(&self, db: &Path, txid: u64) -> io::Result<usize> {
         let mut dropped = 0;
+        // Temporary files of an upload that was interrupted.
+        for entry in list_dir(&self.db_dir(db)?)? {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".upload-") && name.ends_with(".tmp") {
+                fs::remove_file(entry.path())?;
+            }
+        }
         let snapshots = self.snapshot_dir(db)?;
         for entry in list_dir(&snapshots)? {
             let name = entry.file_name();
