@@ -21,3 +21,5 @@ pub mod replicate;
 pub mod restore;
 pub mod sqlite;
 pub mod staging;
+#[cfg(test)]
+pub(crate) mod testing;

@@ -441,41 +441,12 @@ fn registry_names_and_non_sqlite_files() {
 /// and the capture catches up once there is room again. Needs root (a 1 MiB tmpfs).
 #[test]
 fn full_staging_disk_is_an_error_and_retry_recovers() {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: plain getter.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test mounts a tmpfs: run it as root"
-    );
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let small = dir.path().join("staging");
     fs::create_dir_all(&root).unwrap();
     fs::create_dir_all(&small).unwrap();
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
-    let tmpfs = CString::new("tmpfs").unwrap();
-    let opts = CString::new("size=1m").unwrap();
-    // SAFETY: valid NUL-terminated strings; unmounted by the guard below.
-    let rc = unsafe {
-        libc::mount(
-            tmpfs.as_ptr(),
-            c(&small).as_ptr(),
-            tmpfs.as_ptr(),
-            0,
-            opts.as_ptr().cast(),
-        )
-    };
-    assert_eq!(rc, 0, "mount tmpfs: {}", io::Error::last_os_error());
-    struct Unmount(CString);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            // SAFETY: a valid path string.
-            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-    let _guard = Unmount(c(&small));
+    let _tmpfs = crate::testing::Tmpfs::mount(&small, "1m");
     let staging = Arc::new(Staging::open(&small).unwrap());
     staging.set_checksums(true);
     let f = Fixture {

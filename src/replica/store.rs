@@ -1108,32 +1108,25 @@ impl ReplicaStore {
                     .await
                     .map_err(|e| self.request_error("PUT", &key, e))?;
                 let mut w = WriteMultipart::new_with_chunk_size(upload, MULTIPART_PART);
+                let staged_err = |e: std::io::Error| {
+                    let source = Box::new(e);
+                    self.request_error(
+                        "PUT",
+                        &key,
+                        object_store::Error::Generic {
+                            store: "staging",
+                            source,
+                        },
+                    )
+                };
                 let res: Result<(), StoreError> = async {
-                    let mut f = std::fs::File::open(&file).map_err(|e| {
-                        self.request_error(
-                            "PUT",
-                            &key,
-                            object_store::Error::Generic {
-                                store: "staging",
-                                source: Box::new(e),
-                            },
-                        )
-                    })?;
+                    let mut f = std::fs::File::open(&file).map_err(staged_err)?;
                     let mut buf = vec![0u8; MULTIPART_PART];
                     loop {
                         w.wait_for_capacity(MULTIPART_IN_FLIGHT)
                             .await
                             .map_err(|e| self.request_error("PUT", &key, e))?;
-                        let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| {
-                            self.request_error(
-                                "PUT",
-                                &key,
-                                object_store::Error::Generic {
-                                    store: "staging",
-                                    source: Box::new(e),
-                                },
-                            )
-                        })?;
+                        let n = std::io::Read::read(&mut f, &mut buf).map_err(staged_err)?;
                         if n == 0 {
                             return Ok(());
                         }

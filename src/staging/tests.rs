@@ -1,8 +1,6 @@
 //! Tests of the staging area: layout, durability across reopen, uploads, crash leftovers,
 //! and errors on a full or read-only filesystem.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::*;
@@ -189,10 +187,6 @@ fn snapshots_segments_upload_and_recovery() {
     assert!(s2.pending(Path::new("never.db")).unwrap().is_empty());
 }
 
-fn cstr(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
-
 /// Every staging write fails with an `io::Error` on a full or read-only filesystem. As root
 /// the test mounts a tiny tmpfs (ENOSPC, then remounted read-only: EROFS); otherwise it uses
 /// a directory without write permission (EACCES).
@@ -220,25 +214,7 @@ fn full_or_readonly_staging_gives_io_errors() {
         s.stage_snapshot(db, pages, ps as u32, 40, 1, 0)
     };
     if unsafe { libc::geteuid() } == 0 {
-        let src = CString::new("tmpfs").unwrap();
-        let opts = CString::new("size=1m").unwrap();
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                cstr(&mnt).as_ptr(),
-                src.as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        assert_eq!(rc, 0, "mount tmpfs: {}", io::Error::last_os_error());
-        struct Unmount(CString);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
-        let _guard = Unmount(cstr(&mnt));
+        let tmpfs = crate::testing::Tmpfs::mount(&mnt, "1m");
         let s = Staging::open(&mnt).unwrap();
         let e = snapshot(&s).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
@@ -247,16 +223,7 @@ fn full_or_readonly_staging_gives_io_errors() {
         let leftovers = fs::read_dir(mnt.join("big.db/snapshots")).unwrap().count();
         assert_eq!(leftovers, 0);
 
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                cstr(&mnt).as_ptr(),
-                src.as_ptr(),
-                libc::MS_REMOUNT | libc::MS_RDONLY,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "remount ro: {}", io::Error::last_os_error());
+        tmpfs.make_read_only();
         let e = s.save_state(db, &DbState::default()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         let e = s.open_segment(Path::new("other.db")).unwrap_err();
