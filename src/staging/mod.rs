@@ -447,7 +447,7 @@ impl Staging {
         for entry in list_dir(&self.segment_dir(db)?)? {
             let name = entry.file_name();
             if name.to_str().and_then(segment::parse_sealed_name).is_some() {
-                let (records, _) = segment::read_segment(&entry.path())?;
+                let records = segment::list_records(&entry.path())?;
                 out.extend(records.into_iter().map(Staged::Batch));
             }
         }
