@@ -310,7 +310,7 @@ async fn large_files_are_streamed_as_multipart_uploads() {
     .unwrap();
     for store in [&s3, &local] {
         let info = store
-            .put_ltx_file("db", 9, (1, 7), &file, ts(1234))
+            .put_ltx_file("db", 9, (1, 7), &file, ts(1234), None)
             .await
             .unwrap();
         assert_eq!(info.size, len as u64);
@@ -325,7 +325,7 @@ async fn large_files_are_streamed_as_multipart_uploads() {
     assert_eq!(stamp, "1970-01-01T00:00:01.234Z");
     // A missing staged file is a clear error, not a partial object.
     let e = s3
-        .put_ltx_file("db", 9, (8, 8), &dir.path().join("gone.ltx"), ts(1))
+        .put_ltx_file("db", 9, (8, 8), &dir.path().join("gone.ltx"), ts(1), None)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("gone.ltx"), "{e}");

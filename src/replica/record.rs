@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 
 use crate::replica::ltx::{LtxHeader, HEADER_SIZE};
-use crate::replica::store::{Layout, ReplicaStore, ReplicaUrl};
+use crate::replica::store::{Layout, LtxObjectInfo, ReplicaStore, ReplicaUrl};
 
 /// The directory of a database's records, below the database's replica path.
 pub const CHECKSUMS_DIR: &str = "walfs/checksums";
@@ -135,14 +135,38 @@ impl SidecarStore {
             .map_err(|e| anyhow!("{e}"))
     }
 
-    /// Downloads `db_path`'s record at `txid`; `None` if the writer recorded none.
+    /// Finds `db_path`'s record at `txid`: in the metadata of `last` (the object that ends
+    /// at `txid`; S3), else as a separate record object. Returns it with where it was
+    /// found; `None` if the writer recorded none.
     pub async fn get_checksum_record(
         &self,
         db_path: &str,
         txid: u64,
-    ) -> anyhow::Result<Option<ChecksumRecord>> {
-        let key = self.record_key(db_path, txid);
+        last: Option<&LtxObjectInfo>,
+    ) -> anyhow::Result<Option<(ChecksumRecord, String)>> {
         let base = self.store.base().to_string();
+        let check = |text: &str, place: String| -> anyhow::Result<(ChecksumRecord, String)> {
+            let record = ChecksumRecord::parse(text)
+                .map_err(|m| anyhow!("verification record {place} is malformed: {m}"))?;
+            if record.txid != txid {
+                bail!(
+                    "verification record {place} is for TXID {}, not {txid}",
+                    record.txid
+                );
+            }
+            Ok((record, place))
+        };
+        if let Some(o) = last.filter(|o| o.max_txid == txid) {
+            let meta = self
+                .store
+                .head_ltx_record(db_path, o.level, o.min_txid, o.max_txid)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if let Some(text) = meta {
+                return check(&text, format!("in the metadata of {base}/{}", o.key)).map(Some);
+            }
+        }
+        let key = self.record_key(db_path, txid);
         let bytes = match self.store.get_object(&key).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok(None),
@@ -150,16 +174,7 @@ impl SidecarStore {
         };
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| anyhow!("verification record {base}/{key} is not text"))?;
-        let record = ChecksumRecord::parse(text)
-            .map_err(|m| anyhow!("verification record {base}/{key} is malformed: {m}"))?;
-        if record.txid != txid {
-            bail!(
-                "verification record {}/{key} is for TXID {}, not {txid}",
-                base,
-                record.txid
-            );
-        }
-        Ok(Some(record))
+        check(text, format!("{base}/{key}")).map(Some)
     }
 
     /// Reads bytes `range` of the object at `key`.
@@ -250,7 +265,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            assert_eq!(s.get_checksum_record("a.db", 7).await.unwrap(), None);
+            assert_eq!(s.get_checksum_record("a.db", 7, None).await.unwrap(), None);
             let r = ChecksumRecord {
                 txid: 7,
                 checksum: 0x8000_0000_0000_0001,
@@ -262,13 +277,22 @@ mod tests {
                 .path()
                 .join("a.db/walfs/checksums/0000000000000007")
                 .is_file());
-            assert_eq!(s.get_checksum_record("a.db", 7).await.unwrap(), Some(r));
+            let (got, place) = s
+                .get_checksum_record("a.db", 7, None)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, r);
+            assert!(
+                place.ends_with("a.db/walfs/checksums/0000000000000007"),
+                "{place}"
+            );
             std::fs::write(
                 tmp.path().join("a.db/walfs/checksums/0000000000000008"),
                 "junk",
             )
             .unwrap();
-            let e = s.get_checksum_record("a.db", 8).await.unwrap_err();
+            let e = s.get_checksum_record("a.db", 8, None).await.unwrap_err();
             assert!(e.to_string().contains("malformed"), "{e}");
         });
     }

@@ -43,6 +43,9 @@ use super::ltx::{ltx_object_name, parse_ltx_object_name};
 /// The S3 object metadata key that holds an LTX file's timestamp (Litestream's
 /// `MetadataKeyTimestamp`).
 pub const METADATA_KEY_TIMESTAMP: &str = "litestream-timestamp";
+/// S3 object metadata holding walfs's verification record of the object's max TXID
+/// (FORMAT.md); Litestream ignores it.
+pub const METADATA_KEY_RECORD: &str = "walfs-record";
 
 /// The region used when neither the URL nor the environment names one (Litestream's
 /// `DefaultRegion`).
@@ -1034,8 +1037,67 @@ impl ReplicaStore {
             (min_txid, max_txid),
             LtxSource::Bytes(bytes),
             timestamp,
+            None,
         )
         .await
+    }
+
+    /// Like [`ReplicaStore::put_ltx`], with walfs's verification record of `max_txid` in the
+    /// object's metadata (S3; ignored on file replicas, see [`ReplicaStore::holds_records`]).
+    pub async fn put_ltx_with_record(
+        &self,
+        db_path: &str,
+        level: u8,
+        txids: (u64, u64),
+        bytes: Bytes,
+        timestamp: SystemTime,
+        record: Option<String>,
+    ) -> Result<LtxObjectInfo, StoreError> {
+        self.put_ltx_from(
+            db_path,
+            level,
+            txids,
+            LtxSource::Bytes(bytes),
+            timestamp,
+            record,
+        )
+        .await
+    }
+
+    /// Whether LTX objects can carry a verification record in their metadata (S3 can; a
+    /// file replica keeps records as separate files).
+    pub fn holds_records(&self) -> bool {
+        self.layout == Layout::S3
+    }
+
+    /// The verification record in an LTX object's metadata, if it has one.
+    pub async fn head_ltx_record(
+        &self,
+        db_path: &str,
+        level: u8,
+        min_txid: u64,
+        max_txid: u64,
+    ) -> Result<Option<String>, StoreError> {
+        if !self.holds_records() {
+            return Ok(None);
+        }
+        check_db_path(db_path)?;
+        let key = self.ltx_key(db_path, level, min_txid, max_txid);
+        let path = self.object_path(&key)?;
+        Counters::bump(&self.counters.head);
+        let opts = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        let res = self
+            .store
+            .get_opts(&path, opts)
+            .await
+            .map_err(|e| self.request_error("HEAD", &key, e))?;
+        Ok(res
+            .attributes
+            .get(&Attribute::Metadata(METADATA_KEY_RECORD.into()))
+            .map(|v| v.as_ref().to_string()))
     }
 
     /// Uploads the LTX file at `file` like [`ReplicaStore::put_ltx`]. Files larger than
@@ -1048,6 +1110,7 @@ impl ReplicaStore {
         (min_txid, max_txid): (u64, u64),
         file: &Path,
         timestamp: SystemTime,
+        record: Option<String>,
     ) -> Result<LtxObjectInfo, StoreError> {
         let read_err = |e: std::io::Error| {
             StoreError::new(
@@ -1061,8 +1124,15 @@ impl ReplicaStore {
         } else {
             LtxSource::File(file.to_path_buf(), size)
         };
-        self.put_ltx_from(db_path, level, (min_txid, max_txid), source, timestamp)
-            .await
+        self.put_ltx_from(
+            db_path,
+            level,
+            (min_txid, max_txid),
+            source,
+            timestamp,
+            record,
+        )
+        .await
     }
 
     async fn put_ltx_from(
@@ -1072,6 +1142,7 @@ impl ReplicaStore {
         (min_txid, max_txid): (u64, u64),
         source: LtxSource,
         timestamp: SystemTime,
+        record: Option<String>,
     ) -> Result<LtxObjectInfo, StoreError> {
         check_db_path(db_path)?;
         let key = self.ltx_key(db_path, level, min_txid, max_txid);
@@ -1082,6 +1153,12 @@ impl ReplicaStore {
                 Attribute::Metadata(METADATA_KEY_TIMESTAMP.into()),
                 AttributeValue::from(format_rfc3339_nano(timestamp)),
             );
+            if let Some(r) = record {
+                attrs.insert(
+                    Attribute::Metadata(METADATA_KEY_RECORD.into()),
+                    AttributeValue::from(r),
+                );
+            }
         }
         Counters::bump(&self.counters.put);
         let size = match source {

@@ -37,6 +37,8 @@ struct Upload {
     max_txid: u64,
     body: Body,
     timestamp: SystemTime,
+    /// The verification record of `max_txid`, when known.
+    record: Option<ChecksumRecord>,
 }
 
 /// Where an upload's LTX bytes are.
@@ -78,6 +80,7 @@ fn plan_uploads(staged: &[Staged], merge: bool, tmp_dir: &Path) -> std::io::Resu
             max_txid: s.max_txid,
             body: Body::Staged(s.path.clone()),
             timestamp: millis_to_time(header.timestamp_ms),
+            record: None,
         });
     }
     push_batches(&mut uploads, after, merge, tmp_dir)?;
@@ -148,6 +151,7 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> 
             max_txid: last.header.max_txid,
             body: Body::Bytes(Bytes::from(bytes)),
             timestamp: millis_to_time(last.header.timestamp_ms),
+            record: Some(record_of(last)),
         });
     }
     let tmp = tmp_dir.join(format!(
@@ -163,7 +167,18 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> 
         max_txid: last.header.max_txid,
         body: Body::Temp(tmp),
         timestamp: millis_to_time(last.header.timestamp_ms),
+        record: Some(record_of(last)),
     })
+}
+
+/// The verification record of a batch's max TXID.
+fn record_of(b: &Batch) -> ChecksumRecord {
+    ChecksumRecord {
+        txid: b.header.max_txid,
+        checksum: b.post_checksum,
+        page_size: b.header.page_size,
+        commit: b.header.commit,
+    }
 }
 
 /// Writes `pages` (located in `batches`' segments; `None` is a zero page) as an LTX file
@@ -256,25 +271,50 @@ impl Uploader {
         let Some(last) = staged.last() else {
             return Ok(());
         };
-        let uploads = plan_uploads(&staged, merge, &self.staging.db_dir(db)?)?;
+        let mut uploads = plan_uploads(&staged, merge, &self.staging.db_dir(db)?)?;
+        let max = last.max_txid();
+        // A snapshot's record: capture's state has it while it is still at that TXID.
+        let state = self.staging.state(db)?;
+        for u in uploads.iter_mut().filter(|u| u.record.is_none()) {
+            u.record = state
+                .filter(|st| st.txid == u.max_txid)
+                .map(|st| ChecksumRecord {
+                    txid: st.txid,
+                    checksum: st.checksum,
+                    page_size: st.page_size,
+                    commit: st.commit,
+                });
+        }
         let key = db.to_string_lossy();
         let sent = (|| -> anyhow::Result<()> {
             for replica in &self.replicas {
+                // On S3 the record rides in the object's metadata (one PUT per object); a
+                // file replica keeps it as a file beside the object.
+                let in_metadata = replica.holds_records();
                 for u in &uploads {
                     let txids = (u.min_txid, u.max_txid);
+                    let meta = u
+                        .record
+                        .filter(|_| in_metadata)
+                        .map(|r| r.encode().trim().to_string());
                     match &u.body {
-                        Body::Bytes(b) => self.runtime.block_on(replica.put_ltx(
+                        Body::Bytes(b) => self.runtime.block_on(replica.put_ltx_with_record(
                             &key,
                             u.level,
-                            txids.0,
-                            txids.1,
+                            txids,
                             b.clone(),
                             u.timestamp,
+                            meta,
                         ))?,
-                        Body::Staged(f) | Body::Temp(f) => self
-                            .runtime
-                            .block_on(replica.put_ltx_file(&key, u.level, txids, f, u.timestamp))?,
+                        Body::Staged(f) | Body::Temp(f) => self.runtime.block_on(
+                            replica.put_ltx_file(&key, u.level, txids, f, u.timestamp, meta),
+                        )?,
                     };
+                    if let Some(record) = u.record.filter(|_| !in_metadata) {
+                        let sidecar = SidecarStore::new(replica.clone());
+                        self.runtime
+                            .block_on(sidecar.put_checksum_record(&key, &record))?;
+                    }
                 }
             }
             Ok(())
@@ -285,35 +325,6 @@ impl Uploader {
             }
         }
         sent?;
-        let max = last.max_txid();
-        // The verification record restore checks against: the database checksum after
-        // `max` (a batch carries it; for a snapshot, capture's state has it when it is
-        // still at `max`).
-        let record = match last {
-            Staged::Batch(b) => Some(ChecksumRecord {
-                txid: max,
-                checksum: b.post_checksum,
-                page_size: b.header.page_size,
-                commit: b.header.commit,
-            }),
-            Staged::Snapshot(_) => self
-                .staging
-                .state(db)?
-                .filter(|st| st.txid == max)
-                .map(|st| ChecksumRecord {
-                    txid: max,
-                    checksum: st.checksum,
-                    page_size: st.page_size,
-                    commit: st.commit,
-                }),
-        };
-        if let Some(record) = record {
-            for replica in &self.replicas {
-                let sidecar = SidecarStore::new(replica.clone());
-                self.runtime
-                    .block_on(sidecar.put_checksum_record(&key, &record))?;
-            }
-        }
         self.staging.mark_uploaded(db, max)?;
         self.uploaded
             .fetch_add(uploads.len() as u64, Ordering::Relaxed);

@@ -262,10 +262,10 @@ pub fn restore_database(
         );
     }
     let record = rt
-        .block_on(sidecar.get_checksum_record(&plan.db, plan.txid))
+        .block_on(sidecar.get_checksum_record(&plan.db, plan.txid, plan.objects.last()))
         .with_context(|| format!("cannot read the verification record of {label}"))?;
     let checksum_check = match record {
-        Some(r) => {
+        Some((r, place)) => {
             if (r.checksum, r.page_size, r.commit) != (checksum.value(), page_size, commit) {
                 bail!(
                     "restored {label} at TXID {} does not match its verification record {}: \
@@ -273,7 +273,7 @@ pub fn restore_database(
                      ({commit} pages of {page_size} bytes); the replica is corrupt or was \
                      changed; {} was not written",
                     plan.txid,
-                    sidecar.record_key(&plan.db, plan.txid),
+                    place,
                     r.checksum,
                     r.commit,
                     r.page_size,
