@@ -1,21 +1,27 @@
-//! Per-database capture of SQLite commits, at SQLite's barriers; FUSE-agnostic.
+//! Per-database capture of SQLite commits, at SQLite's barriers and between them;
+//! FUSE-agnostic.
 //!
-//! This module owns the path from "a barrier happened on a database's files" to "every
-//! transaction committed so far is durably staged as LTX":
+//! This module owns the path from "a database's files changed or reached a barrier" to
+//! "every transaction committed so far is staged":
 //! - [`DatabaseCapture`]: one database (its backing path). It keeps a [`WalTracker`] on the
 //!   backing `-wal`, the running [`DatabaseChecksum`] and one checksum contribution per page
-//!   (so each transaction updates the checksum incrementally), and stages each committed
-//!   WAL transaction as one LTX file with the next TXID, reading its pages once from the
-//!   backing `-wal` (in the page cache at that moment). When it cannot prove that no commit
-//!   was missed (a WAL restart with continuity `Gap`/`Unknown`, typically
-//!   `synchronous=OFF`), it heals with a full snapshot and says so ([`CaptureEvent::Healed`]).
-//!   Pages of uncommitted or rolled-back transactions are never staged: the tracker yields
-//!   committed transactions only.
+//!   (so each batch updates the checksum incrementally), and stages the committed WAL
+//!   transactions each read finds as one batch (consecutive TXIDs, the newest version of
+//!   each page, read once more from the backing `-wal` while it is in the page cache) in
+//!   its staging segment. At the barriers after which the `-wal` may stop holding those
+//!   frames, it makes the segment durable. When it cannot prove that no commit was missed
+//!   (a WAL restart with continuity `Gap`/`Unknown`, typically `synchronous=OFF`), it heals
+//!   with a full snapshot and says so ([`CaptureEvent::Healed`]). Pages of uncommitted or
+//!   rolled-back transactions are never staged: the tracker yields committed transactions
+//!   only. A clean stop saves the page checksums so that the next start need not read the
+//!   database whole.
 //! - [`Capture`]: the registry of one mount, keyed by path relative to the backing root. It
-//!   maps `x-wal` to `x`, recognises databases by their header, and ignores other files.
-//! - [`CaptureObserver`]: the [`Observer`] that the FUSE layer calls; it routes fsync,
-//!   ftruncate, unlink and rename of a database or its `-wal` to the registry, and fails the
-//!   application's operation with EIO when staging fails.
+//!   maps `x-wal` to `x`, recognises databases by their header, ignores other files, and
+//!   tells the uploader which databases have something new ([`Capture::take_staged`]).
+//! - [`CaptureObserver`]: the [`Observer`] that the FUSE layer calls; it routes database
+//!   fsyncs and the ftruncate, unlink and rename of a database or its `-wal` to the
+//!   registry, and fails the application's operation with EIO when staging fails.
+//! - [`watch`]: reads a database's `-wal` within milliseconds of a change between barriers.
 //!
 //! Rollback-journal databases are registered (and snapshotted) but their commits are not
 //! captured incrementally yet; that is reported once per database
@@ -856,7 +862,7 @@ impl DatabaseCapture {
 /// Counters of one mount's capture.
 #[derive(Debug, Default)]
 pub struct CaptureStats {
-    /// LTX files staged (transactions and snapshots).
+    /// Batches and snapshots staged.
     pub staged: AtomicU64,
     /// Snapshots taken to heal a possible gap.
     pub heals: AtomicU64,

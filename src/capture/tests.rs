@@ -1,6 +1,6 @@
 //! Capture tests with real SQLite on a plain directory: the barrier methods are called
 //! exactly where the FUSE layer will call them. Each test rebuilds the database from the
-//! staged LTX files and compares it, page by page, with the live database, and checks the
+//! staged snapshots and batches and compares it, page by page, with the live database, and checks the
 //! recorded database checksum.
 
 use std::fs;
