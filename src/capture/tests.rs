@@ -1,7 +1,7 @@
 //! Capture tests with real SQLite on a plain directory: the barrier methods are called
 //! exactly where the FUSE layer will call them. Each test rebuilds the database from the
-//! staged snapshots and batches and compares it, page by page, with the live database, and checks the
-//! recorded database checksum.
+//! staged snapshots and batches, compares it page by page with the live database, and
+//! checks every recorded database checksum.
 
 use std::fs;
 use std::path::Path;

@@ -1,6 +1,8 @@
-//! The verification record: per database, a small sidecar object that holds the database
-//! checksum after each uploaded TXID range, in a place Litestream ignores. Restores compare
-//! the rebuilt database against it (DESIGN.md, contract item 4).
+//! The verification record: the database checksum after each uploaded TXID range, in a
+//! place Litestream ignores. On S3 the uploader puts it in the LTX object's metadata
+//! (`walfs-record`); on a file replica, and for replicas written before that, it is a small
+//! sidecar object. Restores compare the rebuilt database against it (DESIGN.md, contract
+//! item 4).
 //!
 //! This file owns the record's format and keys ([`ChecksumRecord`], [`checksum_record_key`])
 //! and [`SidecarStore`], the access to objects that are not LTX files (records, and the
@@ -11,7 +13,8 @@
 //! - S3: `<prefix>/<db>/walfs/checksums/<txid>`.
 //!
 //! Content, one line: `txid=<%016x> checksum=<%016x> page_size=<n> commit=<n>`, where the
-//! checksum is [`DatabaseChecksum::value`] of the whole database after `txid`, and commit is
+//! checksum is [`crate::replica::ltx::DatabaseChecksum::value`] of the whole database after
+//! `txid`, and commit is
 //! its size in pages.
 //!
 //! Litestream lists only `<db>/ltx/<level>/` (file) or `<db>/<level %04x>/` (S3) and parses
