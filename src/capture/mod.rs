@@ -13,8 +13,7 @@
 //!   (a WAL restart with continuity `Gap`/`Unknown`, typically `synchronous=OFF`), it heals
 //!   with a full snapshot and says so ([`CaptureEvent::Healed`]). Pages of uncommitted or
 //!   rolled-back transactions are never staged: the tracker yields committed transactions
-//!   only. A clean stop saves the page checksums so that the next start need not read the
-//!   database whole.
+//!   only.
 //! - [`Capture`]: the registry of one mount, keyed by path relative to the backing root. It
 //!   maps `x-wal` to `x`, recognises databases by their header, ignores other files, and
 //!   tells the uploader which databases have something new ([`Capture::take_staged`]).
@@ -69,34 +68,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// The staging file with the page checksums a clean stop saved.
-const SUMS_FILE: &str = "page-checksums";
-const SUMS_MAGIC: &[u8] = b"walfs-page-checksums 1\n";
-const FINGERPRINT_LEN: usize = 40;
-
-/// What identifies a file's content without reading it: inode, size, mtime and ctime
-/// (all zero if the file does not exist).
-fn file_fingerprint(path: &Path) -> io::Result<[u8; FINGERPRINT_LEN]> {
-    use std::os::unix::fs::MetadataExt;
-    let mut fp = [0u8; FINGERPRINT_LEN];
-    let m = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(fp),
-        Err(e) => return Err(e),
-    };
-    let words = [
-        m.ino(),
-        m.size(),
-        m.mtime() as u64,
-        (m.mtime_nsec() as u64) << 32 | m.ctime_nsec() as u64,
-        m.ctime() as u64,
-    ];
-    for (i, w) in words.iter().enumerate() {
-        fp[8 * i..8 * i + 8].copy_from_slice(&w.to_be_bytes());
-    }
-    Ok(fp)
 }
 
 /// The `-wal` path of a database path.
@@ -281,8 +252,6 @@ pub struct DatabaseCapture {
     sums: Vec<u64>,
     /// The database was in rollback-journal mode when last seen without a WAL.
     rollback: bool,
-    /// How many times the whole database was read (snapshots, resumes).
-    image_reads: u32,
 }
 
 impl DatabaseCapture {
@@ -330,7 +299,6 @@ impl DatabaseCapture {
             saved: None,
             sums: Vec::new(),
             rollback: false,
-            image_reads: 0,
         };
         let mut events = Vec::new();
         match saved {
@@ -340,7 +308,7 @@ impl DatabaseCapture {
             Some(st) => {
                 c.state = st;
                 c.saved = Some(st);
-                if !c.resume_from_sums()? && !c.resume()? {
+                if !c.resume()? {
                     let reason = "the database changed while it was not being captured";
                     c.heal(reason, at_barrier, &mut events)?;
                 }
@@ -362,11 +330,6 @@ impl DatabaseCapture {
     /// What has been staged so far.
     pub fn state(&self) -> &DbState {
         &self.state
-    }
-
-    /// How many times the whole database was read (snapshots and resumes).
-    pub fn image_reads(&self) -> u32 {
-        self.image_reads
     }
 
     /// The database checksum after the last staged TXID.
@@ -641,7 +604,6 @@ impl DatabaseCapture {
         upto: Option<WalPosition>,
         sink: &mut ImageSink,
     ) -> io::Result<Option<(WalTracker, u32, u32, FileFormat)>> {
-        self.image_reads += 1;
         for _ in 0..10 {
             let Some(db) = open_optional(&self.db_path)? else {
                 return Ok(None);
@@ -741,75 +703,9 @@ impl DatabaseCapture {
         self.save()
     }
 
-    /// Seals what is staged and saves the per-page checksums with a fingerprint of the
-    /// files, so that the next start can skip reading the whole database (a clean stop).
+    /// A clean stop: seals what is staged.
     pub fn close(&mut self) -> io::Result<()> {
-        self.seal()?;
-        let mut b = Vec::with_capacity(64 + self.sums.len() * 8);
-        b.extend_from_slice(SUMS_MAGIC);
-        b.extend_from_slice(&self.state.txid.to_be_bytes());
-        b.extend_from_slice(&self.state.checksum.to_be_bytes());
-        b.extend_from_slice(&file_fingerprint(&self.db_path)?);
-        b.extend_from_slice(&file_fingerprint(&self.wal_path)?);
-        b.extend_from_slice(&(self.sums.len() as u64).to_be_bytes());
-        for s in &self.sums {
-            b.extend_from_slice(&s.to_be_bytes());
-        }
-        self.staging.save_blob(&self.rel, SUMS_FILE, &b)
-    }
-
-    /// Resumes from the page checksums a clean stop saved, if the database and its `-wal`
-    /// are untouched since (same inode, size, mtime and ctime) and they add up to the saved
-    /// state's checksum. Costs no read of the database.
-    fn resume_from_sums(&mut self) -> io::Result<bool> {
-        let Some(b) = self.staging.take_blob(&self.rel, SUMS_FILE)? else {
-            return Ok(false);
-        };
-        let mut fp = [0u8; FINGERPRINT_LEN];
-        let head = SUMS_MAGIC.len() + 16 + 2 * FINGERPRINT_LEN + 8;
-        if b.len() < head || &b[..SUMS_MAGIC.len()] != SUMS_MAGIC {
-            return Ok(false);
-        }
-        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
-        let mut at = SUMS_MAGIC.len();
-        let (txid, checksum) = (u64_at(at), u64_at(at + 8));
-        at += 16;
-        fp.copy_from_slice(&b[at..at + FINGERPRINT_LEN]);
-        let db_same = fp == file_fingerprint(&self.db_path)?;
-        at += FINGERPRINT_LEN;
-        fp.copy_from_slice(&b[at..at + FINGERPRINT_LEN]);
-        let wal_same = fp == file_fingerprint(&self.wal_path)?;
-        at += FINGERPRINT_LEN;
-        let n = u64_at(at) as usize;
-        at += 8;
-        if !db_same
-            || !wal_same
-            || txid != self.state.txid
-            || checksum != self.state.checksum
-            || n != self.state.commit as usize
-            || b.len() != at + 8 * n
-        {
-            return Ok(false);
-        }
-        let sums: Vec<u64> = (0..n).map(|i| u64_at(at + 8 * i)).collect();
-        let mut sum = DatabaseChecksum::EMPTY;
-        for &c in sums.iter().filter(|&&c| c != 0) {
-            sum.toggle(c);
-        }
-        if sum != self.state.database_checksum() {
-            return Ok(false);
-        }
-        let Some(db) = open_optional(&self.db_path)? else {
-            return Ok(false);
-        };
-        let format = read_db_header(&db)?.and_then(|h| h.format());
-        self.sums = sums;
-        self.tracker = match self.state.wal {
-            Some(pos) => WalTracker::resume(pos),
-            None => WalTracker::new(),
-        };
-        self.rollback = format == Some(FileFormat::Rollback) && self.state.wal.is_none();
-        Ok(true)
+        self.seal()
     }
 
     /// Rebuilds the per-page checksums from the files for a saved state. True if the files
@@ -964,8 +860,7 @@ impl Capture {
         }
     }
 
-    /// A clean stop: seals every captured database and saves what lets the next start skip
-    /// reading it whole.
+    /// A clean stop: seals every captured database.
     pub fn close_all(&self) {
         for db in self.databases() {
             let Some(slot) = self.slot(&db, false) else {
@@ -974,7 +869,7 @@ impl Capture {
             let mut guard = slot.lock();
             if let Some(c) = guard.as_mut() {
                 if let Err(e) = c.close() {
-                    tracing::warn!(db = %db.display(), "cannot save page checksums (the next start reads the database whole): {e}");
+                    tracing::warn!(db = %db.display(), "cannot seal staged batches at stop: {e}");
                 }
             }
         }

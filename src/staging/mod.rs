@@ -509,27 +509,6 @@ impl Staging {
         Ok(out)
     }
 
-    /// Saves `bytes` durably as the file `name` of `db` (for the capture's own records,
-    /// such as the page checksums it keeps across a clean restart).
-    pub fn save_blob(&self, db: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let dir = self.db_dir(db)?;
-        fs::create_dir_all(&dir)?;
-        write_atomic(&dir.join(name), bytes)
-    }
-
-    /// Reads and removes the file `name` of `db`, so that it is used at most once.
-    pub fn take_blob(&self, db: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
-        let path = self.db_dir(db)?.join(name);
-        match fs::read(&path) {
-            Ok(bytes) => {
-                fs::remove_file(&path)?;
-                Ok(Some(bytes))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     /// The saved state of `db`, or `None` if it was never saved.
     pub fn state(&self, db: &Path) -> io::Result<Option<DbState>> {
         let path = self.db_dir(db)?.join(STATE_FILE);
