@@ -265,9 +265,9 @@ impl DatabaseCapture {
         db_path: &Path,
         at_barrier: bool,
     ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
-        let saved = staging.state(rel)?;
+        let on_disk = staging.state(rel)?;
         // Batches staged after the state was last saved carry their own position.
-        let saved = match (saved, staging.last_batch(rel)?) {
+        let saved = match (on_disk, staging.last_batch(rel)?) {
             (Some(st), Some(b)) if b.header.max_txid > st.txid => Some(DbState {
                 txid: b.header.max_txid,
                 page_size: b.header.page_size,
@@ -301,13 +301,19 @@ impl DatabaseCapture {
             rollback: false,
         };
         let mut events = Vec::new();
+        // What a crash left in the segment is made durable before any state that counts
+        // it is saved.
+        c.segment.sync()?;
         match saved {
             None => {
                 c.snapshot_inner(at_barrier, &mut events)?;
             }
             Some(st) => {
                 c.state = st;
-                c.saved = Some(st);
+                // What the state file holds, which may be behind `st` (then the next save
+                // must write it, or a later start would resume from the older state and
+                // hand out TXIDs the replica already has).
+                c.saved = on_disk;
                 if !c.resume()? {
                     let reason = "the database changed while it was not being captured";
                     c.heal(reason, at_barrier, &mut events)?;
@@ -663,7 +669,8 @@ impl DatabaseCapture {
     }
 
     fn snapshot_inner(&mut self, barrier: bool, events: &mut Vec<CaptureEvent>) -> io::Result<()> {
-        let txid = self.state.txid + 1;
+        // Never a TXID the replica may already hold.
+        let txid = self.state.txid.max(self.state.uploaded_txid) + 1;
         let mut sink = ImageSink {
             writer: Some((self.staging.clone(), self.rel.clone(), txid, None)),
             sums: Vec::new(),
