@@ -156,21 +156,24 @@ impl<'a> Image<'a> {
     ) -> io::Result<bool> {
         let ps = self.page_size as usize;
         let lock = lock_pgno(self.page_size);
-        let mut buf = vec![0u8; ps];
+        // One frame buffer: WAL pages are read with their frame header, database pages
+        // into the page part.
+        let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + ps];
         for pgno in 1..=self.size {
             if pgno == lock {
                 continue;
             }
             match (self.overlay.get(&pgno), wal) {
-                (Some((t, p)), Some(wal)) => match t.read_page(wal, p, &mut buf) {
+                (Some((t, p)), Some(wal)) => match t.read_frame_page(wal, p, &mut frame) {
                     Ok(()) => {}
                     Err(WalError::FrameChanged { .. }) => return Ok(false),
                     Err(e) => return Err(wal_io(e)),
                 },
                 (Some(_), None) => return Ok(false),
                 (None, _) => {
+                    let buf = &mut frame[WAL_FRAME_HEADER_SIZE..];
                     let off = u64::from(pgno - 1) * ps as u64;
-                    if !read_full(db, off, &mut buf)? {
+                    if !read_full(db, off, buf)? {
                         // Past the end of the file: what SQLite reads there is zeros.
                         let n = db_len_from(db)?.saturating_sub(off).min(ps as u64) as usize;
                         read_full(db, off, &mut buf[..n])?;
@@ -178,7 +181,7 @@ impl<'a> Image<'a> {
                     }
                 }
             }
-            f(pgno, &buf)?;
+            f(pgno, &frame[WAL_FRAME_HEADER_SIZE..])?;
         }
         Ok(true)
     }

@@ -33,9 +33,9 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, ObjectMeta,
-    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
-    WriteMultipart,
+    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, GetResult,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
 };
 
 use super::ltx::{ltx_object_name, parse_ltx_object_name};
@@ -1081,19 +1081,7 @@ impl ReplicaStore {
         if !self.holds_records() {
             return Ok(None);
         }
-        check_db_path(db_path)?;
-        let key = self.ltx_key(db_path, level, min_txid, max_txid);
-        let path = self.object_path(&key)?;
-        Counters::bump(&self.counters.head);
-        let opts = GetOptions {
-            head: true,
-            ..GetOptions::default()
-        };
-        let res = self
-            .store
-            .get_opts(&path, opts)
-            .await
-            .map_err(|e| self.request_error("HEAD", &key, e))?;
+        let (_, res) = self.head(db_path, level, min_txid, max_txid).await?;
         Ok(res
             .attributes
             .get(&Attribute::Metadata(METADATA_KEY_RECORD.into()))
@@ -1283,15 +1271,14 @@ impl ReplicaStore {
             .map_err(|e| self.request_error("GET", &key, e))
     }
 
-    /// Reads one LTX object's size and timestamp (the `litestream-timestamp` metadata on S3,
-    /// falling back to Last-Modified; the mtime on file replicas).
-    pub async fn head_ltx(
+    /// HEADs one LTX object: its key and the response (metadata, attributes).
+    async fn head(
         &self,
         db_path: &str,
         level: u8,
         min_txid: u64,
         max_txid: u64,
-    ) -> Result<LtxObjectInfo, StoreError> {
+    ) -> Result<(String, GetResult), StoreError> {
         check_db_path(db_path)?;
         let key = self.ltx_key(db_path, level, min_txid, max_txid);
         let path = self.object_path(&key)?;
@@ -1305,6 +1292,19 @@ impl ReplicaStore {
             .get_opts(&path, opts)
             .await
             .map_err(|e| self.request_error("HEAD", &key, e))?;
+        Ok((key, res))
+    }
+
+    /// Reads one LTX object's size and timestamp (the `litestream-timestamp` metadata on S3,
+    /// falling back to Last-Modified; the mtime on file replicas).
+    pub async fn head_ltx(
+        &self,
+        db_path: &str,
+        level: u8,
+        min_txid: u64,
+        max_txid: u64,
+    ) -> Result<LtxObjectInfo, StoreError> {
+        let (key, res) = self.head(db_path, level, min_txid, max_txid).await?;
         let timestamp = res
             .attributes
             .get(&Attribute::Metadata(METADATA_KEY_TIMESTAMP.into()))

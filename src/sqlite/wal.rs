@@ -384,10 +384,8 @@ pub struct WalTransaction {
 }
 
 impl WalTransaction {
-    /// Reads `page` into `buf` (exactly one page long) and re-verifies it: the data is read
-    /// first, then the frame header, which must still carry this log's salts and the
-    /// validated checksum, and the checksum is recomputed over the data. This order makes a
-    /// concurrent restart that overwrote the frame visible as [`WalError::FrameChanged`].
+    /// Reads `page` into `buf` (exactly one page long), re-verified as by
+    /// [`read_frame_page`](Self::read_frame_page).
     pub fn read_page<R: ReadAt + ?Sized>(
         &self,
         src: &R,
@@ -401,33 +399,17 @@ impl WalTransaction {
                 got: buf.len(),
             });
         }
-        let changed = WalError::FrameChanged {
-            data_offset: page.data_offset,
-        };
-        let Some(hdr_off) = page.data_offset.checked_sub(WAL_FRAME_HEADER_SIZE as u64) else {
-            return Err(changed);
-        };
-        if !read_full(src, page.data_offset, buf)? {
-            return Err(changed);
-        }
-        let mut fh = [0u8; WAL_FRAME_HEADER_SIZE];
-        if !read_full(src, hdr_off, &mut fh)? {
-            return Err(changed);
-        }
-        let frame = FrameHeader::parse(&fh)?;
-        if frame.pgno != page.pgno
-            || frame.checksum != page.frame_checksum
-            || frame.verify(&self.header, page.checksum_in, buf).is_none()
-        {
-            return Err(changed);
-        }
+        let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + expected];
+        self.read_frame_page(src, page, &mut frame)?;
+        buf.copy_from_slice(&frame[WAL_FRAME_HEADER_SIZE..]);
         Ok(())
     }
 
-    /// Like [`read_page`](Self::read_page), in one read: `frame` is one frame long (frame
-    /// header plus page) and receives the whole frame; the page is `frame[24..]`. A
-    /// concurrent overwrite shows as a salt or checksum mismatch, so as
-    /// [`WalError::FrameChanged`].
+    /// Reads the frame of `page` in one read into `frame` (one frame long: frame header
+    /// plus page; the page is `frame[24..]`) and re-verifies it: the frame header must still
+    /// carry this log's salts and the validated checksum, and the checksum is recomputed
+    /// over the data. A concurrent restart that overwrote the frame shows as a salt or
+    /// checksum mismatch, so as [`WalError::FrameChanged`].
     pub fn read_frame_page<R: ReadAt + ?Sized>(
         &self,
         src: &R,
