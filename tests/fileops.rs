@@ -850,6 +850,41 @@ fn trunc_and_excl(args: &[&str]) {
             ),
         );
         out.push(c.ok("stat", fs::metadata(c.p("g"))).len());
+        // A running executable cannot be opened for writing, nor truncated by O_TRUNC, and
+        // the failed open leaves it intact (with FUSE_ATOMIC_O_TRUNC the daemon truncated
+        // it before the kernel's ETXTBSY check, and the program died of SIGBUS).
+        let exe = c.p("exe");
+        c.ok("copy sleep", fs::copy("/usr/bin/sleep", &exe));
+        c.ok(
+            "chmod 755",
+            fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)),
+        );
+        let exe_len = c.ok("stat exe", fs::metadata(&exe)).len();
+        let mut running = c.ok(
+            "run exe",
+            std::process::Command::new(&exe).arg("30").spawn(),
+        );
+        c.fails(
+            "O_RDONLY|O_TRUNC on a running executable",
+            libc::ETXTBSY,
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_TRUNC)
+                .open(&exe),
+        );
+        c.fails(
+            "O_WRONLY on a running executable",
+            libc::ETXTBSY,
+            OpenOptions::new().write(true).open(&exe),
+        );
+        out.push(u64::from(
+            c.ok("still running", running.try_wait()).is_none(),
+        ));
+        out.push(u64::from(
+            c.ok("stat exe", fs::metadata(&exe)).len() == exe_len,
+        ));
+        c.ok("kill exe", running.kill());
+        c.ok("wait exe", running.wait());
         c.fails(
             "O_EXCL on an existing file",
             libc::EEXIST,

@@ -113,8 +113,11 @@ impl Filesystem for FuseAdapter {
         // write, and in exchange lets the kernel mark the superblock SB_NOSEC, so it skips
         // the `security.capability` query (a round trip) on writes for as long as the
         // inode's attributes stay valid (each attribute refresh clears the flag again).
-        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_PARALLEL_DIROPS
+        // FUSE_ATOMIC_O_TRUNC is not requested: with it the kernel passes O_TRUNC in the
+        // open and walfs truncated the file before the kernel checked ETXTBSY, so an
+        // O_TRUNC open of a running executable failed but emptied the file anyway. Without
+        // it the kernel checks first and then truncates with a setattr.
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2
             // In page-cache mode, drop cached pages when a file's mtime or size changed
