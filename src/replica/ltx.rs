@@ -35,8 +35,6 @@
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 
-use crc::{Crc, Digest, Table, CRC_64_GO_ISO};
-
 /// The first four bytes of every LTX file.
 pub const MAGIC: &[u8; 4] = b"LTX1";
 /// The format version this module reads and writes (not stored in the file).
@@ -65,9 +63,36 @@ const PENDING_BYTE: u64 = 0x4000_0000;
 /// The magic number of an LZ4 frame (little-endian on disk).
 const LZ4_FRAME_MAGIC: u32 = 0x184D_2204;
 
-type Crc64Digest = Digest<'static, u64, Table<16>>;
+/// A running CRC-64/GO-ISO (Go's `crc64.ISO` table, as LTX uses it), computed with the
+/// CPU's carry-less multiply where there is one (crc-fast): about 30 GB/s here, against
+/// 2 GB/s for a slice-by-16 table. Every staged, uploaded and restored page is hashed.
+#[derive(Clone)]
+pub struct Crc64(crc_fast::Digest);
 
-static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_GO_ISO);
+impl Crc64 {
+    pub fn new() -> Crc64 {
+        Crc64(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64GoIso))
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn finalize(&self) -> u64 {
+        self.0.finalize()
+    }
+}
+
+impl Default for Crc64 {
+    fn default() -> Self {
+        Crc64::new()
+    }
+}
+
+/// The CRC-64/GO-ISO of `data`.
+pub fn crc64(data: &[u8]) -> u64 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64GoIso, data)
+}
 
 /// The page number of SQLite's lock page (the one holding byte 0x40000000) for a page size.
 /// LTX files never hold it and database checksums skip it.
@@ -466,7 +491,7 @@ impl DatabaseChecksum {
 
     /// One page's contribution: `CRC64(pgno ‖ data) | CHECKSUM_FLAG`.
     pub fn page_checksum(pgno: u32, data: &[u8]) -> u64 {
-        let mut d = CRC64.digest();
+        let mut d = Crc64::new();
         d.update(&pgno.to_be_bytes());
         d.update(data);
         d.finalize() | CHECKSUM_FLAG
@@ -554,7 +579,7 @@ impl DatabaseChecksum {
 pub struct LtxEncoder<W: Write> {
     writer: W,
     header: LtxHeader,
-    hash: Crc64Digest,
+    hash: Crc64,
     offset: u64,
     prev_pgno: u32,
     index: Vec<PageIndexEntry>,
@@ -572,7 +597,7 @@ impl<W: Write> LtxEncoder<W> {
             .map_err(|m| LtxError::Usage(format!("invalid header: {m}")))?;
         let bytes = header.to_bytes();
         writer.write_all(&bytes)?;
-        let mut hash = CRC64.digest();
+        let mut hash = Crc64::new();
         hash.update(&bytes);
         Ok(LtxEncoder {
             writer,
@@ -736,7 +761,7 @@ impl<W: Write> LtxEncoder<W> {
         tail.extend_from_slice(&index_len.to_be_bytes());
         tail.extend_from_slice(&post_apply_checksum.to_be_bytes());
         self.hash.update(&tail);
-        let digest = std::mem::replace(&mut self.hash, CRC64.digest());
+        let digest = std::mem::take(&mut self.hash);
         let trailer = LtxTrailer {
             post_apply_checksum,
             file_checksum: digest.finalize() | CHECKSUM_FLAG,
@@ -818,7 +843,7 @@ enum DecodeState {
 pub struct LtxDecoder<R: Read> {
     reader: BufReader<R>,
     header: LtxHeader,
-    hash: Crc64Digest,
+    hash: Crc64,
     offset: u64,
     prev_pgno: u32,
     frames: Vec<PageIndexEntry>,
@@ -834,7 +859,7 @@ impl<R: Read> LtxDecoder<R> {
         let mut dec = LtxDecoder {
             reader: BufReader::with_capacity(64 * 1024, reader),
             header: LtxHeader::default(),
-            hash: CRC64.digest(),
+            hash: Crc64::new(),
             offset: 0,
             prev_pgno: 0,
             frames: Vec::new(),
@@ -1244,7 +1269,7 @@ impl<R: Read> LtxDecoder<R> {
             }
         }
 
-        let digest = std::mem::replace(&mut self.hash, CRC64.digest());
+        let digest = std::mem::take(&mut self.hash);
         let computed = digest.finalize() | CHECKSUM_FLAG;
         if computed != trailer.file_checksum {
             return Err(LtxError::FileChecksumMismatch {
@@ -1356,7 +1381,7 @@ mod tests {
     fn raw_file(header: &LtxHeader, frames: &[(u32, u16, Vec<u8>, Vec<u8>)], post: u64) -> Vec<u8> {
         // Each frame: pgno, flags, stored payload, decompressed data (hashed).
         let mut out = header.to_bytes().to_vec();
-        let mut hash = CRC64.digest();
+        let mut hash = Crc64::new();
         hash.update(&out);
         let mut index = Vec::new();
         for (pgno, flags, payload, data) in frames {
@@ -1402,7 +1427,32 @@ mod tests {
     fn crc64_is_go_iso() {
         // The CRC catalogue's check value for CRC-64/GO-ISO, which is Go's crc64.ISO table
         // with Go's ^crc pre- and post-conditioning.
-        assert_eq!(CRC64.checksum(b"123456789"), 0xb909_56c7_75a4_1001);
+        assert_eq!(crc64(b"123456789"), 0xb909_56c7_75a4_1001);
+    }
+
+    #[test]
+    fn fast_crc64_matches_a_table_implementation() {
+        let table = crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO);
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [0, 1, 7, 8, 15, 16, 63, 64, 255, 4096, 4100, 65_536, 70_000] {
+            assert_eq!(
+                crc64(&data[..len]),
+                table.checksum(&data[..len]),
+                "length {len}"
+            );
+            // In pieces, as page checksums and LTX files feed it.
+            let mut d = Crc64::new();
+            for chunk in data[..len].chunks(1000) {
+                d.update(chunk);
+            }
+            assert_eq!(
+                d.finalize(),
+                table.checksum(&data[..len]),
+                "length {len} in pieces"
+            );
+        }
     }
 
     #[test]
@@ -1834,7 +1884,7 @@ mod tests {
         bad[idx_pos + 1] = 101;
         // Fix the file checksum so only the index check can catch it.
         let n = bad.len();
-        let mut hash = CRC64.digest();
+        let mut hash = Crc64::new();
         // Recompute: everything hashed is the raw file except compressed payloads, so
         // rebuild the logical stream the same way raw_file does.
         hash.update(&bad[..HEADER_SIZE]);
@@ -2087,7 +2137,7 @@ mod tests {
             let mut dec = LtxDecoder {
                 reader: BufReader::new(&b[..]),
                 header: LtxHeader::default(),
-                hash: CRC64.digest(),
+                hash: Crc64::new(),
                 offset: 0,
                 prev_pgno: 0,
                 frames: Vec::new(),
@@ -2102,7 +2152,7 @@ mod tests {
         let mut dec = LtxDecoder {
             reader: BufReader::new(&over[..]),
             header: LtxHeader::default(),
-            hash: CRC64.digest(),
+            hash: Crc64::new(),
             offset: 0,
             prev_pgno: 0,
             frames: Vec::new(),

@@ -543,7 +543,7 @@ impl Staging {
 }
 
 fn crc_of(text: &str) -> u64 {
-    crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO).checksum(text.as_bytes())
+    crate::replica::ltx::crc64(text.as_bytes())
 }
 
 fn format_state(s: &DbState) -> String {

@@ -32,9 +32,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crc::{Crc, Digest, Table, CRC_64_GO_ISO};
-
-use crate::replica::ltx::DatabaseChecksum;
+use crate::replica::ltx::{Crc64, DatabaseChecksum};
 use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
 
 const RECORD_MAGIC: u32 = 0x5746_5342;
@@ -43,8 +41,6 @@ const HEADER_SIZE: usize = 96;
 const TRAILER_SIZE: usize = 16;
 /// Appends are flushed to the file in chunks of this size.
 const FLUSH_AT: usize = 1 << 20;
-
-static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_GO_ISO);
 
 /// What one record covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +196,7 @@ pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
         if offset + rec_len > len {
             break;
         }
-        let mut digest = CRC64.digest();
+        let mut digest = Crc64::new();
         digest.update(&hb);
         buf.resize(4 + header.page_size as usize, 0);
         for _ in 0..header.page_count {
@@ -325,7 +321,7 @@ impl SegmentWriter {
 
     /// Starts appending a record; it is written only by [`RecordWriter::finish`].
     pub fn begin(&mut self, header: BatchHeader) -> RecordWriter<'_> {
-        let mut digest = CRC64.digest();
+        let mut digest = Crc64::new();
         let hb = header.encode();
         digest.update(&hb);
         let mut buf = Vec::with_capacity(
@@ -383,7 +379,7 @@ impl SegmentWriter {
 pub struct RecordWriter<'a> {
     seg: &'a mut SegmentWriter,
     header: BatchHeader,
-    digest: Digest<'static, u64, Table<16>>,
+    digest: Crc64,
     buf: Vec<u8>,
     start: u64,
     flushed: u64,
@@ -434,7 +430,7 @@ impl RecordWriter<'_> {
         }
         let pc = post_checksum.to_be_bytes();
         self.digest.update(&pc);
-        let digest = std::mem::replace(&mut self.digest, CRC64.digest());
+        let digest = std::mem::take(&mut self.digest);
         let crc = digest.finalize();
         self.buf.extend_from_slice(&pc);
         self.buf.extend_from_slice(&crc.to_be_bytes());
