@@ -1,7 +1,8 @@
 //! Replication of one mount: wires capture (at the FUSE barriers), staging and upload
 //! together. At start it finds the databases already in the backing directory and stages
 //! their initial snapshots; while mounted the uploader sends what capture staged every sync
-//! interval; at unmount it flushes what is pending within a bounded time.
+//! interval, and the maintenance loop compacts, snapshots and applies retention; at unmount
+//! it flushes what is pending within a bounded time.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use anyhow::Context;
 use crate::capture::watch::WalWatcher;
 use crate::capture::{Capture, CaptureObserver};
 use crate::fs::Observer;
+use crate::replica::maintain::{Maintainer, MaintenanceOptions};
 use crate::replica::store::{ReplicaStore, ReplicaUrl, StoreTuning};
 use crate::replica::upload::Uploader;
 use crate::staging::Staging;
@@ -45,14 +47,18 @@ pub struct ReplicationOptions {
     pub sync_interval: Duration,
     /// Capture at every `-wal` fsync before replying (see [`CaptureObserver::new`]).
     pub stage_at_commit: bool,
+    /// Compaction, snapshots and retention.
+    pub maintenance: MaintenanceOptions,
 }
 
 pub struct Replication {
     capture: Arc<Capture>,
     stage_at_commit: bool,
     uploader: Arc<Uploader>,
+    maintainer: Arc<Maintainer>,
     merge: bool,
     thread: Option<JoinHandle<()>>,
+    maintenance_thread: Option<JoinHandle<()>>,
     watcher: Option<WalWatcher>,
 }
 
@@ -85,7 +91,13 @@ impl Replication {
             )
         })?);
         let capture = Arc::new(Capture::new(backing, staging.clone()));
+        let maintainer = Arc::new(Maintainer::new(
+            staging.clone(),
+            replicas.clone(),
+            opts.maintenance.clone(),
+        )?);
         let uploader = Arc::new(Uploader::new(staging, replicas)?);
+        uploader.set_maintainer(maintainer.clone());
         {
             let uploader = uploader.clone();
             capture.set_notify(Box::new(move || uploader.notify()));
@@ -104,14 +116,22 @@ impl Replication {
                 .name("walfs-upload".into())
                 .spawn(move || uploader.run(interval, || capture.take_staged()))?
         };
+        let maintenance_thread = {
+            let maintainer = maintainer.clone();
+            std::thread::Builder::new()
+                .name("walfs-maintain".into())
+                .spawn(move || maintainer.run())?
+        };
         let watcher = WalWatcher::start(capture.clone(), WATCH_COALESCE)
             .context("cannot watch the backing directory for WAL changes (inotify)")?;
         Ok(Replication {
             capture,
             stage_at_commit: opts.stage_at_commit,
             uploader,
+            maintainer,
             merge: !opts.sync_interval.is_zero(),
             thread: Some(thread),
+            maintenance_thread: Some(maintenance_thread),
             watcher: Some(watcher),
         })
     }
@@ -129,6 +149,11 @@ impl Replication {
     pub fn stop(mut self) -> bool {
         if let Some(w) = self.watcher.take() {
             w.stop();
+        }
+        // Compaction and retention resume from the local copies at the next mount.
+        self.maintainer.shutdown();
+        if let Some(t) = self.maintenance_thread.take() {
+            let _ = t.join();
         }
         self.uploader.shutdown();
         if let Some(t) = self.thread.take() {
