@@ -562,3 +562,79 @@ fn litestream_restores_a_compacted_replica() {
     let (out, _) = f.restore(rel, "walfs.db", &[]);
     assert_same_database(&m.backing_path(rel), &out);
 }
+
+#[test]
+fn staging_without_local_copies_fetches_the_snapshot_once_and_goes_on() {
+    let f = Fixture::new("nocopies");
+    let rel = "old.db";
+    let args = [
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s,2s",
+        "--snapshot-interval",
+        "3s",
+        "--retention",
+        "120s",
+    ];
+    let mut m = f.mount(&args);
+    let c = open_wal(&m.path(rel));
+    write(&c, "a", 60, Duration::from_millis(10));
+    drop(c);
+    m.stop();
+    // A staging as a walfs without maintenance left it: no local copies.
+    let kept = f.staging().join(rel).join("replica");
+    assert!(
+        kept.is_dir(),
+        "no local copies were kept in {}",
+        kept.display()
+    );
+    std::fs::remove_dir_all(&kept).unwrap();
+    let before = f.objects(rel);
+    let old_max = before.iter().map(|o| o.2).max().unwrap();
+    let mark = f.moto.requests().len();
+    m.start(&f.args(&args).iter().map(String::as_str).collect::<Vec<_>>());
+    let c = open_wal(&m.path(rel));
+    write(&c, "b", 60, Duration::from_millis(10));
+    let objs = wait_objects(
+        &f,
+        rel,
+        Duration::from_secs(30),
+        "a snapshot beyond the restart",
+        |o| o.iter().any(|x| x.0 == 9 && x.2 > old_max),
+    );
+    eprintln!("objects: {objs:?}");
+    let gets: Vec<String> = f.moto.requests()[mark..]
+        .iter()
+        .filter(|q| q.starts_with("GET ") && q.contains(".ltx"))
+        .cloned()
+        .collect();
+    assert!(
+        !gets.is_empty(),
+        "the snapshot was built without the objects it needs"
+    );
+    let mut unique = gets.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        gets.len(),
+        "an object was fetched twice: {gets:?}"
+    );
+    // The local copies are back, so the next snapshot needs no GET.
+    let mark = f.moto.requests().len();
+    write(&c, "c", 40, Duration::from_millis(10));
+    let newest = objs.iter().filter(|o| o.0 == 9).map(|o| o.2).max().unwrap();
+    wait_objects(&f, rel, Duration::from_secs(30), "another snapshot", |o| {
+        o.iter().any(|x| x.0 == 9 && x.2 > newest)
+    });
+    let gets = f.moto.requests()[mark..]
+        .iter()
+        .filter(|q| q.starts_with("GET ") && q.contains(".ltx"))
+        .count();
+    assert_eq!(gets, 0, "GETs of objects walfs holds locally");
+    drop(c);
+    m.stop();
+    let (out, _) = f.restore(rel, "latest.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}

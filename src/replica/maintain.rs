@@ -330,6 +330,11 @@ impl Maintainer {
             .filter(|o| o.level == k - 1)
             .copied()
             .collect();
+        compaction_runs(&below, self.done(view, k))
+    }
+
+    /// The highest TXID level `k` already holds, locally or in a replica.
+    fn done(&self, view: &DbView, k: u8) -> u64 {
         let mut done = view
             .local
             .keys()
@@ -344,7 +349,7 @@ impl Maintainer {
                 }
             }
         }
-        compaction_runs(&below, done)
+        done
     }
 
     /// Merges `run` (local copies at level `k - 1`) into one object at level `k`, uploads
@@ -419,6 +424,24 @@ impl Maintainer {
     /// Builds and uploads a snapshot when one is due and the database changed since the
     /// last; returns when the next one is due.
     fn maybe_snapshot(&self, db: &Path, view: &mut DbView, now: SystemTime) -> Option<SystemTime> {
+        let due = view.snapshot_at + self.opts.snapshot_interval;
+        if view.latest_snapshot().is_none() && !view.local.is_empty() {
+            if due > now {
+                return Some(due);
+            }
+            match self.fetch_missing_chain(db, view) {
+                Ok(n) => tracing::info!(
+                    db = %db.display(),
+                    objects = n,
+                    "no local snapshot: fetched the newest one and the objects after it"
+                ),
+                Err(e) => {
+                    tracing::warn!(db = %db.display(), "cannot fetch a snapshot to build on: {e:#}; retrying");
+                    view.retry_at = Some(Instant::now() + RETRY);
+                    return Some(now + RETRY);
+                }
+            }
+        }
         let snap = view.latest_snapshot()?.clone();
         let objs: Vec<ObjId> = view
             .local
@@ -430,7 +453,6 @@ impl Maintainer {
         if chain.is_empty() {
             return None;
         }
-        let due = view.snapshot_at + self.opts.snapshot_interval;
         if due > now {
             return Some(due);
         }
@@ -465,7 +487,10 @@ impl Maintainer {
             .local
             .keys()
             .filter(|o| {
-                (o.level == SNAPSHOTS && o.max < snap.max) || (o.level == top && o.max <= snap.max)
+                (o.level == SNAPSHOTS && o.max < snap.max)
+                    || (o.level < SNAPSHOTS
+                        && o.max <= snap.max
+                        && (o.level == top || o.max <= self.done(view, o.level + 1)))
             })
             .copied()
             .collect();
@@ -476,6 +501,86 @@ impl Maintainer {
                 }
             }
         }
+    }
+
+    /// Lists what each replica holds of `db`, once per mount.
+    fn ensure_listed(&self, db: &Path, view: &mut DbView) -> anyhow::Result<()> {
+        if view.remote.is_some() {
+            return Ok(());
+        }
+        let key = db.to_string_lossy();
+        let mut all = Vec::new();
+        for replica in &self.replicas {
+            let listed = self.runtime.block_on(replica.list_db_ltx(&key))?;
+            let mut m: BTreeMap<ObjId, SystemTime> = listed
+                .into_iter()
+                .map(|o| (ObjId::new(o.level, o.min_txid, o.max_txid), o.timestamp))
+                .collect();
+            m.extend(view.unlisted.iter().map(|(o, t)| (*o, *t)));
+            all.push(m);
+        }
+        view.unlisted.clear();
+        view.remote = Some(all);
+        Ok(())
+    }
+
+    /// Fetches from the first replica the newest snapshot and the objects after it that
+    /// walfs holds no local copy of (a staging written before maintenance existed, or one
+    /// that lost them), so that snapshots can be built. Returns how many it fetched.
+    fn fetch_missing_chain(&self, db: &Path, view: &mut DbView) -> anyhow::Result<usize> {
+        self.ensure_listed(db, view)?;
+        let Some(replica) = self.replicas.first() else {
+            return Ok(0);
+        };
+        let remote = &view.remote.as_ref().expect("listed above")[0];
+        let all: std::collections::BTreeSet<ObjId> =
+            view.local.keys().chain(remote.keys()).copied().collect();
+        let Some(snap) = all
+            .iter()
+            .filter(|o| o.level == SNAPSHOTS && o.min == 1)
+            .max_by_key(|o| o.max)
+            .copied()
+        else {
+            return Ok(0);
+        };
+        let objs: Vec<ObjId> = all
+            .iter()
+            .filter(|o| o.level < SNAPSHOTS)
+            .copied()
+            .collect();
+        let key = db.to_string_lossy();
+        let sidecar = SidecarStore::new(replica.clone());
+        let mut fetched = 0;
+        for o in std::iter::once(snap).chain(snapshot_chain(&objs, snap.max)) {
+            if view.local.contains_key(&o) {
+                continue;
+            }
+            let bytes = self
+                .runtime
+                .block_on(replica.get_ltx(&key, o.level, o.min, o.max))?;
+            let info = super::store::LtxObjectInfo {
+                level: o.level,
+                min_txid: o.min,
+                max_txid: o.max,
+                size: bytes.len() as u64,
+                timestamp: SystemTime::now(),
+                key: replica.ltx_key(&key, o.level, o.min, o.max),
+            };
+            let record = self
+                .runtime
+                .block_on(sidecar.get_checksum_record(&key, o.max, Some(&info)))?
+                .map(|(r, _)| r);
+            let kept = self.staging.keep(
+                db,
+                o.level,
+                (o.min, o.max),
+                KeepSource::Bytes(&bytes),
+                record,
+            )?;
+            view.local.insert(o, kept);
+            fetched += 1;
+        }
+        Ok(fetched)
     }
 
     /// Deletes from every replica what retention no longer needs; returns when the next
@@ -490,20 +595,7 @@ impl Maintainer {
             return Ok(view.retention_at);
         }
         let key = db.to_string_lossy();
-        if view.remote.is_none() {
-            let mut all = Vec::new();
-            for replica in &self.replicas {
-                let listed = self.runtime.block_on(replica.list_db_ltx(&key))?;
-                let mut m: BTreeMap<ObjId, SystemTime> = listed
-                    .into_iter()
-                    .map(|o| (ObjId::new(o.level, o.min_txid, o.max_txid), o.timestamp))
-                    .collect();
-                m.extend(view.unlisted.iter().map(|(o, t)| (*o, *t)));
-                all.push(m);
-            }
-            view.unlisted.clear();
-            view.remote = Some(all);
-        }
+        self.ensure_listed(db, view)?;
         let policy = RetentionPolicy {
             retention: self.opts.retention,
             l0_retention: self.opts.l0_retention,
