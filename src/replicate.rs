@@ -31,6 +31,9 @@ const UPLOAD_TUNING: StoreTuning = StoreTuning {
     request_timeout: Duration::from_secs(300),
 };
 
+/// How long unmount waits for a maintenance step under way.
+const MAINTENANCE_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long unmount waits for pending uploads before giving up (and saying so).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -91,9 +94,19 @@ impl Replication {
             )
         })?);
         let capture = Arc::new(Capture::new(backing, staging.clone()));
+        // The maintenance thread gets clients of its own: a connection made on the
+        // uploader's runtime is driven only while that runtime runs.
+        let mut maintenance_stores = Vec::new();
+        for url in &opts.replicas {
+            let parsed = ReplicaUrl::parse(url).map_err(|e| anyhow::anyhow!("--replica: {e}"))?;
+            maintenance_stores.push(
+                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+        }
         let maintainer = Arc::new(Maintainer::new(
             staging.clone(),
-            replicas.clone(),
+            maintenance_stores,
             opts.maintenance.clone(),
         )?);
         let uploader = Arc::new(Uploader::new(staging, replicas)?);
@@ -150,10 +163,21 @@ impl Replication {
         if let Some(w) = self.watcher.take() {
             w.stop();
         }
-        // Compaction and retention resume from the local copies at the next mount.
+        // Compaction and retention resume from the local copies at the next mount. A step
+        // under way (a request to a slow store) is not waited for long.
         self.maintainer.shutdown();
         if let Some(t) = self.maintenance_thread.take() {
-            let _ = t.join();
+            let deadline = Instant::now() + MAINTENANCE_STOP_TIMEOUT;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!(
+                    "maintenance is still busy at unmount; it resumes at the next mount"
+                );
+            }
         }
         self.uploader.shutdown();
         if let Some(t) = self.thread.take() {
