@@ -425,7 +425,27 @@ impl Maintainer {
     /// last; returns when the next one is due.
     fn maybe_snapshot(&self, db: &Path, view: &mut DbView, now: SystemTime) -> Option<SystemTime> {
         let due = view.snapshot_at + self.opts.snapshot_interval;
-        if view.latest_snapshot().is_none() && !view.local.is_empty() {
+        // Without a local snapshot, or with a local copy missing after it (one that could
+        // not be kept), the missing objects are fetched once; else snapshots would stop
+        // advancing and retention with them.
+        let local_max = view
+            .local
+            .keys()
+            .filter(|o| o.level < SNAPSHOTS)
+            .map(|o| o.max)
+            .max();
+        let reach = view.latest_snapshot().map(|snap| {
+            let objs: Vec<ObjId> = view
+                .local
+                .keys()
+                .filter(|o| o.level < SNAPSHOTS)
+                .copied()
+                .collect();
+            snapshot_chain(&objs, snap.max_txid)
+                .last()
+                .map_or(snap.max_txid, |o| o.max)
+        });
+        if local_max.is_some_and(|m| reach.is_none_or(|r| r < m)) {
             if due > now {
                 return Some(due);
             }
@@ -433,7 +453,7 @@ impl Maintainer {
                 Ok(n) => tracing::info!(
                     db = %db.display(),
                     objects = n,
-                    "no local snapshot: fetched the newest one and the objects after it"
+                    "local copies missing: fetched the newest snapshot or the objects after it"
                 ),
                 Err(e) => {
                     tracing::warn!(db = %db.display(), "cannot fetch a snapshot to build on: {e:#}; retrying");
