@@ -124,6 +124,8 @@ pub struct Maintainer {
     stop: AtomicBool,
     /// Objects the uploader kept, not yet taken in.
     inbox: Mutex<Vec<(PathBuf, Vec<Kept>)>>,
+    /// Objects uploaded without a local copy.
+    remote_only: Mutex<Vec<(PathBuf, ObjId, SystemTime)>>,
     wake: Condvar,
     views: Mutex<HashMap<PathBuf, DbView>>,
 }
@@ -149,6 +151,7 @@ impl Maintainer {
             runtime,
             stop: AtomicBool::new(false),
             inbox: Mutex::new(Vec::new()),
+            remote_only: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             views: Mutex::new(HashMap::new()),
         })
@@ -160,6 +163,21 @@ impl Maintainer {
             return;
         }
         self.inbox.lock().push((db.to_path_buf(), kept));
+        self.wake.notify_all();
+    }
+
+    /// The uploader uploaded an object of `db` it could not keep a copy of: retention
+    /// still tracks it, and the next snapshot fetches it.
+    pub fn uploaded_without_copy(
+        &self,
+        db: &Path,
+        level: u8,
+        (min, max): (u64, u64),
+        timestamp: SystemTime,
+    ) {
+        self.remote_only
+            .lock()
+            .push((db.to_path_buf(), ObjId::new(level, min, max), timestamp));
         self.wake.notify_all();
     }
 
@@ -234,7 +252,14 @@ impl Maintainer {
     /// something will next be due (`None`: nothing until a change).
     fn step_all(&self) -> Option<SystemTime> {
         let inbox = std::mem::take(&mut *self.inbox.lock());
+        let remote_only = std::mem::take(&mut *self.remote_only.lock());
         let mut views = self.views.lock();
+        for (db, id, at) in remote_only {
+            let view = views
+                .entry(db.clone())
+                .or_insert_with(|| self.new_view(&db));
+            view.add_remote(id, at);
+        }
         for (db, kept) in inbox {
             let view = views
                 .entry(db.clone())

@@ -357,6 +357,9 @@ impl Uploader {
                 Ok(k) => kept.push(k),
                 Err(e) => {
                     tracing::warn!(db = %db.display(), "cannot keep a local copy of an upload: {e}");
+                    if let Some(m) = self.maintainer.get() {
+                        m.uploaded_without_copy(db, u.level, (u.min_txid, u.max_txid), u.timestamp);
+                    }
                     if let Body::Temp(f) = &u.body {
                         let _ = std::fs::remove_file(f);
                     }
