@@ -68,6 +68,19 @@ enum Command {
         /// upload is asynchronous either way.
         #[arg(long)]
         stage_at_commit: bool,
+        /// How often each compaction level is built from the one below: level 1 every
+        /// first interval, level 2 every second, ... (Litestream's default).
+        #[arg(long, default_value = "30s,5m,1h", value_parser = parse_durations)]
+        compaction_intervals: Intervals,
+        /// How often a database that changed gets a full snapshot (level 9).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        snapshot_interval: Duration,
+        /// How far back every moment stays restorable; older objects are deleted.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        retention: Duration,
+        /// How long level-0 objects stay after level 1 covers them.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        l0_retention: Duration,
     },
     /// Restore databases from a replica, verified (content checksum where the writer
     /// recorded one, and PRAGMA integrity_check), written atomically.
@@ -116,6 +129,10 @@ fn main() -> ExitCode {
             staging_dir,
             sync_interval,
             stage_at_commit,
+            compaction_intervals,
+            snapshot_interval,
+            retention,
+            l0_retention,
         } => walfs::mount::run(&walfs::mount::MountOptions {
             backing,
             mountpoint,
@@ -130,6 +147,12 @@ fn main() -> ExitCode {
                 staging_dir,
                 sync_interval,
                 stage_at_commit,
+                maintenance: walfs::replica::maintain::MaintenanceOptions {
+                    compaction_intervals: compaction_intervals.0,
+                    snapshot_interval,
+                    retention,
+                    l0_retention,
+                },
             },
         }),
         Command::Restore {
@@ -177,6 +200,28 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
 }
 
 /// `1s`, `500ms`, `2m`, or a bare number of seconds.
+/// Compaction intervals, one per level from 1.
+#[derive(Clone, Debug)]
+struct Intervals(Vec<Duration>);
+
+fn parse_durations(s: &str) -> Result<Intervals, String> {
+    let v = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(parse_duration)
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.len() > 8 {
+        return Err(format!("{s:?}: at most 8 levels; give e.g. 30s,5m,1h"));
+    }
+    if v.iter().any(|d| d.is_zero()) {
+        return Err(format!(
+            "{s:?}: each interval must be above zero; give e.g. 30s,5m,1h"
+        ));
+    }
+    Ok(Intervals(v))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {

@@ -1,7 +1,8 @@
 //! Replication of one mount: wires capture (at the FUSE barriers), staging and upload
 //! together. At start it finds the databases already in the backing directory and stages
 //! their initial snapshots; while mounted the uploader sends what capture staged every sync
-//! interval; at unmount it flushes what is pending within a bounded time.
+//! interval, and the maintenance loop compacts, snapshots and applies retention; at unmount
+//! it flushes what is pending within a bounded time.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use anyhow::Context;
 use crate::capture::watch::WalWatcher;
 use crate::capture::{Capture, CaptureObserver};
 use crate::fs::Observer;
+use crate::replica::maintain::{Maintainer, MaintenanceOptions};
 use crate::replica::store::{ReplicaStore, ReplicaUrl, StoreTuning};
 use crate::replica::upload::Uploader;
 use crate::staging::Staging;
@@ -28,6 +30,9 @@ const UPLOAD_TUNING: StoreTuning = StoreTuning {
     connect_timeout: Duration::from_secs(5),
     request_timeout: Duration::from_secs(300),
 };
+
+/// How long unmount waits for a maintenance step under way.
+const MAINTENANCE_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long unmount waits for pending uploads before giving up (and saying so).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,14 +50,18 @@ pub struct ReplicationOptions {
     pub sync_interval: Duration,
     /// Capture at every `-wal` fsync before replying (see [`CaptureObserver::new`]).
     pub stage_at_commit: bool,
+    /// Compaction, snapshots and retention.
+    pub maintenance: MaintenanceOptions,
 }
 
 pub struct Replication {
     capture: Arc<Capture>,
     stage_at_commit: bool,
     uploader: Arc<Uploader>,
+    maintainer: Arc<Maintainer>,
     merge: bool,
     thread: Option<JoinHandle<()>>,
+    maintenance_thread: Option<JoinHandle<()>>,
     watcher: Option<WalWatcher>,
 }
 
@@ -85,7 +94,23 @@ impl Replication {
             )
         })?);
         let capture = Arc::new(Capture::new(backing, staging.clone()));
+        // The maintenance thread gets clients of its own: a connection made on the
+        // uploader's runtime is driven only while that runtime runs.
+        let mut maintenance_stores = Vec::new();
+        for url in &opts.replicas {
+            let parsed = ReplicaUrl::parse(url).map_err(|e| anyhow::anyhow!("--replica: {e}"))?;
+            maintenance_stores.push(
+                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+        }
+        let maintainer = Arc::new(Maintainer::new(
+            staging.clone(),
+            maintenance_stores,
+            opts.maintenance.clone(),
+        )?);
         let uploader = Arc::new(Uploader::new(staging, replicas)?);
+        uploader.set_maintainer(maintainer.clone());
         {
             let uploader = uploader.clone();
             capture.set_notify(Box::new(move || uploader.notify()));
@@ -104,14 +129,22 @@ impl Replication {
                 .name("walfs-upload".into())
                 .spawn(move || uploader.run(interval, || capture.take_staged()))?
         };
+        let maintenance_thread = {
+            let maintainer = maintainer.clone();
+            std::thread::Builder::new()
+                .name("walfs-maintain".into())
+                .spawn(move || maintainer.run())?
+        };
         let watcher = WalWatcher::start(capture.clone(), WATCH_COALESCE)
             .context("cannot watch the backing directory for WAL changes (inotify)")?;
         Ok(Replication {
             capture,
             stage_at_commit: opts.stage_at_commit,
             uploader,
+            maintainer,
             merge: !opts.sync_interval.is_zero(),
             thread: Some(thread),
+            maintenance_thread: Some(maintenance_thread),
             watcher: Some(watcher),
         })
     }
@@ -129,6 +162,22 @@ impl Replication {
     pub fn stop(mut self) -> bool {
         if let Some(w) = self.watcher.take() {
             w.stop();
+        }
+        // Compaction and retention resume from the local copies at the next mount. A step
+        // under way (a request to a slow store) is not waited for long.
+        self.maintainer.shutdown();
+        if let Some(t) = self.maintenance_thread.take() {
+            let deadline = Instant::now() + MAINTENANCE_STOP_TIMEOUT;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!(
+                    "maintenance is still busy at unmount; it resumes at the next mount"
+                );
+            }
         }
         self.uploader.shutdown();
         if let Some(t) = self.thread.take() {

@@ -1390,6 +1390,51 @@ impl ReplicaStore {
         }
     }
 
+    /// Lists a database's LTX objects at every level with one LIST request, sorted by level
+    /// and TXIDs. Timestamps are as in [`ReplicaStore::list_ltx`] (Last-Modified on S3).
+    pub async fn list_db_ltx(&self, db_path: &str) -> Result<Vec<LtxObjectInfo>, StoreError> {
+        check_db_path(db_path)?;
+        let dir = join_key(&[&self.root, db_path]);
+        let prefix = self.object_path(&dir)?;
+        let metas = self.list_all(&dir, &prefix).await?;
+        let mut out: Vec<LtxObjectInfo> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let key = m.location.to_string();
+                let rel = if dir.is_empty() {
+                    key.as_str()
+                } else {
+                    key.strip_prefix(&dir)?.strip_prefix('/')?
+                };
+                let (db, level, min_txid, max_txid) = self.layout.parse_key(rel)?;
+                if !db.is_empty() {
+                    return None;
+                }
+                Some(LtxObjectInfo {
+                    level,
+                    min_txid,
+                    max_txid,
+                    size: m.size,
+                    timestamp: m.last_modified.into(),
+                    key,
+                })
+            })
+            .collect();
+        out.sort_by_key(|i| (i.level, i.min_txid, i.max_txid));
+        Ok(out)
+    }
+
+    /// Deletes the object at `key` (relative to the bucket or replica directory), such as a
+    /// verification record. Deleting a missing object succeeds.
+    pub async fn delete_object(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.object_path(key)?;
+        Counters::bump(&self.counters.delete);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.request_error("DELETE", key, e)),
+        }
+    }
+
     /// The database paths (relative to the replica root; "" for a single database at the
     /// root) that hold at least one LTX object, sorted.
     pub async fn list_databases(&self) -> Result<Vec<String>, StoreError> {

@@ -2,7 +2,8 @@
 //! something staged, gives further commits one sync interval to join, then merges each
 //! database's sealed batches into one level-0 LTX file (one PUT per database per interval,
 //! however many commits it holds), or uploads its newest snapshot to level 9, and only then
-//! tells staging they are safe to drop. With a sync interval of 0, every batch is uploaded
+//! tells staging they are safe to drop. Each uploaded object is kept in staging as a local
+//! copy for the maintenance loop (compaction, snapshots), which it tells. With a sync interval of 0, every batch is uploaded
 //! as its own file, so every captured commit stays restorable. A database with nothing
 //! staged costs no request at all, and an idle mount makes none. A failing replica is
 //! retried with backoff while staging keeps everything.
@@ -19,9 +20,10 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use super::ltx::{lock_pgno, LtxEncoder, LtxHeader, HEADER_SIZE};
+use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, SidecarStore};
 use super::store::ReplicaStore;
-use crate::staging::{Batch, PageMerge, Staged, Staging};
+use crate::staging::{Batch, KeepSource, PageMerge, Staged, Staging};
 
 /// Level of new transactions, and of snapshots, in Litestream's layout.
 const LEVEL_TRANSACTIONS: u8 = 0;
@@ -231,6 +233,8 @@ pub struct Uploader {
     wake: (Mutex<bool>, Condvar),
     /// Uploads that completed, for tests and metrics.
     uploaded: std::sync::atomic::AtomicU64,
+    /// Told what was uploaded (compaction, snapshots, retention).
+    maintainer: std::sync::OnceLock<Arc<Maintainer>>,
 }
 
 impl Uploader {
@@ -245,7 +249,18 @@ impl Uploader {
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             uploaded: std::sync::atomic::AtomicU64::new(0),
+            maintainer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Tells `m` about every upload from now on.
+    pub fn set_maintainer(&self, m: Arc<Maintainer>) {
+        let _ = self.maintainer.set(m);
+    }
+
+    /// The replicas uploaded to.
+    pub fn replicas(&self) -> &[ReplicaStore] {
+        &self.replicas
     }
 
     /// How many LTX files were uploaded (to every replica) so far.
@@ -319,13 +334,42 @@ impl Uploader {
             }
             Ok(())
         })();
+        if let Err(e) = sent {
+            for u in &uploads {
+                if let Body::Temp(f) = &u.body {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            return Err(e);
+        }
+        // Keep a local copy of each object for compaction and snapshots; a copy that
+        // cannot be kept only costs compaction that object (the replica holds it).
+        let mut kept = Vec::new();
         for u in &uploads {
-            if let Body::Temp(f) = &u.body {
-                let _ = std::fs::remove_file(f);
+            let source = match &u.body {
+                Body::Bytes(b) => KeepSource::Bytes(b),
+                Body::Staged(f) | Body::Temp(f) => KeepSource::File(f),
+            };
+            match self
+                .staging
+                .keep(db, u.level, (u.min_txid, u.max_txid), source, u.record)
+            {
+                Ok(k) => kept.push(k),
+                Err(e) => {
+                    tracing::warn!(db = %db.display(), "cannot keep a local copy of an upload: {e}");
+                    if let Some(m) = self.maintainer.get() {
+                        m.uploaded_without_copy(db, u.level, (u.min_txid, u.max_txid), u.timestamp);
+                    }
+                    if let Body::Temp(f) = &u.body {
+                        let _ = std::fs::remove_file(f);
+                    }
+                }
             }
         }
-        sent?;
         self.staging.mark_uploaded(db, max)?;
+        if let Some(m) = self.maintainer.get() {
+            m.uploaded(db, kept);
+        }
         self.uploaded
             .fetch_add(uploads.len() as u64, Ordering::Relaxed);
         tracing::debug!(db = %db.display(), txid = max, files = uploads.len(), "uploaded");

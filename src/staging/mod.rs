@@ -9,6 +9,7 @@
 //! <staging>/<relpath>/segments/active                    batches being appended (segment.rs)
 //! <staging>/<relpath>/segments/<min>-<max>.seg           sealed batches, awaiting upload
 //! <staging>/<relpath>/snapshots/<min>-<max>.ltx          snapshots (LTX), awaiting upload
+//! <staging>/<relpath>/replica/<level>/<min>-<max>.ltx    local copies of uploaded objects
 //! ```
 //!
 //! Durability follows SQLite's own: transaction batches are appended without fsync, because
@@ -31,9 +32,11 @@
 //! [`Staging::set_checksums`] turns them on: Litestream 0.5 restores only files without
 //! them. The running checksum is kept in the state and in every batch either way.
 
+pub mod kept;
 pub mod merge;
 pub mod segment;
 
+pub use kept::{KeepSource, Kept};
 pub use merge::PageMerge;
 pub use segment::{Batch, BatchHeader, RecordWriter, SegmentWriter};
 
@@ -500,7 +503,7 @@ impl Staging {
                     out.push(child.clone());
                 }
                 let name = entry.file_name();
-                if name != "segments" && name != "snapshots" {
+                if name != "segments" && name != "snapshots" && name != kept::KEPT_DIR {
                     stack.push(child);
                 }
             }

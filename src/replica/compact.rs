@@ -1,0 +1,375 @@
+//! Compaction: which LTX objects merge into one, and the merge itself. Pure planning over
+//! object ranges ([`compaction_runs`], [`snapshot_chain`]) plus [`merge_ltx`], which
+//! streams any number of local LTX files (the oldest first, a snapshot possibly first) into
+//! one, page by page, holding one page per input in memory.
+//!
+//! Compacting level `k` merges the objects of level `k - 1` that are newer than level `k`'s
+//! last object into one object covering TXIDs `min..=max` of its inputs (Litestream 0.5's
+//! rule). A snapshot (level 9) is the previous snapshot merged with the chain of objects
+//! after it. The merged file's timestamp is its last input's, the commit time of its max
+//! TXID, so that point-in-time restore never takes a state committed after the moment
+//! asked for.
+
+use std::fs::File;
+use std::io::{self, BufWriter};
+use std::path::Path;
+
+use super::ltx::{LtxDecoder, LtxEncoder, LtxError, LtxHeader};
+
+/// One LTX object, by level and TXID range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjId {
+    pub level: u8,
+    pub min: u64,
+    pub max: u64,
+}
+
+impl ObjId {
+    pub fn new(level: u8, min: u64, max: u64) -> ObjId {
+        ObjId { level, min, max }
+    }
+}
+
+/// The runs of `below` (objects of the level below, any order) to compact into one object
+/// each: the objects whose max TXID is above `done` (the last max TXID the level already
+/// holds), split where the TXIDs do not continue (a gap that a snapshot bridged). Objects
+/// are applied in order, so an object that does not reach further than the one before it
+/// is left out.
+pub fn compaction_runs(below: &[ObjId], done: u64) -> Vec<Vec<ObjId>> {
+    let mut objs: Vec<ObjId> = below.iter().copied().filter(|o| o.max > done).collect();
+    objs.sort_by_key(|o| (o.min, o.max));
+    let mut runs: Vec<Vec<ObjId>> = Vec::new();
+    for o in objs {
+        match runs.last_mut() {
+            Some(run) => {
+                let last = run.last().expect("runs are never empty");
+                if o.max <= last.max {
+                    continue;
+                }
+                if o.min <= last.max + 1 {
+                    run.push(o);
+                } else {
+                    runs.push(vec![o]);
+                }
+            }
+            None => runs.push(vec![o]),
+        }
+    }
+    runs
+}
+
+/// The objects (levels 0 to 8, any order) that bring a database from `from` (a snapshot's
+/// max TXID) as far as they reach: each step takes the object applicable at the current
+/// TXID that reaches furthest. Stops at a gap.
+pub fn snapshot_chain(objs: &[ObjId], from: u64) -> Vec<ObjId> {
+    let mut chain = Vec::new();
+    let mut at = from;
+    loop {
+        let next = objs
+            .iter()
+            .filter(|o| o.level < 9 && o.min <= at + 1 && o.max > at)
+            .max_by_key(|o| (o.max, std::cmp::Reverse(o.level)));
+        match next {
+            Some(o) => {
+                chain.push(*o);
+                at = o.max;
+            }
+            None => return chain,
+        }
+    }
+}
+
+fn ltx_io(path: &Path, e: LtxError) -> io::Error {
+    match e {
+        LtxError::Io(e) => io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+        other => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {other}", path.display()),
+        ),
+    }
+}
+
+/// One input of a merge: its decoder and the page it stands at.
+struct Input {
+    dec: LtxDecoder<File>,
+    /// The next page: its number (`None` at the end) and content in `buf`.
+    pgno: Option<u32>,
+    buf: Vec<u8>,
+    /// The smallest commit size of the inputs after this one: pages above it were cut off.
+    survives_to: u32,
+}
+
+/// Merges the LTX files `inputs` (oldest first; each continues the one before) into one
+/// LTX file at `out`: per page the newest version, the last commit size, zero pages where
+/// applying them one by one would leave zeros (the database shrank and grew back), TXIDs
+/// from the first input's min to the last's max, the last input's timestamp. With
+/// `snapshot`, the first input must be a snapshot and the result is one (min TXID 1).
+/// Every input is verified (its file checksum) before the result is kept. Returns the
+/// header written.
+pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> io::Result<LtxHeader> {
+    if inputs.is_empty() {
+        return Err(io::Error::other("nothing to merge"));
+    }
+    let mut decs = Vec::with_capacity(inputs.len());
+    for p in inputs {
+        let f = File::open(p)?;
+        decs.push(LtxDecoder::new(f).map_err(|e| ltx_io(p, e))?);
+    }
+    let first = *decs[0].header();
+    let last = *decs[decs.len() - 1].header();
+    let page_size = first.page_size;
+    if let Some(i) = decs.iter().position(|d| d.header().page_size != page_size) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: page size {} differs from {} in {}",
+                inputs[i].display(),
+                decs[i].header().page_size,
+                page_size,
+                inputs[0].display()
+            ),
+        ));
+    }
+    if snapshot && !first.is_snapshot() {
+        return Err(io::Error::other(format!(
+            "{} is not a snapshot",
+            inputs[0].display()
+        )));
+    }
+    let commits: Vec<u32> = decs.iter().map(|d| d.header().commit).collect();
+    let floor = commits.iter().copied().min().unwrap_or(0);
+    let commit = last.commit;
+    let mut ins: Vec<Input> = Vec::with_capacity(decs.len());
+    for (i, dec) in decs.into_iter().enumerate() {
+        let survives_to = commits[i + 1..].iter().copied().min().unwrap_or(u32::MAX);
+        ins.push(Input {
+            dec,
+            pgno: None,
+            buf: vec![0u8; page_size as usize],
+            survives_to,
+        });
+    }
+    for (i, input) in ins.iter_mut().enumerate() {
+        input.pgno = input
+            .dec
+            .read_page(&mut input.buf)
+            .map_err(|e| ltx_io(inputs[i], e))?;
+    }
+    let header = if snapshot {
+        LtxHeader::snapshot(page_size, commit, last.max_txid, last.timestamp_ms)
+    } else {
+        LtxHeader::incremental(
+            page_size,
+            commit,
+            first.min_txid,
+            last.max_txid,
+            last.timestamp_ms,
+            0,
+        )
+    }
+    .without_checksums();
+    let lock = header.lock_pgno();
+    let tmp = out.with_extension("ltx.tmp");
+    let res = (|| -> io::Result<()> {
+        let w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut enc = LtxEncoder::new(w, header).map_err(|e| ltx_io(out, e))?;
+        let zero = vec![0u8; page_size as usize];
+        loop {
+            let next = ins.iter().filter_map(|i| i.pgno).min();
+            let zero_from = floor.saturating_add(1);
+            // The next page number to consider: an input's, or a zero page of the range
+            // that applying the inputs in order leaves zeroed.
+            let Some(pgno) = next else { break };
+            // Zero pages below `pgno` that no input holds.
+            for z in zero_from.max(enc_prev(&enc))..pgno.min(commit.saturating_add(1)) {
+                if z != lock && z > floor {
+                    enc.add_page(z, &zero).map_err(|e| ltx_io(out, e))?;
+                }
+            }
+            let mut winner: Option<usize> = None;
+            for (i, input) in ins.iter().enumerate() {
+                if input.pgno == Some(pgno) && pgno <= input.survives_to {
+                    winner = Some(i);
+                }
+            }
+            if pgno <= commit && pgno != lock {
+                match winner {
+                    Some(i) => enc.add_page(pgno, &ins[i].buf),
+                    None if pgno > floor => enc.add_page(pgno, &zero),
+                    None => Ok(()),
+                }
+                .map_err(|e| ltx_io(out, e))?;
+            }
+            for (i, input) in ins.iter_mut().enumerate() {
+                if input.pgno == Some(pgno) {
+                    input.pgno = input
+                        .dec
+                        .read_page(&mut input.buf)
+                        .map_err(|e| ltx_io(inputs[i], e))?;
+                }
+            }
+        }
+        for z in floor.saturating_add(1).max(enc_prev(&enc))..=commit {
+            if z != lock {
+                enc.add_page(z, &zero).map_err(|e| ltx_io(out, e))?;
+            }
+        }
+        for (i, input) in ins.iter_mut().enumerate() {
+            input.dec.finish().map_err(|e| ltx_io(inputs[i], e))?;
+        }
+        enc.finish(0).map_err(|e| ltx_io(out, e))?;
+        let file = enc.into_inner().into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, out)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map(|()| header)
+}
+
+/// The first page number the encoder may still take (one past the last written).
+fn enc_prev<W: io::Write>(enc: &LtxEncoder<W>) -> u32 {
+    enc.index().last().map_or(1, |e| e.pgno + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::ltx::decode;
+
+    fn o(level: u8, min: u64, max: u64) -> ObjId {
+        ObjId::new(level, min, max)
+    }
+
+    #[test]
+    fn runs_take_what_is_newer_and_split_at_gaps() {
+        let below = [
+            o(0, 1, 3),
+            o(0, 4, 4),
+            o(0, 5, 9),
+            o(0, 12, 15),
+            o(0, 16, 16),
+        ];
+        assert_eq!(
+            compaction_runs(&below, 4),
+            vec![vec![o(0, 5, 9)], vec![o(0, 12, 15), o(0, 16, 16)]]
+        );
+        assert_eq!(compaction_runs(&below, 16), Vec::<Vec<ObjId>>::new());
+        assert_eq!(
+            compaction_runs(&below, 0)[0],
+            vec![o(0, 1, 3), o(0, 4, 4), o(0, 5, 9)]
+        );
+        // An object inside the previous one adds nothing.
+        assert_eq!(
+            compaction_runs(&[o(1, 1, 10), o(1, 3, 5), o(1, 11, 12)], 0),
+            vec![vec![o(1, 1, 10), o(1, 11, 12)]]
+        );
+    }
+
+    #[test]
+    fn chain_takes_the_furthest_reach() {
+        let objs = [
+            o(0, 11, 11),
+            o(0, 12, 12),
+            o(1, 11, 12),
+            o(2, 8, 14),
+            o(0, 15, 15),
+            o(1, 15, 17),
+            o(0, 20, 20),
+        ];
+        assert_eq!(
+            snapshot_chain(&objs, 10),
+            vec![o(2, 8, 14), o(1, 15, 17)],
+            "stops at the gap after 17"
+        );
+        assert_eq!(snapshot_chain(&objs, 20), Vec::<ObjId>::new());
+    }
+
+    fn write_ltx(path: &Path, h: LtxHeader, pages: &[(u32, u8)]) {
+        let mut enc = LtxEncoder::new(File::create(path).unwrap(), h.without_checksums()).unwrap();
+        for &(p, b) in pages {
+            enc.add_page(p, &vec![b; h.page_size as usize]).unwrap();
+        }
+        enc.finish(0).unwrap();
+    }
+
+    fn pages_of(path: &Path) -> (LtxHeader, Vec<(u32, u8)>) {
+        let f = decode(File::open(path).unwrap()).unwrap();
+        (
+            f.header,
+            f.pages
+                .iter()
+                .map(|p| {
+                    assert!(p.data.iter().all(|&b| b == p.data[0]));
+                    (p.pgno, p.data[0])
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn merge_keeps_the_newest_page_truncates_and_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        write_ltx(
+            &p("a"),
+            LtxHeader::incremental(512, 6, 5, 6, 1000, 0),
+            &[(2, 1), (5, 1), (6, 1)],
+        );
+        // Shrinks to 3 pages.
+        write_ltx(
+            &p("b"),
+            LtxHeader::incremental(512, 3, 7, 7, 2000, 0),
+            &[(3, 2)],
+        );
+        // Grows to 5 writing only page 5: page 4 reads as zeros.
+        write_ltx(
+            &p("c"),
+            LtxHeader::incremental(512, 5, 8, 9, 3000, 0),
+            &[(1, 3), (5, 3)],
+        );
+        let out = p("out");
+        let h = merge_ltx(&[&p("a"), &p("b"), &p("c")], &out, false).unwrap();
+        assert_eq!(
+            (h.min_txid, h.max_txid, h.commit, h.timestamp_ms),
+            (5, 9, 5, 3000)
+        );
+        let (dh, pages) = pages_of(&out);
+        assert_eq!(dh, h);
+        assert_eq!(pages, vec![(1, 3), (2, 1), (3, 2), (4, 0), (5, 3)]);
+
+        // A snapshot first: the result is a snapshot with every page.
+        write_ltx(
+            &p("s"),
+            LtxHeader::snapshot(512, 4, 4, 500),
+            &[(1, 9), (2, 9), (3, 9), (4, 9)],
+        );
+        let h = merge_ltx(&[&p("s"), &p("a"), &p("b"), &p("c")], &out, true).unwrap();
+        assert_eq!((h.min_txid, h.max_txid, h.commit), (1, 9, 5));
+        assert_eq!(
+            pages_of(&out).1,
+            vec![(1, 3), (2, 1), (3, 2), (4, 0), (5, 3)]
+        );
+    }
+
+    #[test]
+    fn merge_refuses_a_corrupt_input_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        write_ltx(
+            &a,
+            LtxHeader::incremental(512, 2, 1, 1, 1, 0),
+            &[(1, 1), (2, 1)],
+        );
+        let mut bytes = std::fs::read(&a).unwrap();
+        let n = bytes.len();
+        bytes[n - 20] ^= 0xff;
+        std::fs::write(&a, bytes).unwrap();
+        let out = dir.path().join("out.ltx");
+        assert!(merge_ltx(&[&a], &out, false).is_err());
+        assert!(!out.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

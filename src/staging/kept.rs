@@ -1,0 +1,194 @@
+//! Local copies of what the replica holds, so that compaction and snapshots never GET
+//! what walfs uploaded itself.
+//!
+//! Per database, under its staging directory:
+//!
+//! ```text
+//! <staging>/<relpath>/replica/<level>/<min>-<max>.ltx      an LTX object the replica holds
+//! <staging>/<relpath>/replica/<level>/<min>-<max>.record   its verification record, if any
+//! ```
+//!
+//! The uploader keeps each object it uploaded; the maintenance loop
+//! (`crate::replica::maintain`) adds the objects it compacts and deletes the copies it no
+//! longer needs. After a restart the directory is the maintenance loop's view of what is
+//! still to compact.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::replica::ltx::{ltx_object_name, parse_ltx_object_name, LtxHeader, HEADER_SIZE};
+use crate::replica::record::ChecksumRecord;
+
+use super::{list_dir, sync_dir, Staging};
+
+/// Name of the directory of local copies inside a database's staging directory.
+pub const KEPT_DIR: &str = "replica";
+
+/// A local copy of an object the replica holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub level: u8,
+    pub min_txid: u64,
+    pub max_txid: u64,
+    /// The LTX file.
+    pub path: PathBuf,
+    /// Its header's timestamp: the commit time of `max_txid`, in ms.
+    pub timestamp_ms: i64,
+    /// The verification record of `max_txid`, if the writer had one.
+    pub record: Option<ChecksumRecord>,
+}
+
+/// Where the bytes of an object to keep come from.
+pub enum KeepSource<'a> {
+    /// The object's bytes: written to a new file (fsynced).
+    Bytes(&'a [u8]),
+    /// A file in staging: moved into place.
+    File(&'a Path),
+}
+
+fn record_path(ltx: &Path) -> PathBuf {
+    ltx.with_extension("record")
+}
+
+impl Staging {
+    /// The directory of `db`'s local copies at `level`.
+    pub fn kept_dir(&self, db: &Path, level: u8) -> io::Result<PathBuf> {
+        Ok(self.db_dir(db)?.join(KEPT_DIR).join(level.to_string()))
+    }
+
+    /// Keeps a local copy of an object the replica now holds; returns it.
+    pub fn keep(
+        &self,
+        db: &Path,
+        level: u8,
+        (min_txid, max_txid): (u64, u64),
+        source: KeepSource<'_>,
+        record: Option<ChecksumRecord>,
+    ) -> io::Result<Kept> {
+        let dir = self.kept_dir(db, level)?;
+        fs::create_dir_all(&dir)?;
+        let path = dir.join(ltx_object_name(min_txid, max_txid));
+        match source {
+            KeepSource::Bytes(b) => {
+                let tmp = path.with_extension("ltx.tmp");
+                let mut f = File::create(&tmp)?;
+                f.write_all(b)?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)?;
+            }
+            KeepSource::File(f) => {
+                if f != path {
+                    fs::rename(f, &path)?;
+                }
+            }
+        }
+        self.set_kept_record(&path, record.as_ref())?;
+        sync_dir(&dir)?;
+        let timestamp_ms = read_header(&path)?.timestamp_ms;
+        Ok(Kept {
+            level,
+            min_txid,
+            max_txid,
+            path,
+            timestamp_ms,
+            record,
+        })
+    }
+
+    /// Writes (or removes, for `None`) the record beside a kept LTX file.
+    pub fn set_kept_record(&self, ltx: &Path, record: Option<&ChecksumRecord>) -> io::Result<()> {
+        let rp = record_path(ltx);
+        match record {
+            Some(r) => {
+                let tmp = rp.with_extension("record.tmp");
+                let mut f = File::create(&tmp)?;
+                f.write_all(r.encode().as_bytes())?;
+                f.sync_all()?;
+                fs::rename(&tmp, &rp)
+            }
+            None => match fs::remove_file(&rp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Every local copy of `db`, by level then TXIDs. Stray temporary files (an
+    /// interrupted merge or keep) are removed; a copy whose header cannot be read is
+    /// removed too (the replica still holds the object).
+    pub fn kept(&self, db: &Path) -> io::Result<Vec<Kept>> {
+        let mut out = Vec::new();
+        for entry in list_dir(&self.db_dir(db)?.join(KEPT_DIR))? {
+            let Some(level) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u8>().ok())
+            else {
+                continue;
+            };
+            for f in list_dir(&entry.path())? {
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                if name.ends_with(".tmp") {
+                    fs::remove_file(f.path())?;
+                    continue;
+                }
+                let Some((min_txid, max_txid)) = parse_ltx_object_name(&name) else {
+                    continue;
+                };
+                let path = f.path();
+                let header = match read_header(&path) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), "dropping an unreadable local copy: {e}");
+                        self.drop_kept(&path)?;
+                        continue;
+                    }
+                };
+                let record = match fs::read_to_string(record_path(&path)) {
+                    Ok(t) => ChecksumRecord::parse(&t).ok(),
+                    Err(_) => None,
+                };
+                out.push(Kept {
+                    level,
+                    min_txid,
+                    max_txid,
+                    path,
+                    timestamp_ms: header.timestamp_ms,
+                    record,
+                });
+            }
+        }
+        out.sort_by_key(|k| (k.level, k.min_txid, k.max_txid));
+        Ok(out)
+    }
+
+    /// Deletes a local copy and its record.
+    pub fn drop_kept(&self, ltx: &Path) -> io::Result<()> {
+        for p in [ltx.to_path_buf(), record_path(ltx)] {
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of every local copy of every database (for tests and metrics).
+    pub fn kept_bytes(&self, db: &Path) -> io::Result<u64> {
+        Ok(self
+            .kept(db)?
+            .iter()
+            .filter_map(|k| fs::metadata(&k.path).ok())
+            .map(|m| m.len())
+            .sum())
+    }
+}
+
+fn read_header(path: &Path) -> io::Result<LtxHeader> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; HEADER_SIZE];
+    File::open(path)?.read_exact_at(&mut b, 0)?;
+    LtxHeader::from_bytes(&b).map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m))
+}

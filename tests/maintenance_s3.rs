@@ -1,0 +1,751 @@
+//! Compaction, snapshots and retention end to end: a real `walfs mount` with short
+//! maintenance intervals replicates real SQLite writes to a real `moto_server`; restores
+//! (`walfs restore`, `litestream restore`) are compared page by page with the state that
+//! was live at the moment asked for, after compaction ran, after level-0 objects were
+//! deleted, and after snapshots were built from walfs's local copies. Object counts and the
+//! local staging size are measured under steady writes, and the requests of an idle mount
+//! (maintenance included) are counted from moto's log.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{assert_same_database, http, Moto, Mount, BUCKET, S3_ENV};
+use rusqlite::Connection;
+
+struct Fixture {
+    moto: Moto,
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(prefix: &str) -> Fixture {
+        Fixture {
+            moto: Moto::start(),
+            prefix: prefix.into(),
+            dir: tempfile::Builder::new()
+                .prefix("walfs-maint-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn url(&self) -> String {
+        self.moto.s3_url(&self.prefix)
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.dir.path().join("staging")
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--replica".into(),
+            self.url(),
+            "--staging-dir".into(),
+            self.staging().display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    fn mount(&self, extra: &[&str]) -> Mount {
+        let a = self.args(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        Mount::with_env(&a, S3_ENV)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join("out").join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    }
+
+    /// `walfs restore` of `db` with `extra` target arguments into a fresh file; requires a
+    /// verified restore. Returns the file and walfs's report.
+    fn restore(&self, db: &str, name: &str, extra: &[&str]) -> (PathBuf, String) {
+        let out = self.path(name);
+        let _ = std::fs::remove_file(&out);
+        let mut args = vec![self.url()];
+        args.extend([
+            "--db".into(),
+            db.into(),
+            "-o".into(),
+            out.display().to_string(),
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = common::walfs_restore_env(&args, S3_ENV);
+        assert!(
+            log.contains("content checksum matches the writer's record"),
+            "restore {extra:?} was not verified against the recorded checksum: {log}"
+        );
+        (out, log)
+    }
+
+    /// The LTX objects of `db` in the bucket, as (level, min, max), read with an unsigned
+    /// LIST straight from moto.
+    fn objects(&self, db: &str) -> Vec<(u8, u64, u64)> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut q = format!("/{BUCKET}?list-type=2&prefix={}/{db}/", self.prefix);
+            if let Some(t) = &token {
+                q.push_str(&format!("&continuation-token={t}"));
+            }
+            let (status, head, body) = http(self.moto.port, "GET", &q).unwrap();
+            assert_eq!(status, 200, "LIST: {head}");
+            let body = String::from_utf8_lossy(&body).into_owned();
+            for part in body.split("<Key>").skip(1) {
+                let key = &part[..part.find("</Key>").unwrap()];
+                let mut segs = key.rsplit('/');
+                let name = segs.next().unwrap();
+                let level = segs.next().unwrap();
+                let Some(name) = name.strip_suffix(".ltx") else {
+                    continue;
+                };
+                let Some((a, b)) = name.split_once('-') else {
+                    continue;
+                };
+                out.push((
+                    u8::from_str_radix(level, 16).unwrap(),
+                    u64::from_str_radix(a, 16).unwrap(),
+                    u64::from_str_radix(b, 16).unwrap(),
+                ));
+            }
+            token = body
+                .split("<NextContinuationToken>")
+                .nth(1)
+                .map(|s| s[..s.find("</NextContinuationToken>").unwrap()].to_string());
+            if token.is_none() {
+                break;
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Bytes under the staging directory.
+    fn staging_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| match e.file_type() {
+                            Ok(t) if t.is_dir() => walk(&e.path()),
+                            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&self.staging())
+    }
+}
+
+fn at_level(objs: &[(u8, u64, u64)], level: u8) -> usize {
+    objs.iter().filter(|o| o.0 == level).count()
+}
+
+fn open_wal(path: &Path) -> Connection {
+    let c = Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(30)).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    c.execute_batch(
+        "PRAGMA synchronous=NORMAL;
+         CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, k TEXT, v BLOB);",
+    )
+    .unwrap();
+    c
+}
+
+/// `n` small transactions, `pause` apart.
+fn write(c: &Connection, tag: &str, n: usize, pause: Duration) {
+    for i in 0..n {
+        c.execute(
+            "INSERT INTO t(k, v) VALUES (?1, randomblob(?2))",
+            (format!("{tag}-{i}"), 50 + (i * 37) % 1500),
+        )
+        .unwrap();
+        if i % 7 == 3 {
+            c.execute(
+                "UPDATE t SET v = randomblob(80) WHERE id % 11 = ?1",
+                [(i % 11) as i64],
+            )
+            .unwrap();
+        }
+        std::thread::sleep(pause);
+    }
+}
+
+/// A page-exact copy of the live database: checkpointed into the backing file, copied.
+fn snapshot_live(c: &Connection, m: &Mount, rel: &str, to: &Path) {
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    std::fs::copy(m.backing_path(rel), to).unwrap();
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Waits until `cond` holds for the objects of `db`, or panics with them.
+fn wait_objects(
+    f: &Fixture,
+    db: &str,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&[(u8, u64, u64)]) -> bool,
+) -> Vec<(u8, u64, u64)> {
+    let start = Instant::now();
+    loop {
+        let objs = f.objects(db);
+        if cond(&objs) {
+            return objs;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what} not seen within {limit:?}; objects: {objs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The TXID a restore report names.
+fn restored_txid(log: &str) -> u64 {
+    let at = log.find(" at TXID ").expect("restore names its TXID") + 9;
+    log[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+const FAST: &[&str] = &[
+    "--sync-interval",
+    "200ms",
+    "--compaction-intervals",
+    "1s,3s",
+    "--snapshot-interval",
+    "10s",
+    "--retention",
+    "120s",
+    "--l0-retention",
+    "2s",
+];
+
+#[test]
+fn point_in_time_around_an_accidental_delete_survives_compaction_and_l0_retention() {
+    let f = Fixture::new("pitr");
+    let rel = "app.db";
+    let mut m = f.mount(FAST);
+    let c = open_wal(&m.path(rel));
+    write(&c, "a", 150, Duration::from_millis(10));
+    // Let level 1 take in everything, so that an object ends exactly before the DELETE.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = f.path("live-before.db");
+    snapshot_live(&c, &m, rel, &before);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t_before = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    c.execute("DELETE FROM t", []).unwrap();
+    write(&c, "b", 40, Duration::from_millis(10));
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = f.path("live-after.db");
+    snapshot_live(&c, &m, rel, &after);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t_after = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    write(&c, "c", 60, Duration::from_millis(10));
+
+    // Compaction ran at both levels, and a snapshot was built from local copies.
+    let objs = wait_objects(
+        &f,
+        rel,
+        Duration::from_secs(30),
+        "levels 1, 2 and a new snapshot",
+        |o| at_level(o, 1) > 0 && at_level(o, 2) > 0 && at_level(o, 9) >= 2,
+    );
+    eprintln!("after compaction: {objs:?}");
+    let check = |stage: &str| {
+        let (out, log) = f.restore(
+            rel,
+            &format!("{stage}-before.db"),
+            &["--timestamp", &rfc3339(t_before)],
+        );
+        assert_same_database(&before, &out);
+        let txid = restored_txid(&log);
+        let (out, _) = f.restore(
+            rel,
+            &format!("{stage}-before-txid.db"),
+            &["--txid", &txid.to_string()],
+        );
+        assert_same_database(&before, &out);
+        let (out, _) = f.restore(
+            rel,
+            &format!("{stage}-after.db"),
+            &["--timestamp", &rfc3339(t_after)],
+        );
+        assert_same_database(&after, &out);
+        txid
+    };
+    let txid_before = check("compacted");
+
+    // Level 0 goes once level 1 covers it (2 s here); the moments stay restorable.
+    let objs = wait_objects(&f, rel, Duration::from_secs(30), "level 0 deleted", |o| {
+        o.iter().filter(|x| x.0 == 0).all(|x| {
+            x.1 > o
+                .iter()
+                .filter(|y| y.0 == 1)
+                .map(|y| y.2)
+                .max()
+                .unwrap_or(0)
+        }) && at_level(o, 0) < 3
+    });
+    eprintln!("after level-0 retention: {objs:?}");
+    assert!(
+        !objs.iter().any(|o| o.0 == 0 && o.2 <= txid_before),
+        "level-0 objects up to the DELETE are still there: {objs:?}"
+    );
+    check("l0-gone");
+    // Litestream reads the compacted objects' `litestream-timestamp` metadata: the commit
+    // time of their max TXID, not the time compaction wrote them.
+    for (t, want, name) in [
+        (t_before, &before, "ls-before.db"),
+        (t_after, &after, "ls-after.db"),
+    ] {
+        let out = f.path(name);
+        let o = std::process::Command::new(common::litestream())
+            .args(["restore", "-timestamp", &rfc3339(t), "-o"])
+            .arg(&out)
+            .arg(f.moto.s3_url(&format!("{}/{rel}", f.prefix)))
+            .env_remove("AWS_CA_BUNDLE")
+            .envs(S3_ENV.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "litestream restore -timestamp failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_same_database(want, &out);
+    }
+
+    // The latest state too.
+    drop(c);
+    m.stop();
+    let (out, _) = f.restore(rel, "latest.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}
+
+#[test]
+fn object_count_and_staging_stay_bounded_under_steady_writes() {
+    let f = Fixture::new("bounded");
+    let rel = "busy.db";
+    let mut m = f.mount(&[
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s,3s",
+        "--snapshot-interval",
+        "4s",
+        "--retention",
+        "8s",
+        "--l0-retention",
+        "1s",
+    ]);
+    let c = open_wal(&m.path(rel));
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    let mut round = 0;
+    while start.elapsed() < Duration::from_secs(45) {
+        write(&c, &format!("r{round}"), 20, Duration::from_millis(20));
+        round += 1;
+        let el = start.elapsed().as_secs();
+        if (el >= 20 && samples.is_empty()) || (el >= 44 && samples.len() == 1) {
+            let objs = f.objects(rel);
+            let db_bytes: u64 = c
+                .query_row(
+                    "SELECT page_count * page_size FROM pragma_page_count, pragma_page_size",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap() as u64;
+            let copies = files_under(&f.staging().join(rel).join("replica"))
+                .iter()
+                .filter(|n| n.ends_with(".ltx"))
+                .count();
+            samples.push((el, objs.len(), f.staging_bytes(), objs, db_bytes, copies));
+        }
+    }
+    for (el, n, staged, objs, db_bytes, copies) in &samples {
+        eprintln!(
+            "at {el}s: {n} objects (L0 {}, L1 {}, L2 {}, L9 {}), staging {staged} bytes \
+             ({copies} local copies), database {db_bytes} bytes",
+            at_level(objs, 0),
+            at_level(objs, 1),
+            at_level(objs, 2),
+            at_level(objs, 9)
+        );
+        // Staging holds the latest snapshot, what follows it (not yet compacted upward or
+        // under a snapshot) and the segment being written. Each upload here rewrites
+        // nearly every page (the updates touch every 11th row), so each copy is about a
+        // database in size: 16 databases, against about 200 uploads of 45 s.
+        assert!(
+            *copies <= 20,
+            "at {el}s staging keeps {copies} local copies"
+        );
+        assert!(
+            *staged <= 16 * db_bytes + (1 << 20),
+            "at {el}s staging holds {staged} bytes for a database of {db_bytes}"
+        );
+    }
+    assert_eq!(samples.len(), 2);
+    let (n1, n2) = (samples[0].1, samples[1].1);
+    // About 5 uploads a second for 45 s would be 225 level-0 objects alone.
+    assert!(
+        n2 <= 80,
+        "{n2} objects after 45 s of writes: {:?}",
+        samples[1].3
+    );
+    assert!(
+        n2 <= n1 + n1 / 2 + 10,
+        "the object count grew from {n1} to {n2} between 20 s and 45 s"
+    );
+    assert!(
+        at_level(&samples[1].3, 9) <= 5,
+        "snapshots pile up: {:?}",
+        samples[1].3
+    );
+    drop(c);
+    m.stop();
+    let (out, _) = f.restore(rel, "latest.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}
+
+/// Waits until moto has seen no new request for `quiet`; returns the request count then.
+fn wait_settled(moto: &Moto, quiet: Duration, limit: Duration) -> usize {
+    let start = Instant::now();
+    let mut n = moto.requests().len();
+    let mut since = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = moto.requests().len();
+        if now != n {
+            n = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return n;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "requests did not settle within {limit:?}: {:?}",
+            &moto.requests()[n.saturating_sub(20)..]
+        );
+    }
+}
+
+#[test]
+fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
+    let f = Fixture::new("idle");
+    let rel = "quiet.db";
+    let args = [
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s,2s",
+        "--snapshot-interval",
+        "3s",
+        "--retention",
+        "4s",
+        "--l0-retention",
+        "1s",
+    ];
+    let mut m = f.mount(&args);
+    let c = open_wal(&m.path(rel));
+    write(&c, "w", 100, Duration::from_millis(20));
+    // Compaction, the snapshot and retention all act on the writes, then stop.
+    let settled = wait_settled(&f.moto, Duration::from_secs(8), Duration::from_secs(90));
+    let reqs = f.moto.requests();
+    // object_store deletes with DeleteObjects (`POST /bucket?delete`).
+    let deletes = reqs
+        .iter()
+        .filter(|q| q.starts_with("DELETE ") || q.ends_with("?delete"))
+        .count();
+    assert!(deletes > 0, "retention deleted nothing: {reqs:?}");
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(
+        f.moto.requests()[settled..].to_vec(),
+        Vec::<String>::new(),
+        "an idle database made requests (maintenance included) over 12 s"
+    );
+    let objs = f.objects(rel);
+    let after_list = f.moto.requests().len();
+    assert!(at_level(&objs, 9) >= 1, "no snapshot: {objs:?}");
+    // A restarted mount with the database still idle makes none either.
+    drop(c);
+    m.stop();
+    let stopped = f.moto.requests().len();
+    assert!(stopped >= after_list);
+    m.start(&f.args(&args).iter().map(String::as_str).collect::<Vec<_>>());
+    let restarted = f.moto.requests().len();
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        f.moto.requests()[restarted..].to_vec(),
+        Vec::<String>::new(),
+        "an idle database made requests after a restart"
+    );
+    // Still replicating, and compaction continues after the restart.
+    let c = open_wal(&m.path(rel));
+    write(&c, "x", 30, Duration::from_millis(20));
+    let max_before = objs.iter().map(|o| o.2).max().unwrap();
+    wait_objects(
+        &f,
+        rel,
+        Duration::from_secs(30),
+        "a level-2 object after the restart",
+        |o| o.iter().any(|x| x.0 == 2 && x.2 > max_before),
+    );
+    drop(c);
+    m.stop();
+    let (out, _) = f.restore(rel, "latest.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}
+
+#[test]
+fn litestream_restores_a_compacted_replica() {
+    let f = Fixture::new("interop");
+    let rel = "app/main.db";
+    let mut m = f.mount(FAST);
+    std::fs::create_dir_all(m.path("app")).unwrap();
+    let c = open_wal(&m.path(rel));
+    write(&c, "a", 120, Duration::from_millis(10));
+    c.execute_batch("DELETE FROM t WHERE id % 3 = 0; VACUUM;")
+        .unwrap();
+    write(&c, "b", 80, Duration::from_millis(10));
+    wait_objects(
+        &f,
+        rel,
+        Duration::from_secs(30),
+        "levels 1, 2 and a built snapshot",
+        |o| at_level(o, 1) > 0 && at_level(o, 2) > 0 && at_level(o, 9) >= 2,
+    );
+    write(&c, "c", 30, Duration::from_millis(10));
+    // Level 0 of everything before the last few uploads is gone.
+    std::thread::sleep(Duration::from_secs(5));
+    drop(c);
+    m.stop();
+    let objs = f.objects(rel);
+    eprintln!("objects: {objs:?}");
+    let theirs = f.path("litestream.db");
+    common::litestream_restore(
+        &f.moto.s3_url(&format!("{}/{rel}", f.prefix)),
+        &theirs,
+        S3_ENV,
+    );
+    assert_same_database(&m.backing_path(rel), &theirs);
+    let (out, _) = f.restore(rel, "walfs.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}
+
+#[test]
+fn staging_without_local_copies_fetches_the_snapshot_once_and_goes_on() {
+    let f = Fixture::new("nocopies");
+    let rel = "old.db";
+    let args = [
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s,2s",
+        "--snapshot-interval",
+        "3s",
+        "--retention",
+        "120s",
+    ];
+    let mut m = f.mount(&args);
+    let c = open_wal(&m.path(rel));
+    write(&c, "a", 60, Duration::from_millis(10));
+    drop(c);
+    m.stop();
+    // A staging as a walfs without maintenance left it: no local copies.
+    let kept = f.staging().join(rel).join("replica");
+    assert!(
+        kept.is_dir(),
+        "no local copies were kept in {}",
+        kept.display()
+    );
+    std::fs::remove_dir_all(&kept).unwrap();
+    let before = f.objects(rel);
+    let old_max = before.iter().map(|o| o.2).max().unwrap();
+    let mark = f.moto.requests().len();
+    m.start(&f.args(&args).iter().map(String::as_str).collect::<Vec<_>>());
+    let c = open_wal(&m.path(rel));
+    write(&c, "b", 60, Duration::from_millis(10));
+    let objs = wait_objects(
+        &f,
+        rel,
+        Duration::from_secs(30),
+        "a snapshot beyond the restart",
+        |o| o.iter().any(|x| x.0 == 9 && x.2 > old_max),
+    );
+    eprintln!("objects: {objs:?}");
+    let gets: Vec<String> = f.moto.requests()[mark..]
+        .iter()
+        .filter(|q| q.starts_with("GET ") && q.contains(".ltx"))
+        .cloned()
+        .collect();
+    assert!(
+        !gets.is_empty(),
+        "the snapshot was built without the objects it needs"
+    );
+    let mut unique = gets.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        gets.len(),
+        "an object was fetched twice: {gets:?}"
+    );
+    // The local copies are back, so the next snapshot needs no GET.
+    let mark = f.moto.requests().len();
+    write(&c, "c", 40, Duration::from_millis(10));
+    let newest = objs.iter().filter(|o| o.0 == 9).map(|o| o.2).max().unwrap();
+    wait_objects(&f, rel, Duration::from_secs(30), "another snapshot", |o| {
+        o.iter().any(|x| x.0 == 9 && x.2 > newest)
+    });
+    let gets = f.moto.requests()[mark..]
+        .iter()
+        .filter(|q| q.starts_with("GET ") && q.contains(".ltx"))
+        .count();
+    assert_eq!(gets, 0, "GETs of objects walfs holds locally");
+    drop(c);
+    m.stop();
+    let (out, _) = f.restore(rel, "latest.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}
+
+/// Every file under `dir` (recursively), relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn file_replica_compacts_and_retention_takes_the_records_along() {
+    let dir = tempfile::Builder::new()
+        .prefix("walfs-maint-file-")
+        .tempdir()
+        .unwrap();
+    let replica = dir.path().join("replica");
+    let url = format!("file://{}", replica.display());
+    let staging = dir.path().join("staging");
+    let mut m = Mount::with_args(&[
+        "--replica",
+        &url,
+        "--staging-dir",
+        staging.to_str().unwrap(),
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s,2s",
+        "--snapshot-interval",
+        "3s",
+        "--retention",
+        "4s",
+        "--l0-retention",
+        "1s",
+    ]);
+    let rel = "f.db";
+    let c = open_wal(&m.path(rel));
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(14) {
+        write(&c, &format!("r{i}"), 10, Duration::from_millis(20));
+        i += 1;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let files = files_under(&replica.join(rel));
+    let ltx: Vec<&String> = files.iter().filter(|f| f.ends_with(".ltx")).collect();
+    let records: Vec<&String> = files.iter().filter(|f| f.starts_with("walfs/")).collect();
+    eprintln!(
+        "{} objects, {} records: {files:?}",
+        ltx.len(),
+        records.len()
+    );
+    for level in ["ltx/1/", "ltx/2/", "ltx/9/"] {
+        assert!(
+            ltx.iter().any(|f| f.starts_with(level)),
+            "nothing at {level}: {files:?}"
+        );
+    }
+    // About 70 uploads were made; retention keeps the last few seconds.
+    assert!(
+        ltx.len() < 40,
+        "retention left {} objects: {files:?}",
+        ltx.len()
+    );
+    // A record stays only while an object ends at its TXID.
+    let ends: std::collections::BTreeSet<String> = ltx
+        .iter()
+        .map(|f| {
+            f.rsplit('-')
+                .next()
+                .unwrap()
+                .trim_end_matches(".ltx")
+                .to_string()
+        })
+        .collect();
+    for r in &records {
+        let txid = r.rsplit('/').next().unwrap();
+        assert!(
+            ends.contains(txid),
+            "record {r} outlived its objects: {files:?}"
+        );
+    }
+    drop(c);
+    m.stop();
+    let out = dir.path().join("walfs.db");
+    let log = common::walfs_restore(&[&url, "--db", rel, "-o", out.to_str().unwrap()]);
+    assert!(log.contains("content checksum matches"), "{log}");
+    assert_same_database(&m.backing_path(rel), &out);
+    let theirs = dir.path().join("litestream.db");
+    common::litestream_restore(&format!("{url}/{rel}"), &theirs, &[]);
+    assert_same_database(&m.backing_path(rel), &theirs);
+}
