@@ -809,7 +809,11 @@ fn kill_9_of_walfs_mid_load_then_remount_loses_nothing_committed() {
 #[test]
 fn idle_mount_makes_zero_requests_over_10_s() {
     let r = S3Replica::new("idle");
-    let mut m = r.mount("200ms");
+    // Short compaction intervals, so that the compactions the writes cause are done
+    // before the idle window, which then covers the maintenance loop too.
+    let mut args = r.args(&r.url(), "200ms");
+    args.extend(["--compaction-intervals".to_string(), "500ms,1s".to_string()]);
+    let mut m = Mount::with_env(&as_strs(&args), S3_ENV);
     let before_writes = r.moto.requests().len();
     let open_conn = open_wal(&m.path("open.db"), "FULL");
     churn(&open_conn, 100, 1);
@@ -818,7 +822,7 @@ fn idle_mount_makes_zero_requests_over_10_s() {
         churn(&c, 100, 2);
     }
     // The counter sees the uploads of the write phase.
-    let settled = wait_settled(&r.moto, Duration::from_secs(2), Duration::from_secs(60));
+    let settled = wait_settled(&r.moto, Duration::from_secs(3), Duration::from_secs(60));
     let puts = r.moto.requests()[before_writes..]
         .iter()
         .filter(|q| q.starts_with("PUT "))
