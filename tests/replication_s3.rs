@@ -1085,3 +1085,55 @@ fn litestream_restores_the_s3_replica() {
     assert_same_database(&m.backing_path(rel), &theirs);
     assert_replicated(&r, &m, rel);
 }
+
+/// A restore to a moment returns the state committed at that moment, not the one uploaded
+/// by then: S3 dates objects by upload time (moto in whole seconds), so walfs reads the
+/// commit time from the objects' metadata around the moment.
+#[test]
+fn timestamp_restore_returns_the_state_committed_at_that_moment() {
+    let r = S3Replica::new("pitr-times");
+    let mut m = r.mount("0");
+    let c = open_wal(&m.path("t.db"), "NORMAL");
+    // The watcher picks up a new database's directory within its 200 ms tick (it then
+    // reads what was committed before); from then on each commit is read within ms.
+    std::thread::sleep(Duration::from_millis(500));
+    // Commit i holds i rows; `between[i]` is a moment after commit i and before commit i + 1.
+    let mut between = Vec::new();
+    for i in 1..=8 {
+        c.execute("INSERT INTO t(k, v) VALUES (?1, randomblob(100))", [i])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        between.push((i, std::time::SystemTime::now()));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    wait_settled(&r.moto, Duration::from_secs(2), Duration::from_secs(60));
+    for (rows, at) in between {
+        let out = r.out(&format!("t-{rows}.db"));
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let at_s = walfs::replica::store::format_rfc3339_nano(at);
+        let log = common::walfs_restore_env(
+            &[
+                &r.url(),
+                "--db",
+                "t.db",
+                "--timestamp",
+                &at_s,
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            S3_ENV,
+        );
+        let restored = open(&out);
+        let got: i64 = restored
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap_or(-1);
+        assert_eq!(
+            got,
+            rows,
+            "restore to {at_s} (after commit {rows}, before commit {}): {log}",
+            rows + 1
+        );
+    }
+    drop(c);
+    m.stop();
+}

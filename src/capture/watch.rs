@@ -60,6 +60,8 @@ struct Watch {
     dirs: HashMap<WatchDescriptor, PathBuf>,
     /// The registry generation the watches were last brought up to date with.
     generation: u64,
+    /// The databases captured as of that generation.
+    known: BTreeSet<PathBuf>,
 }
 
 impl Watch {
@@ -70,13 +72,19 @@ impl Watch {
             coalesce,
             dirs: HashMap::new(),
             generation: u64::MAX,
+            known: BTreeSet::new(),
         }
     }
 
     fn run(mut self, stop: &AtomicBool) {
         let mut changed = BTreeSet::new();
         while !stop.load(Ordering::Relaxed) {
-            self.update_watches();
+            // A database registered since the last round may have committed before its
+            // directory was watched (no event came for that): read it once now.
+            changed.extend(self.update_watches());
+            if !changed.is_empty() {
+                self.poll_changed(&mut changed);
+            }
             let ready = {
                 let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
                 let timeout =
@@ -89,10 +97,15 @@ impl Watch {
             // Let the writes of this burst arrive (and merge), then read them all.
             std::thread::sleep(self.coalesce);
             self.drain(&mut changed);
-            for db in std::mem::take(&mut changed) {
-                if let Err(e) = self.capture.on_changed(&wal_path(&db)) {
-                    tracing::warn!(db = %db.display(), "capture between barriers failed (the next barrier retries): {e}");
-                }
+            self.poll_changed(&mut changed);
+        }
+    }
+
+    /// Reads the `-wal` of each database in `changed`, and empties it.
+    fn poll_changed(&self, changed: &mut BTreeSet<PathBuf>) {
+        for db in std::mem::take(changed) {
+            if let Err(e) = self.capture.on_changed(&wal_path(&db)) {
+                tracing::warn!(db = %db.display(), "capture between barriers failed (the next barrier retries): {e}");
             }
         }
     }
@@ -134,18 +147,20 @@ impl Watch {
     }
 
     /// Watches the directory of every captured database (once per registry change).
-    fn update_watches(&mut self) {
+    /// Returns the databases captured since the last change.
+    fn update_watches(&mut self) -> BTreeSet<PathBuf> {
         let generation = self.capture.generation();
         if generation == self.generation {
-            return;
+            return BTreeSet::new();
         }
         self.generation = generation;
-        let wanted: BTreeSet<PathBuf> = self
-            .capture
-            .databases()
-            .into_iter()
+        let dbs: BTreeSet<PathBuf> = self.capture.databases().into_iter().collect();
+        let new: BTreeSet<PathBuf> = dbs.difference(&self.known).cloned().collect();
+        let wanted: BTreeSet<PathBuf> = dbs
+            .iter()
             .map(|db| db.parent().map(PathBuf::from).unwrap_or_default())
             .collect();
+        self.known = dbs;
         let watched: BTreeSet<PathBuf> = self.dirs.values().cloned().collect();
         for dir in wanted.difference(&watched) {
             let path = self.capture.root().join(dir);
@@ -159,5 +174,6 @@ impl Watch {
                 ),
             }
         }
+        new
     }
 }

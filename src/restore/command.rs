@@ -21,6 +21,7 @@ use crate::replica::store::{format_rfc3339_nano, LtxObjectInfo, ReplicaStore, Re
 use super::apply::{check_output, restore_database, ChecksumCheck, RestoreOutcome};
 use super::plan::{db_label, plan, RestoreTarget, MAX_LEVEL};
 use super::record::SidecarStore;
+use super::timestamps::date_objects_around;
 
 /// The arguments of `walfs restore`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +110,10 @@ struct Ctx {
 
 impl Ctx {
     fn restore_one(&self, db: &str, out: &Path) -> anyhow::Result<RestoreOutcome> {
-        let objects = list_objects(&self.rt, &self.store, db)?;
+        let mut objects = list_objects(&self.rt, &self.store, db)?;
+        if let RestoreTarget::Timestamp(time) = self.target {
+            date_objects_around(&self.rt, &self.store, db, &mut objects, time)?;
+        }
         let p = plan(db, &objects, self.target, |a, b| {
             self.store.ltx_key(db, 0, a, b)
         })?;

@@ -8,12 +8,14 @@
 //! - `record`: re-exported from `replica`, where the uploader writes it: the verification
 //!   record (per-TXID checksum sidecar objects) and access to non-LTX objects;
 //! - `command`: `walfs restore` for one database or a whole replica ([`restore_command`]);
-//! - `list`: `walfs list` ([`list_command`]).
+//! - `list`: `walfs list` ([`list_command`]);
+//! - `timestamps`: exact commit times around the moment of a point-in-time restore from S3.
 
 pub mod apply;
 mod command;
 pub mod list;
 pub mod plan;
+pub mod timestamps;
 pub use crate::replica::record;
 
 pub use command::{list_objects, open_replica, restore_command, runtime, RestoreArgs};
