@@ -290,12 +290,15 @@ impl DatabaseCapture {
     /// Starts capturing the database at `db_path` (a backing path), staged under `rel`.
     /// With no saved state, stages an initial snapshot. With a saved state, resumes where it
     /// stopped if the database still matches the saved checksum, and otherwise heals with a
-    /// snapshot. Call it at a barrier if possible (`at_barrier`).
+    /// snapshot (`replaced`: the file was replaced while not captured, e.g. renamed over;
+    /// then the snapshot continues the history without a warning). Call it at a barrier
+    /// if possible (`at_barrier`).
     pub fn open(
         staging: Arc<Staging>,
         rel: &Path,
         db_path: &Path,
         at_barrier: bool,
+        replaced: bool,
     ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
         let on_disk = staging.state(rel)?;
         // Batches staged after the state was last saved carry their own position.
@@ -351,8 +354,12 @@ impl DatabaseCapture {
                 // hand out TXIDs the replica already has).
                 c.saved = on_disk;
                 if !c.resume()? {
-                    let reason = "the database changed while it was not being captured";
-                    c.heal(reason, at_barrier, &mut events)?;
+                    if replaced {
+                        c.snapshot_replacement("the database file was replaced", &mut events)?;
+                    } else {
+                        let reason = "the database changed while it was not being captured";
+                        c.heal(reason, at_barrier, &mut events)?;
+                    }
                 }
             }
         }
@@ -827,6 +834,9 @@ pub struct Capture {
     /// Databases with batches staged since they were last sealed.
     dirty: Mutex<BTreeSet<PathBuf>>,
     notify: Mutex<Option<StagedNotify>>,
+    /// Databases whose file went away (deleted, renamed over, no longer SQLite): when one
+    /// is captured again, a changed content is a replacement, not a gap.
+    forgotten: Mutex<BTreeSet<PathBuf>>,
     /// Incremented whenever a database starts being captured.
     generation: AtomicU64,
     stats: CaptureStats,
@@ -859,6 +869,7 @@ impl Capture {
             dbs: Mutex::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
             notify: Mutex::new(None),
+            forgotten: Mutex::new(BTreeSet::new()),
             generation: AtomicU64::new(0),
             stats: CaptureStats::default(),
         }
@@ -1019,11 +1030,13 @@ impl Capture {
         let mut events = Vec::new();
         let res = (|| {
             if guard.is_none() {
+                let replaced = self.forgotten.lock().remove(&db);
                 let (c, ev) = DatabaseCapture::open(
                     self.staging.clone(),
                     &db,
                     &self.root.join(&db),
                     barrier,
+                    replaced,
                 )?;
                 events.extend(ev);
                 *guard = Some(c);
@@ -1045,6 +1058,7 @@ impl Capture {
         drop(guard);
         if gone {
             self.dbs.lock().remove(&db);
+            self.forgotten.lock().insert(db.clone());
         }
         self.account(&db, &events, res.as_ref().err());
         if events.iter().any(|e| {
@@ -1128,6 +1142,7 @@ impl Capture {
         }
         drop(guard);
         self.dbs.lock().remove(db);
+        self.forgotten.lock().insert(db.to_path_buf());
         self.mark_staged(db);
         Ok(())
     }
@@ -1153,6 +1168,13 @@ impl Capture {
             tracing::error!(db = %db.display(), "cannot seal staged batches: {e}");
         }
         self.dbs.lock().remove(db);
+    }
+
+    /// Stops capturing `db` because another file is about to replace it (a rename over
+    /// it): when the new file is captured, its content continues the same history.
+    pub fn replacing(&self, db: &Path) {
+        self.forget(db);
+        self.forgotten.lock().insert(db.to_path_buf());
     }
 }
 
@@ -1213,7 +1235,7 @@ impl CaptureObserver {
         } else if deleted {
             self.capture.deleted(&db).map_err(|_| FsError::EIO)?;
         } else {
-            self.capture.forget(&db);
+            self.capture.replacing(&db);
         }
         Ok(())
     }

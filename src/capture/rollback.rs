@@ -93,6 +93,41 @@ pub struct PendingJournal {
     /// The database size in pages before the transaction.
     initial: u32,
     pages: BTreeSet<u32>,
+    /// Freelist leaf pages before the transaction. SQLite reuses a freelist leaf without
+    /// journaling it (its old content does not matter to SQLite: `PAGER_GET_NOCONTENT`),
+    /// so a leaf that left the freelist may have changed although no record names it.
+    free_leaves: BTreeSet<u32>,
+}
+
+/// The freelist leaf pages of a database whose page 1 is `page1`; `read` reads a trunk
+/// page (false if it is past the end). Stops quietly on anything malformed: the result is
+/// only a set of pages to look at.
+fn freelist_leaves(
+    page1: &[u8],
+    size: u32,
+    mut read: impl FnMut(u32, &mut [u8]) -> io::Result<bool>,
+) -> io::Result<BTreeSet<u32>> {
+    let be = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mut leaves = BTreeSet::new();
+    let mut trunk = be(page1, 32);
+    let total = be(page1, 36);
+    let mut buf = vec![0u8; page1.len()];
+    let max_leaves = (page1.len() / 4).saturating_sub(2) as u32;
+    let mut seen = BTreeSet::new();
+    while trunk != 0 && trunk <= size && seen.insert(trunk) && seen.len() as u32 <= total {
+        if !read(trunk, &mut buf)? {
+            break;
+        }
+        let n = be(&buf, 4).min(max_leaves);
+        for i in 0..n as usize {
+            let leaf = be(&buf, 8 + 4 * i);
+            if leaf >= 1 && leaf <= size {
+                leaves.insert(leaf);
+            }
+        }
+        trunk = be(&buf, 0);
+    }
+    Ok(leaves)
 }
 
 /// Reads the journal as the writer that holds the lock knows it, or `None` if there is no
@@ -210,24 +245,47 @@ impl DatabaseCapture {
         self.fingerprint.is_some() && Fingerprint::of(&self.db_path) == self.fingerprint
     }
 
-    /// True if the database logs through a WAL (a `-wal` exists, or the header says WAL).
-    fn wal_mode(&self) -> io::Result<bool> {
-        if std::fs::metadata(&self.wal_path).is_ok() {
-            return Ok(true);
+    /// Adds the pages of the live journal `scan` (read from `journal`) to the pending set,
+    /// with the freelist leaves of the database before the transaction (page 1 and trunk
+    /// pages as the journal recorded them, else as the database file holds them).
+    fn remember(&mut self, journal: &File, scan: &JournalScan) -> io::Result<()> {
+        let ps = scan.header.page_size as usize;
+        let initial = scan.header.initial_db_pages;
+        let mut first: BTreeMap<u32, &JournalRecord> = BTreeMap::new();
+        for r in &scan.records {
+            first.entry(r.pgno).or_insert(r);
         }
-        let Some(db) = open_optional(&self.db_path)? else {
-            return Ok(false);
+        let db = open_optional(&self.db_path)?;
+        let mut read = |pgno: u32, buf: &mut [u8]| -> io::Result<bool> {
+            if let Some(rec) = first.get(&pgno) {
+                return match scan.read_original(journal, rec, buf) {
+                    Ok(()) => Ok(true),
+                    Err(JournalError::Io(e)) => Err(e),
+                    Err(_) => Ok(false),
+                };
+            }
+            match &db {
+                Some(db) if pgno <= initial => {
+                    read_page(db, pgno, buf)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
         };
-        Ok(read_db_header(&db)?.is_some_and(|h| h.is_wal()))
-    }
-
-    fn remember(&mut self, scan: &JournalScan) {
+        let mut page1 = vec![0u8; ps];
+        let leaves = if initial > 0 && read(1, &mut page1)? {
+            freelist_leaves(&page1, initial, &mut read)?
+        } else {
+            BTreeSet::new()
+        };
         let p = self.pending.get_or_insert_with(|| PendingJournal {
-            initial: scan.header.initial_db_pages,
-            pages: BTreeSet::new(),
+            initial,
+            ..PendingJournal::default()
         });
-        p.initial = p.initial.min(scan.header.initial_db_pages);
+        p.initial = p.initial.min(initial);
         p.pages.extend(scan.records.iter().map(|r| r.pgno));
+        p.free_leaves.extend(leaves);
+        Ok(())
     }
 
     /// Call while the application is blocked in an fsync of the database file. Does what
@@ -237,11 +295,13 @@ impl DatabaseCapture {
     /// (`journal_mode=MEMORY` or `OFF`: this fsync is the commit), stages what changed.
     pub fn on_db_synced(&mut self) -> io::Result<Vec<CaptureEvent>> {
         let mut events = self.on_wal_barrier(true)?;
-        if self.wal_mode()? {
+        // In WAL mode this is a checkpoint's end. (The header may already say WAL while
+        // the journal transaction that switches to WAL mode commits.)
+        if std::fs::metadata(&self.wal_path).is_ok() {
             return Ok(events);
         }
         match scan_live(&self.journal_path)? {
-            Some((_, scan)) => self.remember(&scan),
+            Some((f, scan)) => self.remember(&f, &scan)?,
             None => events.extend(self.commit_journal()?),
         }
         Ok(events)
@@ -255,8 +315,8 @@ impl DatabaseCapture {
             JournalBarrier::Unlinking => {
                 // With synchronous=OFF there was no database fsync: the journal still
                 // lists the pages.
-                if let Some((_, scan)) = scan_live(&self.journal_path)? {
-                    self.remember(&scan);
+                if let Some((f, scan)) = scan_live(&self.journal_path)? {
+                    self.remember(&f, &scan)?;
                 }
                 true
             }
@@ -323,7 +383,15 @@ impl DatabaseCapture {
         let file_pages = (db.metadata()?.len() / u64::from(ps)) as u32;
         let size = header.valid_db_size().unwrap_or(file_pages);
         let floor = p.initial.min(self.sums.len() as u32);
-        let pages = changed_pages(p.pages.iter().copied(), floor, size, ps);
+        // Freelist leaves that left the freelist were reused, maybe without a record.
+        let mut page1 = vec![0u8; ps as usize];
+        read_page(&db, 1, &mut page1)?;
+        let still_free = freelist_leaves(&page1, size, |pgno, buf| {
+            read_page(&db, pgno, buf)?;
+            Ok(true)
+        })?;
+        let reused = p.free_leaves.difference(&still_free).copied();
+        let pages = changed_pages(p.pages.iter().copied().chain(reused), floor, size, ps);
         let events = self.stage_from_db(&db, ps, size, &pages)?;
         self.note_fingerprint();
         Ok(events)
@@ -381,7 +449,7 @@ impl DatabaseCapture {
     }
 
     /// A new snapshot of the whole file, continuing the TXID history.
-    fn snapshot_replacement(
+    pub(super) fn snapshot_replacement(
         &mut self,
         why: &str,
         events: &mut Vec<CaptureEvent>,

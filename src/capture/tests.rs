@@ -747,3 +747,33 @@ fn a_file_that_stops_being_sqlite_is_marked_deleted() {
     assert!(f.capture.staging().state(&f.rel).unwrap().unwrap().txid > txid);
     assert_rollback_replica_matches(&f);
 }
+
+#[test]
+fn reused_freelist_leaves_are_staged_although_not_journaled() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "DELETE");
+    conn.execute_batch(
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<400)
+         INSERT INTO t(v) SELECT randomblob(3000) FROM c;",
+    )
+    .unwrap();
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    let barrier = rollback::JournalBarrier::Unlinking;
+    // Frees hundreds of pages: most become freelist leaves.
+    journal_txn(&f, &conn, "DELETE FROM t WHERE id % 4 != 0;", barrier);
+    let free: i64 = conn
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap();
+    assert!(free > 100, "{free}");
+    // New rows reuse them; SQLite journals none of the reused leaves.
+    for _ in 0..5 {
+        journal_txn(
+            &f,
+            &conn,
+            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<30)
+             INSERT INTO t(v) SELECT randomblob(3000) FROM c;",
+            barrier,
+        );
+        assert_rollback_replica_matches(&f);
+    }
+}
