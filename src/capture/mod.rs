@@ -355,7 +355,7 @@ impl DatabaseCapture {
                 c.saved = on_disk;
                 if !c.resume()? {
                     if replaced {
-                        c.snapshot_replacement("the database file was replaced", &mut events)?;
+                        c.stage_replacement(&mut events)?;
                     } else {
                         let reason = "the database changed while it was not being captured";
                         c.heal(reason, at_barrier, &mut events)?;

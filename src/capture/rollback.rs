@@ -13,7 +13,8 @@
 //!   protocol (`cp`, `cat`, `dd`, a rename over the database, truncation): at a database
 //!   fsync or close, if the file's `stat` ([`Fingerprint`]) moved since the last capture
 //!   point, the whole file is compared with the per-page checksums, and the changed pages
-//!   are staged (a wholesale replacement becomes a snapshot in the same TXID history);
+//!   are staged as one batch, in the same TXID history (a wholesale replacement is a batch
+//!   of every page; only a new page size needs a snapshot);
 //! - [`Originals`]: a live journal as an overlay, so that a snapshot taken while a
 //!   transaction is open, or while a hot journal waits for its rollback, holds the
 //!   committed content only.
@@ -435,10 +436,6 @@ impl DatabaseCapture {
             self.note_fingerprint();
             return Ok(events);
         }
-        if changed.len() as u64 * 2 > u64::from(size) && self.state.commit > 0 {
-            self.snapshot_replacement("the database file was replaced", &mut events)?;
-            return Ok(events);
-        }
         let Some(db) = open_optional(&self.db_path)? else {
             return Ok(events);
         };
@@ -446,6 +443,26 @@ impl DatabaseCapture {
         events.extend(self.stage_from_db(&db, page_size, size, &changed)?);
         self.note_fingerprint();
         Ok(events)
+    }
+
+    /// The file was replaced while it was not captured (renamed over): stages every page
+    /// of the new file as one batch after the last TXID (a snapshot if the page size
+    /// changed), so the history continues.
+    pub(super) fn stage_replacement(&mut self, events: &mut Vec<CaptureEvent>) -> io::Result<()> {
+        let page_size = match open_optional(&self.db_path)? {
+            Some(db) => read_db_header(&db)?.map(|h| h.page_size),
+            None => None,
+        };
+        if self.state.commit > 0 && page_size != Some(self.state.page_size) {
+            return self.snapshot_replacement("the database file was replaced", events);
+        }
+        tracing::info!(db = %self.rel.display(), "the database file was replaced: staging all of its pages (the TXID history continues)");
+        self.sums.clear();
+        self.state.commit = 0;
+        self.state.checksum = 0;
+        self.fingerprint = None;
+        events.extend(self.capture_diff(true)?);
+        Ok(())
     }
 
     /// A new snapshot of the whole file, continuing the TXID history.

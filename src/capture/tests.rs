@@ -744,8 +744,8 @@ fn a_file_that_stops_being_sqlite_is_marked_deleted() {
         .deleted_marker(&f.rel)
         .unwrap()
         .is_none());
-    assert!(f.capture.staging().state(&f.rel).unwrap().unwrap().txid > txid);
     assert_rollback_replica_matches(&f);
+    assert!(f.capture.staging().state(&f.rel).unwrap().unwrap().txid > txid);
 }
 
 #[test]
