@@ -86,17 +86,30 @@ impl S3Replica {
     /// Like [`S3Replica::restore_db`], but a restore that could not be verified is allowed
     /// (the replica may be mid-upload: a snapshot's record is known only while the capture
     /// is still at its TXID). Returns OUT and whether it was verified.
-    fn restore_db_maybe_unverified(&self, rel: &str) -> (PathBuf, bool) {
+    /// An error with the log if the restore failed (e.g. nothing uploaded yet).
+    fn restore_db_maybe_unverified(&self, rel: &str) -> Result<(PathBuf, bool), String> {
         let out = self.out(rel);
         let _ = std::fs::remove_file(&out);
-        let log = common::walfs_restore_env(
-            &[&self.url(), "--db", rel, "-o", out.to_str().unwrap()],
-            S3_ENV,
-        );
-        (
+        let o = Command::new(common::WALFS)
+            .args([
+                "restore",
+                &self.url(),
+                "--db",
+                rel,
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .envs(S3_ENV.iter().copied())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        if !o.status.success() {
+            return Err(log);
+        }
+        Ok((
             out,
             log.contains("content checksum matches the writer's record"),
-        )
+        ))
     }
 
     fn restore_db(&self, rel: &str) -> PathBuf {
@@ -263,15 +276,23 @@ fn assert_replicated_soon(r: &S3Replica, m: &Mount, rel: &str, limit: Duration) 
     let deadline = Instant::now() + limit;
     let backing = m.backing_path(rel);
     loop {
-        let (out, verified) = r.restore_db_maybe_unverified(rel);
-        let same = std::fs::read(&backing).unwrap() == std::fs::read(&out).unwrap();
-        if same && verified {
-            assert_same_database(&backing, &out);
-            return;
-        }
-        if Instant::now() > deadline {
-            assert_same_database(&backing, &out);
-            panic!("{rel}: restore differs");
+        match r.restore_db_maybe_unverified(rel) {
+            Ok((out, verified)) => {
+                let same = std::fs::read(&backing).unwrap() == std::fs::read(&out).unwrap();
+                if same && verified {
+                    assert_same_database(&backing, &out);
+                    return;
+                }
+                if Instant::now() > deadline {
+                    assert_same_database(&backing, &out);
+                    panic!("{rel}: the restore was not verified: {}", m.log());
+                }
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "{rel}: restore failed: {e}; log: {}",
+                m.log()
+            ),
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -691,10 +691,17 @@ impl DatabaseCapture {
             if !image.walk(&db, wal.as_ref(), |pgno, data| sink.page(pgno, data))? {
                 continue;
             }
-            if let Some(o) = &image.originals {
-                if !o.unchanged()? {
-                    continue;
+            match &image.originals {
+                Some(o) if !o.unchanged()? => continue,
+                // A rollback transaction began while the file was read: its pages may
+                // be in what was read.
+                None if txns.is_empty()
+                    && rollback::Originals::open(&self.journal_path, header.page_size)?
+                        .is_some() =>
+                {
+                    continue
                 }
+                _ => {}
             }
             // Nothing may have moved while the database file was read.
             let wal2 = open_optional(&self.wal_path)?;

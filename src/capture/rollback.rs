@@ -295,12 +295,19 @@ impl DatabaseCapture {
     /// has written them all to the database and holds its lock); without a live journal
     /// (`journal_mode=MEMORY` or `OFF`: this fsync is the commit), stages what changed.
     pub fn on_db_synced(&mut self) -> io::Result<Vec<CaptureEvent>> {
-        let mut events = self.on_wal_barrier(true)?;
         // In WAL mode this is a checkpoint's end. (The header may already say WAL while
         // the journal transaction that switches to WAL mode commits.)
         if std::fs::metadata(&self.wal_path).is_ok() {
-            return Ok(events);
+            return self.on_wal_barrier(true);
         }
+        // No WAL: nothing staged can depend on one, so the hot path makes no fsync of its
+        // own here (see docs/FORMAT.md, Staging); and unless the WAL just went, nothing is
+        // left to read from one.
+        let mut events = if self.tracker.position().is_some() {
+            self.on_wal_barrier(false)?
+        } else {
+            Vec::new()
+        };
         match scan_live(&self.journal_path)? {
             Some((f, scan)) => self.remember(&f, &scan)?,
             None => events.extend(self.commit_journal()?),
@@ -316,8 +323,10 @@ impl DatabaseCapture {
             JournalBarrier::Unlinking => {
                 // With synchronous=OFF there was no database fsync: the journal still
                 // lists the pages.
-                if let Some((f, scan)) = scan_live(&self.journal_path)? {
-                    self.remember(&f, &scan)?;
+                if self.pending.is_none() {
+                    if let Some((f, scan)) = scan_live(&self.journal_path)? {
+                        self.remember(&f, &scan)?;
+                    }
                 }
                 true
             }
@@ -527,7 +536,8 @@ impl DatabaseCapture {
             max_txid: self.state.txid + 1,
             timestamp_ms: now_ms(),
             page_count: keep.len() as u32,
-            wal: self.tracker.position(),
+            // Read from the database file, not from a WAL.
+            wal: None,
         };
         let mut sum = self.state.database_checksum();
         for pgno in commit + 1..=old_size {
