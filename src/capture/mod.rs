@@ -729,7 +729,7 @@ impl DatabaseCapture {
             sum: DatabaseChecksum::EMPTY,
         };
         let got = self.read_image(barrier, None, &mut sink)?;
-        let Some((tracker, page_size, size, format)) = got else {
+        let Some((tracker, page_size, size, _)) = got else {
             return Err(io::Error::other(format!(
                 "{} is not an SQLite database",
                 self.db_path.display()
@@ -751,7 +751,6 @@ impl DatabaseCapture {
             });
             self.state.txid = txid;
         }
-        let _ = format;
         self.tracker = tracker;
         self.sums = sums;
         self.pending = None;
@@ -799,12 +798,11 @@ impl DatabaseCapture {
             };
             let got = self.read_image(false, upto, &mut sink)?;
             let ImageSink { sums, sum, .. } = sink;
-            let Some((tracker, page_size, size, format)) = got else {
+            let Some((tracker, page_size, size, _)) = got else {
                 continue;
             };
             let expected = self.state.database_checksum();
             if page_size == self.state.page_size && size == self.state.commit && sum == expected {
-                let _ = format;
                 self.tracker = tracker;
                 self.sums = sums;
                 self.state.wal = self.tracker.position();
