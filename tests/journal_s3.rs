@@ -5,7 +5,7 @@
 //! files', verified against walfs's checksum record, that pass `PRAGMA integrity_check`.
 //!
 //! Covered: every journal mode (DELETE, TRUNCATE, PERSIST, MEMORY, OFF) with synchronous
-//! FULL and NORMAL, large multi-segment journals and `journal_size_limit`; switches between
+//! FULL, NORMAL and OFF, large multi-segment journals and `journal_size_limit`; switches between
 //! DELETE and WAL in both directions; writers SIGKILLed mid-transaction (the replica equals
 //! the rolled-back database every time); `cp`, `cat`, `dd`, `mv` over a database (VACUUM INTO
 //! then rename), `.restore`, truncation, deletion, files that stop or start being SQLite;
@@ -305,12 +305,14 @@ fn assert_no_heals(m: &Mount) {
 }
 
 #[test]
-fn every_journal_mode_with_synchronous_full_and_normal() {
+fn every_journal_mode_with_every_synchronous_level() {
     let r = S3Replica::new("modes");
     let mut m = r.mount();
     let mut rels = Vec::new();
     for mode in ["DELETE", "TRUNCATE", "PERSIST", "MEMORY", "OFF"] {
-        for sync in ["FULL", "NORMAL"] {
+        // synchronous=OFF makes no barrier at the commits of some modes: those are
+        // captured when the connection closes, and checked only after it.
+        for sync in ["FULL", "NORMAL", "OFF"] {
             let rel = format!("{}-{}.db", mode.to_lowercase(), sync.to_lowercase());
             let path = m.path(&rel);
             {
@@ -318,7 +320,9 @@ fn every_journal_mode_with_synchronous_full_and_normal() {
                 churn(&c, 60, rel.len() as u64);
                 big_transaction(&c, 3000);
                 // Captured at the commits themselves, while the connection stays open.
-                assert_replicated_soon(&r, &m, &rel, Duration::from_secs(10));
+                if sync != "OFF" || mode == "DELETE" {
+                    assert_replicated_soon(&r, &m, &rel, Duration::from_secs(10));
+                }
                 if mode == "PERSIST" || mode == "TRUNCATE" {
                     // The journal is kept, and cut back to the limit after each commit.
                     c.execute_batch("PRAGMA journal_size_limit=8192;").unwrap();
