@@ -22,10 +22,10 @@
 //!   registry, and fails the application's operation with EIO when staging fails.
 //! - [`watch`]: reads a database's `-wal` within milliseconds of a change between barriers.
 //!
-//! Rollback-journal databases are registered (and snapshotted) but their commits are not
-//! captured incrementally yet; that is reported once per database
-//! ([`CaptureEvent::Unsupported`]). If such a database later switches to WAL mode, the
-//! capture heals with a snapshot.
+//! - [`rollback`]: rollback-journal commits (DELETE, TRUNCATE, PERSIST) at the journal's
+//!   invalidation, changes made without a journal (`journal_mode=MEMORY`/`OFF`) and writes
+//!   outside SQLite's protocol (`cp`, `dd`, a rename over the database, truncation), found
+//!   by comparing per-page checksums behind a cheap `stat` filter; deleted databases.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
@@ -61,6 +61,9 @@ pub enum CaptureEvent {
     Healed { txid: u64, reason: String },
     /// The database's commits cannot be captured (yet); the replica falls behind.
     Unsupported { reason: String },
+    /// The file no longer holds an SQLite database (emptied, overwritten with something
+    /// else): capture stops and the replica marks it deleted after `txid`.
+    Gone { txid: u64 },
 }
 
 fn now_ms() -> i64 {
@@ -124,6 +127,9 @@ struct Image<'a> {
     page_size: u32,
     size: u32,
     overlay: BTreeMap<u32, (&'a WalTransaction, WalPage)>,
+    /// A live rollback journal (a transaction in progress, or hot after a crash): the
+    /// committed content of the pages it recorded is their original in the journal.
+    originals: Option<rollback::Originals>,
 }
 
 impl<'a> Image<'a> {
@@ -143,6 +149,7 @@ impl<'a> Image<'a> {
             page_size,
             size,
             overlay,
+            originals: None,
         }
     }
 
@@ -162,6 +169,16 @@ impl<'a> Image<'a> {
         for pgno in 1..=self.size {
             if pgno == lock {
                 continue;
+            }
+            if let Some(o) = &self.originals {
+                if let Some(rec) = o.record(pgno) {
+                    let buf = &mut frame[WAL_FRAME_HEADER_SIZE..];
+                    if !o.read(rec, buf)? {
+                        return Ok(false);
+                    }
+                    f(pgno, buf)?;
+                    continue;
+                }
             }
             match (self.overlay.get(&pgno), wal) {
                 (Some((t, p)), Some(wal)) => match t.read_frame_page(wal, p, &mut frame) {
@@ -200,7 +217,14 @@ struct ImageSink {
     sum: DatabaseChecksum,
 }
 
-impl ImageSink {
+/// Receives the pages of a database image, in order (`start` may be called again on a
+/// retry).
+trait PageSink {
+    fn start(&mut self, page_size: u32, size: u32) -> io::Result<()>;
+    fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()>;
+}
+
+impl PageSink for ImageSink {
     fn start(&mut self, page_size: u32, size: u32) -> io::Result<()> {
         self.sums = vec![0u64; size as usize];
         self.sum = DatabaseChecksum::EMPTY;
@@ -253,20 +277,28 @@ pub struct DatabaseCapture {
     saved: Option<DbState>,
     /// Checksum contribution of each page (index `pgno - 1`); 0 for the lock page.
     sums: Vec<u64>,
-    /// The database was in rollback-journal mode when last seen without a WAL.
-    rollback: bool,
+    /// The backing `-journal`.
+    journal_path: PathBuf,
+    /// Pages the open rollback-journal transaction recorded, read at a database fsync;
+    /// staged at the journal's invalidation.
+    pending: Option<rollback::PendingJournal>,
+    /// The backing database file's `stat` when the staged state was last known to match it.
+    fingerprint: Option<rollback::Fingerprint>,
 }
 
 impl DatabaseCapture {
     /// Starts capturing the database at `db_path` (a backing path), staged under `rel`.
     /// With no saved state, stages an initial snapshot. With a saved state, resumes where it
     /// stopped if the database still matches the saved checksum, and otherwise heals with a
-    /// snapshot. Call it at a barrier if possible (`at_barrier`).
+    /// snapshot (`replaced`: the file was replaced while not captured, e.g. renamed over;
+    /// then the snapshot continues the history without a warning). Call it at a barrier
+    /// if possible (`at_barrier`).
     pub fn open(
         staging: Arc<Staging>,
         rel: &Path,
         db_path: &Path,
         at_barrier: bool,
+        replaced: bool,
     ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
         let on_disk = staging.state(rel)?;
         // Batches staged after the state was last saved carry their own position.
@@ -301,8 +333,12 @@ impl DatabaseCapture {
             state: DbState::default(),
             saved: None,
             sums: Vec::new(),
-            rollback: false,
+            journal_path: rollback::journal_path(db_path),
+            pending: None,
+            fingerprint: None,
         };
+        // The database exists (again): a deletion marker not yet uploaded is void.
+        c.staging.clear_deleted(rel, None)?;
         let mut events = Vec::new();
         // What a crash left in the segment is made durable before any state that counts
         // it is saved.
@@ -318,15 +354,14 @@ impl DatabaseCapture {
                 // hand out TXIDs the replica already has).
                 c.saved = on_disk;
                 if !c.resume()? {
-                    let reason = "the database changed while it was not being captured";
-                    c.heal(reason, at_barrier, &mut events)?;
+                    if replaced {
+                        c.stage_replacement(&mut events)?;
+                    } else {
+                        let reason = "the database changed while it was not being captured";
+                        c.heal(reason, at_barrier, &mut events)?;
+                    }
                 }
             }
-        }
-        if c.rollback {
-            events.push(CaptureEvent::Unsupported {
-                reason: "rollback-journal mode: commits are not captured incrementally yet".into(),
-            });
         }
         Ok((c, events))
     }
@@ -444,13 +479,9 @@ impl DatabaseCapture {
                 }
             }
             match ev {
-                WalEvent::Started { .. } => {
-                    if self.rollback {
-                        heal =
-                            Some("the database switched from rollback-journal to WAL mode".into());
-                        break;
-                    }
-                }
+                // A switch from rollback-journal mode: the rollback commits were staged
+                // (the header change to WAL is one), so the history simply continues.
+                WalEvent::Started { .. } => {}
                 WalEvent::Restarted { continuity, .. }
                 | WalEvent::Truncated { continuity, .. }
                 | WalEvent::Invalidated { continuity, .. } => {
@@ -475,12 +506,12 @@ impl DatabaseCapture {
             Some(reason) => self.heal(&reason, barrier, &mut events)?,
             None => {
                 self.tracker = tracker;
-                if self.tracker.position().is_some() {
-                    self.rollback = false;
-                }
                 self.state.wal = self.tracker.position();
                 if durable {
                     self.make_durable()?;
+                    if self.tracker.position().is_some() {
+                        self.note_fingerprint();
+                    }
                 }
             }
         }
@@ -611,7 +642,7 @@ impl DatabaseCapture {
         &mut self,
         barrier: bool,
         upto: Option<WalPosition>,
-        sink: &mut ImageSink,
+        sink: &mut dyn PageSink,
     ) -> io::Result<Option<(WalTracker, u32, u32, FileFormat)>> {
         for _ in 0..10 {
             let Some(db) = open_optional(&self.db_path)? else {
@@ -649,10 +680,28 @@ impl DatabaseCapture {
                 }
             }
             let format = header.format().unwrap_or(FileFormat::Rollback);
-            let image = Image::new(&header, db_len_from(&db)?, &txns);
+            let mut image = Image::new(&header, db_len_from(&db)?, &txns);
+            if txns.is_empty() {
+                if let Some(o) = rollback::Originals::open(&self.journal_path, header.page_size)? {
+                    image.size = o.initial_db_pages();
+                    image.originals = Some(o);
+                }
+            }
             sink.start(image.page_size, image.size)?;
             if !image.walk(&db, wal.as_ref(), |pgno, data| sink.page(pgno, data))? {
                 continue;
+            }
+            match &image.originals {
+                Some(o) if !o.unchanged()? => continue,
+                // A rollback transaction began while the file was read: its pages may
+                // be in what was read.
+                None if txns.is_empty()
+                    && rollback::Originals::open(&self.journal_path, header.page_size)?
+                        .is_some() =>
+                {
+                    continue
+                }
+                _ => {}
             }
             // Nothing may have moved while the database file was read.
             let wal2 = open_optional(&self.wal_path)?;
@@ -680,7 +729,7 @@ impl DatabaseCapture {
             sum: DatabaseChecksum::EMPTY,
         };
         let got = self.read_image(barrier, None, &mut sink)?;
-        let Some((tracker, page_size, size, format)) = got else {
+        let Some((tracker, page_size, size, _)) = got else {
             return Err(io::Error::other(format!(
                 "{} is not an SQLite database",
                 self.db_path.display()
@@ -702,14 +751,15 @@ impl DatabaseCapture {
             });
             self.state.txid = txid;
         }
-        self.rollback = format == FileFormat::Rollback && tracker.position().is_none();
         self.tracker = tracker;
         self.sums = sums;
+        self.pending = None;
         self.state.page_size = page_size;
         self.state.commit = size;
         self.state.checksum = sum.value();
         self.state.wal = self.tracker.position();
         self.make_durable()?;
+        self.note_fingerprint();
         self.save()
     }
 
@@ -748,15 +798,15 @@ impl DatabaseCapture {
             };
             let got = self.read_image(false, upto, &mut sink)?;
             let ImageSink { sums, sum, .. } = sink;
-            let Some((tracker, page_size, size, format)) = got else {
+            let Some((tracker, page_size, size, _)) = got else {
                 continue;
             };
             let expected = self.state.database_checksum();
             if page_size == self.state.page_size && size == self.state.commit && sum == expected {
-                self.rollback = format == FileFormat::Rollback && tracker.position().is_none();
                 self.tracker = tracker;
                 self.sums = sums;
                 self.state.wal = self.tracker.position();
+                self.note_fingerprint();
                 self.save()?;
                 return Ok(true);
             }
@@ -789,6 +839,9 @@ pub struct Capture {
     /// Databases with batches staged since they were last sealed.
     dirty: Mutex<BTreeSet<PathBuf>>,
     notify: Mutex<Option<StagedNotify>>,
+    /// Databases whose file went away (deleted, renamed over, no longer SQLite): when one
+    /// is captured again, a changed content is a replacement, not a gap.
+    forgotten: Mutex<BTreeSet<PathBuf>>,
     /// Incremented whenever a database starts being captured.
     generation: AtomicU64,
     stats: CaptureStats,
@@ -821,6 +874,7 @@ impl Capture {
             dbs: Mutex::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
             notify: Mutex::new(None),
+            forgotten: Mutex::new(BTreeSet::new()),
             generation: AtomicU64::new(0),
             stats: CaptureStats::default(),
         }
@@ -889,6 +943,10 @@ impl Capture {
     pub fn poll_all(&self) {
         for db in self.databases() {
             if let Err(e) = self.on_changed(&wal_path(&db)) {
+                tracing::error!(db = %db.display(), "final capture failed: {e}");
+            }
+            // Changes without a journal (MEMORY, OFF) not yet seen at a close.
+            if let Err(e) = self.on_db_changed(&db, true) {
                 tracing::error!(db = %db.display(), "final capture failed: {e}");
             }
         }
@@ -977,25 +1035,45 @@ impl Capture {
         let mut events = Vec::new();
         let res = (|| {
             if guard.is_none() {
+                let replaced = self.forgotten.lock().remove(&db);
                 let (c, ev) = DatabaseCapture::open(
                     self.staging.clone(),
                     &db,
                     &self.root.join(&db),
                     barrier,
+                    replaced,
                 )?;
                 events.extend(ev);
                 *guard = Some(c);
                 self.generation.fetch_add(1, Ordering::Relaxed);
             }
             events.extend(f(guard.as_mut().expect("capture was just opened"))?);
+            if let Some(CaptureEvent::Gone { txid }) = events.last() {
+                let txid = *txid;
+                if let Some(mut c) = guard.take() {
+                    c.seal()?;
+                }
+                if txid > 0 {
+                    self.staging.mark_deleted(&db, txid)?;
+                }
+            }
             Ok(())
         })();
+        let gone = guard.is_none();
         drop(guard);
+        if gone {
+            self.dbs.lock().remove(&db);
+            self.forgotten.lock().insert(db.clone());
+        }
         self.account(&db, &events, res.as_ref().err());
-        if events
-            .iter()
-            .any(|e| matches!(e, CaptureEvent::Staged { .. } | CaptureEvent::Healed { .. }))
-        {
+        if events.iter().any(|e| {
+            matches!(
+                e,
+                CaptureEvent::Staged { .. }
+                    | CaptureEvent::Healed { .. }
+                    | CaptureEvent::Gone { .. }
+            )
+        }) {
             self.mark_staged(&db);
         }
         res.map(|()| events)
@@ -1015,6 +1093,9 @@ impl Capture {
                 CaptureEvent::Unsupported { reason } => {
                     tracing::warn!(db = %db.display(), "replica falls behind: {reason}");
                 }
+                CaptureEvent::Gone { txid } => {
+                    tracing::info!(db = %db.display(), txid, "the file is no longer an SQLite database; the replica keeps its history and marks it deleted");
+                }
             }
         }
         if let Some(e) = err {
@@ -1025,8 +1106,50 @@ impl Capture {
 
     /// A barrier (fsync, ftruncate, unlink, rename) on `rel` (a database or its `-wal`).
     /// `durable`: see [`DatabaseCapture::on_wal_barrier`].
+    /// A database fsync also ends a rollback-journal transaction's writes (see
+    /// [`DatabaseCapture::on_db_synced`]).
     pub fn on_barrier(&self, rel: &Path, durable: bool) -> io::Result<Vec<CaptureEvent>> {
-        self.with_db(rel, true, true, |c| c.on_wal_barrier(durable))
+        match database_of(rel) {
+            Some((_, false)) => self.with_db(rel, true, true, |c| c.on_db_synced()),
+            _ => self.with_db(rel, true, true, |c| c.on_wal_barrier(durable)),
+        }
+    }
+
+    /// A barrier on the `-journal` of `db` (see [`DatabaseCapture::on_journal`]).
+    pub fn on_journal(
+        &self,
+        db: &Path,
+        barrier: rollback::JournalBarrier,
+    ) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(db, true, true, |c| c.on_journal(barrier))
+    }
+
+    /// The database file `rel` was truncated or extended, or written and closed, or
+    /// renamed into place: stage whatever it now holds that the replica does not.
+    /// `at_close`: a file that is no longer SQLite then stops being captured (during a
+    /// truncation it may be about to be rewritten).
+    pub fn on_db_changed(&self, rel: &Path, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, true, !at_close, |c| c.on_db_changed(at_close))
+    }
+
+    /// `db` was unlinked or renamed away: what it staged stays for the uploader, and the
+    /// replica marks it deleted after its last TXID.
+    pub fn deleted(&self, db: &Path) -> io::Result<()> {
+        let Some(slot) = self.slot(db, false) else {
+            return Ok(());
+        };
+        let mut guard = slot.lock();
+        if let Some(mut c) = guard.take() {
+            c.seal()?;
+            if c.state().txid > 0 {
+                self.staging.mark_deleted(db, c.state().txid)?;
+            }
+        }
+        drop(guard);
+        self.dbs.lock().remove(db);
+        self.forgotten.lock().insert(db.to_path_buf());
+        self.mark_staged(db);
+        Ok(())
     }
 
     /// The `-wal` of `db` was created, or is about to be removed: forget its open file.
@@ -1050,6 +1173,13 @@ impl Capture {
             tracing::error!(db = %db.display(), "cannot seal staged batches: {e}");
         }
         self.dbs.lock().remove(db);
+    }
+
+    /// Stops capturing `db` because another file is about to replace it (a rename over
+    /// it): when the new file is captured, its content continues the same history.
+    pub fn replacing(&self, db: &Path) {
+        self.forget(db);
+        self.forgotten.lock().insert(db.to_path_buf());
     }
 }
 
@@ -1086,23 +1216,40 @@ impl CaptureObserver {
             .map_err(|_| FsError::EIO)
     }
 
-    /// A removal or rename of `rel`: capture first; forget a database that goes away.
-    fn removing(&self, rel: &Path) -> FsResult<()> {
+    /// A removal or rename of `rel`: capture first; forget a database that goes away
+    /// (`deleted`: and mark it deleted in the replica, unless another file replaces it).
+    fn removing(&self, rel: &Path, deleted: bool) -> FsResult<()> {
+        if let Some(db) = rollback::database_of_journal(rel) {
+            // DELETE mode's commit point (and the end of a hot journal's rollback).
+            return self
+                .capture
+                .on_journal(&db, rollback::JournalBarrier::Unlinking)
+                .map(drop)
+                .map_err(|_| FsError::EIO);
+        }
         let Some((db, is_wal)) = database_of(rel) else {
             return Ok(());
         };
         if is_wal || self.capture.is_captured(&db) {
             self.capture
-                .on_barrier(rel, true)
+                .on_barrier(&wal_path(&db), true)
                 .map_err(|_| FsError::EIO)?;
         }
         if is_wal {
             self.capture.wal_replaced(&db);
-        }
-        if !is_wal {
-            self.capture.forget(&db);
+        } else if deleted {
+            self.capture.deleted(&db).map_err(|_| FsError::EIO)?;
+        } else {
+            self.capture.replacing(&db);
         }
         Ok(())
+    }
+
+    /// The relative path of `file` and, for a `-journal`, its database.
+    fn journal_of(file: &Node<'_>) -> Option<PathBuf> {
+        file.relative_path()
+            .ok()
+            .and_then(|r| rollback::database_of_journal(&r))
     }
 }
 
@@ -1121,6 +1268,14 @@ impl Observer for CaptureObserver {
     }
 
     fn synced(&self, file: &Node<'_>) -> FsResult<()> {
+        if let Some(db) = Self::journal_of(file) {
+            // PERSIST mode's commit point: the zeroed header is synced.
+            return self
+                .capture
+                .on_journal(&db, rollback::JournalBarrier::Synced)
+                .map(drop)
+                .map_err(|_| FsError::EIO);
+        }
         // A `-wal` fsync (every commit with synchronous=FULL, and a checkpoint's first
         // step) leaves the frames in the WAL (see `new`); a database fsync ends a
         // checkpoint's backfill, after which the WAL may restart, so what was staged must
@@ -1138,12 +1293,32 @@ impl Observer for CaptureObserver {
     }
 
     fn truncated(&self, file: &Node<'_>, _size: u64) -> FsResult<()> {
-        self.barrier(file.relative_path(), true)
+        if let Some(db) = Self::journal_of(file) {
+            // TRUNCATE mode's commit point.
+            return self
+                .capture
+                .on_journal(&db, rollback::JournalBarrier::Truncated)
+                .map(drop)
+                .map_err(|_| FsError::EIO);
+        }
+        let rel = file.relative_path().map_err(|_| FsError::EIO)?;
+        match database_of(&rel) {
+            // A database truncated or extended outside SQLite's protocol (or by a
+            // VACUUM, whose journal commit stages it anyway).
+            Some((db, false)) => {
+                self.barrier(Ok(wal_path(&db)), true)?;
+                self.capture
+                    .on_db_changed(&rel, false)
+                    .map(drop)
+                    .map_err(|_| FsError::EIO)
+            }
+            _ => self.barrier(Ok(rel), true),
+        }
     }
 
     fn unlinking(&self, dir: &Node<'_>, name: &OsStr) -> FsResult<()> {
         let rel = dir.relative_path().map_err(|_| FsError::EIO)?.join(name);
-        self.removing(&rel)
+        self.removing(&rel, true)
     }
 
     fn renaming(
@@ -1158,21 +1333,44 @@ impl Observer for CaptureObserver {
             .relative_path()
             .map_err(|_| FsError::EIO)?
             .join(new_name);
-        self.removing(&from)?;
-        // A database renamed over is replaced: its next barrier registers the new file,
-        // and the changed content heals with a snapshot.
-        self.removing(&to)
+        self.removing(&from, true)?;
+        // A database renamed over is replaced: `renamed` registers the new file, whose
+        // content continues the same history.
+        self.removing(&to, false)
+    }
+
+    fn renamed(&self, new_dir: &Node<'_>, new_name: &OsStr) {
+        let Ok(to) = new_dir.relative_path().map(|d| d.join(new_name)) else {
+            return;
+        };
+        if let Some((_, false)) = database_of(&to) {
+            if let Err(e) = self.capture.on_db_changed(&to, true) {
+                tracing::error!(db = %to.display(), "cannot capture the file renamed into place: {e}");
+            }
+        }
     }
 
     fn released(&self, file: &Node<'_>, wrote: bool) {
-        if wrote {
-            if let Ok(rel) = file.relative_path() {
-                let _ = self.capture.on_changed(&rel);
-            }
+        if !wrote {
+            return;
+        }
+        let Ok(rel) = file.relative_path() else {
+            return;
+        };
+        // A database written and closed: changes without a journal (MEMORY, OFF), and
+        // writes outside SQLite's protocol (`cp`, `cat`, `dd`). A stat filter keeps this
+        // cheap for programs that open and close per request.
+        let res = match database_of(&rel) {
+            Some((_, false)) => self.capture.on_db_changed(&rel, true),
+            _ => self.capture.on_changed(&rel),
+        };
+        if let Err(e) = res {
+            tracing::error!(file = %rel.display(), "capture at close failed: {e}");
         }
     }
 }
 
+pub mod rollback;
 pub mod watch;
 
 #[cfg(test)]

@@ -391,6 +391,12 @@ fn registry_names_and_non_sqlite_files() {
     );
     assert_eq!(database_of(Path::new("x.db-shm")), None);
     assert_eq!(database_of(Path::new("x.db-journal")), None);
+    assert_eq!(
+        rollback::database_of_journal(Path::new("a/x.db-journal")),
+        Some(PathBuf::from("a/x.db"))
+    );
+    assert_eq!(rollback::database_of_journal(Path::new("-journal")), None);
+    assert_eq!(rollback::database_of_journal(Path::new("x.db")), None);
     assert_eq!(database_of(Path::new("-wal")), None);
 
     let root = f.db.parent().unwrap().parent().unwrap().to_path_buf();
@@ -423,15 +429,13 @@ fn registry_names_and_non_sqlite_files() {
         .unwrap()
         .is_empty());
 
-    // A rollback-journal database is registered, snapshotted, and reported as not
-    // captured incrementally.
+    // A rollback-journal database is registered and snapshotted; nothing is unsupported.
     let conn = Connection::open(root.join("r.db")).unwrap();
     conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
         .unwrap();
     let ev = f.capture.on_barrier(Path::new("r.db"), true).unwrap();
     assert!(
-        ev.iter()
-            .any(|e| matches!(e, CaptureEvent::Unsupported { .. })),
+        matches!(ev[..], [CaptureEvent::Staged { min_txid: 1, .. }]),
         "{ev:?}"
     );
     assert_eq!(f.capture.databases(), vec![PathBuf::from("r.db")]);
@@ -573,4 +577,203 @@ fn state_adopted_from_batches_is_saved_at_the_next_seal() {
         matches!(ev[..], [CaptureEvent::Staged { min_txid, .. }] if min_txid == durable + 4),
         "{ev:?}"
     );
+}
+
+// ---- rollback-journal and journal-less capture (rollback.rs) ------------------------------
+
+/// A rollback-mode database in `mode` with a table.
+fn open_rollback(path: &Path, mode: &str) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    let got: String = conn
+        .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(got, mode.to_lowercase());
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB);")
+        .unwrap();
+    conn
+}
+
+/// Compares the staged history with the live database file (no WAL in these modes).
+fn assert_rollback_replica_matches(f: &Fixture) {
+    let live = fs::read(&f.db).unwrap();
+    let image = rebuild(f);
+    assert_eq!(image.len(), live.len(), "database size");
+    assert!(image == live, "the staged history differs from the file");
+}
+
+/// The barriers of one rollback transaction, as the FUSE layer calls them: the database
+/// fsync while the writer holds its lock (the journal lists every page it changed), then
+/// the invalidation. `body` runs inside BEGIN..COMMIT.
+fn journal_txn(f: &Fixture, conn: &Connection, body: &str, barrier: rollback::JournalBarrier) {
+    conn.execute_batch(&format!("BEGIN IMMEDIATE; {body}"))
+        .unwrap();
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    conn.execute_batch("COMMIT").unwrap();
+    f.capture.on_journal(&f.rel, barrier).unwrap();
+}
+
+#[test]
+fn rollback_journal_commits_are_staged_at_the_invalidation() {
+    for (mode, barrier) in [
+        ("DELETE", rollback::JournalBarrier::Unlinking),
+        ("TRUNCATE", rollback::JournalBarrier::Truncated),
+        ("PERSIST", rollback::JournalBarrier::Synced),
+    ] {
+        let f = fixture();
+        let conn = open_rollback(&f.db, mode);
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
+            .unwrap();
+        let ev = f.capture.on_barrier(&f.rel, true).unwrap();
+        assert!(!ev.is_empty(), "{mode}: registered with a snapshot");
+        let before = staged_count(&f);
+        for i in 0..12 {
+            let body = match i % 4 {
+                0 => "INSERT INTO t(v) VALUES(randomblob(3000));".to_string(),
+                1 => "UPDATE t SET v = randomblob(length(v)) WHERE id % 2 = 0;".to_string(),
+                // A spill: more pages than the cache holds.
+                2 => "PRAGMA cache_size=5; WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL \
+                      SELECT n+1 FROM c WHERE n<200) INSERT INTO t(v) SELECT randomblob(700) \
+                      FROM c;"
+                    .to_string(),
+                _ => "DELETE FROM t WHERE id % 3 = 0;".to_string(),
+            };
+            journal_txn(&f, &conn, &body, barrier);
+        }
+        // VACUUM shrinks the file through the journal too.
+        conn.execute_batch("VACUUM").unwrap();
+        f.capture.on_journal(&f.rel, barrier).unwrap();
+        assert_eq!(
+            staged_count(&f),
+            before + 12 + 1,
+            "{mode}: one TXID per commit"
+        );
+        assert_rollback_replica_matches(&f);
+        assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 0, "{mode}");
+    }
+}
+
+#[test]
+fn open_transaction_and_rollback_stage_nothing_uncommitted() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "DELETE");
+    conn.execute_batch(
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<100)
+         INSERT INTO t(v) SELECT randomblob(500) FROM c;",
+    )
+    .unwrap();
+    let committed = fs::read(&f.db).unwrap();
+    // A transaction that spills into the database file and is still open: the file holds
+    // uncommitted pages and the journal their originals.
+    conn.execute_batch(
+        "PRAGMA cache_size=5; BEGIN; UPDATE t SET v = randomblob(900);
+         WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<100)
+         INSERT INTO t(v) SELECT randomblob(900) FROM c;",
+    )
+    .unwrap();
+    assert_ne!(
+        fs::read(&f.db).unwrap(),
+        committed,
+        "the spill reached the file"
+    );
+    // Registered now (a database fsync): the snapshot holds the committed content only.
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    assert_eq!(rebuild(&f), committed);
+    // A close of some handle meanwhile stages nothing either.
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert_eq!(rebuild(&f), committed);
+    let n = staged_count(&f);
+    conn.execute_batch("ROLLBACK").unwrap();
+    // The rollback ends like a commit (the journal goes): nothing changed, nothing staged.
+    f.capture
+        .on_journal(&f.rel, rollback::JournalBarrier::Unlinking)
+        .unwrap();
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert_eq!(staged_count(&f), n);
+    assert_rollback_replica_matches(&f);
+}
+
+#[test]
+fn memory_and_off_modes_are_staged_at_fsync_or_close() {
+    for mode in ["MEMORY", "OFF"] {
+        let f = fixture();
+        let conn = open_rollback(&f.db, mode);
+        f.capture.on_barrier(&f.rel, true).unwrap();
+        for i in 0..10 {
+            conn.execute("INSERT INTO t(v) VALUES(randomblob(?1))", [200 + i * 300])
+                .unwrap();
+            // Alternately the commit's fsync and a close.
+            if i % 2 == 0 {
+                f.capture.on_barrier(&f.rel, true).unwrap();
+            } else {
+                f.capture.on_db_changed(&f.rel, true).unwrap();
+            }
+            assert_rollback_replica_matches(&f);
+        }
+        // Nothing changed: the stat filter stages nothing and reads nothing.
+        let n = staged_count(&f);
+        assert!(f.capture.on_db_changed(&f.rel, true).unwrap().is_empty());
+        assert_eq!(staged_count(&f), n, "{mode}");
+    }
+}
+
+#[test]
+fn a_file_that_stops_being_sqlite_is_marked_deleted() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "DELETE");
+    conn.execute("INSERT INTO t(v) VALUES(1)", []).unwrap();
+    drop(conn);
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    let txid = f.capture.staging().state(&f.rel).unwrap().unwrap().txid;
+    fs::write(&f.db, b"plain text now").unwrap();
+    let ev = f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert_eq!(ev, vec![CaptureEvent::Gone { txid }]);
+    assert!(!f.capture.is_captured(&f.rel));
+    let marker = f.capture.staging().deleted_marker(&f.rel).unwrap().unwrap();
+    assert!(
+        marker.starts_with(&format!("txid={txid:016x} deleted_at=")),
+        "{marker}"
+    );
+    // It becomes SQLite again: the history continues and the marker goes.
+    fs::remove_file(&f.db).unwrap();
+    let conn = open_rollback(&f.db, "DELETE");
+    conn.execute("INSERT INTO t(v) VALUES(2)", []).unwrap();
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert!(f
+        .capture
+        .staging()
+        .deleted_marker(&f.rel)
+        .unwrap()
+        .is_none());
+    assert_rollback_replica_matches(&f);
+    assert!(f.capture.staging().state(&f.rel).unwrap().unwrap().txid > txid);
+}
+
+#[test]
+fn reused_freelist_leaves_are_staged_although_not_journaled() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "DELETE");
+    conn.execute_batch(
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<400)
+         INSERT INTO t(v) SELECT randomblob(3000) FROM c;",
+    )
+    .unwrap();
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    let barrier = rollback::JournalBarrier::Unlinking;
+    // Frees hundreds of pages: most become freelist leaves.
+    journal_txn(&f, &conn, "DELETE FROM t WHERE id % 4 != 0;", barrier);
+    let free: i64 = conn
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap();
+    assert!(free > 100, "{free}");
+    // New rows reuse them; SQLite journals none of the reused leaves.
+    for _ in 0..5 {
+        journal_txn(
+            &f,
+            &conn,
+            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<30)
+             INSERT INTO t(v) SELECT randomblob(3000) FROM c;",
+            barrier,
+        );
+        assert_rollback_replica_matches(&f);
+    }
 }

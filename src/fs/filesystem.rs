@@ -350,13 +350,15 @@ impl PassthroughFs {
         let new_parent = self.inodes.get(new_parent)?;
         self.observer
             .renaming(&self.node(&parent), name, &self.node(&new_parent), new_name)?;
-        Ok(sys::renameat2(
+        sys::renameat2(
             parent.fd(),
             &sys::cstr(name)?,
             new_parent.fd(),
             &sys::cstr(new_name)?,
             flags,
-        )?)
+        )?;
+        self.observer.renamed(&self.node(&new_parent), new_name);
+        Ok(())
     }
 
     // ---- files -------------------------------------------------------------------------

@@ -64,6 +64,8 @@ pub trait Observer: Send + Sync + 'static {
     ) -> FsResult<()> {
         Ok(())
     }
+    /// A rename to `new_name` in `new_dir` succeeded (after [`Observer::renaming`]).
+    fn renamed(&self, _new_dir: &Node<'_>, _new_name: &OsStr) {}
     /// The last reference to an open of `file` went away; `wrote` says whether the
     /// handle was opened for writing.
     fn released(&self, _file: &Node<'_>, _wrote: bool) {}

@@ -12,6 +12,9 @@
 //! - file replica: `<dir>/<db>/walfs/checksums/<txid>`;
 //! - S3: `<prefix>/<db>/walfs/checksums/<txid>`.
 //!
+//! The deletion marker of a database that was deleted: `<db>/walfs/deleted` beside them
+//! ([`deleted_marker_key`]).
+//!
 //! Content, one line: `txid=<%016x> checksum=<%016x> page_size=<n> commit=<n>`, where the
 //! checksum is [`crate::replica::ltx::DatabaseChecksum::value`] of the whole database after
 //! `txid`, and commit is
@@ -87,6 +90,22 @@ impl ChecksumRecord {
     }
 }
 
+/// The deletion marker of a database, below its replica path (see [`deleted_marker_key`]).
+pub const DELETED_MARKER: &str = "walfs/deleted";
+
+/// The key of `db_path`'s deletion marker: `<root>/<db_path>/walfs/deleted`. Its content is
+/// one line, `txid=<%016x> deleted_at=<RFC3339 UTC>`: the database was deleted (or stopped
+/// being an SQLite database) after `txid`. A marker whose TXID is below the newest LTX
+/// object's max TXID is superseded: the database came back.
+pub fn deleted_marker_key(root: &str, db_path: &str) -> String {
+    [root, db_path, DELETED_MARKER]
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The key of the record of `db_path` at `txid`, relative to the bucket (S3, whose prefix is
 /// `root`) or the replica directory (file, `root` is "").
 pub fn checksum_record_key(layout: Layout, root: &str, db_path: &str, txid: u64) -> String {
@@ -134,6 +153,15 @@ impl SidecarStore {
         let key = self.record_key(db_path, record.txid);
         self.store
             .put_object(&key, Bytes::from(record.encode()))
+            .await
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Uploads `db_path`'s deletion marker with `content` (see [`deleted_marker_key`]).
+    pub async fn put_deleted_marker(&self, db_path: &str, content: &str) -> anyhow::Result<()> {
+        let key = deleted_marker_key(self.store.root(), db_path);
+        self.store
+            .put_object(&key, Bytes::from(content.to_string()))
             .await
             .map_err(|e| anyhow!("{e}"))
     }

@@ -284,7 +284,7 @@ impl Uploader {
     fn upload_database(&self, db: &Path, merge: bool) -> anyhow::Result<()> {
         let staged = self.staging.pending(db)?;
         let Some(last) = staged.last() else {
-            return Ok(());
+            return self.upload_deleted_marker(db);
         };
         let mut uploads = plan_uploads(&staged, merge, &self.staging.db_dir(db)?)?;
         let max = last.max_txid();
@@ -373,6 +373,26 @@ impl Uploader {
         self.uploaded
             .fetch_add(uploads.len() as u64, Ordering::Relaxed);
         tracing::debug!(db = %db.display(), txid = max, files = uploads.len(), "uploaded");
+        self.upload_deleted_marker(db)
+    }
+
+    /// Puts the deletion marker capture staged for `db` (once its last TXID is uploaded),
+    /// then removes the staged one.
+    fn upload_deleted_marker(&self, db: &Path) -> anyhow::Result<()> {
+        let Some(content) = self.staging.deleted_marker(db)? else {
+            return Ok(());
+        };
+        if !self.staging.pending(db)?.is_empty() {
+            return Ok(());
+        }
+        let key = db.to_string_lossy();
+        for replica in &self.replicas {
+            let sidecar = SidecarStore::new(replica.clone());
+            self.runtime
+                .block_on(sidecar.put_deleted_marker(&key, &content))?;
+        }
+        self.staging.clear_deleted(db, Some(&content))?;
+        tracing::info!(db = %db.display(), "the replica marks the database as deleted");
         Ok(())
     }
 

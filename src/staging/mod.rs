@@ -10,6 +10,7 @@
 //! <staging>/<relpath>/segments/<min>-<max>.seg           sealed batches, awaiting upload
 //! <staging>/<relpath>/snapshots/<min>-<max>.ltx          snapshots (LTX), awaiting upload
 //! <staging>/<relpath>/replica/<level>/<min>-<max>.ltx    local copies of uploaded objects
+//! <staging>/<relpath>/deleted                            deletion marker, awaiting upload
 //! ```
 //!
 //! Durability follows SQLite's own: transaction batches are appended without fsync, because
@@ -52,6 +53,8 @@ use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
 
 /// Name of the per-database state file.
 const STATE_FILE: &str = "state";
+/// The staged deletion marker of a database (see [`Staging::mark_deleted`]).
+const DELETED_FILE: &str = "deleted";
 /// Name of the segment being appended to.
 const ACTIVE_SEGMENT: &str = "active";
 /// First line of a state file: the format and its version.
@@ -510,6 +513,44 @@ impl Staging {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// Records that `db` was deleted (or stopped being an SQLite database) after `txid`:
+    /// a small file `<db>/deleted` that the uploader turns into the replica's
+    /// `<db>/walfs/deleted` marker once everything up to `txid` is uploaded. Returns the
+    /// marker's content, one line: `txid=<%016x> deleted_at=<RFC3339 UTC>`.
+    pub fn mark_deleted(&self, db: &Path, txid: u64) -> io::Result<String> {
+        let dir = self.db_dir(db)?;
+        fs::create_dir_all(&dir)?;
+        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
+        let line = format!("txid={txid:016x} deleted_at={now}\n");
+        write_atomic(&dir.join(DELETED_FILE), line.as_bytes())?;
+        Ok(line)
+    }
+
+    /// The staged deletion marker of `db` (see [`Staging::mark_deleted`]), if any.
+    pub fn deleted_marker(&self, db: &Path) -> io::Result<Option<String>> {
+        match fs::read_to_string(self.db_dir(db)?.join(DELETED_FILE)) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the staged deletion marker of `db` (the database is back, or the marker was
+    /// uploaded). With `only`, removes it only if it still holds that content.
+    pub fn clear_deleted(&self, db: &Path, only: Option<&str>) -> io::Result<()> {
+        let path = self.db_dir(db)?.join(DELETED_FILE);
+        if let Some(want) = only {
+            if self.deleted_marker(db)?.as_deref() != Some(want) {
+                return Ok(());
+            }
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The saved state of `db`, or `None` if it was never saved.

@@ -1,0 +1,598 @@
+//! Capture of databases that do not log through a WAL: rollback-journal commits, changes
+//! made without any journal, and writes outside SQLite's protocol.
+//!
+//! This file owns:
+//! - rollback-journal commits (DELETE, TRUNCATE, PERSIST). At the database fsync that
+//!   SQLite makes before it invalidates the journal (the writer holds its EXCLUSIVE lock and
+//!   the journal is intact), the journal's page list is remembered ([`PendingJournal`]). At
+//!   the invalidation (unlink, truncation to 0, or the fsync of a zeroed header) those pages
+//!   plus every page past the original size are read from the database file and staged as
+//!   one batch (one TXID). Pages equal to what is staged already are left out, so a hot
+//!   journal's rollback (which ends the same way) stages nothing;
+//! - changes without a journal file (`journal_mode=MEMORY`/`OFF`) and writes outside SQLite's
+//!   protocol (`cp`, `cat`, `dd`, a rename over the database, truncation): at a database
+//!   fsync or close, if the file's `stat` ([`Fingerprint`]) moved since the last capture
+//!   point, the whole file is compared with the per-page checksums, and the changed pages
+//!   are staged as one batch, in the same TXID history (a wholesale replacement is a batch
+//!   of every page; only a new page size needs a snapshot);
+//! - [`Originals`]: a live journal as an overlay, so that a snapshot taken while a
+//!   transaction is open, or while a hot journal waits for its rollback, holds the
+//!   committed content only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::{now_ms, open_optional, read_db_header, CaptureEvent, DatabaseCapture, PageSink};
+use crate::replica::ltx::{lock_pgno, DatabaseChecksum};
+use crate::sqlite::{
+    changed_pages, header_state, read_full, scan_journal, JournalError, JournalHeaderState,
+    JournalReadMode, JournalRecord, JournalScan, JOURNAL_HEADER_LEN,
+};
+use crate::staging::BatchHeader;
+
+/// The `-journal` path of a database path.
+pub fn journal_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-journal");
+    PathBuf::from(s)
+}
+
+/// The database whose rollback journal `rel` is, by name (`x-journal` belongs to `x`).
+pub fn database_of_journal(rel: &Path) -> Option<PathBuf> {
+    let name = rel.file_name()?.as_bytes();
+    let base = name.strip_suffix(b"-journal")?;
+    if base.is_empty() {
+        return None;
+    }
+    let mut db = rel.to_path_buf();
+    db.set_file_name(std::ffi::OsStr::from_bytes(base));
+    Some(db)
+}
+
+/// Which barrier reached a `-journal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalBarrier {
+    /// An fsync (PERSIST mode commits with the fsync of the zeroed header).
+    Synced,
+    /// A truncation (TRUNCATE mode commits by truncating it to 0).
+    Truncated,
+    /// About to be unlinked (DELETE mode's commit); it can still be read.
+    Unlinking,
+}
+
+/// What `stat` says of the backing database file; if it is unchanged since a capture
+/// point, so is the content (every write moves mtime and ctime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Option<Fingerprint> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Fingerprint {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// The pages an open rollback-journal transaction recorded.
+#[derive(Debug, Clone, Default)]
+pub struct PendingJournal {
+    /// The database size in pages before the transaction.
+    initial: u32,
+    pages: BTreeSet<u32>,
+    /// Freelist leaf pages before the transaction. SQLite reuses a freelist leaf without
+    /// journaling it (its old content does not matter to SQLite: `PAGER_GET_NOCONTENT`),
+    /// so a leaf that left the freelist may have changed although no record names it.
+    free_leaves: BTreeSet<u32>,
+}
+
+/// The freelist leaf pages of a database whose page 1 is `page1`; `read` reads a trunk
+/// page (false if it is past the end). Stops quietly on anything malformed: the result is
+/// only a set of pages to look at.
+fn freelist_leaves(
+    page1: &[u8],
+    size: u32,
+    mut read: impl FnMut(u32, &mut [u8]) -> io::Result<bool>,
+) -> io::Result<BTreeSet<u32>> {
+    let be = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let mut leaves = BTreeSet::new();
+    let mut trunk = be(page1, 32);
+    let total = be(page1, 36);
+    let mut buf = vec![0u8; page1.len()];
+    let max_leaves = (page1.len() / 4).saturating_sub(2) as u32;
+    let mut seen = BTreeSet::new();
+    while trunk != 0 && trunk <= size && seen.insert(trunk) && seen.len() as u32 <= total {
+        if !read(trunk, &mut buf)? {
+            break;
+        }
+        let n = be(&buf, 4).min(max_leaves);
+        for i in 0..n as usize {
+            let leaf = be(&buf, 8 + 4 * i);
+            if leaf >= 1 && leaf <= size {
+                leaves.insert(leaf);
+            }
+        }
+        trunk = be(&buf, 0);
+    }
+    Ok(leaves)
+}
+
+/// Reads the journal as the writer that holds the lock knows it, or `None` if there is no
+/// live journal (absent, empty, zeroed by a PERSIST commit, or not a journal).
+fn scan_live(path: &Path) -> io::Result<Option<(File, JournalScan)>> {
+    let Some(f) = open_optional(path)? else {
+        return Ok(None);
+    };
+    match scan_journal(&f, JournalReadMode::Live) {
+        Ok(scan) => Ok(Some((f, scan))),
+        Err(JournalError::Io(e)) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
+/// A live journal's original pages, as an overlay on the database file.
+pub struct Originals {
+    file: File,
+    scan: JournalScan,
+    /// Per page, the index of its first record (the one a rollback restores).
+    first: BTreeMap<u32, usize>,
+    path: PathBuf,
+}
+
+impl Originals {
+    /// The live journal at `path` for a database of `page_size`, if there is one.
+    pub fn open(path: &Path, page_size: u32) -> io::Result<Option<Originals>> {
+        let Some((file, scan)) = scan_live(path)? else {
+            return Ok(None);
+        };
+        if scan.header.page_size != page_size {
+            return Ok(None);
+        }
+        let mut first = BTreeMap::new();
+        for (i, r) in scan.records.iter().enumerate() {
+            if r.pgno <= scan.header.initial_db_pages {
+                first.entry(r.pgno).or_insert(i);
+            }
+        }
+        Ok(Some(Originals {
+            file,
+            scan,
+            first,
+            path: path.to_path_buf(),
+        }))
+    }
+
+    /// The database size before the open transaction.
+    pub fn initial_db_pages(&self) -> u32 {
+        self.scan.header.initial_db_pages
+    }
+
+    /// The record holding the original of `pgno`, if the journal has one.
+    pub fn record(&self, pgno: u32) -> Option<&JournalRecord> {
+        self.first.get(&pgno).map(|&i| &self.scan.records[i])
+    }
+
+    /// Reads an original page; false if the journal changed under the read.
+    pub fn read(&self, rec: &JournalRecord, buf: &mut [u8]) -> io::Result<bool> {
+        match self.scan.read_original(&self.file, rec, buf) {
+            Ok(()) => Ok(true),
+            Err(JournalError::Io(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// True if the journal still reads as it did (the transaction did not move on).
+    pub fn unchanged(&self) -> io::Result<bool> {
+        Ok(scan_live(&self.path)?.is_some_and(|(_, s)| s == self.scan))
+    }
+}
+
+/// Per-page checksums of a database image, for a comparison.
+struct SumSink {
+    page_size: u32,
+    sums: Vec<u64>,
+}
+
+impl PageSink for SumSink {
+    fn start(&mut self, page_size: u32, size: u32) -> io::Result<()> {
+        self.page_size = page_size;
+        self.sums = vec![0; size as usize];
+        Ok(())
+    }
+
+    fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+        self.sums[pgno as usize - 1] = DatabaseChecksum::page_checksum(pgno, data);
+        Ok(())
+    }
+}
+
+/// Above this many bytes of changed pages, a batch reads its pages twice (checksums first,
+/// then data) instead of holding them in memory.
+const BUFFER_LIMIT: usize = 64 << 20;
+
+/// Reads page `pgno` of `db` into `buf` (zeros past the end of the file).
+fn read_page(db: &File, pgno: u32, buf: &mut [u8]) -> io::Result<()> {
+    let off = u64::from(pgno - 1) * buf.len() as u64;
+    if !read_full(db, off, buf)? {
+        let len = db.metadata()?.len();
+        let n = len.saturating_sub(off).min(buf.len() as u64) as usize;
+        buf.fill(0);
+        read_full(db, off, &mut buf[..n])?;
+    }
+    Ok(())
+}
+
+impl DatabaseCapture {
+    /// Records the database file's `stat` as matching the staged state.
+    pub(super) fn note_fingerprint(&mut self) {
+        self.fingerprint = Fingerprint::of(&self.db_path);
+    }
+
+    fn unchanged_since_capture(&self) -> bool {
+        self.fingerprint.is_some() && Fingerprint::of(&self.db_path) == self.fingerprint
+    }
+
+    /// Adds the pages of the live journal `scan` (read from `journal`) to the pending set,
+    /// with the freelist leaves of the database before the transaction (page 1 and trunk
+    /// pages as the journal recorded them, else as the database file holds them).
+    fn remember(&mut self, journal: &File, scan: &JournalScan) -> io::Result<()> {
+        let ps = scan.header.page_size as usize;
+        let initial = scan.header.initial_db_pages;
+        let mut first: BTreeMap<u32, &JournalRecord> = BTreeMap::new();
+        for r in &scan.records {
+            first.entry(r.pgno).or_insert(r);
+        }
+        let db = open_optional(&self.db_path)?;
+        let mut read = |pgno: u32, buf: &mut [u8]| -> io::Result<bool> {
+            if let Some(rec) = first.get(&pgno) {
+                return match scan.read_original(journal, rec, buf) {
+                    Ok(()) => Ok(true),
+                    Err(JournalError::Io(e)) => Err(e),
+                    Err(_) => Ok(false),
+                };
+            }
+            match &db {
+                Some(db) if pgno <= initial => {
+                    read_page(db, pgno, buf)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        };
+        let mut page1 = vec![0u8; ps];
+        let leaves = if initial > 0 && read(1, &mut page1)? {
+            freelist_leaves(&page1, initial, &mut read)?
+        } else {
+            BTreeSet::new()
+        };
+        let p = self.pending.get_or_insert_with(|| PendingJournal {
+            initial,
+            ..PendingJournal::default()
+        });
+        p.initial = p.initial.min(initial);
+        p.pages.extend(scan.records.iter().map(|r| r.pgno));
+        p.free_leaves.extend(leaves);
+        Ok(())
+    }
+
+    /// Call while the application is blocked in an fsync of the database file. Does what
+    /// [`DatabaseCapture::on_wal_barrier`] does (a checkpoint's end, in WAL mode) and, in
+    /// rollback mode, remembers the pages of the open transaction's journal (the writer
+    /// has written them all to the database and holds its lock); without a live journal
+    /// (`journal_mode=MEMORY` or `OFF`: this fsync is the commit), stages what changed.
+    pub fn on_db_synced(&mut self) -> io::Result<Vec<CaptureEvent>> {
+        // In WAL mode this is a checkpoint's end. (The header may already say WAL while
+        // the journal transaction that switches to WAL mode commits.)
+        if std::fs::metadata(&self.wal_path).is_ok() {
+            return self.on_wal_barrier(true);
+        }
+        // No WAL: nothing staged can depend on one, so the hot path makes no fsync of its
+        // own here (see docs/FORMAT.md, Staging); and unless the WAL just went, nothing is
+        // left to read from one.
+        let mut events = if self.tracker.position().is_some() {
+            self.on_wal_barrier(false)?
+        } else {
+            Vec::new()
+        };
+        match scan_live(&self.journal_path)? {
+            Some((f, scan)) => self.remember(&f, &scan)?,
+            None => events.extend(self.commit_journal()?),
+        }
+        Ok(events)
+    }
+
+    /// Call while the application is blocked in a barrier on the database's `-journal`
+    /// (for an unlink: before it goes). At an invalidation (the journal unlinked, empty, or
+    /// its header zeroed) the transaction is committed: its pages are staged.
+    pub fn on_journal(&mut self, barrier: JournalBarrier) -> io::Result<Vec<CaptureEvent>> {
+        let committed = match barrier {
+            JournalBarrier::Unlinking => {
+                // With synchronous=OFF there was no database fsync: the journal still
+                // lists the pages.
+                if self.pending.is_none() {
+                    if let Some((f, scan)) = scan_live(&self.journal_path)? {
+                        self.remember(&f, &scan)?;
+                    }
+                }
+                true
+            }
+            JournalBarrier::Synced | JournalBarrier::Truncated => {
+                match open_optional(&self.journal_path)? {
+                    None => true,
+                    Some(f) => {
+                        let mut b = [0u8; JOURNAL_HEADER_LEN];
+                        let n = read_prefix(&f, &mut b)?;
+                        matches!(
+                            header_state(&b[..n]),
+                            JournalHeaderState::Empty | JournalHeaderState::Zeroed
+                        )
+                    }
+                }
+            }
+        };
+        if !committed {
+            return Ok(Vec::new());
+        }
+        self.commit_journal()
+    }
+
+    /// The database file changed outside a journal transaction (see
+    /// [`super::Capture::on_db_changed`]).
+    pub fn on_db_changed(&mut self, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
+        if std::fs::metadata(&self.wal_path).is_ok() {
+            return self.on_wal_changed();
+        }
+        self.capture_diff(at_close)
+    }
+
+    /// A commit point: stages the pending journal's pages, or, with none remembered,
+    /// whatever changed.
+    fn commit_journal(&mut self) -> io::Result<Vec<CaptureEvent>> {
+        match self.pending.take() {
+            Some(p) => {
+                let res = self.stage_journal_commit(&p);
+                if res.is_err() {
+                    // Read them again at the next commit point.
+                    self.pending = Some(p);
+                }
+                res
+            }
+            None => self.capture_diff(false),
+        }
+    }
+
+    fn stage_journal_commit(&mut self, p: &PendingJournal) -> io::Result<Vec<CaptureEvent>> {
+        let Some(db) = open_optional(&self.db_path)? else {
+            return Ok(Vec::new());
+        };
+        let Some(header) = read_db_header(&db)? else {
+            // Rolled back to an empty file, or no longer SQLite: the next close decides.
+            return Ok(Vec::new());
+        };
+        let ps = header.page_size;
+        if self.state.commit > 0 && ps != self.state.page_size {
+            let mut events = Vec::new();
+            self.snapshot_replacement("the page size changed", &mut events)?;
+            return Ok(events);
+        }
+        self.state.page_size = ps;
+        let file_pages = (db.metadata()?.len() / u64::from(ps)) as u32;
+        let size = header.valid_db_size().unwrap_or(file_pages);
+        let floor = p.initial.min(self.sums.len() as u32);
+        // Freelist leaves that left the freelist were reused, maybe without a record.
+        let mut page1 = vec![0u8; ps as usize];
+        read_page(&db, 1, &mut page1)?;
+        let still_free = freelist_leaves(&page1, size, |pgno, buf| {
+            read_page(&db, pgno, buf)?;
+            Ok(true)
+        })?;
+        let reused = p.free_leaves.difference(&still_free).copied();
+        let pages = changed_pages(p.pages.iter().copied().chain(reused), floor, size, ps);
+        let events = self.stage_from_db(&db, ps, size, &pages)?;
+        self.note_fingerprint();
+        Ok(events)
+    }
+
+    /// Compares the database file with the staged state (behind the `stat` filter) and
+    /// stages what differs. Nothing while a journal transaction is open or hot: its
+    /// invalidation is the commit point.
+    fn capture_diff(&mut self, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
+        if self.unchanged_since_capture() {
+            return Ok(Vec::new());
+        }
+        if scan_live(&self.journal_path)?.is_some() {
+            return Ok(Vec::new());
+        }
+        let mut sink = SumSink {
+            page_size: 0,
+            sums: Vec::new(),
+        };
+        let Some((_, page_size, size, _)) = self.read_image(false, None, &mut sink)? else {
+            if at_close && self.state.txid > 0 {
+                return Ok(vec![CaptureEvent::Gone {
+                    txid: self.state.txid,
+                }]);
+            }
+            return Ok(Vec::new());
+        };
+        let mut events = Vec::new();
+        if self.state.commit > 0 && page_size != self.state.page_size {
+            self.snapshot_replacement("the page size changed", &mut events)?;
+            return Ok(events);
+        }
+        let old = &self.sums;
+        let changed: Vec<u32> = (1..=size)
+            .filter(|&pgno| {
+                let i = pgno as usize - 1;
+                pgno != lock_pgno(page_size) && old.get(i) != Some(&sink.sums[i])
+            })
+            .collect();
+        if changed.is_empty() && size as usize == old.len() {
+            self.note_fingerprint();
+            return Ok(events);
+        }
+        let Some(db) = open_optional(&self.db_path)? else {
+            return Ok(events);
+        };
+        self.state.page_size = page_size;
+        events.extend(self.stage_from_db(&db, page_size, size, &changed)?);
+        self.note_fingerprint();
+        Ok(events)
+    }
+
+    /// The file was replaced while it was not captured (renamed over): stages every page
+    /// of the new file as one batch after the last TXID (a snapshot if the page size
+    /// changed), so the history continues.
+    pub(super) fn stage_replacement(&mut self, events: &mut Vec<CaptureEvent>) -> io::Result<()> {
+        let page_size = match open_optional(&self.db_path)? {
+            Some(db) => read_db_header(&db)?.map(|h| h.page_size),
+            None => None,
+        };
+        if self.state.commit > 0 && page_size != Some(self.state.page_size) {
+            return self.snapshot_replacement("the database file was replaced", events);
+        }
+        tracing::info!(db = %self.rel.display(), "the database file was replaced: staging all of its pages (the TXID history continues)");
+        self.sums.clear();
+        self.state.commit = 0;
+        self.state.checksum = 0;
+        self.fingerprint = None;
+        events.extend(self.capture_diff(true)?);
+        Ok(())
+    }
+
+    /// A new snapshot of the whole file, continuing the TXID history.
+    pub(super) fn snapshot_replacement(
+        &mut self,
+        why: &str,
+        events: &mut Vec<CaptureEvent>,
+    ) -> io::Result<()> {
+        tracing::info!(db = %self.rel.display(), "{why}: staging a snapshot (the TXID history continues)");
+        self.snapshot_inner(true, events)
+    }
+
+    /// Stages `pages` of `db` (sorted; pages past the staged size included) as one batch
+    /// that leaves the database `commit` pages long. Pages whose content equals what is
+    /// staged are left out; if nothing changed, nothing is staged.
+    fn stage_from_db(
+        &mut self,
+        db: &File,
+        page_size: u32,
+        commit: u32,
+        pages: &[u32],
+    ) -> io::Result<Vec<CaptureEvent>> {
+        let ps = page_size as usize;
+        let old_size = self.sums.len() as u32;
+        let lock = lock_pgno(page_size);
+        let buffered = pages.len().saturating_mul(ps) <= BUFFER_LIMIT;
+        let mut data = Vec::new();
+        let mut page = vec![0u8; ps];
+        // (pgno, checksum, offset in `data` when buffered)
+        let mut keep: Vec<(u32, u64, usize)> = Vec::new();
+        for &pgno in pages {
+            if pgno == 0 || pgno > commit || pgno == lock {
+                continue;
+            }
+            read_page(db, pgno, &mut page)?;
+            let c = DatabaseChecksum::page_checksum(pgno, &page);
+            if pgno <= old_size && self.sums[pgno as usize - 1] == c {
+                continue;
+            }
+            let at = data.len();
+            if buffered {
+                data.extend_from_slice(&page);
+            }
+            keep.push((pgno, c, at));
+        }
+        if keep.is_empty() {
+            if commit == old_size {
+                return Ok(Vec::new());
+            }
+            if commit > 0 {
+                // Only a shrink: page 1 carries it.
+                read_page(db, 1, &mut page)?;
+                let c = DatabaseChecksum::page_checksum(1, &page);
+                keep.push((1, c, data.len()));
+                data.extend_from_slice(&page);
+            }
+        }
+        let header = BatchHeader {
+            page_size,
+            commit,
+            min_txid: self.state.txid + 1,
+            max_txid: self.state.txid + 1,
+            timestamp_ms: now_ms(),
+            page_count: keep.len() as u32,
+            // Read from the database file, not from a WAL.
+            wal: None,
+        };
+        let mut sum = self.state.database_checksum();
+        for pgno in commit + 1..=old_size {
+            let old = self.sums[pgno as usize - 1];
+            if old != 0 {
+                sum.toggle(old);
+            }
+        }
+        let mut w = self.segment.begin(header);
+        let mut new_sums = Vec::with_capacity(keep.len());
+        for &(pgno, c, at) in &keep {
+            let (buf, c) = if buffered || data.len() >= at + ps {
+                (&data[at..at + ps], c)
+            } else {
+                read_page(db, pgno, &mut page)?;
+                let c2 = DatabaseChecksum::page_checksum(pgno, &page);
+                (&page[..], c2)
+            };
+            w.add_page(pgno, buf, c)?;
+            if pgno <= old_size {
+                let old = self.sums[pgno as usize - 1];
+                if old != 0 {
+                    sum.toggle(old);
+                }
+            }
+            sum.toggle(c);
+            new_sums.push((pgno, c));
+        }
+        w.finish(sum.value())?;
+        self.sums.resize(commit as usize, 0);
+        for (pgno, c) in new_sums {
+            self.sums[pgno as usize - 1] = c;
+        }
+        self.state.txid = header.max_txid;
+        self.state.commit = commit;
+        self.state.checksum = sum.value();
+        Ok(vec![CaptureEvent::Staged {
+            min_txid: header.min_txid,
+            max_txid: header.max_txid,
+            pages: header.page_count,
+        }])
+    }
+}
+
+/// Reads up to `buf.len()` bytes from the start of `f`; returns how many there were.
+fn read_prefix(f: &File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
