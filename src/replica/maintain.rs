@@ -459,17 +459,21 @@ impl Maintainer {
             .filter(|o| o.level < SNAPSHOTS)
             .map(|o| o.max)
             .max();
-        let reach = view.latest_snapshot().map(|snap| {
+        // A history that starts at TXID 1 without a snapshot (a database that was empty
+        // when capture began) is its own base: its first object applies to nothing.
+        let reach = {
             let objs: Vec<ObjId> = view
                 .local
                 .keys()
                 .filter(|o| o.level < SNAPSHOTS)
                 .copied()
                 .collect();
-            snapshot_chain(&objs, snap.max_txid)
+            let from = view.latest_snapshot().map(|snap| snap.max_txid);
+            snapshot_chain(&objs, from.unwrap_or(0))
                 .last()
-                .map_or(snap.max_txid, |o| o.max)
-        });
+                .map(|o| o.max)
+                .or(from)
+        };
         if local_max.is_some_and(|m| reach.is_none_or(|r| r < m)) {
             if due > now {
                 return Some(due);
@@ -487,21 +491,21 @@ impl Maintainer {
                 }
             }
         }
-        let snap = view.latest_snapshot()?.clone();
+        let snap = view.latest_snapshot().cloned();
         let objs: Vec<ObjId> = view
             .local
             .keys()
             .filter(|o| o.level < SNAPSHOTS)
             .copied()
             .collect();
-        let chain = snapshot_chain(&objs, snap.max_txid);
+        let chain = snapshot_chain(&objs, snap.as_ref().map_or(0, |s| s.max_txid));
         if chain.is_empty() {
             return None;
         }
         if due > now {
             return Some(due);
         }
-        let mut inputs: Vec<&Kept> = vec![&snap];
+        let mut inputs: Vec<&Kept> = snap.iter().collect();
         inputs.extend(chain.iter().map(|o| &view.local[o]));
         let max = chain[chain.len() - 1].max;
         let record = inputs[inputs.len() - 1].record;
