@@ -46,7 +46,9 @@ use crate::sqlite::{
     read_full, DbHeader, FileFormat, WalError, WalEvent, WalPage, WalPosition, WalTracker,
     WalTransaction, DB_HEADER_SIZE, WAL_FRAME_HEADER_SIZE,
 };
-use crate::staging::{BatchHeader, DbState, LtxWriter, PageMerge, SegmentWriter, Staging};
+use crate::staging::{
+    BatchHeader, DbState, LtxWriter, PageMerge, SavedSums, SegmentWriter, Staging,
+};
 
 /// What a capture call did that the caller may want to log or count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +286,8 @@ pub struct DatabaseCapture {
     pending: Option<rollback::PendingJournal>,
     /// The backing database file's `stat` when the staged state was last known to match it.
     fingerprint: Option<rollback::Fingerprint>,
+    /// This capture resumed from checksums saved at a clean stop, without reading the files.
+    resumed_without_reading: bool,
 }
 
 impl DatabaseCapture {
@@ -336,6 +340,7 @@ impl DatabaseCapture {
             journal_path: rollback::journal_path(db_path),
             pending: None,
             fingerprint: None,
+            resumed_without_reading: false,
         };
         // The database exists (again): a deletion marker not yet uploaded is void.
         c.staging.clear_deleted(rel, None)?;
@@ -353,7 +358,7 @@ impl DatabaseCapture {
                 // must write it, or a later start would resume from the older state and
                 // hand out TXIDs the replica already has).
                 c.saved = on_disk;
-                if !c.resume()? {
+                if !c.resume_from_saved_sums()? && !c.resume()? {
                     if replaced {
                         c.stage_replacement(&mut events)?;
                     } else {
@@ -763,9 +768,94 @@ impl DatabaseCapture {
         self.save()
     }
 
-    /// A clean stop: seals what is staged.
+    /// A clean stop: seals what is staged and, if the database file is as the last durable
+    /// capture point left it, saves the per-page checksums with a description of the files,
+    /// so that the next start need not read the whole database to rebuild them.
     pub fn close(&mut self) -> io::Result<()> {
-        self.seal()
+        self.seal()?;
+        if self.pending.is_none() && self.unchanged_since_capture() {
+            if let Some(files) = self.files_description() {
+                let saved = SavedSums {
+                    txid: self.state.txid,
+                    files,
+                    sums: self.sums.clone(),
+                };
+                self.staging.save_sums(&self.rel, &saved)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the database file and its `-wal` look like now (identity, size, times), or
+    /// `None` if the database cannot be examined. A write to either changes it.
+    fn files_description(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let describe = |m: &std::fs::Metadata| {
+            format!(
+                "{}:{}:{}:{}.{}:{}.{}",
+                m.dev(),
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            )
+        };
+        let db = std::fs::metadata(&self.db_path).ok()?;
+        let wal = match std::fs::metadata(&self.wal_path) {
+            Ok(m) => describe(&m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => "none".to_string(),
+            Err(_) => return None,
+        };
+        Some(format!(
+            "db={} wal={wal} pos={:?}",
+            describe(&db),
+            self.state.wal
+        ))
+    }
+
+    /// Resumes without reading the database: takes the per-page checksums a clean stop saved
+    /// (they are used once), if the files are exactly as they were then and the checksums
+    /// add up to the saved state's. False if there are none or they do not fit; then the
+    /// files are read ([`DatabaseCapture::resume`]).
+    fn resume_from_saved_sums(&mut self) -> io::Result<bool> {
+        let Some(saved) = self.staging.take_sums(&self.rel)? else {
+            return Ok(false);
+        };
+        let mut sum = DatabaseChecksum::EMPTY;
+        for &c in &saved.sums {
+            if c != 0 {
+                sum.toggle(c);
+            }
+        }
+        let fits = saved.txid == self.state.txid
+            && saved.sums.len() == self.state.commit as usize
+            && sum == self.state.database_checksum()
+            && self.files_description().as_deref() == Some(saved.files.as_str());
+        if !fits {
+            tracing::info!(db = %self.rel.display(), "the files changed since the last stop: reading the database to resume");
+            return Ok(false);
+        }
+        // Where the tracker stood: at the saved position if the `-wal` still holds that
+        // log; fresh if it holds no log (truncated or deleted after the last capture, as
+        // a reader of the files would find it). Anything else reads the files.
+        let mut hb = [0u8; crate::sqlite::WAL_HEADER_SIZE];
+        let header = match open_optional(&self.wal_path)? {
+            Some(wal) if read_full(&wal, 0, &mut hb)? => crate::sqlite::WalHeader::parse(&hb).ok(),
+            _ => None,
+        };
+        self.tracker = match (self.state.wal, header) {
+            (Some(pos), Some(h)) if pos.header == h => WalTracker::resume(pos),
+            (_, None) => WalTracker::new(),
+            _ => return Ok(false),
+        };
+        self.state.wal = self.tracker.position();
+        self.sums = saved.sums;
+        self.note_fingerprint();
+        self.resumed_without_reading = true;
+        tracing::debug!(db = %self.rel.display(), txid = self.state.txid, "resumed from the checksums saved at the last stop");
+        Ok(true)
     }
 
     /// Rebuilds the per-page checksums from the files for a saved state. True if the files
@@ -824,6 +914,8 @@ pub struct CaptureStats {
     pub heals: AtomicU64,
     /// Capture failures returned to the application as EIO.
     pub failures: AtomicU64,
+    /// Databases resumed from the checksums a clean stop saved, without reading them.
+    pub quick_resumes: AtomicU64,
 }
 
 type Slot = Arc<Mutex<Option<DatabaseCapture>>>;
@@ -1044,6 +1136,9 @@ impl Capture {
                     replaced,
                 )?;
                 events.extend(ev);
+                if c.resumed_without_reading {
+                    self.stats.quick_resumes.fetch_add(1, Ordering::Relaxed);
+                }
                 *guard = Some(c);
                 self.generation.fetch_add(1, Ordering::Relaxed);
             }

@@ -242,7 +242,7 @@ impl DatabaseCapture {
         self.fingerprint = Fingerprint::of(&self.db_path);
     }
 
-    fn unchanged_since_capture(&self) -> bool {
+    pub(super) fn unchanged_since_capture(&self) -> bool {
         self.fingerprint.is_some() && Fingerprint::of(&self.db_path) == self.fingerprint
     }
 

@@ -379,6 +379,58 @@ fn resume_after_restart_of_the_capture() {
 }
 
 #[test]
+fn clean_restart_resumes_from_saved_checksums_without_reading() {
+    let f = fixture();
+    let quick = || f.capture.stats().quick_resumes.load(Ordering::Relaxed);
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    for _ in 0..20 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+    }
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_replica_matches(&f, &conn);
+
+    // A clean stop saves the checksums; the next start takes them, and capture goes on
+    // from the saved WAL position (the WAL still holds every commit).
+    f.capture.close_all();
+    f.capture.forget(&f.rel);
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert_eq!(
+        quick(),
+        1,
+        "the start read the database instead of using the saved sums"
+    );
+    for _ in 0..5 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+    }
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_replica_matches(&f, &conn);
+
+    // The saved sums serve one start only: a stop without close (a crash) reads again.
+    f.capture.forget(&f.rel);
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(quick(), 1);
+    assert_replica_matches(&f, &conn);
+
+    // A change while walfs is stopped (a checkpoint writes the database file, then more
+    // commits) voids them: the start reads the files and finds the state by its checksum.
+    f.capture.close_all();
+    f.capture.forget(&f.rel);
+    checkpoint(&conn, "PASSIVE");
+    conn.execute("INSERT INTO t(v) VALUES(x'02')", []).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert_eq!(
+        quick(),
+        1,
+        "saved sums were used although the files changed"
+    );
+    assert_replica_matches(&f, &conn);
+}
+
+#[test]
 fn registry_names_and_non_sqlite_files() {
     let f = fixture();
     assert_eq!(

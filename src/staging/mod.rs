@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! <staging>/<relpath>/state                              the capture position (DbState)
+//! <staging>/<relpath>/sums                               per-page checksums saved at a clean stop
 //! <staging>/<relpath>/segments/active                    batches being appended (segment.rs)
 //! <staging>/<relpath>/segments/<min>-<max>.seg           sealed batches, awaiting upload
 //! <staging>/<relpath>/snapshots/<min>-<max>.ltx          snapshots (LTX), awaiting upload
@@ -53,6 +54,9 @@ use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
 
 /// Name of the per-database state file.
 const STATE_FILE: &str = "state";
+/// Per-page checksums saved at a clean stop (see [`Staging::save_sums`]).
+const SUMS_FILE: &str = "sums";
+const SUMS_MAGIC: &[u8; 8] = b"WFSSUMS1";
 /// The staged deletion marker of a database (see [`Staging::mark_deleted`]).
 const DELETED_FILE: &str = "deleted";
 /// Name of the segment being appended to.
@@ -584,6 +588,78 @@ impl Staging {
         fs::create_dir_all(&dir)?;
         write_atomic(&dir.join(STATE_FILE), format_state(state).as_bytes())
     }
+}
+
+/// The per-page checksums of a database as of one staged TXID, saved at a clean stop, with
+/// what the files looked like then. A start that finds the files unchanged takes them
+/// instead of reading the whole database again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSums {
+    pub txid: u64,
+    /// An opaque description of the files (identity, size, times) at the stop.
+    pub files: String,
+    pub sums: Vec<u64>,
+}
+
+impl Staging {
+    /// Saves `sums` for `db` (durably), replacing any saved before.
+    pub fn save_sums(&self, db: &Path, saved: &SavedSums) -> io::Result<()> {
+        let dir = self.db_dir(db)?;
+        fs::create_dir_all(&dir)?;
+        let mut b = Vec::with_capacity(32 + saved.files.len() + 8 * saved.sums.len());
+        b.extend_from_slice(SUMS_MAGIC);
+        b.extend_from_slice(&saved.txid.to_be_bytes());
+        b.extend_from_slice(&(saved.files.len() as u32).to_be_bytes());
+        b.extend_from_slice(saved.files.as_bytes());
+        b.extend_from_slice(&(saved.sums.len() as u64).to_be_bytes());
+        for s in &saved.sums {
+            b.extend_from_slice(&s.to_be_bytes());
+        }
+        let crc = crate::replica::ltx::crc64(&b);
+        b.extend_from_slice(&crc.to_be_bytes());
+        write_atomic(&dir.join(SUMS_FILE), &b)
+    }
+
+    /// Takes the saved sums of `db`: reads them and deletes the file (durably) before
+    /// returning, so that they are used by one start at most. A damaged file counts as
+    /// none.
+    pub fn take_sums(&self, db: &Path) -> io::Result<Option<SavedSums>> {
+        let dir = self.db_dir(db)?;
+        let path = dir.join(SUMS_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        fs::remove_file(&path)?;
+        sync_dir(&dir)?;
+        Ok(parse_sums(&bytes))
+    }
+}
+
+fn parse_sums(b: &[u8]) -> Option<SavedSums> {
+    let (body, crc) = b.split_at_checked(b.len().checked_sub(8)?)?;
+    if crate::replica::ltx::crc64(body) != u64::from_be_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let rest = body.strip_prefix(SUMS_MAGIC.as_slice())?;
+    let (txid, rest) = rest.split_at_checked(8)?;
+    let (flen, rest) = rest.split_at_checked(4)?;
+    let flen = u32::from_be_bytes(flen.try_into().ok()?) as usize;
+    let (files, rest) = rest.split_at_checked(flen)?;
+    let (count, rest) = rest.split_at_checked(8)?;
+    let count = usize::try_from(u64::from_be_bytes(count.try_into().ok()?)).ok()?;
+    if rest.len() != count.checked_mul(8)? {
+        return None;
+    }
+    Some(SavedSums {
+        txid: u64::from_be_bytes(txid.try_into().ok()?),
+        files: String::from_utf8(files.to_vec()).ok()?,
+        sums: rest
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect(),
+    })
 }
 
 fn crc_of(text: &str) -> u64 {
