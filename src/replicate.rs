@@ -4,6 +4,7 @@
 //! interval, and the maintenance loop compacts, snapshots and applies retention; at unmount
 //! it flushes what is pending within a bounded time.
 
+use std::sync::atomic::Ordering;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -193,6 +194,14 @@ impl Replication {
         let done = self
             .uploader
             .flush(&dbs, self.merge, Instant::now() + FLUSH_TIMEOUT);
+        let stats = self.capture.stats();
+        tracing::info!(
+            staged = stats.staged.load(Ordering::Relaxed),
+            heals = stats.heals.load(Ordering::Relaxed),
+            failures = stats.failures.load(Ordering::Relaxed),
+            quick_resumes = stats.quick_resumes.load(Ordering::Relaxed),
+            "capture stopped"
+        );
         if !done {
             tracing::error!(
                 "the replica is behind: staged transactions could not be uploaded before exit; they stay in staging and are uploaded at the next mount"
