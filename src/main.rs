@@ -97,6 +97,18 @@ enum Command {
         #[arg(long)]
         db: Option<String>,
     },
+    /// Restore drill: restore the latest state and a random earlier TXID of each database
+    /// into a temporary directory, check the content checksum and PRAGMA integrity_check,
+    /// and report. Only reads the replica. Exits non-zero on any problem.
+    Verify {
+        url: String,
+        /// Verify only this database (its path relative to the replica root).
+        #[arg(long)]
+        db: Option<String>,
+        /// Seed of the random choice of the earlier TXID, to repeat a drill.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -149,6 +161,9 @@ fn main() -> ExitCode {
         }),
         Command::List { url, db } => {
             walfs::restore::list_command(&walfs::restore::ListArgs { url, db })
+        }
+        Command::Verify { url, db, seed } => {
+            walfs::restore::verify_command(&walfs::restore::VerifyArgs { url, db, seed })
         }
     };
     match result {
