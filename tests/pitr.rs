@@ -401,3 +401,60 @@ fn verify_passes_then_names_a_corrupted_object() {
     let o = walfs(&["verify", &f.url(), "--db", "b.db"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn mount_takes_its_settings_from_a_config_file() {
+    let moto = Moto::start();
+    let dir = tempfile::Builder::new()
+        .prefix("walfs-config-")
+        .tempdir()
+        .unwrap();
+    let url = moto.s3_url("cfg");
+    let config = dir.path().join("walfs.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "replica = [{url:?}]\nstaging-dir = {:?}\nsync-interval = \"0\"\nthreads = 2\n",
+            dir.path().join("staging").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mount = Mount::with_env(&["--config", config.to_str().unwrap()], S3_ENV);
+    sqlite3(
+        &mount.path("c.db"),
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (42);",
+    );
+    // Replicated (the replica URL came from the file) at once (sync-interval 0 too).
+    let txid = wait_txid_above(&url, "c.db", 0);
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(mount.backing_path("c.db"), &copy).unwrap();
+    let out = dir.path().join("restored.db");
+    let o = walfs(&[
+        "restore",
+        &url,
+        "--db",
+        "c.db",
+        "-o",
+        out.to_str().unwrap(),
+        "--txid",
+        &txid.to_string(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_database(&copy, &out);
+
+    // An unknown key is refused before anything is mounted, naming the key.
+    std::fs::write(&config, "sync_interval = \"1s\"\n").unwrap();
+    let o = Command::new(WALFS)
+        .args(["mount", "/nonexistent-b", "/nonexistent-m", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        err.starts_with("walfs: error: config file ")
+            && err.contains("unknown setting \"sync_interval\""),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
