@@ -168,7 +168,16 @@ fn timestamp_restores_before_and_after_an_accidental_delete() {
     let before_delete = moment();
     let (t3, emptied) = f.step(db, "DELETE FROM t;", t2, "emptied.db");
     let after_delete = moment();
+    // A moment right before a commit that is uploaded within the same second: S3 dates the
+    // listing in whole seconds of the upload, so only the commit time tells them apart.
+    let just_before = SystemTime::now();
     let (_t4, _) = f.step(db, "INSERT INTO t(v) VALUES ('later');", t3, "later.db");
+    let out = f.restore(
+        db,
+        "just-before.db",
+        &["--timestamp", &rfc3339(just_before)],
+    );
+    assert_same_database(&emptied, &out);
 
     let out = f.restore(
         db,
