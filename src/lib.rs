@@ -11,9 +11,11 @@
 //!   Litestream 0.5's layout); upload, compaction and retention come next;
 //! - `replicate`: capture, staging and upload wired together for one mount;
 //! - `restore`: restore plans, verified restores and listing;
-//! - `mount`: the `walfs mount` lifecycle (checks, session, signals).
+//! - `mount`: the `walfs mount` lifecycle (checks, session, signals);
+//! - `config`: the `walfs mount --config` file, turned into arguments before clap parses.
 
 pub mod capture;
+pub mod config;
 pub mod fs;
 pub mod mount;
 pub mod replica;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +81,11 @@ enum Command {
         /// How long level-0 objects stay after level 1 covers them.
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         l0_retention: Duration,
+        /// Read settings from this TOML file: its keys are the long flags of `walfs mount`
+        /// and `backing`/`mountpoint` (e.g. sync-interval = "1s", replica = ["s3://..."],
+        /// allow-other = true). Flags on the command line override it.
+        #[arg(long, value_name = "FILE", env = "WALFS_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Restore databases from a replica, verified (content checksum where the writer
     /// recorded one, and PRAGMA integrity_check), written atomically.
@@ -110,10 +115,34 @@ enum Command {
         #[arg(long)]
         db: Option<String>,
     },
+    /// Restore drill: restore the latest state and a random earlier TXID of each database
+    /// into a temporary directory, check the content checksum and PRAGMA integrity_check,
+    /// and report. Only reads the replica. Exits non-zero on any problem.
+    Verify {
+        url: String,
+        /// Verify only this database (its path relative to the replica root).
+        #[arg(long)]
+        db: Option<String>,
+        /// Seed of the random choice of the earlier TXID, to repeat a drill.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match walfs::config::expand_config(
+        &Cli::command(),
+        "mount",
+        std::env::args_os().collect(),
+        |k| std::env::var_os(k),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("walfs: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     init_logging(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Mount {
@@ -133,6 +162,7 @@ fn main() -> ExitCode {
             snapshot_interval,
             retention,
             l0_retention,
+            config: _,
         } => walfs::mount::run(&walfs::mount::MountOptions {
             backing,
             mountpoint,
@@ -172,6 +202,9 @@ fn main() -> ExitCode {
         }),
         Command::List { url, db } => {
             walfs::restore::list_command(&walfs::restore::ListArgs { url, db })
+        }
+        Command::Verify { url, db, seed } => {
+            walfs::restore::verify_command(&walfs::restore::VerifyArgs { url, db, seed })
         }
     };
     match result {
@@ -255,4 +288,65 @@ fn init_logging(level: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of the real `walfs mount` works in a config file.
+    #[test]
+    fn config_file_reaches_every_mount_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walfs.toml");
+        std::fs::write(
+            &path,
+            r#"
+backing = "/srv/data"
+mountpoint = "/mnt/data"
+allow-other = true
+read-only = false
+threads = 2
+cache-ttl = 0.5
+replica = ["s3://bucket/prefix?region=eu-west-1", "file:///backup/walfs"]
+staging-dir = "/var/lib/walfs/staging"
+sync-interval = "250ms"
+stage-at-commit = true
+"#,
+        )
+        .unwrap();
+        let argv = walfs::config::expand_config(
+            &Cli::command(),
+            "mount",
+            ["walfs", "mount", "--config", path.to_str().unwrap()]
+                .map(std::ffi::OsString::from)
+                .to_vec(),
+            |_| None,
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Mount {
+            backing,
+            mountpoint,
+            allow_other,
+            read_only,
+            threads,
+            cache_ttl,
+            replicas,
+            staging_dir,
+            sync_interval,
+            stage_at_commit,
+            ..
+        } = cli.command
+        else {
+            panic!("not a mount");
+        };
+        assert_eq!(backing, PathBuf::from("/srv/data"));
+        assert_eq!(mountpoint, PathBuf::from("/mnt/data"));
+        assert!(allow_other && !read_only && stage_at_commit);
+        assert_eq!((threads, cache_ttl), (2, 0.5));
+        assert_eq!(replicas.len(), 2);
+        assert_eq!(staging_dir, Some(PathBuf::from("/var/lib/walfs/staging")));
+        assert_eq!(sync_interval, Duration::from_millis(250));
+    }
 }

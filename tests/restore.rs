@@ -214,7 +214,7 @@ fn txid_restores_each_earlier_state_exactly() {
     let mut a = r.args(&r.out("x.db"));
     a.txid = Some(7);
     let e = restore_command(&a).unwrap_err().to_string();
-    assert!(e.contains("after the latest TXID 6"), "{e}");
+    assert!(e.contains("after the newest TXID 6"), "{e}");
     a.txid = Some(0);
     let e = restore_command(&a).unwrap_err().to_string();
     assert!(e.contains("oldest restorable TXID 1"), "{e}");
@@ -369,8 +369,8 @@ fn whole_replica_restores_every_database() {
     assert_eq!(s.latest_time, t(4));
     assert_eq!(s.size, r.states[1].1[4].len() as u64);
     assert_eq!(s.restorable, Some(((1, t(1)), (4, t(4)))));
-    assert_eq!(s.levels.get(&0).map(|l| l.0), Some(3));
-    assert_eq!(s.levels.get(&9).map(|l| l.0), Some(1));
+    assert_eq!(s.levels.get(&0).map(|l| l.objects), Some(3));
+    assert_eq!(s.levels.get(&9).map(|l| l.objects), Some(1));
     list_command(&ListArgs {
         url: r.url.clone(),
         db: None,

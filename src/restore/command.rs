@@ -16,12 +16,11 @@ use std::time::SystemTime;
 use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
-use crate::replica::store::{format_rfc3339_nano, LtxObjectInfo, ReplicaStore, ReplicaUrl};
+use crate::replica::store::{format_rfc3339_nano, Layout, LtxObjectInfo, ReplicaStore, ReplicaUrl};
 
 use super::apply::{check_output, restore_database, ChecksumCheck, RestoreOutcome};
-use super::plan::{db_label, plan, RestoreTarget, MAX_LEVEL};
+use super::plan::{db_label, plan, restorable_txids, PlanError, RestoreTarget, MAX_LEVEL};
 use super::record::SidecarStore;
-use super::timestamps::date_objects_around;
 
 /// The arguments of `walfs restore`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,15 +107,79 @@ struct Ctx {
     force: bool,
 }
 
+/// Resolves a timestamp target to a TXID with the commit times of the objects. A listing
+/// dates S3 objects by Last-Modified (upload time, in whole seconds), which can fall on
+/// either side of the target for a commit near it; the `litestream-timestamp` metadata
+/// holds the commit time. Commit times grow with the TXID, so a binary search over the
+/// restorable TXIDs finds the newest one committed at or before `time` with about
+/// log2(TXIDs) HEAD requests. File replicas are dated by mtime, the commit time, already.
+/// Returns the TXID and its commit time.
+pub fn resolve_timestamp(
+    rt: &Runtime,
+    store: &ReplicaStore,
+    db: &str,
+    objects: &[LtxObjectInfo],
+    time: SystemTime,
+) -> anyhow::Result<Option<(u64, SystemTime)>> {
+    let txids: Vec<u64> = restorable_txids(objects).into_keys().collect();
+    let mut cache = std::collections::HashMap::new();
+    let mut commit_time = |i: usize| -> anyhow::Result<SystemTime> {
+        let txid = txids[i];
+        if let Some(t) = cache.get(&txid) {
+            return Ok(*t);
+        }
+        let o = objects
+            .iter()
+            .filter(|o| o.max_txid == txid)
+            .min_by_key(|o| o.level)
+            .ok_or_else(|| anyhow!("no object ends at TXID {txid}"))?;
+        let t = rt
+            .block_on(store.head_ltx(db, o.level, o.min_txid, o.max_txid))?
+            .timestamp;
+        cache.insert(txid, t);
+        Ok(t)
+    };
+    // The first index committed after `time` (a partition point).
+    let (mut lo, mut hi) = (0usize, txids.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if commit_time(mid)? <= time {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    match lo.checked_sub(1) {
+        Some(i) => Ok(Some((txids[i], commit_time(i)?))),
+        None if txids.is_empty() => Ok(None),
+        None => {
+            let oldest_time = commit_time(0)?;
+            Err(PlanError::NothingBefore {
+                db: db.to_string(),
+                time,
+                oldest: txids[0],
+                oldest_time,
+            }
+            .into())
+        }
+    }
+}
+
 impl Ctx {
     fn restore_one(&self, db: &str, out: &Path) -> anyhow::Result<RestoreOutcome> {
-        let mut objects = list_objects(&self.rt, &self.store, db)?;
-        if let RestoreTarget::Timestamp(time) = self.target {
-            date_objects_around(&self.rt, &self.store, db, &mut objects, time)?;
+        let objects = list_objects(&self.rt, &self.store, db)?;
+        let mut target = self.target;
+        let mut resolved_time = None;
+        if let (RestoreTarget::Timestamp(time), Layout::S3) = (target, self.store.layout()) {
+            if let Some((txid, t)) = resolve_timestamp(&self.rt, &self.store, db, &objects, time)? {
+                target = RestoreTarget::Txid(txid);
+                resolved_time = Some(t);
+            }
         }
-        let p = plan(db, &objects, self.target, |a, b| {
-            self.store.ltx_key(db, 0, a, b)
-        })?;
+        let mut p = plan(db, &objects, target, |a, b| self.store.ltx_key(db, 0, a, b))?;
+        if let Some(t) = resolved_time {
+            p.timestamp = t;
+        }
         restore_database(
             &self.rt,
             &self.store,

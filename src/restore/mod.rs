@@ -9,14 +9,15 @@
 //!   record (per-TXID checksum sidecar objects) and access to non-LTX objects;
 //! - `command`: `walfs restore` for one database or a whole replica ([`restore_command`]);
 //! - `list`: `walfs list` ([`list_command`]);
-//! - `timestamps`: exact commit times around the moment of a point-in-time restore from S3.
+//! - `verify`: `walfs verify`, the restore drill ([`verify_command`]).
 
 pub mod apply;
 mod command;
 pub mod list;
 pub mod plan;
-pub mod timestamps;
+pub mod verify;
 pub use crate::replica::record;
 
 pub use command::{list_objects, open_replica, restore_command, runtime, RestoreArgs};
 pub use list::{list_command, ListArgs};
+pub use verify::{verify_command, VerifyArgs};

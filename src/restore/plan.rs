@@ -70,6 +70,7 @@ pub enum PlanError {
         db: String,
         target: u64,
         oldest: u64,
+        oldest_time: SystemTime,
     },
     /// The target TXID is newer than anything in the replica.
     AfterLatest {
@@ -129,15 +130,22 @@ impl fmt::Display for PlanError {
                 "replica has no snapshot for {}: nothing to restore",
                 db_label(db)
             ),
-            PlanError::BeforeOldest { db, target, oldest } => write!(
+            PlanError::BeforeOldest {
+                db,
+                target,
+                oldest,
+                oldest_time,
+            } => write!(
                 f,
-                "TXID {target} of {} is before the oldest restorable TXID {oldest}; \
+                "TXID {target} of {} is before the oldest restorable TXID {oldest} (at {}); \
                  pass a TXID from {oldest} on",
-                db_label(db)
+                db_label(db),
+                format_rfc3339_nano(*oldest_time)
             ),
             PlanError::AfterLatest { db, target, latest } => write!(
                 f,
-                "TXID {target} of {} is after the latest TXID {latest} in the replica",
+                "TXID {target} of {} is after the newest TXID {latest} in the replica; \
+                 pass a TXID up to {latest}",
                 db_label(db)
             ),
             PlanError::NothingBefore {
@@ -251,6 +259,10 @@ pub fn plan(
                     db: db_s,
                     target: t,
                     oldest,
+                    oldest_time: restorable
+                        .get(&oldest)
+                        .copied()
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
                 });
             }
             t
@@ -488,10 +500,17 @@ mod tests {
             PlanError::BeforeOldest {
                 db: "db".into(),
                 target: 3,
-                oldest: 5
+                oldest: 5,
+                oldest_time: t(5),
             }
         );
-        assert!(e.to_string().contains("oldest restorable TXID 5"), "{e}");
+        assert!(
+            e.to_string().contains(&format!(
+                "oldest restorable TXID 5 (at {})",
+                format_rfc3339_nano(t(5))
+            )),
+            "{e}"
+        );
         let e = run(&objs, RestoreTarget::Txid(8)).unwrap_err();
         assert!(matches!(e, PlanError::AfterLatest { latest: 7, .. }), "{e}");
         assert_eq!(run(&objs, RestoreTarget::Txid(5)).unwrap().objects.len(), 1);
