@@ -4,8 +4,8 @@
 //! interval, and the maintenance loop compacts, snapshots and applies retention; at unmount
 //! it flushes what is pending within a bounded time.
 
-use std::sync::atomic::Ordering;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
