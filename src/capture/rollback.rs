@@ -411,7 +411,12 @@ impl DatabaseCapture {
     /// stages what differs. Nothing while a journal transaction is open or hot: its
     /// invalidation is the commit point.
     fn capture_diff(&mut self, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
-        if self.unchanged_since_capture() {
+        // The `stat` from before the read is what the staged state is recorded to match:
+        // a write racing the read (a close is reported after the program went on, maybe
+        // to its next transaction) leaves the file different from it, so the next check
+        // compares again instead of taking the file for captured.
+        let before = Fingerprint::of(&self.db_path);
+        if before.is_some() && before == self.fingerprint {
             return Ok(Vec::new());
         }
         if scan_live(&self.journal_path)?.is_some() {
@@ -442,7 +447,7 @@ impl DatabaseCapture {
             })
             .collect();
         if changed.is_empty() && size as usize == old.len() {
-            self.note_fingerprint();
+            self.fingerprint = before;
             return Ok(events);
         }
         let Some(db) = open_optional(&self.db_path)? else {
@@ -450,7 +455,7 @@ impl DatabaseCapture {
         };
         self.state.page_size = page_size;
         events.extend(self.stage_from_db(&db, page_size, size, &changed)?);
-        self.note_fingerprint();
+        self.fingerprint = before;
         Ok(events)
     }
 
