@@ -85,6 +85,15 @@ impl DbView {
         levels as u8
     }
 
+    /// The local copies of levels 0 to 8.
+    fn below_snapshots(&self) -> Vec<ObjId> {
+        self.local
+            .keys()
+            .filter(|o| o.level < SNAPSHOTS)
+            .copied()
+            .collect()
+    }
+
     fn latest_snapshot(&self) -> Option<&Kept> {
         self.local
             .values()
@@ -462,12 +471,7 @@ impl Maintainer {
         // A history that starts at TXID 1 without a snapshot (a database that was empty
         // when capture began) is its own base: its first object applies to nothing.
         let reach = {
-            let objs: Vec<ObjId> = view
-                .local
-                .keys()
-                .filter(|o| o.level < SNAPSHOTS)
-                .copied()
-                .collect();
+            let objs = view.below_snapshots();
             let from = view.latest_snapshot().map(|snap| snap.max_txid);
             snapshot_chain(&objs, from.unwrap_or(0))
                 .last()
@@ -492,12 +496,8 @@ impl Maintainer {
             }
         }
         let snap = view.latest_snapshot().cloned();
-        let objs: Vec<ObjId> = view
-            .local
-            .keys()
-            .filter(|o| o.level < SNAPSHOTS)
-            .copied()
-            .collect();
+        // (Again: fetching may have added copies.)
+        let objs = view.below_snapshots();
         let chain = snapshot_chain(&objs, snap.as_ref().map_or(0, |s| s.max_txid));
         if chain.is_empty() {
             return None;
