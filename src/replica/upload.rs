@@ -3,8 +3,9 @@
 //! database's sealed batches into one level-0 LTX file (one PUT per database per interval,
 //! however many commits it holds), or uploads its newest snapshot to level 9, and only then
 //! tells staging they are safe to drop. Each uploaded object is kept in staging as a local
-//! copy for the maintenance loop (compaction, snapshots), which it tells. With a sync interval of 0, every batch is uploaded
-//! as its own file, so every captured commit stays restorable. A database with nothing
+//! copy for the maintenance loop (compaction, snapshots), which it tells. With a sync
+//! interval of 0, every batch is uploaded as its own file, so every captured commit stays
+//! restorable. A database with nothing
 //! staged costs no request at all, and an idle mount makes none. A failing replica is
 //! retried with backoff while staging keeps everything.
 
