@@ -5,9 +5,8 @@
 //! tells staging they are safe to drop. Each uploaded object is kept in staging as a local
 //! copy for the maintenance loop (compaction, snapshots), which it tells. With a sync
 //! interval of 0, every batch is uploaded as its own file, so every captured commit stays
-//! restorable. A database with nothing
-//! staged costs no request at all, and an idle mount makes none. A failing replica is
-//! retried with backoff while staging keeps everything.
+//! restorable. A database with nothing staged costs no request at all, and an idle mount
+//! makes none. A failing replica is retried with backoff while staging keeps everything.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
