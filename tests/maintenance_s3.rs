@@ -449,28 +449,6 @@ fn object_count_and_staging_stay_bounded_under_steady_writes() {
     assert_same_database(&m.backing_path(rel), &out);
 }
 
-/// Waits until moto has seen no new request for `quiet`; returns the request count then.
-fn wait_settled(moto: &Moto, quiet: Duration, limit: Duration) -> usize {
-    let start = Instant::now();
-    let mut n = moto.requests().len();
-    let mut since = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = moto.requests().len();
-        if now != n {
-            n = now;
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            return n;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "requests did not settle within {limit:?}: {:?}",
-            &moto.requests()[n.saturating_sub(20)..]
-        );
-    }
-}
-
 #[test]
 fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
     let f = Fixture::new("idle");
@@ -491,7 +469,9 @@ fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
     let c = open_wal(&m.path(rel));
     write(&c, "w", 100, Duration::from_millis(20));
     // Compaction, the snapshot and retention all act on the writes, then stop.
-    let settled = wait_settled(&f.moto, Duration::from_secs(8), Duration::from_secs(90));
+    let settled = f
+        .moto
+        .wait_settled(Duration::from_secs(8), Duration::from_secs(90));
     let reqs = f.moto.requests();
     // object_store deletes with DeleteObjects (`POST /bucket?delete`).
     let deletes = reqs

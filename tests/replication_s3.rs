@@ -822,7 +822,9 @@ fn idle_mount_makes_zero_requests_over_10_s() {
         churn(&c, 100, 2);
     }
     // The counter sees the uploads of the write phase.
-    let settled = wait_settled(&r.moto, Duration::from_secs(3), Duration::from_secs(60));
+    let settled = r
+        .moto
+        .wait_settled(Duration::from_secs(3), Duration::from_secs(60));
     let puts = r.moto.requests()[before_writes..]
         .iter()
         .filter(|q| q.starts_with("PUT "))
@@ -855,27 +857,6 @@ fn idle_mount_makes_zero_requests_over_10_s() {
     m.stop();
     assert_replicated(&r, &m, "open.db");
     assert_replicated(&r, &m, "closed.db");
-}
-
-/// Waits until moto has seen no new request for `quiet`; returns the request count then.
-fn wait_settled(moto: &Moto, quiet: Duration, limit: Duration) -> usize {
-    let start = Instant::now();
-    let mut n = moto.requests().len();
-    let mut since = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = moto.requests().len();
-        if now != n {
-            n = now;
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            return n;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "requests did not settle within {limit:?}"
-        );
-    }
 }
 
 /// A TCP proxy on 127.0.0.1 in front of a server, which can make the server unreachable:
@@ -967,7 +948,8 @@ fn unreachable_s3_app_keeps_working_and_the_replica_catches_up() {
     let path = m.path("app.db");
     let c = open_wal(&path, "FULL");
     churn(&c, 100, 1);
-    wait_settled(&r.moto, Duration::from_secs(2), Duration::from_secs(60));
+    r.moto
+        .wait_settled(Duration::from_secs(2), Duration::from_secs(60));
     assert!(
         r.moto.requests().iter().any(|q| q.starts_with("PUT ")),
         "nothing was uploaded before the outage"
@@ -1106,7 +1088,8 @@ fn timestamp_restore_returns_the_state_committed_at_that_moment() {
         between.push((i, std::time::SystemTime::now()));
         std::thread::sleep(Duration::from_millis(150));
     }
-    wait_settled(&r.moto, Duration::from_secs(2), Duration::from_secs(60));
+    r.moto
+        .wait_settled(Duration::from_secs(2), Duration::from_secs(60));
     for (rows, at) in between {
         let out = r.out(&format!("t-{rows}.db"));
         std::fs::create_dir_all(out.parent().unwrap()).unwrap();

@@ -589,14 +589,7 @@ impl DatabaseCapture {
             page_count: pages.len() as u32,
             wal: Some(WalPosition::after(last)),
         };
-        let mut sum = self.state.database_checksum();
-        // Shrink: the pages past the new end leave the database.
-        for pgno in commit + 1..=old_size {
-            let old = self.sums[pgno as usize - 1];
-            if old != 0 {
-                sum.toggle(old);
-            }
-        }
+        let mut sum = self.checksum_cut_to(commit);
         let mut w = self.segment.begin(header);
         let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + ps as usize];
         let mut new_sums = Vec::with_capacity(pages.len());
@@ -625,19 +618,41 @@ impl DatabaseCapture {
             new_sums.push((pgno, c));
         }
         w.finish(sum.value())?;
-        self.sums.resize(commit as usize, 0);
-        for (pgno, c) in new_sums {
-            self.sums[pgno as usize - 1] = c;
-        }
-        self.state.txid = header.max_txid;
-        self.state.commit = commit;
-        self.state.checksum = sum.value();
+        self.record_staged(&header, sum, new_sums);
         self.state.wal = Some(WalPosition::after(last));
         Ok(CaptureEvent::Staged {
             min_txid: header.min_txid,
             max_txid: header.max_txid,
             pages: header.page_count,
         })
+    }
+
+    /// The staged database checksum without the pages past `commit` (a shrink drops them).
+    fn checksum_cut_to(&self, commit: u32) -> DatabaseChecksum {
+        let mut sum = self.state.database_checksum();
+        for &old in self.sums.iter().skip(commit as usize) {
+            if old != 0 {
+                sum.toggle(old);
+            }
+        }
+        sum
+    }
+
+    /// Records a batch just staged: the per-page checksums it changed (the database now has
+    /// `header.commit` pages), and the state after it.
+    fn record_staged(
+        &mut self,
+        header: &BatchHeader,
+        sum: DatabaseChecksum,
+        new_sums: Vec<(u32, u64)>,
+    ) {
+        self.sums.resize(header.commit as usize, 0);
+        for (pgno, c) in new_sums {
+            self.sums[pgno as usize - 1] = c;
+        }
+        self.state.txid = header.max_txid;
+        self.state.commit = header.commit;
+        self.state.checksum = sum.value();
     }
 
     /// Reads the database file plus its committed WAL frames, retrying while the WAL moves.

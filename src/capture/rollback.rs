@@ -544,13 +544,7 @@ impl DatabaseCapture {
             // Read from the database file, not from a WAL.
             wal: None,
         };
-        let mut sum = self.state.database_checksum();
-        for pgno in commit + 1..=old_size {
-            let old = self.sums[pgno as usize - 1];
-            if old != 0 {
-                sum.toggle(old);
-            }
-        }
+        let mut sum = self.checksum_cut_to(commit);
         let mut w = self.segment.begin(header);
         let mut new_sums = Vec::with_capacity(keep.len());
         for &(pgno, c, at) in &keep {
@@ -572,13 +566,7 @@ impl DatabaseCapture {
             new_sums.push((pgno, c));
         }
         w.finish(sum.value())?;
-        self.sums.resize(commit as usize, 0);
-        for (pgno, c) in new_sums {
-            self.sums[pgno as usize - 1] = c;
-        }
-        self.state.txid = header.max_txid;
-        self.state.commit = commit;
-        self.state.checksum = sum.value();
+        self.record_staged(&header, sum, new_sums);
         Ok(vec![CaptureEvent::Staged {
             min_txid: header.min_txid,
             max_txid: header.max_txid,

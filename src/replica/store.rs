@@ -695,6 +695,27 @@ pub struct LtxObjectInfo {
     pub key: String,
 }
 
+impl LtxObjectInfo {
+    /// An object as a listing shows it: dated by its Last-Modified (the upload time on S3,
+    /// the mtime, which is the commit time, on a file replica).
+    fn listed(
+        level: u8,
+        min_txid: u64,
+        max_txid: u64,
+        key: String,
+        m: &object_store::ObjectMeta,
+    ) -> LtxObjectInfo {
+        LtxObjectInfo {
+            level,
+            min_txid,
+            max_txid,
+            size: m.size,
+            timestamp: m.last_modified.into(),
+            key,
+        }
+    }
+}
+
 /// Uploads larger than this are streamed in parts rather than read into memory.
 pub const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
 /// The size of one part of a multipart upload.
@@ -1338,14 +1359,7 @@ impl ReplicaStore {
                 let key = m.location.to_string();
                 let name = key.strip_prefix(&dir)?.strip_prefix('/')?;
                 let (min_txid, max_txid) = parse_ltx_object_name(name)?;
-                Some(LtxObjectInfo {
-                    level,
-                    min_txid,
-                    max_txid,
-                    size: m.size,
-                    timestamp: m.last_modified.into(),
-                    key,
-                })
+                Some(LtxObjectInfo::listed(level, min_txid, max_txid, key, &m))
             })
             .collect();
         out.sort_by_key(|i| (i.min_txid, i.max_txid));
@@ -1410,14 +1424,7 @@ impl ReplicaStore {
                 if !db.is_empty() {
                     return None;
                 }
-                Some(LtxObjectInfo {
-                    level,
-                    min_txid,
-                    max_txid,
-                    size: m.size,
-                    timestamp: m.last_modified.into(),
-                    key,
-                })
+                Some(LtxObjectInfo::listed(level, min_txid, max_txid, key, &m))
             })
             .collect();
         out.sort_by_key(|i| (i.level, i.min_txid, i.max_txid));

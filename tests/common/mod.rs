@@ -548,6 +548,29 @@ impl Moto {
             .collect()
     }
 
+    /// Waits until the server has answered no new request for `quiet`; returns the number
+    /// of requests then. Fails after `limit`, showing the last requests.
+    pub fn wait_settled(&self, quiet: Duration, limit: Duration) -> usize {
+        let start = Instant::now();
+        let mut n = self.requests().len();
+        let mut since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.requests().len();
+            if now != n {
+                n = now;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                return n;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "requests did not settle within {limit:?}: {:?}",
+                &self.requests()[n.saturating_sub(20)..]
+            );
+        }
+    }
+
     /// The `s3://` URL of `prefix` in the bucket, served by this server at `port` (the
     /// server's own port, or a proxy's), with Litestream's query keys.
     pub fn s3_url_via(&self, port: u16, prefix: &str) -> String {
