@@ -24,9 +24,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use parking_lot::Mutex;
 
-use super::{database_of, wal_path, Capture, CaptureEvent};
+use super::{database_of, wal_path, Capture, CaptureEvent, WatcherWake};
 
 /// How often the watcher looks for newly captured databases' directories and for a stop.
 const TICK: Duration = Duration::from_millis(200);
@@ -50,12 +52,20 @@ impl WalWatcher {
     /// `coalesce`.
     pub fn start(capture: Arc<Capture>, coalesce: Duration) -> std::io::Result<WalWatcher> {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
+        let wake = Arc::new(EventFd::from_flags(
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )?);
+        capture.set_wake(WatcherWake {
+            fd: wake.clone(),
+            interval: coalesce,
+            last: Mutex::new(None),
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("walfs-watch".into())
-                .spawn(move || Watch::new(capture, inotify, coalesce).run(&stop))?
+                .spawn(move || Watch::new(capture, inotify, wake, coalesce).run(&stop))?
         };
         Ok(WalWatcher { stop, thread })
     }
@@ -70,6 +80,8 @@ impl WalWatcher {
 struct Watch {
     capture: Arc<Capture>,
     inotify: Inotify,
+    /// Signalled by [`Capture::wal_synced`].
+    wake: Arc<EventFd>,
     coalesce: Duration,
     /// Watched directories (relative to the backing root) by descriptor.
     dirs: HashMap<WatchDescriptor, PathBuf>,
@@ -83,10 +95,16 @@ struct Watch {
 }
 
 impl Watch {
-    fn new(capture: Arc<Capture>, inotify: Inotify, coalesce: Duration) -> Watch {
+    fn new(
+        capture: Arc<Capture>,
+        inotify: Inotify,
+        wake: Arc<EventFd>,
+        coalesce: Duration,
+    ) -> Watch {
         Watch {
             capture,
             inotify,
+            wake,
             coalesce,
             dirs: HashMap::new(),
             polling: HashMap::new(),
@@ -110,13 +128,31 @@ impl Watch {
             } else {
                 self.coalesce
             };
-            let ready = {
-                let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+            let (events, woken) = {
+                let mut fds = [
+                    PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
+                ];
                 let timeout =
                     PollTimeout::try_from(wait.as_millis() as i32).unwrap_or(PollTimeout::MAX);
-                poll(&mut fds, timeout).unwrap_or(0)
+                if poll(&mut fds, timeout).unwrap_or(0) > 0 {
+                    let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+                    (ready(&fds[0]), ready(&fds[1]))
+                } else {
+                    (false, false)
+                }
             };
-            if ready > 0 {
+            if woken {
+                // A `-wal` was fsynced (a checkpoint is starting): read it now.
+                let _ = self.wake.read();
+                let synced = self.capture.take_synced_wals();
+                changed.extend(synced);
+                self.poll_changed(&mut changed);
+                if !events {
+                    continue;
+                }
+            }
+            if events {
                 // Let the writes of this burst arrive (and merge), then read them all.
                 std::thread::sleep(self.coalesce);
                 for wd in self.drain(&mut changed) {
