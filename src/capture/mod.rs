@@ -397,6 +397,20 @@ impl DatabaseCapture {
         self.capture(true, durable)
     }
 
+    /// Call while the application is blocked in an fsync of the database file, before that
+    /// fsync reaches the backing file. In WAL mode this ends a checkpoint's backfill: the
+    /// commits not yet read are staged now, and the segment's fdatasync is started so that
+    /// it overlaps with the database's (the `on_db_synced` that follows waits for it). In
+    /// rollback mode this does nothing; `on_db_synced` does the work.
+    pub fn on_db_syncing(&mut self) -> io::Result<Vec<CaptureEvent>> {
+        if std::fs::metadata(&self.wal_path).is_err() {
+            return Ok(Vec::new());
+        }
+        let events = self.capture(true, false)?;
+        self.segment.start_sync()?;
+        Ok(events)
+    }
+
     /// Call when the backing WAL changed between barriers (for the RPO).
     pub fn on_wal_changed(&mut self) -> io::Result<Vec<CaptureEvent>> {
         self.capture(false, false)
@@ -1270,6 +1284,12 @@ impl Capture {
         }
     }
 
+    /// The database file `rel` is about to be fsynced (see
+    /// [`DatabaseCapture::on_db_syncing`]); only a database already captured.
+    pub fn on_db_syncing(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, false, true, |c| c.on_db_syncing())
+    }
+
     /// A barrier on the `-journal` of `db` (see [`DatabaseCapture::on_journal`]).
     pub fn on_journal(
         &self,
@@ -1422,6 +1442,22 @@ impl Observer for CaptureObserver {
         Ok(())
     }
 
+    fn syncing(&self, file: &Node<'_>) -> FsResult<()> {
+        // A database fsync ends a checkpoint's backfill: stage the rest of the WAL now and
+        // start making it durable beside the database's own fsync (`synced` waits for it).
+        let Ok(rel) = file.relative_path() else {
+            return Ok(());
+        };
+        match database_of(&rel) {
+            Some((_, false)) => self
+                .capture
+                .on_db_syncing(&rel)
+                .map(drop)
+                .map_err(|_| FsError::EIO),
+            _ => Ok(()),
+        }
+    }
+
     fn synced(&self, file: &Node<'_>) -> FsResult<()> {
         if let Some(db) = Self::journal_of(file) {
             // PERSIST mode's commit point: the zeroed header is synced.
@@ -1461,10 +1497,14 @@ impl Observer for CaptureObserver {
         }
         let rel = file.relative_path().map_err(|_| FsError::EIO)?;
         match database_of(&rel) {
-            // A database truncated or extended outside SQLite's protocol (or by a
-            // VACUUM, whose journal commit stages it anyway).
+            // A checkpoint's truncation of the database (or one outside SQLite's
+            // protocol, or a VACUUM's, whose journal commit stages it anyway). The WAL is
+            // caught up first. It is not made durable here: the frames stay in the `-wal`
+            // until the checkpoint's database fsync, which follows and makes the staging
+            // durable beside its own (with synchronous=OFF there is none, and SQLite
+            // itself promises no durability).
             Some((db, false)) => {
-                self.barrier(Ok(wal_path(&db)), true)?;
+                self.barrier(Ok(wal_path(&db)), false)?;
                 self.capture
                     .on_db_changed(&rel, false)
                     .map(drop)

@@ -517,6 +517,7 @@ impl PassthroughFs {
 
     pub fn fsync(&self, nodeid: u64, fh: u64, datasync: bool) -> FsResult<()> {
         let inode = self.inodes.get(nodeid)?;
+        self.observer.syncing(&self.node(&inode))?;
         match self.handle(fh) {
             Ok(h) => sys::fsync(h.fd.as_fd(), datasync)?,
             Err(_) => {

@@ -36,10 +36,15 @@ impl Node<'_> {
 }
 
 /// Called by the filesystem at barriers, after the backing operation (or just before it, for
-/// removals) and before the reply. Every method defaults to doing nothing.
+/// removals and [`Observer::syncing`]) and before the reply. Every method defaults to doing nothing.
 pub trait Observer: Send + Sync + 'static {
     /// A regular file was created (or opened with O_CREAT) in `dir`.
     fn created(&self, _dir: &Node<'_>, _name: &OsStr, _file: &Node<'_>) -> FsResult<()> {
+        Ok(())
+    }
+    /// `fsync`/`fdatasync` on `file` is about to reach the backing file; work the observer
+    /// starts here overlaps with it. [`Observer::synced`] follows if it succeeds.
+    fn syncing(&self, _file: &Node<'_>) -> FsResult<()> {
         Ok(())
     }
     /// `fsync`/`fdatasync` on `file` reached the backing file.

@@ -5,8 +5,10 @@
 //! active segment with plain writes, no fsync: until a durable point, the same frames are
 //! still in the backing `-wal`, which SQLite itself made durable, so a crash loses nothing
 //! that cannot be read again. At a durable point the segment is fsynced
-//! ([`SegmentWriter::sync`]); at an upload it is sealed ([`SegmentWriter::seal`]): fsynced
-//! and renamed to `<min %016x>-<max %016x>.seg`.
+//! ([`SegmentWriter::sync`]), or its fsync is started on a helper thread so that it overlaps
+//! with the application's own fsync ([`SegmentWriter::start_sync`]) and waited for at the
+//! durable point; at an upload it is sealed ([`SegmentWriter::seal`]): fsynced and renamed to
+//! `<min %016x>-<max %016x>.seg`.
 //!
 //! Pages are stored raw (the uploader compresses when it encodes LTX), so that an append
 //! costs one copy and no compression on the application's barrier. A record:
@@ -31,6 +33,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
 
 use crate::replica::ltx::{Crc64, DatabaseChecksum};
 use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
@@ -280,6 +284,30 @@ pub struct SegmentWriter {
     len: u64,
     txids: Option<(u64, u64)>,
     unsynced: bool,
+    /// An fdatasync started by [`start_sync`](Self::start_sync), not yet waited for.
+    in_flight: Option<Receiver<io::Result<()>>>,
+}
+
+/// A segment's file descriptor to fdatasync, and where its result goes.
+type SyncJob = (File, Sender<io::Result<()>>);
+
+/// The thread that runs the fdatasyncs [`SegmentWriter::start_sync`] hands off: one for the
+/// process, started at the first hand-off. Each job is a duplicate of a segment's file
+/// descriptor and the channel its result goes back on.
+fn background_syncer() -> &'static Mutex<Sender<SyncJob>> {
+    static SYNCER: OnceLock<Mutex<Sender<SyncJob>>> = OnceLock::new();
+    SYNCER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SyncJob>();
+        std::thread::Builder::new()
+            .name("walfs-segsync".into())
+            .spawn(move || {
+                for (file, done) in rx {
+                    let _ = done.send(file.sync_data());
+                }
+            })
+            .expect("cannot start the segment sync thread");
+        Mutex::new(tx)
+    })
 }
 
 impl SegmentWriter {
@@ -306,6 +334,7 @@ impl SegmentWriter {
             len: valid,
             txids,
             unsynced: valid > 0,
+            in_flight: None,
         })
     }
 
@@ -341,8 +370,45 @@ impl SegmentWriter {
         }
     }
 
+    /// Starts making every record written so far durable (fdatasync) on the sync thread, so
+    /// that it overlaps with whatever the caller does next; [`sync`](Self::sync) waits for it.
+    /// Nothing is started while an earlier one is still running (`sync` covers the rest).
+    pub fn start_sync(&mut self) -> io::Result<()> {
+        if !self.unsynced || self.in_flight.is_some() {
+            return Ok(());
+        }
+        let file = self.file.try_clone()?;
+        let (tx, rx) = mpsc::channel();
+        let sent = background_syncer()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((file, tx));
+        if sent.is_ok() {
+            self.in_flight = Some(rx);
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Waits for the fdatasync [`start_sync`](Self::start_sync) started. If it failed, the
+    /// records it covered count as unsynced again and its error is returned (a failed
+    /// fsync is reported once, so it is not retried as if it had succeeded).
+    fn wait_in_flight(&mut self) -> io::Result<()> {
+        let Some(rx) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let res = rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the segment sync thread stopped")));
+        if res.is_err() {
+            self.unsynced = true;
+        }
+        res
+    }
+
     /// Makes every record durable (fdatasync).
     pub fn sync(&mut self) -> io::Result<()> {
+        self.wait_in_flight()?;
         if self.unsynced {
             self.file.sync_data()?;
             self.unsynced = false;
@@ -356,6 +422,7 @@ impl SegmentWriter {
         let Some((min, max)) = self.txids else {
             return Ok(None);
         };
+        self.wait_in_flight()?;
         self.file.sync_all()?;
         let dir = self.path.parent().expect("segment has a directory");
         let sealed = dir.join(sealed_name(min, max));
@@ -550,5 +617,37 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().len(), 0);
         assert_eq!(read_segment(&sealed).unwrap().0.len(), 2);
         assert_eq!(w.seal().unwrap(), None);
+    }
+
+    /// A sync started on the helper thread is waited for by `sync` and `seal`; records
+    /// written while it runs stay unsynced until the next sync.
+    #[test]
+    fn background_sync_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("active");
+        let mut w = SegmentWriter::open(&path).unwrap();
+        w.start_sync().unwrap();
+        assert!(w.in_flight.is_none(), "nothing to sync");
+        let mut r = w.begin(header(1, 1, 1));
+        add(&mut r, 1, 1);
+        r.finish(1).unwrap();
+        w.start_sync().unwrap();
+        assert!(w.in_flight.is_some() && !w.unsynced);
+        let mut r = w.begin(header(2, 2, 1));
+        add(&mut r, 2, 2);
+        r.finish(2).unwrap();
+        assert!(w.unsynced);
+        // A second start while one runs leaves the new record to `sync`.
+        w.start_sync().unwrap();
+        w.sync().unwrap();
+        assert!(w.in_flight.is_none() && !w.unsynced);
+        w.start_sync().unwrap();
+        let mut r = w.begin(header(3, 3, 1));
+        add(&mut r, 3, 3);
+        r.finish(3).unwrap();
+        w.start_sync().unwrap();
+        let sealed = w.seal().unwrap().unwrap();
+        assert!(w.in_flight.is_none());
+        assert_eq!(read_segment(&sealed).unwrap().0.len(), 3);
     }
 }
