@@ -18,7 +18,7 @@ use fuser::{BackingId, FileAttr, FileType, TimeOrNow};
 use parking_lot::{Mutex, RwLock};
 
 use super::error::{FsError, FsResult};
-use super::inode::{Inode, InodeTable};
+use super::inode::{Inode, InodeTable, PathGeneration};
 use super::observer::{Node, Observer};
 use super::sys;
 
@@ -95,6 +95,8 @@ pub struct PassthroughFs {
     next_fh: AtomicU64,
     passthrough: AtomicBool,
     observer: Arc<dyn Observer>,
+    /// Moves at every rename and removal, so that cached node paths are read again.
+    names: PathGeneration,
     daemon_uid: u32,
     daemon_gid: u32,
 }
@@ -119,6 +121,7 @@ impl PassthroughFs {
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             observer,
+            names: PathGeneration::default(),
             // SAFETY: these calls cannot fail.
             daemon_uid: unsafe { libc::geteuid() },
             daemon_gid: unsafe { libc::getegid() },
@@ -152,6 +155,8 @@ impl PassthroughFs {
         Node {
             inode,
             root: &self.root_path,
+            path: Default::default(),
+            generation: self.names.current(),
         }
     }
 
@@ -324,17 +329,17 @@ impl PassthroughFs {
         self.check_writable()?;
         let parent = self.inodes.get(parent)?;
         self.observer.unlinking(&self.node(&parent), name)?;
-        Ok(sys::unlinkat(parent.fd(), &sys::cstr(name)?, 0)?)
+        let res = sys::unlinkat(parent.fd(), &sys::cstr(name)?, 0);
+        self.names.changed();
+        Ok(res?)
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         self.check_writable()?;
         let parent = self.inodes.get(parent)?;
-        Ok(sys::unlinkat(
-            parent.fd(),
-            &sys::cstr(name)?,
-            libc::AT_REMOVEDIR,
-        )?)
+        let res = sys::unlinkat(parent.fd(), &sys::cstr(name)?, libc::AT_REMOVEDIR);
+        self.names.changed();
+        Ok(res?)
     }
 
     pub fn rename(
@@ -350,13 +355,15 @@ impl PassthroughFs {
         let new_parent = self.inodes.get(new_parent)?;
         self.observer
             .renaming(&self.node(&parent), name, &self.node(&new_parent), new_name)?;
-        sys::renameat2(
+        let res = sys::renameat2(
             parent.fd(),
             &sys::cstr(name)?,
             new_parent.fd(),
             &sys::cstr(new_name)?,
             flags,
-        )?;
+        );
+        self.names.changed();
+        res?;
         self.observer.renamed(&self.node(&new_parent), new_name);
         Ok(())
     }
@@ -517,7 +524,8 @@ impl PassthroughFs {
 
     pub fn fsync(&self, nodeid: u64, fh: u64, datasync: bool) -> FsResult<()> {
         let inode = self.inodes.get(nodeid)?;
-        self.observer.syncing(&self.node(&inode))?;
+        let node = self.node(&inode);
+        self.observer.syncing(&node)?;
         match self.handle(fh) {
             Ok(h) => sys::fsync(h.fd.as_fd(), datasync)?,
             Err(_) => {
@@ -525,7 +533,7 @@ impl PassthroughFs {
                 sys::fsync(fd.as_fd(), datasync)?;
             }
         }
-        self.observer.synced(&self.node(&inode))
+        self.observer.synced(&node)
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {

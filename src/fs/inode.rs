@@ -6,8 +6,10 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use fuser::BackingId;
 use parking_lot::{Mutex, RwLock};
@@ -47,7 +49,21 @@ pub struct Inode {
     lookups: AtomicU64,
     /// The kernel passthrough registration of this file, shared by all its open handles.
     pub backing: Mutex<Weak<BackingId>>,
+    /// The backing path last read for this node (see [`Inode::cached_path`]).
+    path: Mutex<Option<CachedPath>>,
 }
+
+/// A path read from `/proc/self/fd`, with the namespace generation it was read under.
+struct CachedPath {
+    generation: u64,
+    read_at: Instant,
+    path: PathBuf,
+}
+
+/// How long a cached path is trusted without a rename or unlink through the mount: renames
+/// made directly in the backing directory are seen within this time, as names and
+/// attributes are (`--cache-ttl`).
+const PATH_TTL: Duration = Duration::from_secs(1);
 
 impl Inode {
     /// The `O_PATH` descriptor of the backing file.
@@ -57,6 +73,48 @@ impl Inode {
 
     pub fn is_regular(&self) -> bool {
         self.kind == libc::S_IFREG
+    }
+
+    /// The node's backing path, read with `readlink` of its descriptor in `/proc/self/fd`
+    /// (several µs, on every fsync of a busy database) unless it was read at the same
+    /// `generation` of the mount's namespace (see [`PathGeneration`]) less than a second
+    /// ago.
+    pub fn cached_path(
+        &self,
+        generation: u64,
+        read: impl FnOnce() -> std::io::Result<PathBuf>,
+    ) -> std::io::Result<PathBuf> {
+        if let Some(c) = &*self.path.lock() {
+            if c.generation == generation && c.read_at.elapsed() < PATH_TTL {
+                return Ok(c.path.clone());
+            }
+        }
+        let read_at = Instant::now();
+        let path = read()?;
+        *self.path.lock() = Some(CachedPath {
+            generation,
+            read_at,
+            path: path.clone(),
+        });
+        Ok(path)
+    }
+}
+
+/// Counts renames and removals through the mount, the operations that change the path of
+/// a file already known. A path read under one value stays right until the counter moves
+/// (it moves after the backing operation, so a path read before that carries the older
+/// value).
+#[derive(Default)]
+pub struct PathGeneration(AtomicU64);
+
+impl PathGeneration {
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Call after a rename, unlink or rmdir reached the backing directory.
+    pub fn changed(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -83,6 +141,7 @@ impl InodeTable {
             fd: root_fd,
             lookups: AtomicU64::new(u64::MAX / 2),
             backing: Mutex::new(Weak::new()),
+            path: Mutex::new(None),
         });
         let mut tables = Tables::default();
         tables.by_id.insert(ROOT_ID, root);
@@ -143,6 +202,7 @@ impl InodeTable {
             fd,
             lookups: AtomicU64::new(1),
             backing: Mutex::new(Weak::new()),
+            path: Mutex::new(None),
         });
         tables.by_id.insert(nodeid, inode.clone());
         tables.by_key.insert(key, nodeid);
@@ -179,5 +239,52 @@ impl InodeTable {
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.tables.read().by_id.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A cached path is reused only under the same generation; a rename or unlink through
+    /// the mount (the generation moving) or a failed read makes the next call read again.
+    #[test]
+    fn cached_path_follows_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd: OwnedFd = std::fs::File::open(dir.path()).unwrap().into();
+        let st = super::super::sys::fstat(fd.as_fd()).unwrap();
+        let table = InodeTable::new(fd, &st);
+        let root = table.get(ROOT_ID).unwrap();
+        let names = PathGeneration::default();
+        let reads = Cell::new(0);
+        let read = |p: &str| {
+            reads.set(reads.get() + 1);
+            Ok(PathBuf::from(p))
+        };
+        let g = names.current();
+        assert_eq!(
+            root.cached_path(g, || read("/a")).unwrap(),
+            PathBuf::from("/a")
+        );
+        assert_eq!(
+            root.cached_path(g, || read("/b")).unwrap(),
+            PathBuf::from("/a")
+        );
+        assert_eq!(reads.get(), 1);
+        names.changed();
+        let g = names.current();
+        assert_eq!(
+            root.cached_path(g, || read("/b")).unwrap(),
+            PathBuf::from("/b")
+        );
+        assert_eq!(reads.get(), 2);
+        assert!(root
+            .cached_path(g + 1, || Err(std::io::Error::other("gone")))
+            .is_err());
+        assert_eq!(
+            root.cached_path(g, || read("/c")).unwrap(),
+            PathBuf::from("/b")
+        );
     }
 }

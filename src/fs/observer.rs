@@ -4,6 +4,7 @@
 //! that cannot record what it must returns an error, and the application's operation fails
 //! with it (EIO) instead of the replica silently diverging.
 
+use std::cell::OnceCell;
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,16 +12,29 @@ use std::path::{Path, PathBuf};
 use super::error::FsResult;
 use super::inode::Inode;
 
-/// A file or directory under the mount, as the observer sees it.
+/// A file or directory under the mount, as the observer sees it during one operation.
 pub struct Node<'a> {
     pub(super) inode: &'a Inode,
     pub(super) root: &'a Path,
+    /// The path found by the first [`Node::backing_path`] of this operation (a readlink of
+    /// `/proc/self/fd`, a few µs that an fsync's two hooks would otherwise pay twice).
+    pub(super) path: OnceCell<PathBuf>,
+    /// The mount's rename/unlink generation when the operation began.
+    pub(super) generation: u64,
 }
 
 impl Node<'_> {
-    /// The node's current absolute path in the backing directory. It follows renames.
+    /// The node's current absolute path in the backing directory. It follows renames through
+    /// the mount at once, and renames made directly in the backing directory within a
+    /// second.
     pub fn backing_path(&self) -> io::Result<PathBuf> {
-        super::sys::fd_path(self.inode.fd())
+        if let Some(p) = self.path.get() {
+            return Ok(p.clone());
+        }
+        let p = self
+            .inode
+            .cached_path(self.generation, || super::sys::fd_path(self.inode.fd()))?;
+        Ok(self.path.get_or_init(|| p).clone())
     }
 
     /// The node's current path relative to the backing root (empty for the root).
