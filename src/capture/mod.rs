@@ -1370,8 +1370,8 @@ impl CaptureObserver {
     /// the WAL watcher reads those commits within milliseconds, beside the writer. That
     /// loses nothing: the frames stay in the `-wal` until a checkpoint has backfilled them
     /// all, which ends with an ftruncate and (unless `synchronous=OFF`) an fsync of the
-    /// database file, and those are barriers at which the capture catches up, durably,
-    /// before SQLite may restart the log.
+    /// database file, and those are barriers at which the capture catches up (and, at the
+    /// fsync, makes the staging durable) before SQLite may restart the log.
     pub fn new(capture: Arc<Capture>, stage_at_commit: bool) -> CaptureObserver {
         CaptureObserver {
             capture,

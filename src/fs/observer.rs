@@ -50,7 +50,8 @@ impl Node<'_> {
 }
 
 /// Called by the filesystem at barriers, after the backing operation (or just before it, for
-/// removals and [`Observer::syncing`]) and before the reply. Every method defaults to doing nothing.
+/// removals and [`Observer::syncing`]) and before the reply. Every method defaults to doing
+/// nothing.
 pub trait Observer: Send + Sync + 'static {
     /// A regular file was created (or opened with O_CREAT) in `dir`.
     fn created(&self, _dir: &Node<'_>, _name: &OsStr, _file: &Node<'_>) -> FsResult<()> {

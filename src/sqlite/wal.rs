@@ -1111,44 +1111,32 @@ mod tests {
     /// blocks, a remainder, an odd tail SQLite ignores), both byte orders, any seed.
     #[test]
     fn blocked_checksum_equals_the_definition() {
+        let definition = |big_endian: bool, data: &[u8], seed: [u32; 2]| {
+            if big_endian {
+                checksum_pairs(data, seed, u32::from_be_bytes)
+            } else {
+                checksum_pairs(data, seed, u32::from_le_bytes)
+            }
+        };
         let mut rng = Rng(7);
         for len in [0, 8, 16, 248, 256, 264, 512, 1000, 1024, 4096, 4104, 65536] {
             let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let blocks = &data[..len / BLOCK_BYTES * BLOCK_BYTES];
             for big_endian in [false, true] {
                 for seed in [
                     [0, 0],
                     [rng.next() as u32, rng.next() as u32],
                     [u32::MAX; 2],
                 ] {
-                    let expected = if big_endian {
-                        checksum_pairs(&data, seed, u32::from_be_bytes)
-                    } else {
-                        checksum_pairs(&data, seed, u32::from_le_bytes)
-                    };
                     assert_eq!(
                         wal_checksum(big_endian, &data, seed),
-                        expected,
+                        definition(big_endian, &data, seed),
                         "len {len} big_endian {big_endian} seed {seed:?}"
                     );
+                    // The portable path too, whatever the CPU running the test has.
                     assert_eq!(
-                        checksum_blocks_portable(
-                            big_endian,
-                            &data[..len / BLOCK_BYTES * BLOCK_BYTES],
-                            seed
-                        ),
-                        if big_endian {
-                            checksum_pairs(
-                                &data[..len / BLOCK_BYTES * BLOCK_BYTES],
-                                seed,
-                                u32::from_be_bytes,
-                            )
-                        } else {
-                            checksum_pairs(
-                                &data[..len / BLOCK_BYTES * BLOCK_BYTES],
-                                seed,
-                                u32::from_le_bytes,
-                            )
-                        },
+                        checksum_blocks_portable(big_endian, blocks, seed),
+                        definition(big_endian, blocks, seed)
                     );
                 }
             }

@@ -34,7 +34,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use crate::replica::ltx::{Crc64, DatabaseChecksum};
 use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
@@ -294,8 +294,8 @@ type SyncJob = (File, Sender<io::Result<()>>);
 /// The thread that runs the fdatasyncs [`SegmentWriter::start_sync`] hands off: one for the
 /// process, started at the first hand-off. Each job is a duplicate of a segment's file
 /// descriptor and the channel its result goes back on.
-fn background_syncer() -> &'static Mutex<Sender<SyncJob>> {
-    static SYNCER: OnceLock<Mutex<Sender<SyncJob>>> = OnceLock::new();
+fn background_syncer() -> &'static Sender<SyncJob> {
+    static SYNCER: OnceLock<Sender<SyncJob>> = OnceLock::new();
     SYNCER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SyncJob>();
         std::thread::Builder::new()
@@ -306,7 +306,7 @@ fn background_syncer() -> &'static Mutex<Sender<SyncJob>> {
                 }
             })
             .expect("cannot start the segment sync thread");
-        Mutex::new(tx)
+        tx
     })
 }
 
@@ -379,11 +379,7 @@ impl SegmentWriter {
         }
         let file = self.file.try_clone()?;
         let (tx, rx) = mpsc::channel();
-        let sent = background_syncer()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send((file, tx));
-        if sent.is_ok() {
+        if background_syncer().send((file, tx)).is_ok() {
             self.in_flight = Some(rx);
             self.unsynced = false;
         }
