@@ -20,8 +20,9 @@ use walfs::replica::ltx::{DatabaseChecksum, LtxEncoder, LtxHeader};
 use walfs::replica::store::{ReplicaStore, ReplicaUrl};
 use walfs::restore::apply::integrity_check;
 use walfs::restore::list::summarize;
-use walfs::restore::record::{ChecksumRecord, SidecarStore};
+use walfs::restore::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use walfs::restore::{list_command, open_replica, restore_command, runtime, ListArgs, RestoreArgs};
+use walfs::sqlite::ContentChecksum;
 
 const PS: usize = 1024;
 
@@ -127,11 +128,22 @@ impl Replica {
                 let body = ltx(header, &pages);
                 rt.block_on(store.put_ltx(db, level, header.min_txid, txid, body, t(txid)))
                     .unwrap();
+                // Odd TXIDs get records as walfs wrote them before it used blake3
+                // (CRC-64), even ones blake3 records: restore checks both.
+                let checksum = if txid % 2 == 1 {
+                    RecordedChecksum::LegacyCrc64(
+                        DatabaseChecksum::of_database(&image, PS as u32)
+                            .unwrap()
+                            .value(),
+                    )
+                } else {
+                    RecordedChecksum::Content(
+                        ContentChecksum::of_database(&image, PS as u32).unwrap(),
+                    )
+                };
                 let record = ChecksumRecord {
                     txid,
-                    checksum: DatabaseChecksum::of_database(&image, PS as u32)
-                        .unwrap()
-                        .value(),
+                    checksum,
                     page_size: PS as u32,
                     commit,
                 };
@@ -304,14 +316,35 @@ fn verification_record_mismatch_is_an_error() {
     let rec = r.dir.join("walfs/checksums/0000000000000006");
     let text = std::fs::read_to_string(&rec).unwrap();
     let mut parsed = ChecksumRecord::parse(&text).unwrap();
-    parsed.checksum ^= 1;
+    let RecordedChecksum::Content(c) = parsed.checksum else {
+        panic!("TXID 6 has a blake3 record: {text}")
+    };
+    parsed.checksum = RecordedChecksum::Content(ContentChecksum::from_value(c.value() ^ 1));
     std::fs::write(&rec, parsed.encode()).unwrap();
     let out = r.out("out.db");
     let e = restore_command(&r.args(&out)).unwrap_err().to_string();
     assert!(e.contains("does not match its verification record"), "{e}");
     assert!(e.contains("walfs/checksums/0000000000000006"), "{e}");
+    assert!(e.contains("recorded blake3="), "{e}");
     assert!(!out.exists());
     assert_only(r._tmp.path(), &[]);
+    // A record from before blake3 (CRC-64) is checked too.
+    let rec5 = r.dir.join("walfs/checksums/0000000000000005");
+    let mut parsed = ChecksumRecord::parse(&std::fs::read_to_string(&rec5).unwrap()).unwrap();
+    let RecordedChecksum::LegacyCrc64(c) = parsed.checksum else {
+        panic!("TXID 5 has a CRC-64 record")
+    };
+    let mut a = r.args(&out);
+    a.txid = Some(5);
+    restore_command(&a).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), r.state(5));
+    std::fs::remove_file(&out).unwrap();
+    parsed.checksum = RecordedChecksum::LegacyCrc64(c ^ 1);
+    std::fs::write(&rec5, parsed.encode()).unwrap();
+    let e = restore_command(&a).unwrap_err().to_string();
+    assert!(e.contains("does not match its verification record"), "{e}");
+    assert!(e.contains("recorded checksum="), "{e}");
+    assert!(!out.exists());
     // Without a record, integrity_check alone vouches for the content.
     std::fs::remove_file(&rec).unwrap();
     restore_command(&r.args(&out)).unwrap();

@@ -4,7 +4,7 @@
 //! This module owns the path from "a database's files changed or reached a barrier" to
 //! "every transaction committed so far is staged":
 //! - [`DatabaseCapture`]: one database (its backing path). It keeps a [`WalTracker`] on the
-//!   backing `-wal`, the running [`DatabaseChecksum`] and one checksum contribution per page
+//!   backing `-wal`, the running [`ContentChecksum`] (blake3) and one hash per page
 //!   (so each batch updates the checksum incrementally), and stages the committed WAL
 //!   transactions each read finds as one batch (consecutive TXIDs, the newest version of
 //!   each page, read once more from the backing `-wal` while it is in the page cache) in
@@ -42,10 +42,10 @@ use parking_lot::Mutex;
 
 use crate::fs::observer::{Node, Observer};
 use crate::fs::{FsError, FsResult};
-use crate::replica::ltx::{lock_pgno, DatabaseChecksum, LtxHeader};
+use crate::replica::ltx::{lock_pgno, LtxHeader};
 use crate::sqlite::{
-    read_full, DbHeader, FileFormat, WalError, WalEvent, WalPage, WalPosition, WalTracker,
-    WalTransaction, DB_HEADER_SIZE, WAL_FRAME_HEADER_SIZE,
+    page_hash, read_full, ContentChecksum, DbHeader, FileFormat, PageHash, WalError, WalEvent,
+    WalPage, WalPosition, WalTracker, WalTransaction, DB_HEADER_SIZE, WAL_FRAME_HEADER_SIZE,
 };
 use crate::staging::{
     BatchHeader, DbState, LtxWriter, PageMerge, SavedSums, SegmentWriter, Staging,
@@ -216,8 +216,8 @@ fn db_len_from(f: &File) -> io::Result<u64> {
 struct ImageSink {
     /// For a snapshot: the staging area, the key, the TXID and the file being written.
     writer: Option<(Arc<Staging>, PathBuf, u64, Option<LtxWriter>)>,
-    sums: Vec<u64>,
-    sum: DatabaseChecksum,
+    sums: Vec<PageHash>,
+    sum: ContentChecksum,
 }
 
 /// Receives the pages of a database image, in order (`start` may be called again on a
@@ -229,8 +229,8 @@ trait PageSink {
 
 impl PageSink for ImageSink {
     fn start(&mut self, page_size: u32, size: u32) -> io::Result<()> {
-        self.sums = vec![0u64; size as usize];
-        self.sum = DatabaseChecksum::EMPTY;
+        self.sums = vec![0; size as usize];
+        self.sum = ContentChecksum::EMPTY;
         if let Some((staging, rel, txid, w)) = &mut self.writer {
             *w = None;
             if size > 0 {
@@ -242,7 +242,7 @@ impl PageSink for ImageSink {
     }
 
     fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
-        let c = DatabaseChecksum::page_checksum(pgno, data);
+        let c = page_hash(pgno, data);
         self.sums[pgno as usize - 1] = c;
         self.sum.toggle(c);
         if let Some((_, _, _, Some(w))) = &mut self.writer {
@@ -278,8 +278,8 @@ pub struct DatabaseCapture {
     tracker: WalTracker,
     state: DbState,
     saved: Option<DbState>,
-    /// Checksum contribution of each page (index `pgno - 1`); 0 for the lock page.
-    sums: Vec<u64>,
+    /// The [`page_hash`] of each page (index `pgno - 1`); 0 for the lock page.
+    sums: Vec<PageHash>,
     /// The backing `-journal`.
     journal_path: PathBuf,
     /// Pages the open rollback-journal transaction recorded, read at a database fsync;
@@ -382,9 +382,9 @@ impl DatabaseCapture {
         &self.state
     }
 
-    /// The database checksum after the last staged TXID.
-    pub fn checksum(&self) -> DatabaseChecksum {
-        self.state.database_checksum()
+    /// The content checksum after the last staged TXID.
+    pub fn checksum(&self) -> ContentChecksum {
+        self.state.checksum
     }
 
     /// Call while the application is blocked in an fsync, ftruncate, unlink or rename of the
@@ -622,17 +622,17 @@ impl DatabaseCapture {
                 None => frame.fill(0),
             }
             let buf = &frame[WAL_FRAME_HEADER_SIZE..];
-            let c = DatabaseChecksum::page_checksum(pgno, buf);
+            let c = page_hash(pgno, buf);
             w.add_page(pgno, buf, c)?;
-            if let Some(&old) = self.sums.get(pgno as usize - 1) {
-                if old != 0 && pgno <= commit {
+            if pgno <= commit {
+                if let Some(&old) = self.sums.get(pgno as usize - 1) {
                     sum.toggle(old);
                 }
             }
             sum.toggle(c);
             new_sums.push((pgno, c));
         }
-        w.finish(sum.value())?;
+        w.finish(sum)?;
         self.record_staged(&header, sum, new_sums);
         self.state.wal = Some(WalPosition::after(last));
         Ok(CaptureEvent::Staged {
@@ -642,13 +642,11 @@ impl DatabaseCapture {
         })
     }
 
-    /// The staged database checksum without the pages past `commit` (a shrink drops them).
-    fn checksum_cut_to(&self, commit: u32) -> DatabaseChecksum {
-        let mut sum = self.state.database_checksum();
+    /// The staged content checksum without the pages past `commit` (a shrink drops them).
+    fn checksum_cut_to(&self, commit: u32) -> ContentChecksum {
+        let mut sum = self.state.checksum;
         for &old in self.sums.iter().skip(commit as usize) {
-            if old != 0 {
-                sum.toggle(old);
-            }
+            sum.toggle(old);
         }
         sum
     }
@@ -658,8 +656,8 @@ impl DatabaseCapture {
     fn record_staged(
         &mut self,
         header: &BatchHeader,
-        sum: DatabaseChecksum,
-        new_sums: Vec<(u32, u64)>,
+        sum: ContentChecksum,
+        new_sums: Vec<(u32, PageHash)>,
     ) {
         self.sums.resize(header.commit as usize, 0);
         for (pgno, c) in new_sums {
@@ -667,7 +665,7 @@ impl DatabaseCapture {
         }
         self.state.txid = header.max_txid;
         self.state.commit = header.commit;
-        self.state.checksum = sum.value();
+        self.state.checksum = sum;
     }
 
     /// Reads the database file plus its committed WAL frames, retrying while the WAL moves.
@@ -761,7 +759,7 @@ impl DatabaseCapture {
         let mut sink = ImageSink {
             writer: Some((self.staging.clone(), self.rel.clone(), txid, None)),
             sums: Vec::new(),
-            sum: DatabaseChecksum::EMPTY,
+            sum: ContentChecksum::EMPTY,
         };
         let got = self.read_image(barrier, None, &mut sink)?;
         let Some((tracker, page_size, size, _)) = got else {
@@ -778,7 +776,7 @@ impl DatabaseCapture {
             // An empty database: nothing to stage yet.
             drop(writer);
         } else {
-            let staged = writer.expect("writer was started").commit(sum)?;
+            let staged = writer.expect("writer was started").commit()?;
             events.push(CaptureEvent::Staged {
                 min_txid: staged.min_txid,
                 max_txid: staged.max_txid,
@@ -791,7 +789,7 @@ impl DatabaseCapture {
         self.pending = None;
         self.state.page_size = page_size;
         self.state.commit = size;
-        self.state.checksum = sum.value();
+        self.state.checksum = sum;
         self.state.wal = self.tracker.position();
         self.make_durable()?;
         self.note_fingerprint();
@@ -853,15 +851,13 @@ impl DatabaseCapture {
         let Some(saved) = self.staging.take_sums(&self.rel)? else {
             return Ok(false);
         };
-        let mut sum = DatabaseChecksum::EMPTY;
+        let mut sum = ContentChecksum::EMPTY;
         for &c in &saved.sums {
-            if c != 0 {
-                sum.toggle(c);
-            }
+            sum.toggle(c);
         }
         let fits = saved.txid == self.state.txid
             && saved.sums.len() == self.state.commit as usize
-            && sum == self.state.database_checksum()
+            && sum == self.state.checksum
             && self.files_description().as_deref() == Some(saved.files.as_str());
         if !fits {
             tracing::info!(db = %self.rel.display(), "the files changed since the last stop: reading the database to resume");
@@ -914,14 +910,14 @@ impl DatabaseCapture {
             let mut sink = ImageSink {
                 writer: None,
                 sums: Vec::new(),
-                sum: DatabaseChecksum::EMPTY,
+                sum: ContentChecksum::EMPTY,
             };
             let got = self.read_image(false, upto, &mut sink)?;
             let ImageSink { sums, sum, .. } = sink;
             let Some((tracker, page_size, size, _)) = got else {
                 continue;
             };
-            let expected = self.state.database_checksum();
+            let expected = self.state.checksum;
             if page_size == self.state.page_size && size == self.state.commit && sum == expected {
                 self.tracker = tracker;
                 self.sums = sums;

@@ -27,10 +27,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{now_ms, open_optional, read_db_header, CaptureEvent, DatabaseCapture, PageSink};
-use crate::replica::ltx::{lock_pgno, DatabaseChecksum};
+use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
-    changed_pages, header_state, read_full, scan_journal, JournalError, JournalHeaderState,
-    JournalReadMode, JournalRecord, JournalScan, JOURNAL_HEADER_LEN,
+    changed_pages, header_state, page_hash, read_full, scan_journal, ContentChecksum, JournalError,
+    JournalHeaderState, JournalReadMode, JournalRecord, JournalScan, PageHash, JOURNAL_HEADER_LEN,
 };
 use crate::staging::BatchHeader;
 
@@ -201,10 +201,10 @@ impl Originals {
     }
 }
 
-/// Per-page checksums of a database image, for a comparison.
+/// Per-page hashes of a database image, for a comparison.
 struct SumSink {
     page_size: u32,
-    sums: Vec<u64>,
+    sums: Vec<PageHash>,
 }
 
 impl PageSink for SumSink {
@@ -215,7 +215,7 @@ impl PageSink for SumSink {
     }
 
     fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
-        self.sums[pgno as usize - 1] = DatabaseChecksum::page_checksum(pgno, data);
+        self.sums[pgno as usize - 1] = page_hash(pgno, data);
         Ok(())
     }
 }
@@ -473,7 +473,7 @@ impl DatabaseCapture {
         tracing::info!(db = %self.rel.display(), "the database file was replaced: staging all of its pages (the TXID history continues)");
         self.sums.clear();
         self.state.commit = 0;
-        self.state.checksum = 0;
+        self.state.checksum = ContentChecksum::EMPTY;
         self.fingerprint = None;
         events.extend(self.capture_diff(true)?);
         Ok(())
@@ -505,14 +505,14 @@ impl DatabaseCapture {
         let buffered = pages.len().saturating_mul(ps) <= BUFFER_LIMIT;
         let mut data = Vec::new();
         let mut page = vec![0u8; ps];
-        // (pgno, checksum, offset in `data` when buffered)
-        let mut keep: Vec<(u32, u64, usize)> = Vec::new();
+        // (pgno, page hash, offset in `data` when buffered)
+        let mut keep: Vec<(u32, PageHash, usize)> = Vec::new();
         for &pgno in pages {
             if pgno == 0 || pgno > commit || pgno == lock {
                 continue;
             }
             read_page(db, pgno, &mut page)?;
-            let c = DatabaseChecksum::page_checksum(pgno, &page);
+            let c = page_hash(pgno, &page);
             if pgno <= old_size && self.sums[pgno as usize - 1] == c {
                 continue;
             }
@@ -529,7 +529,7 @@ impl DatabaseCapture {
             if commit > 0 {
                 // Only a shrink: page 1 carries it.
                 read_page(db, 1, &mut page)?;
-                let c = DatabaseChecksum::page_checksum(1, &page);
+                let c = page_hash(1, &page);
                 keep.push((1, c, data.len()));
                 data.extend_from_slice(&page);
             }
@@ -552,20 +552,17 @@ impl DatabaseCapture {
                 (&data[at..at + ps], c)
             } else {
                 read_page(db, pgno, &mut page)?;
-                let c2 = DatabaseChecksum::page_checksum(pgno, &page);
+                let c2 = page_hash(pgno, &page);
                 (&page[..], c2)
             };
             w.add_page(pgno, buf, c)?;
             if pgno <= old_size {
-                let old = self.sums[pgno as usize - 1];
-                if old != 0 {
-                    sum.toggle(old);
-                }
+                sum.toggle(self.sums[pgno as usize - 1]);
             }
             sum.toggle(c);
             new_sums.push((pgno, c));
         }
-        w.finish(sum.value())?;
+        w.finish(sum)?;
         self.record_staged(&header, sum, new_sums);
         Ok(vec![CaptureEvent::Staged {
             min_txid: header.min_txid,

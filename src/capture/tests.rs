@@ -1,7 +1,7 @@
 //! Capture tests with real SQLite on a plain directory: the barrier methods are called
 //! exactly where the FUSE layer will call them. Each test rebuilds the database from the
 //! staged snapshots and batches, compares it page by page with the live database, and
-//! checks every recorded database checksum.
+//! checks every recorded content checksum (and the LTX checksum of each snapshot).
 
 use std::fs;
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use super::*;
-use crate::replica::ltx::decode;
+use crate::replica::ltx::{decode, DatabaseChecksum};
 use crate::staging::Staged;
 
 struct Fixture {
@@ -64,6 +64,13 @@ fn staged_count(f: &Fixture) -> usize {
     f.capture.staging().pending(&f.rel).unwrap().len()
 }
 
+/// The checksum a staged item ends with: a snapshot's LTX post-apply checksum (CRC-64) or a
+/// batch's content checksum (blake3).
+enum Post {
+    Ltx(u64),
+    Content(ContentChecksum),
+}
+
 /// Rebuilds the database from the staged snapshots and batches, in TXID order, checking
 /// that TXIDs are contiguous and every post-apply checksum against the image.
 fn rebuild(f: &Fixture) -> Vec<u8> {
@@ -85,7 +92,7 @@ fn rebuild(f: &Fixture) -> Vec<u8> {
                 (
                     h.page_size,
                     h.commit,
-                    file.trailer.post_apply_checksum,
+                    Post::Ltx(file.trailer.post_apply_checksum),
                     pages,
                 )
             }
@@ -97,7 +104,12 @@ fn rebuild(f: &Fixture) -> Vec<u8> {
                     Ok(())
                 })
                 .unwrap();
-                (b.header.page_size, b.header.commit, b.post_checksum, pages)
+                (
+                    b.header.page_size,
+                    b.header.commit,
+                    Post::Content(b.post_checksum),
+                    pages,
+                )
             }
         };
         last = s.max_txid();
@@ -111,13 +123,20 @@ fn rebuild(f: &Fixture) -> Vec<u8> {
             image[at..at + ps].copy_from_slice(data);
         }
         image.resize(commit as usize * ps, 0);
-        assert_eq!(
-            post,
-            DatabaseChecksum::of_database(&image, page_size)
-                .unwrap()
-                .value(),
-            "TXID {last}"
-        );
+        match post {
+            Post::Ltx(c) => assert_eq!(
+                c,
+                DatabaseChecksum::of_database(&image, page_size)
+                    .unwrap()
+                    .value(),
+                "TXID {last}"
+            ),
+            Post::Content(c) => assert_eq!(
+                c,
+                ContentChecksum::of_database(&image, page_size).unwrap(),
+                "TXID {last}"
+            ),
+        }
     }
     image
 }
@@ -146,7 +165,7 @@ fn assert_replica_matches(f: &Fixture, conn: &Connection) {
     let c = guard.as_ref().unwrap();
     assert_eq!(
         c.checksum(),
-        DatabaseChecksum::of_database(&live, ps).unwrap()
+        ContentChecksum::of_database(&live, ps).unwrap()
     );
     assert_eq!(
         f.capture.staging().state(&f.rel).unwrap().unwrap(),

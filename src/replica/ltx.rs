@@ -716,6 +716,12 @@ impl<W: Write> LtxEncoder<W> {
         Ok(())
     }
 
+    /// For a snapshot whose header tracks checksums: the LTX database checksum of the pages
+    /// added so far (what [`LtxEncoder::finish`] needs once every page is in).
+    pub fn snapshot_checksum(&self) -> DatabaseChecksum {
+        self.snapshot_checksum
+    }
+
     /// Ends the page block, writes the page index and the trailer, and flushes the writer.
     ///
     /// `post_apply_checksum` is the database checksum after this file is applied

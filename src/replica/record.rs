@@ -1,4 +1,4 @@
-//! The verification record: the database checksum after each uploaded TXID range, in a
+//! The verification record: the content checksum (blake3) after each uploaded TXID range, in a
 //! place Litestream ignores. On S3 the uploader puts it in the LTX object's metadata
 //! (`walfs-record`); on a file replica, and for replicas written before that, it is a small
 //! sidecar object. Restores compare the rebuilt database against it (DESIGN.md, contract
@@ -15,10 +15,11 @@
 //! The deletion marker of a database that was deleted: `<db>/walfs/deleted` beside them
 //! ([`deleted_marker_key`]).
 //!
-//! Content, one line: `txid=<%016x> checksum=<%016x> page_size=<n> commit=<n>`, where the
-//! checksum is [`crate::replica::ltx::DatabaseChecksum::value`] of the whole database after
-//! `txid`, and commit is
-//! its size in pages.
+//! Content, one line: `txid=<%016x> blake3=<%032x> page_size=<n> commit=<n>`, where `blake3`
+//! is the [`ContentChecksum`] of the whole database after `txid` (blake3 per page,
+//! XOR-combined; see `sqlite/content.rs`), and commit is its size in pages. Records written
+//! before walfs used blake3 have `checksum=<%016x>` instead: the LTX database checksum
+//! (CRC-64, [`crate::replica::ltx::DatabaseChecksum`]). Restore still checks those.
 //!
 //! Litestream lists only `<db>/ltx/<level>/` (file) or `<db>/<level %04x>/` (S3) and parses
 //! object names as `<min>-<max>.ltx`, so it never sees these objects, and
@@ -32,18 +33,18 @@ use bytes::Bytes;
 
 use crate::replica::ltx::{LtxHeader, HEADER_SIZE};
 use crate::replica::store::{Layout, LtxObjectInfo, ReplicaStore, ReplicaUrl};
+use crate::sqlite::ContentChecksum;
 
 /// The directory of a database's records, below the database's replica path.
 pub const CHECKSUMS_DIR: &str = "walfs/checksums";
 
-/// The database checksum after one TXID, as walfs recorded it when it uploaded that TXID.
+/// The content checksum after one TXID, as walfs recorded it when it uploaded that TXID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChecksumRecord {
     /// The TXID (the max TXID of an uploaded range).
     pub txid: u64,
-    /// [`DatabaseChecksum::value`](crate::replica::ltx::DatabaseChecksum::value) of the whole
-    /// database after `txid`.
-    pub checksum: u64,
+    /// The checksum of the whole database after `txid`.
+    pub checksum: RecordedChecksum,
     /// The database page size.
     pub page_size: u32,
     /// The database size in pages after `txid`.
@@ -54,7 +55,7 @@ impl ChecksumRecord {
     /// The record's content: one line, ending in a newline.
     pub fn encode(&self) -> String {
         format!(
-            "txid={:016x} checksum={:016x} page_size={} commit={}\n",
+            "txid={:016x} {} page_size={} commit={}\n",
             self.txid, self.checksum, self.page_size, self.commit
         )
     }
@@ -65,7 +66,8 @@ impl ChecksumRecord {
         if line.contains('\n') {
             return Err("a record is one line".into());
         }
-        let (mut txid, mut checksum, mut page_size, mut commit) = (None, None, None, None);
+        let (mut txid, mut page_size, mut commit) = (None, None, None);
+        let (mut content, mut crc) = (None, None);
         for field in line.split_whitespace() {
             let (k, v) = field
                 .split_once('=')
@@ -73,7 +75,11 @@ impl ChecksumRecord {
             let bad = |what: &str| format!("{k}={v:?} is not {what}");
             match k {
                 "txid" => txid = Some(u64::from_str_radix(v, 16).map_err(|_| bad("hex"))?),
-                "checksum" => checksum = Some(u64::from_str_radix(v, 16).map_err(|_| bad("hex"))?),
+                "blake3" => {
+                    content =
+                        Some(ContentChecksum::parse_hex(v).ok_or_else(|| bad("32 hex digits"))?)
+                }
+                "checksum" => crc = Some(u64::from_str_radix(v, 16).map_err(|_| bad("hex"))?),
                 "page_size" => page_size = Some(v.parse().map_err(|_| bad("a number"))?),
                 "commit" => commit = Some(v.parse().map_err(|_| bad("a number"))?),
                 // Unknown fields are allowed, for later versions.
@@ -83,10 +89,34 @@ impl ChecksumRecord {
         let need = |name: &str| format!("the record has no {name} field");
         Ok(ChecksumRecord {
             txid: txid.ok_or_else(|| need("txid"))?,
-            checksum: checksum.ok_or_else(|| need("checksum"))?,
+            checksum: match (content, crc) {
+                (Some(c), _) => RecordedChecksum::Content(c),
+                (None, Some(c)) => RecordedChecksum::LegacyCrc64(c),
+                (None, None) => return Err(need("blake3")),
+            },
             page_size: page_size.ok_or_else(|| need("page_size"))?,
             commit: commit.ok_or_else(|| need("commit"))?,
         })
+    }
+}
+
+/// The checksum a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordedChecksum {
+    /// The content checksum (`blake3=`).
+    Content(ContentChecksum),
+    /// The LTX database checksum (CRC-64, `checksum=`) of a record written before walfs
+    /// used blake3.
+    LegacyCrc64(u64),
+}
+
+/// The record's field: `blake3=<32 hex>` or `checksum=<16 hex>`.
+impl std::fmt::Display for RecordedChecksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordedChecksum::Content(c) => write!(f, "blake3={c}"),
+            RecordedChecksum::LegacyCrc64(c) => write!(f, "checksum={c:016x}"),
+        }
     }
 }
 
@@ -237,22 +267,30 @@ mod tests {
     fn record_round_trip() {
         let r = ChecksumRecord {
             txid: 0x2a,
-            checksum: 0x8000_0000_dead_beef,
+            checksum: RecordedChecksum::Content(ContentChecksum::from_value(0xdead_beef)),
             page_size: 4096,
             commit: 12,
         };
         let text = r.encode();
         assert_eq!(
             text,
-            "txid=000000000000002a checksum=80000000deadbeef page_size=4096 commit=12\n"
+            "txid=000000000000002a blake3=000000000000000000000000deadbeef page_size=4096 commit=12\n"
         );
         assert_eq!(ChecksumRecord::parse(&text).unwrap(), r);
+        // A record from before blake3 keeps its CRC-64.
+        let legacy = ChecksumRecord {
+            checksum: RecordedChecksum::LegacyCrc64(0x8000_0000_dead_beef),
+            ..r
+        };
         assert_eq!(
             ChecksumRecord::parse("commit=12 txid=2a checksum=80000000deadbeef page_size=4096 x=y")
                 .unwrap(),
-            r
+            legacy
         );
+        assert_eq!(ChecksumRecord::parse(&legacy.encode()).unwrap(), legacy);
         for (bad, want) in [
+            ("txid=2a blake3=1 page_size=4096 commit=1", "32 hex digits"),
+            ("txid=2a page_size=4096 commit=1", "no blake3"),
             ("txid=2a checksum=1 page_size=4096", "no commit"),
             ("txid=zz checksum=1 page_size=1 commit=1", "not hex"),
             ("txid", "key=value"),
@@ -299,7 +337,7 @@ mod tests {
             assert_eq!(s.get_checksum_record("a.db", 7, None).await.unwrap(), None);
             let r = ChecksumRecord {
                 txid: 7,
-                checksum: 0x8000_0000_0000_0001,
+                checksum: RecordedChecksum::Content(ContentChecksum::from_value(1)),
                 page_size: 512,
                 commit: 3,
             };

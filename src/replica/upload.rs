@@ -21,7 +21,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::ltx::{lock_pgno, LtxEncoder, LtxHeader, HEADER_SIZE};
 use super::maintain::Maintainer;
-use super::record::{ChecksumRecord, SidecarStore};
+use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use super::store::ReplicaStore;
 use crate::staging::{Batch, KeepSource, PageMerge, Staged, Staging};
 
@@ -177,7 +177,7 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> 
 fn record_of(b: &Batch) -> ChecksumRecord {
     ChecksumRecord {
         txid: b.header.max_txid,
-        checksum: b.post_checksum,
+        checksum: RecordedChecksum::Content(b.post_checksum),
         page_size: b.header.page_size,
         commit: b.header.commit,
     }
@@ -295,7 +295,7 @@ impl Uploader {
                 .filter(|st| st.txid == u.max_txid)
                 .map(|st| ChecksumRecord {
                     txid: st.txid,
-                    checksum: st.checksum,
+                    checksum: RecordedChecksum::Content(st.checksum),
                     page_size: st.page_size,
                     commit: st.commit,
                 });

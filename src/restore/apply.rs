@@ -9,17 +9,18 @@
 //!    (each object is decoded and checked in full: a corrupt object is an error naming its
 //!    key), truncating whenever a file shrinks the database and finally to the last
 //!    commit size (pages × page size), then fsync;
-//! 3. verify: the SQLite header agrees with the LTX page size and commit size; the database
-//!    checksum over the result equals the writer's verification record for the TXID, if one
-//!    exists (and the last object's post-apply checksum, if it carries one); and
-//!    `PRAGMA integrity_check` says `ok`;
+//! 3. verify: the SQLite header agrees with the LTX page size and commit size; the content
+//!    checksum (blake3, computed over the result on every core) equals the writer's
+//!    verification record for the TXID, if one exists; the LTX database checksum (CRC-64)
+//!    equals the last object's post-apply checksum, if it carries one (and a record written
+//!    before walfs used blake3); and `PRAGMA integrity_check` says `ok`;
 //! 4. remove a stale `OUT-wal`, `OUT-shm` or `OUT-journal` (SQLite would apply them to the
 //!    new file), rename the temporary file to `OUT`, fsync the directory.
 //!
 //! On any error the temporary file is removed and `OUT` is untouched: never half-written.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, IsTerminal};
+use std::io::IsTerminal;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -32,9 +33,10 @@ use tokio::runtime::Runtime;
 use crate::replica::ltx::{DatabaseChecksum, LtxDecoder, LtxHeader};
 use crate::replica::store::ReplicaStore;
 use crate::sqlite::header::DbHeader;
+use crate::sqlite::ContentChecksum;
 
 use super::plan::{db_label, RestorePlan};
-use super::record::SidecarStore;
+use super::record::{RecordedChecksum, SidecarStore};
 
 /// How the content checksum of a restored database was verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +63,8 @@ pub struct RestoreOutcome {
     pub page_size: u32,
     /// The database size in pages.
     pub commit: u32,
-    /// The database checksum of the restored file.
-    pub checksum: DatabaseChecksum,
+    /// The content checksum of the restored file.
+    pub checksum: ContentChecksum,
     /// How the checksum was verified.
     pub checksum_check: ChecksumCheck,
     /// Objects applied.
@@ -120,6 +122,63 @@ pub fn check_output(out: &Path, force: bool) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(anyhow!("cannot check {}: {e}", out.display())),
     }
+}
+
+/// The content checksum of the first `commit` pages of `file`, and its LTX database
+/// checksum if `with_crc`. XOR combines, so the pages are split across the cores.
+fn checksums_of(
+    file: &File,
+    page_size: u32,
+    commit: u32,
+    with_crc: bool,
+) -> std::io::Result<(ContentChecksum, Option<DatabaseChecksum>)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let per = commit.div_ceil(threads).max(1);
+    let parts = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| (1 + i * per, (1 + (i + 1) * per).min(commit + 1)))
+            .filter(|(first, end)| first < end)
+            .map(|pages| s.spawn(move || checksums_of_pages(file, page_size, pages, with_crc)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("checksum thread panicked"))
+            .collect::<std::io::Result<Vec<_>>>()
+    })?;
+    let (mut content, mut crc) = (ContentChecksum::EMPTY, DatabaseChecksum::EMPTY);
+    for (c, d) in parts {
+        content.toggle(c.value());
+        crc.toggle(d.value());
+    }
+    Ok((content, with_crc.then_some(crc)))
+}
+
+/// The contributions of pages `first..end` of `file` to its content checksum and (if
+/// `with_crc`, else empty) its LTX database checksum.
+fn checksums_of_pages(
+    file: &File,
+    page_size: u32,
+    (first, end): (u32, u32),
+    with_crc: bool,
+) -> std::io::Result<(ContentChecksum, DatabaseChecksum)> {
+    let ps = page_size as usize;
+    let pages_per_read = ((1 << 20) / ps).max(1) as u32;
+    let mut buf = vec![0u8; pages_per_read as usize * ps];
+    let (mut content, mut crc) = (ContentChecksum::EMPTY, DatabaseChecksum::EMPTY);
+    let mut pgno = first;
+    while pgno < end {
+        let n = pages_per_read.min(end - pgno);
+        let chunk = &mut buf[..n as usize * ps];
+        file.read_exact_at(chunk, u64::from(pgno - 1) * ps as u64)?;
+        for (i, page) in chunk.chunks_exact(ps).enumerate() {
+            content.add_page(pgno + i as u32, page);
+            if with_crc {
+                crc.add_page(pgno + i as u32, page);
+            }
+        }
+        pgno += n;
+    }
+    Ok((content, crc))
 }
 
 /// Restores `plan` into `out` (see the module documentation). `progress` shows a progress
@@ -247,29 +306,39 @@ pub fn restore_database(
         }
     }
 
-    // (a) The content checksum.
-    let reader = File::open(&tmp)
-        .map(|f| BufReader::with_capacity(1 << 20, f))
-        .with_context(|| format!("cannot read back {}", tmp.display()))?;
-    let checksum = DatabaseChecksum::from_reader(reader, page_size)
-        .with_context(|| format!("cannot read back {}", tmp.display()))?;
-    if h.has_checksums() && post_apply != 0 && post_apply != checksum.value() {
-        bail!(
-            "restored {label} at TXID {} does not match the checksum in object {} ({post_apply:016x}, restored {:016x}); the replica is corrupt",
-            plan.txid,
-            plan.objects.last().map(|o| o.key.as_str()).unwrap_or(""),
-            checksum.value()
-        );
-    }
+    // (a) The content checksum, and the LTX checksum where the replica carries one.
     let record = rt
         .block_on(sidecar.get_checksum_record(&plan.db, plan.txid, plan.objects.last()))
         .with_context(|| format!("cannot read the verification record of {label}"))?;
+    let ltx_post_apply = (h.has_checksums() && post_apply != 0).then_some(post_apply);
+    let legacy = record
+        .as_ref()
+        .is_some_and(|(r, _)| matches!(r.checksum, RecordedChecksum::LegacyCrc64(_)));
+    let (checksum, crc) =
+        checksums_of(&file, page_size, commit, ltx_post_apply.is_some() || legacy)
+            .with_context(|| format!("cannot read back {}", tmp.display()))?;
+    if let (Some(want), Some(got)) = (ltx_post_apply, crc) {
+        if want != got.value() {
+            bail!(
+                "restored {label} at TXID {} does not match the checksum in object {} ({want:016x}, restored {:016x}); the replica is corrupt",
+                plan.txid,
+                plan.objects.last().map(|o| o.key.as_str()).unwrap_or(""),
+                got.value()
+            );
+        }
+    }
     let checksum_check = match record {
         Some((r, place)) => {
-            if (r.checksum, r.page_size, r.commit) != (checksum.value(), page_size, commit) {
+            let restored = match r.checksum {
+                RecordedChecksum::Content(_) => RecordedChecksum::Content(checksum),
+                RecordedChecksum::LegacyCrc64(_) => {
+                    RecordedChecksum::LegacyCrc64(crc.map_or(0, |c| c.value()))
+                }
+            };
+            if (r.checksum, r.page_size, r.commit) != (restored, page_size, commit) {
                 bail!(
                     "restored {label} at TXID {} does not match its verification record {}: \
-                     recorded checksum {:016x} ({} pages of {} bytes), restored {:016x} \
+                     recorded {} ({} pages of {} bytes), restored {restored} \
                      ({commit} pages of {page_size} bytes); the replica is corrupt or was \
                      changed; {} was not written",
                     plan.txid,
@@ -277,7 +346,6 @@ pub fn restore_database(
                     r.checksum,
                     r.commit,
                     r.page_size,
-                    checksum.value(),
                     out.display()
                 );
             }

@@ -12,6 +12,8 @@
 //!   truncations and gaps.
 //! - [`journal`]: rollback-journal headers and records (across all segments), SQLite's
 //!   journal checksum, and the set of pages a rollback-mode commit changed.
+//! - [`content`]: the content checksum of a database image (blake3 per page, XOR-combined so
+//!   that a transaction updates it), which walfs records and restores verify.
 //!
 //! Sources: sqlite.org/fileformat2.html, sqlite.org/walformat.html, and SQLite's `wal.c` and
 //! `pager.c` (the amalgamation bundled by `libsqlite3-sys`). The functions cite what they
@@ -19,12 +21,14 @@
 //!
 //! No parser here panics on any input: malformed bytes give an error or a documented stop.
 
+pub mod content;
 pub mod header;
 pub mod journal;
 pub mod wal;
 
 use std::io;
 
+pub use content::{page_hash, ContentChecksum, PageHash};
 pub use header::{
     is_sqlite, lock_byte_page, page_size_from_raw, page_size_is_valid, DbHeader, FileFormat,
     HeaderError, DB_HEADER_SIZE, PENDING_BYTE, SQLITE_MAGIC,

@@ -30,9 +30,15 @@
 //! never talks to the network. Every failure (ENOSPC, EROFS, EACCES, ...) is an
 //! `io::Error`, so that the caller can fail the application's operation with EIO.
 //!
-//! Snapshot LTX files are written without database checksums in their headers unless
-//! [`Staging::set_checksums`] turns them on: Litestream 0.5 restores only files without
-//! them. The running checksum is kept in the state and in every batch either way.
+//! Snapshot LTX files are written without LTX database checksums (CRC-64) in their headers
+//! unless [`Staging::set_checksums`] turns them on: Litestream 0.5 restores only files
+//! without them. The content checksum ([`ContentChecksum`], blake3) is kept in the state
+//! and in every batch either way.
+//!
+//! The state file is format 2 (content checksum `content`, 32 hex digits). A format-1 state
+//! (written before walfs used blake3; its `checksum` was CRC-64) is read for its TXIDs and
+//! WAL position only, with page size 0, so that it matches no database and the capture
+//! heals with a fresh snapshot that continues the same history.
 
 pub mod kept;
 pub mod merge;
@@ -48,21 +54,23 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::replica::ltx::{
-    ltx_object_name, parse_ltx_object_name, DatabaseChecksum, LtxEncoder, LtxError, LtxHeader,
+    ltx_object_name, parse_ltx_object_name, LtxEncoder, LtxError, LtxHeader,
 };
-use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
+use crate::sqlite::{ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
 
 /// Name of the per-database state file.
 const STATE_FILE: &str = "state";
 /// Per-page checksums saved at a clean stop (see [`Staging::save_sums`]).
 const SUMS_FILE: &str = "sums";
-const SUMS_MAGIC: &[u8; 8] = b"WFSSUMS1";
+const SUMS_MAGIC: &[u8; 8] = b"WFSSUMS2";
 /// The staged deletion marker of a database (see [`Staging::mark_deleted`]).
 const DELETED_FILE: &str = "deleted";
 /// Name of the segment being appended to.
 const ACTIVE_SEGMENT: &str = "active";
 /// First line of a state file: the format and its version.
-const STATE_MAGIC: &str = "walfs-staging-state 1";
+const STATE_MAGIC: &str = "walfs-staging-state 2";
+/// First line of a format-1 state file (CRC-64 checksum; see the module header).
+const STATE_MAGIC_V1: &str = "walfs-staging-state 1";
 
 /// The staging area of one mount.
 #[derive(Debug)]
@@ -83,23 +91,12 @@ pub struct DbState {
     pub page_size: u32,
     /// Database size in pages after `txid`.
     pub commit: u32,
-    /// The database checksum after `txid` ([`DatabaseChecksum::value`]).
-    pub checksum: u64,
+    /// The content checksum of the database after `txid`.
+    pub checksum: ContentChecksum,
     /// Where the WAL reader stood after `txid` (`None` if no WAL was seen).
     pub wal: Option<WalPosition>,
     /// The last TXID the replica is known to hold (0: none).
     pub uploaded_txid: u64,
-}
-
-impl DbState {
-    /// The database checksum after [`DbState::txid`].
-    pub fn database_checksum(&self) -> DatabaseChecksum {
-        if self.checksum == 0 {
-            DatabaseChecksum::EMPTY
-        } else {
-            DatabaseChecksum::from_value(self.checksum)
-        }
-    }
 }
 
 /// A staged snapshot: an LTX file holding the whole database.
@@ -217,15 +214,15 @@ impl LtxWriter {
         &self.header
     }
 
-    /// Finishes the file with the post-apply checksum, fsyncs it, renames it into place and
-    /// fsyncs the directory.
-    pub fn commit(mut self, post_checksum: DatabaseChecksum) -> io::Result<StagedLtx> {
+    /// Finishes the file (with the post-apply LTX checksum of the pages written, if the
+    /// header tracks checksums), fsyncs it, renames it into place and fsyncs the directory.
+    pub fn commit(mut self) -> io::Result<StagedLtx> {
         let mut enc = self
             .encoder
             .take()
             .ok_or_else(|| io::Error::other("LTX writer already finished"))?;
         let post = if self.header.has_checksums() {
-            post_checksum.value()
+            enc.snapshot_checksum().value()
         } else {
             0
         };
@@ -334,20 +331,20 @@ impl Staging {
         commit: u32,
         txid: u64,
         timestamp_ms: i64,
-    ) -> io::Result<(StagedLtx, DatabaseChecksum)>
+    ) -> io::Result<(StagedLtx, ContentChecksum)>
     where
         I: IntoIterator<Item = io::Result<(u32, B)>>,
         B: AsRef<[u8]>,
     {
         let header = LtxHeader::snapshot(page_size, commit, txid, timestamp_ms);
         let mut w = self.begin_snapshot(db, header)?;
-        let mut sum = DatabaseChecksum::EMPTY;
+        let mut sum = ContentChecksum::EMPTY;
         for page in pages {
             let (pgno, data) = page?;
             w.add_page(pgno, data.as_ref())?;
             sum.add_page(pgno, data.as_ref());
         }
-        Ok((w.commit(sum)?, sum))
+        Ok((w.commit()?, sum))
     }
 
     /// Opens the active segment of `db` for appending (call [`Staging::recover`] first).
@@ -598,7 +595,7 @@ pub struct SavedSums {
     pub txid: u64,
     /// An opaque description of the files (identity, size, times) at the stop.
     pub files: String,
-    pub sums: Vec<u64>,
+    pub sums: Vec<PageHash>,
 }
 
 impl Staging {
@@ -606,7 +603,7 @@ impl Staging {
     pub fn save_sums(&self, db: &Path, saved: &SavedSums) -> io::Result<()> {
         let dir = self.db_dir(db)?;
         fs::create_dir_all(&dir)?;
-        let mut b = Vec::with_capacity(32 + saved.files.len() + 8 * saved.sums.len());
+        let mut b = Vec::with_capacity(32 + saved.files.len() + 16 * saved.sums.len());
         b.extend_from_slice(SUMS_MAGIC);
         b.extend_from_slice(&saved.txid.to_be_bytes());
         b.extend_from_slice(&(saved.files.len() as u32).to_be_bytes());
@@ -649,15 +646,15 @@ fn parse_sums(b: &[u8]) -> Option<SavedSums> {
     let (files, rest) = rest.split_at_checked(flen)?;
     let (count, rest) = rest.split_at_checked(8)?;
     let count = usize::try_from(u64::from_be_bytes(count.try_into().ok()?)).ok()?;
-    if rest.len() != count.checked_mul(8)? {
+    if rest.len() != count.checked_mul(16)? {
         return None;
     }
     Some(SavedSums {
         txid: u64::from_be_bytes(txid.try_into().ok()?),
         files: String::from_utf8(files.to_vec()).ok()?,
         sums: rest
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .chunks_exact(16)
+            .map(|c| u128::from_be_bytes(c.try_into().unwrap()))
             .collect(),
     })
 }
@@ -668,7 +665,7 @@ fn crc_of(text: &str) -> u64 {
 
 fn format_state(s: &DbState) -> String {
     let mut t = format!(
-        "{STATE_MAGIC}\ntxid {}\npage_size {}\ncommit {}\nchecksum {:016x}\nuploaded_txid {}\n",
+        "{STATE_MAGIC}\ntxid {}\npage_size {}\ncommit {}\ncontent {}\nuploaded_txid {}\n",
         s.txid, s.page_size, s.commit, s.checksum, s.uploaded_txid
     );
     if let Some(w) = &s.wal {
@@ -703,9 +700,11 @@ fn parse_state(text: &str) -> Result<DbState, String> {
         return Err("crc mismatch".into());
     }
     let mut lines = body.lines();
-    if lines.next() != Some(STATE_MAGIC) {
-        return Err("unknown format".into());
-    }
+    let v1 = match lines.next() {
+        Some(STATE_MAGIC) => false,
+        Some(STATE_MAGIC_V1) => true,
+        _ => return Err("unknown format".into()),
+    };
     let mut s = DbState::default();
     for line in lines {
         let mut it = line.split_ascii_whitespace();
@@ -722,12 +721,13 @@ fn parse_state(text: &str) -> Result<DbState, String> {
             "page_size" => s.page_size = u32v(0)?,
             "commit" => s.commit = u32v(0)?,
             "uploaded_txid" => s.uploaded_txid = num(0)?,
-            "checksum" => {
+            "content" if !v1 => {
                 s.checksum = vals
                     .first()
-                    .and_then(|v| u64::from_str_radix(v, 16).ok())
+                    .and_then(|v| ContentChecksum::parse_hex(v))
                     .ok_or_else(|| format!("bad value in {line:?}"))?
             }
+            "checksum" if v1 => {}
             "wal" => {
                 if vals.len() != 10 {
                     return Err(format!("bad wal line {line:?}"));
@@ -749,6 +749,10 @@ fn parse_state(text: &str) -> Result<DbState, String> {
             }
             _ => return Err(format!("unknown key {key:?}")),
         }
+    }
+    if v1 {
+        // Its CRC-64 checksum cannot be compared with blake3: match no database.
+        s.page_size = 0;
     }
     Ok(s)
 }

@@ -14,20 +14,22 @@
 //! costs one copy and no compression on the application's barrier. A record:
 //!
 //! ```text
-//! header  96 bytes  magic "WFSB", version 1, page size, commit (pages after max TXID),
+//! header  96 bytes  magic "WFSB", version 2, page size, commit (pages after max TXID),
 //!                   min TXID, max TXID, timestamp (ms), page count, reserved, then the WAL
 //!                   position read up to (flag, byte order, page size, checkpoint sequence,
 //!                   salt-1, salt-2, header checksum ×2, committed end u64, chain ×2)
 //!                   (all big-endian)
 //! pages   count × (pgno u32 + page data), ascending pgno; an all-zero page is a page the
 //!                   batch zeroed (the database shrank below it and grew again)
-//! trailer 16 bytes  post-apply database checksum, CRC-64/GO-ISO of the record
+//! trailer 24 bytes  content checksum after max TXID (u128), CRC-64/GO-ISO of the record
 //! ```
 //!
-//! The record CRC covers the header, each page's number and checksum
-//! ([`DatabaseChecksum::page_checksum`], which the capture computes anyway), and the
-//! post-apply checksum; a reader recomputes the page checksums from the data. So every
-//! byte is verified, and the hot path hashes each page once.
+//! The record CRC covers the header, each page's number and [`page_hash`] (which the
+//! capture computes anyway for the content checksum), and the content checksum; a reader
+//! recomputes the page hashes from the data. So every byte is verified, and the hot path
+//! hashes each page once. Version 1 records (CRC-64 content checksum, 16-byte trailer) are
+//! not read: they end a segment's valid prefix like a torn record, so their transactions
+//! are read again from the WAL or healed with a snapshot.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
@@ -36,13 +38,13 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::OnceLock;
 
-use crate::replica::ltx::{Crc64, DatabaseChecksum};
-use crate::sqlite::{WalHeader, WalPosition, WAL_VERSION};
+use crate::replica::ltx::Crc64;
+use crate::sqlite::{page_hash, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
 
 const RECORD_MAGIC: u32 = 0x5746_5342;
-const RECORD_VERSION: u32 = 1;
+const RECORD_VERSION: u32 = 2;
 const HEADER_SIZE: usize = 96;
-const TRAILER_SIZE: usize = 16;
+const TRAILER_SIZE: usize = 24;
 /// Appends are flushed to the file in chunks of this size.
 const FLUSH_AT: usize = 1 << 20;
 
@@ -140,8 +142,8 @@ impl BatchHeader {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     pub header: BatchHeader,
-    /// The database checksum after `max_txid` ([`crate::replica::ltx::DatabaseChecksum`]).
-    pub post_checksum: u64,
+    /// The content checksum of the database after `max_txid`.
+    pub post_checksum: ContentChecksum,
     /// The segment file.
     pub path: PathBuf,
     /// Where the record starts in it.
@@ -207,23 +209,28 @@ pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
             r.read_exact(&mut buf)?;
             let pgno = u32::from_be_bytes(buf[..4].try_into().unwrap());
             digest.update(&buf[..4]);
-            digest.update(&DatabaseChecksum::page_checksum(pgno, &buf[4..]).to_be_bytes());
+            digest.update(&page_hash(pgno, &buf[4..]).to_be_bytes());
         }
         let mut tb = [0u8; TRAILER_SIZE];
         r.read_exact(&mut tb)?;
-        digest.update(&tb[..8]);
-        if digest.finalize().to_be_bytes() != tb[8..16] {
+        digest.update(&tb[..16]);
+        if digest.finalize().to_be_bytes() != tb[16..24] {
             break;
         }
         out.push(Batch {
             header,
-            post_checksum: u64::from_be_bytes(tb[..8].try_into().unwrap()),
+            post_checksum: content_checksum_at(&tb),
             path: path.to_path_buf(),
             offset,
         });
         offset += rec_len;
     }
     Ok((out, offset))
+}
+
+/// The content checksum in a record's trailer.
+fn content_checksum_at(trailer: &[u8; TRAILER_SIZE]) -> ContentChecksum {
+    ContentChecksum::from_value(u128::from_be_bytes(trailer[..16].try_into().unwrap()))
 }
 
 /// The records of a sealed segment, read from their headers and trailers alone (the
@@ -245,11 +252,11 @@ pub fn list_records(path: &Path) -> io::Result<Vec<Batch>> {
         if offset + rec_len > len {
             break;
         }
-        let mut tb = [0u8; 8];
+        let mut tb = [0u8; TRAILER_SIZE];
         file.read_exact_at(&mut tb, offset + rec_len - TRAILER_SIZE as u64)?;
         out.push(Batch {
             header,
-            post_checksum: u64::from_be_bytes(tb),
+            post_checksum: content_checksum_at(&tb),
             path: path.to_path_buf(),
             offset,
         });
@@ -463,17 +470,17 @@ impl RecordWriter<'_> {
     }
 
     /// Adds the next page (ascending page numbers, exactly `page_count` of them), with its
-    /// [`DatabaseChecksum::page_checksum`].
-    pub fn add_page(&mut self, pgno: u32, data: &[u8], page_checksum: u64) -> io::Result<()> {
+    /// [`page_hash`].
+    pub fn add_page(&mut self, pgno: u32, data: &[u8], hash: PageHash) -> io::Result<()> {
         if data.len() != self.header.page_size as usize || self.pages >= self.header.page_count {
             return Err(io::Error::other(format!(
                 "segment record: page {pgno} does not fit its header"
             )));
         }
-        debug_assert_eq!(page_checksum, DatabaseChecksum::page_checksum(pgno, data));
+        debug_assert_eq!(hash, page_hash(pgno, data));
         let b = pgno.to_be_bytes();
         self.digest.update(&b);
-        self.digest.update(&page_checksum.to_be_bytes());
+        self.digest.update(&hash.to_be_bytes());
         self.buf.extend_from_slice(&b);
         self.buf.extend_from_slice(data);
         self.pages += 1;
@@ -484,14 +491,14 @@ impl RecordWriter<'_> {
     }
 
     /// Writes the trailer; the record is then part of the segment (not yet durable).
-    pub fn finish(mut self, post_checksum: u64) -> io::Result<()> {
+    pub fn finish(mut self, post_checksum: ContentChecksum) -> io::Result<()> {
         if self.pages != self.header.page_count {
             return Err(io::Error::other(format!(
                 "segment record: {} pages written, {} announced",
                 self.pages, self.header.page_count
             )));
         }
-        let pc = post_checksum.to_be_bytes();
+        let pc = post_checksum.value().to_be_bytes();
         self.digest.update(&pc);
         let digest = std::mem::take(&mut self.digest);
         let crc = digest.finalize();
@@ -540,8 +547,7 @@ mod tests {
 
     fn add(r: &mut RecordWriter<'_>, pgno: u32, fill: u8) {
         let data = [fill; 512];
-        r.add_page(pgno, &data, DatabaseChecksum::page_checksum(pgno, &data))
-            .unwrap();
+        r.add_page(pgno, &data, page_hash(pgno, &data)).unwrap();
     }
 
     #[test]
@@ -553,7 +559,7 @@ mod tests {
         let mut r = w.begin(header(1, 3, 2));
         add(&mut r, 1, 1);
         add(&mut r, 4, 4);
-        r.finish(99).unwrap();
+        r.finish(ContentChecksum::from_value(99)).unwrap();
         // A record abandoned halfway leaves nothing.
         {
             let mut r = w.begin(header(4, 4, 3000));
@@ -567,11 +573,11 @@ mod tests {
         );
         let mut r = w.begin(header(4, 4, 1));
         add(&mut r, 2, 2);
-        r.finish(100).unwrap();
+        r.finish(ContentChecksum::from_value(100)).unwrap();
         let (recs, valid) = read_segment(&path).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(list_records(&path).unwrap(), recs);
-        assert_eq!(recs[1].post_checksum, 100);
+        assert_eq!(recs[1].post_checksum, ContentChecksum::from_value(100));
         assert_eq!(recs[1].header, header(4, 4, 1));
         let mut seen = Vec::new();
         recs[0]
@@ -626,12 +632,12 @@ mod tests {
         assert!(w.in_flight.is_none(), "nothing to sync");
         let mut r = w.begin(header(1, 1, 1));
         add(&mut r, 1, 1);
-        r.finish(1).unwrap();
+        r.finish(ContentChecksum::from_value(1)).unwrap();
         w.start_sync().unwrap();
         assert!(w.in_flight.is_some() && !w.unsynced);
         let mut r = w.begin(header(2, 2, 1));
         add(&mut r, 2, 2);
-        r.finish(2).unwrap();
+        r.finish(ContentChecksum::from_value(2)).unwrap();
         assert!(w.unsynced);
         // A second start while one runs leaves the new record to `sync`.
         w.start_sync().unwrap();
@@ -640,7 +646,7 @@ mod tests {
         w.start_sync().unwrap();
         let mut r = w.begin(header(3, 3, 1));
         add(&mut r, 3, 3);
-        r.finish(3).unwrap();
+        r.finish(ContentChecksum::from_value(3)).unwrap();
         w.start_sync().unwrap();
         let sealed = w.seal().unwrap().unwrap();
         assert!(w.in_flight.is_none());

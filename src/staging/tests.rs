@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::*;
 use crate::replica::ltx::decode;
+use crate::sqlite::page_hash;
 
 fn page(ps: usize, fill: u8) -> Vec<u8> {
     vec![fill; ps]
@@ -27,7 +28,7 @@ fn state_roundtrip_and_reopen() {
         txid: 17,
         page_size: 4096,
         commit: 9,
-        checksum: DatabaseChecksum::EMPTY.value() | 0x1234,
+        checksum: ContentChecksum::from_value(0x1234 << 100 | 0x5678),
         wal: Some(wal_pos()),
         uploaded_txid: 3,
     };
@@ -54,6 +55,20 @@ fn state_roundtrip_and_reopen() {
     assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     assert!(e.to_string().contains("crc"), "{e}");
 
+    // A format-1 state (CRC-64 checksum, from before blake3) keeps its TXIDs and WAL
+    // position, with page size 0 so that it matches no database: the capture heals.
+    let v1_body = "walfs-staging-state 1\ntxid 17\npage_size 4096\ncommit 9\nchecksum 80000000deadbeef\nuploaded_txid 3\n";
+    let v1 = format!("{v1_body}crc {:016x}\n", crc_of(v1_body));
+    fs::write(&path, v1).unwrap();
+    assert_eq!(
+        s.state(db).unwrap(),
+        Some(DbState {
+            page_size: 0,
+            checksum: ContentChecksum::EMPTY,
+            ..no_wal
+        })
+    );
+
     // Keys must be plain relative paths.
     for bad in ["", "/abs.db", "../up.db", "a/../b.db"] {
         assert!(s.state(Path::new(bad)).is_err(), "{bad}");
@@ -72,10 +87,9 @@ fn append(seg: &mut SegmentWriter, min: u64, max: u64, pages: &[(u32, u8)]) {
     });
     for &(pgno, fill) in pages {
         let data = page(512, fill);
-        w.add_page(pgno, &data, DatabaseChecksum::page_checksum(pgno, &data))
-            .unwrap();
+        w.add_page(pgno, &data, page_hash(pgno, &data)).unwrap();
     }
-    w.finish(max).unwrap();
+    w.finish(ContentChecksum::from_value(max.into())).unwrap();
 }
 
 fn ranges(s: &Staging, db: &Path) -> Vec<(u64, u64, bool)> {
@@ -120,7 +134,7 @@ fn snapshots_segments_upload_and_recovery() {
     let Staged::Batch(b) = &s.pending(db).unwrap()[1] else {
         panic!("a batch")
     };
-    assert_eq!(b.post_checksum, 3);
+    assert_eq!(b.post_checksum, ContentChecksum::from_value(3));
     assert_eq!(
         b.path,
         dir.path()
@@ -141,7 +155,7 @@ fn snapshots_segments_upload_and_recovery() {
         txid: 7,
         page_size: 512,
         commit: 4,
-        checksum: 1,
+        checksum: ContentChecksum::from_value(1),
         wal: None,
         uploaded_txid: 0,
     };
