@@ -523,18 +523,11 @@ impl DatabaseChecksum {
 
     /// The checksum of a whole database image.
     pub fn of_database(db: &[u8], page_size: u32) -> Result<Self, LtxError> {
-        if !is_valid_page_size(page_size) {
-            return Err(LtxError::Usage(format!("invalid page size {page_size}")));
-        }
-        if !db.len().is_multiple_of(page_size as usize) {
-            return Err(LtxError::Usage(format!(
-                "database of {} bytes is not a whole number of {page_size}-byte pages",
-                db.len()
-            )));
-        }
+        let pages = crate::sqlite::database_pages(db, page_size)
+            .map_err(|e| LtxError::Usage(e.to_string()))?;
         let mut sum = DatabaseChecksum::EMPTY;
-        for (i, page) in db.chunks_exact(page_size as usize).enumerate() {
-            sum.add_page(i as u32 + 1, page);
+        for (pgno, page) in pages {
+            sum.add_page(pgno, page);
         }
         Ok(sum)
     }

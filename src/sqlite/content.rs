@@ -16,7 +16,7 @@
 //! which Litestream's files carry and restore still checks when it is present.
 
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 
 use super::header::{lock_byte_page, page_size_is_valid};
 
@@ -63,49 +63,10 @@ impl ContentChecksum {
     /// The checksum of a whole database image of `page_size`-byte pages.
     pub fn of_database(db: &[u8], page_size: u32) -> io::Result<Self> {
         let mut sum = ContentChecksum::EMPTY;
-        let mut r = db;
-        sum.add_from_reader(&mut r, page_size)?;
-        Ok(sum)
-    }
-
-    /// The checksum of a database read from `reader` to its end.
-    pub fn from_reader<R: Read>(mut reader: R, page_size: u32) -> io::Result<Self> {
-        let mut sum = ContentChecksum::EMPTY;
-        sum.add_from_reader(&mut reader, page_size)?;
-        Ok(sum)
-    }
-
-    fn add_from_reader<R: Read>(&mut self, reader: &mut R, page_size: u32) -> io::Result<()> {
-        if !page_size_is_valid(page_size) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid page size {page_size}"),
-            ));
+        for (pgno, page) in database_pages(db, page_size)? {
+            sum.add_page(pgno, page);
         }
-        let mut buf = vec![0u8; page_size as usize];
-        let mut pgno = 1u32;
-        loop {
-            let mut filled = 0;
-            while filled < buf.len() {
-                match reader.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            if filled == 0 {
-                return Ok(());
-            }
-            if filled < buf.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("database ends inside page {pgno} ({filled} of {page_size} bytes)"),
-                ));
-            }
-            self.add_page(pgno, &buf);
-            pgno += 1;
-        }
+        Ok(sum)
     }
 
     /// Parses the 32 hex digits [`fmt::Display`] writes.
@@ -115,6 +76,22 @@ impl ContentChecksum {
         }
         u128::from_str_radix(text, 16).ok().map(ContentChecksum)
     }
+}
+
+/// The pages of a whole database image with their numbers; an error if `page_size` is not
+/// a SQLite page size or the image is not a whole number of pages.
+pub fn database_pages(db: &[u8], page_size: u32) -> io::Result<impl Iterator<Item = (u32, &[u8])>> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    if !page_size_is_valid(page_size) {
+        return Err(invalid(format!("invalid page size {page_size}")));
+    }
+    if !db.len().is_multiple_of(page_size as usize) {
+        return Err(invalid(format!(
+            "database of {} bytes is not a whole number of {page_size}-byte pages",
+            db.len()
+        )));
+    }
+    Ok((1u32..).zip(db.chunks_exact(page_size as usize)))
 }
 
 /// 32 lowercase hex digits.
@@ -159,10 +136,6 @@ mod tests {
         sum.toggle(page_hash(6, &db[5 * ps..]));
         db.truncate(5 * ps);
         assert_eq!(sum, ContentChecksum::of_database(&db, ps as u32).unwrap());
-        assert_eq!(
-            sum,
-            ContentChecksum::from_reader(&db[..], ps as u32).unwrap()
-        );
         assert_eq!(
             ContentChecksum::of_database(&[], 4096).unwrap(),
             ContentChecksum::EMPTY

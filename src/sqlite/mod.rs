@@ -28,7 +28,7 @@ pub mod wal;
 
 use std::io;
 
-pub use content::{page_hash, ContentChecksum, PageHash};
+pub use content::{database_pages, page_hash, ContentChecksum, PageHash};
 pub use header::{
     is_sqlite, lock_byte_page, page_size_from_raw, page_size_is_valid, DbHeader, FileFormat,
     HeaderError, DB_HEADER_SIZE, PENDING_BYTE, SQLITE_MAGIC,
