@@ -449,6 +449,93 @@ fn object_count_and_staging_stay_bounded_under_steady_writes() {
     assert_same_database(&m.backing_path(rel), &out);
 }
 
+/// How many objects a restore report says it applied.
+fn restored_objects(log: &str) -> usize {
+    let at = log
+        .find(" objects (")
+        .expect("restore names its object count");
+    log[..at].rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_restore_to_any_moment_needs_few_objects() {
+    // 30 uploads per level-1 object: Litestream's layout would need the snapshot, every
+    // level-1 object so far and up to 29 level-0 objects; walfs's binary counters need
+    // popcount(level-1 ticks) + popcount(level-0 ticks) after the snapshot.
+    let f = Fixture::new("few");
+    let rel = "few.db";
+    let mut m = f.mount(&[
+        "--sync-interval",
+        "100ms",
+        "--compaction-intervals",
+        "3s",
+        "--snapshot-interval",
+        "1h",
+        "--l0-retention",
+        "1h",
+    ]);
+    let c = open_wal(&m.path(rel));
+    let start = Instant::now();
+    let mut round = 0;
+    let mut latest = Vec::new();
+    while start.elapsed() < Duration::from_secs(11) {
+        write(&c, &format!("r{round}"), 25, Duration::from_millis(20));
+        round += 1;
+        if round % 3 == 0 {
+            let (_, log) = f.restore(rel, "latest.db", &[]);
+            latest.push(restored_objects(&log));
+        }
+    }
+    drop(c);
+    m.stop();
+    let objs = f.objects(rel);
+    let level0: Vec<&(u8, u64, u64)> = objs.iter().filter(|o| o.0 == 0).collect();
+    assert!(
+        level0.len() >= 40 && objs.iter().any(|o| o.0 == 1),
+        "too few uploads or no compaction to measure: {objs:?}"
+    );
+    // Level-0 objects that span earlier uploads: the counter at work.
+    assert!(
+        level0
+            .iter()
+            .any(|a| level0.iter().filter(|b| a.1 <= b.2 && b.2 < a.2).count() >= 3),
+        "no level-0 object spans several uploads: {objs:?}"
+    );
+    // Every TXID that ends an object is a moment a restore can land on; try a spread.
+    let mut ends: Vec<u64> = objs.iter().map(|o| o.2).collect();
+    ends.sort();
+    ends.dedup();
+    let mut counts = Vec::new();
+    for (i, txid) in ends.iter().enumerate() {
+        if i % (ends.len() / 12).max(1) != 0 && i + 1 != ends.len() {
+            continue;
+        }
+        let (_, log) = f.restore(rel, "at.db", &["--txid", &txid.to_string()]);
+        assert_eq!(restored_txid(&log), *txid);
+        counts.push((*txid, restored_objects(&log)));
+    }
+    eprintln!(
+        "objects per restore: latest while writing {latest:?}; by TXID {counts:?}; \
+         {} objects in the replica ({} at level 0)",
+        objs.len(),
+        level0.len()
+    );
+    let worst = latest
+        .iter()
+        .chain(counts.iter().map(|(_, n)| n))
+        .max()
+        .copied()
+        .unwrap();
+    // 1 snapshot + at most 2 level-1 (3 ticks: 11) + at most 4 level-0 (up to 31 ticks),
+    // with room for an upload or compaction that came late.
+    assert!(
+        worst <= 8,
+        "a restore needed {worst} objects: {counts:?} {latest:?}"
+    );
+    let (out, _) = f.restore(rel, "final.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}
+
 #[test]
 fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
     let f = Fixture::new("idle");
@@ -543,6 +630,15 @@ fn litestream_restores_a_compacted_replica() {
     m.stop();
     let objs = f.objects(rel);
     eprintln!("objects: {objs:?}");
+    // The replica holds objects that overlap within a level (walfs's binary counters),
+    // which Litestream must take as they are.
+    assert!(
+        objs.iter().any(|a| a.0 < 9
+            && objs
+                .iter()
+                .any(|b| b.0 == a.0 && b != a && a.1 <= b.2 && b.2 < a.2)),
+        "no level holds overlapping objects: {objs:?}"
+    );
     let theirs = f.path("litestream.db");
     common::litestream_restore(
         &f.moto.s3_url(&format!("{}/{rel}", f.prefix)),

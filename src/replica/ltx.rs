@@ -638,8 +638,8 @@ impl<W: Write> LtxEncoder<W> {
         }
     }
 
-    /// Compresses and writes page `pgno`, whose `data` is exactly one page.
-    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> Result<(), LtxError> {
+    /// Refuses a page that cannot come next in this file.
+    fn check_page(&self, pgno: u32, data: &[u8]) -> Result<(), LtxError> {
         self.check_usable()?;
         let h = &self.header;
         if data.len() != h.page_size as usize {
@@ -677,7 +677,12 @@ impl<W: Write> LtxEncoder<W> {
                 self.prev_pgno
             )));
         }
+        Ok(())
+    }
 
+    /// Compresses and writes page `pgno`, whose `data` is exactly one page.
+    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> Result<(), LtxError> {
+        self.check_page(pgno, data)?;
         let prefix = PAGE_HEADER_SIZE + PAGE_SIZE_PREFIX_SIZE;
         self.frame.clear();
         self.frame.resize(
@@ -687,6 +692,30 @@ impl<W: Write> LtxEncoder<W> {
         let n = lz4_flex::block::compress_into(data, &mut self.frame[prefix..])
             .map_err(|e| LtxError::Usage(format!("LZ4 compression of page {pgno} failed: {e}")))?;
         self.frame.truncate(prefix + n);
+        self.write_frame(pgno, data)
+    }
+
+    /// Writes page `pgno` as [`LtxEncoder::add_page`] does, but with `block`, the LZ4 block
+    /// that another LTX file stores for this very `data` ([`LtxDecoder::last_block`]),
+    /// instead of compressing it again: merges copy pages at the speed of a checksum.
+    pub fn add_page_with_block(
+        &mut self,
+        pgno: u32,
+        data: &[u8],
+        block: &[u8],
+    ) -> Result<(), LtxError> {
+        self.check_page(pgno, data)?;
+        let prefix = PAGE_HEADER_SIZE + PAGE_SIZE_PREFIX_SIZE;
+        self.frame.clear();
+        self.frame.resize(prefix, 0);
+        self.frame.extend_from_slice(block);
+        self.write_frame(pgno, data)
+    }
+
+    /// Writes `self.frame` (its prefix still to fill, then the LZ4 block of `data`).
+    fn write_frame(&mut self, pgno: u32, data: &[u8]) -> Result<(), LtxError> {
+        let prefix = PAGE_HEADER_SIZE + PAGE_SIZE_PREFIX_SIZE;
+        let n = self.frame.len() - prefix;
         self.frame[0..4].copy_from_slice(&pgno.to_be_bytes());
         self.frame[4..6].copy_from_slice(&PAGE_FLAG_SIZE.to_be_bytes());
         self.frame[6..10].copy_from_slice(&(n as u32).to_be_bytes());
@@ -1041,6 +1070,7 @@ impl<R: Read> LtxDecoder<R> {
                 }
             }
         } else {
+            self.compressed.clear();
             self.read_lz4_frame(pgno, start, data)?;
         }
 
@@ -1055,6 +1085,13 @@ impl<R: Read> LtxDecoder<R> {
         });
         self.prev_pgno = pgno;
         Ok(Some(pgno))
+    }
+
+    /// The LZ4 block of the page [`LtxDecoder::read_page`] returned last, as stored (`None`
+    /// for a legacy page, which is a whole LZ4 frame). Its content is only known to be
+    /// intact once [`LtxDecoder::finish`] succeeds.
+    pub fn last_block(&self) -> Option<&[u8]> {
+        (!self.compressed.is_empty()).then_some(&self.compressed[..])
     }
 
     /// Reads a legacy page (no size prefix): one whole LZ4 frame, delimited by walking its

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::compact::{compaction_runs, merge_ltx, snapshot_chain, ObjId};
+use super::compact::{compacted_away, compaction_inputs, merge_ltx, snapshot_chain, ObjId};
 use super::ltx::ltx_object_name;
 use super::record::SidecarStore;
 use super::retention::{plan_retention, RetentionPolicy};
@@ -356,15 +356,11 @@ impl Maintainer {
         next
     }
 
-    /// The runs of level `k - 1` still to compact into level `k`.
+    /// The inputs of each object that compacting level `k` would write now (the level's
+    /// own objects it absorbs, then a run of level `k - 1`; see [`compaction_inputs`]).
     fn runs(&self, view: &DbView, k: u8) -> Vec<Vec<ObjId>> {
-        let below: Vec<ObjId> = view
-            .local
-            .keys()
-            .filter(|o| o.level == k - 1)
-            .copied()
-            .collect();
-        compaction_runs(&below, self.done(view, k))
+        let local: Vec<ObjId> = view.local.keys().copied().collect();
+        compaction_inputs(&local, k, self.done(view, k))
     }
 
     /// The highest TXID level `k` already holds, locally or in a replica.
@@ -386,8 +382,10 @@ impl Maintainer {
         done
     }
 
-    /// Merges `run` (local copies at level `k - 1`) into one object at level `k`, uploads
-    /// it to every replica, keeps it and drops the inputs' local copies.
+    /// Merges `run` (local copies: level-`k` objects it absorbs, then level `k - 1`) into
+    /// one object at level `k`, uploads it to every replica, keeps it and drops the
+    /// level-`k - 1` copies it covers. The absorbed level-`k` copies stay until the level
+    /// above covers them: they count the ticks of the level's window.
     fn compact(&self, db: &Path, view: &mut DbView, k: u8, run: &[ObjId]) -> anyhow::Result<()> {
         let inputs: Vec<&Kept> = run
             .iter()
@@ -396,8 +394,9 @@ impl Maintainer {
         let (min, max) = (run[0].min, run[run.len() - 1].max);
         let record = inputs[inputs.len() - 1].record;
         let kept = self.merge_and_upload(db, k, (min, max), &inputs, false, record)?;
-        for o in run {
-            if let Some(input) = view.local.remove(o) {
+        let local: Vec<ObjId> = view.local.keys().copied().collect();
+        for o in compacted_away(&local, id_of(&kept)) {
+            if let Some(input) = view.local.remove(&o) {
                 self.staging.drop_kept(&input.path)?;
             }
         }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
+use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
 use super::ltx::{lock_pgno, LtxEncoder, LtxHeader, HEADER_SIZE};
 use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
@@ -300,6 +301,13 @@ impl Uploader {
                     commit: st.commit,
                 });
         }
+        // The first level-0 object continues level 0's binary counter (see
+        // `absorbed_by_next`): it may take in the newest level-0 objects of the window.
+        if let Some(u) = uploads.iter_mut().find(|u| u.level == LEVEL_TRANSACTIONS) {
+            if let Err(e) = self.absorb(db, u) {
+                tracing::debug!(db = %db.display(), "level-0 object uploaded alone: {e}");
+            }
+        }
         let key = db.to_string_lossy();
         let sent = (|| -> anyhow::Result<()> {
             for replica in &self.replicas {
@@ -374,6 +382,60 @@ impl Uploader {
             .fetch_add(uploads.len() as u64, Ordering::Relaxed);
         tracing::debug!(db = %db.display(), txid = max, files = uploads.len(), "uploaded");
         self.upload_deleted_marker(db)
+    }
+
+    /// Makes `u` (a level-0 upload) the next object of level 0's binary counter: merges
+    /// into it, from the local copies, the level-0 objects that [`absorbed_by_next`] picks.
+    /// On any error `u` is left as it was (one tick alone is always correct); a copy that
+    /// the maintenance loop dropped meanwhile is such an error.
+    fn absorb(&self, db: &Path, u: &mut Upload) -> std::io::Result<()> {
+        let copies = self.staging.kept_names(db)?;
+        let ids: Vec<ObjId> = copies
+            .iter()
+            .map(|(level, min, max, _)| ObjId::new(*level, *min, *max))
+            .collect();
+        let level0: Vec<ObjId> = ids.iter().copied().filter(|o| o.level == 0).collect();
+        let absorbed = absorbed_by_next(&level0, window_start(&ids, 0), u.min_txid - 1);
+        if absorbed.is_empty() {
+            return Ok(());
+        }
+        let mut inputs: Vec<PathBuf> = absorbed
+            .iter()
+            .filter_map(|o| {
+                copies
+                    .iter()
+                    .find(|(l, min, max, _)| ObjId::new(*l, *min, *max) == *o)
+                    .map(|c| c.3.clone())
+            })
+            .collect();
+        let dir = self.staging.db_dir(db)?;
+        let name = |min: u64, what: &str| {
+            dir.join(format!(".upload-{min:016x}-{:016x}.{what}.tmp", u.max_txid))
+        };
+        let tick = match &u.body {
+            Body::Bytes(b) => {
+                let p = name(u.min_txid, "tick");
+                std::fs::write(&p, b)?;
+                p
+            }
+            Body::Temp(f) | Body::Staged(f) => f.clone(),
+        };
+        inputs.push(tick.clone());
+        let out = name(absorbed[0].min, "merged");
+        let paths: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+        let merged = merge_ltx(&paths, &out, false);
+        let tick_done = match u.body {
+            Body::Bytes(_) => true,
+            Body::Temp(_) => merged.is_ok(),
+            Body::Staged(_) => false,
+        };
+        if tick_done {
+            let _ = std::fs::remove_file(&tick);
+        }
+        merged?;
+        u.body = Body::Temp(out);
+        u.min_txid = absorbed[0].min;
+        Ok(())
     }
 
     /// Puts the deletion marker capture staged for `db` (once its last TXID is uploaded),

@@ -164,6 +164,29 @@ impl Staging {
         Ok(out)
     }
 
+    /// The local copies of `db` by name only: level, TXIDs and path, without reading them
+    /// and without the clean-up of [`Staging::kept`], so that it is safe to call while the
+    /// maintenance loop writes or drops copies (a copy may be gone by the time it is read).
+    pub fn kept_names(&self, db: &Path) -> io::Result<Vec<(u8, u64, u64, PathBuf)>> {
+        let mut out = Vec::new();
+        for entry in list_dir(&self.db_dir(db)?.join(KEPT_DIR))? {
+            let Some(level) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u8>().ok())
+            else {
+                continue;
+            };
+            for f in list_dir(&entry.path())? {
+                if let Some((min, max)) = parse_ltx_object_name(&f.file_name().to_string_lossy()) {
+                    out.push((level, min, max, f.path()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Deletes a local copy and its record.
     pub fn drop_kept(&self, ltx: &Path) -> io::Result<()> {
         for p in [ltx.to_path_buf(), record_path(ltx)] {
