@@ -86,8 +86,9 @@ pub fn snapshot_chain(objs: &[ObjId], from: u64) -> Vec<ObjId> {
 /// Which objects of one level the next object written at that level absorbs (oldest first),
 /// so that every level is a binary counter within its window and a restore needs few objects.
 ///
-/// A level's *window* is what it holds after `window_start`, the highest TXID that a higher
-/// level (or a snapshot) covers; each write at the level (an upload at level 0, a
+/// A level's *window* is the objects it holds that end after `window_start`, the highest
+/// TXID that a higher level (or a snapshot) covers (the first may start below it: a
+/// history's first object overlaps the snapshot taken of it); each write at the level (an upload at level 0, a
 /// compaction above) is one *tick* of it. Written plainly, the `n`-th tick's object covers
 /// that tick alone and reaching tick `n` takes `n` objects (Litestream's layout: up to 29
 /// level-0, 9 level-1, 11 level-2 and 23 level-3 objects with the default intervals). Here
@@ -105,7 +106,7 @@ pub fn absorbed_by_next(level: &[ObjId], window_start: u64, ends_at: u64) -> Vec
     let window: Vec<ObjId> = level
         .iter()
         .copied()
-        .filter(|o| o.min > window_start && o.max <= ends_at)
+        .filter(|o| o.max > window_start && o.max <= ends_at)
         .collect();
     let chain = chain_from(&window, window_start);
     if chain.last().map(|o| o.max) != Some(ends_at) {
@@ -435,8 +436,9 @@ mod tests {
 
         const DAY: u64 = 86_400;
         let intervals = [30u64, 300, 3600];
-        let mut local = vec![o(9, 1, 1)];
-        let mut remote = vec![o(9, 1, 1)];
+        // A history's first upload overlaps its first snapshot, as capture stages them.
+        let mut local = vec![o(9, 1, 1), o(0, 1, 1)];
+        let mut remote = local.clone();
         let done = |remote: &[ObjId], k: u8| {
             remote
                 .iter()
