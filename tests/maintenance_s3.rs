@@ -606,6 +606,50 @@ fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
 }
 
 #[test]
+fn a_new_database_is_idle_once_its_first_upload_is_in() {
+    // Capture snapshots a database it first sees, and the first upload repeats that image
+    // (min TXID 1): compacting it would PUT an object that retention deletes at once.
+    let f = Fixture::new("new");
+    let rel = "new.db";
+    let mut m = f.mount(&[
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s,2s",
+        "--snapshot-interval",
+        "3s",
+        "--retention",
+        "4s",
+        "--l0-retention",
+        "1s",
+    ]);
+    let c = open_wal(&m.path(rel));
+    wait_objects(&f, rel, Duration::from_secs(20), "the first upload", |o| {
+        at_level(o, 9) >= 1
+    });
+    let settled = f
+        .moto
+        .wait_settled(Duration::from_secs(4), Duration::from_secs(30));
+    let reqs = f.moto.requests();
+    assert!(
+        !reqs
+            .iter()
+            .any(|q| q.contains("/0001/") || q.contains("/0002/")),
+        "the first upload was compacted: {reqs:?}"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        f.moto.requests()[settled..].to_vec(),
+        Vec::<String>::new(),
+        "a new idle database made requests"
+    );
+    drop(c);
+    m.stop();
+    let (out, _) = f.restore(rel, "latest.db", &[]);
+    assert_same_database(&m.backing_path(rel), &out);
+}
+
+#[test]
 fn litestream_restores_a_compacted_replica() {
     let f = Fixture::new("interop");
     let rel = "app/main.db";

@@ -137,7 +137,11 @@ pub fn absorbed_by_next(level: &[ObjId], window_start: u64, ends_at: u64) -> Vec
 /// first object continues the level's binary counter ([`absorbed_by_next`]): it starts
 /// with the level-`k` objects it absorbs, then the run of level `k - 1`.
 pub fn compaction_inputs(local: &[ObjId], k: u8, done: u64) -> Vec<Vec<ObjId>> {
-    let below: Vec<ObjId> = local.iter().copied().filter(|o| o.level == k - 1).collect();
+    let below: Vec<ObjId> = local
+        .iter()
+        .copied()
+        .filter(|o| o.level == k - 1 && !superseded_by_snapshot(local, o))
+        .collect();
     let mut runs = compaction_runs(&below, done);
     if let Some(first) = runs.first_mut() {
         let at_k: Vec<ObjId> = local.iter().copied().filter(|o| o.level == k).collect();
@@ -148,6 +152,17 @@ pub fn compaction_inputs(local: &[ObjId], k: u8, done: u64) -> Vec<Vec<ObjId>> {
         }
     }
     runs
+}
+
+/// Whether `o` (levels 0 to 8) is a whole database image (its min TXID is 1: a history's
+/// first upload) that a local snapshot reaching as far supersedes: compacting it would
+/// only write an object that retention deletes at once.
+pub fn superseded_by_snapshot(local: &[ObjId], o: &ObjId) -> bool {
+    o.level < 9
+        && o.min == 1
+        && local
+            .iter()
+            .any(|s| s.level == 9 && s.min == 1 && s.max >= o.max)
 }
 
 /// Where level `k`'s window starts: the highest TXID held at a level above it (snapshots
@@ -413,6 +428,15 @@ mod tests {
             compaction_inputs(&local, 1, 18),
             vec![vec![o(1, 11, 18), o(0, 19, 20)]]
         );
+    }
+
+    #[test]
+    fn a_first_upload_that_a_snapshot_repeats_is_not_compacted() {
+        let local = [o(9, 1, 2), o(0, 1, 2), o(0, 3, 4)];
+        assert_eq!(compaction_inputs(&local, 1, 0), vec![vec![o(0, 3, 4)]]);
+        // Reaching past the snapshot, it is the history's base and is compacted.
+        let local = [o(9, 1, 2), o(0, 1, 5)];
+        assert_eq!(compaction_inputs(&local, 1, 0), vec![vec![o(0, 1, 5)]]);
     }
 
     #[test]

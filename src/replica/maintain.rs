@@ -525,7 +525,8 @@ impl Maintainer {
     }
 
     /// Drops the local copies no longer needed: older snapshots than the latest, and
-    /// top-level objects the latest snapshot covers (lower levels go once compacted).
+    /// top-level objects the latest snapshot covers (lower levels go once compacted, or
+    /// when they are a whole image, min TXID 1, that the snapshot repeats).
     fn clean_local(&self, db: &Path, view: &mut DbView) {
         let Some(snap) = view.latest_snapshot().map(id_of) else {
             return;
@@ -538,7 +539,7 @@ impl Maintainer {
                 (o.level == SNAPSHOTS && o.max < snap.max)
                     || (o.level < SNAPSHOTS
                         && o.max <= snap.max
-                        && (o.level == top || o.max <= self.done(view, o.level + 1)))
+                        && (o.level == top || o.max <= self.done(view, o.level + 1) || o.min == 1))
             })
             .copied()
             .collect();
