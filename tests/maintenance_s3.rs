@@ -650,6 +650,77 @@ fn a_new_database_is_idle_once_its_first_upload_is_in() {
 }
 
 #[test]
+fn a_moment_that_retention_removed_fails_naming_the_oldest_restorable_one() {
+    let f = Fixture::new("expired");
+    let rel = "old.db";
+    let mut m = f.mount(&[
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s",
+        "--snapshot-interval",
+        "2s",
+        "--retention",
+        "3s",
+        "--l0-retention",
+        "1s",
+    ]);
+    let c = open_wal(&m.path(rel));
+    write(&c, "early", 20, Duration::from_millis(20));
+    let early = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let early_txid = f.objects(rel).iter().map(|o| o.2).max().unwrap();
+    // Keep writing past the retention window, then let maintenance delete what it no
+    // longer needs.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(9) {
+        write(&c, "late", 10, Duration::from_millis(30));
+    }
+    f.moto
+        .wait_settled(Duration::from_secs(4), Duration::from_secs(60));
+    drop(c);
+    m.stop();
+    let fails = |target: &[&str]| {
+        let out = f.path("expired.db");
+        let mut args = vec!["restore", "--db", rel, "-o", out.to_str().unwrap()];
+        let url = f.url();
+        args.insert(1, &url);
+        args.extend_from_slice(target);
+        let o = std::process::Command::new(common::WALFS)
+            .args(&args)
+            .envs(S3_ENV.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+        assert!(!o.status.success(), "restore {target:?} succeeded: {err}");
+        assert!(!out.exists(), "a failed restore left {}", out.display());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err
+    };
+    let err = fails(&["--timestamp", &rfc3339(early)]);
+    assert!(
+        err.contains("has no restorable TXID at or before")
+            && err.contains("the oldest restorable is TXID"),
+        "{err}"
+    );
+    let err = fails(&["--txid", &early_txid.to_string()]);
+    assert!(
+        err.contains("before the oldest restorable TXID") && err.contains("pass a TXID from"),
+        "{err}"
+    );
+    // The oldest moment it names restores.
+    let oldest: u64 = err
+        .split("pass a TXID from ")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no TXID to pass in {err}"));
+    assert!(oldest > early_txid, "{err}");
+    let (_, log) = f.restore(rel, "oldest.db", &["--txid", &oldest.to_string()]);
+    assert_eq!(restored_txid(&log), oldest);
+}
+
+#[test]
 fn litestream_restores_a_compacted_replica() {
     let f = Fixture::new("interop");
     let rel = "app/main.db";

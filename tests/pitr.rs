@@ -281,7 +281,9 @@ fn every_commit_restores_by_txid_and_list_shows_the_range() {
         out.contains(&format!("  newest restorable: TXID {newest} at 20")),
         "{out}"
     );
-    // sync-interval 0: the first TXID as a snapshot, then one level-0 object per commit.
+    // sync-interval 0: the first TXID as a snapshot, then one level-0 object per commit
+    // (level 0's binary counter makes some of them span the ones before; the first
+    // upload, TXID 1, is among them when it was kept before the snapshot was).
     let level = |n: u8| {
         out.lines()
             .find(|l| l.trim_start().starts_with(&format!("level {n}:")))
@@ -290,7 +292,10 @@ fn every_commit_restores_by_txid_and_list_shows_the_range() {
     };
     assert!(level(9).contains("1 object, TXIDs 1 to 1,"), "{out}");
     assert!(
-        level(0).contains(&format!("{} objects, TXIDs 2 to {newest},", newest - 1)),
+        (1..=2).any(|from| level(0).contains(&format!(
+            "{} objects, TXIDs {from} to {newest},",
+            newest - 1
+        ))),
         "{out}"
     );
     // The range's moments are commit times: the newest is the latest TXID's.
