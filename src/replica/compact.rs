@@ -88,14 +88,15 @@ pub fn snapshot_chain(objs: &[ObjId], from: u64) -> Vec<ObjId> {
 ///
 /// A level's *window* is the objects it holds that end after `window_start`, the highest
 /// TXID that a higher level (or a snapshot) covers (the first may start below it: a
-/// history's first object overlaps the snapshot taken of it); each write at the level (an upload at level 0, a
-/// compaction above) is one *tick* of it. Written plainly, the `n`-th tick's object covers
-/// that tick alone and reaching tick `n` takes `n` objects (Litestream's layout: up to 29
-/// level-0, 9 level-1, 11 level-2 and 23 level-3 objects with the default intervals). Here
-/// the object of tick `n` also covers the `lowbit(n) - 1` ticks before it (a Fenwick tree):
-/// it merges the newest objects of the window's chain while their tick counts are 1, 2, 4,
-/// ..., so the chain from `window_start` to tick `n` is `popcount(n)` objects, and each
-/// tick's pages are uploaded about `log2(ticks per window) / 2` more times.
+/// history's first object overlaps the snapshot taken of it); each write at the level (an
+/// upload at level 0, a compaction above) is one *tick* of it. Written plainly, the `n`-th
+/// tick's object covers that tick alone and reaching tick `n` takes `n` objects
+/// (Litestream's layout: up to 29 level-0, 9 level-1, 11 level-2 and 23 level-3 objects
+/// with the default intervals). Here the object of tick `n` also covers the `lowbit(n) -
+/// 1` ticks before it (a Fenwick tree): it merges the newest objects of the window's chain
+/// while their tick counts are 1, 2, 4, ..., so the chain from `window_start` to tick `n`
+/// is `popcount(n)` objects, and each tick's pages are uploaded about `log2(ticks per
+/// window) / 2` more times.
 ///
 /// `level` holds the level's objects (the local copies: every object of the window, for
 /// counting ticks); `ends_at` is where the chain must end for the new object to continue
@@ -644,6 +645,12 @@ mod tests {
         let (dh, pages) = pages_of(&out);
         assert_eq!(dh, h);
         assert_eq!(pages, vec![(1, 3), (2, 1), (3, 2), (4, 0), (5, 3)]);
+        // Copying the inputs' LZ4 blocks gives the very file a fresh encoding would.
+        write_ltx(&p("fresh"), h, &pages);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(p("fresh")).unwrap()
+        );
 
         // A snapshot first: the result is a snapshot with every page.
         write_ltx(
