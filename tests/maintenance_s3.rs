@@ -85,6 +85,14 @@ impl Fixture {
         (out, log)
     }
 
+    /// Stops the mount (its last uploads done), restores `db`'s latest state verified and
+    /// requires it equal to the backing file.
+    fn stop_and_restore_latest(&self, m: &mut Mount, db: &str) {
+        m.stop();
+        let (out, _) = self.restore(db, "latest.db", &[]);
+        assert_same_database(&m.backing_path(db), &out);
+    }
+
     /// The LTX objects of `db` in the bucket, as (level, min, max), read with an unsigned
     /// LIST straight from moto.
     fn objects(&self, db: &str) -> Vec<(u8, u64, u64)> {
@@ -359,9 +367,7 @@ fn point_in_time_around_an_accidental_delete_survives_compaction_and_l0_retentio
 
     // The latest state too.
     drop(c);
-    m.stop();
-    let (out, _) = f.restore(rel, "latest.db", &[]);
-    assert_same_database(&m.backing_path(rel), &out);
+    f.stop_and_restore_latest(&mut m, rel);
 }
 
 #[test]
@@ -444,9 +450,7 @@ fn object_count_and_staging_stay_bounded_under_steady_writes() {
         samples[1].3
     );
     drop(c);
-    m.stop();
-    let (out, _) = f.restore(rel, "latest.db", &[]);
-    assert_same_database(&m.backing_path(rel), &out);
+    f.stop_and_restore_latest(&mut m, rel);
 }
 
 /// How many objects a restore report says it applied.
@@ -532,8 +536,7 @@ fn a_restore_to_any_moment_needs_few_objects() {
         worst <= 8,
         "a restore needed {worst} objects: {counts:?} {latest:?}"
     );
-    let (out, _) = f.restore(rel, "final.db", &[]);
-    assert_same_database(&m.backing_path(rel), &out);
+    f.stop_and_restore_latest(&mut m, rel);
 }
 
 #[test]
@@ -600,9 +603,7 @@ fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
         |o| o.iter().any(|x| x.0 == 2 && x.2 > max_before),
     );
     drop(c);
-    m.stop();
-    let (out, _) = f.restore(rel, "latest.db", &[]);
-    assert_same_database(&m.backing_path(rel), &out);
+    f.stop_and_restore_latest(&mut m, rel);
 }
 
 #[test]
@@ -644,9 +645,7 @@ fn a_new_database_is_idle_once_its_first_upload_is_in() {
         "a new idle database made requests"
     );
     drop(c);
-    m.stop();
-    let (out, _) = f.restore(rel, "latest.db", &[]);
-    assert_same_database(&m.backing_path(rel), &out);
+    f.stop_and_restore_latest(&mut m, rel);
 }
 
 #[test]
@@ -836,9 +835,7 @@ fn staging_without_local_copies_fetches_the_snapshot_once_and_goes_on() {
         .count();
     assert_eq!(gets, 0, "GETs of objects walfs holds locally");
     drop(c);
-    m.stop();
-    let (out, _) = f.restore(rel, "latest.db", &[]);
-    assert_same_database(&m.backing_path(rel), &out);
+    f.stop_and_restore_latest(&mut m, rel);
 }
 
 /// Every file under `dir` (recursively), relative to it.

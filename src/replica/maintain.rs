@@ -19,7 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::compact::{compacted_away, compaction_inputs, merge_ltx, snapshot_chain, ObjId};
+use super::compact::{
+    compacted_away, compaction_inputs, merge_ltx, snapshot_chain, superseded_by_snapshot, ObjId,
+};
 use super::ltx::ltx_object_name;
 use super::record::SidecarStore;
 use super::retention::{plan_retention, RetentionPolicy};
@@ -532,14 +534,16 @@ impl Maintainer {
             return;
         };
         let top = view.top_level(self.opts.compaction_intervals.len());
+        let local: Vec<ObjId> = view.local.keys().copied().collect();
         let gone: Vec<ObjId> = view
             .local
             .keys()
             .filter(|o| {
                 (o.level == SNAPSHOTS && o.max < snap.max)
+                    || superseded_by_snapshot(&local, o)
                     || (o.level < SNAPSHOTS
                         && o.max <= snap.max
-                        && (o.level == top || o.max <= self.done(view, o.level + 1) || o.min == 1))
+                        && (o.level == top || o.max <= self.done(view, o.level + 1)))
             })
             .copied()
             .collect();

@@ -389,47 +389,34 @@ impl Uploader {
     /// On any error `u` is left as it was (one tick alone is always correct); a copy that
     /// the maintenance loop dropped meanwhile is such an error.
     fn absorb(&self, db: &Path, u: &mut Upload) -> std::io::Result<()> {
-        let copies = self.staging.kept_names(db)?;
-        let ids: Vec<ObjId> = copies
-            .iter()
-            .map(|(level, min, max, _)| ObjId::new(*level, *min, *max))
-            .collect();
+        let copies: HashMap<ObjId, PathBuf> = self.staging.kept_names(db)?.into_iter().collect();
+        let ids: Vec<ObjId> = copies.keys().copied().collect();
         let level0: Vec<ObjId> = ids.iter().copied().filter(|o| o.level == 0).collect();
         let absorbed = absorbed_by_next(&level0, window_start(&ids, 0), u.min_txid - 1);
         if absorbed.is_empty() {
             return Ok(());
         }
-        let mut inputs: Vec<PathBuf> = absorbed
-            .iter()
-            .filter_map(|o| {
-                copies
-                    .iter()
-                    .find(|(l, min, max, _)| ObjId::new(*l, *min, *max) == *o)
-                    .map(|c| c.3.clone())
-            })
-            .collect();
         let dir = self.staging.db_dir(db)?;
         let name = |min: u64, what: &str| {
             dir.join(format!(".upload-{min:016x}-{:016x}.{what}.tmp", u.max_txid))
         };
-        let tick = match &u.body {
+        // The new tick as a file: a small upload is in memory, a large one in a temporary
+        // file already (level-0 uploads are never staged snapshots).
+        let (tick, written) = match &u.body {
             Body::Bytes(b) => {
                 let p = name(u.min_txid, "tick");
                 std::fs::write(&p, b)?;
-                p
+                (p, true)
             }
-            Body::Temp(f) | Body::Staged(f) => f.clone(),
+            Body::Temp(f) => (f.clone(), false),
+            Body::Staged(_) => return Ok(()),
         };
-        inputs.push(tick.clone());
+        let mut inputs: Vec<&Path> = absorbed.iter().map(|o| copies[o].as_path()).collect();
+        inputs.push(&tick);
         let out = name(absorbed[0].min, "merged");
-        let paths: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-        let merged = merge_ltx(&paths, &out, false);
-        let tick_done = match u.body {
-            Body::Bytes(_) => true,
-            Body::Temp(_) => merged.is_ok(),
-            Body::Staged(_) => false,
-        };
-        if tick_done {
+        let merged = merge_ltx(&inputs, &out, false);
+        // The tick's own file is no longer needed once merged, or if it was written here.
+        if written || merged.is_ok() {
             let _ = std::fs::remove_file(&tick);
         }
         merged?;

@@ -17,6 +17,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::replica::compact::ObjId;
 use crate::replica::ltx::{ltx_object_name, parse_ltx_object_name, LtxHeader, HEADER_SIZE};
 use crate::replica::record::ChecksumRecord;
 
@@ -114,20 +115,24 @@ impl Staging {
         }
     }
 
+    /// The directories of `db`'s local copies, one per level, with their level.
+    fn level_dirs(&self, db: &Path) -> io::Result<Vec<(u8, PathBuf)>> {
+        Ok(list_dir(&self.db_dir(db)?.join(KEPT_DIR))?
+            .into_iter()
+            .filter_map(|e| {
+                let level = e.file_name().to_str()?.parse::<u8>().ok()?;
+                Some((level, e.path()))
+            })
+            .collect())
+    }
+
     /// Every local copy of `db`, by level then TXIDs. Stray temporary files (an
     /// interrupted merge or keep) are removed; a copy whose header cannot be read is
     /// removed too (the replica still holds the object).
     pub fn kept(&self, db: &Path) -> io::Result<Vec<Kept>> {
         let mut out = Vec::new();
-        for entry in list_dir(&self.db_dir(db)?.join(KEPT_DIR))? {
-            let Some(level) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u8>().ok())
-            else {
-                continue;
-            };
-            for f in list_dir(&entry.path())? {
+        for (level, dir) in self.level_dirs(db)? {
+            for f in list_dir(&dir)? {
                 let name = f.file_name();
                 let name = name.to_string_lossy();
                 if name.ends_with(".tmp") {
@@ -164,22 +169,16 @@ impl Staging {
         Ok(out)
     }
 
-    /// The local copies of `db` by name only: level, TXIDs and path, without reading them
+    /// The local copies of `db` by name only (level and TXIDs) with their paths, without
+    /// reading them
     /// and without the clean-up of [`Staging::kept`], so that it is safe to call while the
     /// maintenance loop writes or drops copies (a copy may be gone by the time it is read).
-    pub fn kept_names(&self, db: &Path) -> io::Result<Vec<(u8, u64, u64, PathBuf)>> {
+    pub fn kept_names(&self, db: &Path) -> io::Result<Vec<(ObjId, PathBuf)>> {
         let mut out = Vec::new();
-        for entry in list_dir(&self.db_dir(db)?.join(KEPT_DIR))? {
-            let Some(level) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u8>().ok())
-            else {
-                continue;
-            };
-            for f in list_dir(&entry.path())? {
+        for (level, dir) in self.level_dirs(db)? {
+            for f in list_dir(&dir)? {
                 if let Some((min, max)) = parse_ltx_object_name(&f.file_name().to_string_lossy()) {
-                    out.push((level, min, max, f.path()));
+                    out.push((ObjId::new(level, min, max), f.path()));
                 }
             }
         }
