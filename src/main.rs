@@ -278,6 +278,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(l) => EnvFilter::new(l),
@@ -287,6 +289,8 @@ fn init_logging(level: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(walfs::fs::log_filter::StaleReplyFilter)
         .init();
 }
 

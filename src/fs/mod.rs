@@ -1,12 +1,13 @@
 //! The FUSE layer: a mirror of a backing directory that passes every operation through,
 //! with kernel passthrough for file data. `filesystem` holds the logic, `fuse` adapts it to
 //! `fuser`, `observer` is the hook where per-database capture attaches, and `inode`, `sys`,
-//! `error` and `metrics` support them.
+//! `error`, `metrics` and `log_filter` support them.
 
 pub mod error;
 pub mod filesystem;
 pub mod fuse;
 pub mod inode;
+pub mod log_filter;
 pub mod metrics;
 pub mod observer;
 pub mod sys;
