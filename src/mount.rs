@@ -106,7 +106,16 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
         "mounted"
     );
     unmount_on_signal(session.unmount_callable(), mountpoint.clone())?;
-    let served = session.run().context("FUSE session failed");
+    let served = match session.run() {
+        // The kernel ended the connection (an unmount, ours on a signal or `fusermount3
+        // -u`, or an abort): a read in flight may see ECONNABORTED instead of the ENODEV
+        // that fuser takes for the end. Either way fuser has unmounted what was left.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            tracing::debug!("the kernel aborted the FUSE connection");
+            Ok(())
+        }
+        r => r.context("FUSE session failed"),
+    };
     if let Some(r) = replication {
         r.stop();
     }

@@ -96,6 +96,45 @@ fn fusermount_unmount_ends_the_daemon() {
 }
 
 #[test]
+fn an_aborted_connection_ends_the_daemon_and_leaves_no_stale_mount() {
+    // The FUSE control filesystem lets root abort a connection (a hung-mount rescue): the
+    // daemon must end, not hang, and leave the mountpoint usable for the next mount.
+    use std::os::unix::fs::MetadataExt;
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    let mounted_here = !walfs::mount::is_mountpoint(ctl);
+    if mounted_here {
+        let status = Command::new("mount")
+            .args(["-t", "fusectl", "fusectl"])
+            .arg(ctl)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "cannot mount the FUSE control filesystem");
+    }
+    let mut m = Mount::new();
+    std::fs::write(m.path("before"), b"x").unwrap();
+    let dev = std::fs::metadata(&m.mountpoint).unwrap().dev();
+    // The kernel names the connection by its own dev_t: major << 20 | minor.
+    let conn = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
+    let aborted = std::fs::write(ctl.join(conn.to_string()).join("abort"), "1");
+    let mut child = m.child.take().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10));
+    if mounted_here {
+        Command::new("umount").arg(ctl).status().ok();
+    }
+    aborted.unwrap();
+    let status = status.expect("the daemon did not end after the abort");
+    let err = m.take_stderr(&mut child);
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        !is_mounted(&m.mountpoint),
+        "the aborted mount was left stale"
+    );
+    m.start(&[]);
+    assert_eq!(std::fs::read(m.path("before")).unwrap(), b"x");
+    m.stop();
+}
+
+#[test]
 fn stale_mount_after_kill_9_is_cleaned_by_the_next_mount() {
     let mut m = Mount::new();
     std::fs::write(m.path("kept"), b"before the crash").unwrap();

@@ -137,7 +137,7 @@ impl Mount {
 
     /// The daemon's stderr up to now: the collected log, or what the pipe holds once the
     /// daemon has exited.
-    fn take_stderr(&mut self, child: &mut Child) -> String {
+    pub fn take_stderr(&mut self, child: &mut Child) -> String {
         if let Some(mut pipe) = child.stderr.take() {
             let mut err = String::new();
             pipe.read_to_string(&mut err).ok();
