@@ -416,6 +416,18 @@ impl DatabaseCapture {
         self.capture(false, false)
     }
 
+    /// Call when the backing `-wal` was fsynced outside a barrier, which is most often a
+    /// checkpoint's first step: reads the WAL as [`on_wal_changed`](Self::on_wal_changed)
+    /// does, then starts making the staging durable. That fdatasync then overlaps with the
+    /// checkpoint's backfill instead of with the database fsync that ends it, which waits
+    /// for it (`on_db_syncing` starts none while it runs, and `synced` syncs whatever
+    /// was staged after it).
+    pub fn on_wal_fsynced(&mut self) -> io::Result<Vec<CaptureEvent>> {
+        let events = self.capture(false, false)?;
+        self.segment.start_sync()?;
+        Ok(events)
+    }
+
     /// Makes everything staged so far durable and seals the active segment for upload.
     pub fn seal(&mut self) -> io::Result<()> {
         self.segment.seal()?;
@@ -1335,6 +1347,12 @@ impl Capture {
     /// `rel` changed between barriers; only databases already captured are polled.
     pub fn on_changed(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
         self.with_db(rel, false, false, |c| c.on_wal_changed())
+    }
+
+    /// The `-wal` `rel` was fsynced outside a barrier (see
+    /// [`DatabaseCapture::on_wal_fsynced`]); only databases already captured.
+    pub fn on_fsynced(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, false, false, |c| c.on_wal_fsynced())
     }
 
     /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed

@@ -13,6 +13,11 @@
 //! no new commit for [`QUIET`]; then it asks for the events again and polls once more, so
 //! that a commit made in between is not missed. Idle databases cost nothing: no timer
 //! polls them.
+//!
+//! A `-wal` fsync outside a barrier (most often a checkpoint's first step) wakes the
+//! watcher at once, at most once per window. It reads that WAL and starts the staging's
+//! fdatasync, which then overlaps with the checkpoint's backfill rather than with the
+//! database fsync that ends the checkpoint and waits for it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsFd;
@@ -143,10 +148,13 @@ impl Watch {
                 }
             };
             if woken {
-                // A `-wal` was fsynced (a checkpoint is starting): read it now.
+                // A `-wal` was fsynced (a checkpoint is starting): read it now, and start
+                // making it durable while the checkpoint backfills.
                 let _ = self.wake.read();
-                let synced = self.capture.take_synced_wals();
-                changed.extend(synced);
+                for db in self.capture.take_synced_wals() {
+                    changed.remove(&db);
+                    self.read(&db, true);
+                }
                 self.poll_changed(&mut changed);
                 if !events {
                     continue;
@@ -193,7 +201,7 @@ impl Watch {
             let mut committed = false;
             for db in self.databases_in(&dir) {
                 changed.remove(&db);
-                committed |= self.read(&db);
+                committed |= self.read(&db, false);
             }
             let quiet = self.polling.entry(wd).or_insert(0);
             *quiet = if committed { 0 } else { *quiet + 1 };
@@ -219,9 +227,16 @@ impl Watch {
             .collect()
     }
 
-    /// Reads the `-wal` of `db`; true if that staged something.
-    fn read(&self, db: &Path) -> bool {
-        match self.capture.on_changed(&wal_path(db)) {
+    /// Reads the `-wal` of `db` (`fsynced`: after an fsync of it, see
+    /// [`Capture::on_fsynced`]); true if that staged something.
+    fn read(&self, db: &Path, fsynced: bool) -> bool {
+        let wal = wal_path(db);
+        let read = if fsynced {
+            self.capture.on_fsynced(&wal)
+        } else {
+            self.capture.on_changed(&wal)
+        };
+        match read {
             Ok(events) => events
                 .iter()
                 .any(|e| !matches!(e, CaptureEvent::Unsupported { .. })),
@@ -235,7 +250,7 @@ impl Watch {
     /// Reads the `-wal` of each database in `changed`, and empties it.
     fn poll_changed(&self, changed: &mut BTreeSet<PathBuf>) {
         for db in std::mem::take(changed) {
-            self.read(&db);
+            self.read(&db, false);
         }
     }
 
