@@ -343,6 +343,47 @@ fn synchronous_off_missed_restart_heals() {
     assert_replica_matches(&f, &conn);
 }
 
+/// A `-wal` fsync outside a barrier (a checkpoint's first step) stages what the WAL
+/// holds and starts the segment's fdatasync, so that it runs beside the backfill; the
+/// checkpoint's database fsync then finds the staging complete, and a read between
+/// barriers starts no sync.
+#[test]
+fn a_wal_fsync_stages_the_wal_and_starts_the_segment_sync() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let unsynced = || {
+        let slot = f.capture.slot(&f.rel, false).unwrap();
+        let guard = slot.lock();
+        guard.as_ref().unwrap().segment.has_unsynced()
+    };
+    let commit = || {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+    };
+    commit();
+    f.capture.on_wal_changed_for_test(&f.wal_rel);
+    assert!(unsynced(), "a read between barriers must not sync");
+    commit();
+    commit();
+    let ev = f.capture.on_fsynced(&f.wal_rel).unwrap();
+    assert!(
+        matches!(ev[..], [CaptureEvent::Staged { min_txid, max_txid, .. }] if max_txid == min_txid + 1),
+        "{ev:?}"
+    );
+    assert!(
+        !unsynced(),
+        "the fsync's read starts the segment's fdatasync"
+    );
+    // The checkpoint backfills and fsyncs the database, as the FUSE layer reports it.
+    checkpoint(&conn, "PASSIVE");
+    let ev = f.capture.on_db_syncing(&f.rel).unwrap();
+    assert!(ev.is_empty(), "nothing left to read: {ev:?}");
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    assert!(!unsynced());
+    assert_replica_matches(&f, &conn);
+}
+
 impl Capture {
     fn on_wal_changed_for_test(&self, rel: &Path) {
         let ev = self.on_changed(rel).unwrap();

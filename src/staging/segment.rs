@@ -377,6 +377,11 @@ impl SegmentWriter {
         }
     }
 
+    /// Whether records were appended since the last fdatasync was started.
+    pub fn has_unsynced(&self) -> bool {
+        self.unsynced
+    }
+
     /// Starts making every record written so far durable (fdatasync) on the sync thread, so
     /// that it overlaps with whatever the caller does next; [`sync`](Self::sync) waits for it.
     /// Nothing is started while an earlier one is still running (`sync` covers the rest).
