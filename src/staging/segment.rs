@@ -378,6 +378,7 @@ impl SegmentWriter {
     }
 
     /// Whether records were appended since the last fdatasync was started.
+    #[cfg(test)]
     pub fn has_unsynced(&self) -> bool {
         self.unsynced
     }
