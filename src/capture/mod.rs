@@ -420,8 +420,7 @@ impl DatabaseCapture {
     /// checkpoint's first step: reads the WAL as [`on_wal_changed`](Self::on_wal_changed)
     /// does, then starts making the staging durable. That fdatasync then overlaps with the
     /// checkpoint's backfill instead of with the database fsync that ends it: that fsync's
-    /// barrier (`make_durable`) waits for it and syncs whatever was
-    /// staged after it.
+    /// barrier (`make_durable`) waits for it and syncs whatever was staged after it.
     pub fn on_wal_fsynced(&mut self) -> io::Result<Vec<CaptureEvent>> {
         let events = self.capture(false, false)?;
         self.segment.start_sync()?;
