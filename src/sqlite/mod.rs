@@ -39,9 +39,9 @@ pub use journal::{
     JournalStop, JOURNAL_HEADER_LEN, JOURNAL_MAGIC, RECORD_COUNT_TO_EOF,
 };
 pub use wal::{
-    wal_checksum, Continuity, FrameHeader, WalError, WalEvent, WalHeader, WalPage, WalPosition,
-    WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE, WAL_HEADER_SIZE, WAL_MAGIC_BE, WAL_MAGIC_LE,
-    WAL_VERSION,
+    wal_checksum, Continuity, FrameHeader, FrameReader, WalError, WalEvent, WalHeader, WalPage,
+    WalPosition, WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE, WAL_HEADER_SIZE, WAL_MAGIC_BE,
+    WAL_MAGIC_LE, WAL_VERSION,
 };
 
 /// Positional reads from a file-like source; the caller decides what the I/O is.

@@ -762,7 +762,20 @@ impl WalTracker {
 
     /// Reads what changed since the last poll.
     pub fn poll<R: ReadAt + ?Sized>(&mut self, src: &R) -> Result<Vec<WalEvent>, WalError> {
-        self.poll_inner(src, false)
+        self.poll_inner(src, false, &mut FrameReader::new())
+    }
+
+    /// [`poll`](Self::poll) (or [`poll_barrier`](Self::poll_barrier) with `barrier`), reading
+    /// through `frames`, which afterwards holds the frames this poll validated (see
+    /// [`FrameReader::validated`]) until the next poll through it.
+    pub fn poll_through<R: ReadAt + ?Sized>(
+        &mut self,
+        src: &R,
+        barrier: bool,
+        frames: &mut FrameReader,
+    ) -> Result<Vec<WalEvent>, WalError> {
+        frames.clear();
+        self.poll_inner(src, barrier, frames)
     }
 
     /// Like [`poll`](Self::poll), for a moment when no writer can change the WAL (the
@@ -770,13 +783,14 @@ impl WalTracker {
     /// was read to its end, which later restarts and truncations report as
     /// [`Continuity::Drained`] when the file alone cannot prove completeness.
     pub fn poll_barrier<R: ReadAt + ?Sized>(&mut self, src: &R) -> Result<Vec<WalEvent>, WalError> {
-        self.poll_inner(src, true)
+        self.poll_inner(src, true, &mut FrameReader::new())
     }
 
     fn poll_inner<R: ReadAt + ?Sized>(
         &mut self,
         src: &R,
         barrier: bool,
+        reader: &mut FrameReader,
     ) -> Result<Vec<WalEvent>, WalError> {
         let mut events = Vec::new();
         let fallback = if self.drained {
@@ -789,7 +803,7 @@ impl WalTracker {
         let state = match (self.state.clone(), header) {
             (State::Fresh, HeaderRead::Valid(h)) => {
                 events.push(WalEvent::Started { header: h });
-                self.scan_new(src, h, &mut events, &mut uncommitted)?
+                self.scan_new(src, h, &mut events, &mut uncommitted, reader)?
             }
             (State::Fresh, _) => State::Fresh,
             (State::Tracking(mut g), HeaderRead::Valid(h)) if g.pos.header.same_log(&h) => {
@@ -807,7 +821,7 @@ impl WalTracker {
                     }
                 } else {
                     g.shrink_reported = false;
-                    uncommitted = scan(src, &mut g.pos, &mut events)?;
+                    uncommitted = scan(src, &mut g.pos, &mut events, reader)?;
                 }
                 State::Tracking(g)
             }
@@ -818,7 +832,7 @@ impl WalTracker {
                     new: h,
                     continuity,
                 });
-                self.scan_new(src, h, &mut events, &mut uncommitted)?
+                self.scan_new(src, h, &mut events, &mut uncommitted, reader)?
             }
             (State::Tracking(g), HeaderRead::Absent) => {
                 events.push(WalEvent::Truncated {
@@ -838,7 +852,7 @@ impl WalTracker {
             (State::Lost(mut g), HeaderRead::Valid(h)) if g.pos.header.same_log(&h) => {
                 // The same generation came back (e.g. a torn header read): carry on.
                 g.shrink_reported = false;
-                uncommitted = scan(src, &mut g.pos, &mut events)?;
+                uncommitted = scan(src, &mut g.pos, &mut events, reader)?;
                 State::Tracking(g)
             }
             (State::Lost(g), HeaderRead::Valid(h)) => {
@@ -853,7 +867,7 @@ impl WalTracker {
                     new: h,
                     continuity,
                 });
-                self.scan_new(src, h, &mut events, &mut uncommitted)?
+                self.scan_new(src, h, &mut events, &mut uncommitted, reader)?
             }
             (State::Lost(g), _) => State::Lost(g),
         };
@@ -878,12 +892,13 @@ impl WalTracker {
         header: WalHeader,
         events: &mut Vec<WalEvent>,
         uncommitted: &mut u32,
+        reader: &mut FrameReader,
     ) -> io::Result<State> {
         let mut g = Gen {
             pos: WalPosition::start(header),
             shrink_reported: false,
         };
-        *uncommitted = scan(src, &mut g.pos, events)?;
+        *uncommitted = scan(src, &mut g.pos, events, reader)?;
         Ok(State::Tracking(g))
     }
 }
@@ -924,22 +939,41 @@ fn read_frame<R: ReadAt + ?Sized>(
 /// costs one read per 256 KiB instead of one per frame. The first read covers four
 /// frames and each further read doubles, so a scan that finds one new commit (a
 /// `synchronous=FULL` barrier) does not read stale frames far past the end of the log.
-struct FrameReader {
+///
+/// The bytes a poll read stay in the buffer (up to [`FrameReader::RETAIN`]), so that the
+/// caller can take the pages of the transactions it yielded from there
+/// ([`FrameReader::validated`]) instead of reading them again. Keep one per WAL to reuse
+/// its allocation.
+#[derive(Debug, Default)]
+pub struct FrameReader {
     buf: Vec<u8>,
+    /// File offset of `buf[0]`.
     start: u64,
     len: usize,
     chunk: usize,
+    /// The log whose frames `buf` holds.
+    log: Option<WalHeader>,
+    /// End of the last frame that a scan of `log` validated and yielded as part of a commit.
+    validated_end: u64,
 }
 
 impl FrameReader {
     const MAX_CHUNK: usize = 256 * 1024;
+    /// The most a poll keeps; past it, the buffer starts again at the frame being read.
+    const RETAIN: usize = 4 * 1024 * 1024;
 
-    fn new() -> FrameReader {
-        FrameReader {
-            buf: Vec::new(),
-            start: 0,
-            len: 0,
-            chunk: 0,
+    pub fn new() -> FrameReader {
+        FrameReader::default()
+    }
+
+    fn clear(&mut self) {
+        self.start = 0;
+        self.len = 0;
+        self.chunk = 0;
+        self.log = None;
+        self.validated_end = 0;
+        if self.buf.capacity() > 2 * Self::RETAIN {
+            self.buf = Vec::new();
         }
     }
 
@@ -950,33 +984,62 @@ impl FrameReader {
         offset: u64,
         size: usize,
     ) -> io::Result<Option<&[u8]>> {
-        let in_buf = offset >= self.start && offset + size as u64 <= self.start + self.len as u64;
+        let end = self.start + self.len as u64;
+        let in_buf = offset >= self.start && offset + size as u64 <= end;
         if !in_buf {
             self.chunk = if self.chunk == 0 {
                 4 * size
             } else {
                 (2 * self.chunk).min(Self::MAX_CHUNK.max(size))
             };
-            self.buf.resize(self.chunk, 0);
-            self.start = offset;
-            self.len = 0;
-            while self.len < self.buf.len() {
-                let Some(at) = offset.checked_add(self.len as u64) else {
+            // Sequential reads append to what the buffer holds, up to RETAIN.
+            let append = self.len > 0 && offset >= self.start && offset <= end;
+            if !append || self.len + self.chunk > Self::RETAIN.max(self.chunk) {
+                self.start = offset;
+                self.len = 0;
+            }
+            let from = self.start + self.len as u64;
+            let want = (offset + size as u64 - from) as usize;
+            let target = self.len + self.chunk.max(want);
+            if self.buf.len() < target {
+                self.buf.resize(target, 0);
+            }
+            let mut got = 0;
+            while self.len + got < target {
+                let Some(at) = from.checked_add(got as u64) else {
                     break;
                 };
-                match src.read_at(at, &mut self.buf[self.len..]) {
+                match src.read_at(at, &mut self.buf[self.len + got..target]) {
                     Ok(0) => break,
-                    Ok(n) => self.len += n,
+                    Ok(n) => got += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
             }
-            if self.len < size {
+            self.len += got;
+            if offset + size as u64 > self.start + self.len as u64 {
                 return Ok(None);
             }
         }
         let at = (offset - self.start) as usize;
         Ok(Some(&self.buf[at..at + size]))
+    }
+
+    /// The page data at `data_offset` (`size` bytes) of `log` if the last poll through this
+    /// reader validated it as part of a committed transaction and it is still in the buffer: the
+    /// exact bytes its checksum chain covered, as [`WalTransaction::read_frame_page`] would
+    /// read them while the log is unchanged.
+    pub fn validated(&self, log: &WalHeader, data_offset: u64, size: usize) -> Option<&[u8]> {
+        let end = data_offset.checked_add(size as u64)?;
+        if self.log.as_ref() != Some(log)
+            || data_offset < self.start
+            || end > self.start + self.len as u64
+            || end > self.validated_end
+        {
+            return None;
+        }
+        let at = (data_offset - self.start) as usize;
+        Some(&self.buf[at..at + size])
     }
 }
 
@@ -1002,9 +1065,13 @@ fn scan<R: ReadAt + ?Sized>(
     src: &R,
     pos: &mut WalPosition,
     events: &mut Vec<WalEvent>,
+    reader: &mut FrameReader,
 ) -> io::Result<u32> {
     let header = pos.header;
-    let mut reader = FrameReader::new();
+    if reader.log != Some(header) {
+        reader.clear();
+        reader.log = Some(header);
+    }
     let frame_size = header.frame_size() as usize;
     let mut offset = pos.committed_end;
     let mut chain = pos.checksum;
@@ -1046,6 +1113,7 @@ fn scan<R: ReadAt + ?Sized>(
             events.push(WalEvent::Commit(txn));
             pos.committed_end = end;
             pos.checksum = chain;
+            reader.validated_end = end;
             frames = 0;
         }
     }
