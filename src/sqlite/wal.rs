@@ -1519,6 +1519,77 @@ mod tests {
         assert!(image == checkpointed(&conn, &path));
     }
 
+    /// A poll through a [`FrameReader`] leaves the bytes it validated there: each committed
+    /// page is exactly what `read_frame_page` reads, frames of an open transaction are not
+    /// offered, nor are frames of another log or beyond what the buffer retains.
+    #[test]
+    fn frames_a_poll_validated_are_offered_as_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let (conn, _) = open_wal_db(&path, 4096);
+        workload(&conn, 12);
+        conn.execute_batch(
+            "PRAGMA cache_size=10; BEGIN;
+             WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<100)
+             INSERT INTO t(v) SELECT randomblob(1500) FROM c;",
+        )
+        .unwrap();
+        let wal = std::fs::read(wal_path(&path)).unwrap();
+        let mut frames = FrameReader::new();
+        let mut tracker = WalTracker::new();
+        let txns = commits(&tracker.poll_through(&wal[..], false, &mut frames).unwrap());
+        assert!(txns.len() >= 12);
+        let committed_end = tracker.position().unwrap().committed_end;
+        let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + 4096];
+        let mut offered = 0;
+        for t in &txns {
+            for p in &t.pages {
+                t.read_frame_page(&wal[..], p, &mut frame).unwrap();
+                let got = frames.validated(&t.header, p.data_offset, 4096);
+                assert_eq!(
+                    got,
+                    Some(&frame[WAL_FRAME_HEADER_SIZE..]),
+                    "page {}",
+                    p.pgno
+                );
+                offered += 1;
+            }
+        }
+        assert!(offered > 20);
+        let h = txns[0].header;
+        // The open transaction's spilled frames were read, but are not committed.
+        assert!(wal.len() as u64 > committed_end + 4 * h.frame_size());
+        assert_eq!(frames.validated(&h, committed_end + 24, 4096), None);
+        // Another log's header, even for an offset that was validated.
+        let other = WalHeader::new(h.big_endian_checksum, 4096, 0, h.salt1 + 1, 9);
+        let first = txns[0].pages[0].data_offset;
+        assert_eq!(frames.validated(&other, first, 4096), None);
+        // The next poll starts afresh: nothing new, nothing offered.
+        assert!(tracker
+            .poll_through(&wal[..], false, &mut frames)
+            .unwrap()
+            .is_empty());
+        assert_eq!(frames.validated(&h, first, 4096), None);
+
+        // A log longer than the buffer retains: the first frames are no longer offered,
+        // the last ones are.
+        conn.execute_batch("COMMIT; PRAGMA cache_size=-2000;")
+            .unwrap();
+        conn.execute_batch(
+            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<2000)
+             INSERT INTO t(v) SELECT randomblob(3000) FROM c;",
+        )
+        .unwrap();
+        let wal = std::fs::read(wal_path(&path)).unwrap();
+        assert!(wal.len() > 2 * FrameReader::RETAIN);
+        let mut tracker = WalTracker::new();
+        let txns = commits(&tracker.poll_through(&wal[..], false, &mut frames).unwrap());
+        let last = txns.last().unwrap();
+        let newest = last.pages.iter().map(|p| p.data_offset).max().unwrap();
+        assert!(frames.validated(&h, newest, 4096).is_some());
+        assert_eq!(frames.validated(&h, first, 4096), None);
+    }
+
     #[test]
     fn incremental_prefixes_yield_the_same_transactions() {
         let dir = tempfile::tempdir().unwrap();
