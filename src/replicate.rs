@@ -95,6 +95,8 @@ impl Replication {
             )
         })?);
         let capture = Arc::new(Capture::new(backing, staging.clone()));
+        // With a sync interval of 0 every batch is uploaded alone: nothing to merge.
+        capture.set_hold_pages(!opts.sync_interval.is_zero());
         // The maintenance thread gets clients of its own: a connection made on the
         // uploader's runtime is driven only while that runtime runs.
         let mut maintenance_stores = Vec::new();

@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,11 +44,12 @@ use crate::fs::observer::{Node, Observer};
 use crate::fs::{FsError, FsResult};
 use crate::replica::ltx::{lock_pgno, LtxHeader};
 use crate::sqlite::{
-    page_hash, read_full, ContentChecksum, DbHeader, FileFormat, PageHash, WalError, WalEvent,
-    WalPage, WalPosition, WalTracker, WalTransaction, DB_HEADER_SIZE, WAL_FRAME_HEADER_SIZE,
+    page_hash, read_full, ContentChecksum, DbHeader, FileFormat, FrameReader, PageHash, WalError,
+    WalEvent, WalPage, WalPosition, WalTracker, WalTransaction, DB_HEADER_SIZE,
+    WAL_FRAME_HEADER_SIZE,
 };
 use crate::staging::{
-    BatchHeader, DbState, LtxWriter, PageMerge, SavedSums, SegmentWriter, Staging,
+    BatchHeader, DbState, HeldBatch, LtxWriter, PageMerge, SavedSums, SegmentWriter, Staging,
 };
 
 /// What a capture call did that the caller may want to log or count.
@@ -105,12 +106,20 @@ fn poll_wal(
     wal: Option<&File>,
     barrier: bool,
 ) -> io::Result<Vec<WalEvent>> {
+    poll_wal_through(tracker, wal, barrier, &mut FrameReader::new())
+}
+
+/// [`poll_wal`], keeping the frames it validated in `frames`.
+fn poll_wal_through(
+    tracker: &mut WalTracker,
+    wal: Option<&File>,
+    barrier: bool,
+    frames: &mut FrameReader,
+) -> io::Result<Vec<WalEvent>> {
     let empty: &[u8] = &[];
-    let r = match (wal, barrier) {
-        (Some(f), true) => tracker.poll_barrier(f),
-        (Some(f), false) => tracker.poll(f),
-        (None, true) => tracker.poll_barrier(empty),
-        (None, false) => tracker.poll(empty),
+    let r = match wal {
+        Some(f) => tracker.poll_through(f, barrier, frames),
+        None => tracker.poll_through(empty, barrier, frames),
     };
     r.map_err(wal_io)
 }
@@ -213,11 +222,26 @@ fn db_len_from(f: &File) -> io::Result<u64> {
 
 /// Receives the pages of a database image: computes per-page checksums and, for a
 /// snapshot, writes them to a staged LTX file. `start` may be called again on a retry.
-struct ImageSink {
+struct ImageSink<'a> {
     /// For a snapshot: the staging area, the key, the TXID and the file being written.
     writer: Option<(Arc<Staging>, PathBuf, u64, Option<LtxWriter>)>,
     sums: Vec<PageHash>,
     sum: ContentChecksum,
+    /// Pages to keep a copy of (a listed run being read back), and the copies.
+    keep: Option<&'a BTreeSet<u32>>,
+    kept: HeldBatch,
+}
+
+impl ImageSink<'_> {
+    fn new(writer: Option<(Arc<Staging>, PathBuf, u64, Option<LtxWriter>)>) -> Self {
+        ImageSink {
+            writer,
+            sums: Vec::new(),
+            sum: ContentChecksum::EMPTY,
+            keep: None,
+            kept: HeldBatch::default(),
+        }
+    }
 }
 
 /// Receives the pages of a database image, in order (`start` may be called again on a
@@ -227,10 +251,11 @@ trait PageSink {
     fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()>;
 }
 
-impl PageSink for ImageSink {
+impl PageSink for ImageSink<'_> {
     fn start(&mut self, page_size: u32, size: u32) -> io::Result<()> {
         self.sums = vec![0; size as usize];
         self.sum = ContentChecksum::EMPTY;
+        self.kept.clear();
         if let Some((staging, rel, txid, w)) = &mut self.writer {
             *w = None;
             if size > 0 {
@@ -245,6 +270,9 @@ impl PageSink for ImageSink {
         let c = page_hash(pgno, data);
         self.sums[pgno as usize - 1] = c;
         self.sum.toggle(c);
+        if self.keep.is_some_and(|k| k.contains(&pgno)) {
+            self.kept.add(pgno, c, data);
+        }
         if let Some((_, _, _, Some(w))) = &mut self.writer {
             w.add_page(pgno, data)?;
         }
@@ -276,6 +304,8 @@ pub struct DatabaseCapture {
     /// The open backing `-wal` (reopened after [`DatabaseCapture::wal_replaced`]).
     wal_file: Option<File>,
     tracker: WalTracker,
+    /// What the last poll read of the `-wal`: staged pages are taken from it.
+    frames: FrameReader,
     state: DbState,
     saved: Option<DbState>,
     /// The [`page_hash`] of each page (index `pgno - 1`); 0 for the lock page.
@@ -289,6 +319,9 @@ pub struct DatabaseCapture {
     fingerprint: Option<rollback::Fingerprint>,
     /// This capture resumed from checksums saved at a clean stop, without reading the files.
     resumed_without_reading: bool,
+    /// WAL batches are held in memory and recorded as page lists (see "Held pages" in
+    /// [`crate::staging::segment`]) rather than written with their pages.
+    hold_pages: bool,
 }
 
 impl DatabaseCapture {
@@ -297,13 +330,15 @@ impl DatabaseCapture {
     /// stopped if the database still matches the saved checksum, and otherwise heals with a
     /// snapshot (`replaced`: the file was replaced while not captured, e.g. renamed over;
     /// then the snapshot continues the history without a warning). Call it at a barrier
-    /// if possible (`at_barrier`).
+    /// if possible (`at_barrier`). Pages that a stopped capture held in memory are read
+    /// back from the files with the state. `hold_pages`: see [`Capture::set_hold_pages`].
     pub fn open(
         staging: Arc<Staging>,
         rel: &Path,
         db_path: &Path,
         at_barrier: bool,
         replaced: bool,
+        hold_pages: bool,
     ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
         let on_disk = staging.state(rel)?;
         // Batches staged after the state was last saved carry their own position.
@@ -335,6 +370,7 @@ impl DatabaseCapture {
             segment,
             wal_file: None,
             tracker: WalTracker::new(),
+            frames: FrameReader::new(),
             state: DbState::default(),
             saved: None,
             sums: Vec::new(),
@@ -342,6 +378,7 @@ impl DatabaseCapture {
             pending: None,
             fingerprint: None,
             resumed_without_reading: false,
+            hold_pages,
         };
         // The database exists (again): a deletion marker not yet uploaded is void.
         c.staging.clear_deleted(rel, None)?;
@@ -359,7 +396,20 @@ impl DatabaseCapture {
                 // must write it, or a later start would resume from the older state and
                 // hand out TXIDs the replica already has).
                 c.saved = on_disk;
-                if !c.resume_from_saved_sums()? && !c.resume()? {
+                // Held pages can only be read back from the files (`resume`).
+                let listed = c.segment.listed_run().map(|r| r.pages.len() as u32);
+                let resumed = (listed.is_none() && c.resume_from_saved_sums()?) || c.resume()?;
+                // Page lists whose pages could not be read back: the heal covers them.
+                c.segment.abandon_listed()?;
+                if let (Some(pages), Some((min_txid, max_txid))) = (listed, c.segment.held_txids())
+                {
+                    events.push(CaptureEvent::Staged {
+                        min_txid,
+                        max_txid,
+                        pages,
+                    });
+                }
+                if !resumed {
                     if replaced {
                         c.stage_replacement(&mut events)?;
                     } else {
@@ -414,17 +464,6 @@ impl DatabaseCapture {
     /// Call when the backing WAL changed between barriers (for the RPO).
     pub fn on_wal_changed(&mut self) -> io::Result<Vec<CaptureEvent>> {
         self.capture(false, false)
-    }
-
-    /// Call when the backing `-wal` was fsynced outside a barrier, which is most often a
-    /// checkpoint's first step: reads the WAL as [`on_wal_changed`](Self::on_wal_changed)
-    /// does, then starts making the staging durable. That fdatasync then overlaps with the
-    /// checkpoint's backfill instead of with the database fsync that ends it: that fsync's
-    /// barrier (`make_durable`) waits for it and syncs whatever was staged after it.
-    pub fn on_wal_fsynced(&mut self) -> io::Result<Vec<CaptureEvent>> {
-        let events = self.capture(false, false)?;
-        self.segment.start_sync()?;
-        Ok(events)
     }
 
     /// Makes everything staged so far durable and seals the active segment for upload.
@@ -497,11 +536,10 @@ impl DatabaseCapture {
     ) -> io::Result<Vec<CaptureEvent>> {
         let mut events = Vec::new();
         let mut tracker = self.tracker.clone();
-        let polled = poll_wal(&mut tracker, wal, barrier)?;
+        let polled = poll_wal_through(&mut tracker, wal, barrier, &mut self.frames)?;
         let mut heal: Option<String> = None;
-        // The log changed generation: what was read of the old one must not be lost.
-        let mut durable = durable;
         let mut batch: Vec<WalTransaction> = Vec::new();
+        let mut log_changed = false;
         for ev in polled {
             if !matches!(ev, WalEvent::Commit(_)) && !batch.is_empty() {
                 if let Err(reason) = self.stage_pending(wal, &mut batch, &mut events)? {
@@ -516,7 +554,11 @@ impl DatabaseCapture {
                 WalEvent::Restarted { continuity, .. }
                 | WalEvent::Truncated { continuity, .. }
                 | WalEvent::Invalidated { continuity, .. } => {
-                    durable = true;
+                    // What was staged of the old log must not be lost: it is made durable
+                    // before anything of the new one is staged (usually the barrier that
+                    // ended the checkpoint already did, and this finds nothing to sync).
+                    self.make_durable()?;
+                    log_changed = true;
                     if continuity.may_have_missed() {
                         heal = Some(format!(
                             "the WAL was restarted, truncated or replaced before all of its \
@@ -540,9 +582,9 @@ impl DatabaseCapture {
                 self.state.wal = self.tracker.position();
                 if durable {
                     self.make_durable()?;
-                    if self.tracker.position().is_some() {
-                        self.note_fingerprint();
-                    }
+                }
+                if (durable || log_changed) && self.tracker.position().is_some() {
+                    self.note_fingerprint();
                 }
             }
         }
@@ -616,13 +658,23 @@ impl DatabaseCapture {
             wal: Some(WalPosition::after(last)),
         };
         let mut sum = self.checksum_cut_to(commit);
-        let mut w = self.segment.begin(header);
+        let mut w = if self.hold_pages {
+            self.segment.begin_held(header)?
+        } else {
+            self.segment.begin(header)?
+        };
         let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + ps as usize];
         let mut new_sums = Vec::with_capacity(pages.len());
         for (pgno, at) in pages {
-            match at {
-                Some((i, p)) => match txns[i].read_frame_page(wal, &p, &mut frame) {
-                    Ok(()) => {}
+            // The page as the poll validated it, or read again (and re-verified).
+            let polled = at.and_then(|(i, p)| {
+                self.frames
+                    .validated(&txns[i].header, p.data_offset, ps as usize)
+            });
+            let buf = match (polled, at) {
+                (Some(data), _) => data,
+                (None, Some((i, p))) => match txns[i].read_frame_page(wal, &p, &mut frame) {
+                    Ok(()) => &frame[WAL_FRAME_HEADER_SIZE..],
                     Err(WalError::FrameChanged { .. }) => {
                         return Err(StageError::WalChanged(
                             "a committed WAL frame was overwritten before it was read".into(),
@@ -630,9 +682,11 @@ impl DatabaseCapture {
                     }
                     Err(e) => return Err(StageError::Io(wal_io(e))),
                 },
-                None => frame.fill(0),
-            }
-            let buf = &frame[WAL_FRAME_HEADER_SIZE..];
+                (None, None) => {
+                    frame.fill(0);
+                    &frame[WAL_FRAME_HEADER_SIZE..]
+                }
+            };
             let c = page_hash(pgno, buf);
             w.add_page(pgno, buf, c)?;
             if pgno <= commit {
@@ -767,11 +821,9 @@ impl DatabaseCapture {
     fn snapshot_inner(&mut self, barrier: bool, events: &mut Vec<CaptureEvent>) -> io::Result<()> {
         // Never a TXID the replica may already hold.
         let txid = self.state.txid.max(self.state.uploaded_txid) + 1;
-        let mut sink = ImageSink {
-            writer: Some((self.staging.clone(), self.rel.clone(), txid, None)),
-            sums: Vec::new(),
-            sum: ContentChecksum::EMPTY,
-        };
+        // Held pages go to the segment first: their TXIDs come before the snapshot's.
+        self.segment.write_held()?;
+        let mut sink = ImageSink::new(Some((self.staging.clone(), self.rel.clone(), txid, None)));
         let got = self.read_image(barrier, None, &mut sink)?;
         let Some((tracker, page_size, size, _)) = got else {
             return Err(io::Error::other(format!(
@@ -917,19 +969,27 @@ impl DatabaseCapture {
             }
         }
         candidates.push(None);
+        // Pages a stopped capture held are read back from the image that has the state.
+        let listed = self
+            .segment
+            .listed_run()
+            .filter(|r| r.last.max_txid == self.state.txid)
+            .map(|r| r.pages.clone());
         for upto in candidates {
-            let mut sink = ImageSink {
-                writer: None,
-                sums: Vec::new(),
-                sum: ContentChecksum::EMPTY,
-            };
+            let mut sink = ImageSink::new(None);
+            sink.keep = listed.as_ref();
             let got = self.read_image(false, upto, &mut sink)?;
-            let ImageSink { sums, sum, .. } = sink;
+            let ImageSink {
+                sums, sum, kept, ..
+            } = sink;
             let Some((tracker, page_size, size, _)) = got else {
                 continue;
             };
             let expected = self.state.checksum;
             if page_size == self.state.page_size && size == self.state.commit && sum == expected {
+                if listed.is_some() {
+                    self.segment.adopt_listed(&kept)?;
+                }
                 self.tracker = tracker;
                 self.sums = sums;
                 self.state.wal = self.tracker.position();
@@ -978,6 +1038,8 @@ pub struct Capture {
     /// now; `wake` tells it (set when the watcher starts).
     synced_wals: Mutex<BTreeSet<PathBuf>>,
     wake: OnceLock<WatcherWake>,
+    /// See [`Capture::set_hold_pages`].
+    hold_pages: AtomicBool,
 }
 
 /// How [`Capture::wal_synced`] wakes the WAL watcher: at most once per `interval`.
@@ -1019,7 +1081,16 @@ impl Capture {
             stats: CaptureStats::default(),
             synced_wals: Mutex::new(BTreeSet::new()),
             wake: OnceLock::new(),
+            hold_pages: AtomicBool::new(true),
         }
+    }
+
+    /// Whether WAL batches are held in memory between uploads (the default), so that a
+    /// page changed by many batches is staged once per upload; off, each batch is written
+    /// with its pages (for a sync interval of 0, where every batch is uploaded alone).
+    /// Applies to databases captured from now on.
+    pub fn set_hold_pages(&self, on: bool) {
+        self.hold_pages.store(on, Ordering::Relaxed);
     }
 
     /// Sets how to wake the WAL watcher (see [`Capture::wal_synced`]).
@@ -1215,6 +1286,7 @@ impl Capture {
                     &self.root.join(&db),
                     barrier,
                     replaced,
+                    self.hold_pages.load(Ordering::Relaxed),
                 )?;
                 events.extend(ev);
                 if c.resumed_without_reading {
@@ -1346,12 +1418,6 @@ impl Capture {
     /// `rel` changed between barriers; only databases already captured are polled.
     pub fn on_changed(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
         self.with_db(rel, false, false, |c| c.on_wal_changed())
-    }
-
-    /// The `-wal` `rel` was fsynced outside a barrier (see
-    /// [`DatabaseCapture::on_wal_fsynced`]); only databases already captured.
-    pub fn on_fsynced(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
-        self.with_db(rel, false, false, |c| c.on_wal_fsynced())
     }
 
     /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed

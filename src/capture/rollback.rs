@@ -545,7 +545,7 @@ impl DatabaseCapture {
             wal: None,
         };
         let mut sum = self.checksum_cut_to(commit);
-        let mut w = self.segment.begin(header);
+        let mut w = self.segment.begin(header)?;
         let mut new_sums = Vec::with_capacity(keep.len());
         for &(pgno, c, at) in &keep {
             let (buf, c) = if buffered || data.len() >= at + ps {

@@ -343,44 +343,60 @@ fn synchronous_off_missed_restart_heals() {
     assert_replica_matches(&f, &conn);
 }
 
-/// A `-wal` fsync outside a barrier (a checkpoint's first step) stages what the WAL
-/// holds and starts the segment's fdatasync, so that it runs beside the backfill; the
-/// checkpoint's database fsync then finds the staging complete, and a read between
-/// barriers starts no sync.
+/// Reads between barriers hold their pages in memory and append page lists only; the
+/// checkpoint's database fsync makes those lists durable; the seal writes each held page
+/// once, however many batches changed it.
 #[test]
-fn a_wal_fsync_stages_the_wal_and_starts_the_segment_sync() {
+fn held_pages_are_listed_between_barriers_and_written_once_at_the_seal() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "NORMAL", 0);
     f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.seal(&f.rel).unwrap();
+    let active = f
+        .capture
+        .staging()
+        .db_dir(&f.rel)
+        .unwrap()
+        .join("segments/active");
     let unsynced = || {
         let slot = f.capture.slot(&f.rel, false).unwrap();
         let guard = slot.lock();
         guard.as_ref().unwrap().segment.has_unsynced()
     };
-    let commit = || {
-        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+    conn.execute("INSERT INTO t(id, v) VALUES(1, randomblob(100))", [])
+        .unwrap();
+    // Twenty batches, each rewriting the same row: the same few pages every time.
+    for i in 0..20 {
+        conn.execute("UPDATE t SET v = randomblob(?1) WHERE id = 1", [100 + i])
             .unwrap();
-    };
-    commit();
-    f.capture.on_wal_changed_for_test(&f.wal_rel);
+        f.capture.on_wal_changed_for_test(&f.wal_rel);
+    }
+    let (records, _) = crate::staging::segment::read_segment(&active).unwrap();
+    assert_eq!(records.len(), 20, "one page list per batch");
+    assert!(records
+        .iter()
+        .all(|r| r.kind == crate::staging::RecordKind::PageList));
+    let data_bytes = fs::metadata(&active).unwrap().len();
+    assert!(data_bytes < 20 * 512, "page lists only: {data_bytes} bytes");
     assert!(unsynced(), "a read between barriers must not sync");
-    commit();
-    commit();
-    let ev = f.capture.on_fsynced(&f.wal_rel).unwrap();
-    assert!(
-        matches!(ev[..], [CaptureEvent::Staged { min_txid, max_txid, .. }] if max_txid == min_txid + 1),
-        "{ev:?}"
-    );
-    assert!(
-        !unsynced(),
-        "the fsync's read starts the segment's fdatasync"
-    );
-    // The checkpoint backfills and fsyncs the database, as the FUSE layer reports it.
+    // The checkpoint's database fsync, as the FUSE layer reports it.
     checkpoint(&conn, "PASSIVE");
     let ev = f.capture.on_db_syncing(&f.rel).unwrap();
     assert!(ev.is_empty(), "nothing left to read: {ev:?}");
     f.capture.on_barrier(&f.rel, true).unwrap();
-    assert!(!unsynced());
+    assert!(
+        !unsynced(),
+        "the checkpoint's barrier makes the page lists durable"
+    );
+    // The seal writes every held page once: the union of what the batches changed.
+    f.capture.seal(&f.rel).unwrap();
+    let pending = f.capture.staging().pending(&f.rel).unwrap();
+    let Some(Staged::Batch(b)) = pending.last() else {
+        panic!("{pending:?}");
+    };
+    assert_eq!(b.kind, crate::staging::RecordKind::Pages);
+    assert_eq!(b.header.max_txid - b.header.min_txid, 20);
+    assert!(b.header.page_count <= 3, "{:?}", b.header);
     assert_replica_matches(&f, &conn);
 }
 
@@ -644,16 +660,90 @@ fn crash_and_power_loss_resume_without_gaps() {
         "{ev:?}"
     );
 
-    // The daemon dies: its in-memory capture is gone, unsealed; the next start resumes
-    // after the newest batch.
+    // The daemon dies: its in-memory capture is gone, unsealed, with the pages it held.
+    // The next start reads them back from the files (their page lists are in the
+    // segment), then resumes after the newest batch.
     f.capture.dbs.lock().remove(&f.rel);
     commit();
     let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
     assert!(
-        matches!(ev[..], [CaptureEvent::Staged { min_txid, max_txid, .. }]
-            if min_txid == durable + 6 && max_txid == durable + 6),
+        matches!(ev[..], [
+            CaptureEvent::Staged { min_txid: a, max_txid: b, .. },
+            CaptureEvent::Staged { min_txid: c, max_txid: d, .. },
+        ] if (a, b, c, d) == (durable + 1, durable + 5, durable + 6, durable + 6)),
         "{ev:?}"
     );
+    assert_replica_matches(&f, &conn);
+}
+
+/// A crash loses the pages the capture held in memory. Their page lists were made durable
+/// by the checkpoint's barrier, after which the WAL restarted: the next start finds them in
+/// the database file (checked against the content checksum the last list recorded) and
+/// holds them again, with their TXIDs, and nothing heals.
+#[test]
+fn held_pages_are_read_back_from_the_database_after_a_crash() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let durable = f.capture.staging().state(&f.rel).unwrap().unwrap().txid;
+    for _ in 0..6 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+        f.capture.on_wal_changed_for_test(&f.wal_rel);
+    }
+    // The checkpoint, with the barriers the FUSE layer reports; the WAL then restarts.
+    checkpoint(&conn, "RESTART");
+    f.capture.on_db_syncing(&f.rel).unwrap();
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    // The daemon dies (nothing sealed); the application commits on (a new WAL
+    // generation), and the next start reads the database.
+    f.capture.dbs.lock().remove(&f.rel);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(500))", [])
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert!(
+        matches!(ev[..], [
+            CaptureEvent::Staged { min_txid: a, max_txid: b, .. },
+            CaptureEvent::Staged { min_txid: c, max_txid: d, .. },
+        ] if (a, b, c, d) == (durable + 1, durable + 6, durable + 7, durable + 7)),
+        "{ev:?}"
+    );
+    assert_replica_matches(&f, &conn);
+}
+
+/// Held pages that cannot be read back (the database moved past the state their page
+/// lists recorded while walfs was down) are healed with a snapshot, and their page lists
+/// are cut from the segment.
+#[test]
+fn held_pages_that_cannot_be_read_back_heal() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    for _ in 0..4 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+        f.capture.on_wal_changed_for_test(&f.wal_rel);
+    }
+    f.capture.dbs.lock().remove(&f.rel);
+    // Without walfs: more commits, checkpointed into the database, and the WAL restarted.
+    for _ in 0..3 {
+        conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+            .unwrap();
+    }
+    checkpoint(&conn, "TRUNCATE");
+    conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 1, "{ev:?}");
+    let active = f
+        .capture
+        .staging()
+        .db_dir(&f.rel)
+        .unwrap()
+        .join("segments/active");
+    let (records, _) = crate::staging::segment::read_segment(&active).unwrap();
+    assert!(records.is_empty(), "{records:?}");
     assert_replica_matches(&f, &conn);
 }
 
@@ -672,10 +762,15 @@ fn state_adopted_from_batches_is_saved_at_the_next_seal() {
             .unwrap();
         f.capture.on_barrier(&f.wal_rel, false).unwrap();
     }
-    // Crash, restart with nothing new to read, seal and upload.
+    // Crash, restart with nothing new to read (the held pages are read back), seal and
+    // upload.
     f.capture.dbs.lock().remove(&f.rel);
     let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
-    assert!(ev.is_empty(), "{ev:?}");
+    assert!(
+        matches!(ev[..], [CaptureEvent::Staged { min_txid, max_txid, .. }]
+            if (min_txid, max_txid) == (durable + 1, durable + 3)),
+        "{ev:?}"
+    );
     f.capture.seal(&f.rel).unwrap();
     let st = f.capture.staging().state(&f.rel).unwrap().unwrap();
     assert_eq!(st.txid, durable + 3, "the sealed state is on disk");

@@ -15,9 +15,9 @@
 //! polls them.
 //!
 //! A `-wal` fsync outside a barrier (most often a checkpoint's first step) wakes the
-//! watcher at once, at most once per window. It reads that WAL and starts the staging's
-//! fdatasync, which then overlaps with the checkpoint's backfill rather than with the
-//! database fsync that ends the checkpoint and waits for it.
+//! watcher at once, at most once per window. It reads that WAL beside the checkpoint's
+//! backfill, so that the database fsync that ends the checkpoint finds little left to read
+//! while the application waits.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsFd;
@@ -153,7 +153,7 @@ impl Watch {
                 let _ = self.wake.read();
                 for db in self.capture.take_synced_wals() {
                     changed.remove(&db);
-                    self.read(&db, true);
+                    self.read(&db);
                 }
                 self.poll_changed(&mut changed);
                 if !events {
@@ -201,7 +201,7 @@ impl Watch {
             let mut committed = false;
             for db in self.databases_in(&dir) {
                 changed.remove(&db);
-                committed |= self.read(&db, false);
+                committed |= self.read(&db);
             }
             let quiet = self.polling.entry(wd).or_insert(0);
             *quiet = if committed { 0 } else { *quiet + 1 };
@@ -227,16 +227,9 @@ impl Watch {
             .collect()
     }
 
-    /// Reads the `-wal` of `db` (`fsynced`: after an fsync of it, see
-    /// [`Capture::on_fsynced`]); true if that staged something.
-    fn read(&self, db: &Path, fsynced: bool) -> bool {
-        let wal = wal_path(db);
-        let read = if fsynced {
-            self.capture.on_fsynced(&wal)
-        } else {
-            self.capture.on_changed(&wal)
-        };
-        match read {
+    /// Reads the `-wal` of `db`; true if that staged something.
+    fn read(&self, db: &Path) -> bool {
+        match self.capture.on_changed(&wal_path(db)) {
             Ok(events) => events
                 .iter()
                 .any(|e| !matches!(e, CaptureEvent::Unsupported { .. })),
@@ -250,7 +243,7 @@ impl Watch {
     /// Reads the `-wal` of each database in `changed`, and empties it.
     fn poll_changed(&self, changed: &mut BTreeSet<PathBuf>) {
         for db in std::mem::take(changed) {
-            self.read(&db, false);
+            self.read(&db);
         }
     }
 

@@ -40,13 +40,15 @@
 //! WAL position only, with page size 0, so that it matches no database and the capture
 //! heals with a fresh snapshot that continues the same history.
 
+mod held;
 pub mod kept;
 pub mod merge;
 pub mod segment;
 
+pub use held::HeldBatch;
 pub use kept::{KeepSource, Kept};
 pub use merge::PageMerge;
-pub use segment::{Batch, BatchHeader, RecordWriter, SegmentWriter};
+pub use segment::{Batch, BatchHeader, ListedRun, RecordKind, RecordWriter, SegmentWriter};
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -454,8 +456,14 @@ impl Staging {
         for entry in list_dir(&self.segment_dir(db)?)? {
             let name = entry.file_name();
             if name.to_str().and_then(segment::parse_sealed_name).is_some() {
+                // Page lists are superseded by the page-bearing record after them.
                 let records = segment::list_records(&entry.path())?;
-                out.extend(records.into_iter().map(Staged::Batch));
+                out.extend(
+                    records
+                        .into_iter()
+                        .filter(|b| b.kind == RecordKind::Pages)
+                        .map(Staged::Batch),
+                );
             }
         }
         out.sort_by_key(|s| (s.max_txid(), matches!(s, Staged::Batch(_)), s.min_txid()));

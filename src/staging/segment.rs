@@ -30,6 +30,24 @@
 //! hashes each page once. Version 1 records (CRC-64 content checksum, 16-byte trailer) are
 //! not read: they end a segment's valid prefix like a torn record, so their transactions
 //! are read again from the WAL or healed with a snapshot.
+//!
+//! **Held pages.** A small batch appended with [`SegmentWriter::begin_held`] is not written
+//! with its data. Its record is a *page list* (magic "WFSL", otherwise the same header and
+//! trailer, then `count × pgno u32` instead of the pages; the CRC covers the header, the
+//! page numbers and the content checksum), and the writer holds the newest content of
+//! every page in memory ([`super::held`]). Consecutive batches then share one copy of each
+//! page: the content is written once, as one page-bearing record that covers every held
+//! TXID, when the segment is sealed, before any other record, or when the holding grows past
+//! its limit. The page lists are what make this safe:
+//! - they are appended at once, so a crash of the process keeps them, and fsynced at the
+//!   same durable points as page-bearing records;
+//! - until the content is written, the pages they list are in the database's files, at the
+//!   WAL position the last list records: a restarted capture that finds the files at that
+//!   position (by the content checksum) reads them from there ([`SegmentWriter::listed_run`],
+//!   [`SegmentWriter::adopt_listed`]); otherwise it heals with a snapshot, as for any gap.
+//!
+//! A page list is superseded by the page-bearing record that follows it, which starts at
+//! the first held TXID: readers of sealed segments skip page lists ([`RecordKind`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
@@ -38,15 +56,31 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::OnceLock;
 
+use std::collections::BTreeSet;
+
+use super::held::{Held, HeldBatch};
 use crate::replica::ltx::Crc64;
 use crate::sqlite::{page_hash, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
 
+/// "WFSB": a record with its pages.
 const RECORD_MAGIC: u32 = 0x5746_5342;
+/// "WFSL": a page list (the pages are held in memory by the writer).
+const LIST_MAGIC: u32 = 0x5746_534c;
 const RECORD_VERSION: u32 = 2;
 const HEADER_SIZE: usize = 96;
 const TRAILER_SIZE: usize = 24;
 /// Appends are flushed to the file in chunks of this size.
 const FLUSH_AT: usize = 1 << 20;
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// The batch's page numbers and data.
+    Pages,
+    /// The batch's page numbers only: their content was held in memory (see the module
+    /// header) and is in a later [`RecordKind::Pages`] record, or in the database's files.
+    PageList,
+}
 
 /// What one record covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +98,13 @@ pub struct BatchHeader {
 }
 
 impl BatchHeader {
-    fn encode(&self) -> [u8; HEADER_SIZE] {
+    fn encode(&self, kind: RecordKind) -> [u8; HEADER_SIZE] {
         let mut b = [0u8; HEADER_SIZE];
-        b[0..4].copy_from_slice(&RECORD_MAGIC.to_be_bytes());
+        let magic = match kind {
+            RecordKind::Pages => RECORD_MAGIC,
+            RecordKind::PageList => LIST_MAGIC,
+        };
+        b[0..4].copy_from_slice(&magic.to_be_bytes());
         b[4..8].copy_from_slice(&RECORD_VERSION.to_be_bytes());
         b[8..12].copy_from_slice(&self.page_size.to_be_bytes());
         b[12..16].copy_from_slice(&self.commit.to_be_bytes());
@@ -96,10 +134,15 @@ impl BatchHeader {
         b
     }
 
-    fn decode(b: &[u8; HEADER_SIZE]) -> Option<BatchHeader> {
+    fn decode(b: &[u8; HEADER_SIZE]) -> Option<(BatchHeader, RecordKind)> {
         let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
         let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
-        if u32_at(0) != RECORD_MAGIC || u32_at(4) != RECORD_VERSION {
+        let kind = match u32_at(0) {
+            RECORD_MAGIC => RecordKind::Pages,
+            LIST_MAGIC => RecordKind::PageList,
+            _ => return None,
+        };
+        if u32_at(4) != RECORD_VERSION {
             return None;
         }
         let h = BatchHeader {
@@ -127,14 +170,16 @@ impl BatchHeader {
             && (512..=65536).contains(&h.page_size)
             && h.min_txid >= 1
             && h.min_txid <= h.max_txid;
-        sane.then_some(h)
+        sane.then_some((h, kind))
     }
 
-    /// Length of the whole record.
-    pub fn record_len(&self) -> u64 {
-        HEADER_SIZE as u64
-            + u64::from(self.page_count) * (4 + u64::from(self.page_size))
-            + TRAILER_SIZE as u64
+    /// Length of the whole record of this kind.
+    pub fn record_len(&self, kind: RecordKind) -> u64 {
+        let per_page = match kind {
+            RecordKind::Pages => 4 + u64::from(self.page_size),
+            RecordKind::PageList => 4,
+        };
+        HEADER_SIZE as u64 + u64::from(self.page_count) * per_page + TRAILER_SIZE as u64
     }
 }
 
@@ -142,6 +187,7 @@ impl BatchHeader {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     pub header: BatchHeader,
+    pub kind: RecordKind,
     /// The content checksum of the database after `max_txid`.
     pub post_checksum: ContentChecksum,
     /// The segment file.
@@ -151,8 +197,21 @@ pub struct Batch {
 }
 
 impl Batch {
+    fn has_pages(&self) -> io::Result<()> {
+        match self.kind {
+            RecordKind::Pages => Ok(()),
+            RecordKind::PageList => Err(io::Error::other(format!(
+                "{}: the record of TXIDs {}-{} lists pages without their data",
+                self.path.display(),
+                self.header.min_txid,
+                self.header.max_txid
+            ))),
+        }
+    }
+
     /// Reads the record's pages in order.
     pub fn read_pages(&self, mut f: impl FnMut(u32, &[u8]) -> io::Result<()>) -> io::Result<()> {
+        self.has_pages()?;
         let mut file = File::open(&self.path)?;
         io::Seek::seek(
             &mut file,
@@ -170,6 +229,7 @@ impl Batch {
 
     /// The page numbers in the record with the file offset of each page's data.
     pub fn page_offsets(&self) -> io::Result<Vec<(u32, u64)>> {
+        self.has_pages()?;
         let file = File::open(&self.path)?;
         let stride = 4 + u64::from(self.header.page_size);
         let base = self.offset + HEADER_SIZE as u64;
@@ -195,21 +255,30 @@ pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
     while offset + (HEADER_SIZE + TRAILER_SIZE) as u64 <= len {
         let mut hb = [0u8; HEADER_SIZE];
         r.read_exact(&mut hb)?;
-        let Some(header) = BatchHeader::decode(&hb) else {
+        let Some((header, kind)) = BatchHeader::decode(&hb) else {
             break;
         };
-        let rec_len = header.record_len();
+        let rec_len = header.record_len(kind);
         if offset + rec_len > len {
             break;
         }
         let mut digest = Crc64::new();
         digest.update(&hb);
-        buf.resize(4 + header.page_size as usize, 0);
-        for _ in 0..header.page_count {
-            r.read_exact(&mut buf)?;
-            let pgno = u32::from_be_bytes(buf[..4].try_into().unwrap());
-            digest.update(&buf[..4]);
-            digest.update(&page_hash(pgno, &buf[4..]).to_be_bytes());
+        match kind {
+            RecordKind::Pages => {
+                buf.resize(4 + header.page_size as usize, 0);
+                for _ in 0..header.page_count {
+                    r.read_exact(&mut buf)?;
+                    let pgno = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                    digest.update(&buf[..4]);
+                    digest.update(&page_hash(pgno, &buf[4..]).to_be_bytes());
+                }
+            }
+            RecordKind::PageList => {
+                buf.resize(4 * header.page_count as usize, 0);
+                r.read_exact(&mut buf)?;
+                digest.update(&buf);
+            }
         }
         let mut tb = [0u8; TRAILER_SIZE];
         r.read_exact(&mut tb)?;
@@ -219,6 +288,7 @@ pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
         }
         out.push(Batch {
             header,
+            kind,
             post_checksum: content_checksum_at(&tb),
             path: path.to_path_buf(),
             offset,
@@ -226,6 +296,15 @@ pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
         offset += rec_len;
     }
     Ok((out, offset))
+}
+
+/// The page numbers a page list record holds.
+fn listed_pages(batch: &Batch) -> io::Result<Vec<u32>> {
+    let mut b = vec![0u8; 4 * batch.header.page_count as usize];
+    File::open(&batch.path)?.read_exact_at(&mut b, batch.offset + HEADER_SIZE as u64)?;
+    Ok(b.chunks_exact(4)
+        .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+        .collect())
 }
 
 /// The content checksum in a record's trailer.
@@ -245,10 +324,10 @@ pub fn list_records(path: &Path) -> io::Result<Vec<Batch>> {
     while offset + (HEADER_SIZE + TRAILER_SIZE) as u64 <= len {
         let mut hb = [0u8; HEADER_SIZE];
         file.read_exact_at(&mut hb, offset)?;
-        let Some(header) = BatchHeader::decode(&hb) else {
+        let Some((header, kind)) = BatchHeader::decode(&hb) else {
             break;
         };
-        let rec_len = header.record_len();
+        let rec_len = header.record_len(kind);
         if offset + rec_len > len {
             break;
         }
@@ -256,6 +335,7 @@ pub fn list_records(path: &Path) -> io::Result<Vec<Batch>> {
         file.read_exact_at(&mut tb, offset + rec_len - TRAILER_SIZE as u64)?;
         out.push(Batch {
             header,
+            kind,
             post_checksum: content_checksum_at(&tb),
             path: path.to_path_buf(),
             offset,
@@ -293,6 +373,32 @@ pub struct SegmentWriter {
     unsynced: bool,
     /// An fdatasync started by [`start_sync`](Self::start_sync), not yet waited for.
     in_flight: Option<Receiver<io::Result<()>>>,
+    /// The pages of the batches appended as page lists since the last page-bearing record.
+    held: Option<Held>,
+    /// Page lists at the end of the segment as it was opened, whose pages were held by a
+    /// process that stopped without writing them (see [`listed_run`](Self::listed_run)).
+    listed: Option<ListedRun>,
+    /// The last held batch's buffers, to reuse.
+    spare_batch: Option<HeldBatch>,
+}
+
+/// The page lists at the end of an active segment that no page-bearing record follows:
+/// what a capture that stopped without sealing held in memory. Their pages are in the
+/// database's files at the WAL position of the last one, if the files still hold that
+/// state (its content checksum is `post_checksum`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRun {
+    /// The first TXID of the run.
+    pub min_txid: u64,
+    /// The header of the run's last record (its TXID, size and WAL position).
+    pub last: BatchHeader,
+    /// The content checksum after the run.
+    pub post_checksum: ContentChecksum,
+    /// Every page the run changed that the database still has after it.
+    pub pages: BTreeSet<u32>,
+    /// Where the run starts in the file, and the TXIDs of the records before it.
+    offset: u64,
+    txids_before: Option<(u64, u64)>,
 }
 
 /// A segment's file descriptor to fdatasync, and where its result goes.
@@ -315,6 +421,35 @@ fn background_syncer() -> &'static Sender<SyncJob> {
             .expect("cannot start the segment sync thread");
         tx
     })
+}
+
+/// The page lists that end `records` (after the last page-bearing record), if any.
+fn trailing_run(records: &[Batch]) -> io::Result<Option<ListedRun>> {
+    let first = records
+        .iter()
+        .rposition(|b| b.kind == RecordKind::Pages)
+        .map_or(0, |i| i + 1);
+    let run = &records[first..];
+    let Some(last) = run.last() else {
+        return Ok(None);
+    };
+    let mut pages = BTreeSet::new();
+    for b in run {
+        // A shrink drops the pages past the new end, as the held merge does.
+        pages.split_off(&b.header.commit.saturating_add(1));
+        pages.extend(listed_pages(b)?);
+    }
+    pages.split_off(&last.header.commit.saturating_add(1));
+    Ok(Some(ListedRun {
+        min_txid: run[0].header.min_txid,
+        last: last.header,
+        post_checksum: last.post_checksum,
+        pages,
+        offset: run[0].offset,
+        txids_before: first
+            .checked_sub(1)
+            .map(|i| (records[0].header.min_txid, records[i].header.max_txid)),
+    }))
 }
 
 impl SegmentWriter {
@@ -342,6 +477,9 @@ impl SegmentWriter {
             txids,
             unsynced: valid > 0,
             in_flight: None,
+            held: None,
+            listed: trailing_run(&records)?,
+            spare_batch: None,
         })
     }
 
@@ -355,15 +493,49 @@ impl SegmentWriter {
         self.txids
     }
 
-    /// Starts appending a record; it is written only by [`RecordWriter::finish`].
-    pub fn begin(&mut self, header: BatchHeader) -> RecordWriter<'_> {
+    /// Starts appending a record with its pages; it is written only by
+    /// [`RecordWriter::finish`]. Held pages are written first (as their own record), so
+    /// that records stay in TXID order.
+    pub fn begin(&mut self, header: BatchHeader) -> io::Result<RecordWriter<'_>> {
+        self.write_held()?;
+        Ok(self.record_writer(header, false))
+    }
+
+    /// Starts appending a batch whose pages are held in memory, merged with the held pages
+    /// of the batches before it, and recorded as a page list (see the module header). A
+    /// batch too large to hold, or one that does not continue the held ones, is written
+    /// with its pages as [`begin`](Self::begin) does.
+    pub fn begin_held(&mut self, header: BatchHeader) -> io::Result<RecordWriter<'_>> {
+        let bytes = u64::from(header.page_count) * u64::from(header.page_size);
+        if let Some(h) = &self.held {
+            if !h.continues_with(&header) || !h.can_take(bytes) {
+                self.write_held()?;
+            }
+        }
+        let hold = Held::may_start(bytes);
+        if !hold {
+            self.write_held()?;
+        }
+        Ok(self.record_writer(header, hold))
+    }
+
+    fn record_writer(&mut self, header: BatchHeader, hold: bool) -> RecordWriter<'_> {
         let mut digest = Crc64::new();
-        let hb = header.encode();
-        digest.update(&hb);
-        let mut buf = Vec::with_capacity(
-            (header.record_len() as usize).min(FLUSH_AT + 4 + header.page_size as usize),
-        );
-        buf.extend_from_slice(&hb);
+        let mut buf = Vec::new();
+        let held = if hold {
+            let mut batch = self.spare_batch.take().unwrap_or_default();
+            batch.clear();
+            Some(batch)
+        } else {
+            let hb = header.encode(RecordKind::Pages);
+            digest.update(&hb);
+            buf.reserve(
+                (header.record_len(RecordKind::Pages) as usize)
+                    .min(FLUSH_AT + 4 + header.page_size as usize),
+            );
+            buf.extend_from_slice(&hb);
+            None
+        };
         let start = self.len;
         RecordWriter {
             seg: self,
@@ -373,8 +545,75 @@ impl SegmentWriter {
             start,
             flushed: 0,
             pages: 0,
+            held,
             done: false,
         }
+    }
+
+    /// Writes the held pages as one record with their data (the TXIDs of every held batch),
+    /// not yet durable. On failure they stay held.
+    pub fn write_held(&mut self) -> io::Result<()> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        let res = (|| {
+            let mut w = self.record_writer(held.merged_header(), false);
+            for (pgno, hash, data) in held.pages() {
+                w.add_page(pgno, data, hash)?;
+            }
+            w.finish(held.post_checksum())
+        })();
+        if res.is_err() {
+            self.held = Some(held);
+        }
+        res
+    }
+
+    /// The TXIDs whose pages are held in memory, if any.
+    pub fn held_txids(&self) -> Option<(u64, u64)> {
+        self.held.as_ref().map(|h| h.txids())
+    }
+
+    /// The page lists a process that stopped without sealing left at the end of the
+    /// segment, until they are [adopted](Self::adopt_listed) or
+    /// [abandoned](Self::abandon_listed).
+    pub fn listed_run(&self) -> Option<&ListedRun> {
+        self.listed.as_ref()
+    }
+
+    /// Holds the pages of the [listed run](Self::listed_run), read back from the database's
+    /// files at its last WAL position: `pages` has the content and [`page_hash`] of every
+    /// page it lists.
+    pub fn adopt_listed(&mut self, pages: &HeldBatch) -> io::Result<()> {
+        let Some(run) = self.listed.take() else {
+            return Err(io::Error::other("no listed pages to adopt"));
+        };
+        if self.held.is_some() || !pages.pgnos().eq(run.pages.iter().copied()) {
+            self.listed = Some(run);
+            return Err(io::Error::other(
+                "the pages read back are not the listed ones",
+            ));
+        }
+        self.held = Some(Held::adopt(
+            run.min_txid,
+            run.last,
+            run.post_checksum,
+            pages,
+        ));
+        Ok(())
+    }
+
+    /// Drops the [listed run](Self::listed_run) from the segment: its pages cannot be read
+    /// back (the files moved past its state), and the capture heals with a snapshot.
+    pub fn abandon_listed(&mut self) -> io::Result<()> {
+        let Some(run) = self.listed.take() else {
+            return Ok(());
+        };
+        self.file.set_len(run.offset)?;
+        self.len = run.offset;
+        self.txids = run.txids_before;
+        self.unsynced = true;
+        Ok(())
     }
 
     /// Whether records were appended since the last fdatasync was started.
@@ -415,7 +654,8 @@ impl SegmentWriter {
         res
     }
 
-    /// Makes every record durable (fdatasync).
+    /// Makes every record durable (fdatasync). Held pages stay held: their page lists are
+    /// what must be durable.
     pub fn sync(&mut self) -> io::Result<()> {
         self.wait_in_flight()?;
         if self.unsynced {
@@ -425,9 +665,11 @@ impl SegmentWriter {
         Ok(())
     }
 
-    /// Seals the segment into `dir` as `<min>-<max>.seg` (fsynced, renamed, the directory
-    /// fsynced) and starts an empty one. Returns the sealed file, if it held anything.
+    /// Writes the held pages, seals the segment into `dir` as `<min>-<max>.seg` (fsynced,
+    /// renamed, the directory fsynced) and starts an empty one. Returns the sealed file, if
+    /// it held anything.
     pub fn seal(&mut self) -> io::Result<Option<PathBuf>> {
+        self.write_held()?;
         let Some((min, max)) = self.txids else {
             return Ok(None);
         };
@@ -447,6 +689,7 @@ impl SegmentWriter {
         self.len = 0;
         self.txids = None;
         self.unsynced = false;
+        self.listed = None;
         Ok(Some(sealed))
     }
 }
@@ -460,6 +703,8 @@ pub struct RecordWriter<'a> {
     start: u64,
     flushed: u64,
     pages: u32,
+    /// The batch's pages, when they are to be held rather than written.
+    held: Option<HeldBatch>,
     done: bool,
 }
 
@@ -484,25 +729,39 @@ impl RecordWriter<'_> {
             )));
         }
         debug_assert_eq!(hash, page_hash(pgno, data));
+        self.pages += 1;
+        if let Some(held) = &mut self.held {
+            held.add(pgno, hash, data);
+            return Ok(());
+        }
         let b = pgno.to_be_bytes();
         self.digest.update(&b);
         self.digest.update(&hash.to_be_bytes());
         self.buf.extend_from_slice(&b);
         self.buf.extend_from_slice(data);
-        self.pages += 1;
         if self.buf.len() >= FLUSH_AT {
             self.flush()?;
         }
         Ok(())
     }
 
-    /// Writes the trailer; the record is then part of the segment (not yet durable).
+    /// Writes the trailer; the record is then part of the segment (not yet durable). A held
+    /// batch writes its page list, and its pages join the held ones.
     pub fn finish(mut self, post_checksum: ContentChecksum) -> io::Result<()> {
         if self.pages != self.header.page_count {
             return Err(io::Error::other(format!(
                 "segment record: {} pages written, {} announced",
                 self.pages, self.header.page_count
             )));
+        }
+        if let Some(held) = &self.held {
+            let hb = self.header.encode(RecordKind::PageList);
+            self.digest.update(&hb);
+            self.buf.extend_from_slice(&hb);
+            for pgno in held.pgnos() {
+                self.buf.extend_from_slice(&pgno.to_be_bytes());
+            }
+            self.digest.update(&self.buf[HEADER_SIZE..]);
         }
         let pc = post_checksum.value().to_be_bytes();
         self.digest.update(&pc);
@@ -512,13 +771,21 @@ impl RecordWriter<'_> {
         self.buf.extend_from_slice(&crc.to_be_bytes());
         self.flush()?;
         self.done = true;
+        let header = self.header;
         let seg = &mut *self.seg;
         seg.len = self.start + self.flushed;
         seg.txids = Some(match seg.txids {
-            Some((min, _)) => (min, self.header.max_txid),
-            None => (self.header.min_txid, self.header.max_txid),
+            Some((min, _)) => (min, header.max_txid),
+            None => (header.min_txid, header.max_txid),
         });
         seg.unsynced = true;
+        if let Some(batch) = self.held.take() {
+            match &mut seg.held {
+                Some(h) => h.apply(&header, post_checksum, &batch),
+                None => seg.held = Some(Held::start(&header, post_checksum, &batch)),
+            }
+            seg.spare_batch = Some(batch);
+        }
         Ok(())
     }
 }
@@ -562,22 +829,22 @@ mod tests {
         let path = dir.path().join("active");
         let mut w = SegmentWriter::open(&path).unwrap();
         assert!(w.is_empty());
-        let mut r = w.begin(header(1, 3, 2));
+        let mut r = w.begin(header(1, 3, 2)).unwrap();
         add(&mut r, 1, 1);
         add(&mut r, 4, 4);
         r.finish(ContentChecksum::from_value(99)).unwrap();
         // A record abandoned halfway leaves nothing.
         {
-            let mut r = w.begin(header(4, 4, 3000));
+            let mut r = w.begin(header(4, 4, 3000)).unwrap();
             for p in 1..=2100 {
                 add(&mut r, p, 9);
             }
         }
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
-            header(1, 3, 2).record_len()
+            header(1, 3, 2).record_len(RecordKind::Pages)
         );
-        let mut r = w.begin(header(4, 4, 1));
+        let mut r = w.begin(header(4, 4, 1)).unwrap();
         add(&mut r, 2, 2);
         r.finish(ContentChecksum::from_value(100)).unwrap();
         let (recs, valid) = read_segment(&path).unwrap();
@@ -605,7 +872,7 @@ mod tests {
         // A torn tail (a crash mid-append) is cut off at reopen; a flipped byte too.
         drop(w);
         let f = OpenOptions::new().append(true).open(&path).unwrap();
-        io::Write::write_all(&mut &f, &header(5, 5, 1).encode()).unwrap();
+        io::Write::write_all(&mut &f, &header(5, 5, 1).encode(RecordKind::Pages)).unwrap();
         let mut w = SegmentWriter::open(&path).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().len(), valid);
         assert_eq!(w.txids(), Some((1, 4)));
@@ -636,12 +903,12 @@ mod tests {
         let mut w = SegmentWriter::open(&path).unwrap();
         w.start_sync().unwrap();
         assert!(w.in_flight.is_none(), "nothing to sync");
-        let mut r = w.begin(header(1, 1, 1));
+        let mut r = w.begin(header(1, 1, 1)).unwrap();
         add(&mut r, 1, 1);
         r.finish(ContentChecksum::from_value(1)).unwrap();
         w.start_sync().unwrap();
         assert!(w.in_flight.is_some() && !w.unsynced);
-        let mut r = w.begin(header(2, 2, 1));
+        let mut r = w.begin(header(2, 2, 1)).unwrap();
         add(&mut r, 2, 2);
         r.finish(ContentChecksum::from_value(2)).unwrap();
         assert!(w.unsynced);
@@ -650,12 +917,162 @@ mod tests {
         w.sync().unwrap();
         assert!(w.in_flight.is_none() && !w.unsynced);
         w.start_sync().unwrap();
-        let mut r = w.begin(header(3, 3, 1));
+        let mut r = w.begin(header(3, 3, 1)).unwrap();
         add(&mut r, 3, 3);
         r.finish(ContentChecksum::from_value(3)).unwrap();
         w.start_sync().unwrap();
         let sealed = w.seal().unwrap().unwrap();
         assert!(w.in_flight.is_none());
         assert_eq!(read_segment(&sealed).unwrap().0.len(), 3);
+    }
+
+    /// Held batches write page lists; their pages are merged in memory (newest version,
+    /// pages past a shrink dropped) and written once, as one record of all their TXIDs,
+    /// before the seal. Readers of the sealed segment see that record.
+    #[test]
+    fn held_batches_are_listed_then_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("active");
+        let mut w = SegmentWriter::open(&path).unwrap();
+        let held = |w: &mut SegmentWriter, min: u64, commit: u32, pages: &[(u32, u8)]| {
+            let mut h = header(min, min, pages.len() as u32);
+            h.commit = commit;
+            let mut r = w.begin_held(h).unwrap();
+            for &(p, fill) in pages {
+                add(&mut r, p, fill);
+            }
+            r.finish(ContentChecksum::from_value(min.into())).unwrap();
+        };
+        held(&mut w, 1, 10, &[(1, 1), (9, 1), (10, 1)]);
+        held(&mut w, 2, 10, &[(1, 2), (3, 2)]);
+        // A shrink below page 9, then page 9 again (as the batch merge writes it).
+        held(&mut w, 3, 8, &[(2, 3)]);
+        held(&mut w, 4, 9, &[(9, 4)]);
+        assert_eq!(w.held_txids(), Some((1, 4)));
+        let (recs, len) = read_segment(&path).unwrap();
+        assert_eq!(recs.len(), 4);
+        assert!(recs.iter().all(|r| r.kind == RecordKind::PageList));
+        assert!(
+            recs[0].read_pages(|_, _| Ok(())).is_err(),
+            "no data to read"
+        );
+        assert_eq!(
+            len,
+            4 * (HEADER_SIZE + TRAILER_SIZE) as u64 + 4 * 7,
+            "page numbers only"
+        );
+        // A batch with its pages (e.g. a rollback commit) writes the held ones first.
+        let mut r = w.begin(header(5, 5, 1)).unwrap();
+        add(&mut r, 4, 5);
+        r.finish(ContentChecksum::from_value(5)).unwrap();
+        assert_eq!(w.held_txids(), None);
+        let sealed = w.seal().unwrap().unwrap();
+        let pages: Vec<Batch> = list_records(&sealed)
+            .unwrap()
+            .into_iter()
+            .filter(|b| b.kind == RecordKind::Pages)
+            .collect();
+        assert_eq!(pages.len(), 2);
+        let merged = &pages[0];
+        assert_eq!(
+            (
+                merged.header.min_txid,
+                merged.header.max_txid,
+                merged.header.commit
+            ),
+            (1, 4, 9)
+        );
+        assert_eq!(merged.post_checksum, ContentChecksum::from_value(4));
+        let mut seen = Vec::new();
+        merged
+            .read_pages(|p, d| {
+                seen.push((p, d[0]));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, vec![(1, 2), (2, 3), (3, 2), (9, 4)]);
+        assert_eq!(
+            read_segment(&sealed).unwrap().0.len(),
+            6,
+            "every record is valid"
+        );
+    }
+
+    /// Page lists that no page-bearing record follows (a stopped process held their pages)
+    /// are found at reopen: adopted with the pages read back, they are written at the seal;
+    /// abandoned, they are cut off.
+    #[test]
+    fn a_trailing_run_of_page_lists_is_adopted_or_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("active");
+        let mut w = SegmentWriter::open(&path).unwrap();
+        let mut r = w.begin(header(1, 1, 1)).unwrap();
+        add(&mut r, 1, 1);
+        r.finish(ContentChecksum::from_value(1)).unwrap();
+        for (txid, pages) in [(2u64, &[2u32, 5][..]), (3, &[5, 7][..])] {
+            let mut r = w
+                .begin_held(header(txid, txid, pages.len() as u32))
+                .unwrap();
+            for &p in pages {
+                add(&mut r, p, txid as u8);
+            }
+            r.finish(ContentChecksum::from_value(txid.into())).unwrap();
+        }
+        let full_len = fs::metadata(&path).unwrap().len();
+        drop(w);
+
+        let copy = dir.path().join("copy");
+        fs::copy(&path, &copy).unwrap();
+        let mut w = SegmentWriter::open(&path).unwrap();
+        let run = w.listed_run().unwrap().clone();
+        assert_eq!((run.min_txid, run.last.max_txid), (2, 3));
+        assert_eq!(run.post_checksum, ContentChecksum::from_value(3));
+        assert_eq!(run.pages.iter().copied().collect::<Vec<_>>(), vec![2, 5, 7]);
+        let mut wrong = HeldBatch::default();
+        wrong.add(2, 0, &[0; 512]);
+        assert!(w.adopt_listed(&wrong).is_err(), "not the listed pages");
+        let mut back = HeldBatch::default();
+        for p in [2u32, 5, 7] {
+            let d = [p as u8 + 100; 512];
+            back.add(p, page_hash(p, &d), &d);
+        }
+        w.adopt_listed(&back).unwrap();
+        assert_eq!(w.held_txids(), Some((2, 3)));
+        let sealed = w.seal().unwrap().unwrap();
+        let recs = list_records(&sealed).unwrap();
+        let last = recs.last().unwrap();
+        assert_eq!(last.kind, RecordKind::Pages);
+        assert_eq!((last.header.min_txid, last.header.max_txid), (2, 3));
+        assert_eq!(last.header.page_count, 3);
+
+        let mut w = SegmentWriter::open(&copy).unwrap();
+        assert!(w.listed_run().is_some());
+        w.abandon_listed().unwrap();
+        assert_eq!(w.txids(), Some((1, 1)));
+        assert!(fs::metadata(&copy).unwrap().len() < full_len);
+        drop(w);
+        let w = SegmentWriter::open(&copy).unwrap();
+        assert!(w.listed_run().is_none());
+        assert_eq!(read_segment(&copy).unwrap().0.len(), 1);
+    }
+
+    /// A batch larger than a segment may hold is written with its pages at once.
+    #[test]
+    fn a_batch_too_large_to_hold_is_written_with_its_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("active");
+        let mut w = SegmentWriter::open(&path).unwrap();
+        let n = (64 * 1024 * 1024 / 512 + 1) as u32;
+        let mut h = header(1, 1, n);
+        h.commit = n;
+        let mut r = w.begin_held(h).unwrap();
+        for p in 1..=n {
+            add(&mut r, p, 1);
+        }
+        r.finish(ContentChecksum::from_value(1)).unwrap();
+        assert_eq!(w.held_txids(), None);
+        let recs = list_records(&path).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].kind, RecordKind::Pages);
     }
 }

@@ -76,15 +76,17 @@ fn state_roundtrip_and_reopen() {
 }
 
 fn append(seg: &mut SegmentWriter, min: u64, max: u64, pages: &[(u32, u8)]) {
-    let mut w = seg.begin(BatchHeader {
-        page_size: 512,
-        commit: 4,
-        min_txid: min,
-        max_txid: max,
-        timestamp_ms: 2000 + max as i64,
-        page_count: pages.len() as u32,
-        wal: None,
-    });
+    let mut w = seg
+        .begin(BatchHeader {
+            page_size: 512,
+            commit: 4,
+            min_txid: min,
+            max_txid: max,
+            timestamp_ms: 2000 + max as i64,
+            page_count: pages.len() as u32,
+            wal: None,
+        })
+        .unwrap();
     for &(pgno, fill) in pages {
         let data = page(512, fill);
         w.add_page(pgno, &data, page_hash(pgno, &data)).unwrap();
