@@ -42,6 +42,11 @@ impl HeldBatch {
         self.data.extend_from_slice(data);
     }
 
+    /// The bytes its page buffer holds allocated.
+    pub fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
     /// The batch's page numbers, in the order they were added.
     pub fn pgnos(&self) -> impl Iterator<Item = u32> + '_ {
         self.pages.iter().map(|p| p.0)

@@ -71,6 +71,8 @@ const HEADER_SIZE: usize = 96;
 const TRAILER_SIZE: usize = 24;
 /// Appends are flushed to the file in chunks of this size.
 const FLUSH_AT: usize = 1 << 20;
+/// The largest held batch buffer kept for reuse.
+const SPARE_BATCH_BYTES: usize = 4 << 20;
 
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -784,7 +786,10 @@ impl RecordWriter<'_> {
                 Some(h) => h.apply(&header, post_checksum, &batch),
                 None => seg.held = Some(Held::start(&header, post_checksum, &batch)),
             }
-            seg.spare_batch = Some(batch);
+            // Its buffers serve the next batch, unless a large batch grew them.
+            if batch.capacity() <= SPARE_BATCH_BYTES {
+                seg.spare_batch = Some(batch);
+            }
         }
         Ok(())
     }
