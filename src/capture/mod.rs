@@ -1038,6 +1038,9 @@ pub struct Capture {
     /// now; `wake` tells it (set when the watcher starts).
     synced_wals: Mutex<BTreeSet<PathBuf>>,
     wake: OnceLock<WatcherWake>,
+    /// Databases whose `-wal` was fsynced outside a barrier since the last barrier on their
+    /// files (see [`Capture::fsync_follows`]).
+    checkpointing: Mutex<BTreeSet<PathBuf>>,
     /// See [`Capture::set_hold_pages`].
     hold_pages: AtomicBool,
 }
@@ -1081,6 +1084,7 @@ impl Capture {
             stats: CaptureStats::default(),
             synced_wals: Mutex::new(BTreeSet::new()),
             wake: OnceLock::new(),
+            checkpointing: Mutex::new(BTreeSet::new()),
             hold_pages: AtomicBool::new(true),
         }
     }
@@ -1104,6 +1108,12 @@ impl Capture {
     /// left to read while the application waits. At most once per coalescing window:
     /// waking the watcher at every `synchronous=FULL` commit cost that writer 40%.
     pub fn wal_synced(&self, db: &Path) {
+        {
+            let mut checkpointing = self.checkpointing.lock();
+            if !checkpointing.contains(db) {
+                checkpointing.insert(db.to_path_buf());
+            }
+        }
         let Some(wake) = self.wake.get() else {
             return;
         };
@@ -1117,6 +1127,13 @@ impl Capture {
         }
         self.synced_wals.lock().insert(db.to_path_buf());
         let _ = wake.fd.write(1);
+    }
+
+    /// Whether the `-wal` of `db` was fsynced outside a barrier since the last barrier on
+    /// its files: with `synchronous=NORMAL` or `FULL` a checkpoint fsyncs the `-wal` first
+    /// and ends with a database fsync, which is then still to come.
+    pub fn fsync_follows(&self, db: &Path) -> bool {
+        self.checkpointing.lock().contains(db)
     }
 
     /// Takes the databases passed to [`Capture::wal_synced`] since the last call.
@@ -1357,6 +1374,9 @@ impl Capture {
     /// A database fsync also ends a rollback-journal transaction's writes (see
     /// [`DatabaseCapture::on_db_synced`]).
     pub fn on_barrier(&self, rel: &Path, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+        if let Some((db, _)) = database_of(rel) {
+            self.checkpointing.lock().remove(&db);
+        }
         match database_of(rel) {
             Some((_, false)) => self.with_db(rel, true, true, |c| c.on_db_synced()),
             _ => self.with_db(rel, true, true, |c| c.on_wal_barrier(durable)),
@@ -1581,8 +1601,14 @@ impl Observer for CaptureObserver {
             // caught up first. It is not made durable here: the frames stay in the `-wal`
             // until the checkpoint's database fsync, which follows and makes the staging
             // durable beside its own (with synchronous=OFF there is none, and SQLite
-            // itself promises no durability).
+            // itself promises no durability). When the checkpoint began with a `-wal`
+            // fsync (synchronous=NORMAL or FULL), its database fsync is still to come
+            // and reads everything this would: the truncation (SQLite's size hint grows
+            // the file before the backfill) then costs the application nothing here.
             Some((db, false)) => {
+                if self.capture.fsync_follows(&db) {
+                    return Ok(());
+                }
                 self.barrier(Ok(wal_path(&db)), false)?;
                 self.capture
                     .on_db_changed(&rel, false)
