@@ -1374,10 +1374,11 @@ impl Capture {
     /// A database fsync also ends a rollback-journal transaction's writes (see
     /// [`DatabaseCapture::on_db_synced`]).
     pub fn on_barrier(&self, rel: &Path, durable: bool) -> io::Result<Vec<CaptureEvent>> {
-        if let Some((db, _)) = database_of(rel) {
-            self.checkpointing.lock().remove(&db);
+        let target = database_of(rel);
+        if let Some((db, _)) = &target {
+            self.checkpointing.lock().remove(db);
         }
-        match database_of(rel) {
+        match target {
             Some((_, false)) => self.with_db(rel, true, true, |c| c.on_db_synced()),
             _ => self.with_db(rel, true, true, |c| c.on_wal_barrier(durable)),
         }

@@ -180,6 +180,14 @@ fn heals(events: &[CaptureEvent]) -> usize {
         .count()
 }
 
+/// The next barrier on the `-wal` stages exactly the TXID ranges `expected`, healing nothing.
+fn barrier_stages(f: &Fixture, expected: &[(u64, u64)]) {
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    let want: Vec<_> = expected.iter().copied().map(Some).collect();
+    assert_eq!(staged_txids(&ev), want);
+}
+
 /// The TXID range of each event, `None` for an event that staged nothing.
 fn staged_txids(events: &[CaptureEvent]) -> Vec<Option<(u64, u64)>> {
     events
@@ -665,23 +673,16 @@ fn crash_and_power_loss_resume_without_gaps() {
         .set_len(cut)
         .unwrap();
     commit();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
-    assert_eq!(heals(&ev), 0, "{ev:?}");
-    assert_eq!(staged_txids(&ev), [Some((durable + 1, durable + 5))]);
+    barrier_stages(&f, &[(durable + 1, durable + 5)]);
 
     // The daemon dies: its in-memory capture is gone, unsealed, with the pages it held.
     // The next start reads them back from the files (their page lists are in the
     // segment), then resumes after the newest batch.
     f.capture.dbs.lock().remove(&f.rel);
     commit();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
-    assert_eq!(heals(&ev), 0, "{ev:?}");
-    assert_eq!(
-        staged_txids(&ev),
-        [
-            Some((durable + 1, durable + 5)),
-            Some((durable + 6, durable + 6))
-        ]
+    barrier_stages(
+        &f,
+        &[(durable + 1, durable + 5), (durable + 6, durable + 6)],
     );
     assert_replica_matches(&f, &conn);
 }
@@ -710,14 +711,9 @@ fn held_pages_are_read_back_from_the_database_after_a_crash() {
     f.capture.dbs.lock().remove(&f.rel);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(500))", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
-    assert_eq!(heals(&ev), 0, "{ev:?}");
-    assert_eq!(
-        staged_txids(&ev),
-        [
-            Some((durable + 1, durable + 6)),
-            Some((durable + 7, durable + 7))
-        ]
+    barrier_stages(
+        &f,
+        &[(durable + 1, durable + 6), (durable + 7, durable + 7)],
     );
     assert_replica_matches(&f, &conn);
 }
