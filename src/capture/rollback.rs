@@ -26,7 +26,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{now_ms, open_optional, read_db_header, CaptureEvent, DatabaseCapture, PageSink};
+use super::image::PageSink;
+use super::{now_ms, open_optional, read_db_header, CaptureEvent, DatabaseCapture};
 use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
     changed_pages, header_state, page_hash, read_full, scan_journal, ContentChecksum, JournalError,

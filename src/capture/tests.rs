@@ -8,9 +8,16 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use super::*;
 use crate::replica::ltx::{decode, DatabaseChecksum};
+use crate::sqlite::ContentChecksum;
 use crate::staging::Staged;
+use crate::staging::Staging;
 
 struct Fixture {
     _dir: tempfile::TempDir,

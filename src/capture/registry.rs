@@ -1,0 +1,455 @@
+//! The registry of one mount's captures, keyed by path relative to the backing root: it
+//! recognises databases by their header, routes each barrier to its database's capture,
+//! and tells the uploader which databases have something new.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::eventfd::EventFd;
+use parking_lot::Mutex;
+
+use super::{database_of, read_db_header, rollback, wal_path, CaptureEvent, DatabaseCapture};
+use crate::staging::Staging;
+
+/// Counters of one mount's capture.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    /// Batches and snapshots staged.
+    pub staged: AtomicU64,
+    /// Snapshots taken to heal a possible gap.
+    pub heals: AtomicU64,
+    /// Capture failures returned to the application as EIO.
+    pub failures: AtomicU64,
+    /// Databases resumed from the checksums a clean stop saved, without reading them.
+    pub quick_resumes: AtomicU64,
+}
+
+type Slot = Arc<Mutex<Option<DatabaseCapture>>>;
+
+/// Called when a database has something new staged (to wake the uploader).
+pub type StagedNotify = Box<dyn Fn() + Send + Sync>;
+
+/// The captures of one mount, keyed by path relative to the backing root.
+pub struct Capture {
+    pub(super) root: PathBuf,
+    pub(super) staging: Arc<Staging>,
+    pub(super) dbs: Mutex<HashMap<PathBuf, Slot>>,
+    /// Databases with batches staged since they were last sealed.
+    pub(super) dirty: Mutex<BTreeSet<PathBuf>>,
+    pub(super) notify: Mutex<Option<StagedNotify>>,
+    /// Databases whose file went away (deleted, renamed over, no longer SQLite): when one
+    /// is captured again, a changed content is a replacement, not a gap.
+    pub(super) forgotten: Mutex<BTreeSet<PathBuf>>,
+    /// Incremented whenever a database starts being captured.
+    pub(super) generation: AtomicU64,
+    pub(super) stats: CaptureStats,
+    /// Databases whose `-wal` was fsynced outside a barrier, for the WAL watcher to read
+    /// now; `wake` tells it (set when the watcher starts).
+    pub(super) synced_wals: Mutex<BTreeSet<PathBuf>>,
+    pub(super) wake: OnceLock<WatcherWake>,
+    /// Databases whose `-wal` was fsynced outside a barrier since the last barrier on their
+    /// files (see [`Capture::fsync_follows`]).
+    pub(super) checkpointing: Mutex<BTreeSet<PathBuf>>,
+    /// See [`Capture::set_hold_pages`].
+    pub(super) hold_pages: AtomicBool,
+}
+
+/// How [`Capture::wal_synced`] wakes the WAL watcher: at most once per `interval`.
+pub(crate) struct WatcherWake {
+    pub fd: Arc<EventFd>,
+    pub interval: Duration,
+    pub last: Mutex<Option<Instant>>,
+}
+
+impl Capture {
+    /// A registry for the mount whose backing root is `root`, staging into `staging`.
+    pub fn new(root: impl Into<PathBuf>, staging: Arc<Staging>) -> Capture {
+        Capture {
+            root: root.into(),
+            staging,
+            dbs: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(BTreeSet::new()),
+            notify: Mutex::new(None),
+            forgotten: Mutex::new(BTreeSet::new()),
+            generation: AtomicU64::new(0),
+            stats: CaptureStats::default(),
+            synced_wals: Mutex::new(BTreeSet::new()),
+            wake: OnceLock::new(),
+            checkpointing: Mutex::new(BTreeSet::new()),
+            hold_pages: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether WAL batches are held in memory between uploads (the default), so that a
+    /// page changed by many batches is staged once per upload; off, each batch is written
+    /// with its pages (for a sync interval of 0, where every batch is uploaded alone).
+    /// Applies to databases captured from now on.
+    pub fn set_hold_pages(&self, on: bool) {
+        self.hold_pages.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets how to wake the WAL watcher (see [`Capture::wal_synced`]).
+    pub(crate) fn set_wake(&self, wake: WatcherWake) {
+        let _ = self.wake.set(wake);
+    }
+
+    /// The `-wal` of `db` was fsynced outside a barrier: a checkpoint's first step, or a
+    /// commit with `synchronous=FULL`. Wakes the WAL watcher to read it now, beside the
+    /// checkpoint's backfill, so that the barrier that ends the checkpoint finds little
+    /// left to read while the application waits. At most once per coalescing window:
+    /// waking the watcher at every `synchronous=FULL` commit cost that writer 40%.
+    pub fn wal_synced(&self, db: &Path) {
+        {
+            let mut checkpointing = self.checkpointing.lock();
+            if !checkpointing.contains(db) {
+                checkpointing.insert(db.to_path_buf());
+            }
+        }
+        let Some(wake) = self.wake.get() else {
+            return;
+        };
+        {
+            let now = Instant::now();
+            let mut last = wake.last.lock();
+            if last.is_some_and(|t| now.duration_since(t) < wake.interval) {
+                return;
+            }
+            *last = Some(now);
+        }
+        self.synced_wals.lock().insert(db.to_path_buf());
+        let _ = wake.fd.write(1);
+    }
+
+    /// Whether the `-wal` of `db` was fsynced outside a barrier since the last barrier on
+    /// its files: with `synchronous=NORMAL` or `FULL` a checkpoint fsyncs the `-wal` first
+    /// and ends with a database fsync, which is then still to come.
+    pub fn fsync_follows(&self, db: &Path) -> bool {
+        self.checkpointing.lock().contains(db)
+    }
+
+    /// Takes the databases passed to [`Capture::wal_synced`] since the last call.
+    pub(crate) fn take_synced_wals(&self) -> BTreeSet<PathBuf> {
+        std::mem::take(&mut *self.synced_wals.lock())
+    }
+
+    /// Changes whenever a database starts being captured.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The backing root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Sets what to call when a database has something new staged.
+    pub fn set_notify(&self, notify: StagedNotify) {
+        *self.notify.lock() = Some(notify);
+    }
+
+    /// Takes the databases with something staged since the last call, and seals what each
+    /// has staged (durable, ready for upload). A database whose seal fails stays in the set
+    /// and is logged; its batches stay staged.
+    pub fn take_staged(&self) -> Vec<PathBuf> {
+        let dirty = std::mem::take(&mut *self.dirty.lock());
+        let mut out = Vec::with_capacity(dirty.len());
+        for db in dirty {
+            match self.seal(&db) {
+                Ok(()) => out.push(db),
+                Err(e) => {
+                    tracing::error!(db = %db.display(), "cannot seal staged batches for upload: {e}");
+                    self.dirty.lock().insert(db);
+                }
+            }
+        }
+        out
+    }
+
+    /// Seals the active segment of `db`, if it is captured.
+    pub(super) fn seal(&self, db: &Path) -> io::Result<()> {
+        match self.slot(db, false) {
+            Some(slot) => match slot.lock().as_mut() {
+                Some(c) => c.seal(),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// A clean stop: seals every captured database.
+    pub fn close_all(&self) {
+        for db in self.databases() {
+            let Some(slot) = self.slot(&db, false) else {
+                continue;
+            };
+            let mut guard = slot.lock();
+            if let Some(c) = guard.as_mut() {
+                if let Err(e) = c.close() {
+                    tracing::warn!(db = %db.display(), "cannot seal staged batches at stop: {e}");
+                }
+            }
+        }
+    }
+
+    /// Reads every captured database's `-wal` once more (before an unmount's final flush).
+    pub fn poll_all(&self) {
+        for db in self.databases() {
+            if let Err(e) = self.on_changed(&wal_path(&db)) {
+                tracing::error!(db = %db.display(), "final capture failed: {e}");
+            }
+            // Changes without a journal (MEMORY, OFF) not yet seen at a close.
+            if let Err(e) = self.on_db_changed(&db, true) {
+                tracing::error!(db = %db.display(), "final capture failed: {e}");
+            }
+        }
+    }
+
+    fn mark_staged(&self, db: &Path) {
+        let first = self.dirty.lock().insert(db.to_path_buf());
+        if first {
+            if let Some(n) = self.notify.lock().as_ref() {
+                n();
+            }
+        }
+    }
+
+    /// The staging area.
+    pub fn staging(&self) -> &Arc<Staging> {
+        &self.staging
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &CaptureStats {
+        &self.stats
+    }
+
+    /// The databases captured now.
+    pub fn databases(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .dbs
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.lock().is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether `db` (relative) is being captured.
+    pub fn is_captured(&self, db: &Path) -> bool {
+        self.slot(db, false).is_some_and(|s| s.lock().is_some())
+    }
+
+    pub(super) fn slot(&self, db: &Path, create: bool) -> Option<Slot> {
+        let mut dbs = self.dbs.lock();
+        if let Some(s) = dbs.get(db) {
+            return Some(s.clone());
+        }
+        if !create {
+            return None;
+        }
+        let s: Slot = Arc::new(Mutex::new(None));
+        dbs.insert(db.to_path_buf(), s.clone());
+        Some(s)
+    }
+
+    /// Runs `f` on the capture of the database that `rel` belongs to, registering it first
+    /// if its file holds an SQLite header (`register`). Files of other kinds cost one
+    /// 100-byte read.
+    fn with_db(
+        &self,
+        rel: &Path,
+        register: bool,
+        barrier: bool,
+        f: impl FnOnce(&mut DatabaseCapture) -> io::Result<Vec<CaptureEvent>>,
+    ) -> io::Result<Vec<CaptureEvent>> {
+        let Some((db, _)) = database_of(rel) else {
+            return Ok(Vec::new());
+        };
+        if !register && !self.is_captured(&db) {
+            return Ok(Vec::new());
+        }
+        let Some(slot) = self.slot(&db, false).or_else(|| {
+            let is_db = File::open(self.root.join(&db))
+                .ok()
+                .and_then(|f| read_db_header(&f).ok().flatten())
+                .is_some();
+            if is_db {
+                self.slot(&db, true)
+            } else {
+                None
+            }
+        }) else {
+            return Ok(Vec::new());
+        };
+        let mut guard = slot.lock();
+        let mut events = Vec::new();
+        let res = (|| {
+            if guard.is_none() {
+                let replaced = self.forgotten.lock().remove(&db);
+                let (c, ev) = DatabaseCapture::open(
+                    self.staging.clone(),
+                    &db,
+                    &self.root.join(&db),
+                    barrier,
+                    replaced,
+                    self.hold_pages.load(Ordering::Relaxed),
+                )?;
+                events.extend(ev);
+                if c.resumed_without_reading {
+                    self.stats.quick_resumes.fetch_add(1, Ordering::Relaxed);
+                }
+                *guard = Some(c);
+                self.generation.fetch_add(1, Ordering::Relaxed);
+            }
+            events.extend(f(guard.as_mut().expect("capture was just opened"))?);
+            if let Some(CaptureEvent::Gone { txid }) = events.last() {
+                let txid = *txid;
+                if let Some(mut c) = guard.take() {
+                    c.seal()?;
+                }
+                if txid > 0 {
+                    self.staging.mark_deleted(&db, txid)?;
+                }
+            }
+            Ok(())
+        })();
+        let gone = guard.is_none();
+        drop(guard);
+        if gone {
+            self.dbs.lock().remove(&db);
+            self.forgotten.lock().insert(db.clone());
+        }
+        self.account(&db, &events, res.as_ref().err());
+        if events.iter().any(|e| {
+            matches!(
+                e,
+                CaptureEvent::Staged { .. }
+                    | CaptureEvent::Healed { .. }
+                    | CaptureEvent::Gone { .. }
+            )
+        }) {
+            self.mark_staged(&db);
+        }
+        res.map(|()| events)
+    }
+
+    fn account(&self, db: &Path, events: &[CaptureEvent], err: Option<&io::Error>) {
+        for e in events {
+            match e {
+                CaptureEvent::Staged { .. } => {
+                    self.stats.staged.fetch_add(1, Ordering::Relaxed);
+                }
+                CaptureEvent::Healed { txid, reason } => {
+                    self.stats.staged.fetch_add(1, Ordering::Relaxed);
+                    self.stats.heals.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(db = %db.display(), txid, "capture healed with a snapshot: {reason}");
+                }
+                CaptureEvent::Unsupported { reason } => {
+                    tracing::warn!(db = %db.display(), "replica falls behind: {reason}");
+                }
+                CaptureEvent::Gone { txid } => {
+                    tracing::info!(db = %db.display(), txid, "the file is no longer an SQLite database; the replica keeps its history and marks it deleted");
+                }
+            }
+        }
+        if let Some(e) = err {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(db = %db.display(), "capture failed, failing the operation with EIO: {e}");
+        }
+    }
+
+    /// A barrier (fsync, ftruncate, unlink, rename) on `rel` (a database or its `-wal`).
+    /// `durable`: see [`DatabaseCapture::on_wal_barrier`].
+    /// A database fsync also ends a rollback-journal transaction's writes (see
+    /// [`DatabaseCapture::on_db_synced`]).
+    pub fn on_barrier(&self, rel: &Path, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+        let target = database_of(rel);
+        if let Some((db, _)) = &target {
+            self.checkpointing.lock().remove(db);
+        }
+        match target {
+            Some((_, false)) => self.with_db(rel, true, true, |c| c.on_db_synced()),
+            _ => self.with_db(rel, true, true, |c| c.on_wal_barrier(durable)),
+        }
+    }
+
+    /// The database file `rel` is about to be fsynced (see
+    /// [`DatabaseCapture::on_db_syncing`]); only a database already captured.
+    pub fn on_db_syncing(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, false, true, |c| c.on_db_syncing())
+    }
+
+    /// A barrier on the `-journal` of `db` (see [`DatabaseCapture::on_journal`]).
+    pub fn on_journal(
+        &self,
+        db: &Path,
+        barrier: rollback::JournalBarrier,
+    ) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(db, true, true, |c| c.on_journal(barrier))
+    }
+
+    /// The database file `rel` was truncated or extended, or written and closed, or
+    /// renamed into place: stage whatever it now holds that the replica does not.
+    /// `at_close`: a file that is no longer SQLite then stops being captured (during a
+    /// truncation it may be about to be rewritten).
+    pub fn on_db_changed(&self, rel: &Path, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, true, !at_close, |c| c.on_db_changed(at_close))
+    }
+
+    /// `db` was unlinked or renamed away: what it staged stays for the uploader, and the
+    /// replica marks it deleted after its last TXID.
+    pub fn deleted(&self, db: &Path) -> io::Result<()> {
+        let Some(slot) = self.slot(db, false) else {
+            return Ok(());
+        };
+        let mut guard = slot.lock();
+        if let Some(mut c) = guard.take() {
+            c.seal()?;
+            if c.state().txid > 0 {
+                self.staging.mark_deleted(db, c.state().txid)?;
+            }
+        }
+        drop(guard);
+        self.dbs.lock().remove(db);
+        self.forgotten.lock().insert(db.to_path_buf());
+        self.mark_staged(db);
+        Ok(())
+    }
+
+    /// The `-wal` of `db` was created, or is about to be removed: forget its open file.
+    pub(super) fn wal_replaced(&self, db: &Path) {
+        if let Some(slot) = self.slot(db, false) {
+            if let Some(c) = slot.lock().as_mut() {
+                c.wal_replaced();
+            }
+        }
+    }
+
+    /// `rel` changed between barriers; only databases already captured are polled.
+    pub fn on_changed(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
+        self.with_db(rel, false, false, |c| c.on_wal_changed())
+    }
+
+    /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed
+    /// and stays for the uploader.
+    pub fn forget(&self, db: &Path) {
+        if let Err(e) = self.seal(db) {
+            tracing::error!(db = %db.display(), "cannot seal staged batches: {e}");
+        }
+        self.dbs.lock().remove(db);
+    }
+
+    /// Stops capturing `db` because another file is about to replace it (a rename over
+    /// it): when the new file is captured, its content continues the same history.
+    pub fn replacing(&self, db: &Path) {
+        self.forget(db);
+        self.forgotten.lock().insert(db.to_path_buf());
+    }
+}
