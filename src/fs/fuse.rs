@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::error::{FsError, FsResult};
@@ -629,5 +629,23 @@ impl Filesystem for FuseAdapter {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    /// ioctls are not forwarded (docs/SEMANTICS.md): every one fails with ENOTTY, the
+    /// answer of a file that has no such control, as ext4 gives for `isatty()` (TCGETS) on
+    /// a regular file. Quietly: programs call `isatty()` on every file they open.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let _ = self.run(Op::ioctl, || Err::<(), _>(FsError(libc::ENOTTY)));
+        reply.error(Errno::ENOTTY);
     }
 }

@@ -53,6 +53,7 @@ ops!(
     fallocate,
     lseek,
     copy_file_range,
+    ioctl,
 );
 
 const N: usize = Op::ALL.len();
