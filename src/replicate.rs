@@ -118,7 +118,18 @@ impl Replication {
             let uploader = uploader.clone();
             capture.set_notify(Box::new(move || uploader.notify()));
         }
+        {
+            // Weak: the capture already holds the uploader (its notify).
+            let capture = Arc::downgrade(&capture);
+            uploader.set_restart(Box::new(move |db, reason| {
+                capture
+                    .upgrade()
+                    .is_some_and(|c| c.restart_history(db, reason))
+            }));
+        }
         let found = stage_existing_databases(backing, &capture)?;
+        // What a previous run staged (a crash may have left it unsealed) goes up now.
+        capture.resume_uploads();
         tracing::info!(
             staging = %dir.display(),
             replicas = opts.replicas.len(),

@@ -1,22 +1,50 @@
 //! The capture of one database file: its WAL tracker, per-page checksums and staging
-//! segment, snapshots, and the resume after a restart.
+//! segment, snapshots, the resume after a restart, and the restart of its history when
+//! capture cannot follow the files.
+//!
+//! Every step ([`DatabaseCapture::step`]) either follows the files incrementally or, when
+//! they are in a state that capture cannot follow (a [`CaptureError::CannotFollow`]: a new
+//! page size, a log of another database, a file that is not a database for a moment,
+//! commits that may have been missed), restarts the database's history: what was staged
+//! before is made durable, and a snapshot with the next TXID is staged as soon as the files
+//! read consistently, at this step or a later one. Until then nothing more is staged for
+//! it, and the replica stays at the last TXID staged. The application never sees any of
+//! this; only a failure of staging itself ([`CaptureError::Staging`]) leaves a step.
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::image::{db_len_from, Image, ImageSink, PageSink, StageError};
+use super::image::{Image, ImageSink, PageSink};
 use super::{
-    now_ms, open_optional, poll_wal, poll_wal_through, read_db_header, rollback, wal_io, wal_path,
-    CaptureEvent,
+    now_ms, open_optional, poll_wal, poll_wal_through, read_db_header, rollback, wal_path,
+    CaptureError, CaptureEvent, CaptureResult,
 };
 use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
-    page_hash, read_full, ContentChecksum, FileFormat, FrameReader, PageHash, WalError, WalEvent,
-    WalPosition, WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE,
+    page_hash, read_full, ContentChecksum, FrameReader, PageHash, WalError, WalEvent, WalPosition,
+    WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE,
 };
-use crate::staging::{BatchHeader, DbState, PageMerge, SavedSums, SegmentWriter, Staging};
+use crate::staging::{
+    BatchHeader, DbState, PageMerge, SavedSums, SegmentWriter, Staging, StagingResult,
+};
+
+/// How often a capture waiting to restart its history tries a snapshot (the first try is
+/// at the break itself).
+const RESTART_RETRY: Duration = Duration::from_millis(500);
+
+/// A restart of a database's history that waits for a consistent point.
+#[derive(Debug, Clone)]
+pub(super) struct Restart {
+    /// Why capture could not follow the files.
+    reason: String,
+    /// A [`CaptureEvent::Waiting`] was reported for this break.
+    warned: bool,
+    /// When a snapshot was last tried.
+    tried: Option<Instant>,
+}
 
 /// The capture of one database file.
 pub struct DatabaseCapture {
@@ -47,16 +75,20 @@ pub struct DatabaseCapture {
     /// WAL batches are held in memory and recorded as page lists (see "Held pages" in
     /// [`crate::staging::segment`]) rather than written with their pages.
     pub(super) hold_pages: bool,
+    /// Set while the history waits to restart from a snapshot (see the module header).
+    pub(super) restart: Option<Restart>,
 }
 
 impl DatabaseCapture {
     /// Starts capturing the database at `db_path` (a backing path), staged under `rel`.
     /// With no saved state, stages an initial snapshot. With a saved state, resumes where it
-    /// stopped if the database still matches the saved checksum, and otherwise heals with a
-    /// snapshot (`replaced`: the file was replaced while not captured, e.g. renamed over;
-    /// then the snapshot continues the history without a warning). Call it at a barrier
-    /// if possible (`at_barrier`). Pages that a stopped capture held in memory are read
-    /// back from the files with the state. `hold_pages`: see [`Capture::set_hold_pages`].
+    /// stopped if the database still matches the saved checksum, and otherwise restarts
+    /// the history with a snapshot (`replaced`: the file was replaced while not captured,
+    /// e.g. renamed over; then the new content continues the history without a warning).
+    /// Call it at a barrier if possible (`at_barrier`). Pages that a stopped capture held
+    /// in memory are read back from the files with the state. `hold_pages`: see
+    /// [`super::Capture::set_hold_pages`]. Only staging can make it fail: files that cannot
+    /// be followed give a capture that waits for a consistent point.
     pub fn open(
         staging: Arc<Staging>,
         rel: &Path,
@@ -64,7 +96,7 @@ impl DatabaseCapture {
         at_barrier: bool,
         replaced: bool,
         hold_pages: bool,
-    ) -> io::Result<(DatabaseCapture, Vec<CaptureEvent>)> {
+    ) -> StagingResult<(DatabaseCapture, Vec<CaptureEvent>)> {
         let on_disk = staging.state(rel)?;
         // Batches staged after the state was last saved carry their own position.
         let saved = match (on_disk, staging.last_batch(rel)?) {
@@ -104,6 +136,7 @@ impl DatabaseCapture {
             fingerprint: None,
             resumed_without_reading: false,
             hold_pages,
+            restart: None,
         };
         // The database exists (again): a deletion marker not yet uploaded is void.
         c.staging.clear_deleted(rel, None)?;
@@ -111,40 +144,178 @@ impl DatabaseCapture {
         // What a crash left in the segment is made durable before any state that counts
         // it is saved.
         c.segment.sync()?;
-        match saved {
-            None => {
-                c.snapshot_inner(at_barrier, &mut events)?;
+        let started = c.start(saved, on_disk, at_barrier, replaced, &mut events);
+        c.settle(started, at_barrier, &mut events)?;
+        Ok((c, events))
+    }
+
+    /// The first step of [`DatabaseCapture::open`]: the initial snapshot, or the resume
+    /// from the state `saved` (`on_disk`: what the state file holds).
+    fn start(
+        &mut self,
+        saved: Option<DbState>,
+        on_disk: Option<DbState>,
+        at_barrier: bool,
+        replaced: bool,
+        events: &mut Vec<CaptureEvent>,
+    ) -> CaptureResult<()> {
+        let Some(st) = saved else {
+            return self.snapshot_inner(at_barrier, events);
+        };
+        self.state = st;
+        // What the state file holds, which may be behind `st` (then the next save must
+        // write it, or a later start would resume from the older state and hand out TXIDs
+        // the replica already has).
+        self.saved = on_disk;
+        // Held pages can only be read back from the files (`resume`).
+        let listed = self.segment.listed_run().map(|r| r.pages.len() as u32);
+        let resumed = (listed.is_none() && self.resume_from_saved_sums()?) || self.resume()?;
+        // Page lists whose pages could not be read back: the restart covers them.
+        self.segment.abandon_listed()?;
+        if let (Some(pages), Some((min_txid, max_txid))) = (listed, self.segment.held_txids()) {
+            events.push(CaptureEvent::Staged {
+                min_txid,
+                max_txid,
+                pages,
+            });
+        }
+        match (resumed, replaced) {
+            (true, _) => Ok(()),
+            (false, true) => self.stage_replacement(events),
+            (false, false) => Err(CaptureError::CannotFollow(
+                "the database changed while it was not being captured".into(),
+            )),
+        }
+    }
+
+    /// Runs one capture step `f`, unless the history waits to restart and the files are
+    /// still not at a consistent point (see the module header). `barrier`: the application
+    /// is blocked in a barrier on the database's files; `at_close`: a writer closed the
+    /// database. Only a staging failure is returned.
+    pub(super) fn step(
+        &mut self,
+        barrier: bool,
+        at_close: bool,
+        events: &mut Vec<CaptureEvent>,
+        f: impl FnOnce(&mut Self) -> CaptureResult<Vec<CaptureEvent>>,
+    ) -> StagingResult<()> {
+        if self.restart.is_some() && !self.try_restart(barrier, at_close, events)? {
+            return Ok(());
+        }
+        let done = f(self).map(|ev| events.extend(ev));
+        self.settle(done, barrier, events)
+    }
+
+    /// Turns the outcome of a step into what the caller sees: a state capture cannot
+    /// follow restarts the history; a staging failure is returned.
+    fn settle(
+        &mut self,
+        done: CaptureResult<()>,
+        barrier: bool,
+        events: &mut Vec<CaptureEvent>,
+    ) -> StagingResult<()> {
+        match done {
+            Ok(()) => Ok(()),
+            Err(CaptureError::Staging(e)) => Err(e),
+            Err(CaptureError::CannotFollow(reason)) => self.begin_restart(reason, barrier, events),
+        }
+    }
+
+    /// Capture cannot follow the files (`reason`): what was staged before is made durable,
+    /// and the history restarts from a snapshot, now if the files read consistently, else
+    /// at a later step ([`DatabaseCapture::try_restart`]).
+    pub(super) fn begin_restart(
+        &mut self,
+        reason: String,
+        barrier: bool,
+        events: &mut Vec<CaptureEvent>,
+    ) -> StagingResult<()> {
+        if self.restart.is_none() {
+            self.restart = Some(Restart {
+                reason,
+                warned: false,
+                tried: None,
+            });
+        }
+        self.pending = None;
+        self.segment.write_held()?;
+        self.segment.sync()?;
+        self.try_restart(barrier, false, events).map(drop)
+    }
+
+    /// Marks the history to restart from a snapshot at a later step, without staging
+    /// anything now.
+    pub(super) fn defer_restart(&mut self, reason: String) {
+        self.pending = None;
+        if self.restart.is_none() {
+            self.restart = Some(Restart {
+                reason,
+                warned: false,
+                tried: None,
+            });
+        }
+    }
+
+    /// Whether the history waits to restart from a snapshot.
+    pub fn waits_for_restart(&self) -> bool {
+        self.restart.is_some()
+    }
+
+    /// Tries the snapshot that restarts the history (at most every [`RESTART_RETRY`]).
+    /// True once it is taken; false while the files are not at a consistent point. A
+    /// writer that closes a file that is no longer a database ends the capture
+    /// ([`CaptureEvent::Gone`]).
+    pub(super) fn try_restart(
+        &mut self,
+        barrier: bool,
+        at_close: bool,
+        events: &mut Vec<CaptureEvent>,
+    ) -> StagingResult<bool> {
+        if self.restart.is_none() {
+            return Ok(true);
+        }
+        if at_close && !self.is_database() {
+            events.push(CaptureEvent::Gone {
+                txid: self.state.txid,
+            });
+            return Ok(false);
+        }
+        let r = self.restart.as_mut().expect("a restart is pending");
+        if r.tried.is_some_and(|t| t.elapsed() < RESTART_RETRY) {
+            return Ok(false);
+        }
+        r.tried = Some(Instant::now());
+        match self.snapshot_inner(barrier, events) {
+            Ok(()) => {
+                let r = self.restart.take().expect("a restart was pending");
+                events.push(CaptureEvent::Healed {
+                    txid: self.state.txid,
+                    reason: r.reason,
+                    waited: r.warned,
+                });
+                Ok(true)
             }
-            Some(st) => {
-                c.state = st;
-                // What the state file holds, which may be behind `st` (then the next save
-                // must write it, or a later start would resume from the older state and
-                // hand out TXIDs the replica already has).
-                c.saved = on_disk;
-                // Held pages can only be read back from the files (`resume`).
-                let listed = c.segment.listed_run().map(|r| r.pages.len() as u32);
-                let resumed = (listed.is_none() && c.resume_from_saved_sums()?) || c.resume()?;
-                // Page lists whose pages could not be read back: the heal covers them.
-                c.segment.abandon_listed()?;
-                if let (Some(pages), Some((min_txid, max_txid))) = (listed, c.segment.held_txids())
-                {
-                    events.push(CaptureEvent::Staged {
-                        min_txid,
-                        max_txid,
-                        pages,
+            Err(CaptureError::Staging(e)) => Err(e),
+            Err(CaptureError::CannotFollow(why)) => {
+                let r = self.restart.as_mut().expect("a restart was pending");
+                if !r.warned {
+                    r.warned = true;
+                    events.push(CaptureEvent::Waiting {
+                        reason: format!("{} ({why})", r.reason),
                     });
                 }
-                if !resumed {
-                    if replaced {
-                        c.stage_replacement(&mut events)?;
-                    } else {
-                        let reason = "the database changed while it was not being captured";
-                        c.heal(reason, at_barrier, &mut events)?;
-                    }
-                }
+                Ok(false)
             }
         }
-        Ok((c, events))
+    }
+
+    /// Whether the database file has an SQLite header now.
+    fn is_database(&self) -> bool {
+        open_optional(&self.db_path)
+            .ok()
+            .flatten()
+            .and_then(|f| read_db_header(&f).ok().flatten())
+            .is_some()
     }
 
     /// The path relative to the backing root (the staging key).
@@ -168,7 +339,7 @@ impl DatabaseCapture {
     /// no longer hold those frames: a database fsync, which ends a checkpoint's backfill,
     /// or a truncation, unlink or rename), also makes the staged batches and the state
     /// durable.
-    pub fn on_wal_barrier(&mut self, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+    pub fn on_wal_barrier(&mut self, durable: bool) -> CaptureResult<Vec<CaptureEvent>> {
         self.capture(true, durable)
     }
 
@@ -177,7 +348,7 @@ impl DatabaseCapture {
     /// commits not yet read are staged now, and the segment's fdatasync is started so that
     /// it overlaps with the database's (the `on_db_synced` that follows waits for it). In
     /// rollback mode this does nothing; `on_db_synced` does the work.
-    pub fn on_db_syncing(&mut self) -> io::Result<Vec<CaptureEvent>> {
+    pub fn on_db_syncing(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         if std::fs::metadata(&self.wal_path).is_err() {
             return Ok(Vec::new());
         }
@@ -187,47 +358,38 @@ impl DatabaseCapture {
     }
 
     /// Call when the backing WAL changed between barriers (for the RPO).
-    pub fn on_wal_changed(&mut self) -> io::Result<Vec<CaptureEvent>> {
+    pub fn on_wal_changed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         self.capture(false, false)
     }
 
     /// Makes everything staged so far durable and seals the active segment for upload.
-    pub fn seal(&mut self) -> io::Result<()> {
+    pub fn seal(&mut self) -> StagingResult<()> {
         self.segment.seal()?;
         self.save()
     }
 
+    /// Whether the active segment holds records not yet sealed for upload.
+    pub fn has_unsealed(&self) -> bool {
+        !self.segment.is_empty() || self.segment.held_txids().is_some()
+    }
+
     /// Makes the staged batches durable (each records the WAL position after it).
-    fn make_durable(&mut self) -> io::Result<()> {
+    fn make_durable(&mut self) -> StagingResult<()> {
         self.segment.sync()
     }
 
     /// Stages a full snapshot of the current committed state now.
-    pub fn snapshot(&mut self) -> io::Result<Vec<CaptureEvent>> {
+    pub fn snapshot(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         let mut events = Vec::new();
         self.snapshot_inner(false, &mut events)?;
         Ok(events)
     }
 
-    fn save(&mut self) -> io::Result<()> {
+    fn save(&mut self) -> StagingResult<()> {
         if self.saved != Some(self.state) {
             self.staging.save_state(&self.rel, &self.state)?;
             self.saved = Some(self.state);
         }
-        Ok(())
-    }
-
-    fn heal(
-        &mut self,
-        reason: &str,
-        barrier: bool,
-        events: &mut Vec<CaptureEvent>,
-    ) -> io::Result<()> {
-        self.snapshot_inner(barrier, events)?;
-        events.push(CaptureEvent::Healed {
-            txid: self.state.txid,
-            reason: reason.to_string(),
-        });
         Ok(())
     }
 
@@ -236,7 +398,7 @@ impl DatabaseCapture {
         self.wal_file = None;
     }
 
-    fn capture(&mut self, barrier: bool, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+    fn capture(&mut self, barrier: bool, durable: bool) -> CaptureResult<Vec<CaptureEvent>> {
         use std::os::unix::fs::MetadataExt;
         // The open file, unless it was unlinked behind the observer's back (then a new
         // `-wal` may exist under the name).
@@ -258,19 +420,15 @@ impl DatabaseCapture {
         wal: Option<&File>,
         barrier: bool,
         durable: bool,
-    ) -> io::Result<Vec<CaptureEvent>> {
+    ) -> CaptureResult<Vec<CaptureEvent>> {
         let mut events = Vec::new();
         let mut tracker = self.tracker.clone();
         let polled = poll_wal_through(&mut tracker, wal, barrier, &mut self.frames)?;
-        let mut heal: Option<String> = None;
         let mut batch: Vec<WalTransaction> = Vec::new();
         let mut log_changed = false;
         for ev in polled {
             if !matches!(ev, WalEvent::Commit(_)) && !batch.is_empty() {
-                if let Err(reason) = self.stage_pending(wal, &mut batch, &mut events)? {
-                    heal = Some(reason);
-                    break;
-                }
+                events.push(self.stage_pending(wal, &mut batch)?);
             }
             match ev {
                 // A switch from rollback-journal mode: the rollback commits were staged
@@ -285,84 +443,66 @@ impl DatabaseCapture {
                     self.make_durable()?;
                     log_changed = true;
                     if continuity.may_have_missed() {
-                        heal = Some(format!(
+                        return Err(CaptureError::CannotFollow(format!(
                             "the WAL was restarted, truncated or replaced before all of its \
                              commits were read (continuity {continuity:?}; synchronous=OFF?)"
-                        ));
-                        break;
+                        )));
                     }
                 }
                 WalEvent::Commit(txn) => batch.push(txn),
             }
         }
-        if heal.is_none() && !batch.is_empty() {
-            if let Err(reason) = self.stage_pending(wal, &mut batch, &mut events)? {
-                heal = Some(reason);
-            }
+        if !batch.is_empty() {
+            events.push(self.stage_pending(wal, &mut batch)?);
         }
-        match heal {
-            Some(reason) => self.heal(&reason, barrier, &mut events)?,
-            None => {
-                self.tracker = tracker;
-                self.state.wal = self.tracker.position();
-                if durable {
-                    self.make_durable()?;
-                }
-                if (durable || log_changed) && self.tracker.position().is_some() {
-                    self.note_fingerprint();
-                }
-            }
+        self.tracker = tracker;
+        self.state.wal = self.tracker.position();
+        if durable {
+            self.make_durable()?;
+        }
+        if (durable || log_changed) && self.tracker.position().is_some() {
+            self.note_fingerprint();
         }
         Ok(events)
     }
 
-    /// Stages `batch` (and empties it). On an I/O error, the tracker is put back at the
-    /// last staged transaction so that the rest is read again at the next call. The inner
-    /// `Err` asks for a heal.
+    /// Stages `batch` (and empties it). If staging fails, the tracker is put back at the
+    /// last staged transaction so that the rest is read again at the next call.
     fn stage_pending(
         &mut self,
         wal: Option<&File>,
         batch: &mut Vec<WalTransaction>,
-        events: &mut Vec<CaptureEvent>,
-    ) -> io::Result<Result<(), String>> {
+    ) -> CaptureResult<CaptureEvent> {
         let txns = std::mem::take(batch);
         let Some(wal) = wal else {
-            return Ok(Err("the WAL disappeared while it was read".into()));
+            return Err(CaptureError::CannotFollow(
+                "the WAL disappeared while it was read".into(),
+            ));
         };
-        match self.stage_batch(wal, &txns) {
-            Ok(ev) => {
-                events.push(ev);
-                Ok(Ok(()))
-            }
-            Err(StageError::WalChanged(reason)) => Ok(Err(reason)),
-            Err(StageError::Io(e)) => {
-                // Nothing of this batch was staged: read it again next time, from after
-                // the last batch staged (by this call or an earlier one).
-                if let Some(pos) = self.state.wal {
-                    if self.tracker.position() != Some(pos) {
-                        self.tracker = WalTracker::resume(pos);
-                    }
+        let staged = self.stage_batch(wal, &txns);
+        if let Err(CaptureError::Staging(_)) = &staged {
+            // Nothing of this batch was staged: read it again next time, from after the
+            // last batch staged (by this call or an earlier one).
+            if let Some(pos) = self.state.wal {
+                if self.tracker.position() != Some(pos) {
+                    self.tracker = WalTracker::resume(pos);
                 }
-                Err(e)
             }
         }
+        staged
     }
 
     /// Stages the committed WAL transactions `txns` (consecutive, one log generation) as one
     /// batch with TXIDs `state.txid + 1 ..= state.txid + txns.len()`: the newest version of
     /// each page they wrote, read once from the WAL.
-    fn stage_batch(
-        &mut self,
-        wal: &File,
-        txns: &[WalTransaction],
-    ) -> Result<CaptureEvent, StageError> {
+    fn stage_batch(&mut self, wal: &File, txns: &[WalTransaction]) -> CaptureResult<CaptureEvent> {
         let Some(last) = txns.last() else {
-            return Err(StageError::Io(io::Error::other("empty batch")));
+            return Err(CaptureError::CannotFollow("an empty WAL batch".into()));
         };
         let ps = last.header.page_size;
         if ps != self.state.page_size {
-            return Err(StageError::WalChanged(format!(
-                "the WAL page size {ps} differs from the database's {}",
+            return Err(CaptureError::CannotFollow(format!(
+                "the WAL's page size {ps} differs from the {} staged so far",
                 self.state.page_size
             )));
         }
@@ -401,11 +541,11 @@ impl DatabaseCapture {
                 (None, Some((i, p))) => match txns[i].read_frame_page(wal, &p, &mut frame) {
                     Ok(()) => &frame[WAL_FRAME_HEADER_SIZE..],
                     Err(WalError::FrameChanged { .. }) => {
-                        return Err(StageError::WalChanged(
+                        return Err(CaptureError::CannotFollow(
                             "a committed WAL frame was overwritten before it was read".into(),
                         ))
                     }
-                    Err(e) => return Err(StageError::Io(wal_io(e))),
+                    Err(e) => return Err(e.into()),
                 },
                 (None, None) => {
                     frame.fill(0);
@@ -458,20 +598,18 @@ impl DatabaseCapture {
         self.state.checksum = sum;
     }
 
-    /// Reads the database file plus its committed WAL frames, retrying while the WAL moves.
-    /// Calls `f` with each page; returns the tracker that read the WAL, the image's page size
-    /// and size, or `None` if the file is not an SQLite database.
+    /// Reads the committed image of the database ([`Image::read`]), retrying while the WAL
+    /// or the journal moves. Calls `sink` with each page; returns the tracker that read the
+    /// WAL, the image's page size and size, or `None` if the files hold no SQLite database
+    /// (with `upto`: none at that WAL position).
     pub(super) fn read_image(
         &mut self,
         barrier: bool,
         upto: Option<WalPosition>,
         sink: &mut dyn PageSink,
-    ) -> io::Result<Option<(WalTracker, u32, u32, FileFormat)>> {
+    ) -> CaptureResult<Option<(WalTracker, u32, u32)>> {
         for _ in 0..10 {
             let Some(db) = open_optional(&self.db_path)? else {
-                return Ok(None);
-            };
-            let Some(header) = read_db_header(&db)? else {
                 return Ok(None);
             };
             let wal = open_optional(&self.wal_path)?;
@@ -492,24 +630,9 @@ impl DatabaseCapture {
                 }
                 tracker = WalTracker::resume(pos);
             }
-            if let Some(t) = txns.first() {
-                if t.header.page_size != header.page_size {
-                    return Err(io::Error::other(format!(
-                        "{}: WAL page size {} differs from the database's {}",
-                        self.db_path.display(),
-                        t.header.page_size,
-                        header.page_size
-                    )));
-                }
-            }
-            let format = header.format().unwrap_or(FileFormat::Rollback);
-            let mut image = Image::new(&header, db_len_from(&db)?, &txns);
-            if txns.is_empty() {
-                if let Some(o) = rollback::Originals::open(&self.journal_path, header.page_size)? {
-                    image.size = o.initial_db_pages();
-                    image.originals = Some(o);
-                }
-            }
+            let Some(image) = Image::read(&db, wal.as_ref(), &txns, &self.journal_path)? else {
+                return Ok(None);
+            };
             sink.start(image.page_size, image.size)?;
             if !image.walk(&db, wal.as_ref(), |pgno, data| sink.page(pgno, data))? {
                 continue;
@@ -519,8 +642,7 @@ impl DatabaseCapture {
                 // A rollback transaction began while the file was read: its pages may
                 // be in what was read.
                 None if txns.is_empty()
-                    && rollback::Originals::open(&self.journal_path, header.page_size)?
-                        .is_some() =>
+                    && rollback::Originals::open(&self.journal_path)?.is_some() =>
                 {
                     continue
                 }
@@ -535,30 +657,28 @@ impl DatabaseCapture {
             if upto.is_none() {
                 tracker = check;
             }
-            return Ok(Some((tracker, image.page_size, image.size, format)));
+            return Ok(Some((tracker, image.page_size, image.size)));
         }
-        Err(io::Error::other(format!(
-            "{}: the database kept changing while it was read for a snapshot",
-            self.db_path.display()
-        )))
+        Err(CaptureError::CannotFollow(
+            "the database kept changing while it was read for a snapshot".into(),
+        ))
     }
 
     pub(super) fn snapshot_inner(
         &mut self,
         barrier: bool,
         events: &mut Vec<CaptureEvent>,
-    ) -> io::Result<()> {
+    ) -> CaptureResult<()> {
         // Never a TXID the replica may already hold.
         let txid = self.state.txid.max(self.state.uploaded_txid) + 1;
         // Held pages go to the segment first: their TXIDs come before the snapshot's.
         self.segment.write_held()?;
         let mut sink = ImageSink::new(Some((self.staging.clone(), self.rel.clone(), txid, None)));
         let got = self.read_image(barrier, None, &mut sink)?;
-        let Some((tracker, page_size, size, _)) = got else {
-            return Err(io::Error::other(format!(
-                "{} is not an SQLite database",
-                self.db_path.display()
-            )));
+        let Some((tracker, page_size, size)) = got else {
+            return Err(CaptureError::CannotFollow(
+                "the file is not an SQLite database".into(),
+            ));
         };
         let ImageSink {
             writer, sums, sum, ..
@@ -585,13 +705,13 @@ impl DatabaseCapture {
         self.state.wal = self.tracker.position();
         self.make_durable()?;
         self.note_fingerprint();
-        self.save()
+        Ok(self.save()?)
     }
 
     /// A clean stop: seals what is staged and, if the database file is as the last durable
     /// capture point left it, saves the per-page checksums with a description of the files,
     /// so that the next start need not read the whole database to rebuild them.
-    pub fn close(&mut self) -> io::Result<()> {
+    pub fn close(&mut self) -> StagingResult<()> {
         self.seal()?;
         if self.pending.is_none() && self.unchanged_since_capture() {
             if let Some(files) = self.files_description() {
@@ -639,7 +759,7 @@ impl DatabaseCapture {
     /// (they are used once), if the files are exactly as they were then and the checksums
     /// add up to the saved state's. False if there are none or they do not fit; then the
     /// files are read ([`DatabaseCapture::resume`]).
-    fn resume_from_saved_sums(&mut self) -> io::Result<bool> {
+    fn resume_from_saved_sums(&mut self) -> CaptureResult<bool> {
         let Some(saved) = self.staging.take_sums(&self.rel)? else {
             return Ok(false);
         };
@@ -679,7 +799,7 @@ impl DatabaseCapture {
     /// Rebuilds the per-page checksums from the files for a saved state. True if the files
     /// still hold exactly the saved state (at the saved WAL position, or with every commit
     /// in the WAL); then capture continues from there.
-    fn resume(&mut self) -> io::Result<bool> {
+    fn resume(&mut self) -> CaptureResult<bool> {
         // Where the saved state may lie in the files: at the saved WAL position; or, when
         // the WAL was truncated or restarted since, in the database file alone (the new
         // WAL's commits then follow it); or with every commit in the WAL applied.
@@ -707,11 +827,16 @@ impl DatabaseCapture {
         for upto in candidates {
             let mut sink = ImageSink::new(None);
             sink.keep = listed.as_ref();
-            let got = self.read_image(false, upto, &mut sink)?;
+            // A candidate that does not read as a database is not where the state lies.
+            let got = match self.read_image(false, upto, &mut sink) {
+                Ok(got) => got,
+                Err(CaptureError::CannotFollow(_)) => None,
+                Err(e) => return Err(e),
+            };
             let ImageSink {
                 sums, sum, kept, ..
             } = sink;
-            let Some((tracker, page_size, size, _)) = got else {
+            let Some((tracker, page_size, size)) = got else {
                 continue;
             };
             let expected = self.state.checksum;

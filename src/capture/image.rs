@@ -5,10 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{now_ms, rollback, wal_io};
+use super::{now_ms, read_db_header, rollback, CaptureError, CaptureResult};
 use crate::replica::ltx::{lock_pgno, LtxHeader};
 use crate::sqlite::{
     page_hash, read_full, ContentChecksum, DbHeader, PageHash, WalError, WalPage, WalTransaction,
@@ -16,8 +16,9 @@ use crate::sqlite::{
 };
 use crate::staging::{HeldBatch, LtxWriter, Staging};
 
-/// The committed database image as of the WAL transactions `txns` on top of `db`: its page
-/// size, its size in pages and, per page, where its newest version lies.
+/// The committed database image that SQLite would read from the files: its page size, its
+/// size in pages and, per page, where its newest committed version lies (a WAL frame, a
+/// live journal's original, or the database file).
 pub(super) struct Image<'a> {
     pub(super) page_size: u32,
     pub(super) size: u32,
@@ -28,34 +29,112 @@ pub(super) struct Image<'a> {
 }
 
 impl<'a> Image<'a> {
-    pub(super) fn new(header: &DbHeader, db_len: u64, txns: &'a [WalTransaction]) -> Image<'a> {
-        let page_size = header.page_size;
-        let mut size = header
-            .valid_db_size()
-            .unwrap_or((db_len / u64::from(page_size)) as u32);
+    /// The image of the database file `db` with the committed WAL transactions `txns`
+    /// (read from `wal`) on top, or, with no WAL commits, with the live journal at
+    /// `journal` rolled back. Its header is the one SQLite reads: page 1's newest version
+    /// in the WAL, else the journal's original of page 1, else the database file's own.
+    /// `None` if the files hold no SQLite database; an error if they hold one that SQLite's
+    /// own view does not settle (a WAL of another page size, an empty file beside a WAL),
+    /// until the next opener or checkpoint does.
+    pub(super) fn read(
+        db: &File,
+        wal: Option<&File>,
+        txns: &'a [WalTransaction],
+        journal: &Path,
+    ) -> CaptureResult<Option<Image<'a>>> {
+        let db_len = db_len_from(db)?;
+        let Some(last) = txns.last() else {
+            return Self::without_wal(db, db_len, journal);
+        };
+        if db_len == 0 {
+            // SQLite's next opener deletes such a WAL (`pagerOpenWalIfPresent`), while a
+            // connection that has it open reads it.
+            return Err(CaptureError::CannotFollow(
+                "the database file is empty while its WAL holds commits".into(),
+            ));
+        }
         let mut overlay = BTreeMap::new();
         for t in txns {
             for p in &t.pages {
                 overlay.insert(p.pgno, (t, *p));
             }
-            size = t.db_size;
         }
-        Image {
-            page_size,
-            size,
+        let header = match (overlay.get(&1), wal) {
+            (Some((t, p)), Some(wal)) => {
+                let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + t.header.page_size as usize];
+                t.read_frame_page(wal, p, &mut frame)?;
+                DbHeader::parse(&frame[WAL_FRAME_HEADER_SIZE..]).map_err(|e| {
+                    CaptureError::CannotFollow(format!("page 1 in the WAL is not valid: {e}"))
+                })?
+            }
+            _ => read_db_header(db)?.ok_or_else(|| {
+                CaptureError::CannotFollow(
+                    "the database file has no SQLite header and its WAL holds no page 1".into(),
+                )
+            })?,
+        };
+        let wal_page_size = last.header.page_size;
+        if header.page_size != wal_page_size {
+            return Err(CaptureError::CannotFollow(format!(
+                "the WAL's page size {wal_page_size} differs from the database's {}",
+                header.page_size
+            )));
+        }
+        Ok(Some(Image {
+            page_size: wal_page_size,
+            size: last.db_size,
             overlay,
             originals: None,
+        }))
+    }
+
+    /// [`Image::read`] for a database whose WAL holds no commit.
+    fn without_wal(db: &File, db_len: u64, journal: &Path) -> CaptureResult<Option<Image<'a>>> {
+        let file_header = read_db_header(db)?;
+        // A journal beside an empty file is not hot: SQLite deletes it.
+        let originals = match db_len {
+            0 => None,
+            _ => rollback::Originals::open(journal)?,
+        };
+        let Some(o) = originals else {
+            return Ok(file_header.map(|h| Image {
+                page_size: h.page_size,
+                size: h
+                    .valid_db_size()
+                    .unwrap_or((db_len / u64::from(h.page_size)) as u32),
+                overlay: BTreeMap::new(),
+                originals: None,
+            }));
+        };
+        // What a rollback restores: the journal's page size, size and page 1.
+        let page_size = o.page_size();
+        let header = match o.original_page1()? {
+            Some(page1) => DbHeader::parse(&page1).ok(),
+            None => file_header,
+        };
+        match header {
+            None => Ok(None),
+            Some(h) if h.page_size != page_size => Err(CaptureError::CannotFollow(format!(
+                "the rollback journal's page size {page_size} differs from the database's {}",
+                h.page_size
+            ))),
+            Some(_) => Ok(Some(Image {
+                page_size,
+                size: o.initial_db_pages(),
+                overlay: BTreeMap::new(),
+                originals: Some(o),
+            })),
         }
     }
 
     /// Calls `f` for every page from 1 to the size (but the lock page), in order.
-    /// `Ok(false)` means a WAL frame changed under the read: retry.
+    /// `Ok(false)` means a WAL frame or the journal changed under the read: retry.
     pub(super) fn walk(
         &self,
         db: &File,
         wal: Option<&File>,
-        mut f: impl FnMut(u32, &[u8]) -> io::Result<()>,
-    ) -> io::Result<bool> {
+        mut f: impl FnMut(u32, &[u8]) -> CaptureResult<()>,
+    ) -> CaptureResult<bool> {
         let ps = self.page_size as usize;
         let lock = lock_pgno(self.page_size);
         // One frame buffer: WAL pages are read with their frame header, database pages
@@ -79,7 +158,7 @@ impl<'a> Image<'a> {
                 (Some((t, p)), Some(wal)) => match t.read_frame_page(wal, p, &mut frame) {
                     Ok(()) => {}
                     Err(WalError::FrameChanged { .. }) => return Ok(false),
-                    Err(e) => return Err(wal_io(e)),
+                    Err(e) => return Err(e.into()),
                 },
                 (Some(_), None) => return Ok(false),
                 (None, _) => {
@@ -130,12 +209,12 @@ impl ImageSink<'_> {
 /// Receives the pages of a database image, in order (`start` may be called again on a
 /// retry).
 pub(super) trait PageSink {
-    fn start(&mut self, page_size: u32, size: u32) -> io::Result<()>;
-    fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()>;
+    fn start(&mut self, page_size: u32, size: u32) -> CaptureResult<()>;
+    fn page(&mut self, pgno: u32, data: &[u8]) -> CaptureResult<()>;
 }
 
 impl PageSink for ImageSink<'_> {
-    fn start(&mut self, page_size: u32, size: u32) -> io::Result<()> {
+    fn start(&mut self, page_size: u32, size: u32) -> CaptureResult<()> {
         self.sums = vec![0; size as usize];
         self.sum = ContentChecksum::EMPTY;
         self.kept.clear();
@@ -149,7 +228,7 @@ impl PageSink for ImageSink<'_> {
         Ok(())
     }
 
-    fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+    fn page(&mut self, pgno: u32, data: &[u8]) -> CaptureResult<()> {
         let c = page_hash(pgno, data);
         self.sums[pgno as usize - 1] = c;
         self.sum.toggle(c);
@@ -160,18 +239,5 @@ impl PageSink for ImageSink<'_> {
             w.add_page(pgno, data)?;
         }
         Ok(())
-    }
-}
-
-/// Why a transaction could not be staged.
-pub(super) enum StageError {
-    /// The WAL changed under the read (a restart overwrote it): heal.
-    WalChanged(String),
-    Io(io::Error),
-}
-
-impl From<io::Error> for StageError {
-    fn from(e: io::Error) -> Self {
-        StageError::Io(e)
     }
 }

@@ -39,6 +39,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::sqlite::{
     read_full, DbHeader, FrameReader, WalError, WalEvent, WalTracker, DB_HEADER_SIZE,
 };
+use crate::staging::StagingError;
 
 mod database;
 mod image;
@@ -61,13 +62,78 @@ pub enum CaptureEvent {
         max_txid: u64,
         pages: u32,
     },
-    /// Committed frames may have been missed; a snapshot at `txid` restored exactness.
-    Healed { txid: u64, reason: String },
-    /// The database's commits cannot be captured (yet); the replica falls behind.
-    Unsupported { reason: String },
+    /// Capture could not follow the database incrementally (`reason`); a snapshot at
+    /// `txid` restarted its history. `waited`: no consistent point was found at once, and
+    /// a [`CaptureEvent::Waiting`] said so before.
+    Healed {
+        txid: u64,
+        reason: String,
+        waited: bool,
+    },
+    /// Capture cannot follow the database (`reason`), and its files are not at a
+    /// consistent point yet: the replica stays at the last TXID staged until a snapshot
+    /// restarts the history. Reported once per break.
+    Waiting { reason: String },
     /// The file no longer holds an SQLite database (emptied, overwritten with something
     /// else): capture stops and the replica marks it deleted after `txid`.
     Gone { txid: u64 },
+}
+
+/// Why a capture step could not do its work.
+#[derive(Debug)]
+pub enum CaptureError {
+    /// Staging could not record or make durable what was captured (a full disk, an I/O
+    /// error in the staging directory). The only capture failure an application may see,
+    /// as EIO, and only at a barrier whose transactions must be durable.
+    Staging(StagingError),
+    /// The database's files are in a state capture cannot follow incrementally (a page size
+    /// change, a log of another database, a file that is not (yet) a database, commits
+    /// that may have been missed), or could not be read. Never seen by the application:
+    /// the database's history restarts from a snapshot at the next consistent point.
+    CannotFollow(String),
+}
+
+/// The result of a capture step.
+pub type CaptureResult<T> = Result<T, CaptureError>;
+
+impl From<StagingError> for CaptureError {
+    fn from(e: StagingError) -> CaptureError {
+        CaptureError::Staging(e)
+    }
+}
+
+/// An I/O error outside staging is a failure to read the database's own files.
+impl From<io::Error> for CaptureError {
+    fn from(e: io::Error) -> CaptureError {
+        CaptureError::CannotFollow(format!("reading the database's files failed: {e}"))
+    }
+}
+
+impl From<WalError> for CaptureError {
+    fn from(e: WalError) -> CaptureError {
+        match e {
+            WalError::Io(e) => e.into(),
+            other => CaptureError::CannotFollow(format!("the WAL cannot be read: {other}")),
+        }
+    }
+}
+
+impl std::fmt::Display for CaptureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CaptureError::Staging(e) => e.fmt(f),
+            CaptureError::CannotFollow(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl std::error::Error for CaptureError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CaptureError::Staging(e) => Some(e),
+            CaptureError::CannotFollow(_) => None,
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -93,19 +159,12 @@ fn open_optional(path: &Path) -> io::Result<Option<File>> {
     }
 }
 
-fn wal_io(e: WalError) -> io::Error {
-    match e {
-        WalError::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    }
-}
-
 /// Polls `tracker` on an optional WAL file (absent reads as empty).
 fn poll_wal(
     tracker: &mut WalTracker,
     wal: Option<&File>,
     barrier: bool,
-) -> io::Result<Vec<WalEvent>> {
+) -> CaptureResult<Vec<WalEvent>> {
     poll_wal_through(tracker, wal, barrier, &mut FrameReader::new())
 }
 
@@ -115,13 +174,13 @@ fn poll_wal_through(
     wal: Option<&File>,
     barrier: bool,
     frames: &mut FrameReader,
-) -> io::Result<Vec<WalEvent>> {
+) -> CaptureResult<Vec<WalEvent>> {
     let empty: &[u8] = &[];
     let r = match wal {
         Some(f) => tracker.poll_through(f, barrier, frames),
         None => tracker.poll_through(empty, barrier, frames),
     };
-    r.map_err(wal_io)
+    Ok(r?)
 }
 
 /// Reads the database header of `file`, or `None` if it is not (yet) an SQLite database.

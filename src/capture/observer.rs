@@ -1,16 +1,26 @@
 //! The [`Observer`] that connects the FUSE layer to a mount's [`Capture`]: it routes each
 //! barrier on a database's files to the registry, and decides what an application sees
-//! when capture fails.
+//! when staging fails there.
+//!
+//! The contract (docs/SEMANTICS.md, "Replication never changes what the application
+//! sees"): a state that capture cannot follow never reaches the application (the registry
+//! restarts that database's history instead). The one failure that does is staging that
+//! cannot make a barrier's transactions durable (a full disk, an I/O error in the staging
+//! directory): an fsync of the database, a `-wal` truncation, or a rollback journal's
+//! commit by truncation or fsync then fails with EIO, logged once with its cause. A
+//! creation, unlink or rename is never refused: if staging fails there, the database's
+//! history restarts from a snapshot once staging works again.
 
 use std::ffi::OsStr;
-use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{database_of, rollback, wal_path, Capture};
+use super::{database_of, rollback, wal_path, Capture, CaptureEvent};
 use crate::fs::observer::{Node, Observer};
 use crate::fs::{FsError, FsResult};
+use crate::staging::StagingResult;
 
 /// The observer that connects the FUSE layer to a [`Capture`].
 pub struct CaptureObserver {
@@ -37,119 +47,148 @@ impl CaptureObserver {
         &self.capture
     }
 
-    fn barrier(&self, rel: io::Result<PathBuf>, durable: bool) -> FsResult<()> {
-        let rel = rel.map_err(|_| FsError::EIO)?;
+    /// A barrier whose transactions must be durable before `op` on `rel` returns: a
+    /// staging failure fails it with EIO, logged once here with its cause.
+    fn durable(&self, op: &str, rel: &Path, res: StagingResult<Vec<CaptureEvent>>) -> FsResult<()> {
+        let Err(e) = res else {
+            return Ok(());
+        };
         self.capture
-            .on_barrier(&rel, durable)
-            .map(drop)
-            .map_err(|_| FsError::EIO)
+            .stats()
+            .failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            file = %rel.display(),
+            "{op} fails with EIO: staging cannot make the captured transactions durable ({e}); free space or fix the staging directory"
+        );
+        Err(FsError::EIO)
+    }
+
+    /// A point where capture catches up but nothing has to be durable yet: a staging
+    /// failure is logged, and a later barrier stages the same transactions.
+    fn lenient(&self, op: &str, rel: &Path, res: StagingResult<Vec<CaptureEvent>>) {
+        if let Err(e) = res {
+            tracing::warn!(file = %rel.display(), "staging failed at {op} ({e}); the next barrier retries");
+        }
+    }
+
+    /// A removal or rename, which is never refused: if staging fails, the history of `db`
+    /// restarts from a snapshot once staging works again.
+    fn unrefused(&self, op: &str, rel: &Path, db: &Path, res: StagingResult<Vec<CaptureEvent>>) {
+        if let Err(e) = res {
+            tracing::error!(
+                file = %rel.display(),
+                "staging failed at {op} ({e}); the {op} goes on, and the replica of {} restarts from a snapshot once staging works again",
+                db.display()
+            );
+            self.capture.defer_restart(
+                db,
+                &format!("staging failed at {op} of {}: {e}", rel.display()),
+            );
+        }
+    }
+
+    /// The path of `node` relative to the backing root, if it can be found (a file
+    /// removed behind walfs's back may have none); without it there is nothing to capture.
+    fn relative(node: &Node<'_>) -> Option<PathBuf> {
+        node.relative_path().ok()
     }
 
     /// A removal or rename of `rel`: capture first; forget a database that goes away
     /// (`deleted`: and mark it deleted in the replica, unless another file replaces it).
-    fn removing(&self, rel: &Path, deleted: bool) -> FsResult<()> {
+    fn removing(&self, op: &str, rel: &Path, deleted: bool) {
         if let Some(db) = rollback::database_of_journal(rel) {
             // DELETE mode's commit point (and the end of a hot journal's rollback).
-            return self
+            let res = self
                 .capture
-                .on_journal(&db, rollback::JournalBarrier::Unlinking)
-                .map(drop)
-                .map_err(|_| FsError::EIO);
+                .on_journal(&db, rollback::JournalBarrier::Unlinking);
+            self.unrefused(op, rel, &db, res);
+            return;
         }
         let Some((db, is_wal)) = database_of(rel) else {
-            return Ok(());
+            return;
         };
         if is_wal || self.capture.is_captured(&db) {
-            self.capture
-                .on_barrier(&wal_path(&db), true)
-                .map_err(|_| FsError::EIO)?;
+            let res = self.capture.on_barrier(&wal_path(&db), true);
+            self.unrefused(op, rel, &db, res);
         }
         if is_wal {
             self.capture.wal_replaced(&db);
         } else if deleted {
-            self.capture.deleted(&db).map_err(|_| FsError::EIO)?;
+            self.capture.deleted(&db);
         } else {
             self.capture.replacing(&db);
         }
-        Ok(())
-    }
-
-    /// The relative path of `file` and, for a `-journal`, its database.
-    fn journal_of(file: &Node<'_>) -> Option<PathBuf> {
-        file.relative_path()
-            .ok()
-            .and_then(|r| rollback::database_of_journal(&r))
     }
 }
 
 impl Observer for CaptureObserver {
-    fn created(&self, dir: &Node<'_>, name: &OsStr, _file: &Node<'_>) -> FsResult<()> {
+    fn created(&self, dir: &Node<'_>, name: &OsStr, _file: &Node<'_>) {
         // A new `-wal` announces a WAL-mode database; a new database file is empty and is
         // registered at its first barrier, once it has a header.
-        if name.as_bytes().ends_with(b"-wal") {
-            let rel = dir.relative_path().map(|d| d.join(name));
-            if let Some((db, true)) = rel.as_deref().ok().and_then(database_of) {
-                self.capture.wal_replaced(&db);
-            }
-            return self.barrier(rel, false);
+        if !name.as_bytes().ends_with(b"-wal") {
+            return;
         }
-        Ok(())
+        let Some(rel) = Self::relative(dir).map(|d| d.join(name)) else {
+            return;
+        };
+        if let Some((db, true)) = database_of(&rel) {
+            self.capture.wal_replaced(&db);
+        }
+        let res = self.capture.on_barrier(&rel, false);
+        self.lenient("create", &rel, res);
     }
 
-    fn syncing(&self, file: &Node<'_>) -> FsResult<()> {
+    fn syncing(&self, file: &Node<'_>) {
         // A database fsync ends a checkpoint's backfill: stage the rest of the WAL now and
-        // start making it durable beside the database's own fsync (`synced` waits for it).
-        let Ok(rel) = file.relative_path() else {
-            return Ok(());
+        // start making it durable beside the database's own fsync (`synced` waits for it,
+        // and fails the fsync if staging still fails then).
+        let Some(rel) = Self::relative(file) else {
+            return;
         };
-        match database_of(&rel) {
-            Some((_, false)) => self
-                .capture
-                .on_db_syncing(&rel)
-                .map(drop)
-                .map_err(|_| FsError::EIO),
-            _ => Ok(()),
+        if let Some((_, false)) = database_of(&rel) {
+            let res = self.capture.on_db_syncing(&rel);
+            self.lenient("fsync", &rel, res);
         }
     }
 
     fn synced(&self, file: &Node<'_>) -> FsResult<()> {
-        if let Some(db) = Self::journal_of(file) {
+        let Some(rel) = Self::relative(file) else {
+            return Ok(());
+        };
+        if let Some(db) = rollback::database_of_journal(&rel) {
             // PERSIST mode's commit point: the zeroed header is synced.
-            return self
+            let res = self
                 .capture
-                .on_journal(&db, rollback::JournalBarrier::Synced)
-                .map(drop)
-                .map_err(|_| FsError::EIO);
+                .on_journal(&db, rollback::JournalBarrier::Synced);
+            return self.durable("fsync", &rel, res);
         }
+        let Some((db, is_wal)) = database_of(&rel) else {
+            return Ok(());
+        };
         // A `-wal` fsync (every commit with synchronous=FULL, and a checkpoint's first
         // step) leaves the frames in the WAL (see `new`); a database fsync ends a
         // checkpoint's backfill, after which the WAL may restart, so what was staged must
         // then be durable.
-        let rel = file.relative_path();
-        let is_wal = rel
-            .as_ref()
-            .ok()
-            .and_then(|r| database_of(r))
-            .is_some_and(|(_, is_wal)| is_wal);
         if is_wal && !self.stage_at_commit {
-            if let Some((db, _)) = rel.as_ref().ok().and_then(|r| database_of(r)) {
-                self.capture.wal_synced(&db);
-            }
+            self.capture.wal_synced(&db);
             return Ok(());
         }
-        self.barrier(rel, !is_wal)
+        let res = self.capture.on_barrier(&rel, !is_wal);
+        self.durable("fsync", &rel, res)
     }
 
     fn truncated(&self, file: &Node<'_>, _size: u64) -> FsResult<()> {
-        if let Some(db) = Self::journal_of(file) {
+        let Some(rel) = Self::relative(file) else {
+            return Ok(());
+        };
+        if let Some(db) = rollback::database_of_journal(&rel) {
             // TRUNCATE mode's commit point.
-            return self
+            let res = self
                 .capture
-                .on_journal(&db, rollback::JournalBarrier::Truncated)
-                .map(drop)
-                .map_err(|_| FsError::EIO);
+                .on_journal(&db, rollback::JournalBarrier::Truncated);
+            return self.durable("truncate", &rel, res);
         }
-        let rel = file.relative_path().map_err(|_| FsError::EIO)?;
         match database_of(&rel) {
             // A checkpoint's truncation of the database (or one outside SQLite's
             // protocol, or a VACUUM's, whose journal commit stages it anyway). The WAL is
@@ -164,47 +203,46 @@ impl Observer for CaptureObserver {
                 if self.capture.fsync_follows(&db) {
                     return Ok(());
                 }
-                self.barrier(Ok(wal_path(&db)), false)?;
-                self.capture
-                    .on_db_changed(&rel, false)
-                    .map(drop)
-                    .map_err(|_| FsError::EIO)
+                let res = self.capture.on_barrier(&wal_path(&db), false);
+                self.lenient("truncate", &rel, res);
+                let res = self.capture.on_db_changed(&rel, false);
+                self.lenient("truncate", &rel, res);
+                Ok(())
             }
-            _ => self.barrier(Ok(rel), true),
+            // The `-wal` is truncated: the frames it held go, so what was staged of them
+            // must be durable.
+            Some((_, true)) => {
+                let res = self.capture.on_barrier(&rel, true);
+                self.durable("truncate", &rel, res)
+            }
+            None => Ok(()),
         }
     }
 
-    fn unlinking(&self, dir: &Node<'_>, name: &OsStr) -> FsResult<()> {
-        let rel = dir.relative_path().map_err(|_| FsError::EIO)?.join(name);
-        self.removing(&rel, true)
+    fn unlinking(&self, dir: &Node<'_>, name: &OsStr) {
+        if let Some(rel) = Self::relative(dir).map(|d| d.join(name)) {
+            self.removing("unlink", &rel, true);
+        }
     }
 
-    fn renaming(
-        &self,
-        dir: &Node<'_>,
-        name: &OsStr,
-        new_dir: &Node<'_>,
-        new_name: &OsStr,
-    ) -> FsResult<()> {
-        let from = dir.relative_path().map_err(|_| FsError::EIO)?.join(name);
-        let to = new_dir
-            .relative_path()
-            .map_err(|_| FsError::EIO)?
-            .join(new_name);
-        self.removing(&from, true)?;
+    fn renaming(&self, dir: &Node<'_>, name: &OsStr, new_dir: &Node<'_>, new_name: &OsStr) {
+        if let Some(from) = Self::relative(dir).map(|d| d.join(name)) {
+            self.removing("rename", &from, true);
+        }
         // A database renamed over is replaced: `renamed` registers the new file, whose
         // content continues the same history.
-        self.removing(&to, false)
+        if let Some(to) = Self::relative(new_dir).map(|d| d.join(new_name)) {
+            self.removing("rename", &to, false);
+        }
     }
 
     fn renamed(&self, new_dir: &Node<'_>, new_name: &OsStr) {
-        let Ok(to) = new_dir.relative_path().map(|d| d.join(new_name)) else {
+        let Some(to) = Self::relative(new_dir).map(|d| d.join(new_name)) else {
             return;
         };
         if let Some((_, false)) = database_of(&to) {
-            if let Err(e) = self.capture.on_db_changed(&to, true) {
-                tracing::error!(db = %to.display(), "cannot capture the file renamed into place: {e}");
-            }
+            let res = self.capture.on_db_changed(&to, true);
+            self.lenient("rename", &to, res);
         }
     }
 
@@ -212,7 +250,7 @@ impl Observer for CaptureObserver {
         if !wrote {
             return;
         }
-        let Ok(rel) = file.relative_path() else {
+        let Some(rel) = Self::relative(file) else {
             return;
         };
         // A database written and closed: changes without a journal (MEMORY, OFF), and
@@ -222,8 +260,6 @@ impl Observer for CaptureObserver {
             Some((_, false)) => self.capture.on_db_changed(&rel, true),
             _ => self.capture.on_changed(&rel),
         };
-        if let Err(e) = res {
-            tracing::error!(file = %rel.display(), "capture at close failed: {e}");
-        }
+        self.lenient("close", &rel, res);
     }
 }

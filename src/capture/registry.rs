@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -13,17 +12,24 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 use parking_lot::Mutex;
 
-use super::{database_of, read_db_header, rollback, wal_path, CaptureEvent, DatabaseCapture};
-use crate::staging::Staging;
+use super::{
+    database_of, read_db_header, rollback, wal_path, CaptureError, CaptureEvent, CaptureResult,
+    DatabaseCapture,
+};
+use crate::staging::{Staging, StagingResult};
 
 /// Counters of one mount's capture.
 #[derive(Debug, Default)]
 pub struct CaptureStats {
     /// Batches and snapshots staged.
     pub staged: AtomicU64,
-    /// Snapshots taken to heal a possible gap.
+    /// Snapshots that restarted a database's history (a possible gap, or a state capture
+    /// could not follow).
     pub heals: AtomicU64,
-    /// Capture failures returned to the application as EIO.
+    /// Breaks after which a database waited for a consistent point to restart.
+    pub waits: AtomicU64,
+    /// Capture failures returned to the application as EIO (staging could not make a
+    /// barrier's transactions durable).
     pub failures: AtomicU64,
     /// Databases resumed from the checksums a clean stop saved, without reading them.
     pub quick_resumes: AtomicU64,
@@ -42,6 +48,9 @@ pub struct Capture {
     /// Databases with batches staged since they were last sealed.
     pub(super) dirty: Mutex<BTreeSet<PathBuf>>,
     pub(super) notify: Mutex<Option<StagedNotify>>,
+    /// Databases whose history waits to restart from a snapshot (see
+    /// [`Capture::retry_restarts`]).
+    pub(super) restarting: Mutex<BTreeSet<PathBuf>>,
     /// Databases whose file went away (deleted, renamed over, no longer SQLite): when one
     /// is captured again, a changed content is a replacement, not a gap.
     pub(super) forgotten: Mutex<BTreeSet<PathBuf>>,
@@ -75,6 +84,7 @@ impl Capture {
             dbs: Mutex::new(HashMap::new()),
             dirty: Mutex::new(BTreeSet::new()),
             notify: Mutex::new(None),
+            restarting: Mutex::new(BTreeSet::new()),
             forgotten: Mutex::new(BTreeSet::new()),
             generation: AtomicU64::new(0),
             stats: CaptureStats::default(),
@@ -171,13 +181,99 @@ impl Capture {
     }
 
     /// Seals the active segment of `db`, if it is captured.
-    pub(super) fn seal(&self, db: &Path) -> io::Result<()> {
+    pub(super) fn seal(&self, db: &Path) -> StagingResult<()> {
         match self.slot(db, false) {
             Some(slot) => match slot.lock().as_mut() {
                 Some(c) => c.seal(),
                 None => Ok(()),
             },
             None => Ok(()),
+        }
+    }
+
+    /// After a start: every database with something staged that the replica may not hold
+    /// is handed to the uploader at once, without waiting for a write. For a database that
+    /// is not captured (its file is gone, or is not a database now), what it staged is
+    /// sealed as it is; a file that is gone is marked deleted after its last staged TXID.
+    pub fn resume_uploads(&self) {
+        let staged = match self.staging.databases() {
+            Ok(dbs) => dbs,
+            Err(e) => {
+                tracing::error!("cannot list the staged databases: {e}");
+                return;
+            }
+        };
+        for db in staged {
+            let pending = match self.slot(&db, false) {
+                Some(slot) => match slot.lock().as_ref() {
+                    Some(c) => Ok(c.has_unsealed()),
+                    None => self.seal_leftovers(&db),
+                },
+                None => self.seal_leftovers(&db),
+            };
+            match pending {
+                Ok(true) => self.mark_staged(&db),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(db = %db.display(), "cannot seal what a previous run staged: {e}")
+                }
+            }
+        }
+    }
+
+    /// Seals what an uncaptured database left in its active segment (page lists whose
+    /// pages were held by a stopped process are cut: the files no longer hold them), and
+    /// marks a database whose file is gone as deleted. True if it has anything to upload.
+    fn seal_leftovers(&self, db: &Path) -> StagingResult<bool> {
+        let mut segment = self.staging.open_segment(db)?;
+        segment.abandon_listed()?;
+        let sealed = segment.seal()?.is_some();
+        let gone = !self.root.join(db).exists();
+        if gone && self.staging.deleted_marker(db)?.is_none() {
+            if let Some(txid) = self.staging.last_staged_txid(db)? {
+                self.staging.mark_deleted(db, txid)?;
+            }
+        }
+        Ok(sealed || !self.staging.pending(db)?.is_empty() || gone)
+    }
+
+    /// Restarts the history of `db` from a snapshot (now, or at its next consistent
+    /// point), e.g. because what it staged can no longer be uploaded. False if `db` is not
+    /// a database that can be captured now.
+    pub fn restart_history(&self, db: &Path, reason: &str) -> bool {
+        let reason = reason.to_string();
+        let res = self.with_db(db, true, false, false, |_| {
+            Err(CaptureError::CannotFollow(reason))
+        });
+        if let Err(e) = res {
+            tracing::error!(db = %db.display(), "cannot stage a snapshot to restart the history: {e}");
+        }
+        self.is_captured(db)
+    }
+
+    /// Marks the history of `db` (if captured) to restart from a snapshot at a later step,
+    /// without staging anything now (staging just failed).
+    pub fn defer_restart(&self, db: &Path, reason: &str) {
+        if let Some(slot) = self.slot(db, false) {
+            if let Some(c) = slot.lock().as_mut() {
+                c.defer_restart(reason.to_string());
+                self.note_restart(db, true);
+            }
+        }
+    }
+
+    /// Tries again the snapshots of databases whose history waits to restart (each at most
+    /// every half second), so that a database restarts without waiting for a write.
+    pub fn retry_restarts(&self) {
+        let waiting: Vec<PathBuf> = self.restarting.lock().iter().cloned().collect();
+        for db in waiting {
+            if !self.is_captured(&db) {
+                self.note_restart(&db, false);
+                continue;
+            }
+            if let Err(e) = self.with_db(&db, false, false, false, |_| Ok(Vec::new())) {
+                tracing::warn!(db = %db.display(), "cannot stage the snapshot that restarts the history: {e}");
+            }
         }
     }
 
@@ -259,16 +355,18 @@ impl Capture {
         Some(s)
     }
 
-    /// Runs `f` on the capture of the database that `rel` belongs to, registering it first
-    /// if its file holds an SQLite header (`register`). Files of other kinds cost one
-    /// 100-byte read.
+    /// Runs the capture step `f` on the database that `rel` belongs to (see
+    /// [`DatabaseCapture::step`]), registering it first if its file holds an SQLite header
+    /// (`register`). Files of other kinds cost one 100-byte read. Only a staging failure is
+    /// returned; the caller decides what the application sees.
     fn with_db(
         &self,
         rel: &Path,
         register: bool,
         barrier: bool,
-        f: impl FnOnce(&mut DatabaseCapture) -> io::Result<Vec<CaptureEvent>>,
-    ) -> io::Result<Vec<CaptureEvent>> {
+        at_close: bool,
+        f: impl FnOnce(&mut DatabaseCapture) -> CaptureResult<Vec<CaptureEvent>>,
+    ) -> StagingResult<Vec<CaptureEvent>> {
         let Some((db, _)) = database_of(rel) else {
             return Ok(Vec::new());
         };
@@ -308,7 +406,10 @@ impl Capture {
                 *guard = Some(c);
                 self.generation.fetch_add(1, Ordering::Relaxed);
             }
-            events.extend(f(guard.as_mut().expect("capture was just opened"))?);
+            let c = guard.as_mut().expect("capture was just opened");
+            let stepped = c.step(barrier, at_close, &mut events, f);
+            self.note_restart(&db, c.waits_for_restart());
+            stepped?;
             if let Some(CaptureEvent::Gone { txid }) = events.last() {
                 let txid = *txid;
                 if let Some(mut c) = guard.take() {
@@ -323,45 +424,66 @@ impl Capture {
         let gone = guard.is_none();
         drop(guard);
         if gone {
+            self.note_restart(&db, false);
             self.dbs.lock().remove(&db);
             self.forgotten.lock().insert(db.clone());
         }
-        self.account(&db, &events, res.as_ref().err());
-        if events.iter().any(|e| {
-            matches!(
-                e,
-                CaptureEvent::Staged { .. }
-                    | CaptureEvent::Healed { .. }
-                    | CaptureEvent::Gone { .. }
-            )
-        }) {
+        self.account(&db, &events);
+        // A failed step may have staged part of its work.
+        if res.is_err()
+            || events.iter().any(|e| {
+                matches!(
+                    e,
+                    CaptureEvent::Staged { .. }
+                        | CaptureEvent::Healed { .. }
+                        | CaptureEvent::Gone { .. }
+                )
+            })
+        {
             self.mark_staged(&db);
         }
         res.map(|()| events)
     }
 
-    fn account(&self, db: &Path, events: &[CaptureEvent], err: Option<&io::Error>) {
+    /// Keeps the set of databases waiting to restart up to date.
+    fn note_restart(&self, db: &Path, waiting: bool) {
+        let mut set = self.restarting.lock();
+        if waiting {
+            if !set.contains(db) {
+                set.insert(db.to_path_buf());
+            }
+        } else if !set.is_empty() {
+            set.remove(db);
+        }
+    }
+
+    fn account(&self, db: &Path, events: &[CaptureEvent]) {
         for e in events {
             match e {
                 CaptureEvent::Staged { .. } => {
                     self.stats.staged.fetch_add(1, Ordering::Relaxed);
                 }
-                CaptureEvent::Healed { txid, reason } => {
+                CaptureEvent::Healed {
+                    txid,
+                    reason,
+                    waited,
+                } => {
                     self.stats.staged.fetch_add(1, Ordering::Relaxed);
                     self.stats.heals.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(db = %db.display(), txid, "capture healed with a snapshot: {reason}");
+                    if *waited {
+                        tracing::info!(db = %db.display(), txid, "capture restarted the history with a snapshot: {reason}");
+                    } else {
+                        tracing::warn!(db = %db.display(), txid, "capture healed with a snapshot: {reason}");
+                    }
                 }
-                CaptureEvent::Unsupported { reason } => {
-                    tracing::warn!(db = %db.display(), "replica falls behind: {reason}");
+                CaptureEvent::Waiting { reason } => {
+                    self.stats.waits.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(db = %db.display(), "capture cannot follow the database ({reason}); its replica restarts from a snapshot at the next consistent point");
                 }
                 CaptureEvent::Gone { txid } => {
                     tracing::info!(db = %db.display(), txid, "the file is no longer an SQLite database; the replica keeps its history and marks it deleted");
                 }
             }
-        }
-        if let Some(e) = err {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(db = %db.display(), "capture failed, failing the operation with EIO: {e}");
         }
     }
 
@@ -369,21 +491,21 @@ impl Capture {
     /// `durable`: see [`DatabaseCapture::on_wal_barrier`].
     /// A database fsync also ends a rollback-journal transaction's writes (see
     /// [`DatabaseCapture::on_db_synced`]).
-    pub fn on_barrier(&self, rel: &Path, durable: bool) -> io::Result<Vec<CaptureEvent>> {
+    pub fn on_barrier(&self, rel: &Path, durable: bool) -> StagingResult<Vec<CaptureEvent>> {
         let target = database_of(rel);
         if let Some((db, _)) = &target {
             self.checkpointing.lock().remove(db);
         }
         match target {
-            Some((_, false)) => self.with_db(rel, true, true, |c| c.on_db_synced()),
-            _ => self.with_db(rel, true, true, |c| c.on_wal_barrier(durable)),
+            Some((_, false)) => self.with_db(rel, true, true, false, |c| c.on_db_synced()),
+            _ => self.with_db(rel, true, true, false, |c| c.on_wal_barrier(durable)),
         }
     }
 
     /// The database file `rel` is about to be fsynced (see
     /// [`DatabaseCapture::on_db_syncing`]); only a database already captured.
-    pub fn on_db_syncing(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
-        self.with_db(rel, false, true, |c| c.on_db_syncing())
+    pub fn on_db_syncing(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
+        self.with_db(rel, false, true, false, |c| c.on_db_syncing())
     }
 
     /// A barrier on the `-journal` of `db` (see [`DatabaseCapture::on_journal`]).
@@ -391,36 +513,41 @@ impl Capture {
         &self,
         db: &Path,
         barrier: rollback::JournalBarrier,
-    ) -> io::Result<Vec<CaptureEvent>> {
-        self.with_db(db, true, true, |c| c.on_journal(barrier))
+    ) -> StagingResult<Vec<CaptureEvent>> {
+        self.with_db(db, true, true, false, |c| c.on_journal(barrier))
     }
 
     /// The database file `rel` was truncated or extended, or written and closed, or
     /// renamed into place: stage whatever it now holds that the replica does not.
     /// `at_close`: a file that is no longer SQLite then stops being captured (during a
     /// truncation it may be about to be rewritten).
-    pub fn on_db_changed(&self, rel: &Path, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
-        self.with_db(rel, true, !at_close, |c| c.on_db_changed(at_close))
+    pub fn on_db_changed(&self, rel: &Path, at_close: bool) -> StagingResult<Vec<CaptureEvent>> {
+        self.with_db(rel, true, !at_close, at_close, |c| {
+            c.on_db_changed(at_close)
+        })
     }
 
     /// `db` was unlinked or renamed away: what it staged stays for the uploader, and the
-    /// replica marks it deleted after its last TXID.
-    pub fn deleted(&self, db: &Path) -> io::Result<()> {
+    /// replica marks it deleted after its last TXID. Never fails the removal: if staging
+    /// cannot seal or record it, it says so, and the next start seals what is left.
+    pub fn deleted(&self, db: &Path) {
         let Some(slot) = self.slot(db, false) else {
-            return Ok(());
+            return;
         };
         let mut guard = slot.lock();
         if let Some(mut c) = guard.take() {
-            c.seal()?;
-            if c.state().txid > 0 {
-                self.staging.mark_deleted(db, c.state().txid)?;
+            let sealed = c.seal().and_then(|()| match c.state().txid {
+                0 => Ok(()),
+                txid => self.staging.mark_deleted(db, txid).map(drop),
+            });
+            if let Err(e) = sealed {
+                tracing::error!(db = %db.display(), "the database was removed, but staging cannot seal or mark it deleted ({e}); the next start retries");
             }
         }
         drop(guard);
         self.dbs.lock().remove(db);
         self.forgotten.lock().insert(db.to_path_buf());
         self.mark_staged(db);
-        Ok(())
     }
 
     /// The `-wal` of `db` was created, or is about to be removed: forget its open file.
@@ -433,8 +560,8 @@ impl Capture {
     }
 
     /// `rel` changed between barriers; only databases already captured are polled.
-    pub fn on_changed(&self, rel: &Path) -> io::Result<Vec<CaptureEvent>> {
-        self.with_db(rel, false, false, |c| c.on_wal_changed())
+    pub fn on_changed(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
+        self.with_db(rel, false, false, false, |c| c.on_wal_changed())
     }
 
     /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed

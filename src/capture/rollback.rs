@@ -27,7 +27,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::image::PageSink;
-use super::{now_ms, open_optional, read_db_header, CaptureEvent, DatabaseCapture};
+use super::{now_ms, open_optional, read_db_header, CaptureEvent, CaptureResult, DatabaseCapture};
 use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
     changed_pages, header_state, page_hash, read_full, scan_journal, ContentChecksum, JournalError,
@@ -155,14 +155,11 @@ pub struct Originals {
 }
 
 impl Originals {
-    /// The live journal at `path` for a database of `page_size`, if there is one.
-    pub fn open(path: &Path, page_size: u32) -> io::Result<Option<Originals>> {
+    /// The live journal at `path`, if there is one.
+    pub fn open(path: &Path) -> io::Result<Option<Originals>> {
         let Some((file, scan)) = scan_live(path)? else {
             return Ok(None);
         };
-        if scan.header.page_size != page_size {
-            return Ok(None);
-        }
         let mut first = BTreeMap::new();
         for (i, r) in scan.records.iter().enumerate() {
             if r.pgno <= scan.header.initial_db_pages {
@@ -180,6 +177,20 @@ impl Originals {
     /// The database size before the open transaction.
     pub fn initial_db_pages(&self) -> u32 {
         self.scan.header.initial_db_pages
+    }
+
+    /// The page size the journal records (a rollback restores the database with it).
+    pub fn page_size(&self) -> u32 {
+        self.scan.header.page_size
+    }
+
+    /// The original of page 1, if the journal recorded it.
+    pub fn original_page1(&self) -> io::Result<Option<Vec<u8>>> {
+        let Some(rec) = self.record(1) else {
+            return Ok(None);
+        };
+        let mut page = vec![0u8; self.page_size() as usize];
+        Ok(self.read(rec, &mut page)?.then_some(page))
     }
 
     /// The record holding the original of `pgno`, if the journal has one.
@@ -209,13 +220,13 @@ struct SumSink {
 }
 
 impl PageSink for SumSink {
-    fn start(&mut self, page_size: u32, size: u32) -> io::Result<()> {
+    fn start(&mut self, page_size: u32, size: u32) -> CaptureResult<()> {
         self.page_size = page_size;
         self.sums = vec![0; size as usize];
         Ok(())
     }
 
-    fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+    fn page(&mut self, pgno: u32, data: &[u8]) -> CaptureResult<()> {
         self.sums[pgno as usize - 1] = page_hash(pgno, data);
         Ok(())
     }
@@ -295,7 +306,7 @@ impl DatabaseCapture {
     /// rollback mode, remembers the pages of the open transaction's journal (the writer
     /// has written them all to the database and holds its lock); without a live journal
     /// (`journal_mode=MEMORY` or `OFF`: this fsync is the commit), stages what changed.
-    pub fn on_db_synced(&mut self) -> io::Result<Vec<CaptureEvent>> {
+    pub fn on_db_synced(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         // In WAL mode this is a checkpoint's end. (The header may already say WAL while
         // the journal transaction that switches to WAL mode commits.)
         if std::fs::metadata(&self.wal_path).is_ok() {
@@ -319,7 +330,7 @@ impl DatabaseCapture {
     /// Call while the application is blocked in a barrier on the database's `-journal`
     /// (for an unlink: before it goes). At an invalidation (the journal unlinked, empty, or
     /// its header zeroed) the transaction is committed: its pages are staged.
-    pub fn on_journal(&mut self, barrier: JournalBarrier) -> io::Result<Vec<CaptureEvent>> {
+    pub fn on_journal(&mut self, barrier: JournalBarrier) -> CaptureResult<Vec<CaptureEvent>> {
         let committed = match barrier {
             JournalBarrier::Unlinking => {
                 // With synchronous=OFF there was no database fsync: the journal still
@@ -353,7 +364,7 @@ impl DatabaseCapture {
 
     /// The database file changed outside a journal transaction (see
     /// [`super::Capture::on_db_changed`]).
-    pub fn on_db_changed(&mut self, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
+    pub fn on_db_changed(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
         if std::fs::metadata(&self.wal_path).is_ok() {
             return self.on_wal_changed();
         }
@@ -362,7 +373,7 @@ impl DatabaseCapture {
 
     /// A commit point: stages the pending journal's pages, or, with none remembered,
     /// whatever changed.
-    fn commit_journal(&mut self) -> io::Result<Vec<CaptureEvent>> {
+    fn commit_journal(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         match self.pending.take() {
             Some(p) => {
                 let res = self.stage_journal_commit(&p);
@@ -376,7 +387,7 @@ impl DatabaseCapture {
         }
     }
 
-    fn stage_journal_commit(&mut self, p: &PendingJournal) -> io::Result<Vec<CaptureEvent>> {
+    fn stage_journal_commit(&mut self, p: &PendingJournal) -> CaptureResult<Vec<CaptureEvent>> {
         let Some(db) = open_optional(&self.db_path)? else {
             return Ok(Vec::new());
         };
@@ -385,7 +396,7 @@ impl DatabaseCapture {
             return Ok(Vec::new());
         };
         let ps = header.page_size;
-        if self.state.commit > 0 && ps != self.state.page_size {
+        if self.state.txid > 0 && ps != self.state.page_size {
             let mut events = Vec::new();
             self.snapshot_replacement("the page size changed", &mut events)?;
             return Ok(events);
@@ -411,7 +422,7 @@ impl DatabaseCapture {
     /// Compares the database file with the staged state (behind the `stat` filter) and
     /// stages what differs. Nothing while a journal transaction is open or hot: its
     /// invalidation is the commit point.
-    fn capture_diff(&mut self, at_close: bool) -> io::Result<Vec<CaptureEvent>> {
+    fn capture_diff(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
         // The `stat` from before the read is what the staged state is recorded to match:
         // a write racing the read (a close is reported after the program went on, maybe
         // to its next transaction) leaves the file different from it, so the next check
@@ -427,7 +438,7 @@ impl DatabaseCapture {
             page_size: 0,
             sums: Vec::new(),
         };
-        let Some((_, page_size, size, _)) = self.read_image(false, None, &mut sink)? else {
+        let Some((_, page_size, size)) = self.read_image(false, None, &mut sink)? else {
             if at_close && self.state.txid > 0 {
                 return Ok(vec![CaptureEvent::Gone {
                     txid: self.state.txid,
@@ -436,7 +447,7 @@ impl DatabaseCapture {
             return Ok(Vec::new());
         };
         let mut events = Vec::new();
-        if self.state.commit > 0 && page_size != self.state.page_size {
+        if self.state.txid > 0 && page_size != self.state.page_size {
             self.snapshot_replacement("the page size changed", &mut events)?;
             return Ok(events);
         }
@@ -463,12 +474,15 @@ impl DatabaseCapture {
     /// The file was replaced while it was not captured (renamed over): stages every page
     /// of the new file as one batch after the last TXID (a snapshot if the page size
     /// changed), so the history continues.
-    pub(super) fn stage_replacement(&mut self, events: &mut Vec<CaptureEvent>) -> io::Result<()> {
+    pub(super) fn stage_replacement(
+        &mut self,
+        events: &mut Vec<CaptureEvent>,
+    ) -> CaptureResult<()> {
         let page_size = match open_optional(&self.db_path)? {
             Some(db) => read_db_header(&db)?.map(|h| h.page_size),
             None => None,
         };
-        if self.state.commit > 0 && page_size != Some(self.state.page_size) {
+        if self.state.txid > 0 && page_size != Some(self.state.page_size) {
             return self.snapshot_replacement("the database file was replaced", events);
         }
         tracing::info!(db = %self.rel.display(), "the database file was replaced: staging all of its pages (the TXID history continues)");
@@ -485,7 +499,7 @@ impl DatabaseCapture {
         &mut self,
         why: &str,
         events: &mut Vec<CaptureEvent>,
-    ) -> io::Result<()> {
+    ) -> CaptureResult<()> {
         tracing::info!(db = %self.rel.display(), "{why}: staging a snapshot (the TXID history continues)");
         self.snapshot_inner(true, events)
     }
@@ -499,7 +513,7 @@ impl DatabaseCapture {
         page_size: u32,
         commit: u32,
         pages: &[u32],
-    ) -> io::Result<Vec<CaptureEvent>> {
+    ) -> CaptureResult<Vec<CaptureEvent>> {
         let ps = page_size as usize;
         let old_size = self.sums.len() as u32;
         let lock = lock_pgno(page_size);

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::*;
 use crate::replica::ltx::{decode, DatabaseChecksum};
@@ -628,7 +629,9 @@ fn full_staging_disk_is_an_error_and_retry_recovers() {
         .unwrap();
     let e = f.capture.on_barrier(&f.wal_rel, false).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
-    assert_eq!(f.capture.stats().failures.load(Ordering::Relaxed), 1);
+    // A staging failure is not a reason to restart the history: the same transaction is
+    // read again.
+    assert!(f.capture.restarting.lock().is_empty());
     // Room again: the same transaction is staged, once.
     fs::remove_file(&filler).unwrap();
     let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
@@ -991,4 +994,148 @@ fn reused_freelist_leaves_are_staged_although_not_journaled() {
         );
         assert_rollback_replica_matches(&f);
     }
+}
+
+/// What SQLite reads from the fixture's database: its files copied aside, opened (a hot
+/// journal is rolled back, the WAL recovered) and checkpointed into one file.
+fn sqlite_view(f: &Fixture) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("view.db");
+    fs::copy(&f.db, &copy).unwrap();
+    for suffix in ["-wal", "-journal"] {
+        let mut side = f.db.as_os_str().to_owned();
+        side.push(suffix);
+        if Path::new(&side).exists() {
+            fs::copy(&side, dir.path().join(format!("view.db{suffix}"))).unwrap();
+        }
+    }
+    let c = Connection::open(&copy).unwrap();
+    c.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+        .unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(c);
+    fs::read(&copy).unwrap()
+}
+
+/// The `-wal` of a `page_size` database whose first transaction created table `other`, as
+/// another program would leave it. With `without_page1`, the log holds only a later
+/// transaction that changed page 2 (SQLite does not rewrite page 1 in WAL mode unless the
+/// schema or the size changes).
+fn foreign_wal(page_size: u32, without_page1: bool) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("other.db");
+    let c = Connection::open(&p).unwrap();
+    c.execute_batch(&format!(
+        "PRAGMA page_size={page_size}; PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0;
+         CREATE TABLE other(x); INSERT INTO other VALUES ('first');"
+    ))
+    .unwrap();
+    if without_page1 {
+        checkpoint(&c, "TRUNCATE");
+        c.execute("UPDATE other SET x = 'second'", []).unwrap();
+    }
+    let wal = fs::read(dir.path().join("other.db-wal")).unwrap();
+    drop(c);
+    wal
+}
+
+fn waits(events: &[CaptureEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, CaptureEvent::Waiting { .. }))
+        .count()
+}
+
+/// A `-wal` of another page size that holds page 1 is what SQLite reads (page 1, and so the
+/// page size, come from the log): capture cannot follow it incrementally, so it restarts
+/// the history with a snapshot at once, and the staged history rebuilds to SQLite's view.
+#[test]
+fn a_wal_of_another_page_size_restarts_the_history_at_once() {
+    let f = fixture();
+    let conn = open_db(&f.db, 1024, "FULL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    drop(conn);
+    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    fs::write(f.db.with_file_name("app.db-wal"), foreign_wal(512, false)).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!((heals(&ev), waits(&ev)), (1, 0), "{ev:?}");
+    assert!(
+        matches!(&ev.last(), Some(CaptureEvent::Healed { reason, waited: false, .. }) if reason.contains("page size")),
+        "{ev:?}"
+    );
+    assert_eq!(rebuild(&f), sqlite_view(&f));
+    // SQLite itself carries on from there: the next commits follow incrementally.
+    let conn = Connection::open(&f.db).unwrap();
+    conn.execute("INSERT INTO other VALUES ('through SQLite')", [])
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!((heals(&ev), waits(&ev), ev.len()), (0, 0, 1), "{ev:?}");
+    assert_eq!(rebuild(&f), sqlite_view(&f));
+}
+
+/// A `-wal` of another page size without page 1 is not something SQLite can read
+/// consistently (its checkpoint reports corruption): capture waits, staging nothing and
+/// failing nothing, reports it once, and restarts the history once the log is gone.
+#[test]
+fn a_wal_that_no_reader_can_follow_waits_for_a_consistent_point() {
+    let f = fixture();
+    let conn = open_db(&f.db, 1024, "FULL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    drop(conn);
+    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    let before = rebuild(&f);
+    let wal = f.db.with_file_name("app.db-wal");
+    fs::write(&wal, foreign_wal(512, true)).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!((heals(&ev), waits(&ev)), (0, 1), "{ev:?}");
+    // Later steps stay quiet while nothing changes, and stage nothing.
+    std::thread::sleep(Duration::from_millis(600));
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(rebuild(&f), before);
+    assert_eq!(f.capture.restarting.lock().len(), 1);
+    // The log goes (a user removes it): the next try restarts the history, without a
+    // barrier on the database.
+    fs::remove_file(&wal).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    f.capture.retry_restarts();
+    assert!(f.capture.restarting.lock().is_empty());
+    assert_eq!(rebuild(&f), sqlite_view(&f));
+}
+
+/// An empty database file beside a `-wal` (the next opener deletes that log) and a zeroed
+/// database file beside a hot journal (the next opener rolls it back) are states capture
+/// waits through or reads as SQLite would, and the history ends equal to SQLite's view.
+#[test]
+fn a_database_file_that_is_not_a_database_for_a_moment_fails_nothing() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(5000))", [])
+        .unwrap();
+    drop(conn);
+    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    // Emptied, with a foreign log beside it.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&f.db)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    fs::write(f.db.with_file_name("app.db-wal"), foreign_wal(4096, false)).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    // SQLite's next opener deletes the log and writes a new database.
+    let conn = Connection::open(&f.db).unwrap();
+    conn.execute_batch("CREATE TABLE n(x); INSERT INTO n VALUES (1);")
+        .unwrap();
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(600));
+    f.capture.on_db_changed(&f.rel, false).unwrap();
+    f.capture.retry_restarts();
+    assert!(f.capture.restarting.lock().is_empty());
+    assert_eq!(rebuild(&f), sqlite_view(&f));
 }

@@ -14,6 +14,9 @@
 //! that a commit made in between is not missed. Idle databases cost nothing: no timer
 //! polls them.
 //!
+//! Each round also retries the snapshot of any database whose history waits to restart
+//! ([`Capture::retry_restarts`]), so that one restarts once its files read consistently.
+//!
 //! A `-wal` fsync outside a barrier (most often a checkpoint's first step) wakes the
 //! watcher at once, at most once per window. It reads that WAL beside the checkpoint's
 //! backfill, so that the database fsync that ends the checkpoint finds little left to read
@@ -128,6 +131,9 @@ impl Watch {
             if !changed.is_empty() {
                 self.poll_changed(&mut changed);
             }
+            // Databases whose history waits to restart from a snapshot: try again, so that
+            // they restart without waiting for a write.
+            self.capture.retry_restarts();
             let wait = if self.polling.is_empty() {
                 TICK
             } else {
@@ -232,7 +238,7 @@ impl Watch {
         match self.capture.on_changed(&wal_path(db)) {
             Ok(events) => events
                 .iter()
-                .any(|e| !matches!(e, CaptureEvent::Unsupported { .. })),
+                .any(|e| !matches!(e, CaptureEvent::Waiting { .. })),
             Err(e) => {
                 tracing::warn!(db = %db.display(), "capture between barriers failed (the next barrier retries): {e}");
                 false

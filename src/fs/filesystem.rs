@@ -328,7 +328,7 @@ impl PassthroughFs {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         self.check_writable()?;
         let parent = self.inodes.get(parent)?;
-        self.observer.unlinking(&self.node(&parent), name)?;
+        self.observer.unlinking(&self.node(&parent), name);
         let res = sys::unlinkat(parent.fd(), &sys::cstr(name)?, 0);
         self.names.changed();
         Ok(res?)
@@ -354,7 +354,7 @@ impl PassthroughFs {
         let parent = self.inodes.get(parent)?;
         let new_parent = self.inodes.get(new_parent)?;
         self.observer
-            .renaming(&self.node(&parent), name, &self.node(&new_parent), new_name)?;
+            .renaming(&self.node(&parent), name, &self.node(&new_parent), new_name);
         let res = sys::renameat2(
             parent.fd(),
             &sys::cstr(name)?,
@@ -486,13 +486,8 @@ impl PassthroughFs {
         let st = sys::fstat(path_fd.as_fd())?;
         let inode = self.inodes.lookup_of(path_fd, &st);
         let attr = self.attr_of(&inode, &st);
-        if let Err(e) = self
-            .observer
-            .created(&self.node(&parent), name, &self.node(&inode))
-        {
-            self.inodes.forget(inode.nodeid, 1);
-            return Err(e);
-        }
+        self.observer
+            .created(&self.node(&parent), name, &self.node(&inode));
         let opened = self.add_handle(inode, fd, flags, register);
         Ok((attr, opened))
     }
@@ -525,7 +520,7 @@ impl PassthroughFs {
     pub fn fsync(&self, nodeid: u64, fh: u64, datasync: bool) -> FsResult<()> {
         let inode = self.inodes.get(nodeid)?;
         let node = self.node(&inode);
-        self.observer.syncing(&node)?;
+        self.observer.syncing(&node);
         match self.handle(fh) {
             Ok(h) => sys::fsync(h.fd.as_fd(), datasync)?,
             Err(_) => {
@@ -816,6 +811,9 @@ mod tests {
     impl Observer for Recorder {
         fn synced(&self, file: &Node<'_>) -> FsResult<()> {
             let p = file.relative_path().unwrap();
+            if p.ends_with("refuse") {
+                return Err(FsError::EIO);
+            }
             self.0.lock().unwrap().push(format!("sync {}", p.display()));
             Ok(())
         }
@@ -827,16 +825,12 @@ mod tests {
                 .push(format!("truncate {} {size}", p.display()));
             Ok(())
         }
-        fn unlinking(&self, dir: &Node<'_>, name: &OsStr) -> FsResult<()> {
+        fn unlinking(&self, dir: &Node<'_>, name: &OsStr) {
             let p = dir.relative_path().unwrap().join(name);
-            if name == "refuse" {
-                return Err(FsError::EIO);
-            }
             self.0
                 .lock()
                 .unwrap()
                 .push(format!("unlink {}", p.display()));
-            Ok(())
         }
     }
 
@@ -900,15 +894,30 @@ mod tests {
         .unwrap();
         fs.release(opened.fh);
         fs.unlink(ROOT_ID, OsStr::new("y.db")).unwrap();
-        std::fs::write(dir.path().join("refuse"), b"x").unwrap();
-        assert_eq!(fs.unlink(ROOT_ID, OsStr::new("refuse")), Err(FsError::EIO));
-        assert!(
-            dir.path().join("refuse").exists(),
-            "a refused barrier must not happen"
-        );
+        // An observer that cannot make a barrier durable fails it; a removal it cannot
+        // refuse.
+        let (r, ro) = fs
+            .create(
+                me(),
+                ROOT_ID,
+                OsStr::new("refuse"),
+                0o644,
+                libc::O_RDWR,
+                None,
+            )
+            .unwrap();
+        assert_eq!(fs.fsync(r.ino.0, ro.fh, false), Err(FsError::EIO));
+        fs.release(ro.fh);
+        fs.unlink(ROOT_ID, OsStr::new("refuse")).unwrap();
+        assert!(!dir.path().join("refuse").exists());
         assert_eq!(
             *rec.0.lock().unwrap(),
-            vec!["sync sub/x.db", "truncate y.db 7", "unlink y.db"]
+            vec![
+                "sync sub/x.db",
+                "truncate y.db 7",
+                "unlink y.db",
+                "unlink refuse"
+            ]
         );
     }
 

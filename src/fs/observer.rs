@@ -1,8 +1,9 @@
 //! The hook through which per-database capture watches the filesystem. The FUSE layer knows
 //! nothing about SQLite or replication: at SQLite's barriers (fsync, truncate, unlink, rename)
 //! and at create and close, it calls an `Observer` before replying to the kernel. An observer
-//! that cannot record what it must returns an error, and the application's operation fails
-//! with it (EIO) instead of the replica silently diverging.
+//! that cannot make a barrier's captured transactions durable returns an error from
+//! [`Observer::synced`] or [`Observer::truncated`], and the application's operation fails
+//! with it (EIO) instead of the replica silently diverging; nothing else can fail.
 
 use std::cell::OnceCell;
 use std::ffi::OsStr;
@@ -51,17 +52,15 @@ impl Node<'_> {
 
 /// Called by the filesystem at barriers, after the backing operation (or just before it, for
 /// removals and [`Observer::syncing`]) and before the reply. Every method defaults to doing
-/// nothing.
+/// nothing. Only [`Observer::synced`] and [`Observer::truncated`] can fail the application's
+/// operation (a barrier whose captured transactions cannot be made durable); a creation,
+/// removal or rename is never refused for the observer's sake, which the types say.
 pub trait Observer: Send + Sync + 'static {
     /// A regular file was created (or opened with O_CREAT) in `dir`.
-    fn created(&self, _dir: &Node<'_>, _name: &OsStr, _file: &Node<'_>) -> FsResult<()> {
-        Ok(())
-    }
+    fn created(&self, _dir: &Node<'_>, _name: &OsStr, _file: &Node<'_>) {}
     /// `fsync`/`fdatasync` on `file` is about to reach the backing file; work the observer
     /// starts here overlaps with it. [`Observer::synced`] follows if it succeeds.
-    fn syncing(&self, _file: &Node<'_>) -> FsResult<()> {
-        Ok(())
-    }
+    fn syncing(&self, _file: &Node<'_>) {}
     /// `fsync`/`fdatasync` on `file` reached the backing file.
     fn synced(&self, _file: &Node<'_>) -> FsResult<()> {
         Ok(())
@@ -71,19 +70,9 @@ pub trait Observer: Send + Sync + 'static {
         Ok(())
     }
     /// `name` in `dir` is about to be unlinked; it can still be read.
-    fn unlinking(&self, _dir: &Node<'_>, _name: &OsStr) -> FsResult<()> {
-        Ok(())
-    }
+    fn unlinking(&self, _dir: &Node<'_>, _name: &OsStr) {}
     /// `name` in `dir` is about to be renamed to `new_name` in `new_dir`.
-    fn renaming(
-        &self,
-        _dir: &Node<'_>,
-        _name: &OsStr,
-        _new_dir: &Node<'_>,
-        _new_name: &OsStr,
-    ) -> FsResult<()> {
-        Ok(())
-    }
+    fn renaming(&self, _dir: &Node<'_>, _name: &OsStr, _new_dir: &Node<'_>, _new_name: &OsStr) {}
     /// A rename to `new_name` in `new_dir` succeeded (after [`Observer::renaming`]).
     fn renamed(&self, _new_dir: &Node<'_>, _new_name: &OsStr) {}
     /// The last reference to an open of `file` went away; `wrote` says whether the

@@ -58,11 +58,17 @@ const IN_MEMORY_MERGE: u64 = 32 * 1024 * 1024;
 
 /// Builds what to upload for one database's staged items (ascending by TXID): the
 /// batches before the first snapshot merged into one file (they continue what the
-/// replica holds, so point-in-time restore keeps them), the newest snapshot, then every
-/// batch after it merged into one file. Anything between two snapshots is superseded by
-/// the newer one; a snapshot marks a possible gap, so nothing is merged across one.
-/// Without `merge`, every batch is its own file.
-fn plan_uploads(staged: &[Staged], merge: bool, tmp_dir: &Path) -> std::io::Result<Vec<Upload>> {
+/// replica holds, so point-in-time restore keeps them; `skip_before`: they cannot be read,
+/// and the snapshot supersedes them), the newest snapshot, then every batch after it
+/// merged into one file. Anything between two snapshots is superseded by the newer one; a
+/// snapshot marks a possible gap, so nothing is merged across one. Without `merge`, every
+/// batch is its own file.
+fn plan_uploads(
+    staged: &[Staged],
+    merge: bool,
+    skip_before: bool,
+    tmp_dir: &Path,
+) -> std::io::Result<Vec<Upload>> {
     let is_snapshot = |s: &Staged| matches!(s, Staged::Snapshot(_));
     let (before, snapshot, after) = match (
         staged.iter().position(is_snapshot),
@@ -72,7 +78,9 @@ fn plan_uploads(staged: &[Staged], merge: bool, tmp_dir: &Path) -> std::io::Resu
         _ => (staged, None, &staged[..0]),
     };
     let mut uploads = Vec::new();
-    push_batches(&mut uploads, before, merge, tmp_dir)?;
+    if !(skip_before && snapshot.is_some()) {
+        push_batches(&mut uploads, before, merge, tmp_dir)?;
+    }
     if let Some(Staged::Snapshot(s)) = snapshot {
         let mut hb = [0u8; HEADER_SIZE];
         File::open(&s.path)?.read_exact_at(&mut hb, 0)?;
@@ -236,6 +244,34 @@ pub struct Uploader {
     uploaded: std::sync::atomic::AtomicU64,
     /// Told what was uploaded (compaction, snapshots, retention).
     maintainer: std::sync::OnceLock<Arc<Maintainer>>,
+    /// Asks capture to restart a database's history from a snapshot (see
+    /// [`Uploader::set_restart`]).
+    restart: std::sync::OnceLock<RestartHistory>,
+    /// Databases whose staged items cannot be uploaded, waiting for a snapshot to supersede
+    /// them (each is reported once).
+    unreadable: Mutex<BTreeSet<PathBuf>>,
+}
+
+/// Asks capture to restart the history of a database (relative path) from a snapshot,
+/// giving the reason; false if the database cannot be captured now.
+pub type RestartHistory = Box<dyn Fn(&Path, &str) -> bool + Send + Sync>;
+
+/// Whether an error reading or encoding staged items is permanent: the items cannot be
+/// uploaded as they are (unreadable, inconsistent), rather than waiting for room or
+/// permission in the staging directory.
+fn cannot_be_uploaded(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    !matches!(
+        e.kind(),
+        StorageFull
+            | QuotaExceeded
+            | ReadOnlyFilesystem
+            | PermissionDenied
+            | OutOfMemory
+            | Interrupted
+            | WouldBlock
+            | TimedOut
+    )
 }
 
 impl Uploader {
@@ -251,12 +287,20 @@ impl Uploader {
             wake: (Mutex::new(false), Condvar::new()),
             uploaded: std::sync::atomic::AtomicU64::new(0),
             maintainer: std::sync::OnceLock::new(),
+            restart: std::sync::OnceLock::new(),
+            unreadable: Mutex::new(BTreeSet::new()),
         })
     }
 
     /// Tells `m` about every upload from now on.
     pub fn set_maintainer(&self, m: Arc<Maintainer>) {
         let _ = self.maintainer.set(m);
+    }
+
+    /// Sets how to ask capture for a snapshot that supersedes staged items that can no
+    /// longer be uploaded.
+    pub fn set_restart(&self, restart: RestartHistory) {
+        let _ = self.restart.set(restart);
     }
 
     /// The replicas uploaded to.
@@ -287,7 +331,7 @@ impl Uploader {
         let Some(last) = staged.last() else {
             return self.upload_deleted_marker(db);
         };
-        let mut uploads = plan_uploads(&staged, merge, &self.staging.db_dir(db)?)?;
+        let mut uploads = self.plan(db, &staged, merge)?;
         let max = last.max_txid();
         // A snapshot's record: capture's state has it while it is still at that TXID.
         let state = self.staging.state(db)?;
@@ -382,6 +426,50 @@ impl Uploader {
             .fetch_add(uploads.len() as u64, Ordering::Relaxed);
         tracing::debug!(db = %db.display(), txid = max, files = uploads.len(), "uploaded");
         self.upload_deleted_marker(db)
+    }
+
+    /// Plans the uploads of `db`'s staged items. Items that cannot be read or do not fit
+    /// together are never retried forever: a snapshot staged after them supersedes them,
+    /// and without one, capture is asked to stage one (the next round uploads it). Each
+    /// such case is logged once.
+    fn plan(&self, db: &Path, staged: &[Staged], merge: bool) -> anyhow::Result<Vec<Upload>> {
+        let dir = self.staging.db_dir(db)?;
+        let e = match plan_uploads(staged, merge, false, &dir) {
+            Ok(u) => {
+                self.unreadable.lock().remove(db);
+                return Ok(u);
+            }
+            Err(e) if cannot_be_uploaded(&e) => e,
+            Err(e) => return Err(e.into()),
+        };
+        let first = self.unreadable.lock().insert(db.to_path_buf());
+        let snapshot = staged.iter().rev().find_map(|s| match s {
+            Staged::Snapshot(s) => Some(s.max_txid),
+            Staged::Batch(_) => None,
+        });
+        if let Some(txid) = snapshot {
+            if let Ok(u) = plan_uploads(staged, merge, true, &dir) {
+                tracing::warn!(db = %db.display(), "staged transactions cannot be uploaded ({e}); the snapshot at TXID {txid} supersedes them");
+                self.unreadable.lock().remove(db);
+                return Ok(u);
+            }
+        }
+        let reason = format!("its staged transactions cannot be uploaded ({e})");
+        let restarted = self.restart.get().is_some_and(|r| r(db, &reason));
+        if !restarted {
+            // Nothing can supersede them: drop them rather than retry forever.
+            let upto = staged.last().map_or(0, |s| s.max_txid());
+            self.staging.drop_staged(db, upto)?;
+            self.unreadable.lock().remove(db);
+            tracing::error!(db = %db.display(), "staged transactions up to TXID {upto} cannot be uploaded ({e}) and the database cannot be captured for a snapshot now; they are dropped, and the replica keeps what it holds");
+            anyhow::bail!("staged transactions were dropped");
+        }
+        if first {
+            tracing::warn!(db = %db.display(), "staged transactions cannot be uploaded ({e}); a new snapshot will supersede them");
+        }
+        anyhow::bail!(
+            "waiting for a snapshot to supersede staged transactions that cannot be uploaded"
+        )
     }
 
     /// Makes `u` (a level-0 upload) the next object of level 0's binary counter: merges
@@ -534,5 +622,86 @@ impl Uploader {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::store::{ReplicaUrl, StoreTuning};
+    use crate::sqlite::{page_hash, ContentChecksum};
+    use crate::staging::{BatchHeader, DbState};
+
+    /// Appends a one-page batch of `page_size` bytes with TXID `txid` to `db`'s segment.
+    fn stage_batch(staging: &Staging, db: &Path, page_size: u32, txid: u64) {
+        let mut seg = staging.open_segment(db).unwrap();
+        let header = BatchHeader {
+            page_size,
+            commit: 1,
+            min_txid: txid,
+            max_txid: txid,
+            timestamp_ms: 1000,
+            page_count: 1,
+            wal: None,
+        };
+        let page = vec![txid as u8; page_size as usize];
+        let mut w = seg.begin(header).unwrap();
+        w.add_page(1, &page, page_hash(1, &page)).unwrap();
+        let mut sum = ContentChecksum::EMPTY;
+        sum.add_page(1, &page);
+        w.finish(sum).unwrap();
+        seg.seal().unwrap();
+    }
+
+    /// Staged batches that can never be uploaded together (their page sizes differ, as a
+    /// capture bug or a damaged staging directory could leave them) are not retried
+    /// forever: capture is asked once for a snapshot, which supersedes them, and the next
+    /// round uploads it.
+    #[test]
+    fn staged_items_that_cannot_be_uploaded_are_superseded_by_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Arc::new(Staging::open(dir.path().join("staging")).unwrap());
+        let db = Path::new("app.db");
+        staging
+            .save_state(
+                db,
+                &DbState {
+                    txid: 2,
+                    page_size: 1024,
+                    commit: 1,
+                    ..DbState::default()
+                },
+            )
+            .unwrap();
+        stage_batch(&staging, db, 512, 1);
+        stage_batch(&staging, db, 1024, 2);
+        let url = format!("file://{}", dir.path().join("replica").display());
+        let store =
+            ReplicaStore::open_with(&ReplicaUrl::parse(&url).unwrap(), &StoreTuning::default())
+                .unwrap();
+        let uploader = Uploader::new(staging.clone(), vec![store]).unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        {
+            let (staging, asked) = (staging.clone(), asked.clone());
+            uploader.set_restart(Box::new(move |db, reason| {
+                assert!(reason.contains("page size"), "{reason}");
+                asked.fetch_add(1, Ordering::Relaxed);
+                let page = vec![9u8; 1024];
+                staging
+                    .stage_snapshot(db, [Ok::<_, std::io::Error>((1, &page))], 1024, 1, 3, 2000)
+                    .unwrap();
+                true
+            }));
+        }
+        let dbs: BTreeSet<PathBuf> = [db.to_path_buf()].into();
+        assert_eq!(uploader.upload_round(&dbs, true), dbs, "first round waits");
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+        assert!(uploader.upload_round(&dbs, true).is_empty(), "the snapshot goes up");
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "asked once");
+        assert!(staging.pending(db).unwrap().is_empty(), "nothing left to retry");
+        let snapshot = dir
+            .path()
+            .join("replica/app.db/ltx/9/0000000000000001-0000000000000003.ltx");
+        assert!(snapshot.is_file(), "{} is missing", snapshot.display());
     }
 }

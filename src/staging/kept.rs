@@ -21,7 +21,7 @@ use crate::replica::compact::ObjId;
 use crate::replica::ltx::{ltx_object_name, parse_ltx_object_name, LtxHeader, HEADER_SIZE};
 use crate::replica::record::ChecksumRecord;
 
-use super::{list_dir, sync_dir, Staging};
+use super::{list_dir, sync_dir, Staging, StagingResult};
 
 /// Name of the directory of local copies inside a database's staging directory.
 pub const KEPT_DIR: &str = "replica";
@@ -54,7 +54,7 @@ fn record_path(ltx: &Path) -> PathBuf {
 
 impl Staging {
     /// The directory of `db`'s local copies at `level`.
-    pub fn kept_dir(&self, db: &Path, level: u8) -> io::Result<PathBuf> {
+    pub fn kept_dir(&self, db: &Path, level: u8) -> StagingResult<PathBuf> {
         Ok(self.db_dir(db)?.join(KEPT_DIR).join(level.to_string()))
     }
 
@@ -66,7 +66,7 @@ impl Staging {
         (min_txid, max_txid): (u64, u64),
         source: KeepSource<'_>,
         record: Option<ChecksumRecord>,
-    ) -> io::Result<Kept> {
+    ) -> StagingResult<Kept> {
         let dir = self.kept_dir(db, level)?;
         fs::create_dir_all(&dir)?;
         let path = dir.join(ltx_object_name(min_txid, max_txid));
@@ -98,7 +98,11 @@ impl Staging {
     }
 
     /// Writes (or removes, for `None`) the record beside a kept LTX file.
-    pub fn set_kept_record(&self, ltx: &Path, record: Option<&ChecksumRecord>) -> io::Result<()> {
+    pub fn set_kept_record(
+        &self,
+        ltx: &Path,
+        record: Option<&ChecksumRecord>,
+    ) -> StagingResult<()> {
         let rp = record_path(ltx);
         match record {
             Some(r) => {
@@ -106,10 +110,10 @@ impl Staging {
                 let mut f = File::create(&tmp)?;
                 f.write_all(r.encode().as_bytes())?;
                 f.sync_all()?;
-                fs::rename(&tmp, &rp)
+                Ok(fs::rename(&tmp, &rp)?)
             }
             None => match fs::remove_file(&rp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
                 _ => Ok(()),
             },
         }
@@ -129,7 +133,7 @@ impl Staging {
     /// Every local copy of `db`, by level then TXIDs. Stray temporary files (an
     /// interrupted merge or keep) are removed; a copy whose header cannot be read is
     /// removed too (the replica still holds the object).
-    pub fn kept(&self, db: &Path) -> io::Result<Vec<Kept>> {
+    pub fn kept(&self, db: &Path) -> StagingResult<Vec<Kept>> {
         let mut out = Vec::new();
         for (level, dir) in self.level_dirs(db)? {
             for f in list_dir(&dir)? {
@@ -173,7 +177,7 @@ impl Staging {
     /// reading them
     /// and without the clean-up of [`Staging::kept`], so that it is safe to call while the
     /// maintenance loop writes or drops copies (a copy may be gone by the time it is read).
-    pub fn kept_names(&self, db: &Path) -> io::Result<Vec<(ObjId, PathBuf)>> {
+    pub fn kept_names(&self, db: &Path) -> StagingResult<Vec<(ObjId, PathBuf)>> {
         let mut out = Vec::new();
         for (level, dir) in self.level_dirs(db)? {
             for f in list_dir(&dir)? {
@@ -187,10 +191,10 @@ impl Staging {
     }
 
     /// Deletes a local copy and its record.
-    pub fn drop_kept(&self, ltx: &Path) -> io::Result<()> {
+    pub fn drop_kept(&self, ltx: &Path) -> StagingResult<()> {
         for p in [ltx.to_path_buf(), record_path(ltx)] {
             match fs::remove_file(&p) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
             }
         }
@@ -198,7 +202,7 @@ impl Staging {
     }
 
     /// Bytes of every local copy of every database (for tests and metrics).
-    pub fn kept_bytes(&self, db: &Path) -> io::Result<u64> {
+    pub fn kept_bytes(&self, db: &Path) -> StagingResult<u64> {
         Ok(self
             .kept(db)?
             .iter()

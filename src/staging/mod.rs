@@ -40,11 +40,13 @@
 //! WAL position only, with page size 0, so that it matches no database and the capture
 //! heals with a fresh snapshot that continues the same history.
 
+mod error;
 mod held;
 pub mod kept;
 pub mod merge;
 pub mod segment;
 
+pub use error::{StagingError, StagingResult};
 pub use held::HeldBatch;
 pub use kept::{KeepSource, Kept};
 pub use merge::PageMerge;
@@ -204,10 +206,10 @@ pub struct LtxWriter {
 
 impl LtxWriter {
     /// Adds one page (pages ascend; a snapshot holds every page but the lock page).
-    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+    pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> StagingResult<()> {
         match &mut self.encoder {
-            Some(e) => e.add_page(pgno, data).map_err(ltx_err),
-            None => Err(io::Error::other("LTX writer already finished")),
+            Some(e) => e.add_page(pgno, data).map_err(|e| ltx_err(e).into()),
+            None => Err(io::Error::other("LTX writer already finished").into()),
         }
     }
 
@@ -218,7 +220,7 @@ impl LtxWriter {
 
     /// Finishes the file (with the post-apply LTX checksum of the pages written, if the
     /// header tracks checksums), fsyncs it, renames it into place and fsyncs the directory.
-    pub fn commit(mut self) -> io::Result<StagedLtx> {
+    pub fn commit(mut self) -> StagingResult<StagedLtx> {
         let mut enc = self
             .encoder
             .take()
@@ -252,7 +254,7 @@ impl Drop for LtxWriter {
 
 impl Staging {
     /// Opens (creating if needed) the staging area at `dir`.
-    pub fn open(dir: impl AsRef<Path>) -> io::Result<Staging> {
+    pub fn open(dir: impl AsRef<Path>) -> StagingResult<Staging> {
         let root = dir.as_ref().to_path_buf();
         fs::create_dir_all(&root)?;
         Ok(Staging {
@@ -274,13 +276,14 @@ impl Staging {
     }
 
     /// The staging directory of database `db` (a relative path without `..`).
-    pub fn db_dir(&self, db: &Path) -> io::Result<PathBuf> {
+    pub fn db_dir(&self, db: &Path) -> StagingResult<PathBuf> {
         if db.as_os_str().is_empty() || !db.components().all(|c| matches!(c, Component::Normal(_)))
         {
             return Err(invalid(format!(
                 "database key {} is not a plain relative path",
                 db.display()
-            )));
+            ))
+            .into());
         }
         Ok(self.root.join(db))
     }
@@ -295,7 +298,7 @@ impl Staging {
 
     /// Starts writing a staged snapshot with `header` (checksums are stripped unless
     /// enabled). The file appears only on [`LtxWriter::commit`].
-    pub fn begin_snapshot(&self, db: &Path, mut header: LtxHeader) -> io::Result<LtxWriter> {
+    pub fn begin_snapshot(&self, db: &Path, mut header: LtxHeader) -> StagingResult<LtxWriter> {
         if !self.checksums.load(Ordering::Relaxed) {
             header = header.without_checksums();
         }
@@ -312,7 +315,7 @@ impl Staging {
             Ok(e) => e,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                return Err(ltx_err(e));
+                return Err(ltx_err(e).into());
             }
         };
         Ok(LtxWriter {
@@ -333,7 +336,7 @@ impl Staging {
         commit: u32,
         txid: u64,
         timestamp_ms: i64,
-    ) -> io::Result<(StagedLtx, ContentChecksum)>
+    ) -> StagingResult<(StagedLtx, ContentChecksum)>
     where
         I: IntoIterator<Item = io::Result<(u32, B)>>,
         B: AsRef<[u8]>,
@@ -350,7 +353,7 @@ impl Staging {
     }
 
     /// Opens the active segment of `db` for appending (call [`Staging::recover`] first).
-    pub fn open_segment(&self, db: &Path) -> io::Result<SegmentWriter> {
+    pub fn open_segment(&self, db: &Path) -> StagingResult<SegmentWriter> {
         let dir = self.segment_dir(db)?;
         fs::create_dir_all(&dir)?;
         SegmentWriter::open(&dir.join(ACTIVE_SEGMENT))
@@ -359,7 +362,7 @@ impl Staging {
     /// After a restart: forgets everything staged beyond `txid` (the last durable state),
     /// which the capture reads again, and stray temporary files. Returns how many batches
     /// and snapshots were dropped.
-    pub fn recover(&self, db: &Path, txid: u64) -> io::Result<usize> {
+    pub fn recover(&self, db: &Path, txid: u64) -> StagingResult<usize> {
         let mut dropped = 0;
         // Temporary files of an upload that was interrupted.
         for entry in list_dir(&self.db_dir(db)?)? {
@@ -423,7 +426,7 @@ impl Staging {
     }
 
     /// The newest staged batch of `db` (sealed or not), if any.
-    pub fn last_batch(&self, db: &Path) -> io::Result<Option<Batch>> {
+    pub fn last_batch(&self, db: &Path) -> StagingResult<Option<Batch>> {
         let mut last: Option<Batch> = None;
         for entry in list_dir(&self.segment_dir(db)?)? {
             let (records, _) = segment::read_segment(&entry.path())?;
@@ -439,9 +442,22 @@ impl Staging {
         Ok(last)
     }
 
+    /// The newest TXID staged for `db` (in its state, its segments or its snapshots), if
+    /// any.
+    pub fn last_staged_txid(&self, db: &Path) -> StagingResult<Option<u64>> {
+        let mut last = self.state(db)?.map(|s| s.txid.max(s.uploaded_txid));
+        if let Some(b) = self.last_batch(db)? {
+            last = last.max(Some(b.header.max_txid));
+        }
+        for s in self.pending(db)? {
+            last = last.max(Some(s.max_txid()));
+        }
+        Ok(last.filter(|&t| t > 0))
+    }
+
     /// Sealed batches and snapshots not yet uploaded, by ascending maximum TXID (a
     /// snapshot before a batch that ends at the same TXID).
-    pub fn pending(&self, db: &Path) -> io::Result<Vec<Staged>> {
+    pub fn pending(&self, db: &Path) -> StagingResult<Vec<Staged>> {
         let mut out = Vec::new();
         for entry in list_dir(&self.snapshot_dir(db)?)? {
             let name = entry.file_name();
@@ -472,7 +488,21 @@ impl Staging {
 
     /// The replica holds everything up to `upto_txid`: deletes the sealed segments and
     /// snapshots it covers and records it in the state. Returns how many files went.
-    pub fn mark_uploaded(&self, db: &Path, upto_txid: u64) -> io::Result<usize> {
+    pub fn mark_uploaded(&self, db: &Path, upto_txid: u64) -> StagingResult<usize> {
+        let n = self.drop_staged(db, upto_txid)?;
+        let _guard = self.state_lock.lock();
+        if let Some(mut st) = self.state(db)? {
+            if upto_txid > st.uploaded_txid {
+                st.uploaded_txid = upto_txid;
+                self.write_state(db, &st)?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes the sealed segments and snapshots that end at or before `upto_txid`.
+    /// Returns how many files went.
+    pub fn drop_staged(&self, db: &Path, upto_txid: u64) -> StagingResult<usize> {
         let mut n = 0;
         for dir in [self.snapshot_dir(db)?, self.segment_dir(db)?] {
             let mut removed = false;
@@ -491,18 +521,11 @@ impl Staging {
                 sync_dir(&dir)?;
             }
         }
-        let _guard = self.state_lock.lock();
-        if let Some(mut st) = self.state(db)? {
-            if upto_txid > st.uploaded_txid {
-                st.uploaded_txid = upto_txid;
-                self.write_state(db, &st)?;
-            }
-        }
         Ok(n)
     }
 
     /// Every database with a saved state, as relative paths.
-    pub fn databases(&self) -> io::Result<Vec<PathBuf>> {
+    pub fn databases(&self) -> StagingResult<Vec<PathBuf>> {
         let mut out = Vec::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
@@ -528,7 +551,7 @@ impl Staging {
     /// a small file `<db>/deleted` that the uploader turns into the replica's
     /// `<db>/walfs/deleted` marker once everything up to `txid` is uploaded. Returns the
     /// marker's content, one line: `txid=<%016x> deleted_at=<RFC3339 UTC>`.
-    pub fn mark_deleted(&self, db: &Path, txid: u64) -> io::Result<String> {
+    pub fn mark_deleted(&self, db: &Path, txid: u64) -> StagingResult<String> {
         let dir = self.db_dir(db)?;
         fs::create_dir_all(&dir)?;
         let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
@@ -538,17 +561,17 @@ impl Staging {
     }
 
     /// The staged deletion marker of `db` (see [`Staging::mark_deleted`]), if any.
-    pub fn deleted_marker(&self, db: &Path) -> io::Result<Option<String>> {
+    pub fn deleted_marker(&self, db: &Path) -> StagingResult<Option<String>> {
         match fs::read_to_string(self.db_dir(db)?.join(DELETED_FILE)) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Removes the staged deletion marker of `db` (the database is back, or the marker was
     /// uploaded). With `only`, removes it only if it still holds that content.
-    pub fn clear_deleted(&self, db: &Path, only: Option<&str>) -> io::Result<()> {
+    pub fn clear_deleted(&self, db: &Path, only: Option<&str>) -> StagingResult<()> {
         let path = self.db_dir(db)?.join(DELETED_FILE);
         if let Some(want) = only {
             if self.deleted_marker(db)?.as_deref() != Some(want) {
@@ -558,12 +581,12 @@ impl Staging {
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// The saved state of `db`, or `None` if it was never saved.
-    pub fn state(&self, db: &Path) -> io::Result<Option<DbState>> {
+    pub fn state(&self, db: &Path) -> StagingResult<Option<DbState>> {
         let path = self.db_dir(db)?.join(STATE_FILE);
         match fs::read_to_string(&path) {
             Ok(text) => parse_state(&text).map(Some).map_err(|m| {
@@ -571,21 +594,22 @@ impl Staging {
                     io::ErrorKind::InvalidData,
                     format!("corrupt staging state {}: {m}", path.display()),
                 )
+                .into()
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Saves the state of `db` atomically and durably. The uploaded TXID never goes
     /// backwards: a concurrent [`Staging::mark_uploaded`] may have advanced it.
-    pub fn save_state(&self, db: &Path, state: &DbState) -> io::Result<()> {
+    pub fn save_state(&self, db: &Path, state: &DbState) -> StagingResult<()> {
         let _guard = self.state_lock.lock();
         let mut state = *state;
         if let Ok(Some(saved)) = self.state(db) {
             state.uploaded_txid = state.uploaded_txid.max(saved.uploaded_txid);
         }
-        self.write_state(db, &state)
+        Ok(self.write_state(db, &state)?)
     }
 
     fn write_state(&self, db: &Path, state: &DbState) -> io::Result<()> {
@@ -608,7 +632,7 @@ pub struct SavedSums {
 
 impl Staging {
     /// Saves `sums` for `db` (durably), replacing any saved before.
-    pub fn save_sums(&self, db: &Path, saved: &SavedSums) -> io::Result<()> {
+    pub fn save_sums(&self, db: &Path, saved: &SavedSums) -> StagingResult<()> {
         let dir = self.db_dir(db)?;
         fs::create_dir_all(&dir)?;
         let mut b = Vec::with_capacity(32 + saved.files.len() + 16 * saved.sums.len());
@@ -622,19 +646,19 @@ impl Staging {
         }
         let crc = crate::replica::ltx::crc64(&b);
         b.extend_from_slice(&crc.to_be_bytes());
-        write_atomic(&dir.join(SUMS_FILE), &b)
+        Ok(write_atomic(&dir.join(SUMS_FILE), &b)?)
     }
 
     /// Takes the saved sums of `db`: reads them and deletes the file (durably) before
     /// returning, so that they are used by one start at most. A damaged file counts as
     /// none.
-    pub fn take_sums(&self, db: &Path) -> io::Result<Option<SavedSums>> {
+    pub fn take_sums(&self, db: &Path) -> StagingResult<Option<SavedSums>> {
         let dir = self.db_dir(db)?;
         let path = dir.join(SUMS_FILE);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         fs::remove_file(&path)?;
         sync_dir(&dir)?;

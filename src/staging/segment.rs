@@ -58,6 +58,7 @@ use std::sync::OnceLock;
 
 use std::collections::BTreeSet;
 
+use super::error::StagingResult;
 use super::held::{Held, HeldBatch};
 use crate::replica::ltx::Crc64;
 use crate::sqlite::{page_hash, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
@@ -212,7 +213,7 @@ impl Batch {
     }
 
     /// Reads the record's pages in order.
-    pub fn read_pages(&self, mut f: impl FnMut(u32, &[u8]) -> io::Result<()>) -> io::Result<()> {
+    pub fn read_pages(&self, mut f: impl FnMut(u32, &[u8]) -> io::Result<()>) -> StagingResult<()> {
         self.has_pages()?;
         let mut file = File::open(&self.path)?;
         io::Seek::seek(
@@ -230,7 +231,7 @@ impl Batch {
     }
 
     /// The page numbers in the record with the file offset of each page's data.
-    pub fn page_offsets(&self) -> io::Result<Vec<(u32, u64)>> {
+    pub fn page_offsets(&self) -> StagingResult<Vec<(u32, u64)>> {
         self.has_pages()?;
         let file = File::open(&self.path)?;
         let stride = 4 + u64::from(self.header.page_size);
@@ -247,7 +248,7 @@ impl Batch {
 
 /// Reads the valid records at the start of a segment file: stops at the first record that
 /// is incomplete or fails its CRC. Returns them and the length of that valid prefix.
-pub fn read_segment(path: &Path) -> io::Result<(Vec<Batch>, u64)> {
+pub fn read_segment(path: &Path) -> StagingResult<(Vec<Batch>, u64)> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut r = BufReader::with_capacity(256 * 1024, file);
@@ -318,7 +319,7 @@ fn content_checksum_at(trailer: &[u8; TRAILER_SIZE]) -> ContentChecksum {
 /// uploader's view: it reads each page it needs once, when it encodes). Page data is
 /// verified against the record CRC by [`read_segment`], when a segment is recovered after a
 /// restart; a page damaged in between is caught by restore's content checksum.
-pub fn list_records(path: &Path) -> io::Result<Vec<Batch>> {
+pub fn list_records(path: &Path) -> StagingResult<Vec<Batch>> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut out = Vec::new();
@@ -457,7 +458,7 @@ fn trailing_run(records: &[Batch]) -> io::Result<Option<ListedRun>> {
 impl SegmentWriter {
     /// Opens (creating) the active segment at `path`, keeping its valid records and
     /// cutting off anything after them (a record torn by a crash).
-    pub fn open(path: &Path) -> io::Result<SegmentWriter> {
+    pub fn open(path: &Path) -> StagingResult<SegmentWriter> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -498,7 +499,7 @@ impl SegmentWriter {
     /// Starts appending a record with its pages; it is written only by
     /// [`RecordWriter::finish`]. Held pages are written first (as their own record), so
     /// that records stay in TXID order.
-    pub fn begin(&mut self, header: BatchHeader) -> io::Result<RecordWriter<'_>> {
+    pub fn begin(&mut self, header: BatchHeader) -> StagingResult<RecordWriter<'_>> {
         self.write_held()?;
         Ok(self.record_writer(header, false))
     }
@@ -507,7 +508,7 @@ impl SegmentWriter {
     /// of the batches before it, and recorded as a page list (see the module header). A
     /// batch too large to hold, or one that does not continue the held ones, is written
     /// with its pages as [`begin`](Self::begin) does.
-    pub fn begin_held(&mut self, header: BatchHeader) -> io::Result<RecordWriter<'_>> {
+    pub fn begin_held(&mut self, header: BatchHeader) -> StagingResult<RecordWriter<'_>> {
         let bytes = u64::from(header.page_count) * u64::from(header.page_size);
         if let Some(h) = &self.held {
             if !h.continues_with(&header) || !h.can_take(bytes) {
@@ -554,7 +555,7 @@ impl SegmentWriter {
 
     /// Writes the held pages as one record with their data (the TXIDs of every held batch),
     /// not yet durable. On failure they stay held.
-    pub fn write_held(&mut self) -> io::Result<()> {
+    pub fn write_held(&mut self) -> StagingResult<()> {
         let Some(held) = self.held.take() else {
             return Ok(());
         };
@@ -586,15 +587,13 @@ impl SegmentWriter {
     /// Holds the pages of the [listed run](Self::listed_run), read back from the database's
     /// files at its last WAL position: `pages` has the content and [`page_hash`] of every
     /// page it lists.
-    pub fn adopt_listed(&mut self, pages: &HeldBatch) -> io::Result<()> {
+    pub fn adopt_listed(&mut self, pages: &HeldBatch) -> StagingResult<()> {
         let Some(run) = self.listed.take() else {
-            return Err(io::Error::other("no listed pages to adopt"));
+            return Err(io::Error::other("no listed pages to adopt").into());
         };
         if self.held.is_some() || !pages.pgnos().eq(run.pages.iter().copied()) {
             self.listed = Some(run);
-            return Err(io::Error::other(
-                "the pages read back are not the listed ones",
-            ));
+            return Err(io::Error::other("the pages read back are not the listed ones").into());
         }
         self.held = Some(Held::adopt(
             run.min_txid,
@@ -607,7 +606,7 @@ impl SegmentWriter {
 
     /// Drops the [listed run](Self::listed_run) from the segment: its pages cannot be read
     /// back (the files moved past its state), and the capture heals with a snapshot.
-    pub fn abandon_listed(&mut self) -> io::Result<()> {
+    pub fn abandon_listed(&mut self) -> StagingResult<()> {
         let Some(run) = self.listed.take() else {
             return Ok(());
         };
@@ -627,7 +626,7 @@ impl SegmentWriter {
     /// Starts making every record written so far durable (fdatasync) on the sync thread, so
     /// that it overlaps with whatever the caller does next; [`sync`](Self::sync) waits for it.
     /// Nothing is started while an earlier one is still running (`sync` covers the rest).
-    pub fn start_sync(&mut self) -> io::Result<()> {
+    pub fn start_sync(&mut self) -> StagingResult<()> {
         if !self.unsynced || self.in_flight.is_some() {
             return Ok(());
         }
@@ -658,7 +657,7 @@ impl SegmentWriter {
 
     /// Makes every record durable (fdatasync). Held pages stay held: their page lists are
     /// what must be durable.
-    pub fn sync(&mut self) -> io::Result<()> {
+    pub fn sync(&mut self) -> StagingResult<()> {
         self.wait_in_flight()?;
         if self.unsynced {
             self.file.sync_data()?;
@@ -670,7 +669,7 @@ impl SegmentWriter {
     /// Writes the held pages, seals the segment into `dir` as `<min>-<max>.seg` (fsynced,
     /// renamed, the directory fsynced) and starts an empty one. Returns the sealed file, if
     /// it held anything.
-    pub fn seal(&mut self) -> io::Result<Option<PathBuf>> {
+    pub fn seal(&mut self) -> StagingResult<Option<PathBuf>> {
         self.write_held()?;
         let Some((min, max)) = self.txids else {
             return Ok(None);
@@ -724,11 +723,12 @@ impl RecordWriter<'_> {
 
     /// Adds the next page (ascending page numbers, exactly `page_count` of them), with its
     /// [`page_hash`].
-    pub fn add_page(&mut self, pgno: u32, data: &[u8], hash: PageHash) -> io::Result<()> {
+    pub fn add_page(&mut self, pgno: u32, data: &[u8], hash: PageHash) -> StagingResult<()> {
         if data.len() != self.header.page_size as usize || self.pages >= self.header.page_count {
             return Err(io::Error::other(format!(
                 "segment record: page {pgno} does not fit its header"
-            )));
+            ))
+            .into());
         }
         debug_assert_eq!(hash, page_hash(pgno, data));
         self.pages += 1;
@@ -749,12 +749,13 @@ impl RecordWriter<'_> {
 
     /// Writes the trailer; the record is then part of the segment (not yet durable). A held
     /// batch writes its page list, and its pages join the held ones.
-    pub fn finish(mut self, post_checksum: ContentChecksum) -> io::Result<()> {
+    pub fn finish(mut self, post_checksum: ContentChecksum) -> StagingResult<()> {
         if self.pages != self.header.page_count {
             return Err(io::Error::other(format!(
                 "segment record: {} pages written, {} announced",
                 self.pages, self.header.page_count
-            )));
+            ))
+            .into());
         }
         if let Some(held) = &self.held {
             let hb = self.header.encode(RecordKind::PageList);

@@ -607,3 +607,52 @@ pub const S3_ENV: &[(&str, &str)] = &[
     ("AWS_ACCESS_KEY_ID", "testing"),
     ("AWS_SECRET_ACCESS_KEY", "testing"),
 ];
+
+/// What SQLite itself reads from the database at `db` (a path in a backing directory):
+/// the database file with its `-wal` applied or its hot `-journal` rolled back, as one
+/// file in `out_dir` (copies are opened, so the originals are left alone). `None` if the
+/// files hold no database with any page (absent, empty, or not SQLite).
+pub fn sqlite_view(db: &Path, out_dir: &Path) -> Option<PathBuf> {
+    let name = db.file_name().unwrap().to_string_lossy().into_owned();
+    let out = out_dir.join(&name);
+    std::fs::create_dir_all(out_dir).unwrap();
+    for suffix in ["", "-wal", "-journal", "-shm"] {
+        let _ = std::fs::remove_file(out_dir.join(format!("{name}{suffix}")));
+    }
+    let len = std::fs::metadata(db).ok()?.len();
+    if len == 0 {
+        return None;
+    }
+    std::fs::copy(db, &out).unwrap();
+    for suffix in ["-wal", "-journal"] {
+        let mut side = db.as_os_str().to_owned();
+        side.push(suffix);
+        if std::path::Path::new(&side).exists() {
+            std::fs::copy(&side, out_dir.join(format!("{name}{suffix}"))).unwrap();
+        }
+    }
+    {
+        let c = rusqlite::Connection::open(&out).ok()?;
+        // The first read rolls a hot journal back (or recovers the WAL); the checkpoint
+        // moves every committed WAL frame into the file.
+        c.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .ok()?;
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .ok()?;
+    }
+    let h = std::fs::read(&out).ok()?;
+    (h.len() >= 100 && &h[..16] == b"SQLite format 3\0").then_some(out)
+}
+
+/// The TXID a `walfs restore` log reports ("restored X at TXID N ...").
+pub fn restored_txid(log: &str) -> u64 {
+    let at = log.find(" at TXID ").expect("restore log names the TXID") + 9;
+    log[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
