@@ -94,6 +94,9 @@ impl Replication {
                 dir.display()
             )
         })?);
+        staging
+            .remove_temporaries()
+            .context("cannot clean the staging directory")?;
         let capture = Arc::new(Capture::new(backing, staging.clone()));
         // With a sync interval of 0 every batch is uploaded alone: nothing to merge.
         capture.set_hold_pages(!opts.sync_interval.is_zero());
@@ -211,6 +214,7 @@ impl Replication {
         tracing::info!(
             staged = stats.staged.load(Ordering::Relaxed),
             heals = stats.heals.load(Ordering::Relaxed),
+            waits = stats.waits.load(Ordering::Relaxed),
             failures = stats.failures.load(Ordering::Relaxed),
             quick_resumes = stats.quick_resumes.load(Ordering::Relaxed),
             "capture stopped"

@@ -160,7 +160,24 @@ impl DatabaseCapture {
         events: &mut Vec<CaptureEvent>,
     ) -> CaptureResult<()> {
         let Some(st) = saved else {
-            return self.snapshot_inner(at_barrier, events);
+            // The first snapshot: if the files do not read consistently yet, the capture
+            // waits for them (without trying again at once, as `settle` would).
+            let e = match self.snapshot_inner(at_barrier, events) {
+                Err(e @ (CaptureError::CannotFollow(_) | CaptureError::NoDatabase)) => e,
+                other => return other,
+            };
+            let warned = matches!(e, CaptureError::CannotFollow(_));
+            if warned {
+                events.push(CaptureEvent::Waiting {
+                    reason: e.to_string(),
+                });
+            }
+            self.restart = Some(Restart {
+                reason: e.to_string(),
+                warned,
+                tried: Some(Instant::now()),
+            });
+            return Ok(());
         };
         self.state = st;
         // What the state file holds, which may be behind `st` (then the next save must
@@ -217,7 +234,7 @@ impl DatabaseCapture {
         match done {
             Ok(()) => Ok(()),
             Err(CaptureError::Staging(e)) => Err(e),
-            Err(CaptureError::CannotFollow(reason)) => self.begin_restart(reason, barrier, events),
+            Err(e) => self.begin_restart(e.to_string(), barrier, events),
         }
     }
 
@@ -296,13 +313,17 @@ impl DatabaseCapture {
                 Ok(true)
             }
             Err(CaptureError::Staging(e)) => Err(e),
+            // Not replicated until it is a database again; a close ends the capture.
+            Err(CaptureError::NoDatabase) => Ok(false),
             Err(CaptureError::CannotFollow(why)) => {
                 let r = self.restart.as_mut().expect("a restart was pending");
                 if !r.warned {
                     r.warned = true;
-                    events.push(CaptureEvent::Waiting {
-                        reason: format!("{} ({why})", r.reason),
-                    });
+                    let reason = match why == r.reason {
+                        true => why,
+                        false => format!("{}; the files do not read consistently: {why}", r.reason),
+                    };
+                    events.push(CaptureEvent::Waiting { reason });
                 }
                 Ok(false)
             }
@@ -676,9 +697,7 @@ impl DatabaseCapture {
         let mut sink = ImageSink::new(Some((self.staging.clone(), self.rel.clone(), txid, None)));
         let got = self.read_image(barrier, None, &mut sink)?;
         let Some((tracker, page_size, size)) = got else {
-            return Err(CaptureError::CannotFollow(
-                "the file is not an SQLite database".into(),
-            ));
+            return Err(CaptureError::NoDatabase);
         };
         let ImageSink {
             writer, sums, sum, ..
@@ -699,7 +718,12 @@ impl DatabaseCapture {
         self.tracker = tracker;
         self.sums = sums;
         self.pending = None;
-        self.state.page_size = page_size;
+        // An empty image stages nothing, so the history keeps its page size: the next
+        // batch of another page size is then a snapshot, never a batch the replica could
+        // not apply after the ones before.
+        if size > 0 || self.state.txid == 0 {
+            self.state.page_size = page_size;
+        }
         self.state.commit = size;
         self.state.checksum = sum;
         self.state.wal = self.tracker.position();
@@ -713,7 +737,8 @@ impl DatabaseCapture {
     /// so that the next start need not read the whole database to rebuild them.
     pub fn close(&mut self) -> StagingResult<()> {
         self.seal()?;
-        if self.pending.is_none() && self.unchanged_since_capture() {
+        // Checksums of a history that waits to restart describe no state of the files.
+        if self.pending.is_none() && self.restart.is_none() && self.unchanged_since_capture() {
             if let Some(files) = self.files_description() {
                 let saved = SavedSums {
                     txid: self.state.txid,
@@ -830,8 +855,8 @@ impl DatabaseCapture {
             // A candidate that does not read as a database is not where the state lies.
             let got = match self.read_image(false, upto, &mut sink) {
                 Ok(got) => got,
-                Err(CaptureError::CannotFollow(_)) => None,
-                Err(e) => return Err(e),
+                Err(CaptureError::Staging(e)) => return Err(e.into()),
+                Err(_) => None,
             };
             let ImageSink {
                 sums, sum, kept, ..

@@ -91,6 +91,10 @@ pub enum CaptureError {
     /// that may have been missed), or could not be read. Never seen by the application:
     /// the database's history restarts from a snapshot at the next consistent point.
     CannotFollow(String),
+    /// The files hold no SQLite database at the moment (empty, or not SQLite), where a
+    /// snapshot was needed: like [`CaptureError::CannotFollow`], but not worth a warning,
+    /// since such a file is simply not replicated until it becomes a database again.
+    NoDatabase,
 }
 
 /// The result of a capture step.
@@ -123,6 +127,7 @@ impl std::fmt::Display for CaptureError {
         match self {
             CaptureError::Staging(e) => e.fmt(f),
             CaptureError::CannotFollow(reason) => f.write_str(reason),
+            CaptureError::NoDatabase => f.write_str("the file holds no SQLite database now"),
         }
     }
 }
@@ -131,7 +136,7 @@ impl std::error::Error for CaptureError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             CaptureError::Staging(e) => Some(e),
-            CaptureError::CannotFollow(_) => None,
+            CaptureError::CannotFollow(_) | CaptureError::NoDatabase => None,
         }
     }
 }

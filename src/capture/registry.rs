@@ -51,6 +51,9 @@ pub struct Capture {
     /// Databases whose history waits to restart from a snapshot (see
     /// [`Capture::retry_restarts`]).
     pub(super) restarting: Mutex<BTreeSet<PathBuf>>,
+    /// When [`Capture::retry_restarts`] last logged a staging failure (at most once a
+    /// minute: it retries every round).
+    pub(super) retry_logged: Mutex<Option<Instant>>,
     /// Databases whose file went away (deleted, renamed over, no longer SQLite): when one
     /// is captured again, a changed content is a replacement, not a gap.
     pub(super) forgotten: Mutex<BTreeSet<PathBuf>>,
@@ -85,6 +88,7 @@ impl Capture {
             dirty: Mutex::new(BTreeSet::new()),
             notify: Mutex::new(None),
             restarting: Mutex::new(BTreeSet::new()),
+            retry_logged: Mutex::new(None),
             forgotten: Mutex::new(BTreeSet::new()),
             generation: AtomicU64::new(0),
             stats: CaptureStats::default(),
@@ -272,7 +276,11 @@ impl Capture {
                 continue;
             }
             if let Err(e) = self.with_db(&db, false, false, false, |_| Ok(Vec::new())) {
-                tracing::warn!(db = %db.display(), "cannot stage the snapshot that restarts the history: {e}");
+                let mut logged = self.retry_logged.lock();
+                if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    *logged = Some(Instant::now());
+                    tracing::warn!(db = %db.display(), "cannot stage the snapshot that restarts the history (retrying; said at most once a minute): {e}");
+                }
             }
         }
     }
@@ -326,15 +334,30 @@ impl Capture {
 
     /// The databases captured now.
     pub fn databases(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self
+        // The slots are looked at after the registry's lock is released: a slot is held
+        // for a whole capture step, and the registry must not wait for one.
+        let slots: Vec<(PathBuf, Slot)> = self
             .dbs
             .lock()
             .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        let mut v: Vec<PathBuf> = slots
+            .into_iter()
             .filter(|(_, s)| s.lock().is_some())
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k)
             .collect();
         v.sort();
         v
+    }
+
+    /// Whether `slot` is still the registry's slot of `db` (it is removed when the
+    /// database goes; a step that waited for it must then look again).
+    fn is_current(&self, db: &Path, slot: &Slot) -> bool {
+        self.dbs
+            .lock()
+            .get(db)
+            .is_some_and(|s| Arc::ptr_eq(s, slot))
     }
 
     /// Whether `db` (relative) is being captured.
@@ -373,76 +396,89 @@ impl Capture {
         if !register && !self.is_captured(&db) {
             return Ok(Vec::new());
         }
-        let Some(slot) = self.slot(&db, false).or_else(|| {
-            let is_db = File::open(self.root.join(&db))
-                .ok()
-                .and_then(|f| read_db_header(&f).ok().flatten())
-                .is_some();
-            if is_db {
-                self.slot(&db, true)
-            } else {
-                None
-            }
-        }) else {
-            return Ok(Vec::new());
-        };
-        let mut guard = slot.lock();
-        let mut events = Vec::new();
-        let res = (|| {
-            if guard.is_none() {
-                let replaced = self.forgotten.lock().remove(&db);
-                let (c, ev) = DatabaseCapture::open(
-                    self.staging.clone(),
-                    &db,
-                    &self.root.join(&db),
-                    barrier,
-                    replaced,
-                    self.hold_pages.load(Ordering::Relaxed),
-                )?;
-                events.extend(ev);
-                if c.resumed_without_reading {
-                    self.stats.quick_resumes.fetch_add(1, Ordering::Relaxed);
+        // Two captures of one database must never exist: a slot that was removed while this
+        // step waited for it (the database was deleted, and maybe registered again) is
+        // looked up again.
+        let mut f = Some(f);
+        loop {
+            let Some(slot) = self.slot(&db, false).or_else(|| {
+                let is_db = File::open(self.root.join(&db))
+                    .ok()
+                    .and_then(|f| read_db_header(&f).ok().flatten())
+                    .is_some();
+                if is_db {
+                    self.slot(&db, true)
+                } else {
+                    None
                 }
-                *guard = Some(c);
-                self.generation.fetch_add(1, Ordering::Relaxed);
+            }) else {
+                return Ok(Vec::new());
+            };
+            let mut guard = slot.lock();
+            // Two captures of one database must never exist: a slot removed while this
+            // step waited for it (the database went, and may have been registered again
+            // since) is looked up again. Slots are removed only under their own lock.
+            if !self.is_current(&db, &slot) {
+                continue;
             }
-            let c = guard.as_mut().expect("capture was just opened");
-            let stepped = c.step(barrier, at_close, &mut events, f);
-            self.note_restart(&db, c.waits_for_restart());
-            stepped?;
-            if let Some(CaptureEvent::Gone { txid }) = events.last() {
-                let txid = *txid;
-                if let Some(mut c) = guard.take() {
-                    c.seal()?;
+            let f = f.take().expect("one step per call");
+            let mut events = Vec::new();
+            let mut removed = false;
+            let res = (|| {
+                if guard.is_none() {
+                    let replaced = self.forgotten.lock().remove(&db);
+                    let (c, ev) = DatabaseCapture::open(
+                        self.staging.clone(),
+                        &db,
+                        &self.root.join(&db),
+                        barrier,
+                        replaced,
+                        self.hold_pages.load(Ordering::Relaxed),
+                    )?;
+                    events.extend(ev);
+                    if c.resumed_without_reading {
+                        self.stats.quick_resumes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *guard = Some(c);
+                    self.generation.fetch_add(1, Ordering::Relaxed);
                 }
-                if txid > 0 {
-                    self.staging.mark_deleted(&db, txid)?;
+                let c = guard.as_mut().expect("capture was just opened");
+                let stepped = c.step(barrier, at_close, &mut events, f);
+                self.note_restart(&db, c.waits_for_restart());
+                stepped?;
+                if let Some(CaptureEvent::Gone { txid }) = events.last() {
+                    let txid = *txid;
+                    if let Some(mut c) = guard.take() {
+                        removed = true;
+                        c.seal()?;
+                    }
+                    if txid > 0 {
+                        self.staging.mark_deleted(&db, txid)?;
+                    }
                 }
+                Ok(())
+            })();
+            if removed {
+                self.remove_slot(&db, &slot);
+                self.forgotten.lock().insert(db.clone());
             }
-            Ok(())
-        })();
-        let gone = guard.is_none();
-        drop(guard);
-        if gone {
-            self.note_restart(&db, false);
-            self.dbs.lock().remove(&db);
-            self.forgotten.lock().insert(db.clone());
+            drop(guard);
+            self.account(&db, &events);
+            // A failed step may have staged part of its work.
+            if res.is_err()
+                || events.iter().any(|e| {
+                    matches!(
+                        e,
+                        CaptureEvent::Staged { .. }
+                            | CaptureEvent::Healed { .. }
+                            | CaptureEvent::Gone { .. }
+                    )
+                })
+            {
+                self.mark_staged(&db);
+            }
+            return res.map(|()| events);
         }
-        self.account(&db, &events);
-        // A failed step may have staged part of its work.
-        if res.is_err()
-            || events.iter().any(|e| {
-                matches!(
-                    e,
-                    CaptureEvent::Staged { .. }
-                        | CaptureEvent::Healed { .. }
-                        | CaptureEvent::Gone { .. }
-                )
-            })
-        {
-            self.mark_staged(&db);
-        }
-        res.map(|()| events)
     }
 
     /// Keeps the set of databases waiting to restart up to date.
@@ -544,10 +580,21 @@ impl Capture {
                 tracing::error!(db = %db.display(), "the database was removed, but staging cannot seal or mark it deleted ({e}); the next start retries");
             }
         }
+        self.remove_slot(db, &slot);
         drop(guard);
-        self.dbs.lock().remove(db);
         self.forgotten.lock().insert(db.to_path_buf());
         self.mark_staged(db);
+    }
+
+    /// Removes `slot` from the registry if it is still the slot of `db`. Call it holding
+    /// the slot's lock (see [`Capture::with_db`]).
+    fn remove_slot(&self, db: &Path, slot: &Slot) {
+        let mut dbs = self.dbs.lock();
+        if dbs.get(db).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            dbs.remove(db);
+        }
+        drop(dbs);
+        self.note_restart(db, false);
     }
 
     /// The `-wal` of `db` was created, or is about to be removed: forget its open file.
@@ -567,10 +614,16 @@ impl Capture {
     /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed
     /// and stays for the uploader.
     pub fn forget(&self, db: &Path) {
-        if let Err(e) = self.seal(db) {
-            tracing::error!(db = %db.display(), "cannot seal staged batches: {e}");
+        let Some(slot) = self.slot(db, false) else {
+            return;
+        };
+        let mut guard = slot.lock();
+        if let Some(c) = guard.as_mut() {
+            if let Err(e) = c.seal() {
+                tracing::error!(db = %db.display(), "cannot seal staged batches: {e}");
+            }
         }
-        self.dbs.lock().remove(db);
+        self.remove_slot(db, &slot);
     }
 
     /// Stops capturing `db` because another file is about to replace it (a rename over

@@ -1010,8 +1010,10 @@ fn sqlite_view(f: &Fixture) -> Vec<u8> {
         }
     }
     let c = Connection::open(&copy).unwrap();
-    c.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
-        .unwrap();
+    c.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap();
     c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .unwrap();
     drop(c);

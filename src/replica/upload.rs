@@ -696,9 +696,15 @@ mod tests {
         let dbs: BTreeSet<PathBuf> = [db.to_path_buf()].into();
         assert_eq!(uploader.upload_round(&dbs, true), dbs, "first round waits");
         assert_eq!(asked.load(Ordering::Relaxed), 1);
-        assert!(uploader.upload_round(&dbs, true).is_empty(), "the snapshot goes up");
+        assert!(
+            uploader.upload_round(&dbs, true).is_empty(),
+            "the snapshot goes up"
+        );
         assert_eq!(asked.load(Ordering::Relaxed), 1, "asked once");
-        assert!(staging.pending(db).unwrap().is_empty(), "nothing left to retry");
+        assert!(
+            staging.pending(db).unwrap().is_empty(),
+            "nothing left to retry"
+        );
         let snapshot = dir
             .path()
             .join("replica/app.db/ltx/9/0000000000000001-0000000000000003.ltx");

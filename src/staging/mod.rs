@@ -155,6 +155,15 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.into())
 }
 
+/// A file listed a moment ago that is gone now (removed once uploaded) counts as absent.
+fn gone_is_none<T>(r: StagingResult<T>) -> StagingResult<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Fsyncs a directory, so that renames and creations in it are durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -364,14 +373,6 @@ impl Staging {
     /// and snapshots were dropped.
     pub fn recover(&self, db: &Path, txid: u64) -> StagingResult<usize> {
         let mut dropped = 0;
-        // Temporary files of an upload that was interrupted.
-        for entry in list_dir(&self.db_dir(db)?)? {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(".upload-") && name.ends_with(".tmp") {
-                fs::remove_file(entry.path())?;
-            }
-        }
         let snapshots = self.snapshot_dir(db)?;
         for entry in list_dir(&snapshots)? {
             let name = entry.file_name();
@@ -380,44 +381,16 @@ impl Staging {
                 Some((_, max)) => max > txid,
                 None => name.starts_with('.') && name.ends_with(".tmp"),
             };
-            if stale {
-                fs::remove_file(entry.path())?;
+            if stale && gone_is_none(fs::remove_file(entry.path()).map_err(Into::into))?.is_some() {
                 dropped += 1;
             }
         }
         let segments = self.segment_dir(db)?;
         for entry in list_dir(&segments)? {
-            let path = entry.path();
-            let (records, valid) = segment::read_segment(&path)?;
-            let keep = records
-                .iter()
-                .take_while(|b| b.header.max_txid <= txid)
-                .count();
-            dropped += records.len() - keep;
-            let keep_len = records.get(keep).map_or(valid, |b| b.offset);
-            if keep_len != entry.metadata()?.len() {
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)?
-                    .set_len(keep_len)?;
-            }
-            let is_active = entry.file_name() == ACTIVE_SEGMENT;
-            if !is_active {
-                // A sealed segment cut short gets the name of what it still holds.
-                match (records.first(), keep) {
-                    (_, 0) => fs::remove_file(&path)?,
-                    (Some(first), n) => {
-                        let name = segment::sealed_name(
-                            first.header.min_txid,
-                            records[n - 1].header.max_txid,
-                        );
-                        if entry.file_name().to_string_lossy() != name {
-                            fs::rename(&path, segments.join(name))?;
-                        }
-                    }
-                    (None, _) => {}
-                }
-            }
+            // A sealed segment the uploader removed meanwhile was uploaded: it is skipped
+            // wherever in its recovery that is found.
+            let cut = gone_is_none(self.recover_segment(&entry, &segments, txid))?;
+            dropped += cut.unwrap_or(0);
         }
         if dropped > 0 {
             sync_dir(&segments)?;
@@ -425,11 +398,52 @@ impl Staging {
         Ok(dropped)
     }
 
+    /// [`Staging::recover`] for one segment file in `segments`: cuts what is beyond `txid`.
+    /// Returns how many records went.
+    fn recover_segment(
+        &self,
+        entry: &fs::DirEntry,
+        segments: &Path,
+        txid: u64,
+    ) -> StagingResult<usize> {
+        let path = entry.path();
+        let (records, valid) = segment::read_segment(&path)?;
+        let keep = records
+            .iter()
+            .take_while(|b| b.header.max_txid <= txid)
+            .count();
+        let keep_len = records.get(keep).map_or(valid, |b| b.offset);
+        if keep_len != entry.metadata()?.len() {
+            OpenOptions::new()
+                .write(true)
+                .open(&path)?
+                .set_len(keep_len)?;
+        }
+        let is_active = entry.file_name() == ACTIVE_SEGMENT;
+        if !is_active {
+            // A sealed segment cut short gets the name of what it still holds.
+            match (records.first(), keep) {
+                (_, 0) => fs::remove_file(&path)?,
+                (Some(first), n) => {
+                    let name =
+                        segment::sealed_name(first.header.min_txid, records[n - 1].header.max_txid);
+                    if entry.file_name().to_string_lossy() != name {
+                        fs::rename(&path, segments.join(name))?;
+                    }
+                }
+                (None, _) => {}
+            }
+        }
+        Ok(records.len() - keep)
+    }
+
     /// The newest staged batch of `db` (sealed or not), if any.
     pub fn last_batch(&self, db: &Path) -> StagingResult<Option<Batch>> {
         let mut last: Option<Batch> = None;
         for entry in list_dir(&self.segment_dir(db)?)? {
-            let (records, _) = segment::read_segment(&entry.path())?;
+            let Some((records, _)) = gone_is_none(segment::read_segment(&entry.path()))? else {
+                continue;
+            };
             if let Some(b) = records.into_iter().last() {
                 if last
                     .as_ref()
@@ -440,6 +454,23 @@ impl Staging {
             }
         }
         Ok(last)
+    }
+
+    /// At a start, before capture and upload run: removes the temporary files of uploads
+    /// that a stopped process left in every database's staging directory.
+    pub fn remove_temporaries(&self) -> StagingResult<usize> {
+        let mut n = 0;
+        for db in self.databases()? {
+            for entry in list_dir(&self.db_dir(&db)?)? {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".upload-") && name.ends_with(".tmp") {
+                    fs::remove_file(entry.path())?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// The newest TXID staged for `db` (in its state, its segments or its snapshots), if
@@ -473,7 +504,9 @@ impl Staging {
             let name = entry.file_name();
             if name.to_str().and_then(segment::parse_sealed_name).is_some() {
                 // Page lists are superseded by the page-bearing record after them.
-                let records = segment::list_records(&entry.path())?;
+                let Some(records) = gone_is_none(segment::list_records(&entry.path()))? else {
+                    continue;
+                };
                 out.extend(
                     records
                         .into_iter()
