@@ -77,6 +77,10 @@ pub struct DatabaseCapture {
     pub(super) hold_pages: bool,
     /// Set while the history waits to restart from a snapshot (see the module header).
     pub(super) restart: Option<Restart>,
+    /// Set while a rollback journal's invalidation (its commit point) is captured: the
+    /// journal may still be there (an unlink is captured before it happens), but it no
+    /// longer holds the committed state, the database file does.
+    pub(super) journal_committed: bool,
 }
 
 impl DatabaseCapture {
@@ -137,6 +141,7 @@ impl DatabaseCapture {
             resumed_without_reading: false,
             hold_pages,
             restart: None,
+            journal_committed: false,
         };
         // The database exists (again): a deletion marker not yet uploaded is void.
         c.staging.clear_deleted(rel, None)?;
@@ -481,7 +486,11 @@ impl DatabaseCapture {
         if durable {
             self.make_durable()?;
         }
-        if (durable || log_changed) && self.tracker.position().is_some() {
+        // In WAL mode the database file is written by checkpoints only, of frames read
+        // here: at such a barrier it holds the staged state. Without a `-wal` it may have
+        // been written in a rollback journal mode since (the header write that leaves WAL
+        // mode is one), which only a comparison of the file can capture.
+        if (durable || log_changed) && self.tracker.position().is_some() && wal.is_some() {
             self.note_fingerprint();
         }
         Ok(events)
@@ -651,7 +660,8 @@ impl DatabaseCapture {
                 }
                 tracker = WalTracker::resume(pos);
             }
-            let Some(image) = Image::read(&db, wal.as_ref(), &txns, &self.journal_path)? else {
+            let journal = (!self.journal_committed).then_some(self.journal_path.as_path());
+            let Some(image) = Image::read(&db, wal.as_ref(), &txns, journal)? else {
                 return Ok(None);
             };
             sink.start(image.page_size, image.size)?;
@@ -663,6 +673,7 @@ impl DatabaseCapture {
                 // A rollback transaction began while the file was read: its pages may
                 // be in what was read.
                 None if txns.is_empty()
+                    && journal.is_some()
                     && rollback::Originals::open(&self.journal_path)?.is_some() =>
                 {
                     continue

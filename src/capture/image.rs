@@ -31,7 +31,7 @@ pub(super) struct Image<'a> {
 impl<'a> Image<'a> {
     /// The image of the database file `db` with the committed WAL transactions `txns`
     /// (read from `wal`) on top, or, with no WAL commits, with the live journal at
-    /// `journal` rolled back. Its header is the one SQLite reads: page 1's newest version
+    /// `journal` (if given) rolled back. Its header is the one SQLite reads: page 1's newest version
     /// in the WAL, else the journal's original of page 1, else the database file's own.
     /// `None` if the files hold no SQLite database; an error if they hold one that SQLite's
     /// own view does not settle (a WAL of another page size, an empty file beside a WAL),
@@ -40,7 +40,7 @@ impl<'a> Image<'a> {
         db: &File,
         wal: Option<&File>,
         txns: &'a [WalTransaction],
-        journal: &Path,
+        journal: Option<&Path>,
     ) -> CaptureResult<Option<Image<'a>>> {
         let db_len = db_len_from(db)?;
         let Some(last) = txns.last() else {
@@ -89,12 +89,16 @@ impl<'a> Image<'a> {
     }
 
     /// [`Image::read`] for a database whose WAL holds no commit.
-    fn without_wal(db: &File, db_len: u64, journal: &Path) -> CaptureResult<Option<Image<'a>>> {
+    fn without_wal(
+        db: &File,
+        db_len: u64,
+        journal: Option<&Path>,
+    ) -> CaptureResult<Option<Image<'a>>> {
         let file_header = read_db_header(db)?;
         // A journal beside an empty file is not hot: SQLite deletes it.
-        let originals = match db_len {
-            0 => None,
-            _ => rollback::Originals::open(journal)?,
+        let originals = match (db_len, journal) {
+            (0, _) | (_, None) => None,
+            (_, Some(journal)) => rollback::Originals::open(journal)?,
         };
         let Some(o) = originals else {
             return Ok(file_header.map(|h| Image {

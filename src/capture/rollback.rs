@@ -374,7 +374,10 @@ impl DatabaseCapture {
     /// A commit point: stages the pending journal's pages, or, with none remembered,
     /// whatever changed.
     fn commit_journal(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
-        match self.pending.take() {
+        // Whatever this reads (a snapshot after a page size change, a comparison), the
+        // journal no longer holds the committed state.
+        self.journal_committed = true;
+        let res = match self.pending.take() {
             Some(p) => {
                 let res = self.stage_journal_commit(&p);
                 if res.is_err() {
@@ -384,7 +387,9 @@ impl DatabaseCapture {
                 res
             }
             None => self.capture_diff(false),
-        }
+        };
+        self.journal_committed = false;
+        res
     }
 
     fn stage_journal_commit(&mut self, p: &PendingJournal) -> CaptureResult<Vec<CaptureEvent>> {
@@ -431,7 +436,7 @@ impl DatabaseCapture {
         if before.is_some() && before == self.fingerprint {
             return Ok(Vec::new());
         }
-        if scan_live(&self.journal_path)?.is_some() {
+        if !self.journal_committed && scan_live(&self.journal_path)?.is_some() {
             return Ok(Vec::new());
         }
         let mut sink = SumSink {
