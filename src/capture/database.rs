@@ -35,6 +35,18 @@ use crate::staging::{
 /// at the break itself).
 const RESTART_RETRY: Duration = Duration::from_millis(500);
 
+/// What [`DatabaseCapture::read_image`] read.
+pub(super) struct ImageRead {
+    /// The tracker that read the WAL, at the position the image includes.
+    pub tracker: WalTracker,
+    pub page_size: u32,
+    /// The size in pages.
+    pub size: u32,
+    /// The image took pages from a live rollback journal: it depends on the journal as
+    /// much as on the database file.
+    pub from_journal: bool,
+}
+
 /// A restart of a database's history that waits for a consistent point.
 #[derive(Debug, Clone)]
 pub(super) struct Restart {
@@ -637,7 +649,7 @@ impl DatabaseCapture {
         barrier: bool,
         upto: Option<WalPosition>,
         sink: &mut dyn PageSink,
-    ) -> CaptureResult<Option<(WalTracker, u32, u32)>> {
+    ) -> CaptureResult<Option<ImageRead>> {
         for _ in 0..10 {
             let Some(db) = open_optional(&self.db_path)? else {
                 return Ok(None);
@@ -689,7 +701,12 @@ impl DatabaseCapture {
             if upto.is_none() {
                 tracker = check;
             }
-            return Ok(Some((tracker, image.page_size, image.size)));
+            return Ok(Some(ImageRead {
+                tracker,
+                page_size: image.page_size,
+                size: image.size,
+                from_journal: image.originals.is_some(),
+            }));
         }
         Err(CaptureError::CannotFollow(
             "the database kept changing while it was read for a snapshot".into(),
@@ -707,7 +724,13 @@ impl DatabaseCapture {
         self.segment.write_held()?;
         let mut sink = ImageSink::new(Some((self.staging.clone(), self.rel.clone(), txid, None)));
         let got = self.read_image(barrier, None, &mut sink)?;
-        let Some((tracker, page_size, size)) = got else {
+        let Some(ImageRead {
+            tracker,
+            page_size,
+            size,
+            from_journal,
+        }) = got
+        else {
             return Err(CaptureError::NoDatabase);
         };
         let ImageSink {
@@ -739,7 +762,14 @@ impl DatabaseCapture {
         self.state.checksum = sum;
         self.state.wal = self.tracker.position();
         self.make_durable()?;
-        self.note_fingerprint();
+        // An image that took pages from a live journal changes when the journal does (a
+        // commit or rollback invalidates it), with no write to the database file: the next
+        // comparison must not be skipped on the file's `stat`.
+        if from_journal {
+            self.fingerprint = None;
+        } else {
+            self.note_fingerprint();
+        }
         Ok(self.save()?)
     }
 
@@ -872,7 +902,13 @@ impl DatabaseCapture {
             let ImageSink {
                 sums, sum, kept, ..
             } = sink;
-            let Some((tracker, page_size, size)) = got else {
+            let Some(ImageRead {
+                tracker,
+                page_size,
+                size,
+                ..
+            }) = got
+            else {
                 continue;
             };
             let expected = self.state.checksum;

@@ -26,8 +26,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::database::ImageRead;
 use super::image::PageSink;
-use super::{now_ms, open_optional, read_db_header, CaptureEvent, CaptureResult, DatabaseCapture};
+use super::{
+    now_ms, open_optional, read_db_header, CaptureError, CaptureEvent, CaptureResult,
+    DatabaseCapture,
+};
 use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
     changed_pages, header_state, page_hash, read_full, scan_journal, ContentChecksum, JournalError,
@@ -359,16 +363,79 @@ impl DatabaseCapture {
         if !committed {
             return Ok(Vec::new());
         }
+        if self.wal_holds_commits() {
+            // A connection in a rollback mode beside others in WAL mode (a `-wal` that
+            // appeared under a connection already open): what SQLite reads is the
+            // database file with the WAL's frames on top, which a journal's page list
+            // does not describe.
+            self.pending = None;
+            return Err(CaptureError::CannotFollow(
+                "a rollback journal committed while the WAL holds commits (two journal modes \
+                 at once)"
+                    .into(),
+            ));
+        }
         self.commit_journal()
+    }
+
+    /// Whether the `-wal` holds frames of the log the tracker reads, with commits.
+    fn wal_holds_commits(&self) -> bool {
+        let header = crate::sqlite::WAL_HEADER_SIZE as u64;
+        self.tracker
+            .position()
+            .is_some_and(|p| p.committed_end > header)
+            && self.tracker.header().is_some()
+            && std::fs::metadata(&self.wal_path).is_ok_and(|m| m.len() > header)
     }
 
     /// The database file changed outside a journal transaction (see
     /// [`super::Capture::on_db_changed`]).
     pub fn on_db_changed(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
         if std::fs::metadata(&self.wal_path).is_ok() {
-            return self.on_wal_changed();
+            let events = self.on_wal_changed()?;
+            if at_close {
+                self.check_written_outside_wal()?;
+            }
+            return Ok(events);
         }
         self.capture_diff(at_close)
+    }
+
+    /// In WAL mode SQLite writes the database file only to checkpoint frames already read
+    /// from the WAL. If the file moved since the last barrier that noted it (a checkpoint
+    /// without an fsync moves it too), the whole committed image is compared with what is
+    /// staged: a file written outside SQLite's protocol (`cp` over a database in WAL mode)
+    /// differs, and its history restarts from a snapshot. Skipped if the WAL moved
+    /// meanwhile (the next close looks again).
+    fn check_written_outside_wal(&mut self) -> CaptureResult<()> {
+        let before = Fingerprint::of(&self.db_path);
+        if before.is_some() && before == self.fingerprint {
+            return Ok(());
+        }
+        let mut sink = SumSink {
+            page_size: 0,
+            sums: Vec::new(),
+        };
+        let Some(ImageRead {
+            tracker,
+            page_size,
+            size,
+            ..
+        }) = self.read_image(false, None, &mut sink)?
+        else {
+            return Ok(());
+        };
+        if tracker.position() != self.tracker.position() {
+            return Ok(());
+        }
+        if page_size == self.state.page_size && size == self.state.commit && sink.sums == self.sums
+        {
+            self.fingerprint = before;
+            return Ok(());
+        }
+        Err(CaptureError::CannotFollow(
+            "the database file was written outside SQLite's WAL protocol (a copy over it?)".into(),
+        ))
     }
 
     /// A commit point: stages the pending journal's pages, or, with none remembered,
@@ -443,7 +510,10 @@ impl DatabaseCapture {
             page_size: 0,
             sums: Vec::new(),
         };
-        let Some((_, page_size, size)) = self.read_image(false, None, &mut sink)? else {
+        let Some(ImageRead {
+            page_size, size, ..
+        }) = self.read_image(false, None, &mut sink)?
+        else {
             if at_close && self.state.txid > 0 {
                 return Ok(vec![CaptureEvent::Gone {
                     txid: self.state.txid,
