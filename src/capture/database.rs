@@ -68,6 +68,8 @@ pub struct DatabaseCapture {
     pub(super) segment: SegmentWriter,
     /// The open backing `-wal` (reopened after [`DatabaseCapture::wal_replaced`]).
     pub(super) wal_file: Option<File>,
+    /// The inode of the `-wal` the last read found (a new file is a new log).
+    pub(super) wal_ino: Option<u64>,
     pub(super) tracker: WalTracker,
     /// What the last poll read of the `-wal`: staged pages are taken from it.
     pub(super) frames: FrameReader,
@@ -93,6 +95,9 @@ pub struct DatabaseCapture {
     /// journal may still be there (an unlink is captured before it happens), but it no
     /// longer holds the committed state, the database file does.
     pub(super) journal_committed: bool,
+    /// The database file was written without a barrier before the rollback journal
+    /// transaction now open began (see [`DatabaseCapture::on_journal_begins`]).
+    pub(super) unseen_writes: bool,
 }
 
 impl DatabaseCapture {
@@ -142,6 +147,7 @@ impl DatabaseCapture {
             staging,
             segment,
             wal_file: None,
+            wal_ino: None,
             tracker: WalTracker::new(),
             frames: FrameReader::new(),
             state: DbState::default(),
@@ -154,6 +160,7 @@ impl DatabaseCapture {
             hold_pages,
             restart: None,
             journal_committed: false,
+            unseen_writes: false,
         };
         // The database exists (again): a deletion marker not yet uploaded is void.
         c.staging.clear_deleted(rel, None)?;
@@ -237,7 +244,9 @@ impl DatabaseCapture {
             return Ok(());
         }
         let done = f(self).map(|ev| events.extend(ev));
-        self.settle(done, barrier, events)
+        let settled = self.settle(done, barrier, events);
+        self.journal_committed = false;
+        settled
     }
 
     /// Turns the outcome of a step into what the caller sees: a state capture cannot
@@ -448,8 +457,14 @@ impl DatabaseCapture {
             Some(f) => Some(f),
             None => open_optional(&self.wal_path)?,
         };
-        let res = self.capture_from(wal.as_ref(), barrier, durable);
+        let ino = wal
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.ino());
+        let same_file = ino.is_some() && ino == self.wal_ino;
+        let res = self.capture_from(wal.as_ref(), barrier, durable, same_file);
         self.wal_file = wal;
+        self.wal_ino = ino;
         res
     }
 
@@ -458,8 +473,15 @@ impl DatabaseCapture {
         wal: Option<&File>,
         barrier: bool,
         durable: bool,
+        same_file: bool,
     ) -> CaptureResult<Vec<CaptureEvent>> {
         let mut events = Vec::new();
+        // A log that begins where none was being read (the first, or one in a new file
+        // after the last was deleted) may follow writes made to the database file in a
+        // rollback journal mode without any barrier (`journal_mode=OFF` or `MEMORY` with
+        // `synchronous=OFF`): those are staged first, from the file as it is before the
+        // new log's first frame.
+        let log_was_live = same_file && self.tracker.header().is_some();
         let mut tracker = self.tracker.clone();
         let polled = poll_wal_through(&mut tracker, wal, barrier, &mut self.frames)?;
         let mut batch: Vec<WalTransaction> = Vec::new();
@@ -471,9 +493,27 @@ impl DatabaseCapture {
             match ev {
                 // A switch from rollback-journal mode: the rollback commits were staged
                 // (the header change to WAL is one), so the history simply continues.
-                WalEvent::Started { .. } => {}
-                WalEvent::Restarted { continuity, .. }
-                | WalEvent::Truncated { continuity, .. }
+                WalEvent::Started { header } => {
+                    if !log_was_live {
+                        events.extend(self.capture_before_log(header)?);
+                    }
+                }
+                WalEvent::Restarted {
+                    new, continuity, ..
+                } => {
+                    self.make_durable()?;
+                    log_changed = true;
+                    if continuity.may_have_missed() {
+                        return Err(CaptureError::CannotFollow(format!(
+                            "the WAL was restarted, truncated or replaced before all of its \
+                             commits were read (continuity {continuity:?}; synchronous=OFF?)"
+                        )));
+                    }
+                    if !log_was_live {
+                        events.extend(self.capture_before_log(new)?);
+                    }
+                }
+                WalEvent::Truncated { continuity, .. }
                 | WalEvent::Invalidated { continuity, .. } => {
                     // What was staged of the old log must not be lost: it is made durable
                     // before anything of the new one is staged (usually the barrier that

@@ -124,6 +124,15 @@ impl CaptureObserver {
 
 impl Observer for CaptureObserver {
     fn created(&self, dir: &Node<'_>, name: &OsStr, _file: &Node<'_>) {
+        // A new `-journal` begins a rollback journal transaction.
+        if name.as_bytes().ends_with(b"-journal") {
+            let rel = Self::relative(dir).map(|d| d.join(name));
+            if let Some(db) = rel.as_deref().and_then(rollback::database_of_journal) {
+                let res = self.capture.on_journal_created(&db);
+                self.lenient("create", &db, res);
+            }
+            return;
+        }
         // A new `-wal` announces a WAL-mode database; a new database file is empty and is
         // registered at its first barrier, once it has a header.
         if !name.as_bytes().ends_with(b"-wal") {

@@ -553,6 +553,15 @@ impl Capture {
         self.with_db(db, true, true, false, |c| c.on_journal(barrier))
     }
 
+    /// A rollback journal of `db` was created: a transaction begins (see
+    /// [`DatabaseCapture::on_journal_begins`]); only a database already captured.
+    pub fn on_journal_created(&self, db: &Path) -> StagingResult<Vec<CaptureEvent>> {
+        self.with_db(db, false, true, false, |c| {
+            c.on_journal_begins();
+            Ok(Vec::new())
+        })
+    }
+
     /// The database file `rel` was truncated or extended, or written and closed, or
     /// renamed into place: stage whatever it now holds that the replica does not.
     /// `at_close`: a file that is no longer SQLite then stops being captured (during a

@@ -35,7 +35,8 @@ use super::{
 use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
     changed_pages, header_state, page_hash, read_full, scan_journal, ContentChecksum, JournalError,
-    JournalHeaderState, JournalReadMode, JournalRecord, JournalScan, PageHash, JOURNAL_HEADER_LEN,
+    JournalHeaderState, JournalReadMode, JournalRecord, JournalScan, PageHash, WalHeader,
+    WalPosition, JOURNAL_HEADER_LEN,
 };
 use crate::staging::BatchHeader;
 
@@ -361,6 +362,9 @@ impl DatabaseCapture {
             }
         };
         if !committed {
+            // A live journal being synced: a transaction in TRUNCATE or PERSIST mode begins
+            // (or spills). See `on_journal_begins`.
+            self.on_journal_begins();
             return Ok(Vec::new());
         }
         if self.wal_holds_commits() {
@@ -376,6 +380,17 @@ impl DatabaseCapture {
             ));
         }
         self.commit_journal()
+    }
+
+    /// A rollback journal transaction begins (its journal is created, or synced live):
+    /// the database file still holds the last committed state. If it moved since the last
+    /// capture point, something wrote it without a barrier (`journal_mode=MEMORY` or `OFF`
+    /// with `synchronous=OFF`, or a write outside SQLite), and the journal's page list at
+    /// the commit will not cover that: the commit then compares the whole file instead.
+    pub fn on_journal_begins(&mut self) {
+        if Fingerprint::of(&self.db_path) != self.fingerprint {
+            self.unseen_writes = true;
+        }
     }
 
     /// Whether the `-wal` holds frames of the log the tracker reads, with commits.
@@ -441,10 +456,11 @@ impl DatabaseCapture {
     /// A commit point: stages the pending journal's pages, or, with none remembered,
     /// whatever changed.
     fn commit_journal(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
-        // Whatever this reads (a snapshot after a page size change, a comparison), the
-        // journal no longer holds the committed state.
+        // Whatever this step reads from here (a snapshot after a page size change, a
+        // comparison, the restart's snapshot if this fails), the journal no longer holds
+        // the committed state. The step clears it when it ends.
         self.journal_committed = true;
-        let res = match self.pending.take() {
+        match self.pending.take() {
             Some(p) => {
                 let res = self.stage_journal_commit(&p);
                 if res.is_err() {
@@ -454,12 +470,15 @@ impl DatabaseCapture {
                 res
             }
             None => self.capture_diff(false),
-        };
-        self.journal_committed = false;
-        res
+        }
     }
 
     fn stage_journal_commit(&mut self, p: &PendingJournal) -> CaptureResult<Vec<CaptureEvent>> {
+        if std::mem::take(&mut self.unseen_writes) {
+            // Writes before this transaction were not captured: compare the whole file.
+            self.fingerprint = None;
+            return self.capture_diff(false);
+        }
         let Some(db) = open_optional(&self.db_path)? else {
             return Ok(Vec::new());
         };
@@ -495,6 +514,28 @@ impl DatabaseCapture {
     /// stages what differs. Nothing while a journal transaction is open or hot: its
     /// invalidation is the commit point.
     fn capture_diff(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
+        self.capture_diff_at(at_close, None)
+    }
+
+    /// Stages what the database file holds that the replica does not, as it is before the
+    /// log `header` begins (see [`DatabaseCapture::capture_from`]).
+    pub(super) fn capture_before_log(
+        &mut self,
+        header: WalHeader,
+    ) -> CaptureResult<Vec<CaptureEvent>> {
+        if self.state.txid == 0 {
+            return Ok(Vec::new());
+        }
+        self.capture_diff_at(false, Some(WalPosition::start(header)))
+    }
+
+    /// [`DatabaseCapture::capture_diff`] of the image at `upto` (a WAL position), or of
+    /// the whole committed image.
+    fn capture_diff_at(
+        &mut self,
+        at_close: bool,
+        upto: Option<WalPosition>,
+    ) -> CaptureResult<Vec<CaptureEvent>> {
         // The `stat` from before the read is what the staged state is recorded to match:
         // a write racing the read (a close is reported after the program went on, maybe
         // to its next transaction) leaves the file different from it, so the next check
@@ -512,7 +553,7 @@ impl DatabaseCapture {
         };
         let Some(ImageRead {
             page_size, size, ..
-        }) = self.read_image(false, None, &mut sink)?
+        }) = self.read_image(false, upto, &mut sink)?
         else {
             if at_close && self.state.txid > 0 {
                 return Ok(vec![CaptureEvent::Gone {
@@ -523,6 +564,12 @@ impl DatabaseCapture {
         };
         let mut events = Vec::new();
         if self.state.txid > 0 && page_size != self.state.page_size {
+            if upto.is_some() {
+                // A snapshot now would include the new log's commits: restart instead.
+                return Err(CaptureError::CannotFollow(
+                    "the page size changed before a WAL began".into(),
+                ));
+            }
             self.snapshot_replacement("the page size changed", &mut events)?;
             return Ok(events);
         }
