@@ -299,6 +299,13 @@ impl DatabaseCapture {
         }
     }
 
+    /// Lets the next step try the restart's snapshot however recently it was tried.
+    pub(super) fn retry_restart_now(&mut self) {
+        if let Some(r) = &mut self.restart {
+            r.tried = None;
+        }
+    }
+
     /// Whether the history waits to restart from a snapshot.
     pub fn waits_for_restart(&self) -> bool {
         self.restart.is_some()
@@ -594,7 +601,31 @@ impl DatabaseCapture {
         for (i, t) in txns.iter().enumerate() {
             merge.apply(t.db_size, t.pages.iter().map(|p| (p.pgno, (i, *p))));
         }
-        let (commit, pages) = merge.finish(lock);
+        let (mut commit, mut pages) = merge.finish(lock);
+        let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + ps as usize];
+        // The size SQLite uses is its header's (page 1) when valid and not larger than the
+        // commit's: a killed writer in `journal_mode=OFF` can leave pages past it, which
+        // the pager then counts in the WAL's commits (`DbHeader::logical_size`). SQLite
+        // writes page 1 whenever the size changes, so without page 1 the staged size
+        // stands.
+        match pages.get(&1) {
+            Some(&at) => {
+                let page1 = batch_page(&self.frames, &mut frame, wal, txns, at, ps)?;
+                if let Ok(h) = crate::sqlite::DbHeader::parse(page1) {
+                    commit = h.logical_size(commit);
+                }
+            }
+            None if self.state.txid > 0 && commit > self.state.commit => {
+                commit = self.state.commit;
+            }
+            None if commit < self.state.commit => {
+                return Err(CaptureError::CannotFollow(
+                    "the WAL shrinks the database below its header's size".into(),
+                ));
+            }
+            None => {}
+        }
+        pages.retain(|&pgno, _| pgno <= commit);
         let header = BatchHeader {
             page_size: ps,
             commit,
@@ -610,36 +641,13 @@ impl DatabaseCapture {
         } else {
             self.segment.begin(header)?
         };
-        let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + ps as usize];
         let mut new_sums = Vec::with_capacity(pages.len());
         for (pgno, at) in pages {
-            // The page as the poll validated it, or read again (and re-verified).
-            let polled = at.and_then(|(i, p)| {
-                self.frames
-                    .validated(&txns[i].header, p.data_offset, ps as usize)
-            });
-            let buf = match (polled, at) {
-                (Some(data), _) => data,
-                (None, Some((i, p))) => match txns[i].read_frame_page(wal, &p, &mut frame) {
-                    Ok(()) => &frame[WAL_FRAME_HEADER_SIZE..],
-                    Err(WalError::FrameChanged { .. }) => {
-                        return Err(CaptureError::CannotFollow(
-                            "a committed WAL frame was overwritten before it was read".into(),
-                        ))
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                (None, None) => {
-                    frame.fill(0);
-                    &frame[WAL_FRAME_HEADER_SIZE..]
-                }
-            };
+            let buf = batch_page(&self.frames, &mut frame, wal, txns, at, ps)?;
             let c = page_hash(pgno, buf);
             w.add_page(pgno, buf, c)?;
-            if pgno <= commit {
-                if let Some(&old) = self.sums.get(pgno as usize - 1) {
-                    sum.toggle(old);
-                }
+            if let Some(&old) = self.sums.get(pgno as usize - 1) {
+                sum.toggle(old);
             }
             sum.toggle(c);
             new_sums.push((pgno, c));
@@ -965,5 +973,31 @@ impl DatabaseCapture {
             }
         }
         Ok(false)
+    }
+}
+
+/// A page of a WAL batch: as the poll validated it (`frames`), read again from `wal` (and
+/// verified) into `frame`, or zeros (`None`: a page the batch zeroed).
+fn batch_page<'a>(
+    frames: &'a FrameReader,
+    frame: &'a mut [u8],
+    wal: &File,
+    txns: &[WalTransaction],
+    at: Option<(usize, crate::sqlite::WalPage)>,
+    ps: u32,
+) -> CaptureResult<&'a [u8]> {
+    let Some((i, p)) = at else {
+        frame.fill(0);
+        return Ok(&frame[WAL_FRAME_HEADER_SIZE..]);
+    };
+    if let Some(data) = frames.validated(&txns[i].header, p.data_offset, ps as usize) {
+        return Ok(data);
+    }
+    match txns[i].read_frame_page(wal, &p, frame) {
+        Ok(()) => Ok(&frame[WAL_FRAME_HEADER_SIZE..]),
+        Err(WalError::FrameChanged { .. }) => Err(CaptureError::CannotFollow(
+            "a committed WAL frame was overwritten before it was read".into(),
+        )),
+        Err(e) => Err(e.into()),
     }
 }

@@ -82,7 +82,7 @@ impl<'a> Image<'a> {
         }
         Ok(Some(Image {
             page_size: wal_page_size,
-            size: last.db_size,
+            size: header.logical_size(last.db_size),
             overlay,
             originals: None,
         }))

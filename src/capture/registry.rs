@@ -303,6 +303,13 @@ impl Capture {
     /// Reads every captured database's `-wal` once more (before an unmount's final flush).
     pub fn poll_all(&self) {
         for db in self.databases() {
+            // A history waiting to restart tries its snapshot now, however recently it
+            // tried: this is its last chance before the stop.
+            if let Some(slot) = self.slot(&db, false) {
+                if let Some(c) = slot.lock().as_mut() {
+                    c.retry_restart_now();
+                }
+            }
             if let Err(e) = self.on_changed(&wal_path(&db)) {
                 tracing::error!(db = %db.display(), "final capture failed: {e}");
             }

@@ -165,6 +165,16 @@ impl DbHeader {
             .then_some(self.db_size_pages)
     }
 
+    /// The size in pages SQLite uses for this database when its file (or its WAL's last
+    /// commit) holds `physical` pages: the in-header size when it is valid and not larger
+    /// (pages past it are ignored; a killed writer in `journal_mode=OFF` can leave them),
+    /// else `physical`.
+    pub fn logical_size(&self, physical: u32) -> u32 {
+        self.valid_db_size()
+            .filter(|&n| n <= physical)
+            .unwrap_or(physical)
+    }
+
     /// The lock-byte page number for this database's page size.
     pub fn lock_byte_page(&self) -> u32 {
         lock_byte_page(self.page_size)
