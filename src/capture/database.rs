@@ -45,6 +45,9 @@ pub(super) struct ImageRead {
     /// The image took pages from a live rollback journal: it depends on the journal as
     /// much as on the database file.
     pub from_journal: bool,
+    /// The database file's `stat` from before the read: what the image is known to match
+    /// (a write racing the read moves the file past it, so a later check compares again).
+    pub before: Option<rollback::Fingerprint>,
 }
 
 /// A restart of a database's history that waits for a consistent point.
@@ -411,6 +414,34 @@ impl DatabaseCapture {
         Ok(events)
     }
 
+    /// Call when a handle of the backing `-wal` was closed. Reads what is new, as
+    /// [`DatabaseCapture::on_wal_changed`] does, then checks that the commits already read
+    /// still validate: a program other than SQLite may have written into the log (a
+    /// corrupted checksum makes SQLite drop those frames, and its database with them).
+    /// SQLite's own writers keep the log open, so this runs at their closes only.
+    pub fn on_wal_closed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
+        let events = self.on_wal_changed()?;
+        let (Some(pos), Some(_)) = (self.tracker.position(), self.tracker.header()) else {
+            return Ok(events);
+        };
+        let Some(wal) = open_optional(&self.wal_path)? else {
+            return Ok(events);
+        };
+        let mut fresh = WalTracker::new();
+        poll_wal(&mut fresh, Some(&wal), false)?;
+        let corrupt = match fresh.position() {
+            Some(p) => p.header == pos.header && p.committed_end < pos.committed_end,
+            // A header that no longer validates (an empty file is a checkpoint's truncation).
+            None => wal.metadata()?.len() >= crate::sqlite::WAL_HEADER_SIZE as u64,
+        };
+        if corrupt {
+            return Err(CaptureError::CannotFollow(
+                "committed frames of the WAL no longer validate (written outside SQLite?)".into(),
+            ));
+        }
+        Ok(events)
+    }
+
     /// Call when the backing WAL changed between barriers (for the RPO).
     pub fn on_wal_changed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         self.capture(false, false)
@@ -699,6 +730,7 @@ impl DatabaseCapture {
         sink: &mut dyn PageSink,
     ) -> CaptureResult<Option<ImageRead>> {
         for _ in 0..10 {
+            let before = rollback::Fingerprint::of(&self.db_path);
             let Some(db) = open_optional(&self.db_path)? else {
                 return Ok(None);
             };
@@ -754,6 +786,7 @@ impl DatabaseCapture {
                 page_size: image.page_size,
                 size: image.size,
                 from_journal: image.originals.is_some(),
+                before,
             }));
         }
         Err(CaptureError::CannotFollow(
@@ -777,6 +810,7 @@ impl DatabaseCapture {
             page_size,
             size,
             from_journal,
+            before,
         }) = got
         else {
             return Err(CaptureError::NoDatabase);
@@ -813,11 +847,7 @@ impl DatabaseCapture {
         // An image that took pages from a live journal changes when the journal does (a
         // commit or rollback invalidates it), with no write to the database file: the next
         // comparison must not be skipped on the file's `stat`.
-        if from_journal {
-            self.fingerprint = None;
-        } else {
-            self.note_fingerprint();
-        }
+        self.fingerprint = if from_journal { None } else { before };
         Ok(self.save()?)
     }
 
@@ -954,7 +984,8 @@ impl DatabaseCapture {
                 tracker,
                 page_size,
                 size,
-                ..
+                from_journal,
+                before,
             }) = got
             else {
                 continue;
@@ -967,7 +998,7 @@ impl DatabaseCapture {
                 self.tracker = tracker;
                 self.sums = sums;
                 self.state.wal = self.tracker.position();
-                self.note_fingerprint();
+                self.fingerprint = if from_journal { None } else { before };
                 self.save()?;
                 return Ok(true);
             }

@@ -267,7 +267,8 @@ impl Observer for CaptureObserver {
         // cheap for programs that open and close per request.
         let res = match database_of(&rel) {
             Some((_, false)) => self.capture.on_db_changed(&rel, true),
-            _ => self.capture.on_changed(&rel),
+            Some((_, true)) => self.capture.on_wal_closed(&rel),
+            None => Ok(Vec::new()),
         };
         self.lenient("close", &rel, res);
     }

@@ -622,6 +622,12 @@ impl Capture {
         }
     }
 
+    /// A handle of the `-wal` `rel` was closed (see [`DatabaseCapture::on_wal_closed`]);
+    /// only databases already captured.
+    pub fn on_wal_closed(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
+        self.with_db(rel, false, false, false, |c| c.on_wal_closed())
+    }
+
     /// `rel` changed between barriers; only databases already captured are polled.
     pub fn on_changed(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
         self.with_db(rel, false, false, false, |c| c.on_wal_changed())

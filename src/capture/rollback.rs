@@ -82,7 +82,7 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    fn of(path: &Path) -> Option<Fingerprint> {
+    pub(super) fn of(path: &Path) -> Option<Fingerprint> {
         let m = std::fs::metadata(path).ok()?;
         Some(Fingerprint {
             dev: m.dev(),
