@@ -31,6 +31,10 @@
 //! to its image, and walfs must have logged no error, EIO or panic (checked after every
 //! step too, since a failed capture at a close is not reported to the application).
 //!
+//! `fuzz_regressions` replays, with their own seeds, the sequences in which the fuzzer found
+//! a replica bug ([`REGRESSIONS`]), so that each stays covered whatever the default run's
+//! range.
+//!
 //! Knobs (environment):
 //! - `WALFS_FUZZ_SEED` (decimal or 0x-hex; default a fixed seed, so CI runs are
 //!   reproducible), `WALFS_FUZZ_SEQUENCES` (default 60), `WALFS_FUZZ_STEPS` (per sequence,
@@ -2493,4 +2497,48 @@ fn fuzz() {
             stats.mismatches.len()
         );
     }
+}
+
+/// The sequences in which the fuzzer found a replica bug (each fixed): every one runs in CI
+/// whatever the default seed's range covers, and must give no mismatch.
+const REGRESSIONS: &[(u64, &[u64])] = &[
+    (DEFAULT_SEED, &[0, 2, 5, 7, 8, 23, 33, 35, 53, 54]),
+    (7, &[0, 10, 12, 14, 26, 32, 37]),
+    (11, &[6]),
+    (99, &[14]),
+];
+
+#[test]
+fn fuzz_regressions() {
+    if std::env::var_os(WORKER_ENV).is_some() {
+        return;
+    }
+    let mut stats = Stats::default();
+    for &(seed, indices) in REGRESSIONS {
+        for &index in indices {
+            let cfg = Config {
+                seed,
+                first: index,
+                sequences: 1,
+                steps: 120,
+                max_mismatches: 0,
+                verbose: false,
+                skip: Vec::new(),
+            };
+            run_sequence(&cfg, index, &mut stats);
+        }
+    }
+    eprintln!(
+        "fuzz regressions: {} sequences, {} steps, {} restores checked, {} mismatches",
+        stats.sequences,
+        stats.steps,
+        stats.restores_checked,
+        stats.mismatches.len()
+    );
+    assert!(
+        stats.mismatches.is_empty(),
+        "{} mismatch(es):\n{}",
+        stats.mismatches.len(),
+        stats.mismatches.join("\n")
+    );
 }
