@@ -74,7 +74,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Mount;
+use common::{Mount, Rng};
 use rusqlite::types::ValueRef;
 use rusqlite::Connection;
 
@@ -123,21 +123,10 @@ const WORKER_PATIENCE: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------
 // PRNG (splitmix64) and configuration
 
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+/// What the fuzzer draws from [`Rng`].
+trait Draw {
+    fn next(&mut self) -> u64;
+    fn below(&mut self, n: usize) -> usize;
 
     /// A number in `lo..=hi`.
     fn range(&mut self, lo: usize, hi: usize) -> usize {
@@ -176,6 +165,16 @@ impl Rng {
             70..=94 => self.range(300, 2500),
             _ => self.range(2500, 12000),
         }
+    }
+}
+
+impl Draw for Rng {
+    fn next(&mut self) -> u64 {
+        Rng::next(self)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        Rng::below(self, n)
     }
 }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_database, sqlite3, Moto, Mount, BUCKET, S3_ENV};
+use common::{assert_same_database, restored_txid, sqlite3, Moto, Mount, BUCKET, S3_ENV};
 use rusqlite::Connection;
 
 struct S3Replica {
@@ -171,17 +171,6 @@ impl S3Replica {
             ),
         }
     }
-}
-
-/// The TXID a restore log reports ("restored X at TXID N ...").
-fn restored_txid(log: &str) -> u64 {
-    let at = log.find(" at TXID ").expect("restore log names the TXID") + 9;
-    log[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 fn open(path: &Path) -> Connection {

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{assert_same_database, http, Moto, Mount, BUCKET, S3_ENV};
+use common::{assert_same_database, http, restored_txid, Moto, Mount, BUCKET, S3_ENV};
 use rusqlite::Connection;
 
 struct Fixture {
@@ -242,17 +242,6 @@ fn wait_objects(
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// The TXID a restore report names.
-fn restored_txid(log: &str) -> u64 {
-    let at = log.find(" at TXID ").expect("restore names its TXID") + 9;
-    log[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 const FAST: &[&str] = &[

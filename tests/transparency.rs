@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_database, restored_txid, sqlite_view, Moto, Mount, S3_ENV};
+use common::{assert_same_database, restored_txid, sqlite_view, Moto, Mount, Rng, S3_ENV};
 use rusqlite::Connection;
 
 /// A mount replicating to `replica` (a URL), staging in `dir/staging`, its log collected.
@@ -391,23 +391,6 @@ fn a_database_written_when_walfs_is_killed_is_replicated_after_the_next_mount() 
     assert_no_failure(&m.stop());
 }
 
-/// A tiny deterministic generator (splitmix64) for reproducible kill times.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// walfs is killed (SIGKILL) at random moments while WAL and rollback-journal writers run
 /// (the writers die with the mount), and mounted again with no further write: every
 /// database's replica equals its live state (what SQLite reads from the backing files,
@@ -444,7 +427,7 @@ fn killed_and_remounted_under_writers_every_replica_equals_its_database() {
             .iter()
             .map(|(rel, mode, sync)| spawn_writer(&m.path(rel), mode, sync))
             .collect();
-        let wait = 200 + rng.below(1800);
+        let wait = 200 + rng.below(1800) as u64;
         std::thread::sleep(Duration::from_millis(wait));
         m.kill9();
         kill_all(&mut writers);
