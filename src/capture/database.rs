@@ -101,6 +101,10 @@ pub struct DatabaseCapture {
     /// The database file was written without a barrier before the rollback journal
     /// transaction now open began (see [`DatabaseCapture::on_journal_begins`]).
     pub(super) unseen_writes: bool,
+    /// The file replaced another (renamed over it) while a `-wal` was beside it: that log
+    /// belongs to connections of the old file, whose checkpoints go into the old file.
+    /// A restart of it is then no sign that this file holds the log's pages.
+    pub(super) foreign_wal: bool,
 }
 
 impl DatabaseCapture {
@@ -164,6 +168,7 @@ impl DatabaseCapture {
             restart: None,
             journal_committed: false,
             unseen_writes: false,
+            foreign_wal: false,
         };
         // The database exists (again): a deletion marker not yet uploaded is void.
         c.staging.clear_deleted(rel, None)?;
@@ -171,6 +176,7 @@ impl DatabaseCapture {
         // What a crash left in the segment is made durable before any state that counts
         // it is saved.
         c.segment.sync()?;
+        c.foreign_wal = replaced && std::fs::metadata(&c.wal_path).is_ok();
         let started = c.start(saved, on_disk, at_barrier, replaced, &mut events);
         c.settle(started, at_barrier, &mut events)?;
         Ok((c, events))
@@ -289,7 +295,8 @@ impl DatabaseCapture {
         self.try_restart(barrier, false, events).map(drop)
     }
 
-    /// Marks the history to restart from a snapshot at a later step, without staging
+    /// Marks the history to restart from a snapshot at a later step (not before
+    /// [`RESTART_RETRY`]: the operation under way must finish first), without staging
     /// anything now.
     pub(super) fn defer_restart(&mut self, reason: String) {
         self.pending = None;
@@ -297,7 +304,7 @@ impl DatabaseCapture {
             self.restart = Some(Restart {
                 reason,
                 warned: false,
-                tried: None,
+                tried: Some(Instant::now()),
             });
         }
     }
@@ -414,6 +421,51 @@ impl DatabaseCapture {
         Ok(events)
     }
 
+    /// Call when the `-wal` is about to be removed, after its commits were read. SQLite
+    /// removes a log only after a checkpoint that copied all of it into the database
+    /// file, so the file then holds the newest version of every page the log holds.
+    /// If it does not (the file was replaced, e.g. renamed over, while connections of the
+    /// old one kept checkpointing into it), what SQLite reads without the log is not what
+    /// was staged: an error asks the caller to restart the history once the log is gone.
+    pub fn on_wal_removing(&mut self) -> CaptureResult<()> {
+        let Some(wal) = open_optional(&self.wal_path)? else {
+            return Ok(());
+        };
+        let mut log = WalTracker::new();
+        let mut pages = std::collections::BTreeSet::new();
+        for ev in poll_wal(&mut log, Some(&wal), false)? {
+            if let WalEvent::Commit(t) = ev {
+                if t.header.page_size != self.state.page_size {
+                    return Ok(());
+                }
+                pages.extend(t.pages.iter().map(|p| p.pgno));
+            }
+        }
+        // Only a log this capture read to its end says what the file must hold.
+        if pages.is_empty() || log.position() != self.tracker.position() {
+            return Ok(());
+        }
+        let Some(db) = open_optional(&self.db_path)? else {
+            return Ok(());
+        };
+        let lock = lock_pgno(self.state.page_size);
+        let mut buf = vec![0u8; self.state.page_size as usize];
+        for pgno in pages
+            .into_iter()
+            .filter(|&p| p <= self.state.commit && p != lock)
+        {
+            rollback::read_page(&db, pgno, &mut buf)?;
+            if Some(&page_hash(pgno, &buf)) != self.sums.get(pgno as usize - 1) {
+                return Err(CaptureError::CannotFollow(
+                    "the database file does not hold its WAL's commits as the WAL is removed \
+                     (replaced meanwhile?)"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Call when a handle of the backing `-wal` was closed. Reads what is new, as
     /// [`DatabaseCapture::on_wal_changed`] does, then checks that the commits already read
     /// still validate: a program other than SQLite may have written into the log (a
@@ -520,6 +572,10 @@ impl DatabaseCapture {
         // `synchronous=OFF`): those are staged first, from the file as it is before the
         // new log's first frame.
         let log_was_live = same_file && self.tracker.header().is_some();
+        if self.wal_ino.is_some() && !same_file {
+            // A new `-wal` file belongs to connections of this file.
+            self.foreign_wal = false;
+        }
         let mut tracker = self.tracker.clone();
         let polled = poll_wal_through(&mut tracker, wal, barrier, &mut self.frames)?;
         let mut batch: Vec<WalTransaction> = Vec::new();
@@ -546,6 +602,13 @@ impl DatabaseCapture {
                             "the WAL was restarted, truncated or replaced before all of its \
                              commits were read (continuity {continuity:?}; synchronous=OFF?)"
                         )));
+                    }
+                    if self.foreign_wal {
+                        return Err(CaptureError::CannotFollow(
+                            "a WAL left by the database file this one replaced restarted \
+                             (its checkpoints went into the other file)"
+                                .into(),
+                        ));
                     }
                     if !log_was_live {
                         events.extend(self.capture_before_log(new)?);

@@ -113,7 +113,7 @@ impl CaptureObserver {
             self.unrefused(op, rel, &db, res);
         }
         if is_wal {
-            self.capture.wal_replaced(&db);
+            self.capture.wal_removing(&db);
         } else if deleted {
             self.capture.deleted(&db);
         } else {

@@ -613,6 +613,20 @@ impl Capture {
         self.note_restart(db, false);
     }
 
+    /// The `-wal` of `db` is about to be removed (its commits were just read): see
+    /// [`DatabaseCapture::on_wal_removing`]; then its open file is forgotten.
+    pub(super) fn wal_removing(&self, db: &Path) {
+        if let Some(slot) = self.slot(db, false) {
+            if let Some(c) = slot.lock().as_mut() {
+                if let Err(e) = c.on_wal_removing() {
+                    c.defer_restart(e.to_string());
+                    self.note_restart(db, true);
+                }
+                c.wal_replaced();
+            }
+        }
+    }
+
     /// The `-wal` of `db` was created, or is about to be removed: forget its open file.
     pub(super) fn wal_replaced(&self, db: &Path) {
         if let Some(slot) = self.slot(db, false) {

@@ -248,7 +248,7 @@ impl PageSink for SumSink {
 const BUFFER_LIMIT: usize = 64 << 20;
 
 /// Reads page `pgno` of `db` into `buf` (zeros past the end of the file).
-fn read_page(db: &File, pgno: u32, buf: &mut [u8]) -> io::Result<()> {
+pub(super) fn read_page(db: &File, pgno: u32, buf: &mut [u8]) -> io::Result<()> {
     let off = u64::from(pgno - 1) * buf.len() as u64;
     if !read_full(db, off, buf)? {
         let len = db.metadata()?.len();
@@ -560,7 +560,10 @@ impl DatabaseCapture {
             sums: Vec::new(),
         };
         let Some(ImageRead {
-            page_size, size, ..
+            page_size,
+            size,
+            tracker,
+            ..
         }) = self.read_image(false, upto, &mut sink)?
         else {
             if at_close && self.state.txid > 0 {
@@ -590,6 +593,13 @@ impl DatabaseCapture {
             .collect();
         if changed.is_empty() && size as usize == old.len() {
             self.fingerprint = before;
+            return Ok(events);
+        }
+        // The changed pages are staged from the file: an image with WAL commits on top
+        // (a file replaced beside a live `-wal`) is staged whole instead.
+        let header = crate::sqlite::WAL_HEADER_SIZE as u64;
+        if tracker.position().is_some_and(|p| p.committed_end > header) {
+            self.snapshot_replacement("the database file changed beside its WAL", &mut events)?;
             return Ok(events);
         }
         let Some(db) = open_optional(&self.db_path)? else {
