@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use super::image::{Image, ImageSink, PageSink};
 use super::{
-    now_ms, open_optional, poll_wal, poll_wal_through, read_db_header, rollback, wal_path,
-    CaptureError, CaptureEvent, CaptureResult,
+    now_ms, open_optional, poll_wal, poll_wal_through, rollback, wal_path, CaptureError,
+    CaptureEvent, CaptureResult,
 };
 use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
@@ -375,11 +375,7 @@ impl DatabaseCapture {
 
     /// Whether the database file has an SQLite header now.
     fn is_database(&self) -> bool {
-        open_optional(&self.db_path)
-            .ok()
-            .flatten()
-            .and_then(|f| read_db_header(&f).ok().flatten())
-            .is_some()
+        super::is_database(&self.db_path)
     }
 
     /// The path relative to the backing root (the staging key).

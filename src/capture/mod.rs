@@ -197,6 +197,39 @@ fn read_db_header(file: &File) -> io::Result<Option<DbHeader>> {
     Ok(DbHeader::parse(&b).ok())
 }
 
+/// Whether SQLite would read an SQLite database at `db` (a backing path): its file has an
+/// SQLite header, or it is not empty and its `-wal` holds a committed page 1 that is one
+/// (SQLite reads page 1 from the log first). Files of other kinds cost one 100-byte read
+/// (and one of the `-wal`, if there is one beside a file without a header).
+pub fn is_database(db: &Path) -> bool {
+    let Ok(Some(file)) = open_optional(db) else {
+        return false;
+    };
+    if read_db_header(&file).ok().flatten().is_some() {
+        return true;
+    }
+    if file.metadata().map_or(true, |m| m.len() == 0) {
+        return false;
+    }
+    let Ok(Some(wal)) = open_optional(&wal_path(db)) else {
+        return false;
+    };
+    let mut tracker = WalTracker::new();
+    let Ok(events) = poll_wal(&mut tracker, Some(&wal), false) else {
+        return false;
+    };
+    let page1 = events.iter().rev().find_map(|e| match e {
+        WalEvent::Commit(t) => t.pages.iter().rev().find(|p| p.pgno == 1).map(|p| (t, *p)),
+        _ => None,
+    });
+    let Some((t, p)) = page1 else {
+        return false;
+    };
+    let mut frame = vec![0u8; crate::sqlite::WAL_FRAME_HEADER_SIZE + t.header.page_size as usize];
+    t.read_frame_page(&wal, &p, &mut frame).is_ok()
+        && DbHeader::parse(&frame[crate::sqlite::WAL_FRAME_HEADER_SIZE..]).is_ok()
+}
+
 /// The database a file belongs to, by name: `x-wal` belongs to `x`; `-shm` and
 /// `-journal` files are not captured through (None); anything else may be a database.
 pub fn database_of(rel: &Path) -> Option<(PathBuf, bool)> {

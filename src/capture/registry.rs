@@ -3,7 +3,6 @@
 //! and tells the uploader which databases have something new.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -13,8 +12,7 @@ use nix::sys::eventfd::EventFd;
 use parking_lot::Mutex;
 
 use super::{
-    database_of, read_db_header, rollback, wal_path, CaptureError, CaptureEvent, CaptureResult,
-    DatabaseCapture,
+    database_of, rollback, wal_path, CaptureError, CaptureEvent, CaptureResult, DatabaseCapture,
 };
 use crate::staging::{Staging, StagingResult};
 
@@ -409,11 +407,7 @@ impl Capture {
         let mut f = Some(f);
         loop {
             let Some(slot) = self.slot(&db, false).or_else(|| {
-                let is_db = File::open(self.root.join(&db))
-                    .ok()
-                    .and_then(|f| read_db_header(&f).ok().flatten())
-                    .is_some();
-                if is_db {
+                if super::is_database(&self.root.join(&db)) {
                     self.slot(&db, true)
                 } else {
                     None
@@ -636,15 +630,17 @@ impl Capture {
         }
     }
 
-    /// A handle of the `-wal` `rel` was closed (see [`DatabaseCapture::on_wal_closed`]);
-    /// only databases already captured.
+    /// A handle of the `-wal` `rel` was closed (see [`DatabaseCapture::on_wal_closed`]).
+    /// A database not captured yet is registered if SQLite would read one now (its file
+    /// may hold no header while its log holds page 1).
     pub fn on_wal_closed(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(rel, false, false, false, |c| c.on_wal_closed())
+        self.with_db(rel, true, false, false, |c| c.on_wal_closed())
     }
 
-    /// `rel` changed between barriers; only databases already captured are polled.
+    /// The `-wal` `rel` changed between barriers. A database not captured yet is
+    /// registered if SQLite would read one now, as at [`Capture::on_wal_closed`].
     pub fn on_changed(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(rel, false, false, false, |c| c.on_wal_changed())
+        self.with_db(rel, true, false, false, |c| c.on_wal_changed())
     }
 
     /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed
