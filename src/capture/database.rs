@@ -35,6 +35,10 @@ use crate::staging::{
 /// at the break itself).
 const RESTART_RETRY: Duration = Duration::from_millis(500);
 
+/// The largest `-wal` whose commits a close reads again (see
+/// [`DatabaseCapture::on_wal_closed`]).
+const REVALIDATE_LIMIT: u64 = 64 << 20;
+
 /// What [`DatabaseCapture::read_image`] read.
 pub(super) struct ImageRead {
     /// The tracker that read the WAL, at the position the image includes.
@@ -467,6 +471,8 @@ impl DatabaseCapture {
     /// still validate: a program other than SQLite may have written into the log (a
     /// corrupted checksum makes SQLite drop those frames, and its database with them).
     /// SQLite's own writers keep the log open, so this runs at their closes only.
+    /// Logs past [`REVALIDATE_LIMIT`] are not read again (a checkpoint keeps a log far
+    /// smaller unless the application turned it off).
     pub fn on_wal_closed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         let events = self.on_wal_changed()?;
         let (Some(pos), Some(_)) = (self.tracker.position(), self.tracker.header()) else {
@@ -475,6 +481,9 @@ impl DatabaseCapture {
         let Some(wal) = open_optional(&self.wal_path)? else {
             return Ok(events);
         };
+        if wal.metadata()?.len() > REVALIDATE_LIMIT {
+            return Ok(events);
+        }
         let mut fresh = WalTracker::new();
         poll_wal(&mut fresh, Some(&wal), false)?;
         let corrupt = match fresh.position() {
