@@ -11,6 +11,7 @@
 //! it, and the replica stays at the last TXID staged. The application never sees any of
 //! this; only a failure of staging itself ([`CaptureError::Staging`]) leaves a step.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,8 @@ pub(super) struct ImageRead {
     /// The database file's `stat` from before the read: what the image is known to match
     /// (a write racing the read moves the file past it, so a later check compares again).
     pub before: Option<rollback::Fingerprint>,
+    /// The pages the image took from the WAL.
+    pub log_pages: BTreeSet<u32>,
 }
 
 /// A restart of a database's history that waits for a consistent point.
@@ -109,6 +112,11 @@ pub struct DatabaseCapture {
     /// belongs to connections of the old file, whose checkpoints go into the old file.
     /// A restart of it is then no sign that this file holds the log's pages.
     pub(super) foreign_wal: bool,
+    /// The pages staged from the log generation being read (after a snapshot or a
+    /// resume: the pages the image took from it), or `None` if unknown (a resume without
+    /// reading the files). When the log ends, the database file must hold their staged
+    /// versions (see [`DatabaseCapture::check_log_checkpointed`]).
+    pub(super) log_pages: Option<BTreeSet<u32>>,
 }
 
 impl DatabaseCapture {
@@ -173,6 +181,7 @@ impl DatabaseCapture {
             journal_committed: false,
             unseen_writes: false,
             foreign_wal: false,
+            log_pages: Some(BTreeSet::new()),
         };
         // The database exists (again): a deletion marker not yet uploaded is void.
         c.staging.clear_deleted(rel, None)?;
@@ -421,49 +430,65 @@ impl DatabaseCapture {
         Ok(events)
     }
 
-    /// Call when the `-wal` is about to be removed, after its commits were read. SQLite
-    /// removes a log only after a checkpoint that copied all of it into the database
-    /// file, so the file then holds the newest version of every page the log holds.
-    /// If it does not (the file was replaced, e.g. renamed over, while connections of the
-    /// old one kept checkpointing into it), what SQLite reads without the log is not what
-    /// was staged: an error asks the caller to restart the history once the log is gone.
+    /// Call when the `-wal` is about to be removed, after its commits were read: see
+    /// [`DatabaseCapture::check_log_checkpointed`]. An error asks the caller to restart
+    /// the history once the log is gone.
     pub fn on_wal_removing(&mut self) -> CaptureResult<()> {
         let Some(wal) = open_optional(&self.wal_path)? else {
             return Ok(());
         };
-        let mut log = WalTracker::new();
-        let mut pages = std::collections::BTreeSet::new();
-        for ev in poll_wal(&mut log, Some(&wal), false)? {
-            if let WalEvent::Commit(t) = ev {
-                if t.header.page_size != self.state.page_size {
-                    return Ok(());
-                }
-                pages.extend(t.pages.iter().map(|p| p.pgno));
-            }
-        }
         // Only a log this capture read to its end says what the file must hold.
-        if pages.is_empty() || log.position() != self.tracker.position() {
+        let mut log = self.tracker.clone();
+        if self.tracker.header().is_none() || !poll_wal(&mut log, Some(&wal), false)?.is_empty() {
             return Ok(());
         }
+        self.check_log_checkpointed(None)
+    }
+
+    /// Call when the log generation being read ends (restarted, truncated, invalidated or
+    /// removed) with all of its commits read. SQLite ends a log only after a checkpoint
+    /// copied all of it into the database file, which then holds the staged version of
+    /// every page staged from the log. If it does not (the `-wal` was replaced or cut by
+    /// another program; the file was replaced, e.g. renamed over, while connections of
+    /// the old one kept checkpointing into it), what SQLite reads now is not what was
+    /// staged: a [`CaptureError::CannotFollow`] restarts the history. `next`: what the
+    /// next log, now in the `-wal`, wrote as read (a checkpoint of it may have reached the
+    /// file already); `None` while the `-wal` still holds the log that ends.
+    fn check_log_checkpointed(&mut self, next: Option<&Rewritten>) -> CaptureResult<()> {
+        let Some(pages) = self.log_pages.replace(BTreeSet::new()) else {
+            return Ok(());
+        };
         let Some(db) = open_optional(&self.db_path)? else {
             return Ok(());
         };
         let lock = lock_pgno(self.state.page_size);
         let mut buf = vec![0u8; self.state.page_size as usize];
-        for pgno in pages
-            .into_iter()
-            .filter(|&p| p <= self.state.commit && p != lock)
-        {
+        let mut differ = Vec::new();
+        for pgno in pages {
+            if pgno > self.state.commit || pgno == lock || next.is_some_and(|n| n.covers(pgno)) {
+                continue;
+            }
             rollback::read_page(&db, pgno, &mut buf)?;
             if Some(&page_hash(pgno, &buf)) != self.sums.get(pgno as usize - 1) {
-                return Err(CaptureError::CannotFollow(
-                    "the database file does not hold its WAL's commits as the WAL is removed \
-                     (replaced meanwhile?)"
-                        .into(),
-                ));
+                differ.push(pgno);
             }
         }
-        Ok(())
+        if differ.is_empty() {
+            return Ok(());
+        }
+        // Commits of the next log read after the poll may have been checkpointed since.
+        if let (Some(_), Some(wal)) = (next, open_optional(&self.wal_path)?) {
+            let current = Rewritten::by(&poll_wal(&mut WalTracker::new(), Some(&wal), false)?);
+            differ.retain(|&p| !current.covers(p));
+        }
+        if differ.is_empty() {
+            return Ok(());
+        }
+        Err(CaptureError::CannotFollow(format!(
+            "the WAL ended but the database file does not hold {} of its committed pages \
+             (the WAL replaced or cut outside SQLite, or the file replaced meanwhile?)",
+            differ.len()
+        )))
     }
 
     /// Call when a handle of the backing `-wal` was closed. Reads what is new, as
@@ -583,6 +608,14 @@ impl DatabaseCapture {
         }
         let mut tracker = self.tracker.clone();
         let polled = poll_wal_through(&mut tracker, wal, barrier, &mut self.frames)?;
+        // What the commits this poll found wrote (see `check_log_checkpointed`), if a log
+        // ended.
+        let ended = polled.iter().any(|ev| !matches!(ev, WalEvent::Commit(_)));
+        let newer = if ended {
+            Rewritten::by(&polled)
+        } else {
+            Rewritten::default()
+        };
         let mut batch: Vec<WalTransaction> = Vec::new();
         let mut log_changed = false;
         for ev in polled {
@@ -593,6 +626,8 @@ impl DatabaseCapture {
                 // A switch from rollback-journal mode: the rollback commits were staged
                 // (the header change to WAL is one), so the history simply continues.
                 WalEvent::Started { header } => {
+                    // Pages of a log that ended unseen: the comparison below looks at all.
+                    self.log_pages = Some(BTreeSet::new());
                     if !log_was_live {
                         events.extend(self.capture_before_log(header)?);
                     }
@@ -615,6 +650,7 @@ impl DatabaseCapture {
                                 .into(),
                         ));
                     }
+                    self.check_log_checkpointed(Some(&newer))?;
                     if !log_was_live {
                         events.extend(self.capture_before_log(new)?);
                     }
@@ -632,6 +668,7 @@ impl DatabaseCapture {
                              commits were read (continuity {continuity:?}; synchronous=OFF?)"
                         )));
                     }
+                    self.check_log_checkpointed(Some(&newer))?;
                 }
                 WalEvent::Commit(txn) => batch.push(txn),
             }
@@ -752,6 +789,9 @@ impl DatabaseCapture {
             new_sums.push((pgno, c));
         }
         w.finish(sum)?;
+        if let Some(log_pages) = &mut self.log_pages {
+            log_pages.extend(new_sums.iter().map(|&(pgno, _)| pgno));
+        }
         self.record_staged(&header, sum, new_sums);
         self.state.wal = Some(WalPosition::after(last));
         Ok(CaptureEvent::Staged {
@@ -824,6 +864,7 @@ impl DatabaseCapture {
             let Some(image) = Image::read(&db, wal.as_ref(), &txns, journal)? else {
                 return Ok(None);
             };
+            let log_pages = image.overlay.keys().copied().collect();
             sink.start(image.page_size, image.size)?;
             if !image.walk(&db, wal.as_ref(), |pgno, data| sink.page(pgno, data))? {
                 continue;
@@ -855,6 +896,7 @@ impl DatabaseCapture {
                 size: image.size,
                 from_journal: image.originals.is_some(),
                 before,
+                log_pages,
             }));
         }
         Err(CaptureError::CannotFollow(
@@ -879,6 +921,7 @@ impl DatabaseCapture {
             size,
             from_journal,
             before,
+            log_pages,
         }) = got
         else {
             return Err(CaptureError::NoDatabase);
@@ -901,6 +944,7 @@ impl DatabaseCapture {
         }
         self.tracker = tracker;
         self.sums = sums;
+        self.log_pages = Some(log_pages);
         self.pending = None;
         // An empty image stages nothing, so the history keeps its page size: the next
         // batch of another page size is then a snapshot, never a batch the replica could
@@ -995,9 +1039,10 @@ impl DatabaseCapture {
             Some(wal) if read_full(&wal, 0, &mut hb)? => crate::sqlite::WalHeader::parse(&hb).ok(),
             _ => None,
         };
-        self.tracker = match (self.state.wal, header) {
-            (Some(pos), Some(h)) if pos.header == h => WalTracker::resume(pos),
-            (_, None) => WalTracker::new(),
+        // The pages of a log read before the stop are not known: its end is not checked.
+        (self.tracker, self.log_pages) = match (self.state.wal, header) {
+            (Some(pos), Some(h)) if pos.header == h => (WalTracker::resume(pos), None),
+            (_, None) => (WalTracker::new(), Some(BTreeSet::new())),
             _ => return Ok(false),
         };
         self.state.wal = self.tracker.position();
@@ -1054,6 +1099,7 @@ impl DatabaseCapture {
                 size,
                 from_journal,
                 before,
+                log_pages,
             }) = got
             else {
                 continue;
@@ -1065,6 +1111,7 @@ impl DatabaseCapture {
                 }
                 self.tracker = tracker;
                 self.sums = sums;
+                self.log_pages = Some(log_pages);
                 self.state.wal = self.tracker.position();
                 self.fingerprint = if from_journal { None } else { before };
                 self.save()?;
@@ -1072,6 +1119,33 @@ impl DatabaseCapture {
             }
         }
         Ok(false)
+    }
+}
+
+/// What a run of WAL commits wrote: pages whose content in the database file may come from
+/// them, once they are checkpointed.
+#[derive(Default)]
+struct Rewritten {
+    pages: BTreeSet<u32>,
+    /// The smallest size, in pages, a commit left the database at (a checkpoint truncates
+    /// the file to it).
+    min_size: Option<u32>,
+}
+
+impl Rewritten {
+    fn by(events: &[WalEvent]) -> Rewritten {
+        let mut r = Rewritten::default();
+        for ev in events {
+            if let WalEvent::Commit(t) = ev {
+                r.pages.extend(t.pages.iter().map(|p| p.pgno));
+                r.min_size = Some(r.min_size.map_or(t.db_size, |s| s.min(t.db_size)));
+            }
+        }
+        r
+    }
+
+    fn covers(&self, pgno: u32) -> bool {
+        self.pages.contains(&pgno) || self.min_size.is_some_and(|s| pgno > s)
     }
 }
 

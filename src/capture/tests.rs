@@ -1141,3 +1141,45 @@ fn a_database_file_that_is_not_a_database_for_a_moment_fails_nothing() {
     assert!(f.capture.restarting.lock().is_empty());
     assert_eq!(rebuild(&f), sqlite_view(&f));
 }
+
+/// A `-wal` whose commits were never checkpointed, cut by another program (rewritten with
+/// a fresh header and no frames): SQLite now reads the database file alone, so the
+/// history restarts from it, although every commit of the old log had been read.
+#[test]
+fn a_log_cut_before_its_checkpoint_restarts_from_the_database_file() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    drop(conn);
+    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(9000))", [])
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    drop(conn);
+    let wal = f.db.with_file_name("app.db-wal");
+    assert!(
+        fs::metadata(&wal).is_err(),
+        "the last close removed the log"
+    );
+    let conn = open_db(&f.db, 4096, "FULL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(5000))", [])
+        .unwrap();
+    conn.execute("UPDATE t SET v = randomblob(100) WHERE id = 1", [])
+        .unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert_eq!(heals(&ev), 0, "{ev:?}");
+    assert_eq!(rebuild(&f), sqlite_view(&f));
+    // Another program truncates the log and writes the header of a log of its own.
+    let header = foreign_wal(4096, false)[..32].to_vec();
+    fs::write(&wal, header).unwrap();
+    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    assert!(
+        matches!(&ev.last(), Some(CaptureEvent::Healed { reason, .. }) if reason.contains("does not hold")),
+        "{ev:?}"
+    );
+    drop(conn);
+    assert_eq!(rebuild(&f), sqlite_view(&f));
+}
