@@ -108,6 +108,12 @@ pub struct DatabaseCapture {
     /// The database file was written without a barrier before the rollback journal
     /// transaction now open began (see [`DatabaseCapture::on_journal_begins`]).
     pub(super) unseen_writes: bool,
+    /// The beginning of the rollback journal transaction now open was seen (its journal
+    /// created, or synced live). A journal that commits without it (kept from TRUNCATE or
+    /// PERSIST mode, reused with `synchronous=OFF`, and unlinked at a switch to DELETE or
+    /// WAL mode) lists only its own transaction's pages, not those of the commits made
+    /// before it without a barrier.
+    pub(super) journal_begin_seen: bool,
     /// The file replaced another (renamed over it) while a `-wal` was beside it: that log
     /// belongs to connections of the old file, whose checkpoints go into the old file.
     /// A restart of it is then no sign that this file holds the log's pages.
@@ -180,6 +186,7 @@ impl DatabaseCapture {
             restart: None,
             journal_committed: false,
             unseen_writes: false,
+            journal_begin_seen: false,
             foreign_wal: false,
             log_pages: Some(BTreeSet::new()),
         };

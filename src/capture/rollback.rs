@@ -348,6 +348,12 @@ impl DatabaseCapture {
                 // lists the pages.
                 if self.pending.is_none() {
                     if let Some((f, scan)) = scan_live(&self.journal_path)? {
+                        if !self.journal_begin_seen {
+                            // A journal kept from TRUNCATE or PERSIST mode: the commits
+                            // made before this transaction without a barrier are not in
+                            // its list.
+                            self.unseen_writes = true;
+                        }
                         self.remember(&f, &scan)?;
                     }
                 }
@@ -394,6 +400,7 @@ impl DatabaseCapture {
     /// with `synchronous=OFF`, or a write outside SQLite), and the journal's page list at
     /// the commit will not cover that: the commit then compares the whole file instead.
     pub fn on_journal_begins(&mut self) {
+        self.journal_begin_seen = true;
         if Fingerprint::of(&self.db_path) != self.fingerprint {
             self.unseen_writes = true;
         }
@@ -468,6 +475,7 @@ impl DatabaseCapture {
         // comparison, the restart's snapshot if this fails), the journal no longer holds
         // the committed state. The step clears it when it ends.
         self.journal_committed = true;
+        self.journal_begin_seen = false;
         match self.pending.take() {
             Some(p) => {
                 let res = self.stage_journal_commit(&p);

@@ -870,6 +870,46 @@ fn rollback_journal_commits_are_staged_at_the_invalidation() {
     }
 }
 
+/// `synchronous=OFF` in PERSIST mode: commits are plain writes (the kept journal is
+/// neither created nor synced), and a switch to DELETE or WAL mode commits the next
+/// transaction by unlinking that journal, which lists only its own pages. The commits
+/// before it must not be lost.
+#[test]
+fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "PERSIST");
+    conn.execute_batch(
+        "PRAGMA synchronous=OFF; CREATE TABLE u(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<50)
+         INSERT INTO t(v) SELECT randomblob(700) FROM c;",
+    )
+    .unwrap();
+    f.capture
+        .on_journal(&f.rel, rollback::JournalBarrier::Synced)
+        .unwrap();
+    assert_rollback_replica_matches(&f);
+    // A commit with no barrier at all: pages of table u only.
+    conn.execute("INSERT INTO u(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    // The next transaction spills, so its journal is live while the file holds its pages.
+    conn.execute_batch(
+        "PRAGMA cache_size=2; BEGIN; UPDATE t SET v = randomblob(700) WHERE id = 7;",
+    )
+    .unwrap();
+    conn.execute_batch("UPDATE t SET v = randomblob(700) WHERE id = 40;")
+        .unwrap();
+    let journal = rollback::journal_path(&f.db);
+    let live = fs::read(&journal).unwrap();
+    conn.execute_batch("COMMIT").unwrap();
+    // As at the switch's unlink: the file committed, the journal still live beside it.
+    fs::write(&journal, &live).unwrap();
+    f.capture
+        .on_journal(&f.rel, rollback::JournalBarrier::Unlinking)
+        .unwrap();
+    fs::remove_file(&journal).unwrap();
+    assert_rollback_replica_matches(&f);
+}
+
 #[test]
 fn open_transaction_and_rollback_stage_nothing_uncommitted() {
     let f = fixture();
