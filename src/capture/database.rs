@@ -636,7 +636,7 @@ impl DatabaseCapture {
                     // Pages of a log that ended unseen: the comparison below looks at all.
                     self.log_pages = Some(BTreeSet::new());
                     if !log_was_live {
-                        events.extend(self.capture_before_log(header)?);
+                        events.extend(self.capture_before_log(header, &newer)?);
                     }
                 }
                 WalEvent::Restarted {
@@ -659,7 +659,7 @@ impl DatabaseCapture {
                     }
                     self.check_log_checkpointed(Some(&newer))?;
                     if !log_was_live {
-                        events.extend(self.capture_before_log(new)?);
+                        events.extend(self.capture_before_log(new, &newer)?);
                     }
                 }
                 WalEvent::Truncated { continuity, .. }
@@ -1132,7 +1132,7 @@ impl DatabaseCapture {
 /// What a run of WAL commits wrote: pages whose content in the database file may come from
 /// them, once they are checkpointed.
 #[derive(Default)]
-struct Rewritten {
+pub(super) struct Rewritten {
     pages: BTreeSet<u32>,
     /// The smallest size, in pages, a commit left the database at (a checkpoint truncates
     /// the file to it).
@@ -1151,7 +1151,7 @@ impl Rewritten {
         r
     }
 
-    fn covers(&self, pgno: u32) -> bool {
+    pub(super) fn covers(&self, pgno: u32) -> bool {
         self.pages.contains(&pgno) || self.min_size.is_some_and(|s| pgno > s)
     }
 }

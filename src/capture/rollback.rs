@@ -26,7 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::database::ImageRead;
+use super::database::{ImageRead, Rewritten};
 use super::image::PageSink;
 use super::{
     now_ms, open_optional, read_db_header, CaptureError, CaptureEvent, CaptureResult,
@@ -535,23 +535,30 @@ impl DatabaseCapture {
 
     /// Stages what the database file holds that the replica does not, as it is before the
     /// log `header` begins (see [`DatabaseCapture::capture_from`]).
+    /// `logged`: what the new log's commits read in the same poll wrote. A checkpoint may
+    /// already have copied them into the file (a log read only after its checkpoint, when
+    /// the writer closed before the watcher looked): those pages, and the size if page 1
+    /// is among them, are not the file's state before the log, and are left to the log.
     pub(super) fn capture_before_log(
         &mut self,
         header: WalHeader,
+        logged: &Rewritten,
     ) -> CaptureResult<Vec<CaptureEvent>> {
         if self.state.txid == 0 {
             return Ok(Vec::new());
         }
-        self.capture_diff_at(false, Some(WalPosition::start(header)))
+        self.capture_diff_at(false, Some((WalPosition::start(header), logged)))
     }
 
-    /// [`DatabaseCapture::capture_diff`] of the image at `upto` (a WAL position), or of
-    /// the whole committed image.
+    /// [`DatabaseCapture::capture_diff`] of the image at the start of a log (see
+    /// [`DatabaseCapture::capture_before_log`]), or of the whole committed image.
     fn capture_diff_at(
         &mut self,
         at_close: bool,
-        upto: Option<WalPosition>,
+        before_log: Option<(WalPosition, &Rewritten)>,
     ) -> CaptureResult<Vec<CaptureEvent>> {
+        let upto = before_log.as_ref().map(|(p, _)| *p);
+        let logged = |pgno: u32| before_log.as_ref().is_some_and(|(_, r)| r.covers(pgno));
         // The `stat` from before the read is what the staged state is recorded to match:
         // a write racing the read (a close is reported after the program went on, maybe
         // to its next transaction) leaves the file different from it, so the next check
@@ -593,14 +600,18 @@ impl DatabaseCapture {
             return Ok(events);
         }
         let old = &self.sums;
+        // The size is page 1's: the log's if its commits wrote page 1.
+        let size = if logged(1) { old.len() as u32 } else { size };
         let changed: Vec<u32> = (1..=size)
             .filter(|&pgno| {
                 let i = pgno as usize - 1;
-                pgno != lock_pgno(page_size) && old.get(i) != Some(&sink.sums[i])
+                pgno != lock_pgno(page_size) && !logged(pgno) && old.get(i) != sink.sums.get(i)
             })
             .collect();
         if changed.is_empty() && size as usize == old.len() {
-            self.fingerprint = before;
+            if before_log.is_none() {
+                self.fingerprint = before;
+            }
             return Ok(events);
         }
         // The changed pages are staged from the file: an image with WAL commits on top

@@ -372,6 +372,37 @@ fn synchronous_off_missed_restart_heals() {
     assert_replica_matches(&f, &conn);
 }
 
+/// A writer that opens a new `-wal`, commits and checkpoints before capture reads the log
+/// (the watcher was late, the close's checkpoint fsync is the first barrier): the file
+/// already holds the log's pages, which are not barrier-less writes made before the log.
+/// The commit is staged once, as one TXID.
+#[test]
+fn a_log_read_after_its_checkpoint_is_staged_once() {
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
+        .unwrap();
+    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    drop(conn); // checkpoints and deletes the -wal
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    let before = staged_count(&f);
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    conn.execute_batch(
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<40)
+         INSERT INTO t(v) SELECT randomblob(500) FROM c;",
+    )
+    .unwrap();
+    checkpoint(&conn, "PASSIVE");
+    let ev = f.capture.on_db_syncing(&f.rel).unwrap();
+    assert_eq!(ev.len(), 1, "one commit, one batch: {ev:?}");
+    assert!(
+        matches!(ev[0], CaptureEvent::Staged { min_txid, max_txid, .. } if min_txid == max_txid),
+        "{ev:?}"
+    );
+    assert_eq!(staged_count(&f), before + 1);
+    assert_replica_matches(&f, &conn);
+}
+
 /// Reads between barriers hold their pages in memory and append page lists only; the
 /// checkpoint's database fsync makes those lists durable; the seal writes each held page
 /// once, however many batches changed it.
