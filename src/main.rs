@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,13 @@ struct Cli {
 
     #[command(subcommand)]
     command: Command,
+}
+
+/// How files holding an SQLite database are served (`--database-io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DatabaseIo {
+    Cached,
+    Passthrough,
 }
 
 #[derive(Subcommand)]
@@ -44,6 +51,11 @@ enum Command {
         /// debugging and for comparison).
         #[arg(long)]
         no_passthrough: bool,
+        /// How files holding an SQLite database are served: `cached` (through the kernel
+        /// page cache: read transactions cost no round trip to walfs, writes do) or
+        /// `passthrough` (like every other file).
+        #[arg(long, value_enum, default_value_t = DatabaseIo::Cached)]
+        database_io: DatabaseIo,
         /// Seconds the kernel may cache names and attributes. Changes made through the mount
         /// are always seen at once; this bounds how long a change made directly in BACKING
         /// can go unseen.
@@ -152,6 +164,7 @@ fn main() -> ExitCode {
             read_only,
             threads,
             no_passthrough,
+            database_io,
             cache_ttl,
             allow_nonempty,
             replicas,
@@ -170,6 +183,7 @@ fn main() -> ExitCode {
             read_only,
             threads,
             passthrough: !no_passthrough,
+            cache_databases: database_io == DatabaseIo::Cached,
             cache_ttl: Duration::from_secs_f64(cache_ttl.max(0.0)),
             allow_nonempty,
             replication: walfs::replicate::ReplicationOptions {

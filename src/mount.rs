@@ -27,6 +27,8 @@ pub struct MountOptions {
     /// Use kernel passthrough when the daemon may (CAP_SYS_ADMIN).
     pub passthrough: bool,
     pub cache_ttl: Duration,
+    /// Serve files holding an SQLite database through the kernel page cache.
+    pub cache_databases: bool,
     pub allow_nonempty: bool,
     /// Replicas to stream every database's commits to (none: a plain mirror).
     pub replication: ReplicationOptions,
@@ -55,6 +57,7 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
         read_only: opts.read_only,
         io_mode,
         cache_ttl: opts.cache_ttl,
+        cache_databases: opts.cache_databases,
     };
     let replication = if opts.replication.replicas.is_empty() {
         None

@@ -550,6 +550,11 @@ fn wal_two_writer_processes_and_a_reader() {
 }
 
 #[test]
+fn wal_two_writer_processes_and_a_reader_database_passthrough() {
+    concurrent_writers("WAL", &["--database-io", "passthrough"]);
+}
+
+#[test]
 fn wal_two_writer_processes_and_a_reader_no_passthrough() {
     concurrent_writers("WAL", &["--no-passthrough"]);
 }
@@ -557,6 +562,11 @@ fn wal_two_writer_processes_and_a_reader_no_passthrough() {
 #[test]
 fn delete_journal_two_writer_processes() {
     concurrent_writers("DELETE", &[]);
+}
+
+#[test]
+fn delete_journal_two_writer_processes_database_passthrough() {
+    concurrent_writers("DELETE", &["--database-io", "passthrough"]);
 }
 
 #[test]
@@ -807,6 +817,11 @@ fn wal_writer_killed_mid_workload_no_passthrough() {
 }
 
 #[test]
+fn wal_writer_killed_mid_workload_database_passthrough() {
+    crash_writer("WAL", &["--database-io", "passthrough"]);
+}
+
+#[test]
 fn delete_journal_writer_killed_mid_workload() {
     crash_writer("DELETE", &[]);
 }
@@ -841,4 +856,157 @@ fn memory_journal_mode() {
 #[test]
 fn off_journal_mode() {
     journal_in_memory_or_off("OFF");
+}
+
+// ---------------------------------------------------------------------------------------
+// Database files in the kernel page cache (`--database-io cached`, the default).
+
+/// The count of `op` requests in the summary walfs logs at unmount
+/// (`requests=lookup=21/7us getattr=118/1us ...`).
+fn requests(log: &str, op: &str) -> u64 {
+    let summary = log
+        .lines()
+        .find_map(|l| l.split_once("requests=").map(|(_, s)| s))
+        .unwrap_or_else(|| panic!("no request summary in the log: {log}"));
+    summary
+        .split_whitespace()
+        .find_map(|field| {
+            let (name, rest) = field.split_once('=')?;
+            (name == op).then(|| rest.split('/').next().unwrap().parse().unwrap())
+        })
+        .unwrap_or(0)
+}
+
+/// Point reads, one read transaction each, on a database of `rows` rows.
+fn point_reads(conn: &Connection, rows: i64, n: i64) {
+    for i in 0..n {
+        let id = (i * 7_919) % rows + 1;
+        let got: i64 = conn
+            .query_row("SELECT val FROM t WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap();
+        assert!(got >= 0);
+    }
+}
+
+/// Round trips of read transactions: with the database in the page cache a read
+/// transaction reaches walfs for nothing (no `getattr` for SQLite's `fstat`, and a
+/// commit keeps the cached pages); in passthrough every read invalidates the atime and
+/// the next transaction's `fstat` asks walfs.
+fn read_transactions(journal: &str, mount_args: &[&str]) -> (u64, u64) {
+    const ROWS: i64 = 2_000;
+    const READS: i64 = 3_000;
+    // The request summary is logged at unmount, at level info.
+    let mut m = Mount::with_env(mount_args, &[("RUST_LOG", "info")]);
+    let db = m.path("r.db");
+    create_db(&db, journal);
+    {
+        let mut conn = open(&db, journal);
+        commit_rows(&mut conn, 1, 0, ROWS);
+    }
+    let conn = open(&db, journal);
+    conn.execute_batch("PRAGMA cache_size=5; PRAGMA mmap_size=0;")
+        .unwrap();
+    point_reads(&conn, ROWS, READS);
+    // A commit between reads must not cost the cache.
+    let mut writer = open(&db, journal);
+    commit_rows(&mut writer, 2, 0, 1);
+    drop(writer);
+    point_reads(&conn, ROWS, READS);
+    drop(conn);
+    let log = m.stop();
+    (requests(&log, "getattr"), requests(&log, "read"))
+}
+
+#[test]
+fn read_transactions_on_a_cached_database_make_no_round_trip() {
+    for journal in ["DELETE", "WAL"] {
+        let (getattrs, reads) = read_transactions(journal, &[]);
+        eprintln!("{journal}: {getattrs} getattr and {reads} read requests");
+        // The setup and the writer's transactions make a few hundred at most; 6,000 read
+        // transactions would make 6,000 more.
+        assert!(getattrs < 300, "{journal}: {getattrs} getattr requests");
+        // The database is about 1.3 MB: reading it once is a few hundred requests.
+        assert!(reads < 500, "{journal}: {reads} read requests");
+    }
+    // The control: the same in passthrough pays a getattr per read transaction.
+    let (getattrs, _) = read_transactions("DELETE", &["--database-io", "passthrough"]);
+    eprintln!("passthrough: {getattrs} getattr requests");
+    assert!(
+        getattrs >= 6_000,
+        "passthrough: {getattrs} getattr requests"
+    );
+}
+
+/// The kernel keeps a database's cached pages between opens only while the backing file
+/// is as the last close left it: a change made in BACKING directly, or through a
+/// passthrough open of the same file, is seen by the next open.
+#[test]
+fn a_database_changed_behind_the_cache_is_read_fresh_at_the_next_open() {
+    let m = Mount::new();
+    let db = m.path("s.db");
+    create_db(&db, "DELETE");
+    let count = |conn: &Connection| -> i64 {
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    };
+    {
+        let mut conn = open(&db, "DELETE");
+        commit_rows(&mut conn, 1, 0, 10);
+        assert_eq!(count(&conn), 10);
+    }
+    // Written in BACKING directly, while no handle is open through the mount.
+    let backing = common::sqlite3(
+        &m.backing_path("s.db"),
+        "INSERT INTO t(writer, seq, val, pad) VALUES (9, 1, 1, x'00'); SELECT count(*) FROM t;",
+    );
+    assert_eq!(backing.trim(), "11");
+    let conn = open(&db, "DELETE");
+    assert_eq!(
+        count(&conn),
+        11,
+        "the change in BACKING is seen through the mount"
+    );
+    integrity_check(&conn);
+    drop(conn);
+    // A write-only open is served in passthrough (its data cannot be read to recognise
+    // the database); what it writes must not be hidden by the cached pages either.
+    let page1 = std::fs::read(m.backing_path("s.db")).unwrap()[..100].to_vec();
+    let mut page1_changed = page1.clone();
+    page1_changed[24..28].copy_from_slice(&0x7777_7777u32.to_be_bytes()); // change counter
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+        f.write_all_at(&page1_changed[24..28], 24).unwrap();
+    }
+    let through = std::fs::read(&db).unwrap();
+    assert_eq!(&through[24..28], &page1_changed[24..28]);
+    finish(m, "s.db", &[]);
+}
+
+/// The kernel refuses to mix passthrough and page-cache opens of one file (the open fails
+/// with EIO): a file opened while it was not yet a database keeps passthrough for every
+/// open until all are closed, and the next open of the database uses the cache.
+#[test]
+fn a_file_that_becomes_a_database_while_open_keeps_its_mode() {
+    let m = Mount::new();
+    let db = m.path("n.db");
+    let held = std::fs::File::create(&db).unwrap();
+    create_db(&db, "DELETE");
+    {
+        let mut conn = open(&db, "DELETE");
+        commit_rows(&mut conn, 1, 0, 50);
+        // A second, read-only open of the file, now a database, while the first is held.
+        let ro =
+            Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let n: i64 = ro
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 50);
+    }
+    drop(held);
+    let mut conn = open(&db, "DELETE");
+    commit_rows(&mut conn, 1, 50, 50);
+    integrity_check(&conn);
+    drop(conn);
+    finish(m, "n.db", &[]);
 }

@@ -18,9 +18,10 @@ use fuser::{BackingId, FileAttr, FileType, TimeOrNow};
 use parking_lot::{Mutex, RwLock};
 
 use super::error::{FsError, FsResult};
-use super::inode::{Inode, InodeTable, PathGeneration};
+use super::inode::{Inode, InodeTable, PathGeneration, Stamp};
 use super::observer::{Node, Observer};
 use super::sys;
+use crate::sqlite::header::SQLITE_MAGIC;
 
 /// How regular files are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,9 @@ pub struct FsConfig {
     /// through the mount are always seen at once; this only delays changes made to the
     /// backing directory behind walfs's back.
     pub cache_ttl: Duration,
+    /// Serve files that hold an SQLite database through the kernel page cache even when
+    /// passthrough is on (see `PassthroughFs::data_path`).
+    pub cache_databases: bool,
 }
 
 /// Who is calling, for operations that create files.
@@ -67,6 +71,16 @@ pub struct Opened {
     pub fh: u64,
     /// Present when the kernel should serve this handle's I/O from the backing file.
     pub passthrough: Option<Arc<BackingId>>,
+    /// Without passthrough: the kernel's cached pages of the file are current (opens of
+    /// it are still open, or the file has not changed since the last one closed), so the
+    /// kernel may keep them (`FOPEN_KEEP_CACHE`).
+    pub keep_cache: bool,
+}
+
+/// How the kernel serves a new open's data (see `PassthroughFs::data_path`).
+enum DataPath {
+    Passthrough(Arc<BackingId>),
+    Cached { keep_cache: bool },
 }
 
 /// Registers a backing descriptor for kernel passthrough (a `ReplyOpen::open_backing`).
@@ -77,6 +91,8 @@ struct Handle {
     fd: OwnedFd,
     inode: Arc<Inode>,
     writable: bool,
+    /// Served through the page cache (counted in the inode's `OpenIo::cached`).
+    cached: bool,
     /// Keeps the kernel's passthrough registration alive while the handle is open.
     _passthrough: Option<Arc<BackingId>>,
 }
@@ -370,37 +386,56 @@ impl PassthroughFs {
 
     // ---- files -------------------------------------------------------------------------
 
-    /// Registers `fd` (an open of `inode`) for passthrough, sharing one registration per
-    /// inode among all its open handles, as the kernel requires.
-    fn passthrough_for(
+    /// Decides how the kernel serves the data of a new open `fd` of `inode`, and registers
+    /// it: `Some` for kernel passthrough (one registration per inode, shared by all its
+    /// open handles, as the kernel requires), `None` for the page cache. An inode with open
+    /// handles keeps their mode. Otherwise a file that holds an SQLite database goes
+    /// through the page cache when `cache_databases` is set: read transactions then cost
+    /// no round trip (with passthrough, every read invalidates the inode's atime, and
+    /// SQLite's `fstat` at the start of the next read transaction asks walfs for it).
+    fn data_path(
         &self,
         inode: &Inode,
         fd: BorrowedFd<'_>,
         register: Option<BackingRegistrar<'_>>,
-    ) -> Option<Arc<BackingId>> {
-        let register = register?;
-        if !inode.is_regular() || !self.passthrough_enabled() {
-            return None;
+    ) -> DataPath {
+        if !inode.is_regular() {
+            return DataPath::Cached { keep_cache: true };
         }
-        let mut slot = inode.backing.lock();
-        if let Some(id) = slot.upgrade() {
-            return Some(id);
+        let mut io = inode.io.lock();
+        if let Some(id) = io.backing.upgrade() {
+            return DataPath::Passthrough(id);
         }
-        match register(fd) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                *slot = Arc::downgrade(&id);
-                Some(id)
-            }
-            Err(e) => {
-                if self.passthrough.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "kernel passthrough refused ({e}); passthrough is off, serving file I/O through walfs"
-                    );
+        let cached = io.cached > 0
+            || !self.passthrough_enabled()
+            || (self.config.cache_databases && holds_database(fd));
+        if !cached {
+            if let Some(register) = register {
+                match register(fd) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        io.backing = Arc::downgrade(&id);
+                        return DataPath::Passthrough(id);
+                    }
+                    Err(e) => {
+                        if self.passthrough.swap(false, Ordering::Relaxed) {
+                            tracing::warn!(
+                                "kernel passthrough refused ({e}); passthrough is off, serving file I/O through walfs"
+                            );
+                        }
+                    }
                 }
-                None
             }
         }
+        // The first page-cache open keeps the kernel's pages only if the file has not
+        // changed since the last one closed (passthrough writes, or writes in BACKING
+        // directly, do not reach those pages).
+        let keep_cache = io.cached > 0
+            || io
+                .cache_stamp
+                .is_some_and(|stamp| sys::fstat(fd).is_ok_and(|st| Stamp::of(&st) == stamp));
+        io.cached += 1;
+        DataPath::Cached { keep_cache }
     }
 
     fn add_handle(
@@ -410,17 +445,25 @@ impl PassthroughFs {
         flags: i32,
         register: Option<BackingRegistrar<'_>>,
     ) -> Opened {
-        let passthrough = self.passthrough_for(&inode, fd.as_fd(), register);
+        let (passthrough, keep_cache) = match self.data_path(&inode, fd.as_fd(), register) {
+            DataPath::Passthrough(id) => (Some(id), false),
+            DataPath::Cached { keep_cache } => (None, keep_cache),
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let handle = Arc::new(Handle {
+            cached: inode.is_regular() && passthrough.is_none(),
             fd,
             inode,
             writable,
             _passthrough: passthrough.clone(),
         });
         self.handles.write().insert(fh, handle);
-        Opened { fh, passthrough }
+        Opened {
+            fh,
+            passthrough,
+            keep_cache,
+        }
     }
 
     pub fn open(
@@ -512,6 +555,13 @@ impl PassthroughFs {
     pub fn release(&self, fh: u64) {
         let handle = self.handles.write().remove(&fh);
         if let Some(handle) = handle {
+            if handle.cached {
+                let mut io = handle.inode.io.lock();
+                io.cached -= 1;
+                if io.cached == 0 {
+                    io.cache_stamp = sys::fstat(handle.fd.as_fd()).ok().map(|st| Stamp::of(&st));
+                }
+            }
             self.observer
                 .released(&self.node(&handle.inode), handle.writable);
         }
@@ -692,6 +742,13 @@ fn own_flags(inode: &Inode, flags: i32) -> i32 {
     }
 }
 
+/// Whether the file open as `fd` starts with SQLite's header magic (one 16-byte read; a
+/// write-only `fd` reads as not a database).
+fn holds_database(fd: BorrowedFd<'_>) -> bool {
+    let mut magic = [0u8; 16];
+    matches!(sys::pread(fd, &mut magic, 0), Ok(16)) && &magic == SQLITE_MAGIC
+}
+
 /// [`own_flags`] of a regular file.
 fn own_file_flags(flags: i32) -> i32 {
     flags & !(libc::O_DIRECT | libc::O_APPEND)
@@ -790,6 +847,7 @@ mod tests {
             read_only: false,
             io_mode: IoMode::PageCache,
             cache_ttl: Duration::from_secs(1),
+            cache_databases: true,
         };
         PassthroughFs::new(dir, config, observer).unwrap()
     }
@@ -944,6 +1002,7 @@ mod tests {
             read_only: true,
             io_mode: IoMode::PageCache,
             cache_ttl: Duration::from_secs(1),
+            cache_databases: true,
         };
         let fs = PassthroughFs::new(dir.path(), config, Arc::new(NoObserver)).unwrap();
         let f = fs.lookup(ROOT_ID, OsStr::new("f")).unwrap();

@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use super::error::{FsError, FsResult};
-use super::filesystem::{stat_to_attr, Caller, IoMode, PassthroughFs, SetAttr};
+use super::filesystem::{stat_to_attr, Caller, Opened, PassthroughFs, SetAttr};
 use super::metrics::{Metrics, Op};
 
 /// Statfs magic of overlayfs: files on it are already one level of stacking deep.
@@ -96,11 +96,12 @@ fn caller(req: &Request) -> Caller {
 }
 
 /// Flags for an open reply: no flush on close (walfs buffers nothing), and in page-cache
-/// mode the cache survives reopening (every change goes through this mount).
-fn open_flags(io_mode: IoMode) -> FopenFlags {
-    match io_mode {
-        IoMode::Passthrough => FopenFlags::FOPEN_NOFLUSH,
-        IoMode::PageCache => FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE,
+/// mode the kernel keeps the file's cached pages when they are current.
+fn open_flags(opened: &Opened) -> FopenFlags {
+    if opened.passthrough.is_none() && opened.keep_cache {
+        FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
+    } else {
+        FopenFlags::FOPEN_NOFLUSH
     }
 }
 
@@ -119,10 +120,7 @@ impl Filesystem for FuseAdapter {
         // it the kernel checks first and then truncates with a setattr.
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
-            // In page-cache mode, drop cached pages when a file's mtime or size changed
-            // behind walfs's back (in BACKING directly), as the cache TTL promises.
-            | InitFlags::FUSE_AUTO_INVAL_DATA;
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if let Err(missing) = config.add_capabilities(wanted) {
             let _ = config.add_capabilities(wanted - missing);
         }
@@ -148,6 +146,21 @@ impl Filesystem for FuseAdapter {
             }
         } else {
             tracing::warn!("passthrough is off; serving file I/O through walfs (slower)");
+        }
+        if self.fs.passthrough_enabled() {
+            // Only database files use the page cache, and their writes all go through
+            // walfs. FUSE_AUTO_INVAL_DATA would drop a file's whole cache at every
+            // attribute refresh after a write (its mtime moved), and without
+            // FUSE_EXPLICIT_INVAL_DATA every size change would too: a read-mostly
+            // database would lose its cache at each commit. A change made in BACKING
+            // directly is seen at the next open after the file's handles all closed
+            // (`PassthroughFs::data_path`).
+            let _ = config.add_capabilities(InitFlags::FUSE_EXPLICIT_INVAL_DATA);
+        } else {
+            // Every file in the page cache: drop cached pages when a file's mtime or
+            // size changed behind walfs's back (in BACKING directly), as the cache TTL
+            // promises.
+            let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
         }
         Ok(())
     }
@@ -321,12 +334,10 @@ impl Filesystem for FuseAdapter {
         });
         match result {
             Ok(opened) => match &opened.passthrough {
-                Some(id) => reply.opened_passthrough(
-                    FileHandle(opened.fh),
-                    open_flags(IoMode::Passthrough),
-                    id,
-                ),
-                None => reply.opened(FileHandle(opened.fh), open_flags(IoMode::PageCache)),
+                Some(id) => {
+                    reply.opened_passthrough(FileHandle(opened.fh), open_flags(&opened), id)
+                }
+                None => reply.opened(FileHandle(opened.fh), open_flags(&opened)),
             },
             Err(e) => reply.error(errno(e)),
         }
@@ -555,7 +566,7 @@ impl Filesystem for FuseAdapter {
                     &attr,
                     Generation(0),
                     FileHandle(opened.fh),
-                    open_flags(IoMode::Passthrough),
+                    open_flags(&opened),
                     id,
                 ),
                 None => reply.created(
@@ -563,7 +574,7 @@ impl Filesystem for FuseAdapter {
                     &attr,
                     Generation(0),
                     FileHandle(opened.fh),
-                    open_flags(IoMode::PageCache),
+                    open_flags(&opened),
                 ),
             },
             Err(e) => reply.error(errno(e)),

@@ -47,10 +47,42 @@ pub struct Inode {
     fd: OwnedFd,
     /// Lookups the kernel holds; changed only under the table's write lock.
     lookups: AtomicU64,
-    /// The kernel passthrough registration of this file, shared by all its open handles.
-    pub backing: Mutex<Weak<BackingId>>,
+    /// How the kernel serves the data of this file's open handles.
+    pub io: Mutex<OpenIo>,
     /// The backing path last read for this node (see [`Inode::cached_path`]).
     path: Mutex<Option<CachedPath>>,
+}
+
+/// How the open handles of one file have their data served. The kernel refuses to mix
+/// passthrough and page-cache opens of one inode (the open fails with `EIO`), so the first
+/// open decides and later opens follow it until every handle is closed.
+#[derive(Default)]
+pub struct OpenIo {
+    /// The kernel passthrough registration shared by the open handles, while they use it.
+    pub backing: Weak<BackingId>,
+    /// Open handles served through the kernel page cache (reads and writes reach walfs).
+    pub cached: u32,
+    /// The backing file as the last page-cache handle left it: while it still looks the
+    /// same, the kernel's cached pages of the file are current and the next open keeps them.
+    pub cache_stamp: Option<Stamp>,
+}
+
+/// What changes when a file's content changes: size, modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    size: i64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    pub fn of(st: &libc::stat) -> Stamp {
+        Stamp {
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
 }
 
 /// A path read from `/proc/self/fd`, with the namespace generation it was read under.
@@ -140,7 +172,7 @@ impl InodeTable {
             kind: root_stat.st_mode & libc::S_IFMT,
             fd: root_fd,
             lookups: AtomicU64::new(u64::MAX / 2),
-            backing: Mutex::new(Weak::new()),
+            io: Mutex::new(OpenIo::default()),
             path: Mutex::new(None),
         });
         let mut tables = Tables::default();
@@ -201,7 +233,7 @@ impl InodeTable {
             kind: st.st_mode & libc::S_IFMT,
             fd,
             lookups: AtomicU64::new(1),
-            backing: Mutex::new(Weak::new()),
+            io: Mutex::new(OpenIo::default()),
             path: Mutex::new(None),
         });
         tables.by_id.insert(nodeid, inode.clone());
