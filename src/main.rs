@@ -51,10 +51,10 @@ enum Command {
         /// debugging and for comparison).
         #[arg(long)]
         no_passthrough: bool,
-        /// How files holding an SQLite database are served: `cached` (through the kernel
-        /// page cache: read transactions cost no round trip to walfs, writes do) or
-        /// `passthrough` (like every other file).
-        #[arg(long, value_enum, default_value_t = DatabaseIo::Cached)]
+        /// How files holding an SQLite database are served: `passthrough` (like every
+        /// other file) or `cached` (through the kernel page cache: read transactions cost
+        /// no request to walfs, each page write costs one; for read-mostly databases).
+        #[arg(long, value_enum, default_value_t = DatabaseIo::Passthrough)]
         database_io: DatabaseIo,
         /// Seconds the kernel may cache names and attributes. Changes made through the mount
         /// are always seen at once; this bounds how long a change made directly in BACKING

@@ -41,6 +41,8 @@ use rusqlite::Connection;
 const TXNS: u64 = 500;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(20);
 const CHILD_ENV: &str = "WALFS_SQLITE_CHILD";
+/// Mount arguments that serve database files through the kernel page cache.
+const CACHED: &[&str] = &["--database-io", "cached"];
 
 // ---------------------------------------------------------------------------------------
 // Deterministic row contents, shared by every writer and by the checks.
@@ -550,8 +552,8 @@ fn wal_two_writer_processes_and_a_reader() {
 }
 
 #[test]
-fn wal_two_writer_processes_and_a_reader_database_passthrough() {
-    concurrent_writers("WAL", &["--database-io", "passthrough"]);
+fn wal_two_writer_processes_and_a_reader_database_cached() {
+    concurrent_writers("WAL", CACHED);
 }
 
 #[test]
@@ -565,8 +567,8 @@ fn delete_journal_two_writer_processes() {
 }
 
 #[test]
-fn delete_journal_two_writer_processes_database_passthrough() {
-    concurrent_writers("DELETE", &["--database-io", "passthrough"]);
+fn delete_journal_two_writer_processes_database_cached() {
+    concurrent_writers("DELETE", CACHED);
 }
 
 #[test]
@@ -817,8 +819,8 @@ fn wal_writer_killed_mid_workload_no_passthrough() {
 }
 
 #[test]
-fn wal_writer_killed_mid_workload_database_passthrough() {
-    crash_writer("WAL", &["--database-io", "passthrough"]);
+fn wal_writer_killed_mid_workload_database_cached() {
+    crash_writer("WAL", CACHED);
 }
 
 #[test]
@@ -859,7 +861,7 @@ fn off_journal_mode() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Database files in the kernel page cache (`--database-io cached`, the default).
+// Database files in the kernel page cache (`--database-io cached`).
 
 /// The count of `op` requests in the summary walfs logs at unmount
 /// (`requests=lookup=21/7us getattr=118/1us ...`).
@@ -920,7 +922,7 @@ fn read_transactions(journal: &str, mount_args: &[&str]) -> (u64, u64) {
 #[test]
 fn read_transactions_on_a_cached_database_make_no_round_trip() {
     for journal in ["DELETE", "WAL"] {
-        let (getattrs, reads) = read_transactions(journal, &[]);
+        let (getattrs, reads) = read_transactions(journal, CACHED);
         eprintln!("{journal}: {getattrs} getattr and {reads} read requests");
         // The setup and the writer's transactions make a few hundred at most; 6,000 read
         // transactions would make 6,000 more.
@@ -929,7 +931,7 @@ fn read_transactions_on_a_cached_database_make_no_round_trip() {
         assert!(reads < 500, "{journal}: {reads} read requests");
     }
     // The control: the same in passthrough pays a getattr per read transaction.
-    let (getattrs, _) = read_transactions("DELETE", &["--database-io", "passthrough"]);
+    let (getattrs, _) = read_transactions("DELETE", &[]);
     eprintln!("passthrough: {getattrs} getattr requests");
     assert!(
         getattrs >= 6_000,
@@ -942,7 +944,7 @@ fn read_transactions_on_a_cached_database_make_no_round_trip() {
 /// passthrough open of the same file, is seen by the next open.
 #[test]
 fn a_database_changed_behind_the_cache_is_read_fresh_at_the_next_open() {
-    let m = Mount::new();
+    let m = Mount::with_args(CACHED);
     let db = m.path("s.db");
     create_db(&db, "DELETE");
     let count = |conn: &Connection| -> i64 {
@@ -980,7 +982,7 @@ fn a_database_changed_behind_the_cache_is_read_fresh_at_the_next_open() {
     }
     let through = std::fs::read(&db).unwrap();
     assert_eq!(&through[24..28], &page1_changed[24..28]);
-    finish(m, "s.db", &[]);
+    finish(m, "s.db", CACHED);
 }
 
 /// The kernel refuses to mix passthrough and page-cache opens of one file (the open fails
@@ -988,7 +990,7 @@ fn a_database_changed_behind_the_cache_is_read_fresh_at_the_next_open() {
 /// open until all are closed, and the next open of the database uses the cache.
 #[test]
 fn a_file_that_becomes_a_database_while_open_keeps_its_mode() {
-    let m = Mount::new();
+    let m = Mount::with_args(CACHED);
     let db = m.path("n.db");
     let held = std::fs::File::create(&db).unwrap();
     create_db(&db, "DELETE");
@@ -1008,5 +1010,5 @@ fn a_file_that_becomes_a_database_while_open_keeps_its_mode() {
     commit_rows(&mut conn, 1, 50, 50);
     integrity_check(&conn);
     drop(conn);
-    finish(m, "n.db", &[]);
+    finish(m, "n.db", CACHED);
 }
