@@ -387,8 +387,8 @@ impl PassthroughFs {
     // ---- files -------------------------------------------------------------------------
 
     /// Decides how the kernel serves the data of a new open `fd` of `inode`, and registers
-    /// it: `Some` for kernel passthrough (one registration per inode, shared by all its
-    /// open handles, as the kernel requires), `None` for the page cache. An inode with open
+    /// it: kernel passthrough (one registration per inode, shared by all its open
+    /// handles, as the kernel requires) or the page cache. An inode with open
     /// handles keeps their mode. Otherwise a file that holds an SQLite database goes
     /// through the page cache when `cache_databases` is set: read transactions then cost
     /// no round trip (with passthrough, every read invalidates the inode's atime, and

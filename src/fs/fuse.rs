@@ -148,8 +148,8 @@ impl Filesystem for FuseAdapter {
             tracing::warn!("passthrough is off; serving file I/O through walfs (slower)");
         }
         if self.fs.passthrough_enabled() {
-            // Only database files use the page cache, and their writes all go through
-            // walfs. FUSE_AUTO_INVAL_DATA would drop a file's whole cache at every
+            // Only database files opened with `--database-io cached` use the page
+            // cache, and their writes all go through walfs. FUSE_AUTO_INVAL_DATA would drop a file's whole cache at every
             // attribute refresh after a write (its mtime moved), and without
             // FUSE_EXPLICIT_INVAL_DATA every size change would too: a read-mostly
             // database would lose its cache at each commit. A change made in BACKING
