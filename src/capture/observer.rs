@@ -262,6 +262,11 @@ impl Observer for CaptureObserver {
         let Some(rel) = Self::relative(file) else {
             return;
         };
+        if let Some(db) = rollback::database_of_journal(&rel) {
+            let res = self.capture.on_journal_closed(&db);
+            self.lenient("close", &db, res);
+            return;
+        }
         // A database written and closed: changes without a journal (MEMORY, OFF), and
         // writes outside SQLite's protocol (`cp`, `cat`, `dd`). A stat filter keeps this
         // cheap for programs that open and close per request.

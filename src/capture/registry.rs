@@ -554,6 +554,15 @@ impl Capture {
         self.with_db(db, true, true, false, |c| c.on_journal(barrier))
     }
 
+    /// A handle of the rollback journal of `db` was closed (see
+    /// [`DatabaseCapture::on_journal_closed`]); only a database already captured.
+    pub fn on_journal_closed(&self, db: &Path) -> StagingResult<Vec<CaptureEvent>> {
+        self.with_db(db, false, true, false, |c| {
+            c.on_journal_closed()?;
+            Ok(Vec::new())
+        })
+    }
+
     /// A rollback journal of `db` was created: a transaction begins (see
     /// [`DatabaseCapture::on_journal_begins`]); only a database already captured.
     pub fn on_journal_created(&self, db: &Path) -> StagingResult<Vec<CaptureEvent>> {

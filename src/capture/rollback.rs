@@ -406,6 +406,26 @@ impl DatabaseCapture {
         }
     }
 
+    /// A handle of the journal was closed. SQLite closes it when a transaction ends
+    /// (outside `locking_mode=EXCLUSIVE`). If the journal is kept with no live transaction
+    /// in it (TRUNCATE or PERSIST mode), that transaction committed, maybe without a
+    /// barrier (`synchronous=OFF` in PERSIST mode: the commit zeroes the header with no
+    /// fsync), and the next one will reuse the journal without creating it: its begin
+    /// will not be seen (see `journal_begin_seen`).
+    pub fn on_journal_closed(&mut self) -> CaptureResult<()> {
+        if let Some(f) = open_optional(&self.journal_path)? {
+            let mut b = [0u8; JOURNAL_HEADER_LEN];
+            let n = read_prefix(&f, &mut b)?;
+            if matches!(
+                header_state(&b[..n]),
+                JournalHeaderState::Empty | JournalHeaderState::Zeroed
+            ) {
+                self.journal_begin_seen = false;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the `-wal` holds frames of the log the tracker reads, with commits.
     fn wal_holds_commits(&self) -> bool {
         let header = crate::sqlite::WAL_HEADER_SIZE as u64;

@@ -941,6 +941,50 @@ fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
     assert_rollback_replica_matches(&f);
 }
 
+/// The same with the kept journal created by a transaction walfs saw begin: that
+/// transaction commits without a barrier (PERSIST zeroes the header, no fsync) and closes
+/// the journal; the next one reuses it unseen. The close says the begin seen is spent.
+#[test]
+fn a_kept_journal_closed_after_a_silent_commit_spends_the_seen_begin() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "DELETE");
+    conn.execute_batch(
+        "PRAGMA synchronous=OFF; CREATE TABLE u(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<50)
+         INSERT INTO t(v) SELECT randomblob(700) FROM c;",
+    )
+    .unwrap();
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert_rollback_replica_matches(&f);
+    let got: String = conn
+        .query_row("PRAGMA journal_mode=PERSIST", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(got, "persist");
+    // The first PERSIST transaction creates the journal (seen), commits silently and
+    // closes it.
+    f.capture.on_journal_created(&f.rel).unwrap();
+    conn.execute("INSERT INTO u(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    f.capture.on_journal_closed(&f.rel).unwrap();
+    // The next one reuses the journal, spills (its journal live while the file holds
+    // its pages) and commits; the switch's unlink then finds it live, as below.
+    conn.execute_batch(
+        "PRAGMA cache_size=2; BEGIN; UPDATE t SET v = randomblob(700) WHERE id = 7;",
+    )
+    .unwrap();
+    conn.execute_batch("UPDATE t SET v = randomblob(700) WHERE id = 40;")
+        .unwrap();
+    let journal = rollback::journal_path(&f.db);
+    let live = fs::read(&journal).unwrap();
+    conn.execute_batch("COMMIT").unwrap();
+    fs::write(&journal, &live).unwrap();
+    f.capture
+        .on_journal(&f.rel, rollback::JournalBarrier::Unlinking)
+        .unwrap();
+    fs::remove_file(&journal).unwrap();
+    assert_rollback_replica_matches(&f);
+}
+
 #[test]
 fn open_transaction_and_rollback_stage_nothing_uncommitted() {
     let f = fixture();
