@@ -555,10 +555,11 @@ impl Capture {
     }
 
     /// A handle of the rollback journal of `db` was closed (see
-    /// [`DatabaseCapture::on_journal_closed`]); only a database already captured.
+    /// [`DatabaseCapture::on_journal_closed`]); only a database already captured. Not a
+    /// barrier: a waiting restart does not run here.
     pub fn on_journal_closed(&self, db: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(db, false, true, false, |c| {
-            c.on_journal_closed()?;
+        self.with_db(db, false, false, false, |c| {
+            c.on_journal_closed();
             Ok(Vec::new())
         })
     }

@@ -411,19 +411,28 @@ impl DatabaseCapture {
     /// in it (TRUNCATE or PERSIST mode), that transaction committed, maybe without a
     /// barrier (`synchronous=OFF` in PERSIST mode: the commit zeroes the header with no
     /// fsync), and the next one will reuse the journal without creating it: its begin
-    /// will not be seen (see `journal_begin_seen`).
-    pub fn on_journal_closed(&mut self) -> CaptureResult<()> {
-        if let Some(f) = open_optional(&self.journal_path)? {
-            let mut b = [0u8; JOURNAL_HEADER_LEN];
-            let n = read_prefix(&f, &mut b)?;
-            if matches!(
-                header_state(&b[..n]),
-                JournalHeaderState::Empty | JournalHeaderState::Zeroed
-            ) {
-                self.journal_begin_seen = false;
-            }
+    /// will not be seen (see `journal_begin_seen`). A journal that cannot be read counts
+    /// as kept: the next commit then compares the whole file.
+    pub fn on_journal_closed(&mut self) {
+        if !self.journal_begin_seen {
+            return;
         }
-        Ok(())
+        let kept = match open_optional(&self.journal_path) {
+            Ok(None) => false,
+            Ok(Some(f)) => {
+                let mut b = [0u8; JOURNAL_HEADER_LEN];
+                read_prefix(&f, &mut b).map_or(true, |n| {
+                    matches!(
+                        header_state(&b[..n]),
+                        JournalHeaderState::Empty | JournalHeaderState::Zeroed
+                    )
+                })
+            }
+            Err(_) => true,
+        };
+        if kept {
+            self.journal_begin_seen = false;
+        }
     }
 
     /// Whether the `-wal` holds frames of the log the tracker reads, with commits.

@@ -901,28 +901,23 @@ fn rollback_journal_commits_are_staged_at_the_invalidation() {
     }
 }
 
-/// `synchronous=OFF` in PERSIST mode: commits are plain writes (the kept journal is
-/// neither created nor synced), and a switch to DELETE or WAL mode commits the next
-/// transaction by unlinking that journal, which lists only its own pages. The commits
-/// before it must not be lost.
-#[test]
-fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
-    let f = fixture();
-    let conn = open_rollback(&f.db, "PERSIST");
+/// A database in journal `mode` with `synchronous=OFF`, 50 rows in `t` and an empty
+/// table `u`, for the kept-journal tests.
+fn kept_journal_db(f: &Fixture, mode: &str) -> Connection {
+    let conn = open_rollback(&f.db, mode);
     conn.execute_batch(
         "PRAGMA synchronous=OFF; CREATE TABLE u(id INTEGER PRIMARY KEY, v BLOB);
          WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<50)
          INSERT INTO t(v) SELECT randomblob(700) FROM c;",
     )
     .unwrap();
-    f.capture
-        .on_journal(&f.rel, rollback::JournalBarrier::Synced)
-        .unwrap();
-    assert_rollback_replica_matches(&f);
-    // A commit with no barrier at all: pages of table u only.
-    conn.execute("INSERT INTO u(v) VALUES(randomblob(3000))", [])
-        .unwrap();
-    // The next transaction spills, so its journal is live while the file holds its pages.
+    conn
+}
+
+/// A transaction that spills (its journal live while the file holds its pages) and
+/// commits; then, as at a switch to DELETE or WAL mode, the journal's unlink finds it
+/// still live beside the committed file. The replica must equal the file.
+fn commit_through_a_kept_journal_unlinked_live(f: &Fixture, conn: &Connection) {
     conn.execute_batch(
         "PRAGMA cache_size=2; BEGIN; UPDATE t SET v = randomblob(700) WHERE id = 7;",
     )
@@ -932,13 +927,30 @@ fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
     let journal = rollback::journal_path(&f.db);
     let live = fs::read(&journal).unwrap();
     conn.execute_batch("COMMIT").unwrap();
-    // As at the switch's unlink: the file committed, the journal still live beside it.
     fs::write(&journal, &live).unwrap();
     f.capture
         .on_journal(&f.rel, rollback::JournalBarrier::Unlinking)
         .unwrap();
     fs::remove_file(&journal).unwrap();
+    assert_rollback_replica_matches(f);
+}
+
+/// `synchronous=OFF` in PERSIST mode: commits are plain writes (the kept journal is
+/// neither created nor synced), and a switch to DELETE or WAL mode commits the next
+/// transaction by unlinking that journal, which lists only its own pages. The commits
+/// before it must not be lost.
+#[test]
+fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
+    let f = fixture();
+    let conn = kept_journal_db(&f, "PERSIST");
+    f.capture
+        .on_journal(&f.rel, rollback::JournalBarrier::Synced)
+        .unwrap();
     assert_rollback_replica_matches(&f);
+    // A commit with no barrier at all: pages of table u only.
+    conn.execute("INSERT INTO u(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    commit_through_a_kept_journal_unlinked_live(&f, &conn);
 }
 
 /// The same with the kept journal created by a transaction walfs saw begin: that
@@ -947,13 +959,7 @@ fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
 #[test]
 fn a_kept_journal_closed_after_a_silent_commit_spends_the_seen_begin() {
     let f = fixture();
-    let conn = open_rollback(&f.db, "DELETE");
-    conn.execute_batch(
-        "PRAGMA synchronous=OFF; CREATE TABLE u(id INTEGER PRIMARY KEY, v BLOB);
-         WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<50)
-         INSERT INTO t(v) SELECT randomblob(700) FROM c;",
-    )
-    .unwrap();
+    let conn = kept_journal_db(&f, "DELETE");
     f.capture.on_db_changed(&f.rel, true).unwrap();
     assert_rollback_replica_matches(&f);
     let got: String = conn
@@ -966,23 +972,8 @@ fn a_kept_journal_closed_after_a_silent_commit_spends_the_seen_begin() {
     conn.execute("INSERT INTO u(v) VALUES(randomblob(3000))", [])
         .unwrap();
     f.capture.on_journal_closed(&f.rel).unwrap();
-    // The next one reuses the journal, spills (its journal live while the file holds
-    // its pages) and commits; the switch's unlink then finds it live, as below.
-    conn.execute_batch(
-        "PRAGMA cache_size=2; BEGIN; UPDATE t SET v = randomblob(700) WHERE id = 7;",
-    )
-    .unwrap();
-    conn.execute_batch("UPDATE t SET v = randomblob(700) WHERE id = 40;")
-        .unwrap();
-    let journal = rollback::journal_path(&f.db);
-    let live = fs::read(&journal).unwrap();
-    conn.execute_batch("COMMIT").unwrap();
-    fs::write(&journal, &live).unwrap();
-    f.capture
-        .on_journal(&f.rel, rollback::JournalBarrier::Unlinking)
-        .unwrap();
-    fs::remove_file(&journal).unwrap();
-    assert_rollback_replica_matches(&f);
+    // The next one reuses the journal.
+    commit_through_a_kept_journal_unlinked_live(&f, &conn);
 }
 
 #[test]
