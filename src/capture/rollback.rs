@@ -145,10 +145,23 @@ fn freelist_leaves(
 /// file holds the committed state, and SQLite never takes such a journal for hot (a killed
 /// writer's leftover).
 fn scan_live(path: &Path) -> io::Result<Option<(File, JournalScan)>> {
+    scan_synced(path, JournalReadMode::Live)
+}
+
+/// Reads the journal as a rollback of it restores the database: only the records its
+/// headers count. A writer syncs the journal (and counts its records) before it writes
+/// any page they hold into the database file, so the records past the counts hold pages
+/// the file still has unchanged; a rollback skips them, and after a `cp` over the file
+/// its content there is what SQLite reads.
+fn scan_rollback(path: &Path) -> io::Result<Option<(File, JournalScan)>> {
+    scan_synced(path, JournalReadMode::Rollback)
+}
+
+fn scan_synced(path: &Path, mode: JournalReadMode) -> io::Result<Option<(File, JournalScan)>> {
     let Some(f) = open_optional(path)? else {
         return Ok(None);
     };
-    match scan_journal(&f, JournalReadMode::Live) {
+    match scan_journal(&f, mode) {
         Ok(scan) if !scan.header.synced => Ok(None),
         Ok(scan) => Ok(Some((f, scan))),
         Err(JournalError::Io(e)) => Err(e),
@@ -168,7 +181,7 @@ pub struct Originals {
 impl Originals {
     /// The live journal at `path`, if there is one.
     pub fn open(path: &Path) -> io::Result<Option<Originals>> {
-        let Some((file, scan)) = scan_live(path)? else {
+        let Some((file, scan)) = scan_rollback(path)? else {
             return Ok(None);
         };
         let mut first = BTreeMap::new();
@@ -220,7 +233,7 @@ impl Originals {
 
     /// True if the journal still reads as it did (the transaction did not move on).
     pub fn unchanged(&self) -> io::Result<bool> {
-        Ok(scan_live(&self.path)?.is_some_and(|(_, s)| s == self.scan))
+        Ok(scan_rollback(&self.path)?.is_some_and(|(_, s)| s == self.scan))
     }
 }
 
@@ -556,8 +569,9 @@ impl DatabaseCapture {
     }
 
     /// Compares the database file with the staged state (behind the `stat` filter) and
-    /// stages what differs. Nothing while a journal transaction is open or hot: its
-    /// invalidation is the commit point.
+    /// stages what differs. Beside a live journal (a transaction open, or hot after a
+    /// crash) the committed image is the file with the journal rolled back: it equals the
+    /// staged state unless something wrote the file outside SQLite's protocol.
     fn capture_diff(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
         self.capture_diff_at(at_close, None)
     }
@@ -596,9 +610,6 @@ impl DatabaseCapture {
         if before.is_some() && before == self.fingerprint {
             return Ok(Vec::new());
         }
-        if !self.journal_committed && scan_live(&self.journal_path)?.is_some() {
-            return Ok(Vec::new());
-        }
         let mut sink = SumSink {
             page_size: 0,
             sums: Vec::new(),
@@ -607,6 +618,7 @@ impl DatabaseCapture {
             page_size,
             size,
             tracker,
+            from_journal,
             ..
         }) = self.read_image(false, upto, &mut sink)?
         else {
@@ -638,9 +650,21 @@ impl DatabaseCapture {
             })
             .collect();
         if changed.is_empty() && size as usize == old.len() {
-            if before_log.is_none() {
+            // With a live journal the file holds uncommitted pages: it is not the image.
+            if before_log.is_none() && !from_journal {
                 self.fingerprint = before;
             }
+            return Ok(events);
+        }
+        if from_journal {
+            // The committed image differs beside a live (or a killed writer's hot)
+            // journal: the file was written outside SQLite's protocol (`cp` over it), and
+            // what SQLite reads is that file with the journal rolled back. The changed
+            // pages are partly in the journal: the whole image is staged.
+            self.snapshot_replacement(
+                "the database file changed beside a live rollback journal",
+                &mut events,
+            )?;
             return Ok(events);
         }
         // The changed pages are staged from the file: an image with WAL commits on top
