@@ -334,7 +334,9 @@ impl DatabaseCapture {
         // In WAL mode this is a checkpoint's end. (The header may already say WAL while
         // the journal transaction that switches to WAL mode commits.)
         if std::fs::metadata(&self.wal_path).is_ok() {
-            return self.on_wal_barrier(true);
+            let mut events = self.on_wal_barrier(true)?;
+            events.extend(self.capture_beside_an_idle_wal(false)?);
+            return Ok(events);
         }
         // No WAL: nothing staged can depend on one, so the hot path makes no fsync of its
         // own here (see docs/FORMAT.md, Staging); and unless the WAL just went, nothing is
@@ -448,6 +450,18 @@ impl DatabaseCapture {
         }
     }
 
+    /// A `-wal` that holds no commit (empty, a bare header, or not a log at all) adds
+    /// nothing to what SQLite reads: the database file is the committed image, and a
+    /// connection still in a rollback mode (`journal_mode=MEMORY` or `OFF`, opened before
+    /// the `-wal` appeared) commits by writing it directly. So, as without a `-wal`, what
+    /// changed in the file is staged.
+    fn capture_beside_an_idle_wal(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
+        if self.wal_holds_commits() {
+            return Ok(Vec::new());
+        }
+        self.capture_diff(at_close)
+    }
+
     /// Whether the `-wal` holds frames of the log the tracker reads, with commits.
     fn wal_holds_commits(&self) -> bool {
         let header = crate::sqlite::WAL_HEADER_SIZE as u64;
@@ -462,10 +476,11 @@ impl DatabaseCapture {
     /// [`super::Capture::on_db_changed`]).
     pub fn on_db_changed(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
         if std::fs::metadata(&self.wal_path).is_ok() {
-            let events = self.on_wal_changed()?;
-            if at_close {
+            let mut events = self.on_wal_changed()?;
+            if at_close && self.wal_holds_commits() {
                 self.check_written_outside_wal()?;
             }
+            events.extend(self.capture_beside_an_idle_wal(at_close)?);
             return Ok(events);
         }
         self.capture_diff(at_close)

@@ -1022,6 +1022,33 @@ fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 0);
 }
 
+/// A connection in MEMORY mode, opened before an empty `-wal` appeared (another
+/// connection's switch to WAL mode that wrote nothing yet), commits by writing the
+/// database file and syncing it: with no commit in the `-wal`, the file is what SQLite
+/// reads, and the commit must be staged at that fsync.
+#[test]
+fn a_commit_written_to_the_file_beside_an_empty_wal_is_staged() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "MEMORY");
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    assert_rollback_replica_matches(&f);
+    fs::write(f.db.with_file_name("app.db-wal"), b"").unwrap();
+    conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    assert_eq!(
+        fs::metadata(f.db.with_file_name("app.db-wal"))
+            .unwrap()
+            .len(),
+        0,
+        "the commit went to the database file"
+    );
+    f.capture.on_barrier(&f.rel, true).unwrap();
+    assert!(rebuild(&f) == sqlite_view(&f), "the commit was not staged");
+    assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 0);
+}
+
 #[test]
 fn open_transaction_and_rollback_stage_nothing_uncommitted() {
     let f = fixture();
