@@ -122,9 +122,16 @@ impl<'a> Image<'a> {
                 "the rollback journal's page size {page_size} differs from the database's {}",
                 h.page_size
             ))),
-            Some(_) => Ok(Some(Image {
+            // A rollback leaves the file as long as the journal's original size (the file's
+            // size in pages when the transaction began), and SQLite's size is the header's
+            // when it is valid: a file can be longer than the database (pages a writer
+            // killed in MEMORY or OFF mode spilled past its end). A header size past the
+            // file's end is corrupt to SQLite; the image stops at the file's end.
+            Some(h) => Ok(Some(Image {
                 page_size,
-                size: o.initial_db_pages(),
+                size: h
+                    .valid_db_size()
+                    .map_or(o.initial_db_pages(), |n| n.min(o.initial_db_pages())),
                 overlay: BTreeMap::new(),
                 originals: Some(o),
             })),

@@ -1049,6 +1049,38 @@ fn a_commit_written_to_the_file_beside_an_empty_wal_is_staged() {
     assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 0);
 }
 
+/// A file longer than its database (pages a writer killed in MEMORY or OFF mode spilled
+/// past the end, which SQLite ignores), first seen while a transaction is live: the
+/// journal's original size counts the file's pages, the header says the database's size,
+/// and SQLite reads the header's.
+#[test]
+fn a_snapshot_beside_a_live_journal_has_the_headers_size() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "DELETE");
+    conn.execute_batch(
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<60)
+         INSERT INTO t(v) SELECT randomblob(500) FROM c;",
+    )
+    .unwrap();
+    let committed = fs::read(&f.db).unwrap();
+    let mut longer = committed.clone();
+    longer.extend(std::iter::repeat_n(0x5a, 5 * 4096));
+    fs::write(&f.db, &longer).unwrap();
+    conn.execute_batch(
+        "PRAGMA cache_size=2; BEGIN; UPDATE t SET v = randomblob(500) WHERE id % 4 = 1;",
+    )
+    .unwrap();
+    let o = rollback::Originals::open(&rollback::journal_path(&f.db))
+        .unwrap()
+        .expect("a live journal");
+    assert_eq!(o.initial_db_pages() as usize, longer.len() / 4096);
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert!(
+        rebuild(&f) == committed,
+        "the snapshot is not the committed database"
+    );
+}
+
 #[test]
 fn open_transaction_and_rollback_stage_nothing_uncommitted() {
     let f = fixture();
