@@ -387,11 +387,7 @@ fn a_log_read_after_its_checkpoint_is_staged_once() {
     f.capture.on_barrier(&f.rel, true).unwrap();
     let before = staged_count(&f);
     let conn = open_db(&f.db, 4096, "NORMAL", 0);
-    conn.execute_batch(
-        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<40)
-         INSERT INTO t(v) SELECT randomblob(500) FROM c;",
-    )
-    .unwrap();
+    insert_rows(&conn, 40, 500);
     checkpoint(&conn, "PASSIVE");
     let ev = f.capture.on_db_syncing(&f.rel).unwrap();
     assert_eq!(ev.len(), 1, "one commit, one batch: {ev:?}");
@@ -842,6 +838,15 @@ fn open_rollback(path: &Path, mode: &str) -> Connection {
     conn
 }
 
+/// Inserts `rows` rows of `size` random bytes into table `t`, in one transaction.
+fn insert_rows(conn: &Connection, rows: u32, size: u32) {
+    conn.execute_batch(&format!(
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<{rows})
+         INSERT INTO t(v) SELECT randomblob({size}) FROM c;"
+    ))
+    .unwrap();
+}
+
 /// Compares the staged history with the live database file (no WAL in these modes).
 fn assert_rollback_replica_matches(f: &Fixture) {
     let live = fs::read(&f.db).unwrap();
@@ -983,11 +988,7 @@ fn a_kept_journal_closed_after_a_silent_commit_spends_the_seen_begin() {
 fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     let f = fixture();
     let conn = open_rollback(&f.db, "DELETE");
-    conn.execute_batch(
-        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<60)
-         INSERT INTO t(v) SELECT randomblob(500) FROM c;",
-    )
-    .unwrap();
+    insert_rows(&conn, 60, 500);
     f.capture.on_db_changed(&f.rel, true).unwrap();
     assert_rollback_replica_matches(&f);
     // The killed writer: its spilled transaction's file and journal, as it left them.
@@ -1003,11 +1004,7 @@ fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     // Another database of the same page size, copied over the file.
     let other = f.db.with_file_name("other.db");
     let c = open_rollback(&other, "DELETE");
-    c.execute_batch(
-        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<90)
-         INSERT INTO t(v) SELECT randomblob(450) FROM c;",
-    )
-    .unwrap();
+    insert_rows(&c, 90, 450);
     drop(c);
     fs::copy(&other, &f.db).unwrap();
     f.capture.on_db_changed(&f.rel, true).unwrap();
@@ -1057,11 +1054,7 @@ fn a_commit_written_to_the_file_beside_an_empty_wal_is_staged() {
 fn a_snapshot_beside_a_live_journal_has_the_headers_size() {
     let f = fixture();
     let conn = open_rollback(&f.db, "DELETE");
-    conn.execute_batch(
-        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<60)
-         INSERT INTO t(v) SELECT randomblob(500) FROM c;",
-    )
-    .unwrap();
+    insert_rows(&conn, 60, 500);
     let committed = fs::read(&f.db).unwrap();
     let mut longer = committed.clone();
     longer.extend(std::iter::repeat_n(0x5a, 5 * 4096));
@@ -1085,11 +1078,7 @@ fn a_snapshot_beside_a_live_journal_has_the_headers_size() {
 fn open_transaction_and_rollback_stage_nothing_uncommitted() {
     let f = fixture();
     let conn = open_rollback(&f.db, "DELETE");
-    conn.execute_batch(
-        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<100)
-         INSERT INTO t(v) SELECT randomblob(500) FROM c;",
-    )
-    .unwrap();
+    insert_rows(&conn, 100, 500);
     let committed = fs::read(&f.db).unwrap();
     // A transaction that spills into the database file and is still open: the file holds
     // uncommitted pages and the journal their originals.
@@ -1181,11 +1170,7 @@ fn a_file_that_stops_being_sqlite_is_marked_deleted() {
 fn reused_freelist_leaves_are_staged_although_not_journaled() {
     let f = fixture();
     let conn = open_rollback(&f.db, "DELETE");
-    conn.execute_batch(
-        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM c WHERE n<400)
-         INSERT INTO t(v) SELECT randomblob(3000) FROM c;",
-    )
-    .unwrap();
+    insert_rows(&conn, 400, 3000);
     f.capture.on_barrier(&f.rel, true).unwrap();
     let barrier = rollback::JournalBarrier::Unlinking;
     // Frees hundreds of pages: most become freelist leaves.
