@@ -689,10 +689,17 @@ impl DatabaseCapture {
             self.make_durable()?;
         }
         // In WAL mode the database file is written by checkpoints only, of frames read
-        // here: at such a barrier it holds the staged state. Without a `-wal` it may have
-        // been written in a rollback journal mode since (the header write that leaves WAL
-        // mode is one), which only a comparison of the file can capture.
-        if (durable || log_changed) && self.tracker.position().is_some() && wal.is_some() {
+        // here: at such a barrier it holds the staged state. Without a `-wal`, or beside
+        // one whose log had no commit read, it may have been written in a rollback
+        // journal mode since (the header write that leaves WAL mode is one; a connection
+        // still in MEMORY or OFF mode beside an empty `-wal` is another), which only a
+        // comparison of the file can capture.
+        let header = crate::sqlite::WAL_HEADER_SIZE as u64;
+        let log_had_commits = self
+            .tracker
+            .position()
+            .is_some_and(|p| p.committed_end > header);
+        if (durable || log_changed) && wal.is_some() && log_had_commits {
             self.note_fingerprint();
         }
         Ok(events)

@@ -991,9 +991,12 @@ fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     insert_rows(&conn, 60, 500);
     f.capture.on_db_changed(&f.rel, true).unwrap();
     assert_rollback_replica_matches(&f);
-    // The killed writer: its spilled transaction's file and journal, as it left them.
+    // The killed writer: its transaction's file and journal, as it left them (with
+    // `synchronous=OFF` the journal's header is final from the start; whether pages were
+    // spilled into the file depends on SQLite's page cache, shared in this process).
     conn.execute_batch(
-        "PRAGMA cache_size=2; BEGIN; UPDATE t SET v = randomblob(500) WHERE id % 4 = 1;",
+        "PRAGMA synchronous=OFF; PRAGMA cache_size=2; BEGIN;
+         UPDATE t SET v = randomblob(500) WHERE id % 4 = 1;",
     )
     .unwrap();
     let journal = rollback::journal_path(&f.db);
@@ -1009,9 +1012,8 @@ fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     fs::copy(&other, &f.db).unwrap();
     f.capture.on_db_changed(&f.rel, true).unwrap();
     let view = sqlite_view(&f);
-    assert_ne!(
-        view,
-        fs::read(&f.db).unwrap(),
+    assert!(
+        view != fs::read(&f.db).unwrap(),
         "the journal changes what SQLite reads"
     );
     let r = rebuild(&f);
@@ -1071,6 +1073,45 @@ fn a_snapshot_beside_a_live_journal_has_the_headers_size() {
     assert!(
         rebuild(&f) == committed,
         "the snapshot is not the committed database"
+    );
+}
+
+/// Capture has read a `-wal` header (a log that then went), a connection in MEMORY mode
+/// with `synchronous=OFF` commits into the file (no barrier), and an empty `-wal` appears
+/// (another connection's switch to WAL mode; its checkpoint truncates it, a barrier). The
+/// `-wal` holds no commit, so that barrier does not show that the file holds only
+/// checkpointed frames: the close after it must still compare the file.
+#[test]
+fn a_barrier_on_an_empty_wal_does_not_take_the_file_for_captured() {
+    let f = fixture();
+    let wal_mode = open_db(&f.db, 4096, "FULL", 0);
+    wal_mode
+        .execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
+        .unwrap();
+    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    let got: String = wal_mode
+        .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(got, "delete");
+    drop(wal_mode);
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert_rollback_replica_matches(&f);
+    // A `-wal` with a valid header and no commit comes and goes (a program wrote one):
+    // capture has read its header.
+    let wal = f.db.with_file_name("app.db-wal");
+    let header = crate::sqlite::WalHeader::new(false, 4096, 0, 7, 9).encode();
+    fs::write(&wal, [&header[..], &[0xab; 4096 + 24]].concat()).unwrap();
+    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    fs::remove_file(&wal).unwrap();
+    let memory = open_rollback(&f.db, "MEMORY");
+    memory.execute_batch("PRAGMA synchronous=OFF").unwrap();
+    insert_rows(&memory, 20, 700);
+    fs::write(&wal, b"").unwrap();
+    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert!(
+        rebuild(&f) == sqlite_view(&f),
+        "the commits were not staged"
     );
 }
 
