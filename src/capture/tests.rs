@@ -991,9 +991,9 @@ fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     insert_rows(&conn, 60, 500);
     f.capture.on_db_changed(&f.rel, true).unwrap();
     assert_rollback_replica_matches(&f);
-    // The killed writer: its transaction's file and journal, as it left them (with
-    // `synchronous=OFF` the journal's header is final from the start; whether pages were
-    // spilled into the file depends on SQLite's page cache, shared in this process).
+    // The killed writer: its transaction's file and journal, as it left them. With
+    // `synchronous=OFF` the journal's header is final from the start (with FULL, whether
+    // it was synced yet, and so hot, varied between runs of the whole suite).
     conn.execute_batch(
         "PRAGMA synchronous=OFF; PRAGMA cache_size=2; BEGIN;
          UPDATE t SET v = randomblob(500) WHERE id % 4 = 1;",
