@@ -1808,6 +1808,95 @@ fn chmod_chown(args: &[&str]) {
     finish(m, args);
 }
 
+/// Runs `op` (raw syscalls only) in a forked child that has become user and group 65534
+/// (nobody), and returns its result.
+fn as_nobody(op: impl Fn() -> libc::c_int) -> io::Result<()> {
+    // SAFETY: after fork the child makes only async-signal-safe calls (setgroups,
+    // setresgid, setresuid, the op's syscalls, _exit) and never returns.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(65534, 65534, 65534) != 0
+                || libc::setresuid(65534, 65534, 65534) != 0
+            {
+                libc::_exit(255);
+            }
+            let code = if op() == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::_exit(code);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        255 => panic!("the child could not become user 65534"),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Lets other users reach `dir`: every ancestor gets search permission for others.
+fn searchable_by_others(dir: &Path) {
+    for a in dir.ancestors() {
+        let mode = lmeta(a).mode;
+        if mode & 0o001 == 0 {
+            fs::set_permissions(a, fs::Permissions::from_mode((mode & 0o7777) | 0o011)).unwrap();
+        }
+    }
+}
+
+/// An unprivileged user's truncate(2) clears set-user-ID, and set-group-ID on a
+/// group-executable file, as on the bare disk; walfs truncates with its own privileges,
+/// which would keep them. Root's truncate keeps them.
+fn unprivileged_truncate(args: &[&str]) {
+    let m = Mount::with_args(&[&["--allow-other"], args].concat());
+    on_both(&m, |c| {
+        searchable_by_others(&c.root);
+        let f = c.p("f");
+        let path = cpath(&f);
+        let mut out = Vec::new();
+        for mode in [0o6777, 0o2757, 0o2747, 0o4766, 0o666] {
+            c.ok("write", fs::write(&f, b"hello"));
+            c.ok(
+                "chmod",
+                fs::set_permissions(&f, fs::Permissions::from_mode(mode)),
+            );
+            // SAFETY: a valid path.
+            c.ok(
+                "truncate as nobody",
+                as_nobody(|| unsafe { libc::truncate(path.as_ptr(), 2) }),
+            );
+            out.push(lmeta(&f).mode);
+            c.ok(
+                "chmod",
+                fs::set_permissions(&f, fs::Permissions::from_mode(mode)),
+            );
+            c.ok("truncate as root", truncate_path(&f, 1));
+            out.push(lmeta(&f).mode);
+        }
+        c.ok(
+            "chmod",
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o4700)),
+        );
+        c.fails(
+            "truncate of another's file",
+            libc::EACCES,
+            // SAFETY: a valid path.
+            as_nobody(|| unsafe { libc::truncate(path.as_ptr(), 0) }),
+        );
+        out.push(lmeta(&f).mode);
+        out
+    });
+    assert_same_meta(&m, "f");
+    finish(m, args);
+}
+
 fn utimens(args: &[&str]) {
     let m = Mount::with_args(args);
     let f = m.path("f");
@@ -2273,6 +2362,7 @@ both_modes!(
     truncate,
     fallocate_ops,
     chmod_chown,
+    unprivileged_truncate,
     utimens,
     xattrs,
     statfs,

@@ -245,7 +245,13 @@ impl PassthroughFs {
         self.fresh_attr(&inode)
     }
 
-    pub fn setattr(&self, nodeid: u64, fh: Option<u64>, set: SetAttr) -> FsResult<FileAttr> {
+    pub fn setattr(
+        &self,
+        caller: Caller,
+        nodeid: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+    ) -> FsResult<FileAttr> {
         self.check_writable()?;
         let inode = self.inodes.get(nodeid)?;
         let handle = fh.and_then(|fh| self.handle(fh).ok());
@@ -266,6 +272,15 @@ impl PassthroughFs {
             match &handle {
                 Some(h) if h.writable => sys::ftruncate(h.fd.as_fd(), size)?,
                 _ => sys::truncate_path(&sys::proc_path(inode.fd()), size)?,
+            }
+            // walfs truncates with its own privileges, which keep the bits; an
+            // unprivileged caller's truncate(2) clears them on the bare disk.
+            if caller.uid != 0 && inode.is_regular() {
+                let st = sys::fstat(inode.fd())?;
+                let kill = set_id_bits_a_write_clears(&st, caller);
+                if kill != 0 {
+                    sys::chmod_path(&sys::proc_path(inode.fd()), st.st_mode & 0o7777 & !kill)?;
+                }
             }
             self.observer.truncated(&self.node(&inode), size)?;
         }
@@ -480,7 +495,7 @@ impl PassthroughFs {
         let inode = self.inodes.get(nodeid)?;
         let fd = sys::reopen(inode.fd(), own_flags(&inode, flags))?;
         if writing && caller.uid != 0 && inode.is_regular() {
-            self.drop_set_id_bits(&fd)?;
+            self.drop_set_id_bits(&fd, caller)?;
         }
         if flags & libc::O_TRUNC != 0 && inode.is_regular() {
             self.observer.truncated(&self.node(&inode), 0)?;
@@ -488,17 +503,15 @@ impl PassthroughFs {
         Ok(self.add_handle(inode, fd, flags, register))
     }
 
-    /// Writes by an unprivileged user clear a file's set-user-ID bit, and its set-group-ID
-    /// bit when group-executable. Passthrough writes run with walfs's privileges and never
-    /// reach walfs, so the bits are cleared when such a user opens the file for writing.
-    fn drop_set_id_bits(&self, fd: &OwnedFd) -> FsResult<()> {
-        let mode = sys::fstat(fd.as_fd())?.st_mode;
-        let mut kill = mode & libc::S_ISUID;
-        if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
-            kill |= libc::S_ISGID;
-        }
+    /// Writes by an unprivileged user clear a file's set-user-ID and set-group-ID bits
+    /// ([`set_id_bits_a_write_clears`]). Passthrough writes run with walfs's privileges and
+    /// never reach walfs, so the bits are cleared when such a user opens the file for
+    /// writing (on the bare disk, at its first write).
+    fn drop_set_id_bits(&self, fd: &OwnedFd, caller: Caller) -> FsResult<()> {
+        let st = sys::fstat(fd.as_fd())?;
+        let kill = set_id_bits_a_write_clears(&st, caller);
         if kill != 0 {
-            sys::fchmod(fd.as_fd(), mode & 0o7777 & !kill)?;
+            sys::fchmod(fd.as_fd(), st.st_mode & 0o7777 & !kill)?;
         }
         Ok(())
     }
@@ -835,6 +848,22 @@ pub fn stat_to_attr(nodeid: u64, st: &libc::stat) -> FileAttr {
     }
 }
 
+/// The bits an unprivileged write or truncate by `caller` clears from a file (`st`):
+/// set-user-ID always; set-group-ID when the file is group-executable or the caller is
+/// not in the file's group (the kernel's `setattr_should_drop_suidgid`).
+fn set_id_bits_a_write_clears(st: &libc::stat, caller: Caller) -> u32 {
+    let mode = st.st_mode;
+    let mut kill = mode & libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 {
+        let in_group =
+            || caller.gid == st.st_gid || sys::process_groups(caller.pid).contains(&st.st_gid);
+        if mode & libc::S_IXGRP != 0 || !in_group() {
+            kill |= libc::S_ISGID;
+        }
+    }
+    kill
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -942,6 +971,7 @@ mod tests {
         )
         .unwrap();
         fs.setattr(
+            me(),
             attr.ino.0,
             Some(opened.fh),
             SetAttr {

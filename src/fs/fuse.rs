@@ -199,7 +199,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -223,7 +223,9 @@ impl Filesystem for FuseAdapter {
             atime: atime.map(pre_epoch_fixed),
             mtime: mtime.map(pre_epoch_fixed),
         };
-        match self.run(Op::setattr, || self.fs.setattr(ino.0, fh.map(|f| f.0), set)) {
+        match self.run(Op::setattr, || {
+            self.fs.setattr(caller(req), ino.0, fh.map(|f| f.0), set)
+        }) {
             Ok(attr) => reply.attr(&self.ttl(), &attr),
             Err(e) => reply.error(errno(e)),
         }
