@@ -80,6 +80,12 @@ pub struct DatabaseCapture {
     pub(super) wal_file: Option<File>,
     /// The inode of the `-wal` the last read found (a new file is a new log).
     pub(super) wal_ino: Option<u64>,
+    /// The inode of the `-wal` file commits were last read from (from its log, or from one
+    /// it held before a checkpoint truncated or restarted it), by a poll, a snapshot or a
+    /// resume. At a barrier on that file the database file holds only checkpointed
+    /// frames; a new `-wal` file says nothing of the database file until commits are read
+    /// from it.
+    pub(super) commits_read_from: Option<u64>,
     pub(super) tracker: WalTracker,
     /// What the last poll read of the `-wal`: staged pages are taken from it.
     pub(super) frames: FrameReader,
@@ -173,6 +179,7 @@ impl DatabaseCapture {
             segment,
             wal_file: None,
             wal_ino: None,
+            commits_read_from: None,
             tracker: WalTracker::new(),
             frames: FrameReader::new(),
             state: DbState::default(),
@@ -567,6 +574,22 @@ impl DatabaseCapture {
         Ok(())
     }
 
+    /// The tracker was just taken from the files as they are (a snapshot or a resume): the
+    /// commits it has read, if any, were read from the `-wal` there now.
+    fn note_wal_read(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let header = crate::sqlite::WAL_HEADER_SIZE as u64;
+        self.commits_read_from = if self
+            .tracker
+            .position()
+            .is_some_and(|p| p.committed_end > header)
+        {
+            std::fs::metadata(&self.wal_path).ok().map(|m| m.ino())
+        } else {
+            None
+        };
+    }
+
     /// The `-wal` file was created, unlinked or renamed: open it again next time.
     pub fn wal_replaced(&mut self) {
         self.wal_file = None;
@@ -589,7 +612,7 @@ impl DatabaseCapture {
             .and_then(|f| f.metadata().ok())
             .map(|m| m.ino());
         let same_file = ino.is_some() && ino == self.wal_ino;
-        let res = self.capture_from(wal.as_ref(), barrier, durable, same_file);
+        let res = self.capture_from(wal.as_ref(), ino, barrier, durable, same_file);
         self.wal_file = wal;
         self.wal_ino = ino;
         res
@@ -598,6 +621,7 @@ impl DatabaseCapture {
     fn capture_from(
         &mut self,
         wal: Option<&File>,
+        ino: Option<u64>,
         barrier: bool,
         durable: bool,
         same_file: bool,
@@ -677,7 +701,10 @@ impl DatabaseCapture {
                     }
                     self.check_log_checkpointed(Some(&newer))?;
                 }
-                WalEvent::Commit(txn) => batch.push(txn),
+                WalEvent::Commit(txn) => {
+                    self.commits_read_from = ino;
+                    batch.push(txn);
+                }
             }
         }
         if !batch.is_empty() {
@@ -694,11 +721,15 @@ impl DatabaseCapture {
         // journal mode since (the header write that leaves WAL mode is one; a connection
         // still in MEMORY or OFF mode beside an empty `-wal` is another), which only a
         // comparison of the file can capture.
+        // The tracker's position may be that of a log whose file is gone (a new, empty
+        // `-wal` replaced it): commits must have been read from this file.
         let header = crate::sqlite::WAL_HEADER_SIZE as u64;
-        let log_had_commits = self
-            .tracker
-            .position()
-            .is_some_and(|p| p.committed_end > header);
+        let log_had_commits = ino.is_some()
+            && self.commits_read_from == ino
+            && self
+                .tracker
+                .position()
+                .is_some_and(|p| p.committed_end > header);
         if (durable || log_changed) && wal.is_some() && log_had_commits {
             self.note_fingerprint();
         }
@@ -957,6 +988,7 @@ impl DatabaseCapture {
             self.state.txid = txid;
         }
         self.tracker = tracker;
+        self.note_wal_read();
         self.sums = sums;
         self.log_pages = Some(log_pages);
         self.pending = None;
@@ -1060,6 +1092,7 @@ impl DatabaseCapture {
             _ => return Ok(false),
         };
         self.state.wal = self.tracker.position();
+        self.note_wal_read();
         self.sums = saved.sums;
         self.note_fingerprint();
         self.resumed_without_reading = true;
@@ -1124,6 +1157,7 @@ impl DatabaseCapture {
                     self.segment.adopt_listed(&kept)?;
                 }
                 self.tracker = tracker;
+                self.note_wal_read();
                 self.sums = sums;
                 self.log_pages = Some(log_pages);
                 self.state.wal = self.tracker.position();
