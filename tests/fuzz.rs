@@ -46,7 +46,9 @@
 //!   its level).
 //! - A mismatch names the seed, the sequence, the step number, the step and what differed,
 //!   with the command line that replays it. The SQLite side of a replay is exact; walfs's
-//!   own timing (uploads every 100 ms) can make a replica problem show at another step.
+//!   own timing (uploads every 100 ms) can make a replica problem show at another step,
+//!   or not at all, so the sequence's staging and replica directories are kept (the path
+//!   is printed) for inspection.
 //! - The default run takes about 2.5 minutes on 2 cores when nothing mismatches.
 //!
 //! Determinism: the driver sends one command to one connection at a time and waits for its
@@ -2420,6 +2422,15 @@ fn run_sequence(cfg: &Config, index: u64, stats: &mut Stats) {
     }
     for m in &stats.mismatches[mismatches_before..] {
         eprintln!("fuzz: MISMATCH: {m}");
+    }
+    if failure.is_some() {
+        // A mismatch that depends on timing may not replay: what walfs staged and
+        // uploaded is kept for inspection (`staging/`, `replica/`, and the plain side).
+        let kept = std::mem::replace(&mut seq.tmp, tempfile::tempdir().unwrap()).keep();
+        eprintln!(
+            "fuzz: sequence {index}: its staging and replica directories are kept in {}",
+            kept.display()
+        );
     }
     eprintln!(
         "fuzz: sequence {index} (seed {seed:#x}): {} steps in {:.1} s, {} records, {}",

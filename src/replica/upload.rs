@@ -135,7 +135,18 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> 
     let mut merge = PageMerge::new(None);
     for (i, b) in batches.iter().enumerate() {
         if b.header.page_size != page_size {
-            return Err(invalid_staged(&b.path, "page size changed between batches"));
+            return Err(invalid_staged(
+                &b.path,
+                format!(
+                    "page size changed between batches (TXIDs {}-{}: {}, TXIDs {}-{}: {})",
+                    b.header.min_txid,
+                    b.header.max_txid,
+                    b.header.page_size,
+                    last.header.min_txid,
+                    last.header.max_txid,
+                    page_size
+                ),
+            ));
         }
         let offsets = b.page_offsets()?;
         merge.apply(
