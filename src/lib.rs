@@ -4,10 +4,11 @@
 //! Data flows one way through the modules:
 //! - `fs`: the FUSE layer, a passthrough mirror with a hook at SQLite's barriers;
 //! - `sqlite`: SQLite's on-disk formats (database header, WAL, rollback journal);
+//! - `ltx`: the LTX file format of Litestream 0.5 replicas;
 //! - `capture`: per-database capture of commits at SQLite's barriers, FUSE-agnostic;
 //! - `staging`: the durable local staging area where captured transactions wait, as LTX
 //!   files, for upload;
-//! - `replica`: the replica format (LTX) and its object store (file:// and s3://, in
+//! - `replica`: the replica's object store (file:// and s3://, in
 //!   Litestream 0.5's layout); upload, compaction and retention come next;
 //! - `replicate`: capture, staging and upload wired together for one mount;
 //! - `restore`: restore plans, verified restores and listing;
@@ -17,6 +18,7 @@
 pub mod capture;
 pub mod config;
 pub mod fs;
+pub mod ltx;
 pub mod mount;
 pub mod replica;
 pub mod replicate;

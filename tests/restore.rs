@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rusqlite::Connection;
-use walfs::replica::ltx::{DatabaseChecksum, LtxEncoder, LtxHeader};
+use walfs::ltx::{DatabaseChecksum, LtxEncoder, LtxHeader};
 use walfs::replica::store::{ReplicaStore, ReplicaUrl};
 use walfs::restore::apply::integrity_check;
 use walfs::restore::list::summarize;

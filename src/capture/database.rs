@@ -23,10 +23,9 @@ use super::{
     now_ms, open_optional, poll_wal, poll_wal_through, rollback, wal_path, CaptureError,
     CaptureEvent, CaptureResult,
 };
-use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
-    page_hash, read_full, ContentChecksum, FrameReader, PageHash, WalError, WalEvent, WalPosition,
-    WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE,
+    lock_byte_page, page_hash, read_full, ContentChecksum, FrameReader, PageHash, WalError,
+    WalEvent, WalPosition, WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE,
 };
 use crate::staging::{
     BatchHeader, DbState, PageMerge, SavedSums, SegmentWriter, Staging, StagingResult,
@@ -475,7 +474,7 @@ impl DatabaseCapture {
         let Some(db) = open_optional(&self.db_path)? else {
             return Ok(());
         };
-        let lock = lock_pgno(self.state.page_size);
+        let lock = lock_byte_page(self.state.page_size);
         let mut buf = vec![0u8; self.state.page_size as usize];
         let mut differ = Vec::new();
         for pgno in pages {
@@ -777,7 +776,7 @@ impl DatabaseCapture {
             )));
         }
         let old_size = self.sums.len() as u32;
-        let lock = lock_pgno(ps);
+        let lock = lock_byte_page(ps);
         let mut merge = PageMerge::new(Some(old_size));
         for (i, t) in txns.iter().enumerate() {
             merge.apply(t.db_size, t.pages.iter().map(|p| (p.pgno, (i, *p))));

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{now_ms, read_db_header, rollback, CaptureError, CaptureResult};
-use crate::replica::ltx::{lock_pgno, LtxHeader};
+use crate::ltx::LtxHeader;
 use crate::sqlite::{
-    page_hash, read_full, ContentChecksum, DbHeader, PageHash, WalError, WalPage, WalTransaction,
-    WAL_FRAME_HEADER_SIZE,
+    lock_byte_page, page_hash, read_full, ContentChecksum, DbHeader, PageHash, WalError, WalPage,
+    WalTransaction, WAL_FRAME_HEADER_SIZE,
 };
 use crate::staging::{HeldBatch, LtxWriter, Staging};
 
@@ -147,7 +147,7 @@ impl<'a> Image<'a> {
         mut f: impl FnMut(u32, &[u8]) -> CaptureResult<()>,
     ) -> CaptureResult<bool> {
         let ps = self.page_size as usize;
-        let lock = lock_pgno(self.page_size);
+        let lock = lock_byte_page(self.page_size);
         // One frame buffer: WAL pages are read with their frame header, database pages
         // into the page part.
         let mut frame = vec![0u8; WAL_FRAME_HEADER_SIZE + ps];

@@ -32,11 +32,10 @@ use super::{
     now_ms, open_optional, read_db_header, CaptureError, CaptureEvent, CaptureResult,
     DatabaseCapture,
 };
-use crate::replica::ltx::lock_pgno;
 use crate::sqlite::{
-    changed_pages, header_state, page_hash, read_full, scan_journal, ContentChecksum, JournalError,
-    JournalHeaderState, JournalReadMode, JournalRecord, JournalScan, PageHash, WalHeader,
-    WalPosition, JOURNAL_HEADER_LEN,
+    changed_pages, header_state, lock_byte_page, page_hash, read_full, scan_journal,
+    ContentChecksum, JournalError, JournalHeaderState, JournalReadMode, JournalRecord, JournalScan,
+    PageHash, WalHeader, WalPosition, JOURNAL_HEADER_LEN,
 };
 use crate::staging::BatchHeader;
 
@@ -661,7 +660,7 @@ impl DatabaseCapture {
         let changed: Vec<u32> = (1..=size)
             .filter(|&pgno| {
                 let i = pgno as usize - 1;
-                pgno != lock_pgno(page_size) && !logged(pgno) && old.get(i) != sink.sums.get(i)
+                pgno != lock_byte_page(page_size) && !logged(pgno) && old.get(i) != sink.sums.get(i)
             })
             .collect();
         if changed.is_empty() && size as usize == old.len() {
@@ -743,7 +742,7 @@ impl DatabaseCapture {
     ) -> CaptureResult<Vec<CaptureEvent>> {
         let ps = page_size as usize;
         let old_size = self.sums.len() as u32;
-        let lock = lock_pgno(page_size);
+        let lock = lock_byte_page(page_size);
         let buffered = pages.len().saturating_mul(ps) <= BUFFER_LIMIT;
         let mut data = Vec::new();
         let mut page = vec![0u8; ps];

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::replica::ltx::{decode, DatabaseChecksum};
+use crate::ltx::{decode, DatabaseChecksum};
 use crate::sqlite::ContentChecksum;
 use crate::staging::Staged;
 use crate::staging::Staging;

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::Path;
 
-use super::ltx::{LtxDecoder, LtxEncoder, LtxError, LtxHeader};
+use crate::ltx::{LtxDecoder, LtxEncoder, LtxError, LtxHeader};
 
 /// One LTX object, by level and TXID range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -350,7 +350,7 @@ fn enc_prev<W: io::Write>(enc: &LtxEncoder<W>) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::ltx::decode;
+    use crate::ltx::decode;
 
     fn o(level: u8, min: u64, max: u64) -> ObjId {
         ObjId::new(level, min, max)

@@ -22,10 +22,10 @@ use parking_lot::{Condvar, Mutex};
 use super::compact::{
     compacted_away, compaction_inputs, merge_ltx, snapshot_chain, superseded_by_snapshot, ObjId,
 };
-use super::ltx::ltx_object_name;
 use super::record::SidecarStore;
 use super::retention::{plan_retention, RetentionPolicy};
 use super::store::ReplicaStore;
+use crate::ltx::ltx_object_name;
 use crate::staging::{KeepSource, Kept, Staging};
 
 /// The snapshot level.

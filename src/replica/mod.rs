@@ -1,12 +1,9 @@
-//! The replica: LTX encoding, object layout, upload, compaction and retention.
+//! The replica: its object layout and store, upload, compaction and retention (the LTX
+//! format itself is [`crate::ltx`]).
 
 pub mod compact;
-pub mod ltx;
 pub mod maintain;
 pub mod record;
 pub mod retention;
 pub mod store;
 pub mod upload;
-
-#[cfg(test)]
-mod ltx_interop_tests;

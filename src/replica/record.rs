@@ -19,7 +19,7 @@
 //! is the [`ContentChecksum`] of the whole database after `txid` (blake3 per page,
 //! XOR-combined; see `sqlite/content.rs`), and commit is its size in pages. Records written
 //! before walfs used blake3 have `checksum=<%016x>` instead: the LTX database checksum
-//! (CRC-64, [`crate::replica::ltx::DatabaseChecksum`]). Restore still checks those.
+//! (CRC-64, [`crate::ltx::DatabaseChecksum`]). Restore still checks those.
 //!
 //! Litestream lists only `<db>/ltx/<level>/` (file) or `<db>/<level %04x>/` (S3) and parses
 //! object names as `<min>-<max>.ltx`, so it never sees these objects, and
@@ -31,7 +31,7 @@ use std::ops::Range;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 
-use crate::replica::ltx::{LtxHeader, HEADER_SIZE};
+use crate::ltx::{LtxHeader, HEADER_SIZE};
 use crate::replica::store::{Layout, LtxObjectInfo, ReplicaStore, ReplicaUrl};
 use crate::sqlite::ContentChecksum;
 

@@ -38,7 +38,7 @@ use object_store::{
     RetryConfig, WriteMultipart,
 };
 
-use super::ltx::{ltx_object_name, parse_ltx_object_name};
+use crate::ltx::{ltx_object_name, parse_ltx_object_name};
 
 /// The S3 object metadata key that holds an LTX file's timestamp (Litestream's
 /// `MetadataKeyTimestamp`).

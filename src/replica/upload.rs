@@ -20,10 +20,11 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
-use super::ltx::{lock_pgno, LtxEncoder, LtxHeader, HEADER_SIZE};
 use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use super::store::ReplicaStore;
+use crate::ltx::{LtxEncoder, LtxHeader, HEADER_SIZE};
+use crate::sqlite::lock_byte_page;
 use crate::staging::{Batch, KeepSource, PageMerge, Staged, Staging};
 
 /// Level of new transactions, and of snapshots, in Litestream's layout.
@@ -154,7 +155,7 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> 
             offsets.into_iter().map(|(pgno, off)| (pgno, (i, off))),
         );
     }
-    let (commit, pages) = merge.finish(lock_pgno(page_size));
+    let (commit, pages) = merge.finish(lock_byte_page(page_size));
     let header = LtxHeader::incremental(
         page_size,
         commit,

@@ -30,7 +30,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rusqlite::{Connection, OpenFlags};
 use tokio::runtime::Runtime;
 
-use crate::replica::ltx::{DatabaseChecksum, LtxDecoder, LtxHeader};
+use crate::ltx::{DatabaseChecksum, LtxDecoder, LtxHeader};
 use crate::replica::store::ReplicaStore;
 use crate::sqlite::header::DbHeader;
 use crate::sqlite::ContentChecksum;

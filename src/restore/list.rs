@@ -351,7 +351,7 @@ mod tests {
     /// A hand-made replica: a snapshot, two level-0 objects, and a marker.
     #[test]
     fn summary_shows_levels_range_and_deletion() {
-        use crate::replica::ltx::{LtxEncoder, LtxHeader};
+        use crate::ltx::{LtxEncoder, LtxHeader};
         let dir = tempfile::tempdir().unwrap();
         let url = ReplicaUrl::parse(&format!("file://{}", dir.path().display())).unwrap();
         let store = ReplicaStore::open(&url).unwrap();

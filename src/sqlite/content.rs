@@ -12,7 +12,7 @@
 //! its changed pages only: each page's old contribution out, its new one in, and the
 //! pages past a shrunk size out.
 //!
-//! This is not the LTX "database checksum" (CRC-64, [`crate::replica::ltx::DatabaseChecksum`]),
+//! This is not the LTX "database checksum" (CRC-64, [`crate::ltx::DatabaseChecksum`]),
 //! which Litestream's files carry and restore still checks when it is present.
 
 use std::fmt;

@@ -15,6 +15,10 @@ pub const DB_HEADER_SIZE: usize = 100;
 /// Byte offset of the lock-byte page: SQLite's `PENDING_BYTE` (1 GiB). The page holding it
 /// is never written by SQLite, journaled, or put in the WAL.
 pub const PENDING_BYTE: u64 = 0x4000_0000;
+/// Smallest SQLite page size.
+pub const MIN_PAGE_SIZE: u32 = 512;
+/// Largest SQLite page size.
+pub const MAX_PAGE_SIZE: u32 = 65536;
 
 /// The journal family the header's format versions announce (bytes 18 and 19).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,12 +99,13 @@ pub fn page_size_from_raw(raw: u16) -> Option<u32> {
 
 /// True if `size` is a page size SQLite accepts: a power of two from 512 to 65536.
 pub fn page_size_is_valid(size: u32) -> bool {
-    (512..=65536).contains(&size) && size.is_power_of_two()
+    (MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&size) && size.is_power_of_two()
 }
 
 /// The 1-based number of the lock-byte page for `page_size`: the page that contains byte
 /// offset 1 GiB (`PENDING_BYTE / page_size + 1`). SQLite never writes it; a database only
-/// reaches it beyond 1 GiB. Returns 0 for a zero page size.
+/// reaches it beyond 1 GiB. Never panics: for a zero page size (never valid, see
+/// [`page_size_is_valid`]) it returns 0, which is no page, since pages count from 1.
 pub fn lock_byte_page(page_size: u32) -> u32 {
     if page_size == 0 {
         return 0;
@@ -270,6 +275,19 @@ mod tests {
             let pg = u64::from(lock_byte_page(ps as u32));
             assert!((pg - 1) * ps <= PENDING_BYTE && PENDING_BYTE < pg * ps);
         }
+    }
+
+    /// 0 is never a page size, and no page size makes the lock page panic; the lock page of
+    /// 0 is 0, no page at all, so a caller that skips it skips nothing.
+    #[test]
+    fn invalid_page_sizes_have_a_lock_page_number_without_panicking() {
+        assert!(!page_size_is_valid(0));
+        assert_eq!(lock_byte_page(0), 0);
+        for ps in [1u32, 3, 511, 513, 1000, 65535, 65537, u32::MAX] {
+            assert!(!page_size_is_valid(ps), "{ps}");
+            assert!(lock_byte_page(ps) >= 1, "{ps}");
+        }
+        assert!(page_size_is_valid(MIN_PAGE_SIZE) && page_size_is_valid(MAX_PAGE_SIZE));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::io;
 pub use content::{database_pages, page_hash, ContentChecksum, PageHash};
 pub use header::{
     is_sqlite, lock_byte_page, page_size_from_raw, page_size_is_valid, DbHeader, FileFormat,
-    HeaderError, DB_HEADER_SIZE, PENDING_BYTE, SQLITE_MAGIC,
+    HeaderError, DB_HEADER_SIZE, MAX_PAGE_SIZE, MIN_PAGE_SIZE, PENDING_BYTE, SQLITE_MAGIC,
 };
 pub use journal::{
     changed_pages, header_state, is_hot_or_valid, journal_checksum, scan_journal, JournalError,

@@ -17,8 +17,8 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::ltx::{ltx_object_name, parse_ltx_object_name, LtxHeader, HEADER_SIZE};
 use crate::replica::compact::ObjId;
-use crate::replica::ltx::{ltx_object_name, parse_ltx_object_name, LtxHeader, HEADER_SIZE};
 use crate::replica::record::ChecksumRecord;
 
 use super::{list_dir, sync_dir, Staging, StagingResult};

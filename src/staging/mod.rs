@@ -57,9 +57,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::replica::ltx::{
-    ltx_object_name, parse_ltx_object_name, LtxEncoder, LtxError, LtxHeader,
-};
+use crate::ltx::{ltx_object_name, parse_ltx_object_name, LtxEncoder, LtxError, LtxHeader};
 use crate::sqlite::{ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
 
 /// Name of the per-database state file.
@@ -677,7 +675,7 @@ impl Staging {
         for s in &saved.sums {
             b.extend_from_slice(&s.to_be_bytes());
         }
-        let crc = crate::replica::ltx::crc64(&b);
+        let crc = crate::ltx::crc64(&b);
         b.extend_from_slice(&crc.to_be_bytes());
         Ok(write_atomic(&dir.join(SUMS_FILE), &b)?)
     }
@@ -701,7 +699,7 @@ impl Staging {
 
 fn parse_sums(b: &[u8]) -> Option<SavedSums> {
     let (body, crc) = b.split_at_checked(b.len().checked_sub(8)?)?;
-    if crate::replica::ltx::crc64(body) != u64::from_be_bytes(crc.try_into().ok()?) {
+    if crate::ltx::crc64(body) != u64::from_be_bytes(crc.try_into().ok()?) {
         return None;
     }
     let rest = body.strip_prefix(SUMS_MAGIC.as_slice())?;
@@ -725,7 +723,7 @@ fn parse_sums(b: &[u8]) -> Option<SavedSums> {
 }
 
 fn crc_of(text: &str) -> u64 {
-    crate::replica::ltx::crc64(text.as_bytes())
+    crate::ltx::crc64(text.as_bytes())
 }
 
 fn format_state(s: &DbState) -> String {

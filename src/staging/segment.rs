@@ -60,8 +60,10 @@ use std::collections::BTreeSet;
 
 use super::error::StagingResult;
 use super::held::{Held, HeldBatch};
-use crate::replica::ltx::Crc64;
-use crate::sqlite::{page_hash, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
+use crate::ltx::Crc64;
+use crate::sqlite::{
+    page_hash, page_size_is_valid, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION,
+};
 
 /// "WFSB": a record with its pages.
 const RECORD_MAGIC: u32 = 0x5746_5342;
@@ -169,10 +171,7 @@ impl BatchHeader {
                 checksum: [u32_at(88), u32_at(92)],
             }),
         };
-        let sane = h.page_size.is_power_of_two()
-            && (512..=65536).contains(&h.page_size)
-            && h.min_txid >= 1
-            && h.min_txid <= h.max_txid;
+        let sane = page_size_is_valid(h.page_size) && h.min_txid >= 1 && h.min_txid <= h.max_txid;
         sane.then_some((h, kind))
     }
 

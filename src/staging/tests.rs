@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::replica::ltx::decode;
+use crate::ltx::decode;
 use crate::sqlite::page_hash;
 
 fn page(ps: usize, fill: u8) -> Vec<u8> {

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
-use super::ltx::{
-    decode, lock_pgno, ltx_object_name, parse_ltx_object_name, DatabaseChecksum, LtxEncoder,
-    LtxFile, LtxHeader, HEADER_FLAG_NO_CHECKSUM,
+use crate::sqlite::lock_byte_page;
+
+use super::{
+    decode, ltx_object_name, parse_ltx_object_name, DatabaseChecksum, LtxEncoder, LtxFile,
+    LtxHeader, HEADER_FLAG_NO_CHECKSUM,
 };
 
 const INSTALL: &str = "the LTX interop tests need the litestream 0.5 binary: run \
@@ -86,7 +88,7 @@ fn pages_of(image: &[u8], page_size: usize) -> BTreeMap<u32, Vec<u8>> {
         .chunks_exact(page_size)
         .enumerate()
         .map(|(i, p)| (i as u32 + 1, p.to_vec()))
-        .filter(|(pgno, _)| *pgno != lock_pgno(page_size as u32))
+        .filter(|(pgno, _)| *pgno != lock_byte_page(page_size as u32))
         .collect()
 }
 
@@ -335,7 +337,7 @@ fn litestream_restore_refuses_files_that_track_checksums() {
     bytes[n - 8..].copy_from_slice(&file_checksum.to_be_bytes());
     assert!(matches!(
         decode(&bytes[..]),
-        Err(super::ltx::LtxError::PostApplyChecksumMismatch { .. })
+        Err(super::LtxError::PostApplyChecksumMismatch { .. })
     ));
     fs::write(dir9.join(ltx_object_name(1, 1)), &bytes).unwrap();
     let res = restore(&litestream, &replica, &out);
