@@ -22,11 +22,12 @@ use parking_lot::{Condvar, Mutex};
 use super::compact::{
     compacted_away, compaction_inputs, merge_ltx, snapshot_chain, superseded_by_snapshot, ObjId,
 };
+use super::kept::{KeepSource, Kept};
 use super::record::SidecarStore;
 use super::retention::{plan_retention, RetentionPolicy};
 use super::store::ReplicaStore;
 use crate::ltx::ltx_object_name;
-use crate::staging::{KeepSource, Kept, Staging};
+use crate::staging::Staging;
 
 /// The snapshot level.
 const SNAPSHOTS: u8 = 9;

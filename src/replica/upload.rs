@@ -20,12 +20,13 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
+use super::kept::KeepSource;
 use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use super::store::ReplicaStore;
 use crate::ltx::{LtxEncoder, LtxHeader, HEADER_SIZE};
 use crate::sqlite::lock_byte_page;
-use crate::staging::{Batch, KeepSource, PageMerge, Staged, Staging};
+use crate::staging::{Batch, PageMerge, Staged, Staging};
 
 /// Level of new transactions, and of snapshots, in Litestream's layout.
 const LEVEL_TRANSACTIONS: u8 = 0;

@@ -42,13 +42,11 @@
 
 mod error;
 mod held;
-pub mod kept;
 pub mod merge;
 pub mod segment;
 
 pub use error::{StagingError, StagingResult};
 pub use held::HeldBatch;
-pub use kept::{KeepSource, Kept};
 pub use merge::PageMerge;
 pub use segment::{Batch, BatchHeader, ListedRun, RecordKind, RecordWriter, SegmentWriter};
 
@@ -162,8 +160,12 @@ fn gone_is_none<T>(r: StagingResult<T>) -> StagingResult<Option<T>> {
     }
 }
 
+/// The directory inside a database's staging directory that holds the replica's local
+/// copies of its objects (`crate::replica::kept`); staging only leaves it alone.
+pub const KEPT_DIR: &str = "replica";
+
 /// Fsyncs a directory, so that renames and creations in it are durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -194,7 +196,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 }
 
 /// Lists a directory, treating a missing one as empty.
-fn list_dir(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
+pub(crate) fn list_dir(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
     match fs::read_dir(dir) {
         Ok(entries) => entries.collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
@@ -569,7 +571,7 @@ impl Staging {
                     out.push(child.clone());
                 }
                 let name = entry.file_name();
-                if name != "segments" && name != "snapshots" && name != kept::KEPT_DIR {
+                if name != "segments" && name != "snapshots" && name != KEPT_DIR {
                     stack.push(child);
                 }
             }

@@ -9,22 +9,22 @@
 //! ```
 //!
 //! The uploader keeps each object it uploaded; the maintenance loop
-//! (`crate::replica::maintain`) adds the objects it compacts and deletes the copies it no
+//! ([`super::maintain`]) adds the objects it compacts and deletes the copies it no
 //! longer needs. After a restart the directory is the maintenance loop's view of what is
 //! still to compact.
+//!
+//! The copies live in each database's staging directory (staging leaves
+//! [`KEPT_DIR`] alone), so they are methods of [`Staging`]; the replica layer owns them.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::ltx::{ltx_object_name, parse_ltx_object_name, LtxHeader, HEADER_SIZE};
-use crate::replica::compact::ObjId;
-use crate::replica::record::ChecksumRecord;
+use crate::staging::{list_dir, sync_dir, Staging, StagingResult, KEPT_DIR};
 
-use super::{list_dir, sync_dir, Staging, StagingResult};
-
-/// Name of the directory of local copies inside a database's staging directory.
-pub const KEPT_DIR: &str = "replica";
+use super::compact::ObjId;
+use super::record::ChecksumRecord;
 
 /// A local copy of an object the replica holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
