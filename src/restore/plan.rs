@@ -593,4 +593,130 @@ mod tests {
         let p = run(&objs, RestoreTarget::Latest).unwrap();
         assert_eq!(p.txid, 3);
     }
+
+    /// A day with the default settings (an upload a second, levels at 30 s, 5 min and 1 h,
+    /// a daily snapshot), written with the replica's maintenance rules
+    /// (`crate::replica::compact`); every restore target is counted with this planner.
+    #[test]
+    fn a_restore_to_any_moment_of_a_day_needs_at_most_fifteen_objects() {
+        use crate::replica::compact::{
+            absorbed_by_next, compacted_away, compaction_inputs, window_start, ObjId,
+        };
+        use std::time::UNIX_EPOCH;
+        let o = ObjId::new;
+
+        const DAY: u64 = 86_400;
+        let intervals = [30u64, 300, 3600];
+        // A history's first upload overlaps its first snapshot, as capture stages them.
+        let mut local = vec![o(9, 1, 1), o(0, 1, 1)];
+        let mut remote = local.clone();
+        let done = |remote: &[ObjId], k: u8| {
+            remote
+                .iter()
+                .filter(|x| x.level == k)
+                .map(|x| x.max)
+                .max()
+                .unwrap_or(0)
+        };
+        for t in 2..=DAY + 1 {
+            let l0: Vec<ObjId> = local.iter().copied().filter(|x| x.level == 0).collect();
+            let absorbed = absorbed_by_next(&l0, window_start(&local, 0), t - 1);
+            let new = o(0, absorbed.first().map_or(t, |a| a.min), t);
+            local.push(new);
+            remote.push(new);
+            for (i, every) in intervals.iter().enumerate() {
+                let k = i as u8 + 1;
+                if (t - 1) % every != 0 {
+                    continue;
+                }
+                for inputs in compaction_inputs(&local, k, done(&remote, k)) {
+                    let written = o(k, inputs[0].min, inputs[inputs.len() - 1].max);
+                    let gone = compacted_away(&local, written);
+                    local.retain(|x| !gone.contains(x));
+                    local.push(written);
+                    remote.push(written);
+                }
+            }
+            assert!(local.len() < 120, "{} local copies at {t}", local.len());
+        }
+        let infos: Vec<LtxObjectInfo> = remote
+            .iter()
+            .map(|x| LtxObjectInfo {
+                level: x.level,
+                min_txid: x.min,
+                max_txid: x.max,
+                size: x.max - x.min + 1,
+                timestamp: UNIX_EPOCH + Duration::from_secs(x.max),
+                key: format!("{}/{}-{}", x.level, x.min, x.max),
+            })
+            .collect();
+        // Restore's planner over every target is quadratic in a day's objects: count with
+        // the same rule (from TXID 0, the furthest reach not past the target) over objects
+        // sorted by max TXID, and check that against the planner on some targets.
+        let mut by_max = remote.clone();
+        by_max.sort_by_key(|x| std::cmp::Reverse(x.max));
+        let greedy = |with_l0: bool, t: u64| {
+            let (mut pos, mut n) = (0, 0);
+            while pos < t {
+                let start = by_max.partition_point(|x| x.max > t);
+                let best = by_max[start..]
+                    .iter()
+                    .take_while(|x| x.max > pos)
+                    .find(|x| x.min <= pos + 1 && (with_l0 || x.level > 0))
+                    .expect("every target is restorable");
+                pos = best.max;
+                n += 1;
+            }
+            n
+        };
+        let without_l0: Vec<LtxObjectInfo> =
+            infos.iter().filter(|x| x.level > 0).cloned().collect();
+        let planned = |objs: &[LtxObjectInfo], t: u64| {
+            plan("db", objs, RestoreTarget::Txid(t), |a, b| {
+                format!("{a}-{b}")
+            })
+            .unwrap()
+            .objects
+            .len()
+        };
+        for t in [DAY + 1, DAY - 1, DAY - 1800, DAY - 3599] {
+            assert_eq!(planned(&infos, t), greedy(true, t), "at {t}");
+        }
+        for t in [31, 3601 + 30 * 7, 43_201 - 30, DAY - 3599 - 30 * 11] {
+            assert_eq!(planned(&without_l0, t), greedy(false, t), "at {t}");
+        }
+        let (mut worst, mut sum, mut n) = (0, 0, 0);
+        // Every moment of the last hour (level 0 is still there), and every level-1
+        // boundary of the day (level 0 is gone after its retention).
+        for t in (DAY - 3599..=DAY + 1).chain((31..=DAY).step_by(30)) {
+            let c = greedy(t > DAY - 3600, t);
+            worst = worst.max(c);
+            sum += c;
+            n += 1;
+        }
+        let plain_worst = 1 + 23 + 11 + 9 + 29;
+        // What the counters cost: the uploads each object carries (one TXID per upload).
+        let carried = |k: u8| {
+            let objs: Vec<&ObjId> = remote.iter().filter(|x| x.level == k).collect();
+            let ticks: u64 = objs.iter().map(|x| x.max - x.min + 1).sum();
+            let plain: u64 = match k {
+                0 => objs.len() as u64,
+                _ => intervals[k as usize - 1] * objs.len() as u64,
+            };
+            ticks as f64 / plain as f64
+        };
+        eprintln!(
+            "restore plans over a day: at most {worst} objects, {:.1} on average \
+             (Litestream's layout: up to {plain_worst}); {} objects in the replica; \
+             each object carries {:.2} (level 0), {:.2}, {:.2}, {:.2} times what a \
+             plain one would",
+            sum as f64 / n as f64,
+            remote.len(),
+            carried(0),
+            carried(1),
+            carried(2),
+            carried(3)
+        );
+        assert!(worst <= 15, "a restore needs {worst} objects");
+    }
 }
