@@ -8,16 +8,24 @@
 //! - `capture`: per-database capture of commits at SQLite's barriers, FUSE-agnostic;
 //! - `staging`: the durable local staging area where captured transactions wait, as LTX
 //!   files, for upload;
-//! - `replica`: the replica's object store (file:// and s3://, in
-//!   Litestream 0.5's layout); upload, compaction and retention come next;
+//! - `replica`: the replica's object store (file:// and s3://, in Litestream 0.5's
+//!   layout), upload, compaction and retention;
 //! - `replicate`: capture, staging and upload wired together for one mount;
 //! - `restore`: restore plans, verified restores and listing;
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals);
 //! - `config`: the `walfs mount --config` file, turned into arguments before clap parses.
+//!
+//! Imports go one way, down these layers (`layering.rs` checks it): `testing` (test
+//! helpers) → `sqlite` → `ltx` → `fs` and `staging` → `capture` (an `fs` observer that
+//! writes into staging) and `replica` (which uploads from staging) → `restore`. Modules
+//! of one layer do not import each other. `replicate`, `mount`, `config`, `main` and the
+//! binaries wire them together and may import anything.
 
 pub mod capture;
 pub mod config;
 pub mod fs;
+#[cfg(test)]
+mod layering;
 pub mod ltx;
 pub mod mount;
 pub mod replica;
