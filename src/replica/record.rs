@@ -1,8 +1,8 @@
 //! The verification record: the content checksum (blake3) after each uploaded TXID range, in a
 //! place Litestream ignores. On S3 the uploader puts it in the LTX object's metadata
 //! (`walfs-record`); on a file replica, and for replicas written before that, it is a small
-//! sidecar object. Restores compare the rebuilt database against it (DESIGN.md, contract
-//! item 4).
+//! sidecar object. Restores compare the rebuilt database against it (docs/FORMAT.md,
+//! "Verification records").
 //!
 //! This file owns the record's format and keys ([`ChecksumRecord`], [`checksum_record_key`])
 //! and [`SidecarStore`], the access to objects that are not LTX files (records, and the

@@ -1,6 +1,6 @@
 //! Restores and listing: rebuild databases from a replica (walfs's or Litestream 0.5's
 //! layout), verified against the writer's content checksums and `PRAGMA integrity_check`
-//! before they are renamed into place (DESIGN.md, contract item 4).
+//! before they are renamed into place (docs/FORMAT.md, "Verification records").
 //!
 //! - `plan`: which LTX objects, in which order, rebuild a database at a TXID or time;
 //! - `apply`: downloading, applying and verifying a plan into a temporary file, then the

@@ -1,6 +1,6 @@
 //! The content checksum of a database image: the blake3 checksum walfs keeps for every
 //! database, records for every uploaded TXID, and checks every restore against
-//! (DESIGN.md, contract item 4).
+//! (docs/FORMAT.md, "Content checksum").
 //!
 //! Each page contributes its [`page_hash`]: the first 128 bits of
 //! `blake3_keyed(key = blake3(page data), message = page number as big-endian u32)`. Hashing
