@@ -142,6 +142,8 @@ impl<W: Write> LtxEncoder<W> {
     /// Writes page `pgno` as [`LtxEncoder::add_page`] does, but with `block`, the LZ4 block
     /// that another LTX file stores for this very `data` ([`LtxDecoder::last_block`]),
     /// instead of compressing it again: merges copy pages at the speed of a checksum.
+    ///
+    /// [`LtxDecoder::last_block`]: super::LtxDecoder::last_block
     pub fn add_page_with_block(
         &mut self,
         pgno: u32,
