@@ -955,8 +955,11 @@ impl DatabaseCapture {
     ) -> CaptureResult<()> {
         // Never a TXID the replica may already hold.
         let txid = self.state.txid.max(self.state.uploaded_txid) + 1;
-        // Held pages go to the segment first: their TXIDs come before the snapshot's.
-        self.segment.write_held()?;
+        // The batches before the snapshot are sealed first (held pages too: their TXIDs
+        // come before the snapshot's). An upload that lists the snapshot then lists them,
+        // and no segment holds batches from both sides of it, where the page size may
+        // differ.
+        self.segment.seal()?;
         let mut sink = ImageSink::new(Some((self.staging.clone(), self.rel.clone(), txid, None)));
         let got = self.read_image(barrier, None, &mut sink)?;
         let Some(ImageRead {

@@ -1115,6 +1115,40 @@ fn a_barrier_on_an_empty_wal_does_not_take_the_file_for_captured() {
     );
 }
 
+/// A snapshot seals the batches staged before it, so that an upload that lists the snapshot
+/// lists them too, and no segment holds batches from both sides of a snapshot (the page
+/// size may differ across it). Fuzz seed 0xbeef5, sequence 533: the uploader listed a
+/// snapshot while the batch before it was still in the active segment, uploaded the
+/// snapshot, and later found that batch sealed with one of the new page size.
+#[test]
+fn a_snapshot_seals_the_batches_staged_before_it() {
+    let f = fixture();
+    let conn = open_rollback(&f.db, "DELETE");
+    insert_rows(&conn, 10, 500);
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert!(staged_count(&f) > 0);
+    // A batch in the active segment, then a snapshot (the page size changes).
+    insert_rows(&conn, 5, 500);
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    conn.execute_batch("PRAGMA page_size=8192; VACUUM;")
+        .unwrap();
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    // Listed as an uploader lists them, without sealing first.
+    let pending = f.capture.staging().pending(&f.rel).unwrap();
+    let snapshot = pending
+        .iter()
+        .rposition(|s| matches!(s, Staged::Snapshot(_)))
+        .expect("the page size change staged a snapshot");
+    let before = pending[snapshot].max_txid() - 1;
+    assert!(
+        pending[..snapshot].iter().any(|s| s.max_txid() == before),
+        "the batch before the snapshot (TXID {before}) is not sealed: {pending:?}"
+    );
+    insert_rows(&conn, 5, 500);
+    f.capture.on_db_changed(&f.rel, true).unwrap();
+    assert_rollback_replica_matches(&f);
+}
+
 #[test]
 fn open_transaction_and_rollback_stage_nothing_uncommitted() {
     let f = fixture();
