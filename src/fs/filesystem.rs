@@ -276,11 +276,7 @@ impl PassthroughFs {
             // walfs truncates with its own privileges, which keep the bits; an
             // unprivileged caller's truncate(2) clears them on the bare disk.
             if caller.uid != 0 && inode.is_regular() {
-                let st = sys::fstat(inode.fd())?;
-                let kill = set_id_bits_a_write_clears(&st, caller);
-                if kill != 0 {
-                    sys::chmod_path(&sys::proc_path(inode.fd()), st.st_mode & 0o7777 & !kill)?;
-                }
+                drop_set_id_bits(inode.fd(), caller)?;
             }
             self.observer.truncated(&self.node(&inode), size)?;
         }
@@ -495,25 +491,12 @@ impl PassthroughFs {
         let inode = self.inodes.get(nodeid)?;
         let fd = sys::reopen(inode.fd(), own_flags(&inode, flags))?;
         if writing && caller.uid != 0 && inode.is_regular() {
-            self.drop_set_id_bits(&fd, caller)?;
+            drop_set_id_bits(fd.as_fd(), caller)?;
         }
         if flags & libc::O_TRUNC != 0 && inode.is_regular() {
             self.observer.truncated(&self.node(&inode), 0)?;
         }
         Ok(self.add_handle(inode, fd, flags, register))
-    }
-
-    /// Writes by an unprivileged user clear a file's set-user-ID and set-group-ID bits
-    /// ([`set_id_bits_a_write_clears`]). Passthrough writes run with walfs's privileges and
-    /// never reach walfs, so the bits are cleared when such a user opens the file for
-    /// writing (on the bare disk, at its first write).
-    fn drop_set_id_bits(&self, fd: &OwnedFd, caller: Caller) -> FsResult<()> {
-        let st = sys::fstat(fd.as_fd())?;
-        let kill = set_id_bits_a_write_clears(&st, caller);
-        if kill != 0 {
-            sys::fchmod(fd.as_fd(), st.st_mode & 0o7777 & !kill)?;
-        }
-        Ok(())
     }
 
     pub fn create(
@@ -846,6 +829,20 @@ pub fn stat_to_attr(nodeid: u64, st: &libc::stat) -> FileAttr {
         blksize: st.st_blksize as u32,
         flags: 0,
     }
+}
+
+/// Writes and truncations by an unprivileged user clear a file's set-user-ID and
+/// set-group-ID bits ([`set_id_bits_a_write_clears`]), but walfs writes and truncates with
+/// its own privileges, and passthrough writes never reach it: the bits are cleared when
+/// such a user truncates the file, or opens it for writing (on the bare disk, at its first
+/// write). `fd` may be an `O_PATH` descriptor.
+fn drop_set_id_bits(fd: BorrowedFd<'_>, caller: Caller) -> FsResult<()> {
+    let st = sys::fstat(fd)?;
+    let kill = set_id_bits_a_write_clears(&st, caller);
+    if kill != 0 {
+        sys::chmod_path(&sys::proc_path(fd), st.st_mode & 0o7777 & !kill)?;
+    }
+    Ok(())
 }
 
 /// The bits an unprivileged write or truncate by `caller` clears from a file (`st`):
