@@ -222,6 +222,86 @@ fn a_wal_of_another_page_size_fails_nothing_and_the_replica_follows() {
     );
 }
 
+/// Restores `rel` from `url` (at `txid`, or the latest) into `out`; the TXID restored,
+/// or the restore's error output.
+fn restore_at(url: &str, rel: &str, out: &Path, txid: Option<u64>) -> Result<u64, String> {
+    let _ = std::fs::remove_file(out);
+    let mut cmd = Command::new(common::WALFS);
+    cmd.args(["restore", url, "--db", rel, "-o"]).arg(out);
+    if let Some(t) = txid {
+        cmd.args(["--txid", &t.to_string()]);
+    }
+    let o = cmd.output().unwrap();
+    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    if o.status.success() {
+        Ok(restored_txid(&log))
+    } else {
+        Err(log)
+    }
+}
+
+/// The moments before a break stay restorable: a database's first TXIDs, uploaded at
+/// level 0 in the same round as the snapshot of another database moved over it (the
+/// history starts afresh), still restore after retention ran. Found by fuzz seed
+/// 0xabcd5, sequence 393: retention deleted everything below the oldest snapshot as soon
+/// as it was uploaded, though those moments were inside the retention window.
+#[test]
+fn the_moments_before_a_break_stay_restorable() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("replica").display());
+    // A sync interval longer than the writes below: the first round uploads the commits
+    // and the snapshot of the break together, so no snapshot of the first history exists.
+    let m = mount(dir.path(), &url, "3s", &[]);
+    let scratch = tempfile::tempdir().unwrap();
+    let c = Connection::open(m.path("c.db")).unwrap();
+    c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x);")
+        .unwrap();
+    for i in 0..3 {
+        c.execute("INSERT INTO t VALUES (?1)", [format!("row {i}")])
+            .unwrap();
+    }
+    drop(c);
+    let before = sqlite_view(&m.backing_path("c.db"), &scratch.path().join("before"))
+        .expect("c.db is a database");
+    // Another database (another page size, rollback mode) moved over it: a break.
+    let other = Connection::open(m.path("other.tmp")).unwrap();
+    other
+        .execute_batch(
+            "PRAGMA page_size=1024; CREATE TABLE moved(y); INSERT INTO moved VALUES ('moved');",
+        )
+        .unwrap();
+    drop(other);
+    std::fs::rename(m.path("other.tmp"), m.path("c.db")).unwrap();
+    assert_replica_follows(&url, &[], &m, "c.db", Duration::from_secs(15));
+    // Retention runs after each upload; give it a moment.
+    std::thread::sleep(Duration::from_secs(1));
+    // The snapshot of the break ends at TXID n; n - 1 is the last commit before it.
+    let snapshots: Vec<String> = std::fs::read_dir(dir.path().join("replica/c.db/ltx/9"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        snapshots.len(),
+        1,
+        "one snapshot, the break's: {snapshots:?}"
+    );
+    let n = u64::from_str_radix(&snapshots[0][17..33], 16).unwrap();
+    let out = scratch.path().join("restored.db");
+    match restore_at(&url, "c.db", &out, Some(n - 1)) {
+        Ok(got) => {
+            assert_eq!(got, n - 1);
+            assert_same_database(&before, &out);
+        }
+        Err(e) => panic!(
+            "TXID {}, before the break, no longer restores: {e}\n{}",
+            n - 1,
+            m.log()
+        ),
+    }
+    let mut m = m;
+    assert_no_failure(&m.stop());
+}
+
 /// A database file that is momentarily not a database (emptied beside a `-wal` that the
 /// next opener deletes; zeroed beside a hot journal that the next opener rolls back) works
 /// through the mount exactly as on the bare directory, and the replica ends equal to what

@@ -6,8 +6,9 @@
 //! state:
 //! - snapshots (level 9): every snapshot taken inside the window, and the newest one taken
 //!   before it (moments at the window's start restore from it); older ones go;
-//! - levels 0 to 8: what ends at or below the oldest snapshot kept goes (no restore inside
-//!   the window starts below it);
+//! - levels 0 to 8: what ends at or below the oldest snapshot kept goes once that snapshot
+//!   is at or before the window's start (no restore inside the window starts below it);
+//!   until then the moments before it are inside the window and restore from below it;
 //! - level 0 also goes `l0_retention` after it was compacted into level 1 (a level-1 object
 //!   spans its TXIDs), as Litestream 0.5 does (5 minutes there): restores inside the window
 //!   then land on level-1 boundaries, never on a state committed after the moment asked
@@ -64,7 +65,23 @@ pub fn plan_retention(
         }
     }
     delete.extend(snaps[..oldest_kept].iter().map(|(o, _)| *o));
-    let floor = snaps.get(oldest_kept).map(|(o, _)| o.max);
+    // Below the oldest snapshot kept nothing is needed once that snapshot is at or before
+    // the window's start. While it is inside the window, the moments before it (a
+    // history's first TXIDs, or those before a snapshot that started the history afresh)
+    // still restore from what lies below it.
+    let floor = match snaps.get(oldest_kept) {
+        Some((o, t)) if *t <= window_start => Some(o.max),
+        Some((o, t)) => {
+            if objects
+                .keys()
+                .any(|x| x.level < SNAPSHOTS && x.max <= o.max)
+            {
+                soonest(*t + policy.retention);
+            }
+            None
+        }
+        None => None,
+    };
     let level1: Vec<&ObjId> = objects.keys().filter(|o| o.level == 1).collect();
     let compacted = |o: &ObjId| level1.iter().any(|l| l.min <= o.min && o.max <= l.max);
     for (o, t) in objects {
@@ -127,10 +144,38 @@ mod tests {
             Some(at(220)),
             "the snapshot at 50 goes when 120 leaves"
         );
-        // Early on only what the oldest snapshot already holds goes.
+        // Early on nothing goes: the moments before the oldest snapshot are in the window.
         let (del, next) = plan_retention(&objects, at(60), POLICY);
+        assert!(del.is_empty(), "{del:?}");
+        assert_eq!(
+            next,
+            Some(at(100)),
+            "the snapshot at 0 leaves the window at 100"
+        );
+        // Once the oldest snapshot is at the window's start, what it holds goes.
+        let (del, next) = plan_retention(&objects, at(100), POLICY);
         assert_eq!(del, vec![o(1, 1, 5), o(1, 6, 10)]);
         assert_eq!(next, Some(at(150)));
+    }
+
+    /// Fuzz seed 0xabcd5, sequence 393: a history's first TXIDs uploaded at level 0, then a
+    /// snapshot that started the history afresh (another database moved over it). The
+    /// TXIDs before the snapshot are inside the window and must stay restorable.
+    #[test]
+    fn the_history_before_the_first_snapshot_stays_while_it_is_in_the_window() {
+        let objects = BTreeMap::from([
+            (o(0, 1, 1), at(0)),
+            (o(0, 2, 2), at(1)),
+            (o(0, 3, 4), at(2)),
+            (o(9, 1, 5), at(3)),
+            (o(0, 6, 6), at(4)),
+        ]);
+        let (del, next) = plan_retention(&objects, at(5), POLICY);
+        assert!(del.is_empty(), "{del:?}");
+        assert_eq!(next, Some(at(103)));
+        let (del, next) = plan_retention(&objects, at(103), POLICY);
+        assert_eq!(del, vec![o(0, 1, 1), o(0, 2, 2), o(0, 3, 4)]);
+        assert_eq!(next, None);
     }
 
     #[test]
