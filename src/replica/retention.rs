@@ -9,6 +9,8 @@
 //! - levels 0 to 8: what ends at or below the oldest snapshot kept goes once that snapshot
 //!   is at or before the window's start (no restore inside the window starts below it);
 //!   until then the moments before it are inside the window and restore from below it;
+//!   a whole image (min TXID 1) that ends where a kept snapshot ends goes at once (the
+//!   snapshot restores the same);
 //! - level 0 also goes `l0_retention` after it was compacted into level 1 (a level-1 object
 //!   spans its TXIDs), as Litestream 0.5 does (5 minutes there): restores inside the window
 //!   then land on level-1 boundaries, never on a state committed after the moment asked
@@ -65,6 +67,10 @@ pub fn plan_retention(
         }
     }
     delete.extend(snaps[..oldest_kept].iter().map(|(o, _)| *o));
+    // A whole image (min TXID 1: a history's first upload) that ends where a kept
+    // snapshot ends restores nothing the snapshot does not.
+    let snapshot_ends: Vec<u64> = snaps[oldest_kept..].iter().map(|(o, _)| o.max).collect();
+    let repeats_a_snapshot = |o: &ObjId| o.min == 1 && snapshot_ends.contains(&o.max);
     // Below the oldest snapshot kept nothing is needed once that snapshot is at or before
     // the window's start. While it is inside the window, the moments before it (a
     // history's first TXIDs, or those before a snapshot that started the history afresh)
@@ -74,7 +80,7 @@ pub fn plan_retention(
         Some((o, t)) => {
             if objects
                 .keys()
-                .any(|x| x.level < SNAPSHOTS && x.max <= o.max)
+                .any(|x| x.level < SNAPSHOTS && x.max <= o.max && !repeats_a_snapshot(x))
             {
                 soonest(*t + policy.retention);
             }
@@ -88,7 +94,7 @@ pub fn plan_retention(
         if o.level == SNAPSHOTS {
             continue;
         }
-        if floor.is_some_and(|f| o.max <= f) {
+        if floor.is_some_and(|f| o.max <= f) || repeats_a_snapshot(o) {
             delete.push(*o);
         } else if o.level == 0 && compacted(o) {
             let due = *t + policy.l0_retention;
@@ -176,6 +182,33 @@ mod tests {
         let (del, next) = plan_retention(&objects, at(103), POLICY);
         assert_eq!(del, vec![o(0, 1, 1), o(0, 2, 2), o(0, 3, 4)]);
         assert_eq!(next, None);
+    }
+
+    #[test]
+    fn a_whole_image_that_repeats_a_snapshot_goes_at_once() {
+        // A new database's first upload repeats the snapshot capture took of it; an
+        // incremental object that ends at a snapshot stays like any other.
+        let objects = BTreeMap::from([
+            (o(9, 1, 3), at(0)),
+            (o(0, 1, 3), at(0)),
+            (o(0, 4, 4), at(1)),
+            (o(9, 1, 6), at(2)),
+            (o(0, 5, 6), at(2)),
+            (o(0, 7, 7), at(3)),
+        ]);
+        let (del, next) = plan_retention(&objects, at(4), POLICY);
+        assert_eq!(del, vec![o(0, 1, 3)]);
+        assert_eq!(
+            next,
+            Some(at(102)),
+            "the snapshot at 0 goes when the one at 2 leaves the window"
+        );
+        // Alone, it goes before the snapshot leaves the window, and nothing is due.
+        let alone = BTreeMap::from([(o(9, 1, 3), at(0)), (o(0, 1, 3), at(0))]);
+        assert_eq!(
+            plan_retention(&alone, at(1), POLICY),
+            (vec![o(0, 1, 3)], None)
+        );
     }
 
     #[test]
