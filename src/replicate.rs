@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::capture::watch::WalWatcher;
-use crate::capture::{Capture, CaptureObserver};
+use crate::capture::{database_of, Barrier, Capture, CaptureObserver};
 use crate::fs::Observer;
 use crate::replica::maintain::{Maintainer, MaintenanceOptions};
 use crate::replica::store::{ReplicaStore, ReplicaUrl, StoreTuning};
@@ -268,8 +268,13 @@ fn stage_existing_databases(backing: &Path, capture: &Capture) -> anyhow::Result
             if kind.is_dir() {
                 stack.push(child);
             } else if kind.is_file() {
+                // As at an fsync: what a database or its `-wal` holds is staged.
+                let barrier = match database_of(&child) {
+                    Some((_, true)) => Barrier::WalDurable,
+                    _ => Barrier::DbSynced,
+                };
                 capture
-                    .on_barrier(&child, true)
+                    .on(&child, barrier)
                     .with_context(|| format!("cannot stage {}", child.display()))?;
                 if capture.is_captured(&child) {
                     found += 1;

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::barrier::{Barrier, Step};
 use super::image::{Image, ImageSink, PageSink};
 use super::{
     now_ms, open_optional, poll_wal, poll_wal_through, rollback, wal_path, CaptureError,
@@ -264,18 +265,17 @@ impl DatabaseCapture {
         }
     }
 
-    /// Runs one capture step `f`, unless the history waits to restart and the files are
-    /// still not at a consistent point (see the module header). `barrier`: the application
-    /// is blocked in a barrier on the database's files; `at_close`: a writer closed the
-    /// database. Only a staging failure is returned.
+    /// Runs one capture step `f` as `step` says, unless the history waits to restart and
+    /// the files are still not at a consistent point (see the module header). Only a
+    /// staging failure is returned.
     pub(super) fn step(
         &mut self,
-        barrier: bool,
-        at_close: bool,
+        step: Step,
         events: &mut Vec<CaptureEvent>,
         f: impl FnOnce(&mut Self) -> CaptureResult<Vec<CaptureEvent>>,
     ) -> StagingResult<()> {
-        if self.restart.is_some() && !self.try_restart(barrier, at_close, events)? {
+        let barrier = step.blocks_application;
+        if self.restart.is_some() && !self.try_restart(barrier, step.at_close, events)? {
             return Ok(());
         }
         let done = f(self).map(|ev| events.extend(ev));
@@ -419,13 +419,52 @@ impl DatabaseCapture {
         self.state.checksum
     }
 
+    /// Catches up at `barrier`: the one place where a database's capture dispatches its
+    /// barriers (see [`Barrier`]).
+    pub fn on(&mut self, barrier: Barrier) -> CaptureResult<Vec<CaptureEvent>> {
+        match barrier {
+            Barrier::WalCatchUp => self.on_wal_barrier(false),
+            Barrier::WalDurable => self.on_wal_barrier(true),
+            Barrier::DbSyncing => self.on_db_syncing(),
+            Barrier::DbSynced => self.on_db_synced(),
+            Barrier::DbResized => self.on_db_changed(false),
+            Barrier::DbClosed => self.on_db_changed(true),
+            Barrier::Journal(j) => self.on_journal(j),
+            Barrier::JournalCreated => {
+                self.on_journal_begins();
+                Ok(Vec::new())
+            }
+            Barrier::JournalClosed => {
+                self.on_journal_closed();
+                Ok(Vec::new())
+            }
+            Barrier::WalClosed => self.on_wal_closed(),
+            Barrier::WalChanged => self.on_wal_changed(),
+        }
+    }
+
+    /// Call while the application is blocked in an fsync of the database file. In WAL
+    /// mode that ends a checkpoint: the WAL is caught up and what was staged made durable
+    /// (then, as anywhere, a change to the database file made beside the log is staged).
+    /// In rollback mode see [`DatabaseCapture::on_rollback_db_synced`].
+    pub(super) fn on_db_synced(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
+        // (The header may already say WAL while the journal transaction that switches to
+        // WAL mode commits.)
+        if std::fs::metadata(&self.wal_path).is_ok() {
+            let mut events = self.on_wal_barrier(true)?;
+            events.extend(self.capture_beside_an_idle_wal(false)?);
+            return Ok(events);
+        }
+        self.on_rollback_db_synced()
+    }
+
     /// Call while the application is blocked in an fsync, ftruncate, unlink or rename of the
     /// database or its `-wal` (for removals: before the file goes). Stages every transaction
     /// committed since the last call. With `durable` (a barrier after which the `-wal` may
     /// no longer hold those frames: a database fsync, which ends a checkpoint's backfill,
     /// or a truncation, unlink or rename), also makes the staged batches and the state
     /// durable.
-    pub fn on_wal_barrier(&mut self, durable: bool) -> CaptureResult<Vec<CaptureEvent>> {
+    pub(super) fn on_wal_barrier(&mut self, durable: bool) -> CaptureResult<Vec<CaptureEvent>> {
         self.capture(true, durable)
     }
 
@@ -434,7 +473,7 @@ impl DatabaseCapture {
     /// commits not yet read are staged now, and the segment's fdatasync is started so that
     /// it overlaps with the database's (the `on_db_synced` that follows waits for it). In
     /// rollback mode this does nothing; `on_db_synced` does the work.
-    pub fn on_db_syncing(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
+    pub(super) fn on_db_syncing(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         if std::fs::metadata(&self.wal_path).is_err() {
             return Ok(Vec::new());
         }
@@ -446,7 +485,7 @@ impl DatabaseCapture {
     /// Call when the `-wal` is about to be removed, after its commits were read: see
     /// [`DatabaseCapture::check_log_checkpointed`]. An error asks the caller to restart
     /// the history once the log is gone.
-    pub fn on_wal_removing(&mut self) -> CaptureResult<()> {
+    pub(super) fn on_wal_removing(&mut self) -> CaptureResult<()> {
         let Some(wal) = open_optional(&self.wal_path)? else {
             return Ok(());
         };
@@ -511,7 +550,7 @@ impl DatabaseCapture {
     /// SQLite's own writers keep the log open, so this runs at their closes only.
     /// Logs past [`REVALIDATE_LIMIT`] are not read again (a checkpoint keeps a log far
     /// smaller unless the application turned it off).
-    pub fn on_wal_closed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
+    pub(super) fn on_wal_closed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         let events = self.on_wal_changed()?;
         let (Some(pos), Some(_)) = (self.tracker.position(), self.tracker.header()) else {
             return Ok(events);
@@ -538,7 +577,7 @@ impl DatabaseCapture {
     }
 
     /// Call when the backing WAL changed between barriers (for the RPO).
-    pub fn on_wal_changed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
+    pub(super) fn on_wal_changed(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         self.capture(false, false)
     }
 

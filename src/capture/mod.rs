@@ -17,9 +17,10 @@
 //! - [`Capture`] (`registry.rs`): the registry of one mount, keyed by path relative to the backing root. It
 //!   maps `x-wal` to `x`, recognises databases by their header, ignores other files, and
 //!   tells the uploader which databases have something new ([`Capture::take_staged`]).
-//! - [`CaptureObserver`] (`observer.rs`): the [`Observer`](crate::fs::Observer) that the FUSE layer calls; it routes database
-//!   fsyncs and the ftruncate, unlink and rename of a database or its `-wal` to the
-//!   registry, and fails the application's operation with EIO when staging fails.
+//! - [`CaptureObserver`] (`observer.rs`): the [`Observer`](crate::fs::Observer) that the FUSE layer calls; it turns
+//!   fsyncs, truncations, unlinks, renames and closes of a database's files into
+//!   [`Barrier`]s (`barrier.rs`) for the registry ([`Capture::on`] dispatches them), and
+//!   fails the application's operation with EIO when staging fails.
 //! - `image.rs`: a database's committed image as SQLite reads it (the database file, its
 //!   committed WAL frames, a live journal's original pages), for snapshots and comparisons.
 //! - [`watch`]: reads a database's `-wal` within milliseconds of a change between barriers.
@@ -41,6 +42,7 @@ use crate::sqlite::{
 };
 use crate::staging::StagingError;
 
+mod barrier;
 mod database;
 mod image;
 mod observer;
@@ -48,6 +50,7 @@ mod registry;
 pub mod rollback;
 pub mod watch;
 
+pub use barrier::Barrier;
 pub use database::DatabaseCapture;
 pub use observer::CaptureObserver;
 pub(crate) use registry::WatcherWake;

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{database_of, rollback, wal_path, Capture, CaptureEvent};
+use super::rollback::{self, JournalBarrier};
+use super::{database_of, wal_path, Barrier, Capture, CaptureEvent};
 use crate::fs::observer::{Node, Observer};
 use crate::fs::{FsError, FsResult};
 use crate::staging::StagingResult;
@@ -101,7 +102,7 @@ impl CaptureObserver {
             // DELETE mode's commit point (and the end of a hot journal's rollback).
             let res = self
                 .capture
-                .on_journal(&db, rollback::JournalBarrier::Unlinking);
+                .on(&db, Barrier::Journal(JournalBarrier::Unlinking));
             self.unrefused(op, rel, &db, res);
             return;
         }
@@ -109,7 +110,7 @@ impl CaptureObserver {
             return;
         };
         if is_wal || self.capture.is_captured(&db) {
-            let res = self.capture.on_barrier(&wal_path(&db), true);
+            let res = self.capture.on(&wal_path(&db), Barrier::WalDurable);
             self.unrefused(op, rel, &db, res);
         }
         if is_wal {
@@ -128,7 +129,7 @@ impl Observer for CaptureObserver {
         if name.as_bytes().ends_with(b"-journal") {
             let rel = Self::relative(dir).map(|d| d.join(name));
             if let Some(db) = rel.as_deref().and_then(rollback::database_of_journal) {
-                let res = self.capture.on_journal_created(&db);
+                let res = self.capture.on(&db, Barrier::JournalCreated);
                 self.lenient("create", &db, res);
             }
             return;
@@ -144,7 +145,7 @@ impl Observer for CaptureObserver {
         if let Some((db, true)) = database_of(&rel) {
             self.capture.wal_replaced(&db);
         }
-        let res = self.capture.on_barrier(&rel, false);
+        let res = self.capture.on(&rel, Barrier::WalCatchUp);
         self.lenient("create", &rel, res);
     }
 
@@ -156,7 +157,7 @@ impl Observer for CaptureObserver {
             return;
         };
         if let Some((_, false)) = database_of(&rel) {
-            let res = self.capture.on_db_syncing(&rel);
+            let res = self.capture.on(&rel, Barrier::DbSyncing);
             self.lenient("fsync", &rel, res);
         }
     }
@@ -169,7 +170,7 @@ impl Observer for CaptureObserver {
             // PERSIST mode's commit point: the zeroed header is synced.
             let res = self
                 .capture
-                .on_journal(&db, rollback::JournalBarrier::Synced);
+                .on(&db, Barrier::Journal(JournalBarrier::Synced));
             return self.durable("fsync", &rel, res);
         }
         let Some((db, is_wal)) = database_of(&rel) else {
@@ -183,7 +184,12 @@ impl Observer for CaptureObserver {
             self.capture.wal_synced(&db);
             return Ok(());
         }
-        let res = self.capture.on_barrier(&rel, !is_wal);
+        let barrier = if is_wal {
+            Barrier::WalCatchUp
+        } else {
+            Barrier::DbSynced
+        };
+        let res = self.capture.on(&rel, barrier);
         self.durable("fsync", &rel, res)
     }
 
@@ -195,7 +201,7 @@ impl Observer for CaptureObserver {
             // TRUNCATE mode's commit point.
             let res = self
                 .capture
-                .on_journal(&db, rollback::JournalBarrier::Truncated);
+                .on(&db, Barrier::Journal(JournalBarrier::Truncated));
             return self.durable("truncate", &rel, res);
         }
         match database_of(&rel) {
@@ -212,16 +218,16 @@ impl Observer for CaptureObserver {
                 if self.capture.fsync_follows(&db) {
                     return Ok(());
                 }
-                let res = self.capture.on_barrier(&wal_path(&db), false);
+                let res = self.capture.on(&wal_path(&db), Barrier::WalCatchUp);
                 self.lenient("truncate", &rel, res);
-                let res = self.capture.on_db_changed(&rel, false);
+                let res = self.capture.on(&rel, Barrier::DbResized);
                 self.lenient("truncate", &rel, res);
                 Ok(())
             }
             // The `-wal` is truncated: the frames it held go, so what was staged of them
             // must be durable.
             Some((_, true)) => {
-                let res = self.capture.on_barrier(&rel, true);
+                let res = self.capture.on(&rel, Barrier::WalDurable);
                 self.durable("truncate", &rel, res)
             }
             None => Ok(()),
@@ -250,7 +256,7 @@ impl Observer for CaptureObserver {
             return;
         };
         if let Some((_, false)) = database_of(&to) {
-            let res = self.capture.on_db_changed(&to, true);
+            let res = self.capture.on(&to, Barrier::DbClosed);
             self.lenient("rename", &to, res);
         }
     }
@@ -263,7 +269,7 @@ impl Observer for CaptureObserver {
             return;
         };
         if let Some(db) = rollback::database_of_journal(&rel) {
-            let res = self.capture.on_journal_closed(&db);
+            let res = self.capture.on(&db, Barrier::JournalClosed);
             self.lenient("close", &db, res);
             return;
         }
@@ -271,8 +277,8 @@ impl Observer for CaptureObserver {
         // writes outside SQLite's protocol (`cp`, `cat`, `dd`). A stat filter keeps this
         // cheap for programs that open and close per request.
         let res = match database_of(&rel) {
-            Some((_, false)) => self.capture.on_db_changed(&rel, true),
-            Some((_, true)) => self.capture.on_wal_closed(&rel),
+            Some((_, false)) => self.capture.on(&rel, Barrier::DbClosed),
+            Some((_, true)) => self.capture.on(&rel, Barrier::WalClosed),
             None => Ok(Vec::new()),
         };
         self.lenient("close", &rel, res);

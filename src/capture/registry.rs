@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 use parking_lot::Mutex;
 
-use super::{
-    database_of, rollback, wal_path, CaptureError, CaptureEvent, CaptureResult, DatabaseCapture,
-};
+use super::barrier::{Barrier, Step};
+use super::{database_of, wal_path, CaptureError, CaptureEvent, CaptureResult, DatabaseCapture};
 use crate::staging::{Staging, StagingResult};
 
 /// Counters of one mount's capture.
@@ -244,9 +243,11 @@ impl Capture {
     /// a database that can be captured now.
     pub fn restart_history(&self, db: &Path, reason: &str) -> bool {
         let reason = reason.to_string();
-        let res = self.with_db(db, true, false, false, |_| {
-            Err(CaptureError::CannotFollow(reason))
-        });
+        let step = Step {
+            registers: true,
+            ..Step::BACKGROUND
+        };
+        let res = self.with_db(db, step, |_| Err(CaptureError::CannotFollow(reason)));
         if let Err(e) = res {
             tracing::error!(db = %db.display(), "cannot stage a snapshot to restart the history: {e}");
         }
@@ -273,7 +274,7 @@ impl Capture {
                 self.note_restart(&db, false);
                 continue;
             }
-            if let Err(e) = self.with_db(&db, false, false, false, |_| Ok(Vec::new())) {
+            if let Err(e) = self.with_db(&db, Step::BACKGROUND, |_| Ok(Vec::new())) {
                 let mut logged = self.retry_logged.lock();
                 if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     *logged = Some(Instant::now());
@@ -308,11 +309,11 @@ impl Capture {
                     c.retry_restart_now();
                 }
             }
-            if let Err(e) = self.on_changed(&wal_path(&db)) {
+            if let Err(e) = self.on(&wal_path(&db), Barrier::WalChanged) {
                 tracing::error!(db = %db.display(), "final capture failed: {e}");
             }
             // Changes without a journal (MEMORY, OFF) not yet seen at a close.
-            if let Err(e) = self.on_db_changed(&db, true) {
+            if let Err(e) = self.on(&db, Barrier::DbClosed) {
                 tracing::error!(db = %db.display(), "final capture failed: {e}");
             }
         }
@@ -384,21 +385,20 @@ impl Capture {
     }
 
     /// Runs the capture step `f` on the database that `rel` belongs to (see
-    /// [`DatabaseCapture::step`]), registering it first if its file holds an SQLite header
-    /// (`register`). Files of other kinds cost one 100-byte read. Only a staging failure is
+    /// [`DatabaseCapture::step`]) as `step` says, registering it first if the step
+    /// registers and its file holds an SQLite header. Files of other kinds cost one
+    /// 100-byte read. Only a staging failure is
     /// returned; the caller decides what the application sees.
     fn with_db(
         &self,
         rel: &Path,
-        register: bool,
-        barrier: bool,
-        at_close: bool,
+        step: Step,
         f: impl FnOnce(&mut DatabaseCapture) -> CaptureResult<Vec<CaptureEvent>>,
     ) -> StagingResult<Vec<CaptureEvent>> {
         let Some((db, _)) = database_of(rel) else {
             return Ok(Vec::new());
         };
-        if !register && !self.is_captured(&db) {
+        if !step.registers && !self.is_captured(&db) {
             return Ok(Vec::new());
         }
         // Two captures of one database must never exist: a slot that was removed while this
@@ -432,7 +432,7 @@ impl Capture {
                         self.staging.clone(),
                         &db,
                         &self.root.join(&db),
-                        barrier,
+                        step.blocks_application,
                         replaced,
                         self.hold_pages.load(Ordering::Relaxed),
                     )?;
@@ -444,7 +444,7 @@ impl Capture {
                     self.generation.fetch_add(1, Ordering::Relaxed);
                 }
                 let c = guard.as_mut().expect("capture was just opened");
-                let stepped = c.step(barrier, at_close, &mut events, f);
+                let stepped = c.step(step, &mut events, f);
                 self.note_restart(&db, c.waits_for_restart());
                 stepped?;
                 if let Some(CaptureEvent::Gone { txid }) = events.last() {
@@ -524,63 +524,17 @@ impl Capture {
         }
     }
 
-    /// A barrier (fsync, ftruncate, unlink, rename) on `rel` (a database or its `-wal`).
-    /// `durable`: see [`DatabaseCapture::on_wal_barrier`].
-    /// A database fsync also ends a rollback-journal transaction's writes (see
-    /// [`DatabaseCapture::on_db_synced`]).
-    pub fn on_barrier(&self, rel: &Path, durable: bool) -> StagingResult<Vec<CaptureEvent>> {
-        let target = database_of(rel);
-        if let Some((db, _)) = &target {
-            self.checkpointing.lock().remove(db);
+    /// Catches up with the database that `rel` (a database file or its `-wal`, or the
+    /// database of a `-journal`) belongs to at `barrier`: the one place where barriers
+    /// are dispatched (see [`Barrier`] for what each one asks). Only a staging failure is
+    /// returned; the caller decides what the application sees.
+    pub fn on(&self, rel: &Path, barrier: Barrier) -> StagingResult<Vec<CaptureEvent>> {
+        if barrier.ends_checkpoint() {
+            if let Some((db, _)) = database_of(rel) {
+                self.checkpointing.lock().remove(&db);
+            }
         }
-        match target {
-            Some((_, false)) => self.with_db(rel, true, true, false, |c| c.on_db_synced()),
-            _ => self.with_db(rel, true, true, false, |c| c.on_wal_barrier(durable)),
-        }
-    }
-
-    /// The database file `rel` is about to be fsynced (see
-    /// [`DatabaseCapture::on_db_syncing`]); only a database already captured.
-    pub fn on_db_syncing(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(rel, false, true, false, |c| c.on_db_syncing())
-    }
-
-    /// A barrier on the `-journal` of `db` (see [`DatabaseCapture::on_journal`]).
-    pub fn on_journal(
-        &self,
-        db: &Path,
-        barrier: rollback::JournalBarrier,
-    ) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(db, true, true, false, |c| c.on_journal(barrier))
-    }
-
-    /// A handle of the rollback journal of `db` was closed (see
-    /// [`DatabaseCapture::on_journal_closed`]); only a database already captured. Not a
-    /// barrier: a waiting restart does not run here.
-    pub fn on_journal_closed(&self, db: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(db, false, false, false, |c| {
-            c.on_journal_closed();
-            Ok(Vec::new())
-        })
-    }
-
-    /// A rollback journal of `db` was created: a transaction begins (see
-    /// [`DatabaseCapture::on_journal_begins`]); only a database already captured.
-    pub fn on_journal_created(&self, db: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(db, false, true, false, |c| {
-            c.on_journal_begins();
-            Ok(Vec::new())
-        })
-    }
-
-    /// The database file `rel` was truncated or extended, or written and closed, or
-    /// renamed into place: stage whatever it now holds that the replica does not.
-    /// `at_close`: a file that is no longer SQLite then stops being captured (during a
-    /// truncation it may be about to be rewritten).
-    pub fn on_db_changed(&self, rel: &Path, at_close: bool) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(rel, true, !at_close, at_close, |c| {
-            c.on_db_changed(at_close)
-        })
+        self.with_db(rel, barrier.step(), |c| c.on(barrier))
     }
 
     /// `db` was unlinked or renamed away: what it staged stays for the uploader, and the
@@ -638,19 +592,6 @@ impl Capture {
                 c.wal_replaced();
             }
         }
-    }
-
-    /// A handle of the `-wal` `rel` was closed (see [`DatabaseCapture::on_wal_closed`]).
-    /// A database not captured yet is registered if SQLite would read one now (its file
-    /// may hold no header while its log holds page 1).
-    pub fn on_wal_closed(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(rel, true, false, false, |c| c.on_wal_closed())
-    }
-
-    /// The `-wal` `rel` changed between barriers. A database not captured yet is
-    /// registered if SQLite would read one now, as at [`Capture::on_wal_closed`].
-    pub fn on_changed(&self, rel: &Path) -> StagingResult<Vec<CaptureEvent>> {
-        self.with_db(rel, true, false, false, |c| c.on_wal_changed())
     }
 
     /// Stops capturing `db` (it was unlinked or renamed away). What it staged is sealed

@@ -324,19 +324,12 @@ impl DatabaseCapture {
         Ok(())
     }
 
-    /// Call while the application is blocked in an fsync of the database file. Does what
-    /// [`DatabaseCapture::on_wal_barrier`] does (a checkpoint's end, in WAL mode) and, in
-    /// rollback mode, remembers the pages of the open transaction's journal (the writer
-    /// has written them all to the database and holds its lock); without a live journal
-    /// (`journal_mode=MEMORY` or `OFF`: this fsync is the commit), stages what changed.
-    pub fn on_db_synced(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
-        // In WAL mode this is a checkpoint's end. (The header may already say WAL while
-        // the journal transaction that switches to WAL mode commits.)
-        if std::fs::metadata(&self.wal_path).is_ok() {
-            let mut events = self.on_wal_barrier(true)?;
-            events.extend(self.capture_beside_an_idle_wal(false)?);
-            return Ok(events);
-        }
+    /// An fsync of the database file in rollback mode (no `-wal`; see
+    /// [`DatabaseCapture::on_db_synced`]): remembers the pages of the open transaction's
+    /// journal (the writer has written them all to the database and holds its lock);
+    /// without a live journal (`journal_mode=MEMORY` or `OFF`: this fsync is the commit),
+    /// stages what changed.
+    pub(super) fn on_rollback_db_synced(&mut self) -> CaptureResult<Vec<CaptureEvent>> {
         // No WAL: nothing staged can depend on one, so the hot path makes no fsync of its
         // own here (see docs/FORMAT.md, Staging); and unless the WAL just went, nothing is
         // left to read from one.
@@ -355,7 +348,10 @@ impl DatabaseCapture {
     /// Call while the application is blocked in a barrier on the database's `-journal`
     /// (for an unlink: before it goes). At an invalidation (the journal unlinked, empty, or
     /// its header zeroed) the transaction is committed: its pages are staged.
-    pub fn on_journal(&mut self, barrier: JournalBarrier) -> CaptureResult<Vec<CaptureEvent>> {
+    pub(super) fn on_journal(
+        &mut self,
+        barrier: JournalBarrier,
+    ) -> CaptureResult<Vec<CaptureEvent>> {
         let committed = match barrier {
             JournalBarrier::Unlinking => {
                 // With synchronous=OFF there was no database fsync: the journal still
@@ -413,7 +409,7 @@ impl DatabaseCapture {
     /// capture point, something wrote it without a barrier (`journal_mode=MEMORY` or `OFF`
     /// with `synchronous=OFF`, or a write outside SQLite), and the journal's page list at
     /// the commit will not cover that: the commit then compares the whole file instead.
-    pub fn on_journal_begins(&mut self) {
+    pub(super) fn on_journal_begins(&mut self) {
         self.journal_begin_seen = true;
         if Fingerprint::of(&self.db_path) != self.fingerprint {
             self.unseen_writes = true;
@@ -427,7 +423,7 @@ impl DatabaseCapture {
     /// fsync), and the next one will reuse the journal without creating it: its begin
     /// will not be seen (see `journal_begin_seen`). A journal that cannot be read counts
     /// as kept: the next commit then compares the whole file.
-    pub fn on_journal_closed(&mut self) {
+    pub(super) fn on_journal_closed(&mut self) {
         if !self.journal_begin_seen {
             return;
         }
@@ -454,7 +450,10 @@ impl DatabaseCapture {
     /// connection still in a rollback mode (`journal_mode=MEMORY` or `OFF`, opened before
     /// the `-wal` appeared) commits by writing it directly. So, as without a `-wal`, what
     /// changed in the file is staged.
-    fn capture_beside_an_idle_wal(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
+    pub(super) fn capture_beside_an_idle_wal(
+        &mut self,
+        at_close: bool,
+    ) -> CaptureResult<Vec<CaptureEvent>> {
         if self.wal_holds_commits() {
             return Ok(Vec::new());
         }
@@ -471,9 +470,12 @@ impl DatabaseCapture {
             && std::fs::metadata(&self.wal_path).is_ok_and(|m| m.len() > header)
     }
 
-    /// The database file changed outside a journal transaction (see
-    /// [`super::Capture::on_db_changed`]).
-    pub fn on_db_changed(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
+    /// The database file changed outside a journal transaction: it was truncated or
+    /// extended, or written and closed, or renamed into place ([`super::Barrier::DbResized`],
+    /// [`super::Barrier::DbClosed`]); stage whatever it now holds that the replica does not.
+    /// `at_close`: a file that is no longer SQLite then stops being captured (during a
+    /// truncation it may be about to be rewritten).
+    pub(super) fn on_db_changed(&mut self, at_close: bool) -> CaptureResult<Vec<CaptureEvent>> {
         if std::fs::metadata(&self.wal_path).is_ok() {
             let mut events = self.on_wal_changed()?;
             if at_close && self.wal_holds_commits() {

@@ -151,9 +151,9 @@ fn rebuild(f: &Fixture) -> Vec<u8> {
 
 /// Checkpoints everything (with the barriers the checkpoint makes), then compares.
 fn assert_replica_matches(f: &Fixture, conn: &Connection) {
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     checkpoint(conn, "TRUNCATE");
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     let live = fs::read(&f.db).unwrap();
     let ps: u32 = conn
@@ -190,7 +190,7 @@ fn heals(events: &[CaptureEvent]) -> usize {
 
 /// The next barrier on the `-wal` stages exactly the TXID ranges `expected`, healing nothing.
 fn barrier_stages(f: &Fixture, expected: &[(u64, u64)]) {
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     let want: Vec<_> = expected.iter().copied().map(Some).collect();
     assert_eq!(staged_txids(&ev), want);
@@ -215,7 +215,7 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
     let f = fixture();
     let conn = open_db(&f.db, page_size, "FULL", autockpt);
     // Registration through the -wal name takes the initial snapshot.
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(
         matches!(ev[0], CaptureEvent::Staged { min_txid: 1, .. }),
         "{ev:?}"
@@ -229,7 +229,7 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
             [(i * 997 % blob + 10) as i64],
         )
         .unwrap();
-        let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+        let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
         assert_eq!(heals(&ev), 0, "{ev:?}");
         if i % 4 == 0 {
             conn.execute(
@@ -237,12 +237,12 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
                 [(i % 3) as i64],
             )
             .unwrap();
-            f.capture.on_barrier(&f.wal_rel, false).unwrap();
+            f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
         }
         if i % 7 == 6 {
-            f.capture.on_barrier(&f.wal_rel, false).unwrap(); // the checkpoint's WAL fsync
+            f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap(); // the checkpoint's WAL fsync
             checkpoint(&conn, modes[(i / 7) % 4]);
-            let ev = f.capture.on_barrier(&f.rel, true).unwrap(); // its database fsync
+            let ev = f.capture.on(&f.rel, Barrier::DbSynced).unwrap(); // its database fsync
             assert_eq!(heals(&ev), 0, "{ev:?}");
         }
         if i == 20 {
@@ -252,12 +252,12 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
                  INSERT INTO t(v) SELECT randomblob(1500) FROM c;",
             )
             .unwrap();
-            f.capture.on_barrier(&f.wal_rel, false).unwrap();
+            f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
             conn.execute_batch("DELETE FROM t WHERE id % 2 = 0;")
                 .unwrap();
-            f.capture.on_barrier(&f.wal_rel, false).unwrap();
+            f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
             conn.execute_batch("VACUUM;").unwrap();
-            let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+            let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
             assert_eq!(heals(&ev), 0, "{ev:?}");
         }
     }
@@ -265,13 +265,13 @@ fn full_sync_workload(page_size: u32, autockpt: u32) {
     assert_replica_matches(&f, &conn);
     // The last connection closes: checkpoint and unlink of the WAL, a barrier before it.
     drop(conn);
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     assert!(!f.db.with_file_name("app.db-wal").exists());
     let conn = open_db(&f.db, page_size, "FULL", autockpt);
     conn.execute("INSERT INTO t(v) VALUES(x'0102')", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_replica_matches(&f, &conn);
 }
@@ -304,7 +304,7 @@ fn rolled_back_transaction_is_never_staged() {
     let conn = open_db(&f.db, 4096, "FULL", 0);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
         .unwrap();
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     let before = staged_count(&f);
     conn.execute_batch(
         "PRAGMA cache_size=10; BEGIN;
@@ -316,17 +316,17 @@ fn rolled_back_transaction_is_never_staged() {
         .unwrap()
         .len();
     assert!(wal_len > 100 * 4096, "the transaction spilled into the WAL");
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     conn.execute_batch("ROLLBACK; PRAGMA cache_size=-2000;")
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     assert_eq!(staged_count(&f), before);
     // A later commit overwrites the rolled-back frames.
     conn.execute("INSERT INTO t(v) VALUES(randomblob(5000))", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_replica_matches(&f, &conn);
     let rows: i64 = conn
@@ -341,7 +341,7 @@ fn rolled_back_transaction_is_never_staged() {
 fn synchronous_off_missed_restart_heals() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "OFF", 0);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap(); // registration (at the WAL's creation)
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap(); // registration (at the WAL's creation)
     for _ in 0..5 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
@@ -354,7 +354,7 @@ fn synchronous_off_missed_restart_heals() {
     }
     checkpoint(&conn, "RESTART");
     conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 1, "{ev:?}");
     let CaptureEvent::Healed { reason, .. } = ev
         .iter()
@@ -367,7 +367,7 @@ fn synchronous_off_missed_restart_heals() {
     assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 1);
     // Capture continues incrementally after the heal.
     conn.execute("INSERT INTO t(v) VALUES(x'02')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_replica_matches(&f, &conn);
 }
@@ -382,14 +382,14 @@ fn a_log_read_after_its_checkpoint_is_staged_once() {
     let conn = open_db(&f.db, 4096, "NORMAL", 0);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
         .unwrap();
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     drop(conn); // checkpoints and deletes the -wal
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     let before = staged_count(&f);
     let conn = open_db(&f.db, 4096, "NORMAL", 0);
     insert_rows(&conn, 40, 500);
     checkpoint(&conn, "PASSIVE");
-    let ev = f.capture.on_db_syncing(&f.rel).unwrap();
+    let ev = f.capture.on(&f.rel, Barrier::DbSyncing).unwrap();
     assert_eq!(ev.len(), 1, "one commit, one batch: {ev:?}");
     assert!(
         matches!(ev[0], CaptureEvent::Staged { min_txid, max_txid, .. } if min_txid == max_txid),
@@ -406,7 +406,7 @@ fn a_log_read_after_its_checkpoint_is_staged_once() {
 fn held_pages_are_listed_between_barriers_and_written_once_at_the_seal() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "NORMAL", 0);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     f.capture.seal(&f.rel).unwrap();
     let active = f
         .capture
@@ -437,9 +437,9 @@ fn held_pages_are_listed_between_barriers_and_written_once_at_the_seal() {
     assert!(unsynced(), "a read between barriers must not sync");
     // The checkpoint's database fsync, as the FUSE layer reports it.
     checkpoint(&conn, "PASSIVE");
-    let ev = f.capture.on_db_syncing(&f.rel).unwrap();
+    let ev = f.capture.on(&f.rel, Barrier::DbSyncing).unwrap();
     assert!(ev.is_empty(), "nothing left to read: {ev:?}");
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     assert!(
         !unsynced(),
         "the checkpoint's barrier makes the page lists durable"
@@ -458,7 +458,7 @@ fn held_pages_are_listed_between_barriers_and_written_once_at_the_seal() {
 
 impl Capture {
     fn on_wal_changed_for_test(&self, rel: &Path) {
-        let ev = self.on_changed(rel).unwrap();
+        let ev = self.on(rel, Barrier::WalChanged).unwrap();
         assert_eq!(heals(&ev), 0, "{ev:?}");
     }
 }
@@ -472,7 +472,7 @@ fn resume_after_restart_of_the_capture() {
     for _ in 0..5 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
-        f.capture.on_barrier(&f.wal_rel, false).unwrap();
+        f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     }
     let staged = staged_count(&f);
     // walfs stops; the app commits more (still in the same WAL generation).
@@ -481,7 +481,7 @@ fn resume_after_restart_of_the_capture() {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
     }
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_eq!(
         staged_count(&f),
@@ -498,14 +498,14 @@ fn resume_after_restart_of_the_capture() {
     }
     checkpoint(&conn, "TRUNCATE");
     conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 1, "{ev:?}");
     assert_replica_matches(&f, &conn);
 
     // Idle restart: nothing staged.
     f.capture.forget(&f.rel);
     let n = staged_count(&f);
-    let ev = f.capture.on_barrier(&f.rel, true).unwrap();
+    let ev = f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     assert_eq!(staged_count(&f), n);
 }
@@ -519,14 +519,14 @@ fn clean_restart_resumes_from_saved_checksums_without_reading() {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
     }
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_replica_matches(&f, &conn);
 
     // A clean stop saves the checksums; the next start takes them, and capture goes on
     // from the saved WAL position (the WAL still holds every commit).
     f.capture.close_all();
     f.capture.forget(&f.rel);
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_eq!(
         quick(),
@@ -537,12 +537,12 @@ fn clean_restart_resumes_from_saved_checksums_without_reading() {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
     }
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_replica_matches(&f, &conn);
 
     // The saved sums serve one start only: a stop without close (a crash) reads again.
     f.capture.forget(&f.rel);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(quick(), 1);
     assert_replica_matches(&f, &conn);
 
@@ -552,7 +552,7 @@ fn clean_restart_resumes_from_saved_checksums_without_reading() {
     f.capture.forget(&f.rel);
     checkpoint(&conn, "PASSIVE");
     conn.execute("INSERT INTO t(v) VALUES(x'02')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_eq!(
         quick(),
@@ -592,17 +592,17 @@ fn registry_names_and_non_sqlite_files() {
     fs::write(root.join("notes.db-wal"), b"nor is this").unwrap();
     assert!(f
         .capture
-        .on_barrier(Path::new("notes.db"), true)
+        .on(Path::new("notes.db"), Barrier::DbSynced)
         .unwrap()
         .is_empty());
     assert!(f
         .capture
-        .on_barrier(Path::new("notes.db-wal"), true)
+        .on(Path::new("notes.db-wal"), Barrier::WalDurable)
         .unwrap()
         .is_empty());
     assert!(f
         .capture
-        .on_barrier(Path::new("missing.db"), true)
+        .on(Path::new("missing.db"), Barrier::DbSynced)
         .unwrap()
         .is_empty());
     assert!(f.capture.databases().is_empty());
@@ -617,7 +617,7 @@ fn registry_names_and_non_sqlite_files() {
     let conn = Connection::open(root.join("r.db")).unwrap();
     conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES(1);")
         .unwrap();
-    let ev = f.capture.on_barrier(Path::new("r.db"), true).unwrap();
+    let ev = f.capture.on(Path::new("r.db"), Barrier::DbSynced).unwrap();
     assert!(
         matches!(ev[..], [CaptureEvent::Staged { min_txid: 1, .. }]),
         "{ev:?}"
@@ -645,7 +645,7 @@ fn full_staging_disk_is_an_error_and_retry_recovers() {
         _dir: dir,
     };
     let conn = open_db(&f.db, 4096, "FULL", 0);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     // Fill the staging filesystem.
     let filler = small.join("filler");
     let mut out = File::create(&filler).unwrap();
@@ -654,14 +654,14 @@ fn full_staging_disk_is_an_error_and_retry_recovers() {
     drop(out);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(20000))", [])
         .unwrap();
-    let e = f.capture.on_barrier(&f.wal_rel, false).unwrap_err();
+    let e = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
     // A staging failure is not a reason to restart the history: the same transaction is
     // read again.
     assert!(f.capture.restarting.lock().is_empty());
     // Room again: the same transaction is staged, once.
     fs::remove_file(&filler).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_replica_matches(&f, &conn);
 }
@@ -674,7 +674,7 @@ fn full_staging_disk_is_an_error_and_retry_recovers() {
 fn crash_and_power_loss_resume_without_gaps() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "FULL", 0);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     let durable = f.capture.staging().state(&f.rel).unwrap().unwrap().txid;
     let commit = || {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
@@ -682,7 +682,7 @@ fn crash_and_power_loss_resume_without_gaps() {
     };
     for _ in 0..4 {
         commit();
-        f.capture.on_barrier(&f.wal_rel, false).unwrap();
+        f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     }
     // The WAL fsyncs wrote no state (they are not durable points).
     assert_eq!(
@@ -732,7 +732,7 @@ fn crash_and_power_loss_resume_without_gaps() {
 fn held_pages_are_read_back_from_the_database_after_a_crash() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "NORMAL", 0);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     let durable = f.capture.staging().state(&f.rel).unwrap().unwrap().txid;
     for _ in 0..6 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
@@ -741,8 +741,8 @@ fn held_pages_are_read_back_from_the_database_after_a_crash() {
     }
     // The checkpoint, with the barriers the FUSE layer reports; the WAL then restarts.
     checkpoint(&conn, "RESTART");
-    f.capture.on_db_syncing(&f.rel).unwrap();
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSyncing).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     // The daemon dies (nothing sealed); the application commits on (a new WAL
     // generation), and the next start reads the database.
     f.capture.dbs.lock().remove(&f.rel);
@@ -762,7 +762,7 @@ fn held_pages_are_read_back_from_the_database_after_a_crash() {
 fn held_pages_that_cannot_be_read_back_heal() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "NORMAL", 0);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     for _ in 0..4 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
@@ -776,7 +776,7 @@ fn held_pages_that_cannot_be_read_back_heal() {
     }
     checkpoint(&conn, "TRUNCATE");
     conn.execute("INSERT INTO t(v) VALUES(x'01')", []).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 1, "{ev:?}");
     let active = f
         .capture
@@ -797,17 +797,17 @@ fn held_pages_that_cannot_be_read_back_heal() {
 fn state_adopted_from_batches_is_saved_at_the_next_seal() {
     let f = fixture();
     let conn = open_db(&f.db, 4096, "FULL", 0);
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     let durable = f.capture.staging().state(&f.rel).unwrap().unwrap().txid;
     for _ in 0..3 {
         conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
             .unwrap();
-        f.capture.on_barrier(&f.wal_rel, false).unwrap();
+        f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     }
     // Crash, restart with nothing new to read (the held pages are read back), seal and
     // upload.
     f.capture.dbs.lock().remove(&f.rel);
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(staged_txids(&ev), [Some((durable + 1, durable + 3))]);
     f.capture.seal(&f.rel).unwrap();
     let st = f.capture.staging().state(&f.rel).unwrap().unwrap();
@@ -817,7 +817,7 @@ fn state_adopted_from_batches_is_saved_at_the_next_seal() {
     f.capture.dbs.lock().remove(&f.rel);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(
         matches!(ev[..], [CaptureEvent::Staged { min_txid, .. }] if min_txid == durable + 4),
         "{ev:?}"
@@ -861,9 +861,9 @@ fn assert_rollback_replica_matches(f: &Fixture) {
 fn journal_txn(f: &Fixture, conn: &Connection, body: &str, barrier: rollback::JournalBarrier) {
     conn.execute_batch(&format!("BEGIN IMMEDIATE; {body}"))
         .unwrap();
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     conn.execute_batch("COMMIT").unwrap();
-    f.capture.on_journal(&f.rel, barrier).unwrap();
+    f.capture.on(&f.rel, Barrier::Journal(barrier)).unwrap();
 }
 
 #[test]
@@ -877,7 +877,7 @@ fn rollback_journal_commits_are_staged_at_the_invalidation() {
         let conn = open_rollback(&f.db, mode);
         conn.execute("INSERT INTO t(v) VALUES(randomblob(100))", [])
             .unwrap();
-        let ev = f.capture.on_barrier(&f.rel, true).unwrap();
+        let ev = f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
         assert!(!ev.is_empty(), "{mode}: registered with a snapshot");
         let before = staged_count(&f);
         for i in 0..12 {
@@ -895,7 +895,7 @@ fn rollback_journal_commits_are_staged_at_the_invalidation() {
         }
         // VACUUM shrinks the file through the journal too.
         conn.execute_batch("VACUUM").unwrap();
-        f.capture.on_journal(&f.rel, barrier).unwrap();
+        f.capture.on(&f.rel, Barrier::Journal(barrier)).unwrap();
         assert_eq!(
             staged_count(&f),
             before + 12 + 1,
@@ -934,7 +934,10 @@ fn commit_through_a_kept_journal_unlinked_live(f: &Fixture, conn: &Connection) {
     conn.execute_batch("COMMIT").unwrap();
     fs::write(&journal, &live).unwrap();
     f.capture
-        .on_journal(&f.rel, rollback::JournalBarrier::Unlinking)
+        .on(
+            &f.rel,
+            Barrier::Journal(rollback::JournalBarrier::Unlinking),
+        )
         .unwrap();
     fs::remove_file(&journal).unwrap();
     assert_rollback_replica_matches(f);
@@ -949,7 +952,7 @@ fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
     let f = fixture();
     let conn = kept_journal_db(&f, "PERSIST");
     f.capture
-        .on_journal(&f.rel, rollback::JournalBarrier::Synced)
+        .on(&f.rel, Barrier::Journal(rollback::JournalBarrier::Synced))
         .unwrap();
     assert_rollback_replica_matches(&f);
     // A commit with no barrier at all: pages of table u only.
@@ -965,7 +968,7 @@ fn a_kept_journal_unlinked_without_a_seen_begin_compares_the_whole_file() {
 fn a_kept_journal_closed_after_a_silent_commit_spends_the_seen_begin() {
     let f = fixture();
     let conn = kept_journal_db(&f, "DELETE");
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert_rollback_replica_matches(&f);
     let got: String = conn
         .query_row("PRAGMA journal_mode=PERSIST", [], |r| r.get(0))
@@ -973,10 +976,10 @@ fn a_kept_journal_closed_after_a_silent_commit_spends_the_seen_begin() {
     assert_eq!(got, "persist");
     // The first PERSIST transaction creates the journal (seen), commits silently and
     // closes it.
-    f.capture.on_journal_created(&f.rel).unwrap();
+    f.capture.on(&f.rel, Barrier::JournalCreated).unwrap();
     conn.execute("INSERT INTO u(v) VALUES(randomblob(3000))", [])
         .unwrap();
-    f.capture.on_journal_closed(&f.rel).unwrap();
+    f.capture.on(&f.rel, Barrier::JournalClosed).unwrap();
     // The next one reuses the journal.
     commit_through_a_kept_journal_unlinked_live(&f, &conn);
 }
@@ -989,7 +992,7 @@ fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     let f = fixture();
     let conn = open_rollback(&f.db, "DELETE");
     insert_rows(&conn, 60, 500);
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert_rollback_replica_matches(&f);
     // The killed writer: its transaction's file and journal, as it left them. With
     // `synchronous=OFF` the journal's header is final from the start (with FULL, whether
@@ -1010,7 +1013,7 @@ fn a_file_copied_over_beside_a_hot_journal_is_staged_as_sqlite_reads_it() {
     insert_rows(&c, 90, 450);
     drop(c);
     fs::copy(&other, &f.db).unwrap();
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     let view = sqlite_view(&f);
     assert!(
         view != fs::read(&f.db).unwrap(),
@@ -1031,7 +1034,7 @@ fn a_commit_written_to_the_file_beside_an_empty_wal_is_staged() {
     let conn = open_rollback(&f.db, "MEMORY");
     conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
         .unwrap();
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     assert_rollback_replica_matches(&f);
     fs::write(f.db.with_file_name("app.db-wal"), b"").unwrap();
     conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
@@ -1043,7 +1046,7 @@ fn a_commit_written_to_the_file_beside_an_empty_wal_is_staged() {
         0,
         "the commit went to the database file"
     );
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     assert!(rebuild(&f) == sqlite_view(&f), "the commit was not staged");
     assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 0);
 }
@@ -1069,7 +1072,7 @@ fn a_snapshot_beside_a_live_journal_has_the_headers_size() {
         .unwrap()
         .expect("a live journal");
     assert_eq!(o.initial_db_pages() as usize, longer.len() / 4096);
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert!(
         rebuild(&f) == committed,
         "the snapshot is not the committed database"
@@ -1088,27 +1091,27 @@ fn a_barrier_on_an_empty_wal_does_not_take_the_file_for_captured() {
     wal_mode
         .execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
         .unwrap();
-    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalDurable).unwrap();
     let got: String = wal_mode
         .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
         .unwrap();
     assert_eq!(got, "delete");
     drop(wal_mode);
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert_rollback_replica_matches(&f);
     // A `-wal` with a valid header and no commit comes and goes (a program wrote one):
     // capture has read its header.
     let wal = f.db.with_file_name("app.db-wal");
     let header = crate::sqlite::WalHeader::new(false, 4096, 0, 7, 9).encode();
     fs::write(&wal, [&header[..], &[0xab; 4096 + 24]].concat()).unwrap();
-    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalDurable).unwrap();
     fs::remove_file(&wal).unwrap();
     let memory = open_rollback(&f.db, "MEMORY");
     memory.execute_batch("PRAGMA synchronous=OFF").unwrap();
     insert_rows(&memory, 20, 700);
     fs::write(&wal, b"").unwrap();
-    f.capture.on_barrier(&f.wal_rel, true).unwrap();
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalDurable).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert!(
         rebuild(&f) == sqlite_view(&f),
         "the commits were not staged"
@@ -1125,14 +1128,14 @@ fn a_snapshot_seals_the_batches_staged_before_it() {
     let f = fixture();
     let conn = open_rollback(&f.db, "DELETE");
     insert_rows(&conn, 10, 500);
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert!(staged_count(&f) > 0);
     // A batch in the active segment, then a snapshot (the page size changes).
     insert_rows(&conn, 5, 500);
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     conn.execute_batch("PRAGMA page_size=8192; VACUUM;")
         .unwrap();
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     // Listed as an uploader lists them, without sealing first.
     let pending = f.capture.staging().pending(&f.rel).unwrap();
     let snapshot = pending
@@ -1145,7 +1148,7 @@ fn a_snapshot_seals_the_batches_staged_before_it() {
         "the batch before the snapshot (TXID {before}) is not sealed: {pending:?}"
     );
     insert_rows(&conn, 5, 500);
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert_rollback_replica_matches(&f);
 }
 
@@ -1169,18 +1172,21 @@ fn open_transaction_and_rollback_stage_nothing_uncommitted() {
         "the spill reached the file"
     );
     // Registered now (a database fsync): the snapshot holds the committed content only.
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     assert_eq!(rebuild(&f), committed);
     // A close of some handle meanwhile stages nothing either.
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert_eq!(rebuild(&f), committed);
     let n = staged_count(&f);
     conn.execute_batch("ROLLBACK").unwrap();
     // The rollback ends like a commit (the journal goes): nothing changed, nothing staged.
     f.capture
-        .on_journal(&f.rel, rollback::JournalBarrier::Unlinking)
+        .on(
+            &f.rel,
+            Barrier::Journal(rollback::JournalBarrier::Unlinking),
+        )
         .unwrap();
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert_eq!(staged_count(&f), n);
     assert_rollback_replica_matches(&f);
 }
@@ -1190,21 +1196,21 @@ fn memory_and_off_modes_are_staged_at_fsync_or_close() {
     for mode in ["MEMORY", "OFF"] {
         let f = fixture();
         let conn = open_rollback(&f.db, mode);
-        f.capture.on_barrier(&f.rel, true).unwrap();
+        f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
         for i in 0..10 {
             conn.execute("INSERT INTO t(v) VALUES(randomblob(?1))", [200 + i * 300])
                 .unwrap();
             // Alternately the commit's fsync and a close.
             if i % 2 == 0 {
-                f.capture.on_barrier(&f.rel, true).unwrap();
+                f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
             } else {
-                f.capture.on_db_changed(&f.rel, true).unwrap();
+                f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
             }
             assert_rollback_replica_matches(&f);
         }
         // Nothing changed: the stat filter stages nothing and reads nothing.
         let n = staged_count(&f);
-        assert!(f.capture.on_db_changed(&f.rel, true).unwrap().is_empty());
+        assert!(f.capture.on(&f.rel, Barrier::DbClosed).unwrap().is_empty());
         assert_eq!(staged_count(&f), n, "{mode}");
     }
 }
@@ -1215,10 +1221,10 @@ fn a_file_that_stops_being_sqlite_is_marked_deleted() {
     let conn = open_rollback(&f.db, "DELETE");
     conn.execute("INSERT INTO t(v) VALUES(1)", []).unwrap();
     drop(conn);
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     let txid = f.capture.staging().state(&f.rel).unwrap().unwrap().txid;
     fs::write(&f.db, b"plain text now").unwrap();
-    let ev = f.capture.on_db_changed(&f.rel, true).unwrap();
+    let ev = f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert_eq!(ev, vec![CaptureEvent::Gone { txid }]);
     assert!(!f.capture.is_captured(&f.rel));
     let marker = f.capture.staging().deleted_marker(&f.rel).unwrap().unwrap();
@@ -1230,7 +1236,7 @@ fn a_file_that_stops_being_sqlite_is_marked_deleted() {
     fs::remove_file(&f.db).unwrap();
     let conn = open_rollback(&f.db, "DELETE");
     conn.execute("INSERT INTO t(v) VALUES(2)", []).unwrap();
-    f.capture.on_db_changed(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbClosed).unwrap();
     assert!(f
         .capture
         .staging()
@@ -1246,7 +1252,7 @@ fn reused_freelist_leaves_are_staged_although_not_journaled() {
     let f = fixture();
     let conn = open_rollback(&f.db, "DELETE");
     insert_rows(&conn, 400, 3000);
-    f.capture.on_barrier(&f.rel, true).unwrap();
+    f.capture.on(&f.rel, Barrier::DbSynced).unwrap();
     let barrier = rollback::JournalBarrier::Unlinking;
     // Frees hundreds of pages: most become freelist leaves.
     journal_txn(&f, &conn, "DELETE FROM t WHERE id % 4 != 0;", barrier);
@@ -1332,11 +1338,11 @@ fn a_wal_of_another_page_size_restarts_the_history_at_once() {
     let conn = open_db(&f.db, 1024, "FULL", 0);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
         .unwrap();
-    f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     drop(conn);
-    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalDurable).unwrap();
     fs::write(f.db.with_file_name("app.db-wal"), foreign_wal(512, false)).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!((heals(&ev), waits(&ev)), (1, 0), "{ev:?}");
     assert!(
         matches!(&ev.last(), Some(CaptureEvent::Healed { reason, waited: false, .. }) if reason.contains("page size")),
@@ -1347,7 +1353,7 @@ fn a_wal_of_another_page_size_restarts_the_history_at_once() {
     let conn = Connection::open(&f.db).unwrap();
     conn.execute("INSERT INTO other VALUES ('through SQLite')", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!((heals(&ev), waits(&ev), ev.len()), (0, 0, 1), "{ev:?}");
     assert_eq!(rebuild(&f), sqlite_view(&f));
 }
@@ -1362,15 +1368,15 @@ fn a_wal_that_no_reader_can_follow_waits_for_a_consistent_point() {
     conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
         .unwrap();
     drop(conn);
-    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalDurable).unwrap();
     let before = rebuild(&f);
     let wal = f.db.with_file_name("app.db-wal");
     fs::write(&wal, foreign_wal(512, true)).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!((heals(&ev), waits(&ev)), (0, 1), "{ev:?}");
     // Later steps stay quiet while nothing changes, and stage nothing.
     std::thread::sleep(Duration::from_millis(600));
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
     assert_eq!(rebuild(&f), before);
     assert_eq!(f.capture.restarting.lock().len(), 1);
@@ -1393,7 +1399,7 @@ fn a_database_file_that_is_not_a_database_for_a_moment_fails_nothing() {
     conn.execute("INSERT INTO t(v) VALUES(randomblob(5000))", [])
         .unwrap();
     drop(conn);
-    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalDurable).unwrap();
     // Emptied, with a foreign log beside it.
     fs::OpenOptions::new()
         .write(true)
@@ -1402,7 +1408,7 @@ fn a_database_file_that_is_not_a_database_for_a_moment_fails_nothing() {
         .set_len(0)
         .unwrap();
     fs::write(f.db.with_file_name("app.db-wal"), foreign_wal(4096, false)).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     // SQLite's next opener deletes the log and writes a new database.
     let conn = Connection::open(&f.db).unwrap();
@@ -1410,7 +1416,7 @@ fn a_database_file_that_is_not_a_database_for_a_moment_fails_nothing() {
         .unwrap();
     drop(conn);
     std::thread::sleep(Duration::from_millis(600));
-    f.capture.on_db_changed(&f.rel, false).unwrap();
+    f.capture.on(&f.rel, Barrier::DbResized).unwrap();
     f.capture.retry_restarts();
     assert!(f.capture.restarting.lock().is_empty());
     assert_eq!(rebuild(&f), sqlite_view(&f));
@@ -1426,11 +1432,11 @@ fn a_log_cut_before_its_checkpoint_restarts_from_the_database_file() {
     conn.execute("INSERT INTO t(v) VALUES(randomblob(3000))", [])
         .unwrap();
     drop(conn);
-    f.capture.on_barrier(&f.wal_rel, true).unwrap();
+    f.capture.on(&f.wal_rel, Barrier::WalDurable).unwrap();
     let conn = open_db(&f.db, 4096, "FULL", 0);
     conn.execute("INSERT INTO t(v) VALUES(randomblob(9000))", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     drop(conn);
     let wal = f.db.with_file_name("app.db-wal");
@@ -1443,13 +1449,13 @@ fn a_log_cut_before_its_checkpoint_restarts_from_the_database_file() {
         .unwrap();
     conn.execute("UPDATE t SET v = randomblob(100) WHERE id = 1", [])
         .unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_eq!(rebuild(&f), sqlite_view(&f));
     // Another program truncates the log and writes the header of a log of its own.
     let header = foreign_wal(4096, false)[..32].to_vec();
     fs::write(&wal, header).unwrap();
-    let ev = f.capture.on_barrier(&f.wal_rel, false).unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert!(
         matches!(&ev.last(), Some(CaptureEvent::Healed { reason, .. }) if reason.contains("does not hold")),
         "{ev:?}"

@@ -36,7 +36,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use parking_lot::Mutex;
 
-use super::{database_of, wal_path, Capture, CaptureEvent, WatcherWake};
+use super::{database_of, wal_path, Barrier, Capture, CaptureEvent, WatcherWake};
 
 /// How often the watcher looks for newly captured databases' directories and for a stop.
 const TICK: Duration = Duration::from_millis(200);
@@ -235,7 +235,7 @@ impl Watch {
 
     /// Reads the `-wal` of `db`; true if that staged something.
     fn read(&self, db: &Path) -> bool {
-        match self.capture.on_changed(&wal_path(db)) {
+        match self.capture.on(&wal_path(db), Barrier::WalChanged) {
             Ok(events) => events
                 .iter()
                 .any(|e| !matches!(e, CaptureEvent::Waiting { .. })),
