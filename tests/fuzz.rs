@@ -2528,6 +2528,7 @@ const REGRESSIONS: &[(u64, &[u64])] = &[
     (0xc0ffee, &[745]),
     (0xbeef5, &[203]),
     (0xabcd5, &[377]),
+    (0x7a11e7, &[202]),
 ];
 
 #[test]

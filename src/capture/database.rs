@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::barrier::{Barrier, Step};
 use super::image::{Image, ImageSink, PageSink};
@@ -25,8 +25,8 @@ use super::{
     CaptureEvent, CaptureResult,
 };
 use crate::sqlite::{
-    lock_byte_page, page_hash, read_full, ContentChecksum, FrameReader, PageHash, WalError,
-    WalEvent, WalPosition, WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE,
+    lock_byte_page, page_hash, read_full, ContentChecksum, FrameHeader, FrameReader, PageHash,
+    WalError, WalEvent, WalPosition, WalTracker, WalTransaction, WAL_FRAME_HEADER_SIZE,
 };
 use crate::staging::{
     BatchHeader, DbState, PageMerge, SavedSums, SegmentWriter, Staging, StagingResult,
@@ -36,9 +36,28 @@ use crate::staging::{
 /// at the break itself).
 const RESTART_RETRY: Duration = Duration::from_millis(500);
 
-/// The largest `-wal` whose commits a close reads again (see
-/// [`DatabaseCapture::on_wal_closed`]).
+/// The largest `-wal` whose commits a close, or a log that looks rewritten, reads again
+/// (see [`DatabaseCapture::on_wal_closed`], [`DatabaseCapture::check_rewritten`]).
 const REVALIDATE_LIMIT: u64 = 64 << 20;
+
+/// How long a `-wal` must have been still before a poll that found nothing new looks for
+/// frames rewritten behind its read position (a writer may be between a frame's header
+/// and its page meanwhile).
+const STILL: Duration = Duration::from_millis(20);
+
+/// A `-wal`'s size and times: a write to it changes them.
+pub(super) type WalStat = (u64, i64, i64, i64, i64);
+
+fn wal_stat(m: &std::fs::Metadata) -> WalStat {
+    use std::os::unix::fs::MetadataExt;
+    (
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
 
 /// What [`DatabaseCapture::read_image`] read.
 pub(super) struct ImageRead {
@@ -87,6 +106,9 @@ pub struct DatabaseCapture {
     /// from it.
     pub(super) commits_read_from: Option<u64>,
     pub(super) tracker: WalTracker,
+    /// What `stat` said of the `-wal` when it was last checked for frames rewritten
+    /// behind the read position (see [`DatabaseCapture::check_rewritten`]).
+    pub(super) wal_checked: Option<WalStat>,
     /// What the last poll read of the `-wal`: staged pages are taken from it.
     pub(super) frames: FrameReader,
     pub(super) state: DbState,
@@ -179,6 +201,7 @@ impl DatabaseCapture {
             segment,
             wal_file: None,
             wal_ino: None,
+            wal_checked: None,
             commits_read_from: None,
             tracker: WalTracker::new(),
             frames: FrameReader::new(),
@@ -558,11 +581,21 @@ impl DatabaseCapture {
         let Some(wal) = open_optional(&self.wal_path)? else {
             return Ok(events);
         };
-        if wal.metadata()?.len() > REVALIDATE_LIMIT {
+        let stat = wal_stat(&wal.metadata()?);
+        if stat.0 > REVALIDATE_LIMIT {
             return Ok(events);
         }
+        self.wal_checked = Some(stat);
+        self.check_committed_frames(&wal, pos)?;
+        Ok(events)
+    }
+
+    /// Reads the log in `wal` again from its start: the commits read up to `pos` must
+    /// still validate, or SQLite's readers stop before them and what was staged from
+    /// beyond that point is not what SQLite reads.
+    fn check_committed_frames(&self, wal: &File, pos: WalPosition) -> CaptureResult<()> {
         let mut fresh = WalTracker::new();
-        poll_wal(&mut fresh, Some(&wal), false)?;
+        poll_wal(&mut fresh, Some(wal), false)?;
         let corrupt = match fresh.position() {
             Some(p) => p.header == pos.header && p.committed_end < pos.committed_end,
             // A header that no longer validates (an empty file is a checkpoint's truncation).
@@ -570,10 +603,52 @@ impl DatabaseCapture {
         };
         if corrupt {
             return Err(CaptureError::CannotFollow(
-                "committed frames of the WAL no longer validate (written outside SQLite?)".into(),
+                "committed frames of the WAL no longer validate (written outside SQLite, or \
+                 by a connection to a database file that was replaced?)"
+                    .into(),
             ));
         }
-        Ok(events)
+        Ok(())
+    }
+
+    /// Called after a poll that found nothing new in `wal` (no commit, no frame of an
+    /// open transaction). A connection whose view of the log is stale (one that holds a
+    /// database file since replaced by a rename, beside the same `-wal` name, with
+    /// `locking_mode=EXCLUSIVE`, which keeps its log index in its own memory) can write
+    /// over committed frames already read. SQLite's readers then stop where the chain
+    /// breaks, and the log's end looks like one that nothing follows. So when the file
+    /// changed since it was last checked, has been still for [`STILL`], and nothing
+    /// continues the log at its committed end (the file ends there, or a frame with this
+    /// log's salts there does not validate), the log is read again from its start (up to
+    /// [`REVALIDATE_LIMIT`]).
+    pub(super) fn check_rewritten(&mut self, wal: &File) -> CaptureResult<()> {
+        let (Some(pos), Some(header)) = (self.tracker.position(), self.tracker.header()) else {
+            return Ok(());
+        };
+        let m = wal.metadata()?;
+        let stat = wal_stat(&m);
+        if self.wal_checked == Some(stat) || stat.0 > REVALIDATE_LIMIT {
+            return Ok(());
+        }
+        let still = m
+            .modified()
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age >= STILL);
+        if !still {
+            return Ok(());
+        }
+        self.wal_checked = Some(stat);
+        let suspicious = stat.0 <= pos.committed_end || {
+            let mut fh = [0u8; WAL_FRAME_HEADER_SIZE];
+            read_full(wal, pos.committed_end, &mut fh)?
+                && FrameHeader::parse(&fh)
+                    .is_ok_and(|f| (f.salt1, f.salt2) == (header.salt1, header.salt2))
+        };
+        if suspicious {
+            self.check_committed_frames(wal, pos)?;
+        }
+        Ok(())
     }
 
     /// Call when the backing WAL changed between barriers (for the RPO).
@@ -677,6 +752,7 @@ impl DatabaseCapture {
         }
         let mut tracker = self.tracker.clone();
         let polled = poll_wal_through(&mut tracker, wal, barrier, &mut self.frames)?;
+        let found_nothing = polled.is_empty() && tracker.uncommitted_frames() == 0;
         // What the commits this poll found wrote (see `check_log_checkpointed`), if a log
         // ended.
         let ended = polled.iter().any(|ev| !matches!(ev, WalEvent::Commit(_)));
@@ -750,6 +826,9 @@ impl DatabaseCapture {
         }
         self.tracker = tracker;
         self.state.wal = self.tracker.position();
+        if let (true, Some(wal)) = (found_nothing, wal) {
+            self.check_rewritten(wal)?;
+        }
         if durable {
             self.make_durable()?;
         }

@@ -1463,3 +1463,35 @@ fn a_log_cut_before_its_checkpoint_restarts_from_the_database_file() {
     drop(conn);
     assert_eq!(rebuild(&f), sqlite_view(&f));
 }
+
+/// Committed frames rewritten behind the read position, with the file's length unchanged
+/// and no close of the `-wal` (a connection that holds a database file since replaced,
+/// in `locking_mode=EXCLUSIVE`, writes over the log: fuzz seed 0x7a11e7, sequence 202):
+/// once the log has been still for a moment, the next poll that finds nothing new reads
+/// it again, and the history restarts from what SQLite reads.
+#[test]
+fn frames_rewritten_behind_the_read_position_heal_without_a_close() {
+    use std::os::unix::fs::FileExt;
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    for _ in 0..4 {
+        conn.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
+            .unwrap();
+    }
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalChanged).unwrap();
+    assert!(!staged_txids(&ev).is_empty(), "{ev:?}");
+    // The page of the log's second frame changes: its checksum no longer validates, so
+    // SQLite's readers stop before it.
+    let wal = fs::OpenOptions::new()
+        .write(true)
+        .open(f.db.with_file_name("app.db-wal"))
+        .unwrap();
+    let offset = 32 + (24 + 4096) + 24 + 100;
+    wal.write_all_at(&[0x5a], offset).unwrap();
+    std::thread::sleep(Duration::from_millis(40));
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalChanged).unwrap();
+    assert_eq!(heals(&ev), 1, "{ev:?}");
+    // Still and checked: the next poll reads nothing again.
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalChanged).unwrap();
+    assert!(ev.is_empty(), "{ev:?}");
+}
