@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::{moto_server_path, Moto, BUCKET};
-use walfs::replica::store::{ReplicaStore, ReplicaUrl, StoreErrorKind, StoreTuning};
+use walfs::replica::error::StoreErrorKind;
+use walfs::replica::store::{ReplicaStore, ReplicaUrl, StoreTuning};
 
 /// Runs a Python snippet with boto3 from moto_server's venv against the server (an S3
 /// client independent of object_store, signing its requests); returns its stdout.

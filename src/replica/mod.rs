@@ -2,6 +2,7 @@
 //! format itself is [`crate::ltx`]).
 
 pub mod compact;
+pub mod error;
 pub mod kept;
 pub mod maintain;
 pub mod record;

@@ -40,6 +40,8 @@ use object_store::{
 
 use crate::ltx::{ltx_object_name, parse_ltx_object_name};
 
+use super::error::{StoreError, StoreErrorKind};
+
 /// The S3 object metadata key that holds an LTX file's timestamp (Litestream's
 /// `MetadataKeyTimestamp`).
 pub const METADATA_KEY_TIMESTAMP: &str = "litestream-timestamp";
@@ -50,60 +52,6 @@ pub const METADATA_KEY_RECORD: &str = "walfs-record";
 /// The region used when neither the URL nor the environment names one (Litestream's
 /// `DefaultRegion`).
 pub const DEFAULT_REGION: &str = "us-east-1";
-
-// ---------------------------------------------------------------------------------------------
-// Errors
-// ---------------------------------------------------------------------------------------------
-
-/// What kind of failure a [`StoreError`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreErrorKind {
-    /// The replica URL or its settings are malformed.
-    InvalidUrl,
-    /// A database path or object key is not valid in the layout.
-    InvalidPath,
-    /// The object does not exist.
-    NotFound,
-    /// A request to the store failed (after retries).
-    Request,
-}
-
-/// A one-line error that names the object or URL and says what to do.
-#[derive(Debug, Clone)]
-pub struct StoreError {
-    kind: StoreErrorKind,
-    message: String,
-}
-
-impl StoreError {
-    fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
-        // Errors are one line: flatten any multi-line source text.
-        let message = message.into().replace(['\n', '\r'], " ");
-        StoreError { kind, message }
-    }
-
-    fn url(message: impl Into<String>) -> Self {
-        Self::new(StoreErrorKind::InvalidUrl, message)
-    }
-
-    /// The kind of failure.
-    pub fn kind(&self) -> StoreErrorKind {
-        self.kind
-    }
-
-    /// Whether the object did not exist.
-    pub fn is_not_found(&self) -> bool {
-        self.kind == StoreErrorKind::NotFound
-    }
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for StoreError {}
 
 // ---------------------------------------------------------------------------------------------
 // Replica URLs
