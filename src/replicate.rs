@@ -16,8 +16,9 @@ use crate::capture::watch::WalWatcher;
 use crate::capture::{database_of, Barrier, Capture, CaptureObserver};
 use crate::fs::Observer;
 use crate::replica::maintain::{Maintainer, MaintenanceOptions};
-use crate::replica::store::{ReplicaStore, ReplicaUrl, StoreTuning};
+use crate::replica::store::{ReplicaStore, StoreTuning};
 use crate::replica::upload::Uploader;
+use crate::replica::url::ReplicaUrl;
 use crate::staging::Staging;
 
 /// The mount's uploads retry briefly inside the client and then leave it to the uploader's

@@ -376,7 +376,7 @@ fn verify_passes_then_names_a_corrupted_object() {
     // level-0 objects that level 0's binary counter merged with the first upload when it
     // was kept before the snapshot): flip bytes in their middle.
     let rt = walfs::restore::runtime().unwrap();
-    let url = walfs::replica::store::ReplicaUrl::parse_with_env(&f.url(), |k| {
+    let url = walfs::replica::url::ReplicaUrl::parse_with_env(&f.url(), |k| {
         S3_ENV
             .iter()
             .find(|(n, _)| *n == k)

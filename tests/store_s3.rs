@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use common::{moto_server_path, Moto, BUCKET};
 use walfs::replica::error::StoreErrorKind;
-use walfs::replica::store::{ReplicaStore, ReplicaUrl, StoreTuning};
+use walfs::replica::store::{ReplicaStore, StoreTuning};
+use walfs::replica::url::ReplicaUrl;
 
 /// Runs a Python snippet with boto3 from moto_server's venv against the server (an S3
 /// client independent of object_store, signing its requests); returns its stdout.

@@ -9,3 +9,4 @@ pub mod record;
 pub mod retention;
 pub mod store;
 pub mod upload;
+pub mod url;

@@ -32,7 +32,8 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 
 use crate::ltx::{LtxHeader, HEADER_SIZE};
-use crate::replica::store::{Layout, LtxObjectInfo, ReplicaStore, ReplicaUrl};
+use crate::replica::store::{Layout, LtxObjectInfo, ReplicaStore};
+use crate::replica::url::ReplicaUrl;
 use crate::sqlite::ContentChecksum;
 
 /// The directory of a database's records, below the database's replica path.

@@ -641,7 +641,8 @@ impl Uploader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::store::{ReplicaUrl, StoreTuning};
+    use crate::replica::store::StoreTuning;
+    use crate::replica::url::ReplicaUrl;
     use crate::sqlite::{page_hash, ContentChecksum};
     use crate::staging::{BatchHeader, DbState};
 

@@ -325,7 +325,7 @@ pub fn list_command(args: &ListArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::store::ReplicaUrl;
+    use crate::replica::url::ReplicaUrl;
 
     #[test]
     fn deleted_marker_parses_and_counts_only_if_newest() {
