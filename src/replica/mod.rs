@@ -4,6 +4,7 @@
 pub mod compact;
 pub mod error;
 pub mod kept;
+pub mod layout;
 pub mod maintain;
 pub mod record;
 pub mod retention;

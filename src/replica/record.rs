@@ -32,7 +32,8 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 
 use crate::ltx::{LtxHeader, HEADER_SIZE};
-use crate::replica::store::{Layout, LtxObjectInfo, ReplicaStore};
+use crate::replica::layout::Layout;
+use crate::replica::store::{LtxObjectInfo, ReplicaStore};
 use crate::replica::url::ReplicaUrl;
 use crate::sqlite::ContentChecksum;
 

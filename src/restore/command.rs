@@ -16,7 +16,8 @@ use std::time::SystemTime;
 use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
-use crate::replica::store::{format_rfc3339_nano, Layout, LtxObjectInfo, ReplicaStore};
+use crate::replica::layout::Layout;
+use crate::replica::store::{format_rfc3339_nano, LtxObjectInfo, ReplicaStore};
 use crate::replica::url::ReplicaUrl;
 
 use super::apply::{check_output, restore_database, ChecksumCheck, RestoreOutcome};

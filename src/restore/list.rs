@@ -20,7 +20,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
-use crate::replica::store::{format_rfc3339_nano, Layout, LtxObjectInfo, ReplicaStore};
+use crate::replica::layout::Layout;
+use crate::replica::store::{format_rfc3339_nano, LtxObjectInfo, ReplicaStore};
 
 use super::command::{list_objects, open_replica, runtime};
 use super::plan::{db_label, restorable_txids};

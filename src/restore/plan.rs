@@ -353,7 +353,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::store::Layout;
+    use crate::replica::layout::Layout;
     use std::time::Duration;
 
     fn t(secs: u64) -> SystemTime {
