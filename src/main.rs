@@ -242,7 +242,7 @@ fn parse_txid(s: &str) -> Result<u64, String> {
 
 /// An RFC 3339 time such as 2026-11-22T05:00:00Z.
 fn parse_time(s: &str) -> Result<SystemTime, String> {
-    walfs::replica::store::parse_rfc3339(s)
+    walfs::replica::timestamp::parse_rfc3339(s)
         .ok_or_else(|| format!("{s:?} is not an RFC 3339 time such as 2026-11-22T05:00:00Z"))
 }
 

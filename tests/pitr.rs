@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{assert_same_database, sqlite3, Moto, Mount, S3_ENV, WALFS};
-use walfs::replica::store::format_rfc3339_nano;
+use walfs::replica::timestamp::format_rfc3339_nano;
 
 /// A moto server, a replica prefix, a staging directory and a mount writing to them.
 struct Fixture {

@@ -1093,7 +1093,7 @@ fn timestamp_restore_returns_the_state_committed_at_that_moment() {
     for (rows, at) in between {
         let out = r.out(&format!("t-{rows}.db"));
         std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let at_s = walfs::replica::store::format_rfc3339_nano(at);
+        let at_s = walfs::replica::timestamp::format_rfc3339_nano(at);
         let log = common::walfs_restore_env(
             &[
                 &r.url(),

@@ -9,5 +9,6 @@ pub mod maintain;
 pub mod record;
 pub mod retention;
 pub mod store;
+pub mod timestamp;
 pub mod upload;
 pub mod url;

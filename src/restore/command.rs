@@ -17,7 +17,8 @@ use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
 use crate::replica::layout::Layout;
-use crate::replica::store::{format_rfc3339_nano, LtxObjectInfo, ReplicaStore};
+use crate::replica::store::{LtxObjectInfo, ReplicaStore};
+use crate::replica::timestamp::format_rfc3339_nano;
 use crate::replica::url::ReplicaUrl;
 
 use super::apply::{check_output, restore_database, ChecksumCheck, RestoreOutcome};

@@ -21,7 +21,8 @@ use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
 use crate::replica::layout::Layout;
-use crate::replica::store::{format_rfc3339_nano, LtxObjectInfo, ReplicaStore};
+use crate::replica::store::{LtxObjectInfo, ReplicaStore};
+use crate::replica::timestamp::{format_rfc3339_nano, parse_rfc3339};
 
 use super::command::{list_objects, open_replica, runtime};
 use super::plan::{db_label, restorable_txids};
@@ -93,10 +94,7 @@ pub fn parse_deleted_marker(text: &str) -> Result<DeletedMarker, String> {
                 txid = Some(u64::from_str_radix(v, 16).map_err(|_| format!("bad txid {v:?}"))?)
             }
             Some(("deleted_at", v)) => {
-                at = Some(
-                    crate::replica::store::parse_rfc3339(v)
-                        .ok_or_else(|| format!("bad deleted_at {v:?}"))?,
-                )
+                at = Some(parse_rfc3339(v).ok_or_else(|| format!("bad deleted_at {v:?}"))?)
             }
             _ => {}
         }
@@ -335,9 +333,7 @@ mod tests {
         assert_eq!(m.txid, 42);
         assert_eq!(
             format_rfc3339_nano(m.deleted_at),
-            format_rfc3339_nano(
-                crate::replica::store::parse_rfc3339("2026-11-22T10:00:00Z").unwrap()
-            )
+            format_rfc3339_nano(parse_rfc3339("2026-11-22T10:00:00Z").unwrap())
         );
         assert_eq!(deleted_state(Some(m), 42), Some(m));
         assert_eq!(deleted_state(Some(m), 41), Some(m));

@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::replica::store::{format_rfc3339_nano, LtxObjectInfo};
+use crate::replica::store::LtxObjectInfo;
+use crate::replica::timestamp::format_rfc3339_nano;
 
 /// The level that holds snapshots.
 pub const SNAPSHOT_LEVEL: u8 = 9;

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context};
 
-use crate::replica::store::format_rfc3339_nano;
+use crate::replica::timestamp::format_rfc3339_nano;
 
 use super::apply::{restore_database, ChecksumCheck};
 use super::command::{list_objects, open_replica, runtime};
