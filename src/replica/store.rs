@@ -196,6 +196,7 @@ impl ReplicaStore {
                             u.dir.display()
                         ),
                     )
+                    .caused_by(e)
                 })?;
                 let local = LocalFileSystem::new_with_prefix(&u.dir)
                     .map_err(|e| {
@@ -203,6 +204,7 @@ impl ReplicaStore {
                             StoreErrorKind::Request,
                             format!("cannot open replica directory {}: {e}", u.dir.display()),
                         )
+                        .caused_by(e)
                     })?
                     .with_fsync(true);
                 let local = Arc::new(local);
@@ -272,6 +274,7 @@ impl ReplicaStore {
                     StoreError::url(format!(
                         "cannot configure S3 client for {url}: {e}; check the replica URL"
                     ))
+                    .caused_by(e)
                 })?;
                 Ok(ReplicaStore {
                     store: Arc::new(s3),
@@ -317,6 +320,7 @@ impl ReplicaStore {
                     self.base
                 ),
             )
+            .caused_by(e)
         })
     }
 
@@ -352,6 +356,7 @@ impl ReplicaStore {
                 self.base
             ),
         )
+        .caused_by(e)
     }
 
     /// The S3 prefix of the replica ("" for file replicas, whose directory is the root).
@@ -489,6 +494,7 @@ impl ReplicaStore {
                 StoreErrorKind::Request,
                 format!("cannot read staged file {}: {e}", file.display()),
             )
+            .caused_by(e)
         };
         let size = std::fs::metadata(file).map_err(read_err)?.len();
         let source = if size <= MULTIPART_THRESHOLD {
@@ -601,18 +607,7 @@ impl ReplicaStore {
             let file = local
                 .path_to_filesystem(&path)
                 .map_err(|e| self.request_error("PUT", &key, e))?;
-            let res = tokio::task::spawn_blocking(move || {
-                let f = std::fs::OpenOptions::new().write(true).open(&file)?;
-                f.set_times(
-                    std::fs::FileTimes::new()
-                        .set_modified(timestamp)
-                        .set_accessed(timestamp),
-                )
-            })
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-            res.map_err(|e| {
+            let mtime_err = |e: &dyn std::fmt::Display| {
                 StoreError::new(
                     StoreErrorKind::Request,
                     format!(
@@ -621,7 +616,22 @@ impl ReplicaStore {
                         self.hint()
                     ),
                 )
-            })?;
+            };
+            let res = tokio::task::spawn_blocking(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&file)?;
+                f.set_times(
+                    std::fs::FileTimes::new()
+                        .set_modified(timestamp)
+                        .set_accessed(timestamp),
+                )
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(mtime_err(&e).caused_by(e)),
+                // The blocking task panicked or was cancelled.
+                Err(e) => return Err(mtime_err(&e).caused_by(e)),
+            }
         }
         Ok(LtxObjectInfo {
             level,
@@ -923,6 +933,15 @@ mod tests {
 
             let missing = store.get_ltx("", 0, 4, 4).await.unwrap_err();
             assert!(missing.is_not_found(), "{missing}");
+            // The cause is kept as it was; the message quotes it, so it is not the source.
+            let cause = missing
+                .cause()
+                .and_then(|c| c.downcast_ref::<object_store::Error>());
+            assert!(
+                matches!(cause, Some(object_store::Error::NotFound { .. })),
+                "{cause:?}"
+            );
+            assert!(std::error::Error::source(&missing).is_none());
             assert!(
                 missing
                     .to_string()

@@ -168,6 +168,7 @@ fn parse_file_url(s: &str) -> Result<ReplicaUrl, StoreError> {
         StoreError::url(format!(
             "replica URL {s:?} is malformed ({e}); use file:///absolute/dir"
         ))
+        .caused_by(e)
     })?;
     if u.host_str()
         .is_some_and(|h| !h.is_empty() && h != "localhost")
@@ -237,6 +238,7 @@ fn normalize_endpoint(s: &str, endpoint: &str) -> Result<String, StoreError> {
             "replica URL {s:?}: endpoint {:?} is malformed ({e}); use e.g. endpoint=http://127.0.0.1:9000",
             redact_userinfo(&full)
         ))
+        .caused_by(e)
     })?;
     if !u.username().is_empty() || u.password().is_some() {
         return Err(StoreError::url(format!(
@@ -312,6 +314,7 @@ fn parse_s3_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Replica
         StoreError::url(format!(
             "replica URL {shown:?} is malformed ({e}); use s3://bucket/prefix?endpoint=...&region=..."
         ))
+        .caused_by(e)
     })?;
     if !u.username().is_empty() || u.password().is_some() {
         return Err(StoreError::url(
@@ -592,6 +595,18 @@ mod tests {
 
         let e = ReplicaUrl::parse_with_env("s3://key:secret-in-url@b/p", env_of(&[])).unwrap_err();
         assert!(!e.to_string().contains("secret-in-url"), "{e}");
+    }
+
+    #[test]
+    fn a_malformed_url_keeps_its_cause() {
+        let e = ReplicaUrl::parse_with_env("s3://b:port/p", env_of(&[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "replica URL \"s3://b:port/p\" is malformed (invalid port number); \
+             use s3://bucket/prefix?endpoint=...&region=..."
+        );
+        let cause = e.cause().and_then(|c| c.downcast_ref::<url::ParseError>());
+        assert_eq!(cause, Some(&url::ParseError::InvalidPort));
     }
 
     #[test]
