@@ -1,5 +1,5 @@
 //! The object layout: the key of each LTX object in a replica ([`Layout`]), and which
-//! database paths are valid in it ([`check_db_path`]). Names of the objects themselves
+//! database paths are valid in it (`check_db_path`). Names of the objects themselves
 //! (`<min>-<max>.ltx`) are [`crate::ltx`]'s.
 //!
 //! Layout, as Litestream 0.5 writes it (`file/replica_client.go`, `s3/replica_client.go`,

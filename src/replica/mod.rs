@@ -1,5 +1,9 @@
-//! The replica: its object layout and store, upload, compaction and retention (the LTX
+//! The replica: its URL, object layout and store, upload, compaction and retention (the LTX
 //! format itself is [`crate::ltx`]).
+//!
+//! The store, one idea a file: [`url`] (where a replica lives), [`layout`] (the key of each
+//! object), [`store`] (put, get, head, list, delete), [`error`] (what fails) and
+//! [`timestamp`] (the RFC 3339 times objects carry).
 
 pub mod compact;
 pub mod error;
