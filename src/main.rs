@@ -59,8 +59,8 @@ enum Command {
         /// Seconds the kernel may cache names and attributes. Changes made through the mount
         /// are always seen at once; this bounds how long a change made directly in BACKING
         /// can go unseen.
-        #[arg(long, default_value_t = 1.0)]
-        cache_ttl: f64,
+        #[arg(long, default_value = "1", value_parser = parse_seconds)]
+        cache_ttl: Duration,
         /// Mount even if MOUNTPOINT is not empty (its files are hidden while mounted).
         #[arg(long)]
         allow_nonempty: bool,
@@ -184,7 +184,7 @@ fn main() -> ExitCode {
             threads,
             passthrough: !no_passthrough,
             cache_databases: database_io == DatabaseIo::Cached,
-            cache_ttl: Duration::from_secs_f64(cache_ttl.max(0.0)),
+            cache_ttl,
             allow_nonempty,
             replication: walfs::replicate::ReplicationOptions {
                 replicas,
@@ -269,15 +269,33 @@ fn parse_durations(s: &str) -> Result<Intervals, String> {
     Ok(Intervals(v))
 }
 
+/// The longest duration a flag takes, in seconds (about 31 years): long enough for any
+/// setting, short enough that adding it to a clock reading cannot overflow.
+const MAX_SECONDS: u64 = 1_000_000_000;
+
+/// A number of seconds, fractions allowed, from 0 to [`MAX_SECONDS`] (`--cache-ttl`).
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|n| (0.0..=MAX_SECONDS as f64).contains(n))
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds from 0 to {MAX_SECONDS}"))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
+    let not_a_duration = || format!("{s:?} is not a duration: use e.g. 1s, 500ms or 2m");
+    // The first letter starts the unit, so `inf` and `NaN` never reach the number; a
+    // huge one (`99999999999999999999s`) does, and is refused below.
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 1s, 500ms or 2m"))?;
+        .ok()
+        .filter(|n: &f64| !n.is_nan())
+        .ok_or_else(not_a_duration)?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
@@ -285,8 +303,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m or h")),
     };
-    if !(secs >= 0.0 && secs.is_finite()) {
+    if secs < 0.0 {
         return Err(format!("{s:?} must be zero or more"));
+    }
+    if secs > MAX_SECONDS as f64 {
+        return Err(format!(
+            "{s:?} is too long: at most {MAX_SECONDS}s (about 31 years)"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -362,9 +385,81 @@ stage-at-commit = true
         assert_eq!(backing, PathBuf::from("/srv/data"));
         assert_eq!(mountpoint, PathBuf::from("/mnt/data"));
         assert!(allow_other && !read_only && stage_at_commit);
-        assert_eq!((threads, cache_ttl), (2, 0.5));
+        assert_eq!((threads, cache_ttl), (2, Duration::from_millis(500)));
         assert_eq!(replicas.len(), 2);
         assert_eq!(staging_dir, Some(PathBuf::from("/var/lib/walfs/staging")));
         assert_eq!(sync_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn seconds_in_range() {
+        assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("1"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_seconds("1e9"), Ok(Duration::from_secs(MAX_SECONDS)));
+        for bad in [
+            "inf", "-inf", "infinity", "NaN", "nan", "-1", "-0.5", "1e10", "1e300", "", "1s", "x",
+        ] {
+            assert_eq!(
+                parse_seconds(bad),
+                Err(format!(
+                    "{bad:?} is not a number of seconds from 0 to 1000000000"
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn durations_in_range() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(
+            parse_duration("1000000000s"),
+            Ok(Duration::from_secs(MAX_SECONDS))
+        );
+        for bad in [
+            "inf", "infinity", "NaN", "nan", "infs", "nanms", "x", "", "ms",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("is not a duration"), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_duration("-1s"),
+            Err("\"-1s\" must be zero or more".into())
+        );
+        assert_eq!(
+            parse_duration("-inf"),
+            Err("\"-inf\" is not a duration: use e.g. 1s, 500ms or 2m".into())
+        );
+        for big in ["1000000001", "99999999999999999999999s", "300000h"] {
+            assert_eq!(
+                parse_duration(big),
+                Err(format!(
+                    "{big:?} is too long: at most 1000000000s (about 31 years)"
+                ))
+            );
+        }
+        assert_eq!(
+            parse_duration("2d"),
+            Err("\"2d\": unknown unit \"d\"; use ms, s, m or h".into())
+        );
+        assert_eq!(
+            parse_durations("30s, 5m,1h").map(|i| i.0),
+            Ok(vec![
+                Duration::from_secs(30),
+                Duration::from_secs(300),
+                Duration::from_secs(3600)
+            ])
+        );
+        assert!(parse_durations("1s,0").unwrap_err().contains("above zero"));
+        assert!(parse_durations("1,2,3,4,5,6,7,8,9")
+            .unwrap_err()
+            .contains("at most 8"));
+        assert!(parse_durations("1s,9999999999")
+            .unwrap_err()
+            .contains("too long"));
     }
 }
