@@ -113,7 +113,9 @@ enum Command {
         /// Replace an existing output.
         #[arg(long)]
         force: bool,
-        /// Restore exactly this transaction (decimal, or Litestream's 16-digit hex).
+        /// Restore exactly this transaction, in decimal (42) or in hex: Litestream's 16
+        /// digits, zero-padded so starting with 0 (000000000000002a), or after 0x (0x2a).
+        /// Any other number is decimal.
         #[arg(long, value_parser = parse_txid)]
         txid: Option<u64>,
         /// Restore the newest state committed at or before this time (RFC 3339).
@@ -230,14 +232,35 @@ fn main() -> ExitCode {
     }
 }
 
-/// A TXID: 16 hex digits as Litestream prints them, or a decimal number.
+/// A TXID, in one of three spellings that cannot be mistaken for each other:
+/// - decimal: `42`, `1234567890123456`;
+/// - Litestream's: exactly 16 hex digits, zero-padded, so starting with `0`:
+///   `000000000000002a`;
+/// - hex after `0x`: `0x2a`.
+///
+/// A 16-digit number that does not start with `0` is decimal.
 fn parse_txid(s: &str) -> Result<u64, String> {
-    let parsed = if s.len() == 16 {
-        u64::from_str_radix(s, 16).ok()
-    } else {
-        s.parse().ok()
+    let hex = |h: &str| {
+        (!h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u64::from_str_radix(h, 16).ok())
+            .flatten()
     };
-    parsed.ok_or_else(|| format!("{s:?} is not a TXID: give a decimal number or 16 hex digits"))
+    let parsed = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        hex(h)
+    } else if s.len() == 16 && s.starts_with('0') {
+        // Litestream's spelling, even when every digit is a decimal one.
+        hex(s)
+    } else if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse().ok()
+    } else {
+        None
+    };
+    parsed.ok_or_else(|| {
+        format!(
+            "{s:?} is not a TXID: give a decimal number, Litestream's 16 hex digits \
+             (zero-padded, e.g. 000000000000002a) or hex after 0x (e.g. 0x2a)"
+        )
+    })
 }
 
 /// An RFC 3339 time such as 2026-11-22T05:00:00Z.
@@ -389,6 +412,54 @@ stage-at-commit = true
         assert_eq!(replicas.len(), 2);
         assert_eq!(staging_dir, Some(PathBuf::from("/var/lib/walfs/staging")));
         assert_eq!(sync_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn txid_spellings() {
+        // Decimal, including a 16-digit number that does not start with 0.
+        assert_eq!(parse_txid("0"), Ok(0));
+        assert_eq!(parse_txid("42"), Ok(42));
+        assert_eq!(parse_txid("1234567890123456"), Ok(1_234_567_890_123_456));
+        assert_eq!(parse_txid("9999999999999999"), Ok(9_999_999_999_999_999));
+        assert_eq!(parse_txid("18446744073709551615"), Ok(u64::MAX));
+        // Litestream's 16 hex digits, zero-padded, with or without letters.
+        assert_eq!(parse_txid("000000000000002a"), Ok(42));
+        assert_eq!(parse_txid("000000000000002A"), Ok(42));
+        assert_eq!(parse_txid("0000000000000010"), Ok(16));
+        assert_eq!(parse_txid("0fffffffffffffff"), Ok(u64::MAX >> 4));
+        // Hex after 0x, any length up to 16 digits.
+        assert_eq!(parse_txid("0x2a"), Ok(42));
+        assert_eq!(parse_txid("0X2A"), Ok(42));
+        assert_eq!(parse_txid("0xffffffffffffffff"), Ok(u64::MAX));
+        assert_eq!(parse_txid("0x000000000000002a"), Ok(42));
+    }
+
+    #[test]
+    fn txid_rejections() {
+        for bad in [
+            "",
+            "2a",
+            "-1",
+            "+42",
+            " 42",
+            "4.2",
+            "0x",
+            "0x-1",
+            "0x+2a",
+            "0xg",
+            "0x10000000000000000",
+            "18446744073709551616",
+            // 16 hex digits that do not start with 0 are not Litestream's spelling.
+            "a00000000000002a",
+            "100000000000002a",
+            // 15 or 17 characters with a hex letter.
+            "00000000000002a",
+            "0000000000000002a",
+        ] {
+            let e = parse_txid(bad).unwrap_err();
+            assert!(e.starts_with(&format!("{bad:?} is not a TXID")), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 
     #[test]
