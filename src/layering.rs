@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first. A module may import from itself and from the modules of
 /// lower layers only; the modules of one layer do not import each other.
 const LAYERS: &[&[&str]] = &[
-    // Test helpers, used by the tests of every layer; they import nothing from the crate.
-    &["testing"],
+    // Test helpers, used by the tests of every layer, and the parsers of command-line values,
+    // used by the option structs of every layer; they import nothing from the crate.
+    &["testing", "flags"],
     // The formats: SQLite's, then LTX, which uses SQLite's page-size and lock-page rules.
     &["sqlite"],
     &["ltx"],

@@ -13,16 +13,19 @@
 //! - `replicate`: capture, staging and upload wired together for one mount;
 //! - `restore`: restore plans, verified restores and listing;
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals);
-//! - `config`: the `walfs mount --config` file, turned into arguments before clap parses.
+//! - `config`: the `walfs mount --config` file, turned into arguments before clap parses;
+//! - `flags`: the parsers of command-line values (durations, seconds, TXIDs) that the
+//!   option structs of the other modules name in their clap attributes.
 //!
 //! Imports go one way, down these layers (`layering.rs` checks it): `testing` (test
-//! helpers) → `sqlite` → `ltx` → `fs` and `staging` → `capture` (an `fs` observer that
-//! writes into staging) and `replica` (which uploads from staging) → `restore`. Modules
-//! of one layer do not import each other. `replicate`, `mount`, `config`, `main` and the
-//! binaries wire them together and may import anything.
+//! helpers) and `flags` → `sqlite` → `ltx` → `fs` and `staging` → `capture` (an `fs`
+//! observer that writes into staging) and `replica` (which uploads from staging) →
+//! `restore`. Modules of one layer do not import each other. `replicate`, `mount`,
+//! `config`, `main` and the binaries wire them together and may import anything.
 
 pub mod capture;
 pub mod config;
+pub mod flags;
 pub mod fs;
 #[cfg(test)]
 mod layering;

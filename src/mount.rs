@@ -16,21 +16,50 @@ use crate::fs::metrics::Metrics;
 use crate::fs::{FsConfig, IoMode, NoObserver, Observer, PassthroughFs};
 use crate::replicate::{Replication, ReplicationOptions};
 
-/// What `walfs mount` was asked to do.
-#[derive(Debug, Clone)]
+/// How files holding an SQLite database are served (`--database-io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatabaseIo {
+    Cached,
+    Passthrough,
+}
+
+/// What `walfs mount` was asked to do: its arguments (each field's doc comment is its
+/// `--help` text), less `--config`, which `main` reads.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct MountOptions {
+    /// The directory that holds the data.
     pub backing: PathBuf,
+    /// An empty directory where the mirror appears.
     pub mountpoint: PathBuf,
+    /// Let users other than the one running walfs use the mount.
+    #[arg(long)]
     pub allow_other: bool,
+    /// Mount read-only.
+    #[arg(long)]
     pub read_only: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
     pub threads: usize,
-    /// Use kernel passthrough when the daemon may (CAP_SYS_ADMIN).
-    pub passthrough: bool,
+    // Even with passthrough asked for, the daemon uses it only if it may (CAP_SYS_ADMIN).
+    /// Serve file data through walfs instead of kernel passthrough (slower; for
+    /// debugging and for comparison).
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// How files holding an SQLite database are served: `passthrough` (like every
+    /// other file) or `cached` (through the kernel page cache: read transactions cost
+    /// no request to walfs, each page write costs one; for read-mostly databases).
+    #[arg(long, value_enum, default_value_t = DatabaseIo::Passthrough)]
+    pub database_io: DatabaseIo,
+    /// Seconds the kernel may cache names and attributes. Changes made through the mount
+    /// are always seen at once; this bounds how long a change made directly in BACKING
+    /// can go unseen.
+    #[arg(long, default_value = "1", value_parser = crate::flags::seconds)]
     pub cache_ttl: Duration,
-    /// Serve files holding an SQLite database through the kernel page cache.
-    pub cache_databases: bool,
+    /// Mount even if MOUNTPOINT is not empty (its files are hidden while mounted).
+    #[arg(long)]
     pub allow_nonempty: bool,
-    /// Replicas to stream every database's commits to (none: a plain mirror).
+    // Replicas to stream every database's commits to (none: a plain mirror).
+    #[command(flatten)]
     pub replication: ReplicationOptions,
 }
 
@@ -43,7 +72,7 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0) };
 
-    let io_mode = if !opts.passthrough {
+    let io_mode = if opts.no_passthrough {
         IoMode::PageCache
     } else if has_cap_sys_admin() {
         IoMode::Passthrough
@@ -57,7 +86,7 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
         read_only: opts.read_only,
         io_mode,
         cache_ttl: opts.cache_ttl,
-        cache_databases: opts.cache_databases,
+        cache_databases: opts.database_io == DatabaseIo::Cached,
     };
     let replication = if opts.replication.replicas.is_empty() {
         None

@@ -44,15 +44,29 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// the writer would wait for it.
 const WATCH_COALESCE: Duration = Duration::from_millis(5);
 
-/// Replication settings of a mount.
-#[derive(Debug, Clone)]
+/// Replication settings of a mount: flags of `walfs mount` (each field's doc comment is its
+/// `--help` text).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ReplicationOptions {
+    /// Stream every database's commits to this replica: file:///abs/dir or
+    /// s3://bucket/prefix?endpoint=...&region=...&forcePathStyle=true. May be repeated.
+    #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,
+    /// Where captured transactions wait for upload (default: /var/lib/walfs/staging/...
+    /// for root). Must not be inside BACKING.
+    #[arg(long)]
     pub staging_dir: Option<PathBuf>,
+    /// How often staged transactions are uploaded: 1s, 500ms, 0 (each commit at once).
+    #[arg(long, default_value = "1s", value_parser = crate::flags::duration)]
     pub sync_interval: Duration,
-    /// Capture at every `-wal` fsync before replying (see [`CaptureObserver::new`]).
+    // Capture at every `-wal` fsync before replying (see [`CaptureObserver::new`]).
+    /// Stage each commit before its WAL fsync returns (synchronous=FULL), instead of
+    /// within milliseconds after. Slower; the replica's RPO is the same, since the
+    /// upload is asynchronous either way.
+    #[arg(long)]
     pub stage_at_commit: bool,
-    /// Compaction, snapshots and retention.
+    // Compaction, snapshots and retention.
+    #[command(flatten)]
     pub maintenance: MaintenanceOptions,
 }
 

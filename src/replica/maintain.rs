@@ -35,16 +35,24 @@ const SNAPSHOTS: u8 = 9;
 /// How long a failed step waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(5);
 
-/// Maintenance settings of a mount.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Maintenance settings of a mount: flags of `walfs mount` (each field's doc comment is its
+/// `--help` text). The defaults are [`MaintenanceOptions::default`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct MaintenanceOptions {
-    /// Level `i + 1` is compacted every `compaction_intervals[i]` (at most 8 levels).
-    pub compaction_intervals: Vec<Duration>,
-    /// A database that changed gets a new snapshot this often.
+    // Level `i + 1` is compacted every `compaction_intervals[i]` (at most 8 levels). The
+    // path is spelt out so that clap takes the whole list from one value, not one per flag.
+    /// How often each compaction level is built from the one below: level 1 every
+    /// first interval, level 2 every second, ... (Litestream's default).
+    #[arg(long, default_value = "30s,5m,1h", value_parser = crate::flags::durations)]
+    pub compaction_intervals: std::vec::Vec<Duration>,
+    /// How often a database that changed gets a full snapshot (level 9).
+    #[arg(long, default_value = "24h", value_parser = crate::flags::duration)]
     pub snapshot_interval: Duration,
-    /// Every moment this far back stays restorable.
+    /// How far back every moment stays restorable; older objects are deleted.
+    #[arg(long, default_value = "24h", value_parser = crate::flags::duration)]
     pub retention: Duration,
     /// How long level-0 objects stay after level 1 covers them.
+    #[arg(long, default_value = "5m", value_parser = crate::flags::duration)]
     pub l0_retention: Duration,
 }
 

@@ -25,21 +25,36 @@ use super::apply::{check_output, restore_database, ChecksumCheck, RestoreOutcome
 use super::plan::{db_label, plan, restorable_txids, PlanError, RestoreTarget, MAX_LEVEL};
 use super::record::SidecarStore;
 
-/// The arguments of `walfs restore`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The arguments of `walfs restore` (each field's doc comment is its `--help` text).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct RestoreArgs {
-    /// The replica URL (`file:///dir`, `s3://bucket/prefix?...`).
+    // The replica URL (`file:///dir`, `s3://bucket/prefix?...`).
+    /// A mount's replica root, or one database's replica (as Litestream lays it out).
     pub url: String,
-    /// The database file to create, or the directory for a whole replica.
+    /// The database file to create; a directory when restoring a whole replica.
+    #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
-    /// One database of a replica holding several (its path relative to the replica root).
+    /// Restore only this database (its path relative to the replica root).
+    #[arg(long)]
     pub db: Option<String>,
-    /// Replace existing output files.
+    /// Replace an existing output.
+    #[arg(long)]
     pub force: bool,
-    /// Restore exactly this TXID (default: the latest).
+    // Default: the latest.
+    /// Restore exactly this transaction, in decimal (42) or in hex: Litestream's 16 digits,
+    /// zero-padded so starting with 0 (000000000000002a), or after 0x (0x2a). Any other
+    /// number is decimal.
+    #[arg(long, value_parser = crate::flags::txid)]
     pub txid: Option<u64>,
-    /// Restore the newest TXID written at or before this time.
+    /// Restore the newest state committed at or before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
     pub timestamp: Option<SystemTime>,
+}
+
+/// An RFC 3339 time such as 2026-11-22T05:00:00Z (`--timestamp`).
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    crate::replica::timestamp::parse_rfc3339(s)
+        .ok_or_else(|| format!("{s:?} is not an RFC 3339 time such as 2026-11-22T05:00:00Z"))
 }
 
 /// A current-thread runtime for the store's requests.

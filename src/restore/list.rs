@@ -28,12 +28,13 @@ use super::command::{list_objects, open_replica, runtime};
 use super::plan::{db_label, restorable_txids};
 use super::record::SidecarStore;
 
-/// The arguments of `walfs list`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The arguments of `walfs list` (each field's doc comment is its `--help` text).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ListArgs {
-    /// The replica URL.
+    // The replica URL.
     pub url: String,
-    /// Show the details of this database only.
+    /// Show the restorable range and objects of this database.
+    #[arg(long)]
     pub db: Option<String>,
 }
 

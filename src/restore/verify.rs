@@ -17,14 +17,17 @@ use super::apply::{restore_database, ChecksumCheck};
 use super::command::{list_objects, open_replica, runtime};
 use super::plan::{db_label, plan, restorable_txids, RestoreTarget};
 
-/// The arguments of `walfs verify`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The arguments of `walfs verify` (each field's doc comment is its `--help` text).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct VerifyArgs {
-    /// The replica URL.
+    // The replica URL.
     pub url: String,
-    /// Verify only this database.
+    /// Verify only this database (its path relative to the replica root).
+    #[arg(long)]
     pub db: Option<String>,
-    /// Seed of the choice of the earlier TXID (default: from the clock; printed).
+    // Default: from the clock; printed.
+    /// Seed of the random choice of the earlier TXID, to repeat a drill.
+    #[arg(long)]
     pub seed: Option<u64>,
 }
 
