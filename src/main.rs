@@ -103,50 +103,195 @@ fn init_logging(level: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
     use std::time::Duration;
+    use walfs::mount::DatabaseIo;
+    use walfs::replica::maintain::MaintenanceOptions;
+    use walfs::replicate::ReplicationOptions;
 
-    /// Every flag of the real `walfs mount` works in a config file.
-    #[test]
-    fn config_file_reaches_every_mount_setting() {
+    /// Every argument of `walfs mount` that a config file may set, each with a value other
+    /// than its default: (config key, TOML value, the same on the command line).
+    /// `every_mount_argument_has_a_setting` fails when a flag is missing here.
+    const SETTINGS: &[(&str, &str, &[&str])] = &[
+        ("backing", r#""/srv/data""#, &["/srv/data"]),
+        ("mountpoint", r#""/mnt/data""#, &["/mnt/data"]),
+        ("allow-other", "true", &["--allow-other"]),
+        ("read-only", "true", &["--read-only"]),
+        ("threads", "2", &["--threads", "2"]),
+        ("no-passthrough", "true", &["--no-passthrough"]),
+        ("database-io", r#""cached""#, &["--database-io", "cached"]),
+        ("cache-ttl", "0.5", &["--cache-ttl", "0.5"]),
+        ("allow-nonempty", "true", &["--allow-nonempty"]),
+        (
+            "replica",
+            r#"["s3://bucket/prefix?region=eu-west-1", "file:///backup/walfs"]"#,
+            &[
+                "--replica",
+                "s3://bucket/prefix?region=eu-west-1",
+                "--replica",
+                "file:///backup/walfs",
+            ],
+        ),
+        (
+            "staging-dir",
+            r#""/var/lib/walfs/staging""#,
+            &["--staging-dir", "/var/lib/walfs/staging"],
+        ),
+        ("sync-interval", r#""250ms""#, &["--sync-interval", "250ms"]),
+        ("stage-at-commit", "true", &["--stage-at-commit"]),
+        (
+            "compaction-intervals",
+            r#""10s,1m""#,
+            &["--compaction-intervals", "10s,1m"],
+        ),
+        (
+            "snapshot-interval",
+            r#""12h""#,
+            &["--snapshot-interval", "12h"],
+        ),
+        ("retention", "3600", &["--retention", "3600"]),
+        ("l0-retention", r#""1m""#, &["--l0-retention", "1m"]),
+    ];
+
+    /// What `SETTINGS`, all together, mean.
+    fn every_setting() -> MountOptions {
+        MountOptions {
+            backing: "/srv/data".into(),
+            mountpoint: "/mnt/data".into(),
+            allow_other: true,
+            read_only: true,
+            threads: 2,
+            no_passthrough: true,
+            database_io: DatabaseIo::Cached,
+            cache_ttl: Duration::from_millis(500),
+            allow_nonempty: true,
+            replication: ReplicationOptions {
+                replicas: vec![
+                    "s3://bucket/prefix?region=eu-west-1".into(),
+                    "file:///backup/walfs".into(),
+                ],
+                staging_dir: Some("/var/lib/walfs/staging".into()),
+                sync_interval: Duration::from_millis(250),
+                stage_at_commit: true,
+                maintenance: MaintenanceOptions {
+                    compaction_intervals: vec![Duration::from_secs(10), Duration::from_secs(60)],
+                    snapshot_interval: Duration::from_secs(12 * 3600),
+                    retention: Duration::from_secs(3600),
+                    l0_retention: Duration::from_secs(60),
+                },
+            },
+        }
+    }
+
+    /// `walfs mount ARGS`, with `config` (a TOML text) as its config file if given, as
+    /// `main` parses it; the error of the first step that refuses it.
+    fn parse_mount(args: &[&str], config: Option<&str>) -> Result<MountOptions, String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("walfs.toml");
-        std::fs::write(
-            &path,
-            r#"
-backing = "/srv/data"
-mountpoint = "/mnt/data"
-allow-other = true
-read-only = false
-threads = 2
-cache-ttl = 0.5
-replica = ["s3://bucket/prefix?region=eu-west-1", "file:///backup/walfs"]
-staging-dir = "/var/lib/walfs/staging"
-sync-interval = "250ms"
-stage-at-commit = true
-"#,
-        )
-        .unwrap();
-        let argv = walfs::config::expand_config(
-            &Cli::command(),
-            "mount",
-            ["walfs", "mount", "--config", path.to_str().unwrap()]
-                .map(std::ffi::OsString::from)
-                .to_vec(),
-            |_| None,
-        )
-        .unwrap();
-        let cli = Cli::try_parse_from(argv).unwrap();
-        let Command::Mount(MountArgs { options: o, .. }) = cli.command else {
-            panic!("not a mount");
-        };
-        let r = &o.replication;
-        assert_eq!(o.backing, PathBuf::from("/srv/data"));
-        assert_eq!(o.mountpoint, PathBuf::from("/mnt/data"));
-        assert!(o.allow_other && !o.read_only && r.stage_at_commit);
-        assert_eq!((o.threads, o.cache_ttl), (2, Duration::from_millis(500)));
-        assert_eq!(r.replicas.len(), 2);
-        assert_eq!(r.staging_dir, Some(PathBuf::from("/var/lib/walfs/staging")));
-        assert_eq!(r.sync_interval, Duration::from_millis(250));
+        let mut argv: Vec<OsString> = ["walfs", "mount"].map(OsString::from).to_vec();
+        argv.extend(args.iter().map(OsString::from));
+        if let Some(text) = config {
+            std::fs::write(&path, text).unwrap();
+            argv.extend(["--config".into(), path.clone().into_os_string()]);
+        }
+        let argv = walfs::config::expand_config(&Cli::command(), "mount", argv, |_| None)
+            .map_err(|e| format!("{e:#}"))?;
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Mount(m) => Ok(m.options),
+            _ => panic!("not a mount"),
+        }
+    }
+
+    fn is_positional(key: &str) -> bool {
+        ["backing", "mountpoint"].contains(&key)
+    }
+
+    /// The config keys of `walfs mount` are read off clap's definition (src/config.rs):
+    /// each of them, so each flag, has an entry in `SETTINGS`, which the tests below
+    /// check on the command line and in a config file.
+    #[test]
+    fn every_mount_argument_has_a_setting() {
+        let cli = Cli::command();
+        let mount = cli.find_subcommand("mount").unwrap();
+        let mut keys: Vec<String> = mount
+            .get_arguments()
+            .filter(|a| !matches!(a.get_action(), clap::ArgAction::Help))
+            .filter(|a| a.get_long() != Some(walfs::config::CONFIG_FLAG))
+            .map(|a| match a.get_long() {
+                Some(long) => long.to_string(),
+                None => a.get_id().to_string(),
+            })
+            .collect();
+        keys.sort();
+        let mut covered: Vec<String> = SETTINGS.iter().map(|(k, _, _)| k.to_string()).collect();
+        covered.sort();
+        assert_eq!(
+            keys, covered,
+            "every argument of `walfs mount` needs an entry in SETTINGS"
+        );
+        assert_eq!(keys.len(), 17, "16 flags less --config, and 2 positionals");
+    }
+
+    /// Every setting of `walfs mount` works on the command line: each one alone changes
+    /// the options, and all together give what they say.
+    #[test]
+    fn command_line_reaches_every_mount_setting() {
+        let base = parse_mount(&["/srv/data", "/mnt/data"], None).unwrap();
+        // The flags' defaults are the ones the maintenance code assumes.
+        assert_eq!(base.replication.maintenance, MaintenanceOptions::default());
+        for (key, _, args) in SETTINGS.iter().filter(|(k, _, _)| !is_positional(k)) {
+            let mut argv = vec!["/srv/data", "/mnt/data"];
+            argv.extend_from_slice(args);
+            let one = parse_mount(&argv, None).unwrap();
+            assert_ne!(one, base, "{key} changed nothing");
+        }
+        let argv: Vec<&str> = SETTINGS
+            .iter()
+            .flat_map(|(_, _, a)| a.iter().copied())
+            .collect();
+        assert_eq!(parse_mount(&argv, None).unwrap(), every_setting());
+    }
+
+    /// Every setting of `walfs mount` works in a config file, alone and all together, as
+    /// it does on the command line.
+    #[test]
+    fn config_file_reaches_every_mount_setting() {
+        for (key, toml, args) in SETTINGS.iter().filter(|(k, _, _)| !is_positional(k)) {
+            let positionals = ["/srv/data", "/mnt/data"];
+            let from_file = parse_mount(&positionals, Some(&format!("{key} = {toml}\n"))).unwrap();
+            let mut argv = positionals.to_vec();
+            argv.extend_from_slice(args);
+            assert_eq!(from_file, parse_mount(&argv, None).unwrap(), "{key}");
+        }
+        let text: String = SETTINGS
+            .iter()
+            .map(|(key, toml, _)| format!("{key} = {toml}\n"))
+            .collect();
+        assert_eq!(parse_mount(&[], Some(&text)).unwrap(), every_setting());
+    }
+
+    /// Seconds that `Duration` cannot hold (or that mean nothing) are refused with one
+    /// line, on the command line and in a config file, instead of a panic.
+    #[test]
+    fn cache_ttl_out_of_range_is_refused() {
+        for bad in ["inf", "NaN", "-1", "1e10", "1e300"] {
+            let e = parse_mount(&["/b", "/m", &format!("--cache-ttl={bad}")], None).unwrap_err();
+            assert!(
+                e.contains(&format!(
+                    "{bad:?} is not a number of seconds from 0 to 1000000000"
+                )),
+                "{e}"
+            );
+        }
+        for bad in ["inf", "nan", "-1.0", "1e300"] {
+            let e = parse_mount(&["/b", "/m"], Some(&format!("cache-ttl = {bad}"))).unwrap_err();
+            assert!(e.contains("is not a number of seconds"), "{e}");
+        }
+        let e = parse_mount(&["/b", "/m", "--retention=99999999999h"], None).unwrap_err();
+        assert!(e.contains("is too long"), "{e}");
     }
 
     #[test]
