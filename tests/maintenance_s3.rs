@@ -8,149 +8,27 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{assert_same_database, http, restored_txid, Moto, Mount, BUCKET, S3_ENV};
+use common::{assert_same_database, restored_txid, Mount, S3Fixture, S3_ENV};
 use rusqlite::Connection;
 
-struct Fixture {
-    moto: Moto,
-    prefix: String,
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new(prefix: &str) -> Fixture {
-        Fixture {
-            moto: Moto::start(),
-            prefix: prefix.into(),
-            dir: tempfile::Builder::new()
-                .prefix("walfs-maint-test-")
-                .tempdir()
-                .unwrap(),
-        }
+/// Bytes under the staging directory.
+fn staging_bytes(f: &S3Fixture) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => walk(&e.path()),
+                        _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
     }
-
-    fn url(&self) -> String {
-        self.moto.s3_url(&self.prefix)
-    }
-
-    fn staging(&self) -> PathBuf {
-        self.dir.path().join("staging")
-    }
-
-    fn args(&self, extra: &[&str]) -> Vec<String> {
-        let mut a: Vec<String> = vec![
-            "--replica".into(),
-            self.url(),
-            "--staging-dir".into(),
-            self.staging().display().to_string(),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-
-    fn mount(&self, extra: &[&str]) -> Mount {
-        let a = self.args(extra);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        Mount::with_env(&a, S3_ENV)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        let p = self.dir.path().join("out").join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        p
-    }
-
-    /// `walfs restore` of `db` with `extra` target arguments into a fresh file; requires a
-    /// verified restore. Returns the file and walfs's report.
-    fn restore(&self, db: &str, name: &str, extra: &[&str]) -> (PathBuf, String) {
-        let out = self.path(name);
-        let _ = std::fs::remove_file(&out);
-        let mut args = vec![self.url()];
-        args.extend([
-            "--db".into(),
-            db.into(),
-            "-o".into(),
-            out.display().to_string(),
-        ]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let log = common::walfs_restore_env(&args, S3_ENV);
-        assert!(
-            log.contains("content checksum matches the writer's record"),
-            "restore {extra:?} was not verified against the recorded checksum: {log}"
-        );
-        (out, log)
-    }
-
-    /// Stops the mount (its last uploads done), restores `db`'s latest state verified and
-    /// requires it equal to the backing file.
-    fn stop_and_restore_latest(&self, m: &mut Mount, db: &str) {
-        m.stop();
-        let (out, _) = self.restore(db, "latest.db", &[]);
-        assert_same_database(&m.backing_path(db), &out);
-    }
-
-    /// The LTX objects of `db` in the bucket, as (level, min, max), read with an unsigned
-    /// LIST straight from moto.
-    fn objects(&self, db: &str) -> Vec<(u8, u64, u64)> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut q = format!("/{BUCKET}?list-type=2&prefix={}/{db}/", self.prefix);
-            if let Some(t) = &token {
-                q.push_str(&format!("&continuation-token={t}"));
-            }
-            let (status, head, body) = http(self.moto.port, "GET", &q).unwrap();
-            assert_eq!(status, 200, "LIST: {head}");
-            let body = String::from_utf8_lossy(&body).into_owned();
-            for part in body.split("<Key>").skip(1) {
-                let key = &part[..part.find("</Key>").unwrap()];
-                let mut segs = key.rsplit('/');
-                let name = segs.next().unwrap();
-                let level = segs.next().unwrap();
-                let Some(name) = name.strip_suffix(".ltx") else {
-                    continue;
-                };
-                let Some((a, b)) = name.split_once('-') else {
-                    continue;
-                };
-                out.push((
-                    u8::from_str_radix(level, 16).unwrap(),
-                    u64::from_str_radix(a, 16).unwrap(),
-                    u64::from_str_radix(b, 16).unwrap(),
-                ));
-            }
-            token = body
-                .split("<NextContinuationToken>")
-                .nth(1)
-                .map(|s| s[..s.find("</NextContinuationToken>").unwrap()].to_string());
-            if token.is_none() {
-                break;
-            }
-        }
-        out.sort();
-        out
-    }
-
-    /// Bytes under the staging directory.
-    fn staging_bytes(&self) -> u64 {
-        fn walk(p: &Path) -> u64 {
-            std::fs::read_dir(p)
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| match e.file_type() {
-                            Ok(t) if t.is_dir() => walk(&e.path()),
-                            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
-                        })
-                        .sum()
-                })
-                .unwrap_or(0)
-        }
-        walk(&self.staging())
-    }
+    walk(&f.staging())
 }
 
 fn at_level(objs: &[(u8, u64, u64)], level: u8) -> usize {
@@ -224,7 +102,7 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// Waits until `cond` holds for the objects of `db`, or panics with them.
 fn wait_objects(
-    f: &Fixture,
+    f: &S3Fixture,
     db: &str,
     limit: Duration,
     what: &str,
@@ -259,14 +137,14 @@ const FAST: &[&str] = &[
 
 #[test]
 fn point_in_time_around_an_accidental_delete_survives_compaction_and_l0_retention() {
-    let f = Fixture::new("pitr");
+    let f = S3Fixture::new("pitr");
     let rel = "app.db";
     let mut m = f.mount(FAST);
     let c = open_wal(&m.path(rel));
     write(&c, "a", 150, Duration::from_millis(10));
     // Let level 1 take in everything, so that an object ends exactly before the DELETE.
     std::thread::sleep(Duration::from_millis(2500));
-    let before = f.path("live-before.db");
+    let before = f.out("live-before.db");
     snapshot_live(&c, &m, rel, &before);
     std::thread::sleep(Duration::from_millis(1500));
     let t_before = SystemTime::now();
@@ -274,7 +152,7 @@ fn point_in_time_around_an_accidental_delete_survives_compaction_and_l0_retentio
     c.execute("DELETE FROM t", []).unwrap();
     write(&c, "b", 40, Duration::from_millis(10));
     std::thread::sleep(Duration::from_millis(2500));
-    let after = f.path("live-after.db");
+    let after = f.out("live-after.db");
     snapshot_live(&c, &m, rel, &after);
     std::thread::sleep(Duration::from_millis(1500));
     let t_after = SystemTime::now();
@@ -337,11 +215,11 @@ fn point_in_time_around_an_accidental_delete_survives_compaction_and_l0_retentio
         (t_before, &before, "ls-before.db"),
         (t_after, &after, "ls-after.db"),
     ] {
-        let out = f.path(name);
+        let out = f.out(name);
         let o = std::process::Command::new(common::litestream())
             .args(["restore", "-timestamp", &rfc3339(t), "-o"])
             .arg(&out)
-            .arg(f.moto.s3_url(&format!("{}/{rel}", f.prefix)))
+            .arg(f.db_url(rel))
             .env_remove("AWS_CA_BUNDLE")
             .envs(S3_ENV.iter().copied())
             .output()
@@ -361,7 +239,7 @@ fn point_in_time_around_an_accidental_delete_survives_compaction_and_l0_retentio
 
 #[test]
 fn object_count_and_staging_stay_bounded_under_steady_writes() {
-    let f = Fixture::new("bounded");
+    let f = S3Fixture::new("bounded");
     let rel = "busy.db";
     let mut m = f.mount(&[
         "--sync-interval",
@@ -396,7 +274,7 @@ fn object_count_and_staging_stay_bounded_under_steady_writes() {
                 .iter()
                 .filter(|n| n.ends_with(".ltx"))
                 .count();
-            samples.push((el, objs.len(), f.staging_bytes(), objs, db_bytes, copies));
+            samples.push((el, objs.len(), staging_bytes(&f), objs, db_bytes, copies));
         }
     }
     for (el, n, staged, objs, db_bytes, copies) in &samples {
@@ -455,7 +333,7 @@ fn a_restore_to_any_moment_needs_few_objects() {
     // 30 uploads per level-1 object: Litestream's layout would need the snapshot, every
     // level-1 object so far and up to 29 level-0 objects; walfs's binary counters need
     // popcount(level-1 ticks) + popcount(level-0 ticks) after the snapshot.
-    let f = Fixture::new("few");
+    let f = S3Fixture::new("few");
     let rel = "few.db";
     let mut m = f.mount(&[
         "--sync-interval",
@@ -530,7 +408,7 @@ fn a_restore_to_any_moment_needs_few_objects() {
 
 #[test]
 fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
-    let f = Fixture::new("idle");
+    let f = S3Fixture::new("idle");
     let rel = "quiet.db";
     let args = [
         "--sync-interval",
@@ -575,7 +453,7 @@ fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
         Vec::<String>::new(),
         "stopping a mount with an idle database made requests"
     );
-    m.start(&f.args(&args).iter().map(String::as_str).collect::<Vec<_>>());
+    f.restart(&mut m, &args);
     let restarted = f.moto.requests().len();
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(
@@ -602,7 +480,7 @@ fn idle_database_makes_zero_requests_with_maintenance_on_and_after_a_restart() {
 fn a_new_database_is_idle_once_its_first_upload_is_in() {
     // Capture snapshots a database it first sees, and the first upload repeats that image
     // (min TXID 1): compacting it would PUT an object that retention deletes at once.
-    let f = Fixture::new("new");
+    let f = S3Fixture::new("new");
     let rel = "new.db";
     let mut m = f.mount(&[
         "--sync-interval",
@@ -642,7 +520,7 @@ fn a_new_database_is_idle_once_its_first_upload_is_in() {
 
 #[test]
 fn a_moment_that_retention_removed_fails_naming_the_oldest_restorable_one() {
-    let f = Fixture::new("expired");
+    let f = S3Fixture::new("expired");
     let rel = "old.db";
     let mut m = f.mount(&[
         "--sync-interval",
@@ -672,18 +550,11 @@ fn a_moment_that_retention_removed_fails_naming_the_oldest_restorable_one() {
     drop(c);
     m.stop();
     let fails = |target: &[&str]| {
-        let out = f.path("expired.db");
-        let mut args = vec!["restore", "--db", rel, "-o", out.to_str().unwrap()];
-        let url = f.url();
-        args.insert(1, &url);
-        args.extend_from_slice(target);
-        let o = std::process::Command::new(common::WALFS)
-            .args(&args)
-            .envs(S3_ENV.iter().copied())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
-        assert!(!o.status.success(), "restore {target:?} succeeded: {err}");
+        let err = match f.try_restore(rel, "expired.db", target) {
+            Ok((_, log)) => panic!("restore {target:?} succeeded: {}", log.trim()),
+            Err(log) => log.trim().to_string(),
+        };
+        let out = f.out("expired.db");
         assert!(!out.exists(), "a failed restore left {}", out.display());
         assert_eq!(err.lines().count(), 1, "{err}");
         err
@@ -713,7 +584,7 @@ fn a_moment_that_retention_removed_fails_naming_the_oldest_restorable_one() {
 
 #[test]
 fn litestream_restores_a_compacted_replica() {
-    let f = Fixture::new("interop");
+    let f = S3Fixture::new("interop");
     let rel = "app/main.db";
     let mut m = f.mount(FAST);
     std::fs::create_dir_all(m.path("app")).unwrap();
@@ -745,12 +616,8 @@ fn litestream_restores_a_compacted_replica() {
                 .any(|b| b.0 == a.0 && b != a && a.1 <= b.2 && b.2 < a.2)),
         "no level holds overlapping objects: {objs:?}"
     );
-    let theirs = f.path("litestream.db");
-    common::litestream_restore(
-        &f.moto.s3_url(&format!("{}/{rel}", f.prefix)),
-        &theirs,
-        S3_ENV,
-    );
+    let theirs = f.out("litestream.db");
+    common::litestream_restore(&f.db_url(rel), &theirs, S3_ENV);
     assert_same_database(&m.backing_path(rel), &theirs);
     let (out, _) = f.restore(rel, "walfs.db", &[]);
     assert_same_database(&m.backing_path(rel), &out);
@@ -758,7 +625,7 @@ fn litestream_restores_a_compacted_replica() {
 
 #[test]
 fn staging_without_local_copies_fetches_the_snapshot_once_and_goes_on() {
-    let f = Fixture::new("nocopies");
+    let f = S3Fixture::new("nocopies");
     let rel = "old.db";
     let args = [
         "--sync-interval",
@@ -786,7 +653,7 @@ fn staging_without_local_copies_fetches_the_snapshot_once_and_goes_on() {
     let before = f.objects(rel);
     let old_max = before.iter().map(|o| o.2).max().unwrap();
     let mark = f.moto.requests().len();
-    m.start(&f.args(&args).iter().map(String::as_str).collect::<Vec<_>>());
+    f.restart(&mut m, &args);
     let c = open_wal(&m.path(rel));
     write(&c, "b", 60, Duration::from_millis(10));
     let objs = wait_objects(

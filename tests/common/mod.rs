@@ -608,6 +608,178 @@ pub const S3_ENV: &[(&str, &str)] = &[
     ("AWS_SECRET_ACCESS_KEY", "testing"),
 ];
 
+/// `args` as the `&str`s that [`Mount`] and `Command` take.
+pub fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// What a test that replicates to S3 starts from: a moto server, a replica prefix in its
+/// bucket, and a temporary directory that holds the staging directory and the files the
+/// test writes (restores, copies).
+pub struct S3Fixture {
+    pub moto: Moto,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl S3Fixture {
+    pub fn new(prefix: &str) -> S3Fixture {
+        S3Fixture {
+            moto: Moto::start(),
+            prefix: prefix.into(),
+            dir: tempfile::Builder::new()
+                .prefix("walfs-s3-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    /// The replica root URL, straight to moto.
+    pub fn url(&self) -> String {
+        self.moto.s3_url(&self.prefix)
+    }
+
+    /// The URL of `db`'s own replica (what `litestream restore` takes).
+    pub fn db_url(&self, db: &str) -> String {
+        self.moto.s3_url(&format!("{}/{db}", self.prefix))
+    }
+
+    pub fn staging(&self) -> PathBuf {
+        self.dir.path().join("staging")
+    }
+
+    /// `walfs mount` arguments replicating to `url` (a URL of this fixture's replica, e.g.
+    /// through a proxy), staging in this fixture's directory, then `extra`.
+    pub fn args_to(&self, url: &str, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--replica".into(),
+            url.into(),
+            "--staging-dir".into(),
+            self.staging().display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// `walfs mount` arguments replicating to [`S3Fixture::url`], then `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        self.args_to(&self.url(), extra)
+    }
+
+    /// A fresh mount replicating to this replica, with moto's credentials and its log
+    /// collected.
+    pub fn mount(&self, extra: &[&str]) -> Mount {
+        Mount::with_env(&as_strs(&self.args(extra)), S3_ENV)
+    }
+
+    /// Starts `m` again (stopped or killed) with [`S3Fixture::args`]`(extra)`.
+    pub fn restart(&self, m: &mut Mount, extra: &[&str]) {
+        m.start(&as_strs(&self.args(extra)));
+    }
+
+    /// Path `name` under the fixture's `out` directory, its parent created.
+    pub fn out(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join("out").join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    }
+
+    /// `walfs restore URL --db DB -o out(NAME) EXTRA...` into a fresh file: the file and
+    /// walfs's report (stderr), or the report if it failed.
+    pub fn try_restore(
+        &self,
+        db: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<(PathBuf, String), String> {
+        let out = self.out(name);
+        let _ = std::fs::remove_file(&out);
+        let o = Command::new(WALFS)
+            .args(["restore", &self.url(), "--db", db, "-o"])
+            .arg(&out)
+            .args(extra)
+            .envs(S3_ENV.iter().copied())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        if o.status.success() {
+            Ok((out, log))
+        } else {
+            Err(log)
+        }
+    }
+
+    /// [`S3Fixture::try_restore`], required to succeed and to be verified against the
+    /// writer's checksum record. Returns the file and walfs's report.
+    pub fn restore(&self, db: &str, name: &str, extra: &[&str]) -> (PathBuf, String) {
+        let (out, log) = self
+            .try_restore(db, name, extra)
+            .unwrap_or_else(|log| panic!("walfs restore of {db} {extra:?} failed: {log}"));
+        assert!(
+            log.contains("content checksum matches the writer's record"),
+            "restore of {db} {extra:?} was not verified against the recorded checksum: {log}"
+        );
+        (out, log)
+    }
+
+    /// Stops the mount (its last uploads done), restores `db`'s latest state verified and
+    /// requires it equal to the backing file.
+    pub fn stop_and_restore_latest(&self, m: &mut Mount, db: &str) {
+        m.stop();
+        let (out, _) = self.restore(db, "latest.db", &[]);
+        assert_same_database(&m.backing_path(db), &out);
+    }
+
+    /// Every key under `db`'s replica, read with unsigned LISTs straight from moto.
+    pub fn keys(&self, db: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut q = format!("/{BUCKET}?list-type=2&prefix={}/{db}/", self.prefix);
+            if let Some(t) = &token {
+                q.push_str(&format!("&continuation-token={t}"));
+            }
+            let (status, head, body) = http(self.moto.port, "GET", &q).unwrap();
+            assert_eq!(status, 200, "LIST: {head}");
+            let body = String::from_utf8_lossy(&body).into_owned();
+            for part in body.split("<Key>").skip(1) {
+                keys.push(part[..part.find("</Key>").unwrap()].to_string());
+            }
+            token = body
+                .split("<NextContinuationToken>")
+                .nth(1)
+                .map(|s| s[..s.find("</NextContinuationToken>").unwrap()].to_string());
+            if token.is_none() {
+                return keys;
+            }
+        }
+    }
+
+    /// The LTX objects of `db` in the bucket, as (level, min, max), sorted; read with
+    /// unsigned LISTs straight from moto.
+    pub fn objects(&self, db: &str) -> Vec<(u8, u64, u64)> {
+        let mut out = Vec::new();
+        for key in self.keys(db) {
+            let mut segs = key.rsplit('/');
+            let name = segs.next().unwrap();
+            let level = segs.next().unwrap();
+            let Some(name) = name.strip_suffix(".ltx") else {
+                continue;
+            };
+            let Some((a, b)) = name.split_once('-') else {
+                continue;
+            };
+            out.push((
+                u8::from_str_radix(level, 16).unwrap(),
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            ));
+        }
+        out.sort();
+        out
+    }
+}
+
 /// What SQLite itself reads from the database at `db` (a path in a backing directory):
 /// the database file with its `-wal` applied or its hot `-journal` rolled back, as one
 /// file in `out_dir` (copies are opened, so the originals are left alone). `None` if the
