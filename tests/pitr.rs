@@ -11,80 +11,31 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{assert_same_database, sqlite3, Moto, Mount, S3_ENV, WALFS};
+use common::{assert_same_database, sqlite3, Moto, Mount, S3Fixture, S3_ENV, WALFS};
 use walfs::replica::timestamp::format_rfc3339_nano;
 
-/// A moto server, a replica prefix, a staging directory and a mount writing to them.
-struct Fixture {
-    moto: Moto,
-    dir: tempfile::TempDir,
+/// The shared S3 fixture (prefix `pitr`) and a mount that uploads each commit at once
+/// (`--sync-interval 0`).
+struct Pitr {
     mount: Mount,
+    s3: S3Fixture,
 }
 
-impl Fixture {
-    fn new(extra: &[&str]) -> Fixture {
-        let moto = Moto::start();
-        let dir = tempfile::Builder::new()
-            .prefix("walfs-pitr-")
-            .tempdir()
-            .unwrap();
-        let url = moto.s3_url("pitr");
-        let staging = dir.path().join("staging").display().to_string();
-        let mut args = vec![
-            "--replica",
-            &url,
-            "--staging-dir",
-            &staging,
-            "--sync-interval",
-            "0",
-        ];
-        args.extend_from_slice(extra);
-        let mount = Mount::with_env(&args, S3_ENV);
-        Fixture { moto, dir, mount }
-    }
-
-    fn url(&self) -> String {
-        self.moto.s3_url("pitr")
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+impl Pitr {
+    fn new() -> Pitr {
+        let s3 = S3Fixture::new("pitr");
+        let mount = s3.mount(&["--sync-interval", "0"]);
+        Pitr { mount, s3 }
     }
 
     /// Runs one `sqlite3` process on `rel` under the mount, waits until the replica holds
     /// a newer TXID, and returns that TXID and a copy of the database as it is now live.
     fn step(&self, rel: &str, sql: &str, prev: u64, name: &str) -> (u64, PathBuf) {
         sqlite3(&self.mount.path(rel), sql);
-        let txid = wait_txid_above(&self.url(), rel, prev);
-        let copy = self.path(name);
+        let txid = wait_txid_above(&self.s3.url(), rel, prev);
+        let copy = self.s3.out(name);
         std::fs::copy(self.mount.backing_path(rel), &copy).unwrap();
         (txid, copy)
-    }
-
-    /// `walfs restore URL --db rel -o NAME EXTRA...`, required to succeed.
-    fn restore(&self, rel: &str, name: &str, extra: &[&str]) -> PathBuf {
-        let out = self.path(name);
-        let o = walfs(
-            &[
-                &[
-                    "restore",
-                    &self.url(),
-                    "--db",
-                    rel,
-                    "-o",
-                    out.to_str().unwrap(),
-                ],
-                extra,
-            ]
-            .concat(),
-        );
-        assert!(o.status.success(), "restore {extra:?} failed: {}", text(&o));
-        assert!(
-            text(&o).contains("content checksum matches the writer's record"),
-            "not verified against the record: {}",
-            text(&o)
-        );
-        out
     }
 }
 
@@ -151,7 +102,7 @@ fn moment() -> SystemTime {
 #[test]
 fn timestamp_restores_before_and_after_an_accidental_delete() {
     let before_history = SystemTime::now() - Duration::from_secs(5);
-    let f = Fixture::new(&[]);
+    let f = Pitr::new();
     let db = "app.db";
     let (t1, _) = f.step(
         db,
@@ -172,14 +123,14 @@ fn timestamp_restores_before_and_after_an_accidental_delete() {
     // listing in whole seconds of the upload, so only the commit time tells them apart.
     let just_before = SystemTime::now();
     let (_t4, _) = f.step(db, "INSERT INTO t(v) VALUES ('later');", t3, "later.db");
-    let out = f.restore(
+    let (out, _) = f.s3.restore(
         db,
         "just-before.db",
         &["--timestamp", &rfc3339(just_before)],
     );
     assert_same_database(&emptied, &out);
 
-    let out = f.restore(
+    let (out, _) = f.s3.restore(
         db,
         "at-before.db",
         &["--timestamp", &rfc3339(before_delete)],
@@ -187,15 +138,16 @@ fn timestamp_restores_before_and_after_an_accidental_delete() {
     assert_same_database(&good, &out);
     assert_eq!(sqlite3(&out, "SELECT count(*) FROM t;"), "500\n");
 
-    let out = f.restore(db, "at-after.db", &["--timestamp", &rfc3339(after_delete)]);
+    let (out, _) =
+        f.s3.restore(db, "at-after.db", &["--timestamp", &rfc3339(after_delete)]);
     assert_same_database(&emptied, &out);
     assert_eq!(sqlite3(&out, "SELECT count(*) FROM t;"), "0\n");
 
     // Before the replica's history: a one-line error naming the oldest moment and TXID.
-    let out = f.path("too-early.db");
+    let out = f.s3.out("too-early.db");
     let o = walfs(&[
         "restore",
-        &f.url(),
+        &f.s3.url(),
         "--db",
         db,
         "-o",
@@ -216,7 +168,7 @@ fn timestamp_restores_before_and_after_an_accidental_delete() {
 
 #[test]
 fn every_commit_restores_by_txid_and_list_shows_the_range() {
-    let f = Fixture::new(&[]);
+    let f = Pitr::new();
     let db = "sub/data.db";
     std::fs::create_dir(f.mount.path("sub")).unwrap();
     let mut states = Vec::new();
@@ -248,16 +200,17 @@ fn every_commit_restores_by_txid_and_list_shows_the_range() {
         "each commit has its own TXID: {txids:?}"
     );
     for (t, copy) in &states {
-        let out = f.restore(db, &format!("r{t}.db"), &["--txid", &t.to_string()]);
+        let (out, _) =
+            f.s3.restore(db, &format!("r{t}.db"), &["--txid", &t.to_string()]);
         assert_same_database(copy, &out);
     }
 
     // A TXID that does not exist yet names the newest.
     let newest = *txids.last().unwrap();
-    let out = f.path("future.db");
+    let out = f.s3.out("future.db");
     let o = walfs(&[
         "restore",
-        &f.url(),
+        &f.s3.url(),
         "--db",
         db,
         "-o",
@@ -273,7 +226,7 @@ fn every_commit_restores_by_txid_and_list_shows_the_range() {
     );
 
     // `walfs list --db`: the range and the objects by level.
-    let o = walfs(&["list", &f.url(), "--db", db]);
+    let o = walfs(&["list", &f.s3.url(), "--db", db]);
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.contains("  oldest restorable: TXID 1 at 20"), "{out}");
@@ -314,7 +267,7 @@ fn every_commit_restores_by_txid_and_list_shows_the_range() {
         "{out}"
     );
     // The overview lists it as live.
-    let o = walfs(&["list", &f.url()]);
+    let o = walfs(&["list", &f.s3.url()]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let row = out
         .lines()
@@ -333,7 +286,7 @@ fn writes(moto: &Moto) -> usize {
 
 #[test]
 fn verify_passes_then_names_a_corrupted_object() {
-    let mut f = Fixture::new(&[]);
+    let mut f = Pitr::new();
     let mut prev = 0;
     for (i, sql) in [
         "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);",
@@ -354,8 +307,8 @@ fn verify_passes_then_names_a_corrupted_object() {
     );
     f.mount.stop();
 
-    let before = writes(&f.moto);
-    let o = walfs(&["verify", &f.url(), "--seed", "7"]);
+    let before = writes(&f.s3.moto);
+    let o = walfs(&["verify", &f.s3.url(), "--seed", "7"]);
     let out = text(&o);
     assert!(o.status.success(), "verify of a good replica failed: {out}");
     assert!(out.contains("all 4 checks passed"), "{out}");
@@ -363,20 +316,20 @@ fn verify_passes_then_names_a_corrupted_object() {
     assert!(out.contains("a.db latest TXID"), "{out}");
     assert!(out.contains("a.db earlier TXID"), "{out}");
     // The same seed picks the same earlier TXID.
-    let again = text(&walfs(&["verify", &f.url(), "--seed", "7"]));
+    let again = text(&walfs(&["verify", &f.s3.url(), "--seed", "7"]));
     let pick = |s: &str| {
         s.lines()
             .find(|l| l.starts_with("a.db earlier TXID"))
             .map(|l| l.split(" (").next().unwrap().to_string())
     };
     assert_eq!(pick(&out), pick(&again));
-    assert_eq!(writes(&f.moto), before, "verify wrote to the replica");
+    assert_eq!(writes(&f.s3.moto), before, "verify wrote to the replica");
 
     // Corrupt every object a restore of a.db can start from (min TXID 1: the snapshot, and
     // level-0 objects that level 0's binary counter merged with the first upload when it
     // was kept before the snapshot): flip bytes in their middle.
     let rt = walfs::restore::runtime().unwrap();
-    let url = walfs::replica::url::ReplicaUrl::parse_with_env(&f.url(), |k| {
+    let url = walfs::replica::url::ReplicaUrl::parse_with_env(&f.s3.url(), |k| {
         S3_ENV
             .iter()
             .find(|(n, _)| *n == k)
@@ -400,7 +353,7 @@ fn verify_passes_then_names_a_corrupted_object() {
         rt.block_on(store.put_object(key, bytes.into())).unwrap();
     }
 
-    let o = walfs(&["verify", &f.url(), "--db", "a.db", "--seed", "7"]);
+    let o = walfs(&["verify", &f.s3.url(), "--db", "a.db", "--seed", "7"]);
     let out = text(&o);
     assert!(
         !o.status.success(),
@@ -414,24 +367,20 @@ fn verify_passes_then_names_a_corrupted_object() {
     );
     assert!(out.contains("FAILED"), "{out}");
     // The other database still verifies.
-    let o = walfs(&["verify", &f.url(), "--db", "b.db"]);
+    let o = walfs(&["verify", &f.s3.url(), "--db", "b.db"]);
     assert!(o.status.success(), "{}", text(&o));
 }
 
 #[test]
 fn mount_takes_its_settings_from_a_config_file() {
-    let moto = Moto::start();
-    let dir = tempfile::Builder::new()
-        .prefix("walfs-config-")
-        .tempdir()
-        .unwrap();
-    let url = moto.s3_url("cfg");
-    let config = dir.path().join("walfs.toml");
+    let f = S3Fixture::new("cfg");
+    let url = f.url();
+    let config = f.out("walfs.toml");
     std::fs::write(
         &config,
         format!(
             "replica = [{url:?}]\nstaging-dir = {:?}\nsync-interval = \"0\"\nthreads = 2\n",
-            dir.path().join("staging").display().to_string()
+            f.staging().display().to_string()
         ),
     )
     .unwrap();
@@ -442,9 +391,9 @@ fn mount_takes_its_settings_from_a_config_file() {
     );
     // Replicated (the replica URL came from the file) at once (sync-interval 0 too).
     let txid = wait_txid_above(&url, "c.db", 0);
-    let copy = dir.path().join("copy.db");
+    let copy = f.out("copy.db");
     std::fs::copy(mount.backing_path("c.db"), &copy).unwrap();
-    let out = dir.path().join("restored.db");
+    let out = f.out("restored.db");
     let o = walfs(&[
         "restore",
         &url,
