@@ -17,159 +17,65 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_database, restored_txid, sqlite3, Moto, Mount, BUCKET, S3_ENV};
+use common::{assert_same_database, restored_txid, sqlite3, Mount, S3Fixture, BUCKET, S3_ENV};
 use rusqlite::Connection;
 
-struct S3Replica {
-    moto: Moto,
-    prefix: String,
-    /// Holds the staging directory and the restored databases.
-    dir: tempfile::TempDir,
+/// The mount of every test here: uploads every 100 ms, and a log that shows captures.
+const MOUNT: &[&str] = &[
+    "--sync-interval",
+    "100ms",
+    "--log-level",
+    "walfs=debug,walfs::fs=info",
+];
+
+/// A verified restore of `rel`'s latest state into `out(rel)` (see [`S3Fixture::restore`]).
+fn restore_db(r: &S3Fixture, rel: &str) -> PathBuf {
+    r.restore(rel, rel, &[]).0
 }
 
-impl S3Replica {
-    fn new(prefix: &str) -> S3Replica {
-        S3Replica {
-            moto: Moto::start(),
-            prefix: prefix.to_string(),
-            dir: tempfile::Builder::new()
-                .prefix("walfs-journal-test-")
-                .tempdir()
-                .unwrap(),
+/// Waits up to `limit` for the deletion marker of `rel`.
+fn wait_deleted_marker(r: &S3Fixture, rel: &str, limit: Duration, m: &Mount) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(text) = deleted_marker(r, rel) {
+            return text;
         }
-    }
-
-    fn url(&self) -> String {
-        self.moto.s3_url(&self.prefix)
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--replica".into(),
-            self.url(),
-            "--staging-dir".into(),
-            self.dir.path().join("staging").display().to_string(),
-            "--sync-interval".into(),
-            "100ms".into(),
-            "--log-level".into(),
-            "walfs=debug,walfs::fs=info".into(),
-        ]
-    }
-
-    fn mount(&self) -> Mount {
-        let args = self.args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Mount::with_env(&args, S3_ENV)
-    }
-
-    fn out(&self, name: &str) -> PathBuf {
-        let p = self.dir.path().join("restored").join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        p
-    }
-
-    /// `walfs restore URL --db REL -o OUT [extra]`, verified against the checksum record.
-    fn restore_db_with(&self, rel: &str, out: &Path, extra: &[&str]) -> String {
-        let _ = std::fs::remove_file(out);
-        let mut args = vec![self.url()];
-        args.extend(["--db", rel, "-o", out.to_str().unwrap()].map(String::from));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let log = common::walfs_restore_env(&args, S3_ENV);
         assert!(
-            log.contains("content checksum matches the writer's record"),
-            "restore of {rel} was not verified against the recorded checksum: {log}"
+            Instant::now() < deadline,
+            "{rel}: no deletion marker after {limit:?}; keys: {:?}; log: {}",
+            r.keys(rel),
+            m.log()
         );
-        log
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
 
-    /// Like [`S3Replica::restore_db`], but a restore that could not be verified is allowed
-    /// (the replica may be mid-upload: a snapshot's record is known only while the capture
-    /// is still at its TXID). Returns OUT and whether it was verified.
-    /// An error with the log if the restore failed (e.g. nothing uploaded yet).
-    fn restore_db_maybe_unverified(&self, rel: &str) -> Result<(PathBuf, bool), String> {
-        let out = self.out(rel);
-        let _ = std::fs::remove_file(&out);
-        let o = Command::new(common::WALFS)
-            .args([
-                "restore",
-                &self.url(),
-                "--db",
-                rel,
-                "-o",
-                out.to_str().unwrap(),
-            ])
-            .envs(S3_ENV.iter().copied())
-            .output()
-            .unwrap();
-        let log = String::from_utf8_lossy(&o.stderr).into_owned();
-        if !o.status.success() {
-            return Err(log);
-        }
-        Ok((
-            out,
-            log.contains("content checksum matches the writer's record"),
-        ))
-    }
-
-    fn restore_db(&self, rel: &str) -> PathBuf {
-        let out = self.out(rel);
-        self.restore_db_with(rel, &out, &[]);
-        out
-    }
-
-    /// Waits up to `limit` for the deletion marker of `rel`.
-    fn wait_deleted_marker(&self, rel: &str, limit: Duration, m: &Mount) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(text) = self.deleted_marker(rel) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{rel}: no deletion marker after {limit:?}; objects: {}; log: {}",
-                String::from_utf8_lossy(
-                    &common::http(
-                        self.moto.port,
-                        "GET",
-                        &format!("/{BUCKET}?prefix={}/{rel}/", self.prefix)
-                    )
-                    .unwrap()
-                    .2
-                ),
-                m.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The replica's deletion marker of `rel`, if any: fetched with a signed GET by boto3
-    /// from moto's own venv (moto refuses unsigned reads of objects).
-    fn deleted_marker(&self, rel: &str) -> Option<String> {
-        let python = common::moto_server_path().with_file_name("python");
-        let key = format!("{}/{rel}/walfs/deleted", self.prefix);
-        let script = format!(
-            "import boto3,sys\n\
-             c=boto3.client('s3',endpoint_url='http://127.0.0.1:{}',region_name='us-east-1',\
-             aws_access_key_id='testing',aws_secret_access_key='testing')\n\
-             try:\n    sys.stdout.write(c.get_object(Bucket='{BUCKET}',Key='{key}')['Body'].read().decode())\n\
-             except c.exceptions.NoSuchKey:\n    sys.exit(3)\n",
-            self.moto.port
-        );
-        let out = Command::new(&python)
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .unwrap();
-        match out.status.code() {
-            Some(0) => Some(String::from_utf8(out.stdout).unwrap()),
-            Some(3) => None,
-            _ => panic!(
-                "{}: {}",
-                python.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        }
+/// The replica's deletion marker of `rel`, if any: fetched with a signed GET by boto3
+/// from moto's own venv (moto refuses unsigned reads of objects).
+fn deleted_marker(r: &S3Fixture, rel: &str) -> Option<String> {
+    let python = common::moto_server_path().with_file_name("python");
+    let key = format!("{}/{rel}/walfs/deleted", r.prefix);
+    let script = format!(
+        "import boto3,sys\n\
+         c=boto3.client('s3',endpoint_url='http://127.0.0.1:{}',region_name='us-east-1',\
+         aws_access_key_id='testing',aws_secret_access_key='testing')\n\
+         try:\n    sys.stdout.write(c.get_object(Bucket='{BUCKET}',Key='{key}')['Body'].read().decode())\n\
+         except c.exceptions.NoSuchKey:\n    sys.exit(3)\n",
+        r.moto.port
+    );
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => Some(String::from_utf8(out.stdout).unwrap()),
+        Some(3) => None,
+        _ => panic!(
+            "{}: {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }
 
@@ -261,12 +167,17 @@ fn sqlite3_proc(db: &Path, sql: &str) {
 
 /// Restores `rel` until it equals the backing file (the upload runs every 100 ms); panics
 /// with the last difference after `limit`.
-fn assert_replicated_soon(r: &S3Replica, m: &Mount, rel: &str, limit: Duration) {
+///
+/// A restore that could not be verified is retried (the replica may be mid-upload: a
+/// snapshot's record is known only while the capture is still at its TXID), and so is one
+/// that failed (e.g. nothing uploaded yet).
+fn assert_replicated_soon(r: &S3Fixture, m: &Mount, rel: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
     let backing = m.backing_path(rel);
     loop {
-        match r.restore_db_maybe_unverified(rel) {
-            Ok((out, verified)) => {
+        match r.try_restore(rel, rel, &[]) {
+            Ok((out, log)) => {
+                let verified = log.contains("content checksum matches the writer's record");
                 let same = std::fs::read(&backing).unwrap() == std::fs::read(&out).unwrap();
                 if same && verified {
                     assert_same_database(&backing, &out);
@@ -295,8 +206,8 @@ fn assert_no_heals(m: &Mount) {
 
 #[test]
 fn every_journal_mode_with_every_synchronous_level() {
-    let r = S3Replica::new("modes");
-    let mut m = r.mount();
+    let r = S3Fixture::new("modes");
+    let mut m = r.mount(MOUNT);
     let mut rels = Vec::new();
     for mode in ["DELETE", "TRUNCATE", "PERSIST", "MEMORY", "OFF"] {
         // synchronous=OFF makes no barrier at the commits of some modes: those are
@@ -338,15 +249,15 @@ fn every_journal_mode_with_every_synchronous_level() {
     m.stop();
     assert_no_heals(&m);
     for rel in &rels {
-        let out = r.restore_db(rel);
+        let out = restore_db(&r, rel);
         assert_same_database(&m.backing_path(rel), &out);
     }
 }
 
 #[test]
 fn journal_mode_switches_keep_one_history() {
-    let r = S3Replica::new("switch");
-    let mut m = r.mount();
+    let r = S3Fixture::new("switch");
+    let mut m = r.mount(MOUNT);
     let path = m.path("switch.db");
     let mut txids = Vec::new();
     let mut copies = Vec::new();
@@ -369,7 +280,7 @@ fn journal_mode_switches_keep_one_history() {
             .unwrap();
         copies.push(snap);
         std::thread::sleep(Duration::from_millis(400));
-        let log = r.restore_db_with("switch.db", &r.out("now.db"), &[]);
+        let log = r.restore("switch.db", "now.db", &[]).1;
         txids.push(restored_txid(&log));
     }
     drop(c);
@@ -384,12 +295,15 @@ fn journal_mode_switches_keep_one_history() {
         txids.windows(2).all(|w| w[0] < w[1]),
         "TXIDs grow: {txids:?}"
     );
-    let out = r.restore_db("switch.db");
+    let out = restore_db(&r, "switch.db");
     assert_same_database(&m.backing_path("switch.db"), &out);
     // Every round's state is still reachable in the one history.
     for (txid, copy) in txids.iter().zip(&copies) {
-        let at = r.out(&format!("at-{txid}.db"));
-        r.restore_db_with("switch.db", &at, &["--txid", &txid.to_string()]);
+        let (at, _) = r.restore(
+            "switch.db",
+            &format!("at-{txid}.db"),
+            &["--txid", &txid.to_string()],
+        );
         assert_eq!(
             sqlite3(&at, "SELECT count(*), sum(length(v)) FROM t;"),
             sqlite3(copy, "SELECT count(*), sum(length(v)) FROM t;"),
@@ -400,8 +314,8 @@ fn journal_mode_switches_keep_one_history() {
 
 #[test]
 fn writers_killed_mid_transaction_never_reach_the_replica() {
-    let r = S3Replica::new("kill");
-    let m = r.mount();
+    let r = S3Fixture::new("kill");
+    let m = r.mount(MOUNT);
     let modes = ["DELETE", "TRUNCATE", "PERSIST"];
     for mode in modes {
         let rel = format!("kill-{}.db", mode.to_lowercase());
@@ -457,7 +371,7 @@ fn writers_killed_mid_transaction_never_reach_the_replica() {
         if hot {
             hot_rounds += 1;
             std::thread::sleep(Duration::from_millis(300));
-            assert_same_database(&committed, &r.restore_db(&rel));
+            assert_same_database(&committed, &restore_db(&r, &rel));
         }
         // The next opener rolls the hot journal back (or finds it committed).
         let c = open(&path);
@@ -507,8 +421,8 @@ fn run(cmd: &str) {
 
 #[test]
 fn writes_outside_sqlites_protocol_leave_the_replica_equal_to_the_file() {
-    let r = S3Replica::new("outside");
-    let mut m = r.mount();
+    let r = S3Fixture::new("outside");
+    let mut m = r.mount(MOUNT);
     let other = r.out("src/other.db");
     make_db(&other, 300, 4096);
     let other_small = r.out("src/small.db");
@@ -535,7 +449,7 @@ fn writes_outside_sqlites_protocol_leave_the_replica_equal_to_the_file() {
     std::thread::sleep(Duration::from_millis(500));
     let before_txid: Vec<u64> = names
         .iter()
-        .map(|rel| restored_txid(&r.restore_db_with(rel, &r.out("probe.db"), &[])))
+        .map(|rel| restored_txid(&r.restore(rel, "probe.db", &[]).1))
         .collect();
     let p = |rel: &str| m.path(rel).display().to_string();
     run(&format!("cp {} {}", other.display(), p("cp.db")));
@@ -560,7 +474,7 @@ fn writes_outside_sqlites_protocol_leave_the_replica_equal_to_the_file() {
     );
     // Emptied: an empty file is not an SQLite database yet; then SQLite writes it anew.
     run(&format!("truncate -s 0 {}", p("trunc.db")));
-    let trunc_marker = r.wait_deleted_marker("trunc.db", Duration::from_secs(10), &m);
+    let trunc_marker = wait_deleted_marker(&r, "trunc.db", Duration::from_secs(10), &m);
     sqlite3_proc(
         &m.path("trunc.db"),
         "CREATE TABLE fresh(a); INSERT INTO fresh VALUES(42);",
@@ -585,7 +499,7 @@ fn writes_outside_sqlites_protocol_leave_the_replica_equal_to_the_file() {
         "trunc.db",
         "new.db",
     ] {
-        let out = r.restore_db(rel);
+        let out = restore_db(&r, rel);
         assert_same_database(&m.backing_path(rel), &out);
     }
     // The TXID history continued: the state before each replacement is still there.
@@ -593,10 +507,13 @@ fn writes_outside_sqlites_protocol_leave_the_replica_equal_to_the_file() {
         if matches!(*rel, "rm.db" | "text.db") {
             continue;
         }
-        let at = r.out(&format!("at/{rel}"));
-        r.restore_db_with(rel, &at, &["--txid", &before_txid[i].to_string()]);
+        let (at, _) = r.restore(
+            rel,
+            &format!("at/{rel}"),
+            &["--txid", &before_txid[i].to_string()],
+        );
         assert_same_database(&before[i], &at);
-        let now = restored_txid(&r.restore_db_with(rel, &r.out("probe.db"), &[]));
+        let now = restored_txid(&r.restore(rel, "probe.db", &[]).1);
         assert!(
             now > before_txid[i],
             "{rel}: {now} after {}",
@@ -608,15 +525,13 @@ fn writes_outside_sqlites_protocol_leave_the_replica_equal_to_the_file() {
         if !matches!(*rel, "rm.db" | "text.db") {
             continue;
         }
-        let marker = r
-            .deleted_marker(rel)
-            .unwrap_or_else(|| panic!("{rel}: no marker"));
+        let marker = deleted_marker(&r, rel).unwrap_or_else(|| panic!("{rel}: no marker"));
         assert!(
             marker.starts_with(&format!("txid={:016x} deleted_at=", before_txid[i]))
                 && marker.ends_with("Z\n"),
             "{rel}: {marker}"
         );
-        let out = r.restore_db(rel);
+        let out = restore_db(&r, rel);
         assert_same_database(&before[i], &out);
     }
     // The truncated database came back: its marker is superseded by higher TXIDs.
@@ -629,8 +544,8 @@ fn writes_outside_sqlites_protocol_leave_the_replica_equal_to_the_file() {
 
 #[test]
 fn whole_replica_restore_into_a_directory() {
-    let r = S3Replica::new("whole");
-    let mut m = r.mount();
+    let r = S3Fixture::new("whole");
+    let mut m = r.mount(MOUNT);
     let rels = ["a.db", "x/b.db", "x/y/c.db", "x/y/z/d.db", "e.db"];
     let modes = ["DELETE", "TRUNCATE", "PERSIST", "MEMORY", "WAL"];
     for (i, rel) in rels.iter().enumerate() {
