@@ -24,79 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{assert_same_database, sqlite3, Moto, Mount, S3_ENV};
+use common::{as_strs, assert_same_database, sqlite3, Mount, S3Fixture, S3_ENV};
 use rusqlite::Connection;
-
-// ---------------------------------------------------------------------------------------------
-// Fixture: a moto server, a replica prefix in its bucket, a staging directory
-// ---------------------------------------------------------------------------------------------
-
-struct S3Replica {
-    moto: Moto,
-    prefix: String,
-    /// Holds the staging directory and the restored databases.
-    dir: tempfile::TempDir,
-}
-
-impl S3Replica {
-    fn new(prefix: &str) -> S3Replica {
-        S3Replica {
-            moto: Moto::start(),
-            prefix: prefix.to_string(),
-            dir: tempfile::Builder::new()
-                .prefix("walfs-s3-test-")
-                .tempdir()
-                .unwrap(),
-        }
-    }
-
-    /// The replica root URL, straight to moto.
-    fn url(&self) -> String {
-        self.moto.s3_url(&self.prefix)
-    }
-
-    /// `walfs mount` arguments replicating to `url`, staging in this fixture's directory.
-    fn args(&self, url: &str, sync_interval: &str) -> Vec<String> {
-        vec![
-            "--replica".into(),
-            url.into(),
-            "--staging-dir".into(),
-            self.dir.path().join("staging").display().to_string(),
-            "--sync-interval".into(),
-            sync_interval.into(),
-        ]
-    }
-
-    /// A fresh mount replicating to this replica.
-    fn mount(&self, sync_interval: &str) -> Mount {
-        Mount::with_env(&as_strs(&self.args(&self.url(), sync_interval)), S3_ENV)
-    }
-
-    /// Where restored databases go.
-    fn out(&self, name: &str) -> PathBuf {
-        self.dir.path().join("restored").join(name)
-    }
-
-    /// `walfs restore URL --db REL -o OUT`; requires success and that the result was
-    /// verified against the writer's checksum record. Returns OUT.
-    fn restore_db(&self, rel: &str) -> PathBuf {
-        let out = self.out(rel);
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let log = common::walfs_restore_env(
-            &[&self.url(), "--db", rel, "-o", out.to_str().unwrap()],
-            S3_ENV,
-        );
-        assert!(
-            log.contains("content checksum matches the writer's record"),
-            "restore of {rel} was not verified against the recorded checksum: {log}"
-        );
-        out
-    }
-}
-
-fn as_strs(args: &[String]) -> Vec<&str> {
-    args.iter().map(String::as_str).collect()
-}
 
 /// The `-wal` path of a database path.
 fn wal_of(db: &Path) -> PathBuf {
@@ -107,7 +36,7 @@ fn wal_of(db: &Path) -> PathBuf {
 
 /// Asserts the backing database is whole (no WAL frames left beside it), restores it from
 /// the replica and asserts the restored database equals it page by page.
-fn assert_replicated(r: &S3Replica, m: &Mount, rel: &str) {
+fn assert_replicated(r: &S3Fixture, m: &Mount, rel: &str) {
     let backing = m.backing_path(rel);
     let wal = wal_of(&backing);
     assert!(
@@ -117,7 +46,7 @@ fn assert_replicated(r: &S3Replica, m: &Mount, rel: &str) {
         "{} still holds frames: the backing file is not the whole database",
         wal.display()
     );
-    let out = r.restore_db(rel);
+    let (out, _) = r.restore(rel, rel, &[]);
     assert_same_database(&backing, &out);
 }
 
@@ -241,8 +170,8 @@ fn file_len(path: &Path) -> u64 {
 
 #[test]
 fn many_small_transactions_with_synchronous_normal_and_full() {
-    let r = S3Replica::new("small");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("small");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     std::thread::scope(|s| {
         for sync in ["NORMAL", "FULL"] {
             let path = m.path(&format!("{}.db", sync.to_lowercase()));
@@ -268,8 +197,8 @@ fn many_small_transactions_with_synchronous_normal_and_full() {
 
 #[test]
 fn large_transactions_that_spill_the_page_cache() {
-    let r = S3Replica::new("spill");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("spill");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     let path = m.path("big.db");
     let c = open_wal(&path, "NORMAL");
     // 50 pages of cache: every large transaction spills dirty pages into the WAL before
@@ -334,8 +263,8 @@ fn large_transactions_that_spill_the_page_cache() {
 
 #[test]
 fn every_checkpoint_mode_in_the_middle_of_a_workload() {
-    let r = S3Replica::new("checkpoints");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("checkpoints");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     for (n, mode) in ["PASSIVE", "FULL", "RESTART", "TRUNCATE"]
         .into_iter()
         .enumerate()
@@ -388,8 +317,8 @@ fn every_checkpoint_mode_in_the_middle_of_a_workload() {
 
 #[test]
 fn wal_autocheckpoint_0_10_and_default() {
-    let r = S3Replica::new("autocheckpoint");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("autocheckpoint");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     let mut wal_sizes = Vec::new();
     for (rel, setting) in [
         ("auto0.db", Some(0)),
@@ -420,8 +349,8 @@ fn wal_autocheckpoint_0_10_and_default() {
 
 #[test]
 fn vacuum_growth_and_shrink() {
-    let r = S3Replica::new("vacuum");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("vacuum");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
 
     // VACUUM, then growth and a shrink by deleting most rows and VACUUM.
     let c = open_wal(&m.path("vacuum.db"), "NORMAL");
@@ -495,8 +424,8 @@ fn vacuum_growth_and_shrink() {
 
 #[test]
 fn page_sizes_512_4096_and_65536() {
-    let r = S3Replica::new("pagesizes");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("pagesizes");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     for ps in [512u32, 4096, 65536] {
         let path = m.path(&format!("p{ps}.db"));
         let c = open_wal_with(&path, &format!("PRAGMA page_size={ps};"), "NORMAL");
@@ -522,8 +451,8 @@ fn page_sizes_512_4096_and_65536() {
 fn database_crossing_1_gib_over_the_lock_byte_page() {
     const GIB: i64 = 1 << 30;
     const PAGE: i64 = 65536;
-    let r = S3Replica::new("gib");
-    let mut m = r.mount("500ms");
+    let r = S3Fixture::new("gib");
+    let mut m = r.mount(&["--sync-interval", "500ms"]);
     let path = m.path("huge.db");
     let c = open_wal_with(&path, "PRAGMA page_size=65536;", "NORMAL");
     assert_eq!(count(&c, "PRAGMA page_size"), PAGE);
@@ -560,7 +489,7 @@ fn database_crossing_1_gib_over_the_lock_byte_page() {
 
 #[test]
 fn nested_directories_and_many_databases_restore_as_a_whole() {
-    let r = S3Replica::new("many");
+    let r = S3Fixture::new("many");
     let rels: Vec<String> = (0..20)
         .map(|i| {
             let dirs = ["a", "b", "c", "d", "e"];
@@ -570,7 +499,7 @@ fn nested_directories_and_many_databases_restore_as_a_whole() {
             p.join("/")
         })
         .collect();
-    let mut m = r.mount("200ms");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     // Five databases exist before the mount (they get an initial snapshot); the others
     // are created through it.
     m.stop();
@@ -582,7 +511,7 @@ fn nested_directories_and_many_databases_restore_as_a_whole() {
     }
     std::fs::write(m.backing_path("a/notes.txt"), b"not a database").unwrap();
     std::fs::write(m.backing_path("a/b/fake.db"), b"not SQLite either").unwrap();
-    m.start(&as_strs(&r.args(&r.url(), "200ms")));
+    r.restart(&mut m, &["--sync-interval", "200ms"]);
     std::thread::scope(|s| {
         for chunk in rels.chunks(5) {
             let m = &m;
@@ -632,8 +561,8 @@ fn nested_directories_and_many_databases_restore_as_a_whole() {
 
 #[test]
 fn two_writer_processes_at_once() {
-    let r = S3Replica::new("writers");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("writers");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     let path = m.path("shared.db");
     drop(open_wal(&path, "NORMAL"));
     // Two sqlite3 processes insert at once, one with synchronous=NORMAL, one FULL; each
@@ -699,9 +628,9 @@ fn spawn_sqlite3(db: &Path, sql: &str) -> Child {
 
 #[test]
 fn kill_9_of_walfs_mid_load_then_remount_loses_nothing_committed() {
-    let r = S3Replica::new("crash");
-    let args = r.args(&r.url(), "200ms");
-    let mut m = r.mount("200ms");
+    let r = S3Fixture::new("crash");
+    let args = ["--sync-interval", "200ms"];
+    let mut m = r.mount(&args);
     let dbs = [("normal.db", "NORMAL"), ("full.db", "FULL")];
     for (rel, sync) in dbs {
         drop(open_wal(&m.path(rel), sync));
@@ -776,7 +705,7 @@ fn kill_9_of_walfs_mid_load_then_remount_loses_nothing_committed() {
     // Remount the same backing with the same replica and staging; it reconciles what the
     // backing files hold with what it had staged and uploaded. Nothing opens the databases
     // through the mount: what is in their WAL must be picked up on its own.
-    m.start(&as_strs(&args));
+    r.restart(&mut m, &args);
     std::thread::sleep(Duration::from_secs(2));
     m.stop();
 
@@ -789,31 +718,33 @@ fn kill_9_of_walfs_mid_load_then_remount_loses_nothing_committed() {
         assert_eq!(rows.lines().next(), Some("ok"), "{rel}: {rows}");
         assert!(n >= 1500, "{rel} holds {n} rows");
         assert!(!wal_of(&backing).exists(), "{rel}: the WAL is still there");
-        let out = r.restore_db(rel);
+        let (out, _) = r.restore(rel, rel, &[]);
         assert_same_database(&backing, &out);
     }
 
     // The replica goes on from there: a further mount replicates new commits on top.
-    m.start(&as_strs(&args));
+    r.restart(&mut m, &args);
     for (rel, sync) in dbs {
         let c = open_wal(&m.path(rel), sync);
         churn(&c, 100, 42);
     }
     m.stop();
     for (rel, _) in dbs {
-        std::fs::remove_file(r.out(rel)).unwrap();
         assert_replicated(&r, &m, rel);
     }
 }
 
 #[test]
 fn idle_mount_makes_zero_requests_over_10_s() {
-    let r = S3Replica::new("idle");
+    let r = S3Fixture::new("idle");
     // Short compaction intervals, so that the compactions the writes cause are done
     // before the idle window, which then covers the maintenance loop too.
-    let mut args = r.args(&r.url(), "200ms");
-    args.extend(["--compaction-intervals".to_string(), "500ms,1s".to_string()]);
-    let mut m = Mount::with_env(&as_strs(&args), S3_ENV);
+    let mut m = r.mount(&[
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "500ms,1s",
+    ]);
     let before_writes = r.moto.requests().len();
     let open_conn = open_wal(&m.path("open.db"), "FULL");
     churn(&open_conn, 100, 1);
@@ -941,10 +872,11 @@ impl Drop for Gate {
 
 #[test]
 fn unreachable_s3_app_keeps_working_and_the_replica_catches_up() {
-    let r = S3Replica::new("outage");
+    let r = S3Fixture::new("outage");
     let gate = Gate::new(r.moto.port);
     let url = r.moto.s3_url_via(gate.port, &r.prefix);
-    let mut m = Mount::with_env(&as_strs(&r.args(&url, "200ms")), S3_ENV);
+    let args = r.args_to(&url, &["--sync-interval", "200ms"]);
+    let mut m = Mount::with_env(&as_strs(&args), S3_ENV);
     let path = m.path("app.db");
     let c = open_wal(&path, "FULL");
     churn(&c, 100, 1);
@@ -1003,24 +935,20 @@ fn unreachable_s3_app_keeps_working_and_the_replica_catches_up() {
     gate.up();
     let back = Instant::now();
     let backing = m.backing_path("app.db");
-    let probe = r.out("probe.db");
-    std::fs::create_dir_all(probe.parent().unwrap()).unwrap();
     loop {
-        let o = Command::new(common::WALFS)
-            .args(["restore", &r.url(), "--db", "app.db", "--force", "-o"])
-            .arg(&probe)
-            .envs(S3_ENV.iter().copied())
-            .output()
-            .unwrap();
-        if o.status.success() && std::fs::read(&probe).unwrap() == std::fs::read(&backing).unwrap()
-        {
-            break;
-        }
+        let last = match r.try_restore("app.db", "probe.db", &[]) {
+            Ok((probe, log)) => {
+                if std::fs::read(&probe).unwrap() == std::fs::read(&backing).unwrap() {
+                    break;
+                }
+                log
+            }
+            Err(log) => log,
+        };
         assert!(
             back.elapsed() < Duration::from_secs(120),
-            "the replica did not catch up within 120 s of S3 coming back; last restore: {}\n\
+            "the replica did not catch up within 120 s of S3 coming back; last restore: {last}\n\
              walfs log:\n{}",
-            String::from_utf8_lossy(&o.stderr),
             m.log()
         );
         std::thread::sleep(Duration::from_millis(500));
@@ -1036,9 +964,9 @@ fn unreachable_s3_app_keeps_working_and_the_replica_catches_up() {
 
 #[test]
 fn litestream_restores_the_s3_replica() {
-    let r = S3Replica::new("interop");
+    let r = S3Fixture::new("interop");
     let rel = "app/data/main.db";
-    let mut m = r.mount("200ms");
+    let mut m = r.mount(&["--sync-interval", "200ms"]);
     std::fs::create_dir_all(m.path("app/data")).unwrap();
     let c = open_wal(&m.path(rel), "NORMAL");
     churn(&c, 200, 1);
@@ -1051,19 +979,14 @@ fn litestream_restores_the_s3_replica() {
     drop(c);
     m.stop();
     // A second mount over the same data continues the replica.
-    m.start(&as_strs(&r.args(&r.url(), "200ms")));
+    r.restart(&mut m, &["--sync-interval", "200ms"]);
     let c = open_wal(&m.path(rel), "FULL");
     churn(&c, 100, 4);
     drop(c);
     m.stop();
 
     let theirs = r.out("litestream.db");
-    std::fs::create_dir_all(theirs.parent().unwrap()).unwrap();
-    common::litestream_restore(
-        &r.moto.s3_url(&format!("{}/{rel}", r.prefix)),
-        &theirs,
-        S3_ENV,
-    );
+    common::litestream_restore(&r.db_url(rel), &theirs, S3_ENV);
     assert_same_database(&m.backing_path(rel), &theirs);
     assert_replicated(&r, &m, rel);
 }
@@ -1073,8 +996,8 @@ fn litestream_restores_the_s3_replica() {
 /// commit time from the objects' metadata around the moment.
 #[test]
 fn timestamp_restore_returns_the_state_committed_at_that_moment() {
-    let r = S3Replica::new("pitr-times");
-    let mut m = r.mount("0");
+    let r = S3Fixture::new("pitr-times");
+    let mut m = r.mount(&["--sync-interval", "0"]);
     let c = open_wal(&m.path("t.db"), "NORMAL");
     // The watcher picks up a new database's directory within its 200 ms tick (it then
     // reads what was committed before); from then on each commit is read within ms.
@@ -1092,7 +1015,6 @@ fn timestamp_restore_returns_the_state_committed_at_that_moment() {
         .wait_settled(Duration::from_secs(2), Duration::from_secs(60));
     for (rows, at) in between {
         let out = r.out(&format!("t-{rows}.db"));
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
         let at_s = walfs::replica::timestamp::format_rfc3339_nano(at);
         let log = common::walfs_restore_env(
             &[
