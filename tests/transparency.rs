@@ -15,25 +15,24 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_database, restored_txid, sqlite_view, Moto, Mount, Rng, S3_ENV};
+use common::{assert_same_database, restored_txid, sqlite_view, Mount, Rng, S3Fixture, S3_ENV};
 use rusqlite::Connection;
 
-/// A mount replicating to `replica` (a URL), staging in `dir/staging`, its log collected.
-fn mount(dir: &Path, replica: &str, sync_interval: &str, env: &[(&str, &str)]) -> Mount {
-    let args = mount_args(dir, replica, sync_interval);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Mount::with_env(&args, env)
-}
-
-fn mount_args(dir: &Path, replica: &str, sync_interval: &str) -> Vec<String> {
-    vec![
-        "--replica".into(),
-        replica.into(),
-        "--staging-dir".into(),
-        dir.join("staging").display().to_string(),
-        "--sync-interval".into(),
-        sync_interval.into(),
-    ]
+/// A mount replicating to `replica` (a `file://` URL), staging in `dir/staging`, its log
+/// collected. (The tests that replicate to S3 use [`S3Fixture`].)
+fn mount(dir: &Path, replica: &str, sync_interval: &str) -> Mount {
+    let staging = dir.join("staging").display().to_string();
+    Mount::with_env(
+        &[
+            "--replica",
+            replica,
+            "--staging-dir",
+            &staging,
+            "--sync-interval",
+            sync_interval,
+        ],
+        &[],
+    )
 }
 
 /// Runs `f` on a connection to `path` and reports what the application saw, as text: the
@@ -160,7 +159,7 @@ fn assert_replica_follows(
 fn a_wal_of_another_page_size_fails_nothing_and_the_replica_follows() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("replica").display());
-    let m = mount(dir.path(), &url, "100ms", &[]);
+    let m = mount(dir.path(), &url, "100ms");
     let plain = dir.path().join("plain");
     std::fs::create_dir(&plain).unwrap();
     let wal = foreign_wal(512);
@@ -251,7 +250,7 @@ fn the_moments_before_a_break_stay_restorable() {
     let url = format!("file://{}", dir.path().join("replica").display());
     // A sync interval longer than the writes below: the first round uploads the commits
     // and the snapshot of the break together, so no snapshot of the first history exists.
-    let m = mount(dir.path(), &url, "3s", &[]);
+    let m = mount(dir.path(), &url, "3s");
     let scratch = tempfile::tempdir().unwrap();
     let c = Connection::open(m.path("c.db")).unwrap();
     c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x);")
@@ -311,7 +310,7 @@ fn the_moments_before_a_break_stay_restorable() {
 fn a_database_that_is_not_sqlite_for_a_moment_fails_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("replica").display());
-    let m = mount(dir.path(), &url, "100ms", &[]);
+    let m = mount(dir.path(), &url, "100ms");
     let plain = dir.path().join("plain");
     std::fs::create_dir(&plain).unwrap();
     let wal = foreign_wal(512);
@@ -387,7 +386,7 @@ fn a_database_that_is_not_sqlite_for_a_moment_fails_nothing() {
 fn isatty_is_enotty_and_quiet() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("replica").display());
-    let mut m = mount(dir.path(), &url, "100ms", &[]);
+    let mut m = mount(dir.path(), &url, "100ms");
     let f = std::fs::File::create(m.path("plain.txt")).unwrap();
     for _ in 0..20 {
         // SAFETY: a valid open descriptor.
@@ -443,30 +442,23 @@ fn kill_all(children: &mut Vec<Child>) {
     children.clear();
 }
 
-/// The S3 URL of a fresh prefix, and the environment that reaches it.
-fn s3(moto: &Moto, prefix: &str) -> String {
-    moto.s3_url(prefix)
-}
-
 /// A new rollback-journal database written when walfs is killed (the writer dies with it)
 /// is replicated after the next mount without any further write. Before issue 17 its
 /// first batch waited in the active segment until the next write, forever if none came.
 #[test]
 fn a_database_written_when_walfs_is_killed_is_replicated_after_the_next_mount() {
-    let moto = Moto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let url = s3(&moto, "killed");
+    let f = S3Fixture::new("killed");
     // A sync interval longer than the writer's life: nothing is uploaded before the kill.
-    let mut m = mount(dir.path(), &url, "3s", S3_ENV);
+    let args = ["--sync-interval", "3s"];
+    let mut m = f.mount(&args);
     let mut writers = vec![spawn_writer(&m.path("new.db"), "DELETE", "FULL")];
     std::thread::sleep(Duration::from_millis(1000));
     m.kill9();
     kill_all(&mut writers);
-    let args = mount_args(dir.path(), &url, "3s");
-    m.start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    f.restart(&mut m, &args);
     // No write: the staged batch and the current state reach the replica within one sync
     // interval.
-    let log = assert_replica_follows(&url, S3_ENV, &m, "new.db", Duration::from_secs(8));
+    let log = assert_replica_follows(&f.url(), S3_ENV, &m, "new.db", Duration::from_secs(8));
     assert!(restored_txid(&log) >= 1);
     assert_no_failure(&m.stop());
 }
@@ -487,13 +479,10 @@ fn killed_and_remounted_under_writers_every_replica_equals_its_database() {
         .unwrap_or(4);
     eprintln!("crash-restart: seed {seed}, {rounds} rounds (WALFS_CRASH_SEED, WALFS_CRASH_ROUNDS)");
     let mut rng = Rng(seed);
-    let moto = Moto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let url = s3(&moto, "crash");
-    let sync = "500ms";
-    let args = mount_args(dir.path(), &url, sync);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut m = Mount::with_env(&args, S3_ENV);
+    let f = S3Fixture::new("crash");
+    let url = f.url();
+    let args = ["--sync-interval", "500ms"];
+    let mut m = f.mount(&args);
     let dbs: [(&str, &str, &str); 5] = [
         ("wal-normal.db", "WAL", "NORMAL"),
         ("wal-full.db", "WAL", "FULL"),
@@ -511,9 +500,9 @@ fn killed_and_remounted_under_writers_every_replica_equals_its_database() {
         std::thread::sleep(Duration::from_millis(wait));
         m.kill9();
         kill_all(&mut writers);
-        m.start(&args);
+        f.restart(&mut m, &args);
         for (rel, ..) in dbs {
-            if sqlite_view(&m.backing_path(rel), &dir.path().join("probe")).is_none() {
+            if sqlite_view(&m.backing_path(rel), &f.dir.path().join("probe")).is_none() {
                 continue;
             }
             assert_replica_follows(&url, S3_ENV, &m, rel, Duration::from_secs(8));
