@@ -51,29 +51,18 @@ fn wait_deleted_marker(r: &S3Fixture, rel: &str, limit: Duration, m: &Mount) -> 
 }
 
 /// The replica's deletion marker of `rel`, if any: fetched with a signed GET by boto3
-/// from moto's own venv (moto refuses unsigned reads of objects).
+/// (moto refuses unsigned reads of objects).
 fn deleted_marker(r: &S3Fixture, rel: &str) -> Option<String> {
-    let python = common::moto_server_path().with_file_name("python");
     let key = format!("{}/{rel}/walfs/deleted", r.prefix);
-    let script = format!(
-        "import boto3,sys\n\
-         c=boto3.client('s3',endpoint_url='http://127.0.0.1:{}',region_name='us-east-1',\
-         aws_access_key_id='testing',aws_secret_access_key='testing')\n\
-         try:\n    sys.stdout.write(c.get_object(Bucket='{BUCKET}',Key='{key}')['Body'].read().decode())\n\
-         except c.exceptions.NoSuchKey:\n    sys.exit(3)\n",
-        r.moto.port
-    );
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
+    let out = r.moto.boto3(&format!(
+        "try:\n    sys.stdout.write(s3.get_object(Bucket='{BUCKET}',Key='{key}')['Body'].read().decode())\n\
+         except s3.exceptions.NoSuchKey:\n    sys.exit(3)\n"
+    ));
     match out.status.code() {
         Some(0) => Some(String::from_utf8(out.stdout).unwrap()),
         Some(3) => None,
         _ => panic!(
-            "{}: {}",
-            python.display(),
+            "boto3 GET of {key}: {}",
             String::from_utf8_lossy(&out.stderr)
         ),
     }

@@ -329,13 +329,7 @@ fn verify_passes_then_names_a_corrupted_object() {
     // level-0 objects that level 0's binary counter merged with the first upload when it
     // was kept before the snapshot): flip bytes in their middle.
     let rt = walfs::restore::runtime().unwrap();
-    let url = walfs::replica::url::ReplicaUrl::parse_with_env(&f.s3.url(), |k| {
-        S3_ENV
-            .iter()
-            .find(|(n, _)| *n == k)
-            .map(|(_, v)| v.to_string())
-    })
-    .unwrap();
+    let url = f.s3.moto.replica_url(&f.s3.prefix);
     let store = walfs::replica::store::ReplicaStore::open(&url).unwrap();
     let objects = walfs::restore::list_objects(&rt, &store, "a.db").unwrap();
     let bases: Vec<String> = objects

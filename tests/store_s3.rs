@@ -5,29 +5,18 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use common::{moto_server_path, Moto, BUCKET};
+use common::{Moto, BUCKET};
 use walfs::replica::error::StoreErrorKind;
 use walfs::replica::store::{ReplicaStore, StoreTuning};
 use walfs::replica::url::ReplicaUrl;
 
-/// Runs a Python snippet with boto3 from moto_server's venv against the server (an S3
-/// client independent of object_store, signing its requests); returns its stdout.
-fn boto3(port: u16, script: &str) -> String {
-    let python = moto_server_path().with_file_name("python3");
-    let prelude = format!(
-        "import boto3, json, sys\n\
-         s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', region_name='us-east-1', \
-         aws_access_key_id='testing', aws_secret_access_key='testing')\n"
-    );
-    let out = Command::new(&python)
-        .arg("-c")
-        .arg(prelude + script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+/// Runs a Python snippet with boto3 against the server (see [`Moto::boto3`]), required to
+/// succeed; returns its stdout.
+fn boto3(moto: &Moto, script: &str) -> String {
+    let out = moto.boto3(script);
     assert!(
         out.status.success(),
         "boto3 script failed: {}",
@@ -37,9 +26,9 @@ fn boto3(port: u16, script: &str) -> String {
 }
 
 /// HEAD of a key through boto3: its size and `litestream-timestamp` metadata.
-fn boto3_head(port: u16, key: &str) -> (u64, String) {
+fn boto3_head(moto: &Moto, key: &str) -> (u64, String) {
     let out = boto3(
-        port,
+        moto,
         &format!(
             "h = s3.head_object(Bucket='{BUCKET}', Key='{key}')\n\
              print(h['ContentLength'], h['Metadata'].get('litestream-timestamp', '-'))"
@@ -49,17 +38,6 @@ fn boto3_head(port: u16, key: &str) -> (u64, String) {
     (size.parse().unwrap(), stamp.to_string())
 }
 
-/// The `ReplicaUrl` of `prefix` on `moto`, with moto's dummy credentials.
-fn replica_url(moto: &Moto, prefix: &str) -> ReplicaUrl {
-    let env = |k: &str| {
-        common::S3_ENV
-            .iter()
-            .find(|(name, _)| *name == k)
-            .map(|(_, v)| v.to_string())
-    };
-    ReplicaUrl::parse_with_env(&moto.s3_url(prefix), env).unwrap()
-}
-
 fn ts(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
@@ -67,7 +45,7 @@ fn ts(ms: u64) -> SystemTime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_round_trip_in_litestream_layout() {
     let moto = Moto::start();
-    let store = ReplicaStore::open(&replica_url(&moto, "backups/prod")).unwrap();
+    let store = ReplicaStore::open(&moto.replica_url("backups/prod")).unwrap();
     assert_eq!(store.requests().total(), 0, "opening makes no request");
 
     assert!(store.list_ltx("", 0).await.unwrap().is_empty());
@@ -118,7 +96,7 @@ async fn s3_round_trip_in_litestream_layout() {
 
     // The keys and metadata are Litestream's, checked through another S3 client.
     let listed = boto3(
-        moto.port,
+        &moto,
         &format!(
             "for o in s3.list_objects_v2(Bucket='{BUCKET}')['Contents']: print(o['Key'], o['Size'])"
         ),
@@ -135,20 +113,20 @@ async fn s3_round_trip_in_litestream_layout() {
     // The timestamp metadata, as Litestream writes it (Go's RFC3339Nano, UTC).
     assert_eq!(
         boto3_head(
-            moto.port,
+            &moto,
             "backups/prod/0000/0000000000000001-0000000000000001.ltx"
         ),
         (15, "2023-11-14T22:13:20.123Z".to_string())
     );
     assert_eq!(
         boto3_head(
-            moto.port,
+            &moto,
             "backups/prod/0009/0000000000000001-0000000000000005.ltx"
         ),
         (8, "2023-11-14T22:13:22Z".to_string())
     );
     let got = boto3(
-        moto.port,
+        &moto,
         &format!(
             "sys.stdout.write(s3.get_object(Bucket='{BUCKET}', \
              Key='backups/prod/0000/0000000000000001-0000000000000001.ltx')['Body'].read().decode())"
@@ -229,14 +207,14 @@ async fn s3_round_trip_in_litestream_layout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_single_database_at_bucket_root() {
     let moto = Moto::start();
-    let store = ReplicaStore::open(&replica_url(&moto, "")).unwrap();
+    let store = ReplicaStore::open(&moto.replica_url("")).unwrap();
     let info = store
         .put_ltx("", 0, 1, 1, Bytes::from_static(b"x"), ts(1))
         .await
         .unwrap();
     assert_eq!(info.key, "0000/0000000000000001-0000000000000001.ltx");
     assert_eq!(
-        boto3_head(moto.port, &info.key),
+        boto3_head(&moto, &info.key),
         (1, "1970-01-01T00:00:00.001Z".to_string())
     );
     assert_eq!(store.list_ltx("", 0).await.unwrap().len(), 1);
@@ -246,7 +224,7 @@ async fn s3_single_database_at_bucket_root() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_endpoint_fails_clearly_after_bounded_retries() {
     let mut moto = Moto::start();
-    let url = replica_url(&moto, "p");
+    let url = moto.replica_url("p");
     moto.stop();
     let tuning = StoreTuning {
         max_retries: 2,
@@ -305,7 +283,7 @@ async fn large_files_are_streamed_as_multipart_uploads() {
     std::fs::write(&file, &data).unwrap();
 
     let moto = Moto::start();
-    let s3 = ReplicaStore::open(&replica_url(&moto, "mp")).unwrap();
+    let s3 = ReplicaStore::open(&moto.replica_url("mp")).unwrap();
     let local = ReplicaStore::open(
         &ReplicaUrl::parse(&format!("file://{}", dir.path().join("r").display())).unwrap(),
     )
@@ -319,10 +297,7 @@ async fn large_files_are_streamed_as_multipart_uploads() {
         let back = store.get_ltx("db", 9, 1, 7).await.unwrap();
         assert!(back.as_ref() == data.as_slice(), "content differs");
     }
-    let (size, stamp) = boto3_head(
-        moto.port,
-        "mp/db/0009/0000000000000001-0000000000000007.ltx",
-    );
+    let (size, stamp) = boto3_head(&moto, "mp/db/0009/0000000000000001-0000000000000007.ltx");
     assert_eq!(size, len as u64);
     assert_eq!(stamp, "1970-01-01T00:00:01.234Z");
     // A missing staged file is a clear error, not a partial object.

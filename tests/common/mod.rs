@@ -584,6 +584,36 @@ impl Moto {
         self.s3_url_via(self.port, prefix)
     }
 
+    /// The [`ReplicaUrl`](walfs::replica::url::ReplicaUrl) of `prefix` on this server,
+    /// with [`S3_ENV`]'s credentials.
+    pub fn replica_url(&self, prefix: &str) -> walfs::replica::url::ReplicaUrl {
+        walfs::replica::url::ReplicaUrl::parse_with_env(&self.s3_url(prefix), |k| {
+            S3_ENV
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap()
+    }
+
+    /// Runs a Python `script` with boto3 from moto_server's venv, an S3 client independent
+    /// of walfs's that signs its requests (moto refuses unsigned reads of objects). The
+    /// script finds `boto3`, `json`, `sys` imported and `s3` a client of this server.
+    pub fn boto3(&self, script: &str) -> std::process::Output {
+        let python = moto_server_path().with_file_name("python3");
+        let prelude = format!(
+            "import boto3, json, sys\n\
+             s3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', region_name='us-east-1', \
+             aws_access_key_id='testing', aws_secret_access_key='testing')\n",
+            self.port
+        );
+        Command::new(&python)
+            .arg("-c")
+            .arg(prelude + script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()))
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
