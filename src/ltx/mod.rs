@@ -37,7 +37,7 @@
 //! skipping the lock page. A file whose minimum TXID is 1 is a snapshot: it holds every
 //! page from 1 to commit except the lock page, and its pre-apply checksum is zero. With
 //! [`HEADER_FLAG_NO_CHECKSUM`] set, both database checksums are zero; Litestream 0.5 writes
-//! every file that way and its restore requires it (see the interop tests).
+//! every file that way and its restore requires it (see `tests/ltx_interop.rs`).
 //!
 //! LTX files carry no version field: versions 2 and 3 share the magic. This module reads
 //! and writes version 3 only.
@@ -47,8 +47,6 @@ mod decode;
 mod encode;
 mod error;
 mod header;
-#[cfg(test)]
-mod interop_tests;
 mod name;
 #[cfg(test)]
 mod tests;

