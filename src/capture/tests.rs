@@ -625,47 +625,6 @@ fn registry_names_and_non_sqlite_files() {
     assert_eq!(f.capture.databases(), vec![PathBuf::from("r.db")]);
 }
 
-/// A full staging disk fails the barrier (the application sees EIO), nothing is skipped,
-/// and the capture catches up once there is room again. Needs root (a 1 MiB tmpfs).
-#[test]
-fn full_staging_disk_is_an_error_and_retry_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    let small = dir.path().join("staging");
-    fs::create_dir_all(&root).unwrap();
-    fs::create_dir_all(&small).unwrap();
-    let _tmpfs = crate::testing::Tmpfs::mount(&small, "1m");
-    let staging = Arc::new(Staging::open(&small).unwrap());
-    staging.set_checksums(true);
-    let f = Fixture {
-        capture: Capture::new(&root, staging),
-        db: root.join("app.db"),
-        rel: PathBuf::from("app.db"),
-        wal_rel: PathBuf::from("app.db-wal"),
-        _dir: dir,
-    };
-    let conn = open_db(&f.db, 4096, "FULL", 0);
-    f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
-    // Fill the staging filesystem.
-    let filler = small.join("filler");
-    let mut out = File::create(&filler).unwrap();
-    let chunk = vec![7u8; 64 * 1024];
-    while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
-    drop(out);
-    conn.execute("INSERT INTO t(v) VALUES(randomblob(20000))", [])
-        .unwrap();
-    let e = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
-    // A staging failure is not a reason to restart the history: the same transaction is
-    // read again.
-    assert!(f.capture.restarting.lock().is_empty());
-    // Room again: the same transaction is staged, once.
-    fs::remove_file(&filler).unwrap();
-    let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
-    assert_eq!(ev.len(), 1, "{ev:?}");
-    assert_replica_matches(&f, &conn);
-}
-
 /// A crash of the daemon keeps the batches it appended (the page cache survives it), and
 /// the capture resumes after the newest one. A power loss can lose the batches appended
 /// since the last durable point: at the next start they are read again from the WAL, with

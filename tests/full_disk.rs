@@ -1,0 +1,152 @@
+//! A full staging disk, on a real mount with a replica (one of the bad inputs the project
+//! promises to survive): the application sees EIO only at a barrier whose transactions
+//! must be durable, walfs says once what to do, nothing committed is lost, and once there
+//! is room again capture catches up and the replica equals the database.
+//!
+//! (This was a unit test of capture; it needs root for its 1 MiB tmpfs, and `cargo test
+//! --lib` needs none, so it runs here, through the mount.)
+
+mod common;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{assert_same_database, sqlite_view, Mount, WALFS};
+use rusqlite::Connection;
+
+/// A 1 MiB tmpfs mounted at a directory for the life of the value. Needs root, as every
+/// test here does (FUSE).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path) -> Tmpfs {
+        let c = |s: &[u8]| CString::new(s).expect("no NUL");
+        let (fstype, target, opts) = (c(b"tmpfs"), c(path.as_os_str().as_bytes()), c(b"size=1m"));
+        // SAFETY: valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount a tmpfs for the staging directory (run as root): {}",
+            std::io::Error::last_os_error()
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = CString::new(self.0.as_os_str().as_bytes()).expect("no NUL");
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Restores `rel` until it equals what SQLite reads from the backing files, for up to 15 s.
+fn assert_replica_follows(url: &str, m: &Mount, rel: &str, scratch: &Path) {
+    let expected =
+        sqlite_view(&m.backing_path(rel), &scratch.join("expected")).expect("the database exists");
+    let out = scratch.join("restored.db");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let _ = std::fs::remove_file(&out);
+        let o = Command::new(WALFS)
+            .args(["restore", url, "--db", rel, "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        if o.status.success() && std::fs::read(&out).unwrap() == std::fs::read(&expected).unwrap() {
+            assert_same_database(&expected, &out);
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica does not equal the database: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let _tmpfs = Tmpfs::mount(&staging);
+    let url = format!("file://{}", dir.path().join("replica").display());
+    let staging_arg = staging.display().to_string();
+    let mut m = Mount::with_env(
+        &[
+            "--replica",
+            &url,
+            "--staging-dir",
+            &staging_arg,
+            "--sync-interval",
+            "100ms",
+        ],
+        &[],
+    );
+    let scratch = dir.path().join("scratch");
+    let c = Connection::open(m.path("app.db")).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0;
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         INSERT INTO t(v) VALUES (randomblob(3000));",
+    )
+    .unwrap();
+    assert_replica_follows(&url, &m, "app.db", &scratch);
+
+    // Fill the staging filesystem.
+    let filler = staging.join("filler");
+    {
+        let mut out = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
+    }
+    // The commit itself succeeds (a `-wal` fsync does not wait for capture); the
+    // checkpoint's database fsync must make it durable in staging, and cannot.
+    c.execute("INSERT INTO t(v) VALUES (randomblob(20000))", [])
+        .unwrap();
+    let ck = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    let e = ck.expect_err("the checkpoint's fsync must fail while staging is full");
+    assert!(e.to_string().contains("disk I/O error"), "{e}");
+    let log = m.log();
+    assert!(
+        log.contains("fails with EIO: staging cannot make the captured transactions durable")
+            && log.contains("free space or fix the staging directory"),
+        "the failure must be logged with what to do: {log}"
+    );
+    // Nothing committed is lost: the row is there.
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+
+    // Room again: the next checkpoint succeeds, and the replica catches up.
+    std::fs::remove_file(&filler).unwrap();
+    let busy: i64 = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(busy, 0);
+    c.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
+        .unwrap();
+    assert_replica_follows(&url, &m, "app.db", &scratch);
+    drop(c);
+    let log = m.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
