@@ -131,6 +131,11 @@ fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
             && log.contains("free space or fix the staging directory"),
         "the failure must be logged with what to do: {log}"
     );
+    assert_eq!(
+        log.matches("fails with EIO").count(),
+        1,
+        "one failed operation, one line: {log}"
+    );
     // Nothing committed is lost: the row is there.
     let n: i64 = c
         .query_row("SELECT count(*) FROM t", [], |r| r.get(0))

@@ -62,7 +62,7 @@ impl CaptureObserver {
             file = %rel.display(),
             "{op} fails with EIO: staging cannot make the captured transactions durable ({e}); free space or fix the staging directory"
         );
-        Err(FsError::EIO)
+        Err(FsError::eio_logged())
     }
 
     /// A point where capture catches up but nothing has to be durable yet: a staging

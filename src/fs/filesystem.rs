@@ -1018,7 +1018,7 @@ mod tests {
         assert_eq!(fs.node_count(), 2);
         fs.forget(a.ino.0, 2);
         assert_eq!(fs.node_count(), 1);
-        assert_eq!(fs.getattr(a.ino.0, None), Err(FsError(libc::ESTALE)));
+        assert_eq!(fs.getattr(a.ino.0, None), Err(FsError::ESTALE));
     }
 
     #[test]

@@ -50,7 +50,17 @@ impl FuseAdapter {
         let result = f();
         self.metrics.record(op, result.is_ok(), start.elapsed());
         if let Err(e) = &result {
-            tracing::trace!(op = op.name(), errno = e.errno(), "failed");
+            if e.needs_log() {
+                // An EIO reaches the application: said once, with its cause.
+                tracing::error!(
+                    op = op.name(),
+                    "{} fails with EIO: {}",
+                    op.name(),
+                    e.cause().unwrap_or("no cause recorded")
+                );
+            } else {
+                tracing::trace!(op = op.name(), errno = e.errno(), "failed");
+            }
         }
         result
     }
@@ -174,7 +184,7 @@ impl Filesystem for FuseAdapter {
             Ok(attr) => reply.entry(&self.ttl(), &attr, Generation(0)),
             // A node id of 0 with a TTL is a cached negative entry: the kernel stops asking
             // for names that do not exist (SQLite's -journal, -wal) until one is created.
-            Err(FsError(libc::ENOENT)) => {
+            Err(e) if e.errno() == libc::ENOENT => {
                 // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
                 let zero: libc::stat = unsafe { std::mem::zeroed() };
                 reply.entry(&self.ttl(), &stat_to_attr(0, &zero), Generation(0));
@@ -658,7 +668,7 @@ impl Filesystem for FuseAdapter {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        let _ = self.run(Op::ioctl, || Err::<(), _>(FsError(libc::ENOTTY)));
+        let _ = self.run(Op::ioctl, || Err::<(), _>(FsError::ENOTTY));
         reply.error(Errno::ENOTTY);
     }
 }

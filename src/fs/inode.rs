@@ -191,7 +191,7 @@ impl InodeTable {
             .by_id
             .get(&nodeid)
             .cloned()
-            .ok_or(FsError(libc::ESTALE))
+            .ok_or(FsError::ESTALE)
     }
 
     pub fn root(&self) -> Arc<Inode> {
