@@ -113,10 +113,9 @@ fn freelist_leaves(
     size: u32,
     mut read: impl FnMut(u32, &mut [u8]) -> io::Result<bool>,
 ) -> io::Result<BTreeSet<u32>> {
-    let be = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let mut leaves = BTreeSet::new();
-    let mut trunk = be(page1, 32);
-    let total = be(page1, 36);
+    let mut trunk = crate::sqlite::be32(page1, 32);
+    let total = crate::sqlite::be32(page1, 36);
     let mut buf = vec![0u8; page1.len()];
     let max_leaves = (page1.len() / 4).saturating_sub(2) as u32;
     let mut seen = BTreeSet::new();
@@ -124,14 +123,14 @@ fn freelist_leaves(
         if !read(trunk, &mut buf)? {
             break;
         }
-        let n = be(&buf, 4).min(max_leaves);
+        let n = crate::sqlite::be32(&buf, 4).min(max_leaves);
         for i in 0..n as usize {
-            let leaf = be(&buf, 8 + 4 * i);
+            let leaf = crate::sqlite::be32(&buf, 8 + 4 * i);
             if leaf >= 1 && leaf <= size {
                 leaves.insert(leaf);
             }
         }
-        trunk = be(&buf, 0);
+        trunk = crate::sqlite::be32(&buf, 0);
     }
     Ok(leaves)
 }

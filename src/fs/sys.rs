@@ -388,14 +388,26 @@ pub fn read_dir_at(fd: BorrowedFd<'_>, offset: i64) -> Result<Vec<DirEntry>> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    /// `N` bytes of `b` from `at` (the loop checks the record's length first).
+    fn bytes_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+        let mut w = [0u8; N];
+        w.copy_from_slice(&b[at..at + N]);
+        w
+    }
     let mut out = Vec::new();
     let mut pos = 0usize;
     let n = n as usize;
     // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
     while pos + 19 <= n {
-        let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().unwrap());
-        let off = i64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
-        let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
+        let ino = u64::from_ne_bytes(bytes_at(&buf, pos));
+        let off = i64::from_ne_bytes(bytes_at(&buf, pos + 8));
+        let reclen = u16::from_ne_bytes(bytes_at(&buf, pos + 16)) as usize;
+        if reclen < 19 || pos + reclen > n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "getdents64 returned a malformed record",
+            ));
+        }
         let kind = buf[pos + 18];
         let name_bytes = &buf[pos + 19..pos + reclen];
         let len = name_bytes

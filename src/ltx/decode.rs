@@ -8,6 +8,7 @@ use super::{
     Crc64, DatabaseChecksum, LtxError, LtxHeader, LtxTrailer, PageIndexEntry, CHECKSUM_FLAG,
     HEADER_SIZE, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, PAGE_SIZE_PREFIX_SIZE, TRAILER_SIZE,
 };
+use crate::sqlite::{be16, be32};
 
 /// The magic number of an LZ4 frame (little-endian on disk).
 const LZ4_FRAME_MAGIC: u32 = 0x184D_2204;
@@ -162,8 +163,8 @@ impl<R: Read> LtxDecoder<R> {
         let mut ph = [0u8; PAGE_HEADER_SIZE];
         self.read_exact(&mut ph, "page header")?;
         self.hash.update(&ph);
-        let pgno = u32::from_be_bytes(ph[0..4].try_into().unwrap());
-        let flags = u16::from_be_bytes(ph[4..6].try_into().unwrap());
+        let pgno = be32(&ph, 0);
+        let flags = be16(&ph, 4);
         let h = self.header;
         let lock = h.lock_pgno();
 

@@ -1,7 +1,7 @@
 //! The LTX header and trailer, the page index entry, and the page order of snapshots.
 
 use super::{CHECKSUM_FLAG, HEADER_FLAG_NO_CHECKSUM, HEADER_SIZE, MAGIC, TRAILER_SIZE};
-use crate::sqlite::{lock_byte_page, page_size_is_valid};
+use crate::sqlite::{be32, be64, lock_byte_page, page_size_is_valid};
 
 /// The header of an LTX file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -164,8 +164,8 @@ impl LtxHeader {
         if &b[0..4] != MAGIC {
             return Err(format!("bad magic {:02x?}, expected \"LTX1\"", &b[0..4]));
         }
-        let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
-        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+        let u32_at = |i: usize| be32(b, i);
+        let u64_at = |i: usize| be64(b, i);
         Ok(LtxHeader {
             flags: u32_at(4),
             page_size: u32_at(8),
@@ -204,8 +204,8 @@ impl LtxTrailer {
     /// Parses 16 trailer bytes.
     pub fn from_bytes(b: &[u8; TRAILER_SIZE]) -> Self {
         LtxTrailer {
-            post_apply_checksum: u64::from_be_bytes(b[0..8].try_into().unwrap()),
-            file_checksum: u64::from_be_bytes(b[8..16].try_into().unwrap()),
+            post_apply_checksum: be64(b, 0),
+            file_checksum: be64(b, 8),
         }
     }
 }

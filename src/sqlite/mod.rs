@@ -113,10 +113,33 @@ pub fn read_full<R: ReadAt + ?Sized>(src: &R, offset: u64, buf: &mut [u8]) -> io
     Ok(true)
 }
 
+/// Reads a big-endian u16 at `at` in `b` (SQLite's and LTX's byte order). Callers check the
+/// length first.
+#[inline]
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
 /// Reads a big-endian u32 at `at` in `b`. Callers check the length first.
 #[inline]
 pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Reads a big-endian u64 at `at` in `b`. Callers check the length first.
+#[inline]
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(w)
+}
+
+/// Reads a big-endian u128 at `at` in `b`. Callers check the length first.
+#[inline]
+pub(crate) fn be128(b: &[u8], at: usize) -> u128 {
+    let mut w = [0u8; 16];
+    w.copy_from_slice(&b[at..at + 16]);
+    u128::from_be_bytes(w)
 }
 
 /// Helpers shared by the unit tests of this module.

@@ -56,7 +56,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::ltx::{ltx_object_name, parse_ltx_object_name, LtxEncoder, LtxError, LtxHeader};
-use crate::sqlite::{ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
+use crate::sqlite::{be128, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
 
 /// Name of the per-database state file.
 const STATE_FILE: &str = "state";
@@ -717,10 +717,7 @@ fn parse_sums(b: &[u8]) -> Option<SavedSums> {
     Some(SavedSums {
         txid: u64::from_be_bytes(txid.try_into().ok()?),
         files: String::from_utf8(files.to_vec()).ok()?,
-        sums: rest
-            .chunks_exact(16)
-            .map(|c| u128::from_be_bytes(c.try_into().unwrap()))
-            .collect(),
+        sums: rest.chunks_exact(16).map(|c| be128(c, 0)).collect(),
     })
 }
 

@@ -62,7 +62,8 @@ use super::error::StagingResult;
 use super::held::{Held, HeldBatch};
 use crate::ltx::Crc64;
 use crate::sqlite::{
-    page_hash, page_size_is_valid, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION,
+    be128, be32, be64, page_hash, page_size_is_valid, ContentChecksum, PageHash, WalHeader,
+    WalPosition, WAL_VERSION,
 };
 
 /// "WFSB": a record with its pages.
@@ -140,8 +141,8 @@ impl BatchHeader {
     }
 
     fn decode(b: &[u8; HEADER_SIZE]) -> Option<(BatchHeader, RecordKind)> {
-        let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
-        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap());
+        let u32_at = |i: usize| be32(b, i);
+        let u64_at = |i: usize| be64(b, i);
         let kind = match u32_at(0) {
             RECORD_MAGIC => RecordKind::Pages,
             LIST_MAGIC => RecordKind::PageList,
@@ -223,7 +224,7 @@ impl Batch {
         let mut buf = vec![0u8; 4 + self.header.page_size as usize];
         for _ in 0..self.header.page_count {
             r.read_exact(&mut buf)?;
-            let pgno = u32::from_be_bytes(buf[..4].try_into().unwrap());
+            let pgno = be32(&buf, 0);
             f(pgno, &buf[4..])?;
         }
         Ok(())
@@ -271,7 +272,7 @@ pub fn read_segment(path: &Path) -> StagingResult<(Vec<Batch>, u64)> {
                 buf.resize(4 + header.page_size as usize, 0);
                 for _ in 0..header.page_count {
                     r.read_exact(&mut buf)?;
-                    let pgno = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                    let pgno = be32(&buf, 0);
                     digest.update(&buf[..4]);
                     digest.update(&page_hash(pgno, &buf[4..]).to_be_bytes());
                 }
@@ -304,14 +305,12 @@ pub fn read_segment(path: &Path) -> StagingResult<(Vec<Batch>, u64)> {
 fn listed_pages(batch: &Batch) -> io::Result<Vec<u32>> {
     let mut b = vec![0u8; 4 * batch.header.page_count as usize];
     File::open(&batch.path)?.read_exact_at(&mut b, batch.offset + HEADER_SIZE as u64)?;
-    Ok(b.chunks_exact(4)
-        .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
-        .collect())
+    Ok(b.chunks_exact(4).map(|c| be32(c, 0)).collect())
 }
 
 /// The content checksum in a record's trailer.
 fn content_checksum_at(trailer: &[u8; TRAILER_SIZE]) -> ContentChecksum {
-    ContentChecksum::from_value(u128::from_be_bytes(trailer[..16].try_into().unwrap()))
+    ContentChecksum::from_value(be128(trailer, 0))
 }
 
 /// The records of a sealed segment, read from their headers and trailers alone (the
