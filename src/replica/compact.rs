@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::Path;
 
+use super::error::{ReplicaError, ReplicaResult};
 use crate::ltx::{LtxDecoder, LtxEncoder, LtxError, LtxHeader};
 
 /// One LTX object, by level and TXID range.
@@ -188,13 +189,10 @@ pub fn compacted_away(local: &[ObjId], written: ObjId) -> Vec<ObjId> {
         .collect()
 }
 
-fn ltx_io(path: &Path, e: LtxError) -> io::Error {
-    match e {
-        LtxError::Io(e) => io::Error::new(e.kind(), format!("{}: {e}", path.display())),
-        other => io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {other}", path.display()),
-        ),
+fn ltx_io(path: &Path, e: LtxError) -> ReplicaError {
+    ReplicaError::LtxFile {
+        path: path.to_path_buf(),
+        error: e,
     }
 }
 
@@ -215,9 +213,9 @@ struct Input {
 /// `snapshot`, the first input must be a snapshot and the result is one (min TXID 1).
 /// Every input is verified (its file checksum) before the result is kept. Pages keep the
 /// LZ4 blocks their input stores (no second compression). Returns the header written.
-pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> io::Result<LtxHeader> {
+pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> ReplicaResult<LtxHeader> {
     if inputs.is_empty() {
-        return Err(io::Error::other("nothing to merge"));
+        return Err(ReplicaError::Invalid("nothing to merge".into()));
     }
     let mut decs = Vec::with_capacity(inputs.len());
     for p in inputs {
@@ -228,19 +226,16 @@ pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> io::Result<Ltx
     let last = *decs[decs.len() - 1].header();
     let page_size = first.page_size;
     if let Some(i) = decs.iter().position(|d| d.header().page_size != page_size) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{}: page size {} differs from {} in {}",
-                inputs[i].display(),
-                decs[i].header().page_size,
-                page_size,
-                inputs[0].display()
-            ),
-        ));
+        return Err(ReplicaError::Invalid(format!(
+            "{}: page size {} differs from {} in {}",
+            inputs[i].display(),
+            decs[i].header().page_size,
+            page_size,
+            inputs[0].display()
+        )));
     }
     if snapshot && !first.is_snapshot() {
-        return Err(io::Error::other(format!(
+        return Err(ReplicaError::Invalid(format!(
             "{} is not a snapshot",
             inputs[0].display()
         )));
@@ -279,7 +274,7 @@ pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> io::Result<Ltx
     .without_checksums();
     let lock = header.lock_pgno();
     let tmp = out.with_extension("ltx.tmp");
-    let res = (|| -> io::Result<()> {
+    let res = (|| -> ReplicaResult<()> {
         let w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         let mut enc = LtxEncoder::new(w, header).map_err(|e| ltx_io(out, e))?;
         let zero = vec![0u8; page_size as usize];
@@ -334,7 +329,8 @@ pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> io::Result<Ltx
         let file = enc.into_inner().into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
-        std::fs::rename(&tmp, out)
+        std::fs::rename(&tmp, out)?;
+        Ok(())
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -1,9 +1,16 @@
-//! The errors of a replica's store and URL: [`StoreError`], one line that names the object
-//! or URL and says what to do, and its [`StoreErrorKind`] for callers that branch on it.
+//! The errors of the replica layer: [`StoreError`] (the store and URL: one line that names
+//! the object or URL and says what to do, and its [`StoreErrorKind`] for callers that branch
+//! on it), and [`ReplicaError`] (upload, maintenance, verification records), which wraps it
+//! and the errors of the layers below.
 
 use std::error::Error;
 use std::fmt;
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use crate::ltx::LtxError;
+use crate::staging::StagingError;
 
 /// What kind of failure a [`StoreError`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,3 +84,113 @@ impl fmt::Display for StoreError {
 
 /// `source()` is `None`: the message quotes the cause (see [`StoreError`]).
 impl Error for StoreError {}
+
+/// What fails above the store: an upload, a maintenance step (compaction, snapshot,
+/// retention), reading or writing a verification record or deletion marker, an LTX merge.
+///
+/// The wrapping variants (`Store`, `Staging`, `Ltx`, `Io`) are transparent: they print as
+/// the error they wrap and `source()` is that error's own source, so a report that prints
+/// the chain (`{:#}`) shows the wrapped error once, as it would unwrapped. Match on the
+/// variant to get the wrapped error itself.
+#[derive(Debug)]
+pub enum ReplicaError {
+    /// A request to the store failed.
+    Store(StoreError),
+    /// The staging directory failed.
+    Staging(StagingError),
+    /// An LTX file could not be encoded or decoded.
+    Ltx(LtxError),
+    /// A local file (a staged item, a local copy, a merge's output) failed.
+    Io(io::Error),
+    /// The LTX file at `path` could not be read or written: the message is the path and
+    /// the LTX error (whose text it quotes, so `source()` is `None`; the error is the
+    /// field).
+    LtxFile { path: PathBuf, error: LtxError },
+    /// A staged file cannot be uploaded as it is.
+    StagedUnreadable { path: PathBuf, reason: String },
+    /// What the replica holds, or what was given to merge, is malformed: a verification
+    /// record or deletion marker, an LTX header, LTX files that do not fit together. The
+    /// message names the object.
+    Invalid(String),
+    /// Staged transactions that could not be uploaded, and that no snapshot can supersede,
+    /// were dropped (logged with the reason).
+    StagedDropped,
+    /// Staged transactions that cannot be uploaded wait for a snapshot to supersede them.
+    AwaitingSnapshot,
+    /// Settings the replica cannot honour.
+    Settings(&'static str),
+}
+
+/// The result of a replica operation above the store.
+pub type ReplicaResult<T> = Result<T, ReplicaError>;
+
+impl ReplicaError {
+    /// The kind of the underlying I/O error, for the variants that have one.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            ReplicaError::Io(e) => Some(e.kind()),
+            ReplicaError::Staging(e) => Some(e.kind()),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplicaError::Store(e) => e.fmt(f),
+            ReplicaError::Staging(e) => e.fmt(f),
+            ReplicaError::Ltx(e) => e.fmt(f),
+            ReplicaError::Io(e) => e.fmt(f),
+            ReplicaError::LtxFile { path, error } => match error {
+                LtxError::Io(e) => write!(f, "{}: {e}", path.display()),
+                other => write!(f, "{}: {other}", path.display()),
+            },
+            ReplicaError::StagedUnreadable { path, reason } => {
+                write!(f, "staged file {} is unreadable: {reason}", path.display())
+            }
+            ReplicaError::Invalid(m) => f.write_str(m),
+            ReplicaError::StagedDropped => f.write_str("staged transactions were dropped"),
+            ReplicaError::AwaitingSnapshot => f.write_str(
+                "waiting for a snapshot to supersede staged transactions that cannot be uploaded",
+            ),
+            ReplicaError::Settings(m) => f.write_str(m),
+        }
+    }
+}
+
+impl Error for ReplicaError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            ReplicaError::Store(e) => e.source(),
+            ReplicaError::Staging(e) => e.source(),
+            ReplicaError::Ltx(e) => e.source(),
+            ReplicaError::Io(e) => e.source(),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for ReplicaError {
+    fn from(e: StoreError) -> Self {
+        ReplicaError::Store(e)
+    }
+}
+
+impl From<StagingError> for ReplicaError {
+    fn from(e: StagingError) -> Self {
+        ReplicaError::Staging(e)
+    }
+}
+
+impl From<LtxError> for ReplicaError {
+    fn from(e: LtxError) -> Self {
+        ReplicaError::Ltx(e)
+    }
+}
+
+impl From<io::Error> for ReplicaError {
+    fn from(e: io::Error) -> Self {
+        ReplicaError::Io(e)
+    }
+}

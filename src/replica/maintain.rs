@@ -22,6 +22,7 @@ use parking_lot::{Condvar, Mutex};
 use super::compact::{
     compacted_away, compaction_inputs, merge_ltx, snapshot_chain, superseded_by_snapshot, ObjId,
 };
+use super::error::{ReplicaError, ReplicaResult};
 use super::kept::{KeepSource, Kept};
 use super::record::SidecarStore;
 use super::retention::{plan_retention, RetentionPolicy};
@@ -155,9 +156,9 @@ impl Maintainer {
         staging: Arc<Staging>,
         replicas: Vec<ReplicaStore>,
         opts: MaintenanceOptions,
-    ) -> std::io::Result<Maintainer> {
+    ) -> ReplicaResult<Maintainer> {
         if opts.compaction_intervals.len() > 8 {
-            return Err(std::io::Error::other(
+            return Err(ReplicaError::Settings(
                 "at most 8 compaction levels (levels 1 to 8) are possible",
             ));
         }
@@ -397,7 +398,7 @@ impl Maintainer {
     /// one object at level `k`, uploads it to every replica, keeps it and drops the
     /// level-`k - 1` copies it covers. The absorbed level-`k` copies stay until the level
     /// above covers them: they count the ticks of the level's window.
-    fn compact(&self, db: &Path, view: &mut DbView, k: u8, run: &[ObjId]) -> anyhow::Result<()> {
+    fn compact(&self, db: &Path, view: &mut DbView, k: u8, run: &[ObjId]) -> ReplicaResult<()> {
         let inputs: Vec<&Kept> = run
             .iter()
             .map(|o| view.local.get(o).expect("runs come from the local copies"))
@@ -425,7 +426,7 @@ impl Maintainer {
         inputs: &[&Kept],
         snapshot: bool,
         record: Option<super::record::ChecksumRecord>,
-    ) -> anyhow::Result<Kept> {
+    ) -> ReplicaResult<Kept> {
         let dir = self.staging.kept_dir(db, level)?;
         std::fs::create_dir_all(&dir)?;
         let out = dir.join(ltx_object_name(min, max));
@@ -433,7 +434,7 @@ impl Maintainer {
         let header = merge_ltx(&paths, &out, snapshot)?;
         let ts = ms_to_time(header.timestamp_ms);
         let key = db.to_string_lossy();
-        let sent = (|| -> anyhow::Result<()> {
+        let sent = (|| -> ReplicaResult<()> {
             for replica in &self.replicas {
                 let meta = record
                     .filter(|_| replica.holds_records())
@@ -566,7 +567,7 @@ impl Maintainer {
     }
 
     /// Lists what each replica holds of `db`, once per mount.
-    fn ensure_listed(&self, db: &Path, view: &mut DbView) -> anyhow::Result<()> {
+    fn ensure_listed(&self, db: &Path, view: &mut DbView) -> ReplicaResult<()> {
         if view.remote.is_some() {
             return Ok(());
         }
@@ -589,7 +590,7 @@ impl Maintainer {
     /// Fetches from the first replica the newest snapshot and the objects after it that
     /// walfs holds no local copy of (a staging written before maintenance existed, or one
     /// that lost them), so that snapshots can be built. Returns how many it fetched.
-    fn fetch_missing_chain(&self, db: &Path, view: &mut DbView) -> anyhow::Result<usize> {
+    fn fetch_missing_chain(&self, db: &Path, view: &mut DbView) -> ReplicaResult<usize> {
         self.ensure_listed(db, view)?;
         let Some(replica) = self.replicas.first() else {
             return Ok(0);
@@ -652,7 +653,7 @@ impl Maintainer {
         db: &Path,
         view: &mut DbView,
         now: SystemTime,
-    ) -> anyhow::Result<Option<SystemTime>> {
+    ) -> ReplicaResult<Option<SystemTime>> {
         if !view.changed && view.retention_at.is_none_or(|t| t > now) {
             return Ok(view.retention_at);
         }

@@ -28,10 +28,10 @@
 
 use std::ops::Range;
 
-use anyhow::{anyhow, bail};
 use bytes::Bytes;
 
 use crate::ltx::{LtxHeader, HEADER_SIZE};
+use crate::replica::error::{ReplicaError, ReplicaResult};
 use crate::replica::layout::Layout;
 use crate::replica::store::{LtxObjectInfo, ReplicaStore};
 use crate::replica::url::ReplicaUrl;
@@ -160,9 +160,9 @@ pub struct SidecarStore {
 
 impl SidecarStore {
     /// Opens a handle on the replica at `url`. Makes no request.
-    pub fn open(url: &ReplicaUrl) -> anyhow::Result<Self> {
+    pub fn open(url: &ReplicaUrl) -> ReplicaResult<Self> {
         Ok(SidecarStore {
-            store: ReplicaStore::open(url).map_err(|e| anyhow!("{e}"))?,
+            store: ReplicaStore::open(url)?,
         })
     }
 
@@ -181,21 +181,21 @@ impl SidecarStore {
         &self,
         db_path: &str,
         record: &ChecksumRecord,
-    ) -> anyhow::Result<()> {
+    ) -> ReplicaResult<()> {
         let key = self.record_key(db_path, record.txid);
-        self.store
+        Ok(self
+            .store
             .put_object(&key, Bytes::from(record.encode()))
-            .await
-            .map_err(|e| anyhow!("{e}"))
+            .await?)
     }
 
     /// Uploads `db_path`'s deletion marker with `content` (see [`deleted_marker_key`]).
-    pub async fn put_deleted_marker(&self, db_path: &str, content: &str) -> anyhow::Result<()> {
+    pub async fn put_deleted_marker(&self, db_path: &str, content: &str) -> ReplicaResult<()> {
         let key = deleted_marker_key(self.store.root(), db_path);
-        self.store
+        Ok(self
+            .store
             .put_object(&key, Bytes::from(content.to_string()))
-            .await
-            .map_err(|e| anyhow!("{e}"))
+            .await?)
     }
 
     /// Finds `db_path`'s record at `txid`: in the metadata of `last` (the object that ends
@@ -206,16 +206,17 @@ impl SidecarStore {
         db_path: &str,
         txid: u64,
         last: Option<&LtxObjectInfo>,
-    ) -> anyhow::Result<Option<(ChecksumRecord, String)>> {
+    ) -> ReplicaResult<Option<(ChecksumRecord, String)>> {
         let base = self.store.base().to_string();
-        let check = |text: &str, place: String| -> anyhow::Result<(ChecksumRecord, String)> {
-            let record = ChecksumRecord::parse(text)
-                .map_err(|m| anyhow!("verification record {place} is malformed: {m}"))?;
+        let check = |text: &str, place: String| -> ReplicaResult<(ChecksumRecord, String)> {
+            let record = ChecksumRecord::parse(text).map_err(|m| {
+                ReplicaError::Invalid(format!("verification record {place} is malformed: {m}"))
+            })?;
             if record.txid != txid {
-                bail!(
+                return Err(ReplicaError::Invalid(format!(
                     "verification record {place} is for TXID {}, not {txid}",
                     record.txid
-                );
+                )));
             }
             Ok((record, place))
         };
@@ -223,8 +224,7 @@ impl SidecarStore {
             let meta = self
                 .store
                 .head_ltx_record(db_path, o.level, o.min_txid, o.max_txid)
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+                .await?;
             if let Some(text) = meta {
                 return check(&text, format!("in the metadata of {base}/{}", o.key)).map(Some);
             }
@@ -233,30 +233,30 @@ impl SidecarStore {
         let bytes = match self.store.get_object(&key).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(anyhow!("{e}")),
+            Err(e) => return Err(e.into()),
         };
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| anyhow!("verification record {base}/{key} is not text"))?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
+            ReplicaError::Invalid(format!("verification record {base}/{key} is not text"))
+        })?;
         check(text, format!("{base}/{key}")).map(Some)
     }
 
     /// Reads bytes `range` of the object at `key`.
-    pub async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes> {
-        self.store
-            .get_range(key, range)
-            .await
-            .map_err(|e| anyhow!("{e}"))
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> ReplicaResult<Bytes> {
+        Ok(self.store.get_range(key, range).await?)
     }
 
     /// Reads and parses only the 100-byte header of the LTX object at `key`.
-    pub async fn ltx_header(&self, key: &str) -> anyhow::Result<LtxHeader> {
+    pub async fn ltx_header(&self, key: &str) -> ReplicaResult<LtxHeader> {
         let b = self.get_range(key, 0..HEADER_SIZE as u64).await?;
-        let arr: &[u8; HEADER_SIZE] = b[..]
-            .try_into()
-            .map_err(|_| anyhow!("object {key} is shorter than an LTX header"))?;
-        let h = LtxHeader::from_bytes(arr).map_err(|m| anyhow!("object {key} is corrupt: {m}"))?;
-        h.validate()
-            .map_err(|m| anyhow!("object {key} is corrupt: invalid header: {m}"))?;
+        let arr: &[u8; HEADER_SIZE] = b[..].try_into().map_err(|_| {
+            ReplicaError::Invalid(format!("object {key} is shorter than an LTX header"))
+        })?;
+        let h = LtxHeader::from_bytes(arr)
+            .map_err(|m| ReplicaError::Invalid(format!("object {key} is corrupt: {m}")))?;
+        h.validate().map_err(|m| {
+            ReplicaError::Invalid(format!("object {key} is corrupt: invalid header: {m}"))
+        })?;
         Ok(h)
     }
 }

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
+use super::error::{ReplicaError, ReplicaResult};
 use super::kept::KeepSource;
 use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
@@ -70,7 +71,7 @@ fn plan_uploads(
     merge: bool,
     skip_before: bool,
     tmp_dir: &Path,
-) -> std::io::Result<Vec<Upload>> {
+) -> ReplicaResult<Vec<Upload>> {
     let is_snapshot = |s: &Staged| matches!(s, Staged::Snapshot(_));
     let (before, snapshot, after) = match (
         staged.iter().position(is_snapshot),
@@ -107,7 +108,7 @@ fn push_batches(
     items: &[Staged],
     merge: bool,
     tmp_dir: &Path,
-) -> std::io::Result<()> {
+) -> ReplicaResult<()> {
     let batches: Vec<&Batch> = items
         .iter()
         .filter_map(|s| match s {
@@ -131,7 +132,7 @@ fn push_batches(
 /// Encodes consecutive staged batches as one LTX file: the newest version of each page
 /// (read once from the segments), the last commit size, the TXID range of them all. In
 /// memory, or in a temporary file in `tmp_dir` when it would be large.
-fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> {
+fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> ReplicaResult<Upload> {
     let (first, last) = (batches[0], batches[batches.len() - 1]);
     let page_size = last.header.page_size;
     let mut merge = PageMerge::new(None);
@@ -150,7 +151,8 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> std::io::Result<Upload> 
                 ),
             ));
         }
-        let offsets = b.page_offsets()?;
+        // An I/O error reading the staged file, reported as such (not as a staging failure).
+        let offsets = b.page_offsets().map_err(std::io::Error::from)?;
         merge.apply(
             b.header.commit,
             offsets.into_iter().map(|(pgno, off)| (pgno, (i, off))),
@@ -212,9 +214,9 @@ fn encode_pages<W: std::io::Write>(
     header: LtxHeader,
     pages: std::collections::BTreeMap<u32, Option<(usize, u64)>>,
     out: W,
-) -> std::io::Result<W> {
+) -> ReplicaResult<W> {
     let mut files: HashMap<&Path, File> = HashMap::new();
-    let mut enc = LtxEncoder::new(out, header).map_err(std::io::Error::other)?;
+    let mut enc = LtxEncoder::new(out, header)?;
     let mut buf = vec![0u8; header.page_size as usize];
     for (pgno, at) in pages {
         match at {
@@ -228,17 +230,17 @@ fn encode_pages<W: std::io::Write>(
             }
             None => buf.fill(0),
         }
-        enc.add_page(pgno, &buf).map_err(std::io::Error::other)?;
+        enc.add_page(pgno, &buf)?;
     }
-    enc.finish(0).map_err(std::io::Error::other)?;
+    enc.finish(0)?;
     Ok(enc.into_inner())
 }
 
-fn invalid_staged(path: &Path, e: impl std::fmt::Display) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        format!("staged file {} is unreadable: {e}", path.display()),
-    )
+fn invalid_staged(path: &Path, e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::StagedUnreadable {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 fn millis_to_time(ms: i64) -> SystemTime {
@@ -270,12 +272,15 @@ pub struct Uploader {
 pub type RestartHistory = Box<dyn Fn(&Path, &str) -> bool + Send + Sync>;
 
 /// Whether an error reading or encoding staged items is permanent: the items cannot be
-/// uploaded as they are (unreadable, inconsistent), rather than waiting for room or
-/// permission in the staging directory.
-fn cannot_be_uploaded(e: &std::io::Error) -> bool {
+/// uploaded as they are (unreadable, inconsistent, not valid LTX), rather than waiting for
+/// room or permission in the staging directory.
+fn cannot_be_uploaded(e: &ReplicaError) -> bool {
     use std::io::ErrorKind::*;
+    let Some(kind) = e.io_kind() else {
+        return true;
+    };
     !matches!(
-        e.kind(),
+        kind,
         StorageFull
             | QuotaExceeded
             | ReadOnlyFilesystem
@@ -339,7 +344,7 @@ impl Uploader {
         behind
     }
 
-    fn upload_database(&self, db: &Path, merge: bool) -> anyhow::Result<()> {
+    fn upload_database(&self, db: &Path, merge: bool) -> ReplicaResult<()> {
         let staged = self.staging.pending(db)?;
         let Some(last) = staged.last() else {
             return self.upload_deleted_marker(db);
@@ -366,7 +371,7 @@ impl Uploader {
             }
         }
         let key = db.to_string_lossy();
-        let sent = (|| -> anyhow::Result<()> {
+        let sent = (|| -> ReplicaResult<()> {
             for replica in &self.replicas {
                 // On S3 the record rides in the object's metadata (one PUT per object); a
                 // file replica keeps it as a file beside the object.
@@ -445,7 +450,7 @@ impl Uploader {
     /// together are never retried forever: a snapshot staged after them supersedes them,
     /// and without one, capture is asked to stage one (the next round uploads it). Each
     /// such case is logged once.
-    fn plan(&self, db: &Path, staged: &[Staged], merge: bool) -> anyhow::Result<Vec<Upload>> {
+    fn plan(&self, db: &Path, staged: &[Staged], merge: bool) -> ReplicaResult<Vec<Upload>> {
         let dir = self.staging.db_dir(db)?;
         let e = match plan_uploads(staged, merge, false, &dir) {
             Ok(u) => {
@@ -453,7 +458,7 @@ impl Uploader {
                 return Ok(u);
             }
             Err(e) if cannot_be_uploaded(&e) => e,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         let first = self.unreadable.lock().insert(db.to_path_buf());
         let snapshot = staged.iter().rev().find_map(|s| match s {
@@ -475,21 +480,19 @@ impl Uploader {
             self.staging.drop_staged(db, upto)?;
             self.unreadable.lock().remove(db);
             tracing::error!(db = %db.display(), "staged transactions up to TXID {upto} cannot be uploaded ({e}) and the database cannot be captured for a snapshot now; they are dropped, and the replica keeps what it holds");
-            anyhow::bail!("staged transactions were dropped");
+            return Err(ReplicaError::StagedDropped);
         }
         if first {
             tracing::warn!(db = %db.display(), "staged transactions cannot be uploaded ({e}); a new snapshot will supersede them");
         }
-        anyhow::bail!(
-            "waiting for a snapshot to supersede staged transactions that cannot be uploaded"
-        )
+        Err(ReplicaError::AwaitingSnapshot)
     }
 
     /// Makes `u` (a level-0 upload) the next object of level 0's binary counter: merges
     /// into it, from the local copies, the level-0 objects that [`absorbed_by_next`] picks.
     /// On any error `u` is left as it was (one tick alone is always correct); a copy that
     /// the maintenance loop dropped meanwhile is such an error.
-    fn absorb(&self, db: &Path, u: &mut Upload) -> std::io::Result<()> {
+    fn absorb(&self, db: &Path, u: &mut Upload) -> ReplicaResult<()> {
         let copies: HashMap<ObjId, PathBuf> = self.staging.kept_names(db)?.into_iter().collect();
         let ids: Vec<ObjId> = copies.keys().copied().collect();
         let level0: Vec<ObjId> = ids.iter().copied().filter(|o| o.level == 0).collect();
@@ -528,7 +531,7 @@ impl Uploader {
 
     /// Puts the deletion marker capture staged for `db` (once its last TXID is uploaded),
     /// then removes the staged one.
-    fn upload_deleted_marker(&self, db: &Path) -> anyhow::Result<()> {
+    fn upload_deleted_marker(&self, db: &Path) -> ReplicaResult<()> {
         let Some(content) = self.staging.deleted_marker(db)? else {
             return Ok(());
         };
