@@ -68,11 +68,13 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(argv);
     init_logging(cli.log_level.as_deref());
-    let result = match &cli.command {
-        Command::Mount(args) => walfs::mount::run(&args.options),
-        Command::Restore(args) => walfs::restore::restore_command(args),
-        Command::List(args) => walfs::restore::list_command(args),
-        Command::Verify(args) => walfs::restore::verify_command(args),
+    // Each layer returns its own error type; here they become one report whose `{:#}`
+    // prints the chain of causes joined by ": ".
+    let result: anyhow::Result<()> = match &cli.command {
+        Command::Mount(args) => walfs::mount::run(&args.options).map_err(Into::into),
+        Command::Restore(args) => walfs::restore::restore_command(args).map_err(Into::into),
+        Command::List(args) => walfs::restore::list_command(args).map_err(Into::into),
+        Command::Verify(args) => walfs::restore::verify_command(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,7 +29,7 @@ pub enum StoreErrorKind {
 /// that caused it, if any.
 ///
 /// The message already quotes the cause, so [`Error::source`] does not return it again: a
-/// report that prints the source chain (anyhow's `{:#}`, as `walfs` prints errors) would
+/// report that prints the source chain (`{:#}` in `walfs`'s `main`, joined by ": ") would
 /// print the cause twice. Code that inspects the cause gets it from [`StoreError::cause`].
 #[derive(Debug, Clone)]
 pub struct StoreError {
@@ -136,27 +136,44 @@ impl ReplicaError {
 }
 
 impl fmt::Display for ReplicaError {
+    /// One line; with `{:#}`, followed by each cause (`source()`), joined by ": ".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ReplicaError::Store(e) => e.fmt(f),
-            ReplicaError::Staging(e) => e.fmt(f),
-            ReplicaError::Ltx(e) => e.fmt(f),
-            ReplicaError::Io(e) => e.fmt(f),
+            ReplicaError::Store(e) => write!(f, "{e}")?,
+            ReplicaError::Staging(e) => write!(f, "{e}")?,
+            ReplicaError::Ltx(e) => write!(f, "{e}")?,
+            ReplicaError::Io(e) => write!(f, "{e}")?,
             ReplicaError::LtxFile { path, error } => match error {
-                LtxError::Io(e) => write!(f, "{}: {e}", path.display()),
-                other => write!(f, "{}: {other}", path.display()),
+                LtxError::Io(e) => write!(f, "{}: {e}", path.display())?,
+                other => write!(f, "{}: {other}", path.display())?,
             },
             ReplicaError::StagedUnreadable { path, reason } => {
-                write!(f, "staged file {} is unreadable: {reason}", path.display())
+                write!(f, "staged file {} is unreadable: {reason}", path.display())?
             }
-            ReplicaError::Invalid(m) => f.write_str(m),
-            ReplicaError::StagedDropped => f.write_str("staged transactions were dropped"),
+            ReplicaError::Invalid(m) => f.write_str(m)?,
+            ReplicaError::StagedDropped => f.write_str("staged transactions were dropped")?,
             ReplicaError::AwaitingSnapshot => f.write_str(
                 "waiting for a snapshot to supersede staged transactions that cannot be uploaded",
-            ),
-            ReplicaError::Settings(m) => f.write_str(m),
+            )?,
+            ReplicaError::Settings(m) => f.write_str(m)?,
         }
+        if f.alternate() {
+            write_causes(f, self)?;
+        }
+        Ok(())
     }
+}
+
+/// Writes the causes of `e` (its `source()` chain, `e` itself excluded), each after ": ":
+/// what `{:#}` adds to an error's own line, in this crate's error types as in `main`'s
+/// report.
+pub fn write_causes(f: &mut fmt::Formatter<'_>, e: &dyn Error) -> fmt::Result {
+    let mut next = e.source();
+    while let Some(cause) = next {
+        write!(f, ": {cause}")?;
+        next = cause.source();
+    }
+    Ok(())
 }
 
 impl Error for ReplicaError {

@@ -25,7 +25,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use anyhow::{anyhow, bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use rusqlite::{Connection, OpenFlags};
 use tokio::runtime::Runtime;
@@ -35,6 +34,7 @@ use crate::replica::store::ReplicaStore;
 use crate::sqlite::header::DbHeader;
 use crate::sqlite::ContentChecksum;
 
+use super::error::{Context, RestoreError, RestoreResult};
 use super::plan::{db_label, RestorePlan};
 use super::record::{RecordedChecksum, SidecarStore};
 
@@ -88,10 +88,10 @@ impl Drop for TempGuard {
 }
 
 /// A sibling name for the temporary file: `.OUT.walfs-restore-XXXX`.
-fn temp_path(out: &Path) -> anyhow::Result<PathBuf> {
+fn temp_path(out: &Path) -> RestoreResult<PathBuf> {
     let name = out
         .file_name()
-        .ok_or_else(|| anyhow!("{} does not name a file", out.display()))?;
+        .ok_or_else(|| RestoreError::Output(format!("{} does not name a file", out.display())))?;
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -111,16 +111,22 @@ fn parent_dir(out: &Path) -> PathBuf {
 }
 
 /// Checks that `out` may be written: absent, or a non-directory with `force`.
-pub fn check_output(out: &Path, force: bool) -> anyhow::Result<()> {
+pub fn check_output(out: &Path, force: bool) -> RestoreResult<()> {
     match fs::symlink_metadata(out) {
-        Ok(m) if m.is_dir() => bail!(
+        Ok(m) if m.is_dir() => Err(RestoreError::Output(format!(
             "{} is a directory; give the path of the database file to create",
             out.display()
-        ),
-        Ok(_) if !force => bail!("{} exists; pass --force to replace it", out.display()),
+        ))),
+        Ok(_) if !force => Err(RestoreError::Output(format!(
+            "{} exists; pass --force to replace it",
+            out.display()
+        ))),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow!("cannot check {}: {e}", out.display())),
+        Err(e) => Err(RestoreError::Output(format!(
+            "cannot check {}: {e}",
+            out.display()
+        ))),
     }
 }
 
@@ -191,7 +197,7 @@ pub fn restore_database(
     out: &Path,
     force: bool,
     progress: bool,
-) -> anyhow::Result<RestoreOutcome> {
+) -> RestoreResult<RestoreOutcome> {
     check_output(out, force)?;
     let label = db_label(&plan.db);
     let dir = parent_dir(out);
@@ -230,7 +236,9 @@ pub fn restore_database(
             .block_on(store.get_ltx(&plan.db, obj.level, obj.min_txid, obj.max_txid))
             .with_context(|| format!("cannot download object {}", obj.key))?;
         downloaded += bytes.len() as u64;
-        let corrupt = |e: &dyn std::fmt::Display| anyhow!("object {} is corrupt: {e}", obj.key);
+        let corrupt = |e: &dyn std::fmt::Display| {
+            RestoreError::Corrupt(format!("object {} is corrupt: {e}", obj.key))
+        };
         let mut dec = LtxDecoder::new(&bytes[..]).map_err(|e| corrupt(&e))?;
         let h = *dec.header();
         if (h.min_txid, h.max_txid) != (obj.min_txid, obj.max_txid) {
@@ -272,7 +280,9 @@ pub fn restore_database(
         b.finish_and_clear();
     }
     let Some((h, post_apply)) = last else {
-        bail!("the restore plan for {label} holds no objects");
+        return Err(RestoreError::Usage(format!(
+            "the restore plan for {label} holds no objects"
+        )));
     };
     let page_size = h.page_size;
     let commit = h.commit;
@@ -287,21 +297,21 @@ pub fn restore_database(
         file.read_exact_at(&mut head, 0)
             .with_context(|| format!("cannot read {}", tmp.display()))?;
         let dbh = DbHeader::parse(&head).map_err(|e| {
-            anyhow!("restored {label} at TXID {} has no valid SQLite header ({e:?}); the replica is corrupt", plan.txid)
+            RestoreError::Corrupt(format!("restored {label} at TXID {} has no valid SQLite header ({e:?}); the replica is corrupt", plan.txid))
         })?;
         if dbh.page_size != page_size {
-            bail!(
+            return Err(RestoreError::Corrupt(format!(
                 "restored {label} at TXID {}: its header says page size {}, the replica {page_size}; the replica is corrupt",
                 plan.txid,
                 dbh.page_size
-            );
+            )));
         }
         if let Some(n) = dbh.valid_db_size() {
             if n != commit {
-                bail!(
+                return Err(RestoreError::Corrupt(format!(
                     "restored {label} at TXID {}: its header says {n} pages, the replica {commit}; the replica is corrupt",
                     plan.txid
-                );
+                )));
             }
         }
     }
@@ -319,12 +329,12 @@ pub fn restore_database(
             .with_context(|| format!("cannot read back {}", tmp.display()))?;
     if let (Some(want), Some(got)) = (ltx_post_apply, crc) {
         if want != got.value() {
-            bail!(
+            return Err(RestoreError::Corrupt(format!(
                 "restored {label} at TXID {} does not match the checksum in object {} ({want:016x}, restored {:016x}); the replica is corrupt",
                 plan.txid,
                 plan.objects.last().map(|o| o.key.as_str()).unwrap_or(""),
                 got.value()
-            );
+            )));
         }
     }
     let checksum_check = match record {
@@ -336,7 +346,7 @@ pub fn restore_database(
                 }
             };
             if (r.checksum, r.page_size, r.commit) != (restored, page_size, commit) {
-                bail!(
+                return Err(RestoreError::Corrupt(format!(
                     "restored {label} at TXID {} does not match its verification record {}: \
                      recorded {} ({} pages of {} bytes), restored {restored} \
                      ({commit} pages of {page_size} bytes); the replica is corrupt or was \
@@ -347,7 +357,7 @@ pub fn restore_database(
                     r.commit,
                     r.page_size,
                     out.display()
-                );
+                )));
             }
             ChecksumCheck::Recorded
         }
@@ -356,12 +366,12 @@ pub fn restore_database(
 
     // (b) SQLite's own check.
     integrity_check(&tmp).map_err(|e| {
-        anyhow!(
+        RestoreError::Corrupt(format!(
             "restored {label} at TXID {} fails PRAGMA integrity_check: {e}; the replica is \
              corrupt; {} was not written",
             plan.txid,
             out.display()
-        )
+        ))
     })?;
     drop(file);
 
@@ -374,11 +384,11 @@ pub fn restore_database(
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(anyhow!(
+                    return Err(RestoreError::Output(format!(
                         "cannot remove {}: {e}; remove it before replacing {}",
                         Path::new(&p).display(),
                         out.display()
-                    ))
+                    )))
                 }
             }
         }
@@ -406,11 +416,11 @@ pub fn restore_database(
 
 /// Runs `PRAGMA integrity_check` on a database file without locking it or creating any
 /// companion file (`immutable=1`).
-pub fn integrity_check(path: &Path) -> anyhow::Result<()> {
+pub fn integrity_check(path: &Path) -> RestoreResult<()> {
     let abs = std::path::absolute(path)?;
     let s = abs
         .to_str()
-        .ok_or_else(|| anyhow!("{} is not UTF-8", path.display()))?;
+        .ok_or_else(|| RestoreError::Usage(format!("{} is not UTF-8", path.display())))?;
     let mut uri = String::from("file:");
     for c in s.chars() {
         match c {
@@ -431,7 +441,7 @@ pub fn integrity_check(path: &Path) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     if rows != ["ok"] {
         let shown: Vec<&str> = rows.iter().take(5).map(String::as_str).collect();
-        bail!("{}", shown.join("; "));
+        return Err(RestoreError::Corrupt(shown.join("; ")));
     }
     Ok(())
 }

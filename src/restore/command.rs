@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
 use crate::replica::layout::Layout;
@@ -22,6 +21,7 @@ use crate::replica::timestamp::format_rfc3339_nano;
 use crate::replica::url::ReplicaUrl;
 
 use super::apply::{check_output, restore_database, ChecksumCheck, RestoreOutcome};
+use super::error::{Context, RestoreError, RestoreResult};
 use super::plan::{db_label, plan, restorable_txids, PlanError, RestoreTarget, MAX_LEVEL};
 use super::record::SidecarStore;
 
@@ -58,7 +58,7 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
 }
 
 /// A current-thread runtime for the store's requests.
-pub fn runtime() -> anyhow::Result<Runtime> {
+pub fn runtime() -> RestoreResult<Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -67,14 +67,14 @@ pub fn runtime() -> anyhow::Result<Runtime> {
 
 /// Parses `url` and opens its store and sidecar handle. A file replica must exist (opening
 /// the store would create it).
-pub fn open_replica(url: &str) -> anyhow::Result<(ReplicaUrl, ReplicaStore, SidecarStore)> {
+pub fn open_replica(url: &str) -> RestoreResult<(ReplicaUrl, ReplicaStore, SidecarStore)> {
     let url = ReplicaUrl::parse(url)?;
     if let ReplicaUrl::File(f) = &url {
         if !f.dir.is_dir() {
-            bail!(
+            return Err(RestoreError::Usage(format!(
                 "replica directory {} does not exist; check the replica URL",
                 f.dir.display()
-            );
+            )));
         }
     }
     let store = ReplicaStore::open(&url)?;
@@ -87,7 +87,7 @@ pub fn list_objects(
     rt: &Runtime,
     store: &ReplicaStore,
     db: &str,
-) -> anyhow::Result<Vec<LtxObjectInfo>> {
+) -> RestoreResult<Vec<LtxObjectInfo>> {
     let mut out = Vec::new();
     for level in 0..=MAX_LEVEL {
         out.extend(rt.block_on(store.list_ltx(db, level))?);
@@ -138,10 +138,10 @@ pub fn resolve_timestamp(
     db: &str,
     objects: &[LtxObjectInfo],
     time: SystemTime,
-) -> anyhow::Result<Option<(u64, SystemTime)>> {
+) -> RestoreResult<Option<(u64, SystemTime)>> {
     let txids: Vec<u64> = restorable_txids(objects).into_keys().collect();
     let mut cache = std::collections::HashMap::new();
-    let mut commit_time = |i: usize| -> anyhow::Result<SystemTime> {
+    let mut commit_time = |i: usize| -> RestoreResult<SystemTime> {
         let txid = txids[i];
         if let Some(t) = cache.get(&txid) {
             return Ok(*t);
@@ -150,7 +150,7 @@ pub fn resolve_timestamp(
             .iter()
             .filter(|o| o.max_txid == txid)
             .min_by_key(|o| o.level)
-            .ok_or_else(|| anyhow!("no object ends at TXID {txid}"))?;
+            .ok_or_else(|| RestoreError::Corrupt(format!("no object ends at TXID {txid}")))?;
         let t = rt
             .block_on(store.head_ltx(db, o.level, o.min_txid, o.max_txid))?
             .timestamp;
@@ -184,7 +184,7 @@ pub fn resolve_timestamp(
 }
 
 impl Ctx {
-    fn restore_one(&self, db: &str, out: &Path) -> anyhow::Result<RestoreOutcome> {
+    fn restore_one(&self, db: &str, out: &Path) -> RestoreResult<RestoreOutcome> {
         let objects = list_objects(&self.rt, &self.store, db)?;
         let mut target = self.target;
         let mut resolved_time = None;
@@ -212,9 +212,10 @@ impl Ctx {
 
 /// `walfs restore` (see the module documentation). Prints one line per restored database
 /// to stderr.
-pub fn restore_command(args: &RestoreArgs) -> anyhow::Result<()> {
+pub fn restore_command(args: &RestoreArgs) -> RestoreResult<()> {
+    let usage = |m: String| Err(RestoreError::Usage(m));
     let target = match (args.txid, args.timestamp) {
-        (Some(_), Some(_)) => bail!("pass --txid or --timestamp, not both"),
+        (Some(_), Some(_)) => return usage("pass --txid or --timestamp, not both".into()),
         (Some(t), None) => RestoreTarget::Txid(t),
         (None, Some(t)) => RestoreTarget::Timestamp(t),
         (None, None) => RestoreTarget::Latest,
@@ -234,7 +235,9 @@ pub fn restore_command(args: &RestoreArgs) -> anyhow::Result<()> {
     }
     let dbs = ctx.rt.block_on(ctx.store.list_databases())?;
     if dbs.is_empty() {
-        bail!("replica {url} holds no databases: nothing to restore");
+        return usage(format!(
+            "replica {url} holds no databases: nothing to restore"
+        ));
     }
     if dbs.len() == 1 && dbs[0].is_empty() {
         let o = ctx.restore_one("", &args.output)?;
@@ -242,26 +245,28 @@ pub fn restore_command(args: &RestoreArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if dbs.iter().any(|d| d.is_empty()) {
-        bail!(
+        return usage(format!(
             "replica {url} holds a database at its root and {} below it; pass --db to choose one \
              (\"\" for the one at the root)",
             dbs.len() - 1
-        );
+        ));
     }
     if args.txid.is_some() {
-        bail!(
+        return usage(format!(
             "--txid names a transaction of one database, and replica {url} holds {}; pass --db \
              with it",
             dbs.len()
-        );
+        ));
     }
     let out = &args.output;
     match std::fs::symlink_metadata(out) {
-        Ok(m) if !m.is_dir() => bail!(
-            "replica {url} holds {} databases, so the output must be a directory, and {} is not one",
-            dbs.len(),
-            out.display()
-        ),
+        Ok(m) if !m.is_dir() => {
+            return Err(RestoreError::Output(format!(
+                "replica {url} holds {} databases, so the output must be a directory, and {} is not one",
+                dbs.len(),
+                out.display()
+            )))
+        }
         _ => {}
     }
     // Refuse before restoring anything.
@@ -271,14 +276,14 @@ pub fn restore_command(args: &RestoreArgs) -> anyhow::Result<()> {
         .map(|e| e.to_string())
         .collect();
     if let Some(first) = conflicts.first() {
-        bail!(
+        return Err(RestoreError::Output(format!(
             "{first}{}",
             if conflicts.len() > 1 {
                 format!(" (and {} more outputs)", conflicts.len() - 1)
             } else {
                 String::new()
             }
-        );
+        )));
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut failures = Vec::new();
@@ -292,12 +297,12 @@ pub fn restore_command(args: &RestoreArgs) -> anyhow::Result<()> {
         }
     }
     if !failures.is_empty() {
-        return Err(anyhow!(
+        return Err(RestoreError::Incomplete(format!(
             "{} of {} databases were not restored: {}",
             failures.len(),
             dbs.len(),
             failures.join("; ")
-        ));
+        )));
     }
     Ok(())
 }

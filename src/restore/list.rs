@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, bail, Context};
 use tokio::runtime::Runtime;
 
 use crate::replica::layout::Layout;
@@ -25,6 +24,7 @@ use crate::replica::store::{LtxObjectInfo, ReplicaStore};
 use crate::replica::timestamp::{format_rfc3339_nano, parse_rfc3339};
 
 use super::command::{list_objects, open_replica, runtime};
+use super::error::{Context, RestoreError, RestoreResult};
 use super::plan::{db_label, restorable_txids};
 use super::record::SidecarStore;
 
@@ -115,17 +115,20 @@ pub fn deleted_state(marker: Option<DeletedMarker>, latest_txid: u64) -> Option<
 async fn read_deleted_marker(
     store: &ReplicaStore,
     db: &str,
-) -> anyhow::Result<Option<DeletedMarker>> {
+) -> RestoreResult<Option<DeletedMarker>> {
     let key = deleted_marker_key(store.root(), db);
     match store.get_object(&key).await {
         Ok(b) => {
             let text = String::from_utf8_lossy(&b);
-            parse_deleted_marker(&text)
-                .map(Some)
-                .map_err(|m| anyhow!("deletion marker {}/{key} is malformed: {m}", store.base()))
+            parse_deleted_marker(&text).map(Some).map_err(|m| {
+                RestoreError::Corrupt(format!(
+                    "deletion marker {}/{key} is malformed: {m}",
+                    store.base()
+                ))
+            })
         }
         Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(anyhow!("{e}")),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -136,13 +139,16 @@ pub fn summarize(
     store: &ReplicaStore,
     sidecar: &SidecarStore,
     db: &str,
-) -> anyhow::Result<DatabaseSummary> {
+) -> RestoreResult<DatabaseSummary> {
     let objects = list_objects(rt, store, db)?;
     let Some(latest) = objects
         .iter()
         .max_by_key(|o| (o.max_txid, std::cmp::Reverse(o.level)))
     else {
-        bail!("replica holds no LTX objects for {}", db_label(db));
+        return Err(RestoreError::Usage(format!(
+            "replica holds no LTX objects for {}",
+            db_label(db)
+        )));
     };
     let h = rt.block_on(sidecar.ltx_header(&latest.key))?;
     let reach = restorable_txids(&objects);
@@ -189,7 +195,7 @@ fn commit_time(
     objects: &[LtxObjectInfo],
     txid: u64,
     listed: SystemTime,
-) -> anyhow::Result<SystemTime> {
+) -> RestoreResult<SystemTime> {
     if store.layout() != Layout::S3 {
         return Ok(listed);
     }
@@ -222,7 +228,7 @@ fn shown_path(db: &str) -> &str {
 }
 
 /// `walfs list` (see the module documentation); prints to stdout.
-pub fn list_command(args: &ListArgs) -> anyhow::Result<()> {
+pub fn list_command(args: &ListArgs) -> RestoreResult<()> {
     let (url, store, sidecar) = open_replica(&args.url)?;
     let rt = runtime()?;
     let mut out = std::io::stdout().lock();

@@ -9,15 +9,18 @@
 //!   record (per-TXID checksum sidecar objects) and access to non-LTX objects;
 //! - `command`: `walfs restore` for one database or a whole replica ([`restore_command`]);
 //! - `list`: `walfs list` ([`list_command`]);
-//! - `verify`: `walfs verify`, the restore drill ([`verify_command`]).
+//! - `verify`: `walfs verify`, the restore drill ([`verify_command`]);
+//! - `error`: what fails ([`RestoreError`]).
 
 pub mod apply;
 mod command;
+pub mod error;
 pub mod list;
 pub mod plan;
 pub mod verify;
 pub use crate::replica::record;
 
 pub use command::{list_objects, open_replica, restore_command, runtime, RestoreArgs};
+pub use error::{RestoreError, RestoreResult};
 pub use list::{list_command, ListArgs};
 pub use verify::{verify_command, VerifyArgs};

@@ -9,12 +9,11 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use anyhow::{anyhow, bail, Context};
-
 use crate::replica::timestamp::format_rfc3339_nano;
 
 use super::apply::{restore_database, ChecksumCheck};
 use super::command::{list_objects, open_replica, runtime};
+use super::error::{Context, RestoreError, RestoreResult};
 use super::plan::{db_label, plan, restorable_txids, RestoreTarget};
 
 /// The arguments of `walfs verify` (each field's doc comment is its `--help` text).
@@ -53,7 +52,7 @@ pub fn pick_earlier(txids: &[u64], latest: u64, state: &mut u64) -> Option<u64> 
 struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
+    fn new() -> RestoreResult<TempDir> {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -77,7 +76,7 @@ impl Drop for TempDir {
 
 /// `walfs verify` (see the module documentation). Prints to stdout; the error counts the
 /// failed checks and repeats the first.
-pub fn verify_command(args: &VerifyArgs) -> anyhow::Result<()> {
+pub fn verify_command(args: &VerifyArgs) -> RestoreResult<()> {
     let (url, store, sidecar) = open_replica(&args.url)?;
     let rt = runtime()?;
     let dbs = match &args.db {
@@ -85,7 +84,9 @@ pub fn verify_command(args: &VerifyArgs) -> anyhow::Result<()> {
         None => rt.block_on(store.list_databases())?,
     };
     if dbs.is_empty() {
-        bail!("replica {url} holds no databases: nothing to verify");
+        return Err(RestoreError::Usage(format!(
+            "replica {url} holds no databases: nothing to verify"
+        )));
     }
     let seed = args.seed.unwrap_or_else(|| {
         SystemTime::now()
@@ -120,7 +121,7 @@ pub fn verify_command(args: &VerifyArgs) -> anyhow::Result<()> {
             checks += 1;
             let out = tmp.0.join(format!("{i}-{j}.db"));
             let result = plan(db, &objects, target, |a, b| store.ltx_key(db, 0, a, b))
-                .map_err(|e| anyhow!("{e}"))
+                .map_err(RestoreError::from)
                 .and_then(|p| {
                     restore_database(&rt, &store, &sidecar, &p, &out, false, false)
                         .map(|o| (o, p.bytes()))
@@ -153,10 +154,10 @@ pub fn verify_command(args: &VerifyArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(first) = failures.first() {
-        bail!(
+        return Err(RestoreError::Incomplete(format!(
             "{} of {checks} checks failed; first: {first}; repeat with --seed {seed}",
             failures.len()
-        );
+        )));
     }
     println!("all {checks} checks passed");
     Ok(())
