@@ -11,14 +11,55 @@
 //! positional argument. Unknown keys are refused with a one-line error naming the key.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context};
 use clap::{Arg, ArgAction, Command};
+
+use crate::replica::error::write_causes;
 
 /// The option naming the config file, and its environment variable.
 pub const CONFIG_FLAG: &str = "config";
 pub const CONFIG_ENV: &str = "WALFS_CONFIG";
+
+/// Why a config file cannot be used.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file cannot be read (the source says why).
+    Read { path: PathBuf, source: io::Error },
+    /// The file is not valid TOML, or a setting is unknown or has the wrong type: one line
+    /// that names the file and the setting.
+    Invalid(String),
+}
+
+/// The result of reading a config file.
+pub type ConfigResult<T> = Result<T, ConfigError>;
+
+impl fmt::Display for ConfigError {
+    /// One line; with `{:#}`, followed by the cause, joined by ": ".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, .. } => {
+                write!(f, "cannot read the config file {}", path.display())?
+            }
+            ConfigError::Invalid(m) => f.write_str(m)?,
+        }
+        if f.alternate() {
+            write_causes(f, self)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { source, .. } => Some(source),
+            ConfigError::Invalid(_) => None,
+        }
+    }
+}
 
 fn is_switch(a: &Arg) -> bool {
     matches!(
@@ -40,16 +81,18 @@ fn key_of(a: &Arg) -> Option<String> {
     }
 }
 
-fn scalar(key: &str, v: &toml::Value, label: &str) -> anyhow::Result<String> {
+fn scalar(key: &str, v: &toml::Value, label: &str) -> ConfigResult<String> {
     match v {
         toml::Value::String(s) => Ok(s.clone()),
         toml::Value::Integer(i) => Ok(i.to_string()),
         toml::Value::Float(f) => Ok(f.to_string()),
         toml::Value::Datetime(d) => Ok(d.to_string()),
-        toml::Value::Boolean(_) | toml::Value::Array(_) | toml::Value::Table(_) => bail!(
-            "{label}: setting {key:?} takes a string or a number, not {}",
-            v.type_str()
-        ),
+        toml::Value::Boolean(_) | toml::Value::Array(_) | toml::Value::Table(_) => {
+            Err(ConfigError::Invalid(format!(
+                "{label}: setting {key:?} takes a string or a number, not {}",
+                v.type_str()
+            )))
+        }
     }
 }
 
@@ -61,10 +104,10 @@ pub fn config_args(
     text: &str,
     label: &str,
     given: &[String],
-) -> anyhow::Result<(Vec<OsString>, Vec<OsString>)> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| anyhow!("{label} is not valid TOML: {}", one_line(&e)))?;
+) -> ConfigResult<(Vec<OsString>, Vec<OsString>)> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        ConfigError::Invalid(format!("{label} is not valid TOML: {}", one_line(&e)))
+    })?;
     let args: Vec<&Arg> = cmd
         .get_arguments()
         .filter(|a| !matches!(a.get_action(), ArgAction::Help | ArgAction::Version))
@@ -79,11 +122,11 @@ pub fn config_args(
         else {
             let mut known: Vec<String> = args.iter().filter_map(|a| key_of(a)).collect();
             known.sort();
-            bail!(
+            return Err(ConfigError::Invalid(format!(
                 "{label}: unknown setting {key:?}; the settings are the long flags of `walfs {}`: {}",
                 cmd.get_name(),
                 known.join(", ")
-            );
+            )));
         };
         if arg.is_positional() {
             let index = arg.get_index().unwrap_or(usize::MAX);
@@ -98,14 +141,18 @@ pub fn config_args(
             match value {
                 toml::Value::Boolean(true) => options.push(flag.into()),
                 toml::Value::Boolean(false) => {}
-                v => bail!(
+                v => {
+                    return Err(ConfigError::Invalid(format!(
                     "{label}: setting {key:?} is a switch: write {key} = true or false, not a {}",
                     v.type_str()
-                ),
+                )))
+                }
             }
         } else if let toml::Value::Array(items) = value {
             if !repeats(arg) {
-                bail!("{label}: setting {key:?} takes one value, not a list");
+                return Err(ConfigError::Invalid(format!(
+                    "{label}: setting {key:?} takes one value, not a list"
+                )));
             }
             for item in items {
                 options.push(format!("{flag}={}", scalar(key, item, label)?).into());
@@ -134,7 +181,7 @@ pub fn expand_config(
     subcommand: &str,
     argv: Vec<OsString>,
     env: impl Fn(&str) -> Option<OsString>,
-) -> anyhow::Result<Vec<OsString>> {
+) -> ConfigResult<Vec<OsString>> {
     let Some(cmd) = root.find_subcommand(subcommand) else {
         return Ok(argv);
     };
@@ -191,8 +238,10 @@ pub fn expand_config(
         None => return Ok(argv),
     };
     let path = Path::new(&path);
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     let label = format!("config file {}", path.display());
     let (options, file_positionals) = config_args(cmd, &text, &label, &given)?;
     let mut out: Vec<OsString> = argv[..=at].to_vec();

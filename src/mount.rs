@@ -2,19 +2,20 @@
 //! mounted, the cleaning of a stale mount left by a killed daemon, the FUSE session itself,
 //! and a clean unmount on SIGINT or SIGTERM.
 
+use std::fmt;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use fuser::{MountOption, SessionACL};
 
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::metrics::Metrics;
 use crate::fs::{FsConfig, IoMode, NoObserver, Observer, PassthroughFs};
-use crate::replicate::{Replication, ReplicationOptions};
+use crate::replica::error::write_causes;
+use crate::replicate::{Replication, ReplicationError, ReplicationOptions};
 
 /// How files holding an SQLite database are served (`--database-io`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,7 +65,7 @@ pub struct MountOptions {
 }
 
 /// Mounts and serves until unmounted (by a signal or `fusermount3 -u`).
-pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
+pub fn run(opts: &MountOptions) -> MountResult<()> {
     let (backing, mountpoint) = preflight(opts)?;
     raise_open_file_limit();
     // The kernel applies the caller's umask before a create request reaches walfs; the
@@ -97,10 +98,12 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
         Some(r) => r.observer(),
         None => Arc::new(NoObserver),
     };
-    let fs = Arc::new(
-        PassthroughFs::new(&backing, config, observer)
-            .with_context(|| format!("cannot open backing directory {}", backing.display()))?,
-    );
+    let fs = Arc::new(PassthroughFs::new(&backing, config, observer).map_err(|e| {
+        MountError::Context {
+            what: format!("cannot open backing directory {}", backing.display()),
+            source: e,
+        }
+    })?);
     let metrics = Arc::new(Metrics::default());
 
     let mut fuse_config = fuser::Config::default();
@@ -146,7 +149,10 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
             tracing::debug!("the kernel aborted the FUSE connection");
             Ok(())
         }
-        r => r.context("FUSE session failed"),
+        r => r.map_err(|e| MountError::Context {
+            what: "FUSE session failed".into(),
+            source: e,
+        }),
     };
     if let Some(r) = replication {
         r.stop();
@@ -156,21 +162,89 @@ pub fn run(opts: &MountOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why `walfs mount` failed.
+///
+/// `Replication` and `Io` are transparent (they print as the error they wrap, and
+/// `source()` is its source); `Context` prints only its own text and returns the error it
+/// wraps from `source()`, so `{:#}` prints "what: cause".
+#[derive(Debug)]
+pub enum MountError {
+    /// The set-up is wrong: a one-line message that says what to do.
+    Setup(String),
+    /// Replication could not start.
+    Replication(ReplicationError),
+    /// An I/O error with nothing to add (resolving a path, reading a directory, ...).
+    Io(io::Error),
+    /// `what` failed because of `source`.
+    Context { what: String, source: io::Error },
+}
+
+/// The result of a step of `walfs mount`.
+pub type MountResult<T> = Result<T, MountError>;
+
+impl fmt::Display for MountError {
+    /// One line; with `{:#}`, followed by each cause, joined by ": ".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MountError::Setup(m) => f.write_str(m)?,
+            MountError::Replication(e) => write!(f, "{e}")?,
+            MountError::Io(e) => write!(f, "{e}")?,
+            MountError::Context { what, .. } => f.write_str(what)?,
+        }
+        if f.alternate() {
+            write_causes(f, self)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for MountError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MountError::Setup(_) => None,
+            MountError::Replication(e) => e.source(),
+            MountError::Io(e) => e.source(),
+            MountError::Context { source, .. } => Some(source),
+        }
+    }
+}
+
+impl From<ReplicationError> for MountError {
+    fn from(e: ReplicationError) -> Self {
+        MountError::Replication(e)
+    }
+}
+
+impl From<io::Error> for MountError {
+    fn from(e: io::Error) -> Self {
+        MountError::Io(e)
+    }
+}
+
 /// Validates the set-up and returns the canonical backing directory and mountpoint.
-fn preflight(opts: &MountOptions) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn preflight(opts: &MountOptions) -> MountResult<(PathBuf, PathBuf)> {
     let backing = &opts.backing;
     match std::fs::metadata(backing) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => bail!(
-            "backing path {} is not a directory; give the directory that holds your data",
-            backing.display()
-        ),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
-            "backing directory {} does not exist; create it first (mkdir -p {})",
-            backing.display(),
-            backing.display()
-        ),
-        Err(e) => bail!("cannot use backing directory {}: {e}", backing.display()),
+        Ok(_) => {
+            return Err(MountError::Setup(format!(
+                "backing path {} is not a directory; give the directory that holds your data",
+                backing.display()
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(MountError::Setup(format!(
+                "backing directory {} does not exist; create it first (mkdir -p {})",
+                backing.display(),
+                backing.display()
+            )))
+        }
+        Err(e) => {
+            return Err(MountError::Setup(format!(
+                "cannot use backing directory {}: {e}",
+                backing.display()
+            )))
+        }
     }
     let backing = std::fs::canonicalize(backing)?;
 
@@ -179,77 +253,91 @@ fn preflight(opts: &MountOptions) -> anyhow::Result<(PathBuf, PathBuf)> {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             clean_stale_mount(&mountpoint)?;
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
-            "mountpoint {} does not exist; create it first (mkdir -p {})",
-            mountpoint.display(),
-            mountpoint.display()
-        ),
-        Err(e) => bail!("cannot use mountpoint {}: {e}", mountpoint.display()),
-        Ok(m) if !m.is_dir() => bail!(
-            "mountpoint {} is not a directory; give an empty directory",
-            mountpoint.display()
-        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(MountError::Setup(format!(
+                "mountpoint {} does not exist; create it first (mkdir -p {})",
+                mountpoint.display(),
+                mountpoint.display()
+            )))
+        }
+        Err(e) => {
+            return Err(MountError::Setup(format!(
+                "cannot use mountpoint {}: {e}",
+                mountpoint.display()
+            )))
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(MountError::Setup(format!(
+                "mountpoint {} is not a directory; give an empty directory",
+                mountpoint.display()
+            )))
+        }
         Ok(_) => {
             // A mount whose daemon died a moment ago still answers stat from the kernel's
             // attribute cache (for up to --cache-ttl): only a fresh GETATTR tells.
             if is_mountpoint(&mountpoint) && is_dead_fuse_mount(&mountpoint) {
                 clean_stale_mount(&mountpoint)?;
             } else if is_mountpoint(&mountpoint) {
-                bail!(
+                return Err(MountError::Setup(format!(
                     "mountpoint {} is already mounted; unmount it first (fusermount3 -u {})",
                     mountpoint.display(),
                     mountpoint.display()
-                );
+                )));
             }
         }
     }
     let mountpoint = std::fs::canonicalize(&mountpoint)?;
 
     if mountpoint.starts_with(&backing) {
-        bail!(
+        return Err(MountError::Setup(format!(
             "mountpoint {} is inside backing directory {}; that would loop: put the mountpoint elsewhere",
             mountpoint.display(),
             backing.display()
-        );
+        )));
     }
     if backing.starts_with(&mountpoint) {
-        bail!(
+        return Err(MountError::Setup(format!(
             "backing directory {} is inside mountpoint {}; that would loop: put the backing directory elsewhere",
             backing.display(),
             mountpoint.display()
-        );
+        )));
     }
     if !opts.allow_nonempty && std::fs::read_dir(&mountpoint)?.next().is_some() {
-        bail!(
+        return Err(MountError::Setup(format!(
             "mountpoint {} is busy: it is not empty and the mount would hide its files; empty it or pass --allow-nonempty",
             mountpoint.display()
-        );
+        )));
     }
 
     match std::fs::metadata("/dev/fuse") {
         Ok(m) if m.file_type().is_char_device() => {}
-        _ => bail!(
-            "/dev/fuse is missing: install the fuse3 package (apt-get install fuse3) and load the module (modprobe fuse); in Docker pass --device /dev/fuse --cap-add SYS_ADMIN"
-        ),
+        _ => {
+            return Err(MountError::Setup(
+                "/dev/fuse is missing: install the fuse3 package (apt-get install fuse3) and load the module (modprobe fuse); in Docker pass --device /dev/fuse --cap-add SYS_ADMIN"
+                    .into(),
+            ))
+        }
     }
     // SAFETY: plain getter.
     let root = unsafe { libc::geteuid() } == 0;
     if !root && find_in_path("fusermount3").is_none() {
-        bail!(
+        return Err(MountError::Setup(
             "fusermount3 not found: install the fuse3 package (apt-get install fuse3), or run walfs as root"
-        );
+                .into(),
+        ));
     }
     // SAFETY: valid C string; access() only reads it.
     if !root && unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 {
-        bail!(
+        return Err(MountError::Setup(
             "/dev/fuse is not accessible to this user: make it mode 0666 (the fuse3 default: chmod 0666 /dev/fuse), or run walfs as root"
-        );
+                .into(),
+        ));
     }
     Ok((backing, mountpoint))
 }
 
 /// `path` made absolute without resolving its last component (which may be a dead mount).
-fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+fn absolute(path: &Path) -> MountResult<PathBuf> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -317,7 +405,7 @@ fn is_dead_fuse_mount(path: &Path) -> bool {
 }
 
 /// Detaches a mount whose daemon died ("transport endpoint is not connected").
-fn clean_stale_mount(mountpoint: &Path) -> anyhow::Result<()> {
+fn clean_stale_mount(mountpoint: &Path) -> MountResult<()> {
     tracing::warn!(
         mountpoint = %mountpoint.display(),
         "found a stale mount left by a daemon that died; cleaning it"
@@ -328,11 +416,11 @@ fn clean_stale_mount(mountpoint: &Path) -> anyhow::Result<()> {
             .arg(mountpoint)
             .status();
         if !matches!(status, Ok(s) if s.success()) {
-            bail!(
+            return Err(MountError::Setup(format!(
                 "mountpoint {} holds a stale mount that walfs cannot remove; run: fusermount3 -uz {}",
                 mountpoint.display(),
                 mountpoint.display()
-            );
+            )));
         }
     }
     Ok(())
@@ -348,18 +436,18 @@ fn detach(mountpoint: &Path) -> io::Result<()> {
     }
 }
 
-fn mount_failed(e: io::Error, mountpoint: &Path) -> anyhow::Error {
-    match e.raw_os_error() {
-        Some(libc::EBUSY) => anyhow::anyhow!(
+fn mount_failed(e: io::Error, mountpoint: &Path) -> MountError {
+    MountError::Setup(match e.raw_os_error() {
+        Some(libc::EBUSY) => format!(
             "mountpoint {} is busy; stop what is using it, or pick another directory",
             mountpoint.display()
         ),
-        Some(libc::EPERM) | Some(libc::EACCES) => anyhow::anyhow!(
+        Some(libc::EPERM) | Some(libc::EACCES) => format!(
             "not permitted to mount at {}: run as root, or install fuse3 so fusermount3 can mount for you ({e})",
             mountpoint.display()
         ),
-        _ => anyhow::anyhow!("cannot mount at {}: {e}", mountpoint.display()),
-    }
+        _ => format!("cannot mount at {}: {e}", mountpoint.display()),
+    })
 }
 
 /// On SIGINT or SIGTERM: unmount, so the session ends and the process exits 0. If the
@@ -368,7 +456,7 @@ fn mount_failed(e: io::Error, mountpoint: &Path) -> anyhow::Error {
 fn unmount_on_signal(
     mut unmounter: fuser::SessionUnmounter,
     mountpoint: PathBuf,
-) -> anyhow::Result<()> {
+) -> MountResult<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()

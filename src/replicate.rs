@@ -10,16 +10,18 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use std::fmt;
+use std::io;
 
 use crate::capture::watch::WalWatcher;
 use crate::capture::{database_of, Barrier, Capture, CaptureObserver};
 use crate::fs::Observer;
+use crate::replica::error::{write_causes, ReplicaError, StoreError};
 use crate::replica::maintain::{Maintainer, MaintenanceOptions};
 use crate::replica::store::{ReplicaStore, StoreTuning};
 use crate::replica::upload::Uploader;
 use crate::replica::url::ReplicaUrl;
-use crate::staging::Staging;
+use crate::staging::{Staging, StagingError};
 
 /// The mount's uploads retry briefly inside the client and then leave it to the uploader's
 /// own backoff, so that a failing store is reported ("replica is behind") within seconds,
@@ -81,37 +83,118 @@ pub struct Replication {
     watcher: Option<WalWatcher>,
 }
 
+/// Why replication could not start.
+///
+/// `Store`, `Replica` and `Io` are transparent (they print as the error they wrap, and
+/// `source()` is its source); the other variants that wrap an error print only their own
+/// text and return it from `source()`, so `{:#}` prints "what: cause".
+#[derive(Debug)]
+pub enum ReplicationError {
+    /// A `--replica` URL is malformed (the source says how).
+    ReplicaUrl(StoreError),
+    /// A replica's store cannot be opened.
+    Store(StoreError),
+    /// The uploader or maintenance loop cannot be set up.
+    Replica(ReplicaError),
+    /// A thread or runtime cannot be started.
+    Io(io::Error),
+    /// The staging directory lies inside the backing directory.
+    StagingInsideBacking(PathBuf),
+    /// Staging failed while `what`.
+    Staging { what: String, source: StagingError },
+    /// The backing directory cannot be watched for WAL changes.
+    Watch(io::Error),
+}
+
+/// The result of starting replication.
+pub type ReplicationResult<T> = Result<T, ReplicationError>;
+
+impl fmt::Display for ReplicationError {
+    /// One line; with `{:#}`, followed by each cause, joined by ": ".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplicationError::ReplicaUrl(_) => f.write_str("--replica")?,
+            ReplicationError::Store(e) => write!(f, "{e}")?,
+            ReplicationError::Replica(e) => write!(f, "{e}")?,
+            ReplicationError::Io(e) => write!(f, "{e}")?,
+            ReplicationError::StagingInsideBacking(dir) => write!(
+                f,
+                "staging directory {} is inside the backing directory; put it elsewhere (--staging-dir)",
+                dir.display()
+            )?,
+            ReplicationError::Staging { what, .. } => f.write_str(what)?,
+            ReplicationError::Watch(_) => {
+                f.write_str("cannot watch the backing directory for WAL changes (inotify)")?
+            }
+        }
+        if f.alternate() {
+            write_causes(f, self)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ReplicationError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ReplicationError::ReplicaUrl(e) => Some(e),
+            ReplicationError::Store(e) => e.source(),
+            ReplicationError::Replica(e) => e.source(),
+            ReplicationError::Io(e) => e.source(),
+            ReplicationError::StagingInsideBacking(_) => None,
+            ReplicationError::Staging { source, .. } => Some(source),
+            ReplicationError::Watch(e) => Some(e),
+        }
+    }
+}
+
+impl From<StoreError> for ReplicationError {
+    fn from(e: StoreError) -> Self {
+        ReplicationError::Store(e)
+    }
+}
+
+impl From<ReplicaError> for ReplicationError {
+    fn from(e: ReplicaError) -> Self {
+        ReplicationError::Replica(e)
+    }
+}
+
+impl From<io::Error> for ReplicationError {
+    fn from(e: io::Error) -> Self {
+        ReplicationError::Io(e)
+    }
+}
+
 impl Replication {
     /// Opens the replicas and staging, stages snapshots of the databases already in
     /// `backing`, and starts the uploader.
-    pub fn start(backing: &Path, opts: &ReplicationOptions) -> anyhow::Result<Replication> {
+    pub fn start(backing: &Path, opts: &ReplicationOptions) -> ReplicationResult<Replication> {
         let mut replicas = Vec::new();
         for url in &opts.replicas {
-            let parsed = ReplicaUrl::parse(url).map_err(|e| anyhow::anyhow!("--replica: {e}"))?;
-            replicas.push(
-                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            );
+            let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
+            replicas.push(ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?);
         }
         let dir = match &opts.staging_dir {
             Some(d) => d.clone(),
             None => default_staging_dir(backing),
         };
         if dir.starts_with(backing) {
-            anyhow::bail!(
-                "staging directory {} is inside the backing directory; put it elsewhere (--staging-dir)",
-                dir.display()
-            );
+            return Err(ReplicationError::StagingInsideBacking(dir));
         }
-        let staging = Arc::new(Staging::open(&dir).with_context(|| {
-            format!(
+        let staging = Arc::new(Staging::open(&dir).map_err(|e| ReplicationError::Staging {
+            what: format!(
                 "cannot use staging directory {}; give a writable one with --staging-dir",
                 dir.display()
-            )
+            ),
+            source: e,
         })?);
         staging
             .remove_temporaries()
-            .context("cannot clean the staging directory")?;
+            .map_err(|e| ReplicationError::Staging {
+                what: "cannot clean the staging directory".into(),
+                source: e,
+            })?;
         let capture = Arc::new(Capture::new(backing, staging.clone()));
         // With a sync interval of 0 every batch is uploaded alone: nothing to merge.
         capture.set_hold_pages(!opts.sync_interval.is_zero());
@@ -119,11 +202,8 @@ impl Replication {
         // uploader's runtime is driven only while that runtime runs.
         let mut maintenance_stores = Vec::new();
         for url in &opts.replicas {
-            let parsed = ReplicaUrl::parse(url).map_err(|e| anyhow::anyhow!("--replica: {e}"))?;
-            maintenance_stores.push(
-                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-            );
+            let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
+            maintenance_stores.push(ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?);
         }
         let maintainer = Arc::new(Maintainer::new(
             staging.clone(),
@@ -167,8 +247,8 @@ impl Replication {
                 .name("walfs-maintain".into())
                 .spawn(move || maintainer.run())?
         };
-        let watcher = WalWatcher::start(capture.clone(), WATCH_COALESCE)
-            .context("cannot watch the backing directory for WAL changes (inotify)")?;
+        let watcher =
+            WalWatcher::start(capture.clone(), WATCH_COALESCE).map_err(ReplicationError::Watch)?;
         Ok(Replication {
             capture,
             stage_at_commit: opts.stage_at_commit,
@@ -264,7 +344,7 @@ fn default_staging_dir(backing: &Path) -> PathBuf {
 }
 
 /// Registers every SQLite database under `backing` (by header) and stages what it holds.
-fn stage_existing_databases(backing: &Path, capture: &Capture) -> anyhow::Result<usize> {
+fn stage_existing_databases(backing: &Path, capture: &Capture) -> ReplicationResult<usize> {
     let mut stack = vec![PathBuf::new()];
     let mut found = 0;
     while let Some(rel) = stack.pop() {
@@ -290,7 +370,10 @@ fn stage_existing_databases(backing: &Path, capture: &Capture) -> anyhow::Result
                 };
                 capture
                     .on(&child, barrier)
-                    .with_context(|| format!("cannot stage {}", child.display()))?;
+                    .map_err(|e| ReplicationError::Staging {
+                        what: format!("cannot stage {}", child.display()),
+                        source: e,
+                    })?;
                 if capture.is_captured(&child) {
                     found += 1;
                 }
