@@ -301,6 +301,76 @@ fn the_moments_before_a_break_stay_restorable() {
     assert_no_failure(&m.stop());
 }
 
+/// A connection in `locking_mode=EXCLUSIVE` keeps writing pages of the size it knows into
+/// a database file that another program rewrote in place with another page size (SQLite
+/// does not look again while it holds the lock). Its journal then counts pages of the old
+/// size, which name other bytes of the new file: capture compares the whole file instead,
+/// and the replica holds the file's bytes. Found by fuzz seed 0xd00d5, sequence 392.
+#[test]
+fn a_journal_of_another_page_size_than_the_file_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("replica").display());
+    let mut m = mount(dir.path(), &url, "100ms");
+    let scratch = tempfile::tempdir().unwrap();
+    // Another database, of page size 32768, as its bytes.
+    let other = scratch.path().join("other.db");
+    {
+        let c = Connection::open(&other).unwrap();
+        c.execute_batch(
+            "PRAGMA page_size=32768; CREATE TABLE o(x); INSERT INTO o VALUES (randomblob(40000));",
+        )
+        .unwrap();
+    }
+    let other = std::fs::read(&other).unwrap();
+    let a = Connection::open(m.path("a.db")).unwrap();
+    a.execute_batch(
+        "PRAGMA page_size=2048; PRAGMA journal_mode=DELETE; PRAGMA locking_mode=EXCLUSIVE;
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);",
+    )
+    .unwrap();
+    for _ in 0..12 {
+        a.execute("INSERT INTO t(v) VALUES (randomblob(1500))", [])
+            .unwrap();
+    }
+    // Rewritten in place (same inode) while `a` holds its exclusive lock.
+    std::fs::write(m.path("a.db"), &other).unwrap();
+    // Updates of the same size: in exclusive mode SQLite leaves page 1 (and so the new
+    // header) alone, and writes 2048-byte pages into the 32768-byte pages of the file.
+    for id in [3, 7, 11] {
+        a.execute("UPDATE t SET v = randomblob(1500) WHERE id = ?1", [id])
+            .unwrap();
+    }
+    drop(a);
+    let live = sqlite_view(&m.backing_path("a.db"), &scratch.path().join("live"))
+        .expect("SQLite reads a database");
+    let live = std::fs::read(live).unwrap();
+    assert_eq!(&live[16..18], &[0x80, 0], "the header still says 32768");
+    let out = scratch.path().join("restored.db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let restored = restore_at(&url, "a.db", &out, None).map(|_| std::fs::read(&out).unwrap());
+        if restored.as_ref().is_ok_and(|r| *r == live) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica does not hold what SQLite reads ({}):\n{}",
+            match &restored {
+                Ok(r) => format!(
+                    "{} bytes restored, {} live; first difference at byte {:?}",
+                    r.len(),
+                    live.len(),
+                    r.iter().zip(&live).position(|(x, y)| x != y)
+                ),
+                Err(e) => e.clone(),
+            },
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_no_failure(&m.stop());
+}
+
 /// A database file that is momentarily not a database (emptied beside a `-wal` that the
 /// next opener deletes; zeroed beside a hot journal that the next opener rolls back) works
 /// through the mount exactly as on the bare directory, and the replica ends equal to what

@@ -103,6 +103,11 @@ pub struct PendingJournal {
     /// journaling it (its old content does not matter to SQLite: `PAGER_GET_NOCONTENT`),
     /// so a leaf that left the freelist may have changed although no record names it.
     free_leaves: BTreeSet<u32>,
+    /// The page sizes the journal's headers gave: its page numbers count pages of that
+    /// size, which is the database file's only if a connection's view of the file is
+    /// current (one in `locking_mode=EXCLUSIVE` keeps writing pages of the old size into
+    /// a file rewritten under it).
+    page_sizes: BTreeSet<u32>,
 }
 
 /// The freelist leaf pages of a database whose page 1 is `page1`; `read` reads a trunk
@@ -318,6 +323,7 @@ impl DatabaseCapture {
             ..PendingJournal::default()
         });
         p.initial = p.initial.min(initial);
+        p.page_sizes.insert(scan.header.page_size);
         p.pages.extend(scan.records.iter().map(|r| r.pgno));
         p.free_leaves.extend(leaves);
         Ok(())
@@ -564,6 +570,12 @@ impl DatabaseCapture {
             let mut events = Vec::new();
             self.snapshot_replacement("the page size changed", &mut events)?;
             return Ok(events);
+        }
+        if p.page_sizes.iter().any(|&j| j != ps) {
+            // The journal counts pages of another size than the file's header: its page
+            // numbers do not name this file's pages. Compare the whole file.
+            self.fingerprint = None;
+            return self.capture_diff(false);
         }
         self.state.page_size = ps;
         let file_pages = (db.metadata()?.len() / u64::from(ps)) as u32;
