@@ -11,10 +11,9 @@ mod common;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{assert_same_database, sqlite_view, Mount, WALFS};
+use common::{assert_replica_follows, Mount};
 use rusqlite::Connection;
 
 /// A 1 MiB tmpfs mounted at a directory for the life of the value. Needs root, as every
@@ -53,33 +52,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Restores `rel` until it equals what SQLite reads from the backing files, for up to 15 s.
-fn assert_replica_follows(url: &str, m: &Mount, rel: &str, scratch: &Path) {
-    let expected =
-        sqlite_view(&m.backing_path(rel), &scratch.join("expected")).expect("the database exists");
-    let out = scratch.join("restored.db");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let _ = std::fs::remove_file(&out);
-        let o = Command::new(WALFS)
-            .args(["restore", url, "--db", rel, "-o"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        if o.status.success() && std::fs::read(&out).unwrap() == std::fs::read(&expected).unwrap() {
-            assert_same_database(&expected, &out);
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replica does not equal the database: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            m.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,7 +71,6 @@ fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
         ],
         &[],
     );
-    let scratch = dir.path().join("scratch");
     let c = Connection::open(m.path("app.db")).unwrap();
     c.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0;
@@ -107,7 +78,7 @@ fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
          INSERT INTO t(v) VALUES (randomblob(3000));",
     )
     .unwrap();
-    assert_replica_follows(&url, &m, "app.db", &scratch);
+    assert_replica_follows(&url, &[], &m, "app.db", Duration::from_secs(15));
 
     // Fill the staging filesystem.
     let filler = staging.join("filler");
@@ -150,7 +121,7 @@ fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
     assert_eq!(busy, 0);
     c.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
         .unwrap();
-    assert_replica_follows(&url, &m, "app.db", &scratch);
+    assert_replica_follows(&url, &[], &m, "app.db", Duration::from_secs(15));
     drop(c);
     let log = m.stop();
     assert!(!log.contains("panicked"), "{log}");

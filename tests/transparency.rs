@@ -15,7 +15,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_database, restored_txid, sqlite_view, Mount, Rng, S3Fixture, S3_ENV};
+use common::{
+    assert_replica_follows, assert_same_database, restored_txid, sqlite_view, Mount, Rng,
+    S3Fixture, S3_ENV,
+};
 use rusqlite::Connection;
 
 /// A mount replicating to `replica` (a `file://` URL), staging in `dir/staging`, its log
@@ -107,46 +110,6 @@ fn assert_no_failure(log: &str) {
         "Not Implemented",
     ] {
         assert!(!log.contains(bad), "the daemon logged {bad:?}:\n{log}");
-    }
-}
-
-/// Restores `rel` from `url` until it equals SQLite's view of the backing database, for
-/// up to `limit`; returns the restore log.
-fn assert_replica_follows(
-    url: &str,
-    env: &[(&str, &str)],
-    m: &Mount,
-    rel: &str,
-    limit: Duration,
-) -> String {
-    let scratch = tempfile::tempdir().unwrap();
-    let expected = sqlite_view(&m.backing_path(rel), &scratch.path().join("expected"))
-        .unwrap_or_else(|| panic!("{rel} holds no database"));
-    let out = scratch.path().join("restored.db");
-    let deadline = Instant::now() + limit;
-    loop {
-        let _ = std::fs::remove_file(&out);
-        let o = Command::new(common::WALFS)
-            .args(["restore", url, "--db", rel, "-o"])
-            .arg(&out)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let log = String::from_utf8_lossy(&o.stderr).into_owned();
-        if o.status.success() && std::fs::read(&out).unwrap() == std::fs::read(&expected).unwrap() {
-            assert_same_database(&expected, &out);
-            return log;
-        }
-        if Instant::now() > deadline {
-            if o.status.success() {
-                assert_same_database(&expected, &out);
-            }
-            panic!(
-                "{rel}: the replica does not equal the live database after {limit:?}: {log}\ndaemon log:\n{}",
-                m.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

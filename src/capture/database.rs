@@ -621,7 +621,7 @@ impl DatabaseCapture {
     /// continues the log at its committed end (the file ends there, or a frame with this
     /// log's salts there does not validate), the log is read again from its start (up to
     /// [`REVALIDATE_LIMIT`]).
-    pub(super) fn check_rewritten(&mut self, wal: &File) -> CaptureResult<()> {
+    fn check_rewritten(&mut self, wal: &File) -> CaptureResult<()> {
         let (Some(pos), Some(header)) = (self.tracker.position(), self.tracker.header()) else {
             return Ok(());
         };

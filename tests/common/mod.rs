@@ -848,6 +848,46 @@ pub fn sqlite_view(db: &Path, out_dir: &Path) -> Option<PathBuf> {
     (h.len() >= 100 && &h[..16] == b"SQLite format 3\0").then_some(out)
 }
 
+/// Restores `rel` from `url` until it equals SQLite's view of the backing database, for
+/// up to `limit`; returns the restore log.
+pub fn assert_replica_follows(
+    url: &str,
+    env: &[(&str, &str)],
+    m: &Mount,
+    rel: &str,
+    limit: Duration,
+) -> String {
+    let scratch = tempfile::tempdir().unwrap();
+    let expected = sqlite_view(&m.backing_path(rel), &scratch.path().join("expected"))
+        .unwrap_or_else(|| panic!("{rel} holds no database"));
+    let out = scratch.path().join("restored.db");
+    let deadline = Instant::now() + limit;
+    loop {
+        let _ = std::fs::remove_file(&out);
+        let o = Command::new(WALFS)
+            .args(["restore", url, "--db", rel, "-o"])
+            .arg(&out)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        if o.status.success() && std::fs::read(&out).unwrap() == std::fs::read(&expected).unwrap() {
+            assert_same_database(&expected, &out);
+            return log;
+        }
+        if Instant::now() > deadline {
+            if o.status.success() {
+                assert_same_database(&expected, &out);
+            }
+            panic!(
+                "{rel}: the replica does not equal the live database after {limit:?}: {log}\ndaemon log:\n{}",
+                m.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The TXID a `walfs restore` log reports ("restored X at TXID N ...").
 pub fn restored_txid(log: &str) -> u64 {
     let at = log.find(" at TXID ").expect("restore log names the TXID") + 9;
