@@ -60,7 +60,8 @@ impl CaptureObserver {
             .fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             file = %rel.display(),
-            "{op} fails with EIO: staging cannot make the captured transactions durable ({e}); free space or fix the staging directory"
+            "{op} fails with EIO: staging cannot make the captured transactions durable ({e}); {}",
+            e.hint()
         );
         Err(FsError::eio_logged())
     }

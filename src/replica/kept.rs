@@ -120,7 +120,7 @@ impl Staging {
     }
 
     /// The directories of `db`'s local copies, one per level, with their level.
-    fn level_dirs(&self, db: &Path) -> io::Result<Vec<(u8, PathBuf)>> {
+    fn level_dirs(&self, db: &Path) -> StagingResult<Vec<(u8, PathBuf)>> {
         Ok(list_dir(&self.db_dir(db)?.join(KEPT_DIR))?
             .into_iter()
             .filter_map(|e| {

@@ -151,8 +151,7 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> ReplicaResult<Upload> {
                 ),
             ));
         }
-        // An I/O error reading the staged file, reported as such (not as a staging failure).
-        let offsets = b.page_offsets().map_err(std::io::Error::from)?;
+        let offsets = b.page_offsets()?;
         merge.apply(
             b.header.commit,
             offsets.into_iter().map(|(pgno, off)| (pgno, (i, off))),

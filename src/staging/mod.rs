@@ -27,8 +27,9 @@
 //! could forget.
 //!
 //! Staging knows nothing about SQLite or the WAL beyond the position it stores, and it
-//! never talks to the network. Every failure (ENOSPC, EROFS, EACCES, ...) is an
-//! `io::Error`, so that the caller can fail the application's operation with EIO.
+//! never talks to the network. Every failure is a [`StagingError`]: an I/O error of the
+//! staging directory (ENOSPC, EROFS, EACCES, ...), a staged file that fails its check, or a
+//! bug; the caller fails the application's operation with EIO when it must.
 //!
 //! Snapshot LTX files are written without LTX database checksums (CRC-64) in their headers
 //! unless [`Staging::set_checksums`] turns them on: Litestream 0.5 restores only files
@@ -55,7 +56,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::ltx::{ltx_object_name, parse_ltx_object_name, LtxEncoder, LtxError, LtxHeader};
+use crate::ltx::{ltx_object_name, parse_ltx_object_name, LtxEncoder, LtxHeader};
 use crate::sqlite::{be128, ContentChecksum, PageHash, WalHeader, WalPosition, WAL_VERSION};
 
 /// Name of the per-database state file.
@@ -140,17 +141,6 @@ impl Staged {
     }
 }
 
-fn ltx_err(e: LtxError) -> io::Error {
-    match e {
-        LtxError::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    }
-}
-
-fn invalid(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
-}
-
 /// A file listed a moment ago that is gone now (removed once uploaded) counts as absent.
 fn gone_is_none<T>(r: StagingResult<T>) -> StagingResult<Option<T>> {
     match r {
@@ -171,7 +161,9 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, dir fsync).
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| invalid("path has no parent"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
     let tmp = tmp_path(path);
     let res = (|| {
         let mut f = OpenOptions::new()
@@ -217,8 +209,10 @@ impl LtxWriter {
     /// Adds one page (pages ascend; a snapshot holds every page but the lock page).
     pub fn add_page(&mut self, pgno: u32, data: &[u8]) -> StagingResult<()> {
         match &mut self.encoder {
-            Some(e) => e.add_page(pgno, data).map_err(|e| ltx_err(e).into()),
-            None => Err(io::Error::other("LTX writer already finished").into()),
+            Some(e) => Ok(e.add_page(pgno, data)?),
+            None => Err(StagingError::internal(
+                "a page added after the snapshot was committed",
+            )),
         }
     }
 
@@ -233,13 +227,13 @@ impl LtxWriter {
         let mut enc = self
             .encoder
             .take()
-            .ok_or_else(|| io::Error::other("LTX writer already finished"))?;
+            .ok_or_else(|| StagingError::internal("a snapshot committed twice"))?;
         let post = if self.header.has_checksums() {
             enc.snapshot_checksum().value()
         } else {
             0
         };
-        enc.finish(post).map_err(ltx_err)?;
+        enc.finish(post)?;
         let file = enc.into_inner().into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
@@ -288,20 +282,19 @@ impl Staging {
     pub fn db_dir(&self, db: &Path) -> StagingResult<PathBuf> {
         if db.as_os_str().is_empty() || !db.components().all(|c| matches!(c, Component::Normal(_)))
         {
-            return Err(invalid(format!(
+            return Err(StagingError::internal(format!(
                 "database key {} is not a plain relative path",
                 db.display()
-            ))
-            .into());
+            )));
         }
         Ok(self.root.join(db))
     }
 
-    fn snapshot_dir(&self, db: &Path) -> io::Result<PathBuf> {
+    fn snapshot_dir(&self, db: &Path) -> StagingResult<PathBuf> {
         Ok(self.db_dir(db)?.join("snapshots"))
     }
 
-    fn segment_dir(&self, db: &Path) -> io::Result<PathBuf> {
+    fn segment_dir(&self, db: &Path) -> StagingResult<PathBuf> {
         Ok(self.db_dir(db)?.join("segments"))
     }
 
@@ -324,7 +317,7 @@ impl Staging {
             Ok(e) => e,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
-                return Err(ltx_err(e).into());
+                return Err(e.into());
             }
         };
         Ok(LtxWriter {
@@ -622,13 +615,9 @@ impl Staging {
     pub fn state(&self, db: &Path) -> StagingResult<Option<DbState>> {
         let path = self.db_dir(db)?.join(STATE_FILE);
         match fs::read_to_string(&path) {
-            Ok(text) => parse_state(&text).map(Some).map_err(|m| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("corrupt staging state {}: {m}", path.display()),
-                )
-                .into()
-            }),
+            Ok(text) => parse_state(&text)
+                .map(Some)
+                .map_err(|what| StagingError::Corrupt { path, what }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -642,13 +631,16 @@ impl Staging {
         if let Ok(Some(saved)) = self.state(db) {
             state.uploaded_txid = state.uploaded_txid.max(saved.uploaded_txid);
         }
-        Ok(self.write_state(db, &state)?)
+        self.write_state(db, &state)
     }
 
-    fn write_state(&self, db: &Path, state: &DbState) -> io::Result<()> {
+    fn write_state(&self, db: &Path, state: &DbState) -> StagingResult<()> {
         let dir = self.db_dir(db)?;
         fs::create_dir_all(&dir)?;
-        write_atomic(&dir.join(STATE_FILE), format_state(state).as_bytes())
+        Ok(write_atomic(
+            &dir.join(STATE_FILE),
+            format_state(state).as_bytes(),
+        )?)
     }
 }
 

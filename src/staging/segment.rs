@@ -58,7 +58,7 @@ use std::sync::OnceLock;
 
 use std::collections::BTreeSet;
 
-use super::error::StagingResult;
+use super::error::{StagingError, StagingResult};
 use super::held::{Held, HeldBatch};
 use crate::ltx::Crc64;
 use crate::sqlite::{
@@ -200,10 +200,10 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn has_pages(&self) -> io::Result<()> {
+    fn has_pages(&self) -> StagingResult<()> {
         match self.kind {
             RecordKind::Pages => Ok(()),
-            RecordKind::PageList => Err(io::Error::other(format!(
+            RecordKind::PageList => Err(StagingError::internal(format!(
                 "{}: the record of TXIDs {}-{} lists pages without their data",
                 self.path.display(),
                 self.header.min_txid,
@@ -587,11 +587,13 @@ impl SegmentWriter {
     /// page it lists.
     pub fn adopt_listed(&mut self, pages: &HeldBatch) -> StagingResult<()> {
         let Some(run) = self.listed.take() else {
-            return Err(io::Error::other("no listed pages to adopt").into());
+            return Err(StagingError::internal("no listed pages to adopt"));
         };
         if self.held.is_some() || !pages.pgnos().eq(run.pages.iter().copied()) {
             self.listed = Some(run);
-            return Err(io::Error::other("the pages read back are not the listed ones").into());
+            return Err(StagingError::internal(
+                "the pages read back are not the listed ones",
+            ));
         }
         self.held = Some(Held::adopt(
             run.min_txid,
@@ -640,13 +642,14 @@ impl SegmentWriter {
     /// Waits for the fdatasync [`start_sync`](Self::start_sync) started. If it failed, the
     /// records it covered count as unsynced again and its error is returned (a failed
     /// fsync is reported once, so it is not retried as if it had succeeded).
-    fn wait_in_flight(&mut self) -> io::Result<()> {
+    fn wait_in_flight(&mut self) -> StagingResult<()> {
         let Some(rx) = self.in_flight.take() else {
             return Ok(());
         };
-        let res = rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("the segment sync thread stopped")));
+        let res = match rx.recv() {
+            Ok(synced) => synced.map_err(StagingError::from),
+            Err(_) => Err(StagingError::internal("the segment sync thread stopped")),
+        };
         if res.is_err() {
             self.unsynced = true;
         }
@@ -723,10 +726,9 @@ impl RecordWriter<'_> {
     /// [`page_hash`].
     pub fn add_page(&mut self, pgno: u32, data: &[u8], hash: PageHash) -> StagingResult<()> {
         if data.len() != self.header.page_size as usize || self.pages >= self.header.page_count {
-            return Err(io::Error::other(format!(
+            return Err(StagingError::internal(format!(
                 "segment record: page {pgno} does not fit its header"
-            ))
-            .into());
+            )));
         }
         debug_assert_eq!(hash, page_hash(pgno, data));
         self.pages += 1;
@@ -749,11 +751,10 @@ impl RecordWriter<'_> {
     /// batch writes its page list, and its pages join the held ones.
     pub fn finish(mut self, post_checksum: ContentChecksum) -> StagingResult<()> {
         if self.pages != self.header.page_count {
-            return Err(io::Error::other(format!(
+            return Err(StagingError::internal(format!(
                 "segment record: {} pages written, {} announced",
                 self.pages, self.header.page_count
-            ))
-            .into());
+            )));
         }
         if let Some(held) = &self.held {
             let hb = self.header.encode(RecordKind::PageList);

@@ -255,3 +255,47 @@ fn full_or_readonly_staging_gives_io_errors() {
         fs::set_permissions(&mnt, fs::Permissions::from_mode(0o700)).unwrap();
     }
 }
+
+#[test]
+fn corrupt_files_and_broken_rules_are_typed_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Staging::open(dir.path()).unwrap();
+    let db = Path::new("app.db");
+
+    // A state file that fails its check names the file and points at the disk.
+    s.save_state(db, &DbState::default()).unwrap();
+    let path = dir.path().join("app.db/state");
+    fs::write(&path, "walfs-staging-state 2\ntxid x\n").unwrap();
+    let e = s.state(db).unwrap_err();
+    assert!(
+        matches!(&e, StagingError::Corrupt { path: p, .. } if *p == path),
+        "{e:?}"
+    );
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    assert!(e.hint().contains("disk"), "{}", e.hint());
+
+    // A database key that escapes the staging directory is a bug of the caller.
+    let e = s.db_dir(Path::new("../escape.db")).unwrap_err();
+    assert!(matches!(e, StagingError::Internal(_)), "{e:?}");
+    assert!(e.to_string().contains("a bug in walfs"), "{e}");
+    assert_eq!(e.raw_os_error(), None);
+
+    // A page skipped in a snapshot is refused by the LTX encoder, with its reason.
+    let mut w = s
+        .begin_snapshot(db, LtxHeader::snapshot(4096, 3, 1, 0))
+        .unwrap();
+    w.add_page(1, &page(4096, 1)).unwrap();
+    let e = w.add_page(3, &page(4096, 3)).unwrap_err();
+    assert!(matches!(e, StagingError::Ltx(_)), "{e:?}");
+    assert!(e.to_string().contains("expected page 2"), "{e}");
+    assert!(e.hint().contains("bug"), "{}", e.hint());
+    drop(w);
+    // The snapshot never appeared.
+    assert!(s.pending(db).unwrap().is_empty());
+
+    // An I/O failure keeps its errno and says to free space.
+    let e = StagingError::from(io::Error::from_raw_os_error(libc::ENOSPC));
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+    assert!(e.hint().contains("free space"), "{}", e.hint());
+}
