@@ -296,6 +296,23 @@ mod tests {
         assert!(e.contains("is too long"), "{e}");
     }
 
+    /// A thread count of 0 is refused with one line (it used to mean 1, silently).
+    #[test]
+    fn threads_out_of_range_are_refused() {
+        for bad in ["0", "257", "-1", "many"] {
+            let e = parse_mount(&["/b", "/m", &format!("--threads={bad}")], None).unwrap_err();
+            assert!(e.contains("--threads"), "{e}");
+        }
+        let e = parse_mount(&["/b", "/m"], Some("threads = 0")).unwrap_err();
+        assert!(e.contains("threads"), "{e}");
+        assert_eq!(
+            parse_mount(&["/b", "/m", "--threads=1"], None)
+                .unwrap()
+                .threads,
+            1
+        );
+    }
+
     #[test]
     fn txid_spellings_on_the_command_line() {
         let txid = |t: &str| -> Result<u64, String> {

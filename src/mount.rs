@@ -38,8 +38,9 @@ pub struct MountOptions {
     /// Mount read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
+    /// FUSE worker threads (1 to 256).
+    #[arg(long, default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub threads: usize,
     // Even with passthrough asked for, the daemon uses it only if it may (CAP_SYS_ADMIN).
     /// Serve file data through walfs instead of kernel passthrough (slower; for
@@ -124,7 +125,7 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
     } else {
         SessionACL::Owner
     };
-    fuse_config.n_threads = Some(opts.threads.max(1));
+    fuse_config.n_threads = Some(opts.threads);
     fuse_config.clone_fd = true;
 
     let mut session = fuser::Session::new(

@@ -4,7 +4,7 @@
 //! This module owns the path from "a database's files changed or reached a barrier" to
 //! "every transaction committed so far is staged":
 //! - [`DatabaseCapture`] (`database.rs`): one database (its backing path). It keeps a [`WalTracker`] on the
-//!   backing `-wal`, the running [`ContentChecksum`] (blake3) and one hash per page
+//!   backing `-wal`, the running [`ContentChecksum`](crate::sqlite::ContentChecksum) (blake3) and one hash per page
 //!   (so each batch updates the checksum incrementally), and stages the committed WAL
 //!   transactions each read finds as one batch (consecutive TXIDs, the newest version of
 //!   each page, read once more from the backing `-wal` while it is in the page cache) in

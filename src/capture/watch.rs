@@ -10,7 +10,7 @@
 //! queues it inside the write: about 6% of a small-transaction writer's time). So once a
 //! directory's databases are being written, the watcher stops asking for modify events
 //! there and polls those databases every coalescing window instead, until they have had
-//! no new commit for [`QUIET`]; then it asks for the events again and polls once more, so
+//! no new commit for `QUIET`; then it asks for the events again and polls once more, so
 //! that a commit made in between is not missed. Idle databases cost nothing: no timer
 //! polls them.
 //!

@@ -112,7 +112,7 @@ impl From<io::Error> for WalError {
 ///
 /// Following the chain means checksumming every frame the watcher reads, so this is the
 /// capture's hottest loop. Word by word it is a chain of dependent additions; in blocks of
-/// [`BLOCK_PAIRS`] pairs it becomes two dot products and a carry (see [`BlockWeights`]),
+/// `BLOCK_PAIRS` pairs it becomes two dot products and a carry (see `BlockWeights`),
 /// which the compiler vectorizes (with AVX2 where the CPU has it).
 pub fn wal_checksum(big_endian: bool, data: &[u8], seed: [u32; 2]) -> [u32; 2] {
     let blocks = data.len() / BLOCK_BYTES * BLOCK_BYTES;
@@ -940,7 +940,7 @@ fn read_frame<R: ReadAt + ?Sized>(
 /// frames and each further read doubles, so a scan that finds one new commit (a
 /// `synchronous=FULL` barrier) does not read stale frames far past the end of the log.
 ///
-/// The bytes a poll read stay in the buffer (up to [`FrameReader::RETAIN`]), so that the
+/// The bytes a poll read stay in the buffer (up to `FrameReader::RETAIN`), so that the
 /// caller can take the pages of the transactions it yielded from there
 /// ([`FrameReader::validated`]) instead of reading them again. Keep one per WAL to reuse
 /// its allocation.

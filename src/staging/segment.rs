@@ -35,7 +35,7 @@
 //! with its data. Its record is a *page list* (magic "WFSL", otherwise the same header and
 //! trailer, then `count × pgno u32` instead of the pages; the CRC covers the header, the
 //! page numbers and the content checksum), and the writer holds the newest content of
-//! every page in memory ([`super::held`]). Consecutive batches then share one copy of each
+//! every page in memory (`held.rs`). Consecutive batches then share one copy of each
 //! page: the content is written once, as one page-bearing record that covers every held
 //! TXID, when the segment is sealed, before any other record, or when the holding grows past
 //! its limit. The page lists are what make this safe:
