@@ -17,12 +17,7 @@ use crate::fs::{FsConfig, IoMode, NoObserver, Observer, PassthroughFs};
 use crate::replica::error::write_causes;
 use crate::replicate::{Replication, ReplicationError, ReplicationOptions};
 
-/// How files holding an SQLite database are served (`--database-io`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DatabaseIo {
-    Cached,
-    Passthrough,
-}
+pub use crate::fs::DatabaseIo;
 
 /// What `walfs mount` was asked to do: its arguments (each field's doc comment is its
 /// `--help` text), less `--config`, which `main` reads.
@@ -48,9 +43,11 @@ pub struct MountOptions {
     #[arg(long)]
     pub no_passthrough: bool,
     /// How files holding an SQLite database are served: `passthrough` (like every
-    /// other file) or `cached` (through the kernel page cache: read transactions cost
-    /// no request to walfs, each page write costs one; for read-mostly databases).
-    #[arg(long, value_enum, default_value_t = DatabaseIo::Passthrough)]
+    /// other file), `cached` (through the kernel page cache: read transactions cost no
+    /// request to walfs, each page write costs one), or `auto`: per rollback-journal
+    /// database, whichever cost fewer requests the last time it was open (WAL-mode
+    /// databases keep passthrough; docs/SEMANTICS.md).
+    #[arg(long, value_enum, default_value_t = DatabaseIo::Auto)]
     pub database_io: DatabaseIo,
     /// Seconds the kernel may cache names and attributes. Changes made through the mount
     /// are always seen at once; this bounds how long a change made directly in BACKING
@@ -88,7 +85,7 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
         read_only: opts.read_only,
         io_mode,
         cache_ttl: opts.cache_ttl,
-        cache_databases: opts.database_io == DatabaseIo::Cached,
+        database_io: opts.database_io,
     };
     let replication = if opts.replication.replicas.is_empty() {
         None

@@ -43,6 +43,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(20);
 const CHILD_ENV: &str = "WALFS_SQLITE_CHILD";
 /// Mount arguments that serve database files through the kernel page cache.
 const CACHED: &[&str] = &["--database-io", "cached"];
+/// Mount arguments that serve database files in passthrough, like every other file.
+const PASSTHROUGH: &[&str] = &["--database-io", "passthrough"];
 
 // ---------------------------------------------------------------------------------------
 // Deterministic row contents, shared by every writer and by the checks.
@@ -931,12 +933,88 @@ fn read_transactions_on_a_cached_database_make_no_round_trip() {
         assert!(reads < 500, "{journal}: {reads} read requests");
     }
     // The control: the same in passthrough pays a getattr per read transaction.
-    let (getattrs, _) = read_transactions("DELETE", &[]);
+    let (getattrs, _) = read_transactions("DELETE", PASSTHROUGH);
     eprintln!("passthrough: {getattrs} getattr requests");
     assert!(
         getattrs >= 6_000,
         "passthrough: {getattrs} getattr requests"
     );
+}
+
+/// `--database-io auto`, the default: each open period of a rollback-journal database
+/// (first open to last close) is served the way that cost fewer round trips in the
+/// period before it. `periods` run one after another on one mount, each on its own
+/// connection; returns the mount's getattr and write request counts.
+fn auto_periods(periods: &[(&str, i64)]) -> (u64, u64) {
+    const ROWS: i64 = 2_000;
+    let mut m = Mount::with_env(&[], &[("RUST_LOG", "info")]);
+    let db = m.path("auto.db");
+    create_db(&db, "DELETE");
+    {
+        let mut conn = open(&db, "DELETE");
+        commit_rows(&mut conn, 1, 0, ROWS);
+    }
+    let mut seq = 0;
+    for &(what, n) in periods {
+        let mut conn = match what {
+            "read-only" => {
+                Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    .unwrap()
+            }
+            _ => open(&db, "DELETE"),
+        };
+        conn.execute_batch("PRAGMA cache_size=5; PRAGMA mmap_size=0;")
+            .unwrap();
+        if what == "commits" {
+            for _ in 0..n {
+                commit_rows(&mut conn, 2, seq, 1);
+                seq += 1;
+            }
+        } else {
+            point_reads(&conn, ROWS, n);
+        }
+    }
+    let log = m.stop();
+    (requests(&log, "getattr"), requests(&log, "write"))
+}
+
+#[test]
+fn auto_database_io_serves_each_database_the_cheaper_way() {
+    // Read-mostly, opened read-write: the first period pays a getattr per read
+    // transaction (nothing is known yet), the next two read from the cache.
+    let (getattrs, writes) = auto_periods(&[("read", 3_000), ("read", 3_000), ("read", 3_000)]);
+    eprintln!("read-mostly: {getattrs} getattr and {writes} write requests");
+    assert!(
+        (3_000..4_500).contains(&getattrs),
+        "read-mostly: {getattrs} getattr requests (one period of 3,000 read transactions in passthrough, then none)"
+    );
+    // Opened read-only with nothing known: the cache from the start.
+    let (getattrs, _) = auto_periods(&[("read-only", 3_000)]);
+    eprintln!("read-only: {getattrs} getattr requests");
+    assert!(getattrs < 500, "read-only: {getattrs} getattr requests");
+    // Write-heavy: 300 one-row commits in passthrough (no write reaches walfs), and the
+    // read period after them keeps passthrough too (its 3,000 getattrs), because the
+    // commits would have cost more page writes than the getattrs they saved.
+    let (getattrs, writes) = auto_periods(&[("commits", 300), ("read", 3_000)]);
+    eprintln!("write-heavy: {getattrs} getattr and {writes} write requests");
+    assert!(writes < 50, "write-heavy: {writes} write requests");
+    assert!(
+        getattrs >= 3_300,
+        "write-heavy: {getattrs} getattr requests"
+    );
+    // A WAL-mode database always keeps passthrough: its read transactions cost no round
+    // trip there, and its checkpoints would write pages through walfs.
+    let mut m = Mount::with_env(&[], &[("RUST_LOG", "info")]);
+    let db = m.path("wal.db");
+    create_db(&db, "WAL");
+    for period in 0..3 {
+        let mut conn = open(&db, "WAL");
+        for i in 0..200 {
+            commit_rows(&mut conn, 1, period * 200 + i, 1);
+        }
+    }
+    let writes = requests(&m.stop(), "write");
+    assert!(writes < 50, "WAL: {writes} write requests");
 }
 
 /// The kernel keeps a database's cached pages between opens only while the backing file

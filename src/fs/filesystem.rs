@@ -17,11 +17,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{BackingId, FileAttr, FileType, TimeOrNow};
 use parking_lot::{Mutex, RwLock};
 
+use super::database_io::{DatabaseIo, FileKind};
 use super::error::{FsError, FsResult};
 use super::inode::{Inode, InodeTable, PathGeneration, Stamp};
 use super::observer::{Node, Observer};
 use super::sys;
-use crate::sqlite::header::SQLITE_MAGIC;
+use crate::sqlite::header::DB_HEADER_SIZE;
 
 /// How regular files are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +43,9 @@ pub struct FsConfig {
     /// through the mount are always seen at once; this only delays changes made to the
     /// backing directory behind walfs's back.
     pub cache_ttl: Duration,
-    /// Serve files that hold an SQLite database through the kernel page cache even when
-    /// passthrough is on (see `PassthroughFs::data_path`).
-    pub cache_databases: bool,
+    /// How files that hold an SQLite database are served while passthrough is on (see
+    /// `PassthroughFs::data_path` and [`DatabaseIo`]).
+    pub database_io: DatabaseIo,
 }
 
 /// Who is calling, for operations that create files.
@@ -238,6 +239,7 @@ impl PassthroughFs {
 
     pub fn getattr(&self, nodeid: u64, fh: Option<u64>) -> FsResult<FileAttr> {
         let inode = self.inodes.get(nodeid)?;
+        inode.usage.getattr();
         if let Some(handle) = fh.and_then(|fh| self.handle(fh).ok()) {
             let st = sys::fstat(handle.fd.as_fd())?;
             return Ok(self.attr_of(&inode, &st));
@@ -400,14 +402,16 @@ impl PassthroughFs {
     /// Decides how the kernel serves the data of a new open `fd` of `inode`, and registers
     /// it: kernel passthrough (one registration per inode, shared by all its open
     /// handles, as the kernel requires) or the page cache. An inode with open
-    /// handles keeps their mode. Otherwise a file that holds an SQLite database goes
-    /// through the page cache when `cache_databases` is set: read transactions then cost
-    /// no round trip (with passthrough, every read invalidates the inode's atime, and
-    /// SQLite's `fstat` at the start of the next read transaction asks walfs for it).
+    /// handles keeps their mode. Otherwise a file that holds an SQLite database may go
+    /// through the page cache, as `--database-io` says (`database_io.rs`): read
+    /// transactions then cost no round trip (with passthrough, every read invalidates the
+    /// inode's atime, and SQLite's `fstat` at the start of the next transaction asks walfs
+    /// for it), and each page written costs one.
     fn data_path(
         &self,
         inode: &Inode,
         fd: BorrowedFd<'_>,
+        flags: i32,
         register: Option<BackingRegistrar<'_>>,
     ) -> DataPath {
         if !inode.is_regular() {
@@ -417,9 +421,35 @@ impl PassthroughFs {
         if let Some(id) = io.backing.upgrade() {
             return DataPath::Passthrough(id);
         }
-        let cached = io.cached > 0
-            || !self.passthrough_enabled()
-            || (self.config.cache_databases && holds_database(fd));
+        let cached = io.cached > 0 || !self.passthrough_enabled() || {
+            // The first open of a new open period.
+            let kind = file_kind(fd);
+            match self.config.database_io {
+                DatabaseIo::Passthrough => {
+                    io.history.begin_unjudged_period(&inode.usage);
+                    false
+                }
+                DatabaseIo::Cached => {
+                    io.history.begin_unjudged_period(&inode.usage);
+                    kind.is_database()
+                }
+                DatabaseIo::Auto if kind == FileKind::RollbackDatabase => {
+                    let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
+                    let cached = io.history.begin_period(&inode.usage, read_only);
+                    tracing::debug!(
+                        nodeid = inode.nodeid,
+                        cached,
+                        history = ?io.history,
+                        "database-io auto"
+                    );
+                    cached
+                }
+                DatabaseIo::Auto => {
+                    io.history.begin_unjudged_period(&inode.usage);
+                    false
+                }
+            }
+        };
         if !cached {
             if let Some(register) = register {
                 match register(fd) {
@@ -456,7 +486,7 @@ impl PassthroughFs {
         flags: i32,
         register: Option<BackingRegistrar<'_>>,
     ) -> Opened {
-        let (passthrough, keep_cache) = match self.data_path(&inode, fd.as_fd(), register) {
+        let (passthrough, keep_cache) = match self.data_path(&inode, fd.as_fd(), flags, register) {
             DataPath::Passthrough(id) => (Some(id), false),
             DataPath::Cached { keep_cache } => (None, keep_cache),
         };
@@ -544,6 +574,7 @@ impl PassthroughFs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.check_writable()?;
         let handle = self.handle(fh)?;
+        handle.inode.usage.write();
         let n = sys::pwrite(handle.fd.as_fd(), data, offset)?;
         Ok(n as u32)
     }
@@ -565,6 +596,7 @@ impl PassthroughFs {
 
     pub fn fsync(&self, nodeid: u64, fh: u64, datasync: bool) -> FsResult<()> {
         let inode = self.inodes.get(nodeid)?;
+        inode.usage.sync();
         let node = self.node(&inode);
         self.observer.syncing(&node);
         match self.handle(fh) {
@@ -738,11 +770,14 @@ fn own_flags(inode: &Inode, flags: i32) -> i32 {
     }
 }
 
-/// Whether the file open as `fd` starts with SQLite's header magic (one 16-byte read; a
-/// write-only `fd` reads as not a database).
-fn holds_database(fd: BorrowedFd<'_>) -> bool {
-    let mut magic = [0u8; 16];
-    matches!(sys::pread(fd, &mut magic, 0), Ok(16)) && &magic == SQLITE_MAGIC
+/// What the file open as `fd` holds, from its first 100 bytes (one read; a write-only
+/// `fd` reads as not a database).
+fn file_kind(fd: BorrowedFd<'_>) -> FileKind {
+    let mut header = [0u8; DB_HEADER_SIZE];
+    match sys::pread(fd, &mut header, 0) {
+        Ok(n) => FileKind::of_header(&header[..n]),
+        Err(_) => FileKind::Other,
+    }
 }
 
 /// [`own_flags`] of a regular file.
@@ -873,7 +908,7 @@ mod tests {
             read_only: false,
             io_mode: IoMode::PageCache,
             cache_ttl: Duration::from_secs(1),
-            cache_databases: true,
+            database_io: DatabaseIo::Cached,
         };
         PassthroughFs::new(dir, config, observer).unwrap()
     }
@@ -1029,7 +1064,7 @@ mod tests {
             read_only: true,
             io_mode: IoMode::PageCache,
             cache_ttl: Duration::from_secs(1),
-            cache_databases: true,
+            database_io: DatabaseIo::Cached,
         };
         let fs = PassthroughFs::new(dir.path(), config, Arc::new(NoObserver)).unwrap();
         let f = fs.lookup(ROOT_ID, OsStr::new("f")).unwrap();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use fuser::BackingId;
 use parking_lot::{Mutex, RwLock};
 
+use super::database_io::{UseCounters, UseHistory};
 use super::error::{FsError, FsResult};
 
 /// The FUSE node id of the mount's root.
@@ -49,6 +50,8 @@ pub struct Inode {
     lookups: AtomicU64,
     /// How the kernel serves the data of this file's open handles.
     pub io: Mutex<OpenIo>,
+    /// Requests that `--database-io auto` weighs, counted in the current open period.
+    pub usage: UseCounters,
     /// The backing path last read for this node (see [`Inode::cached_path`]).
     path: Mutex<Option<CachedPath>>,
 }
@@ -65,6 +68,8 @@ pub struct OpenIo {
     /// The backing file as the last page-cache handle left it: while it still looks the
     /// same, the kernel's cached pages of the file are current and the next open keeps them.
     pub cache_stamp: Option<Stamp>,
+    /// What `--database-io auto` learned from the file's earlier open periods.
+    pub history: UseHistory,
 }
 
 /// What changes when a file's content changes: size, modification and change times.
@@ -173,6 +178,7 @@ impl InodeTable {
             fd: root_fd,
             lookups: AtomicU64::new(u64::MAX / 2),
             io: Mutex::new(OpenIo::default()),
+            usage: UseCounters::default(),
             path: Mutex::new(None),
         });
         let mut tables = Tables::default();
@@ -234,6 +240,7 @@ impl InodeTable {
             fd,
             lookups: AtomicU64::new(1),
             io: Mutex::new(OpenIo::default()),
+            usage: UseCounters::default(),
             path: Mutex::new(None),
         });
         tables.by_id.insert(nodeid, inode.clone());
