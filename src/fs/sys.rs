@@ -433,6 +433,9 @@ pub struct CallerIdentity {
 }
 
 impl CallerIdentity {
+    /// Takes the caller's identity, or fails with `EPERM` if the kernel did not switch
+    /// it (the thread then keeps the daemon's own: files are never created as the daemon
+    /// for a caller by mistake).
     pub fn assume(uid: u32, gid: u32, groups: &[libc::gid_t]) -> Result<CallerIdentity> {
         // SAFETY: getgroups with a zero length only returns the count.
         let count = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
@@ -444,28 +447,70 @@ impl CallerIdentity {
             saved_groups: saved,
         };
         // SAFETY: raw syscalls change only this thread's credentials (unlike glibc's
-        // setgroups, which broadcasts to every thread). The guard restores them on drop.
-        unsafe {
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::syscall(libc::SYS_setfsgid, gid);
-            libc::syscall(libc::SYS_setfsuid, uid);
+        // setgroups, which broadcasts to every thread). The guard restores them on drop,
+        // also when this returns an error.
+        if unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } < 0 {
+            return Err(io::Error::last_os_error());
         }
+        set_fs_id(libc::SYS_setfsgid, gid)?;
+        set_fs_id(libc::SYS_setfsuid, uid)?;
         Ok(guard)
+    }
+}
+
+/// `setfsuid` or `setfsgid` (`call`) to `id`, checked. Neither reports an error: each
+/// returns the previous value. Called again with -1, which is never a valid id and so
+/// changes nothing, it returns the current one.
+fn set_fs_id(call: libc::c_long, id: u32) -> Result<()> {
+    // SAFETY: the calls change only this thread's file-system identity.
+    let now = unsafe {
+        libc::syscall(call, id);
+        libc::syscall(call, u32::MAX)
+    };
+    if now as u32 == id {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+}
+
+/// This thread's file-system user and group ids.
+pub fn fs_ids() -> (u32, u32) {
+    // SAFETY: -1 changes nothing; the calls only return the current values.
+    unsafe {
+        (
+            libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
+            libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
+        )
     }
 }
 
 impl Drop for CallerIdentity {
     fn drop(&mut self) {
         // SAFETY: as in `assume`: thread-local credential changes back to the daemon's own.
-        unsafe {
-            libc::syscall(libc::SYS_setfsuid, libc::geteuid());
-            libc::syscall(libc::SYS_setfsgid, libc::getegid());
-            libc::syscall(
-                libc::SYS_setgroups,
-                self.saved_groups.len(),
-                self.saved_groups.as_ptr(),
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let restored = set_fs_id(libc::SYS_setfsuid, uid)
+            .and_then(|()| set_fs_id(libc::SYS_setfsgid, gid))
+            .and_then(|()| {
+                // SAFETY: `saved_groups` is the list `getgroups` returned.
+                let rc = unsafe {
+                    libc::syscall(
+                        libc::SYS_setgroups,
+                        self.saved_groups.len(),
+                        self.saved_groups.as_ptr(),
+                    )
+                };
+                if rc < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = restored {
+            // Nothing can be undone here; what this thread creates next would not be
+            // owned as it should be. This is a bug or a broken kernel, not a user error.
+            tracing::error!(
+                "cannot restore walfs's own file-system identity after acting for a caller ({e}); this is a bug in walfs: please report it"
             );
         }
     }
@@ -497,4 +542,65 @@ pub fn fs_type(path: &std::path::Path) -> Option<i64> {
     }
     // SAFETY: initialised by the successful statfs.
     Some(unsafe { st.assume_init() }.f_type)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drops `CAP_SETUID` from this thread's effective capabilities (capabilities are per
+    /// thread in Linux; a non-root thread has none to drop).
+    fn drop_cap_setuid() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_SETUID: u32 = 7;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget and capset with a version 3 header take two data structs; pid 0
+        // is this thread.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective &= !(1 << CAP_SETUID);
+            assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+        }
+    }
+
+    #[test]
+    fn a_caller_identity_the_kernel_refuses_fails_and_keeps_the_daemons() {
+        std::thread::spawn(|| {
+            drop_cap_setuid();
+            let before = fs_ids();
+            // SAFETY: getgroups with a zero length only returns the count.
+            let count = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+            let mut groups = vec![0; count.max(0) as usize];
+            // SAFETY: `groups` has room for `count` groups.
+            let got = unsafe { libc::getgroups(groups.len() as i32, groups.as_mut_ptr()) };
+            groups.truncate(got.max(0) as usize);
+            // As root without CAP_SETUID, setgroups and setfsgid succeed and setfsuid
+            // silently does nothing; without root, setgroups already fails.
+            let res = CallerIdentity::assume(before.0 + 4321, before.1, &groups);
+            let err = res.err().expect("the switch must fail without CAP_SETUID");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+            assert_eq!(fs_ids(), before, "the thread keeps the daemon's identity");
+        })
+        .join()
+        .unwrap();
+    }
 }
