@@ -236,7 +236,7 @@ fn normalize_endpoint(s: &str, endpoint: &str) -> Result<String, StoreError> {
     let u = url::Url::parse(&full).map_err(|e| {
         StoreError::url(format!(
             "replica URL {s:?}: endpoint {:?} is malformed ({e}); use e.g. endpoint=http://127.0.0.1:9000",
-            redact_userinfo(&full)
+            redact_url_text(&full)
         ))
         .caused_by(e)
     })?;
@@ -244,52 +244,60 @@ fn normalize_endpoint(s: &str, endpoint: &str) -> Result<String, StoreError> {
         return Err(StoreError::url(format!(
             "replica URL endpoint {:?} holds credentials; remove them and set \
              AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead",
-            redact_userinfo(&full)
+            redact_url_text(&full)
         )));
     }
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
         return Err(StoreError::url(format!(
             "replica URL {s:?}: endpoint {:?} must be an http:// or https:// URL with a host",
-            redact_userinfo(&full)
+            redact_url_text(&full)
         )));
     }
     Ok(full)
 }
 
-/// An endpoint URL without any `user:password@` part.
-fn redact_userinfo(endpoint: &str) -> String {
-    match endpoint.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, tail) = match rest.find('/') {
-                Some(i) => rest.split_at(i),
-                None => (rest, ""),
-            };
-            match authority.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://<redacted>@{host}{tail}"),
-                None => endpoint.to_string(),
-            }
-        }
-        None => endpoint.to_string(),
-    }
-}
-
-/// A URL's text with the `user:password@` part of every embedded URL (the replica URL
-/// itself and an `endpoint=` in its query) replaced, for error messages.
+/// A URL's text for messages: the `user:password@` part of every embedded URL (the replica
+/// URL itself and an `endpoint=` in its query) and the value of every query key that walfs
+/// does not know (someone may have put a credential there) replaced with `<redacted>`.
+/// Raw secrets may hold `/` (AWS secret keys do), so a userinfo part is looked for up to
+/// the query, not only up to the path.
 fn redact_url_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find("://") {
         out.push_str(&rest[..i + 3]);
         rest = &rest[i + 3..];
-        let end = rest.find(['/', '?', '&', '#']).unwrap_or(rest.len());
+        let end = rest.find(['?', '&', '#']).unwrap_or(rest.len());
         if let Some(at) = rest[..end].rfind('@') {
             out.push_str("<redacted>");
             rest = &rest[at..];
         }
     }
     out.push_str(rest);
-    out
+    let Some((base, query)) = out.split_once('?') else {
+        return out;
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if !SHOWN_QUERY_KEYS.contains(&k) && !IGNORED_QUERY_KEYS.contains(&k) => {
+                format!("{k}=<redacted>")
+            }
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
 }
+
+/// The query keys whose values messages show.
+const SHOWN_QUERY_KEYS: &[&str] = &[
+    "endpoint",
+    "region",
+    "forcePathStyle",
+    "force-path-style",
+    "skipVerify",
+    "skip-verify",
+];
 
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
@@ -434,7 +442,7 @@ impl fmt::Display for ReplicaUrl {
                 }
                 let mut sep = '?';
                 if let Some(e) = &u.endpoint {
-                    write!(f, "{sep}endpoint={}", redact_userinfo(e))?;
+                    write!(f, "{sep}endpoint={}", redact_url_text(e))?;
                     sep = '&';
                 }
                 write!(f, "{sep}region={}", u.region)?;
@@ -595,6 +603,18 @@ mod tests {
 
         let e = ReplicaUrl::parse_with_env("s3://key:secret-in-url@b/p", env_of(&[])).unwrap_err();
         assert!(!e.to_string().contains("secret-in-url"), "{e}");
+        // AWS secret keys hold '/' and '+'; a credential may be put in the query too.
+        for bad in [
+            "s3://AKIAKEY:se/cr+et/in-url@b/p",
+            "s3://b/p?endpoint=http://AKIAKEY:se/cr+et/in-url@127.0.0.1:9000",
+            "s3://b/p?endpoint=http://127.0.0.1:9000&secret-access-key=se/cr+et/in-url",
+            "s3://b/p?access_key_id=AKIAKEY&region=us-east-1",
+        ] {
+            let e = ReplicaUrl::parse_with_env(bad, env_of(&[])).unwrap_err();
+            assert!(!e.to_string().contains("cr+et"), "{bad}: {e}");
+            assert!(!e.to_string().contains("AKIAKEY"), "{bad}: {e}");
+            assert!(e.to_string().contains("<redacted>"), "{bad}: {e}");
+        }
     }
 
     #[test]
