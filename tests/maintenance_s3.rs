@@ -796,3 +796,119 @@ fn file_replica_compacts_and_retention_takes_the_records_along() {
     common::litestream_restore(&format!("{url}/{rel}"), &theirs, &[]);
     assert_same_database(&m.backing_path(rel), &theirs);
 }
+
+/// A restore or drill against a live writer plans again when the writer's compaction and
+/// retention removed objects it planned on (issue 20: `walfs restore --timestamp` had
+/// failed with a 404). A real mount writes, its listing is taken, then the mount compacts
+/// level 0 into level 1 and deletes level 0; the restore reads that stale listing first,
+/// finds an object gone, lists again and restores the live state. Objects that keep
+/// disappearing end in one error after a bounded number of plans.
+#[test]
+fn a_restore_plans_again_when_a_live_writer_removed_its_objects() {
+    use walfs::replica::record::SidecarStore;
+    use walfs::replica::store::ReplicaStore;
+    use walfs::restore::plan::RestoreTarget;
+    use walfs::restore::{list_objects, restore_replanning, runtime, REPLANS};
+
+    let f = S3Fixture::new("replan");
+    let rel = "app.db";
+    let mut m = f.mount(FAST);
+    let c = open_wal(&m.path(rel));
+    write(&c, "a", 60, Duration::from_millis(20));
+    let url = f.moto.replica_url(&f.prefix);
+    let (store, sidecar) = (
+        ReplicaStore::open(&url).unwrap(),
+        SidecarStore::open(&url).unwrap(),
+    );
+    let rt = runtime().unwrap();
+    // A listing whose newest transactions are only in level 0: the latest state needs
+    // those objects.
+    let stale = loop {
+        let objs = list_objects(&rt, &store, rel).unwrap();
+        let covered = objs
+            .iter()
+            .filter(|o| o.level > 0)
+            .map(|o| o.max_txid)
+            .max()
+            .unwrap_or(0);
+        if objs.iter().any(|o| o.level == 0 && o.max_txid > covered) {
+            break objs;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let tail: Vec<(u64, u64)> = {
+        let covered = stale
+            .iter()
+            .filter(|o| o.level > 0)
+            .map(|o| o.max_txid)
+            .max();
+        stale
+            .iter()
+            .filter(|o| o.level == 0 && Some(o.max_txid) > covered)
+            .map(|o| (o.min_txid, o.max_txid))
+            .collect()
+    };
+    // The live writer compacts them into level 1 and, 2 s later, deletes them.
+    wait_objects(
+        &f,
+        rel,
+        Duration::from_secs(30),
+        "the listed level-0 tail deleted",
+        |o| !o.iter().any(|x| x.0 == 0 && tail.contains(&(x.1, x.2))),
+    );
+    let live = f.out("live.db");
+    snapshot_live(&c, &m, rel, &live);
+    drop(c);
+    let out = f.out("replanned.db");
+    let mut attempts = 0;
+    let o = restore_replanning(
+        &rt,
+        &store,
+        &sidecar,
+        rel,
+        RestoreTarget::Latest,
+        &out,
+        false,
+        |n| {
+            attempts += 1;
+            if n == 0 {
+                Ok(stale.clone())
+            } else {
+                list_objects(&rt, &store, rel)
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("the restore did not plan again: {e:#}"));
+    assert_eq!(
+        attempts, 2,
+        "one plan from the stale listing, one from a new one"
+    );
+    assert_same_database(&live, &out);
+    eprintln!("restored TXID {} after planning again", o.txid);
+
+    // Objects that are gone at every plan: one error after REPLANS more plans.
+    let out = f.out("never.db");
+    let mut attempts = 0;
+    let e = restore_replanning(
+        &rt,
+        &store,
+        &sidecar,
+        rel,
+        RestoreTarget::Latest,
+        &out,
+        false,
+        |_| {
+            attempts += 1;
+            Ok(stale.clone())
+        },
+    )
+    .unwrap_err();
+    assert_eq!(attempts, REPLANS + 1);
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("removed while they were read") && msg.contains("--l0-retention"),
+        "{msg}"
+    );
+    assert!(!out.exists(), "a failed restore leaves no output");
+    m.stop();
+}

@@ -185,29 +185,86 @@ pub fn resolve_timestamp(
 
 impl Ctx {
     fn restore_one(&self, db: &str, out: &Path) -> RestoreResult<RestoreOutcome> {
-        let objects = list_objects(&self.rt, &self.store, db)?;
-        let mut target = self.target;
+        restore_replanning(
+            &self.rt,
+            &self.store,
+            &self.sidecar,
+            db,
+            self.target,
+            out,
+            self.force,
+            |_| list_objects(&self.rt, &self.store, db),
+        )
+    }
+}
+
+/// How many times a restore plans again when objects it planned on disappeared.
+pub const REPLANS: u32 = 5;
+
+/// Runs `attempt` (numbered from 0) until it succeeds, fails for another reason than an
+/// object that disappeared between a listing and its read (a live writer's compaction or
+/// retention removes objects: a restore or drill against production must not fail
+/// because of that), or has planned [`REPLANS`] times more; then one error that says so.
+pub fn replanning<T>(
+    db: &str,
+    mut attempt: impl FnMut(u32) -> RestoreResult<T>,
+) -> RestoreResult<T> {
+    let mut n = 0;
+    loop {
+        match attempt(n) {
+            Err(e) if e.object_vanished() && n < REPLANS => {
+                n += 1;
+                tracing::warn!(
+                    "{}: an object was removed while the restore read it (a live writer compacted, or its retention ran): {e}; planning again ({n} of {REPLANS})",
+                    db_label(db)
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100 * u64::from(n)));
+            }
+            Err(e) if e.object_vanished() => {
+                return Err(RestoreError::Context {
+                    what: format!(
+                        "objects of {} were removed while they were read, {} plans in a row:                          the writer's retention removes them faster than a restore reads them;                          retry, or lengthen its --l0-retention",
+                        db_label(db),
+                        REPLANS + 1
+                    ),
+                    source: Box::new(e),
+                })
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Restores `db` at `target` into `out` from the objects `list(attempt)` returns, resolving
+/// a time to a TXID with their commit times; plans again with a new listing when objects
+/// disappeared meanwhile ([`replanning`]).
+#[allow(clippy::too_many_arguments)]
+pub fn restore_replanning(
+    rt: &Runtime,
+    store: &ReplicaStore,
+    sidecar: &SidecarStore,
+    db: &str,
+    target: RestoreTarget,
+    out: &Path,
+    force: bool,
+    mut list: impl FnMut(u32) -> RestoreResult<Vec<LtxObjectInfo>>,
+) -> RestoreResult<RestoreOutcome> {
+    replanning(db, |attempt| {
+        let objects = list(attempt)?;
+        let mut target = target;
         let mut resolved_time = None;
-        if let (RestoreTarget::Timestamp(time), Layout::S3) = (target, self.store.layout()) {
-            if let Some((txid, t)) = resolve_timestamp(&self.rt, &self.store, db, &objects, time)? {
+        if let (RestoreTarget::Timestamp(time), Layout::S3) = (target, store.layout()) {
+            if let Some((txid, t)) = resolve_timestamp(rt, store, db, &objects, time)? {
                 target = RestoreTarget::Txid(txid);
                 resolved_time = Some(t);
             }
         }
-        let mut p = plan(db, &objects, target, |a, b| self.store.ltx_key(db, 0, a, b))?;
+        let mut p = plan(db, &objects, target, |a, b| store.ltx_key(db, 0, a, b))?;
         if let Some(t) = resolved_time {
             p.timestamp = t;
         }
-        restore_database(
-            &self.rt,
-            &self.store,
-            &self.sidecar,
-            &p,
-            out,
-            self.force,
-            true,
-        )
-    }
+        restore_database(rt, store, sidecar, &p, out, force, true)
+    })
 }
 
 /// `walfs restore` (see the module documentation). Prints one line per restored database

@@ -69,6 +69,21 @@ impl fmt::Display for RestoreError {
     }
 }
 
+impl RestoreError {
+    /// Whether this failed because an object that a listing named was gone when it was
+    /// read: a live writer's compaction or retention removed it meanwhile. Planning again
+    /// from a new listing can succeed.
+    pub fn object_vanished(&self) -> bool {
+        match self {
+            RestoreError::Store(e) | RestoreError::Replica(ReplicaError::Store(e)) => {
+                e.is_not_found()
+            }
+            RestoreError::Context { source, .. } => source.object_vanished(),
+            _ => false,
+        }
+    }
+}
+
 impl Error for RestoreError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {

@@ -20,7 +20,10 @@ pub mod plan;
 pub mod verify;
 pub use crate::replica::record;
 
-pub use command::{list_objects, open_replica, restore_command, runtime, RestoreArgs};
+pub use command::{
+    list_objects, open_replica, replanning, restore_command, restore_replanning, runtime,
+    RestoreArgs, REPLANS,
+};
 pub use error::{RestoreError, RestoreResult};
 pub use list::{list_command, ListArgs};
 pub use verify::{verify_command, VerifyArgs};

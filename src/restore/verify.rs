@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use crate::replica::timestamp::format_rfc3339_nano;
 
 use super::apply::{restore_database, ChecksumCheck};
-use super::command::{list_objects, open_replica, runtime};
+use super::command::{list_objects, open_replica, replanning, runtime};
 use super::error::{Context, RestoreError, RestoreResult};
 use super::plan::{db_label, plan, restorable_txids, RestoreTarget};
 
@@ -120,15 +120,30 @@ pub fn verify_command(args: &VerifyArgs) -> RestoreResult<()> {
         for (j, (what, target)) in targets.into_iter().enumerate() {
             checks += 1;
             let out = tmp.0.join(format!("{i}-{j}.db"));
-            let result = plan(db, &objects, target, |a, b| store.ltx_key(db, 0, a, b))
-                .map_err(RestoreError::from)
-                .and_then(|p| {
-                    restore_database(&rt, &store, &sidecar, &p, &out, false, false)
-                        .map(|o| (o, p.bytes()))
-                });
+            // A live writer may remove objects of this listing meanwhile: plan again
+            // from a new one. An earlier TXID that is no longer restorable then gives way
+            // to the next one that is.
+            let result = replanning(db, |attempt| {
+                let fresh;
+                let (objects, target) = if attempt == 0 {
+                    (&objects, target)
+                } else {
+                    fresh = list_objects(&rt, &store, db)?;
+                    let target = match target {
+                        RestoreTarget::Txid(t) => restorable_txids(&fresh)
+                            .range(t..)
+                            .next()
+                            .map_or(RestoreTarget::Latest, |(&t, _)| RestoreTarget::Txid(t)),
+                        other => other,
+                    };
+                    (&fresh, target)
+                };
+                let p = plan(db, objects, target, |a, b| store.ltx_key(db, 0, a, b))?;
+                restore_database(&rt, &store, &sidecar, &p, &out, false, false)
+            });
             let _ = std::fs::remove_file(&out);
             match result {
-                Ok((o, _)) => println!(
+                Ok(o) => println!(
                     "{label} {what} TXID {} ({}): {} objects, {} bytes read: ok ({})",
                     o.txid,
                     format_rfc3339_nano(o.timestamp),
