@@ -909,6 +909,10 @@ fn a_restore_plans_again_when_a_live_writer_removed_its_objects() {
         msg.contains("removed while they were read") && msg.contains("--l0-retention"),
         "{msg}"
     );
+    assert!(
+        !msg.contains("  ") && !msg.contains('\n'),
+        "one plain line: {msg}"
+    );
     assert!(!out.exists(), "a failed restore leaves no output");
     m.stop();
 }

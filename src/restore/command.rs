@@ -223,7 +223,9 @@ pub fn replanning<T>(
             Err(e) if e.object_vanished() => {
                 return Err(RestoreError::Context {
                     what: format!(
-                        "objects of {} were removed while they were read, {} plans in a row:                          the writer's retention removes them faster than a restore reads them;                          retry, or lengthen its --l0-retention",
+                        "objects of {} were removed while they were read, {} plans in a row: \
+                         the writer's retention removes them faster than a restore reads them; \
+                         retry, or lengthen its --l0-retention",
                         db_label(db),
                         REPLANS + 1
                     ),
