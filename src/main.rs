@@ -141,6 +141,8 @@ mod tests {
         ),
         ("sync-interval", r#""250ms""#, &["--sync-interval", "250ms"]),
         ("stage-at-commit", "true", &["--stage-at-commit"]),
+        ("takeover", "true", &["--takeover"]),
+        ("lease-ttl", r#""10s""#, &["--lease-ttl", "10s"]),
         (
             "compaction-intervals",
             r#""10s,1m""#,
@@ -175,6 +177,8 @@ mod tests {
                 staging_dir: Some("/var/lib/walfs/staging".into()),
                 sync_interval: Duration::from_millis(250),
                 stage_at_commit: true,
+                takeover: true,
+                lease_ttl: Duration::from_secs(10),
                 maintenance: MaintenanceOptions {
                     compaction_intervals: vec![Duration::from_secs(10), Duration::from_secs(60)],
                     snapshot_interval: Duration::from_secs(12 * 3600),
@@ -234,7 +238,7 @@ mod tests {
             keys, covered,
             "every argument of `walfs mount` needs an entry in SETTINGS"
         );
-        assert_eq!(keys.len(), 17, "16 flags less --config, and 2 positionals");
+        assert_eq!(keys.len(), 19, "18 flags less --config, and 2 positionals");
     }
 
     /// Every setting of `walfs mount` works on the command line: each one alone changes

@@ -90,7 +90,11 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
     let replication = if opts.replication.replicas.is_empty() {
         None
     } else {
-        Some(Replication::start(&backing, &opts.replication)?)
+        Some(Replication::start(
+            &backing,
+            &mountpoint,
+            &opts.replication,
+        )?)
     };
     let observer: Arc<dyn Observer> = match &replication {
         Some(r) => r.observer(),

@@ -17,6 +17,7 @@ use crate::capture::watch::WalWatcher;
 use crate::capture::{database_of, Barrier, Capture, CaptureObserver};
 use crate::fs::Observer;
 use crate::replica::error::{write_causes, ReplicaError, StoreError};
+use crate::replica::lease::{Lease, LeaseError};
 use crate::replica::maintain::{Maintainer, MaintenanceOptions};
 use crate::replica::store::{ReplicaStore, StoreTuning};
 use crate::replica::upload::Uploader;
@@ -67,6 +68,15 @@ pub struct ReplicationOptions {
     /// upload is asynchronous either way.
     #[arg(long)]
     pub stage_at_commit: bool,
+    /// Take over a replica whose lease another mount holds once that lease has expired
+    /// (one mount writes a replica at a time; a crashed mount of this host is taken over
+    /// without it).
+    #[arg(long)]
+    pub takeover: bool,
+    /// How long an S3 replica's lease lasts without renewal (renewed every sixth of it;
+    /// this mount stops writing the replica after half of it without a renewal).
+    #[arg(long, default_value = "30s", value_parser = crate::flags::duration)]
+    pub lease_ttl: Duration,
     // Compaction, snapshots and retention.
     #[command(flatten)]
     pub maintenance: MaintenanceOptions,
@@ -81,6 +91,8 @@ pub struct Replication {
     thread: Option<JoinHandle<()>>,
     maintenance_thread: Option<JoinHandle<()>>,
     watcher: Option<WalWatcher>,
+    /// Renews the replicas' leases until told to stop, then gives them up.
+    lease_thread: Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
 }
 
 /// Why replication could not start.
@@ -104,6 +116,8 @@ pub enum ReplicationError {
     Staging { what: String, source: StagingError },
     /// The backing directory cannot be watched for WAL changes.
     Watch(io::Error),
+    /// A replica's lease is held by another mount, or cannot be taken.
+    Lease(LeaseError),
 }
 
 /// The result of starting replication.
@@ -126,6 +140,7 @@ impl fmt::Display for ReplicationError {
             ReplicationError::Watch(_) => {
                 f.write_str("cannot watch the backing directory for WAL changes (inotify)")?
             }
+            ReplicationError::Lease(e) => write!(f, "{e}")?,
         }
         if f.alternate() {
             write_causes(f, self)?;
@@ -144,6 +159,9 @@ impl std::error::Error for ReplicationError {
             ReplicationError::StagingInsideBacking(_) => None,
             ReplicationError::Staging { source, .. } => Some(source),
             ReplicationError::Watch(e) => Some(e),
+            ReplicationError::Lease(LeaseError::Store(e)) => e.source(),
+            ReplicationError::Lease(LeaseError::Io { source, .. }) => Some(source),
+            ReplicationError::Lease(LeaseError::Held(_)) => None,
         }
     }
 }
@@ -169,12 +187,37 @@ impl From<io::Error> for ReplicationError {
 impl Replication {
     /// Opens the replicas and staging, stages snapshots of the databases already in
     /// `backing`, and starts the uploader.
-    pub fn start(backing: &Path, opts: &ReplicationOptions) -> ReplicationResult<Replication> {
+    pub fn start(
+        backing: &Path,
+        mountpoint: &Path,
+        opts: &ReplicationOptions,
+    ) -> ReplicationResult<Replication> {
+        // One writer per replica: each lease is taken before anything is written.
+        let lease_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let mut replicas = Vec::new();
+        let mut leases = Vec::new();
+        let mut fences = Vec::new();
         for url in &opts.replicas {
             let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
-            replicas.push(ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?);
+            let store = ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?;
+            let lease = Lease::acquire(
+                &lease_rt,
+                &parsed,
+                &store,
+                mountpoint,
+                opts.lease_ttl,
+                opts.takeover,
+            )
+            .map_err(ReplicationError::Lease)?;
+            replicas.push(store.fenced(lease.fence()));
+            fences.push(lease.fence());
+            leases.push(lease);
         }
+        // Renewed from now on: staging what the databases hold may take longer than a
+        // lease lasts.
+        let lease_thread = Some(spawn_lease_thread(lease_rt, leases)?);
         let dir = match &opts.staging_dir {
             Some(d) => d.clone(),
             None => default_staging_dir(backing),
@@ -201,9 +244,10 @@ impl Replication {
         // The maintenance thread gets clients of its own: a connection made on the
         // uploader's runtime is driven only while that runtime runs.
         let mut maintenance_stores = Vec::new();
-        for url in &opts.replicas {
+        for (url, fence) in opts.replicas.iter().zip(&fences) {
             let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
-            maintenance_stores.push(ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?);
+            maintenance_stores
+                .push(ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?.fenced(fence.clone()));
         }
         let maintainer = Arc::new(Maintainer::new(
             staging.clone(),
@@ -258,6 +302,7 @@ impl Replication {
             thread: Some(thread),
             maintenance_thread: Some(maintenance_thread),
             watcher: Some(watcher),
+            lease_thread,
         })
     }
 
@@ -319,8 +364,40 @@ impl Replication {
                 "the replica is behind: staged transactions could not be uploaded before exit; they stay in staging and are uploaded at the next mount"
             );
         }
+        if let Some((thread, stop)) = self.lease_thread.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
         done
     }
+}
+
+/// Ticks each S3 lease (renewed while its replica is written) until told to stop (or the
+/// replication is dropped), then gives every lease up.
+fn spawn_lease_thread(
+    rt: tokio::runtime::Runtime,
+    leases: Vec<Lease>,
+) -> io::Result<(JoinHandle<()>, std::sync::mpsc::Sender<()>)> {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let every = leases
+        .iter()
+        .filter_map(Lease::tick_every)
+        .min()
+        .unwrap_or(Duration::from_secs(3600));
+    let thread = std::thread::Builder::new()
+        .name("walfs-lease".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+            {
+                for lease in &leases {
+                    rt.block_on(lease.tick());
+                }
+            }
+            for lease in &leases {
+                rt.block_on(lease.release());
+            }
+        })?;
+    Ok((thread, stop))
 }
 
 /// `/var/lib/walfs/staging/<backing path>` for root, else under `$XDG_STATE_HOME` (or

@@ -23,6 +23,8 @@ pub enum StoreErrorKind {
     NotFound,
     /// A request to the store failed (after retries).
     Request,
+    /// A write was not sent: this mount's lease on the replica lapsed or was taken over.
+    Fenced,
 }
 
 /// A one-line error that names the object or URL and says what to do, and keeps the error
@@ -125,6 +127,12 @@ pub enum ReplicaError {
 pub type ReplicaResult<T> = Result<T, ReplicaError>;
 
 impl ReplicaError {
+    /// A write that was not sent because this mount's lease on the replica lapsed or was
+    /// lost (`super::lease`): retried once the lease is renewed, and not worth a warning.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, ReplicaError::Store(e) if e.kind() == StoreErrorKind::Fenced)
+    }
+
     /// The kind of the underlying I/O error, for the variants that have one.
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         match self {

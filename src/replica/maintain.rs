@@ -272,6 +272,10 @@ impl Maintainer {
     /// Takes in the inbox, then does what is due for every database; returns when
     /// something will next be due (`None`: nothing until a change).
     fn step_all(&self) -> Option<SystemTime> {
+        if !self.replicas.is_empty() && self.replicas.iter().all(ReplicaStore::lease_lost) {
+            // Another mount maintains the replicas now.
+            return None;
+        }
         let inbox = std::mem::take(&mut *self.inbox.lock());
         let remote_only = std::mem::take(&mut *self.remote_only.lock());
         let mut views = self.views.lock();
@@ -333,7 +337,9 @@ impl Maintainer {
             view.compacted_at[k - 1] = now_i;
             for run in runs {
                 if let Err(e) = self.compact(db, view, k as u8, &run) {
-                    tracing::warn!(db = %db.display(), level = k, "compaction failed: {e:#}; retrying");
+                    if !e.is_fenced() {
+                        tracing::warn!(db = %db.display(), level = k, "compaction failed: {e:#}; retrying");
+                    }
                     failed = true;
                     break;
                 }
@@ -356,7 +362,9 @@ impl Maintainer {
                 Ok(Some(t)) => soonest(t),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(db = %db.display(), "retention failed: {e:#}; retrying");
+                    if !e.is_fenced() {
+                        tracing::warn!(db = %db.display(), "retention failed: {e:#}; retrying");
+                    }
                     failed = true;
                 }
             }
@@ -529,7 +537,9 @@ impl Maintainer {
                 None
             }
             Err(e) => {
-                tracing::warn!(db = %db.display(), "snapshot failed: {e:#}; retrying");
+                if !e.is_fenced() {
+                    tracing::warn!(db = %db.display(), "snapshot failed: {e:#}; retrying");
+                }
                 view.retry_at = Some(Instant::now() + RETRY);
                 Some(now + RETRY)
             }

@@ -3,12 +3,14 @@
 //!
 //! The store, one idea a file: [`url`] (where a replica lives), [`layout`] (the key of each
 //! object), [`store`] (put, get, head, list, delete), [`error`] (what fails) and
-//! [`timestamp`] (the RFC 3339 times objects carry).
+//! [`timestamp`] (the RFC 3339 times objects carry); [`lease`] keeps one writer per
+//! replica.
 
 pub mod compact;
 pub mod error;
 pub mod kept;
 pub mod layout;
+pub mod lease;
 pub mod maintain;
 pub mod record;
 pub mod retention;

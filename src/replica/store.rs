@@ -10,7 +10,7 @@
 //! metadata `litestream-timestamp` (Go's RFC3339Nano, UTC) on S3.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,8 +21,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
     Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, GetResult,
-    ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
-    RetryConfig, WriteMultipart,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion, WriteMultipart,
 };
 
 use crate::ltx::parse_ltx_object_name;
@@ -175,6 +175,78 @@ pub struct ReplicaStore {
     /// How errors name this store, e.g. `s3://bucket` or `file:///dir`.
     base: String,
     counters: Arc<Counters>,
+    /// Closes the store's writes when this mount's lease on the replica lapses
+    /// (`super::lease`); none for stores that only read.
+    fence: Option<Arc<Fence>>,
+}
+
+/// A gate on a store's writes (PUT and DELETE): open while this mount holds its lease on
+/// the replica (`super::lease`), closed when the lease was lost to another mount, or
+/// until a renewal succeeds again after one was due. Reads are never fenced.
+#[derive(Debug, Default)]
+pub struct Fence {
+    /// Milliseconds since the Unix epoch until which writes may go.
+    open_until_ms: AtomicU64,
+    lost: AtomicBool,
+    /// A write was attempted since the lease last looked: it is renewed only while the
+    /// replica is written, so an idle mount makes no request.
+    demand: AtomicBool,
+}
+
+impl Fence {
+    /// Opens the gate until `until`.
+    pub fn open_until(&self, until: SystemTime) {
+        let ms = until
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.open_until_ms.store(ms, Ordering::Release);
+    }
+
+    /// Opens the gate for as long as the process runs (a lock that cannot lapse).
+    pub fn open_forever(&self) {
+        self.open_until_ms.store(u64::MAX, Ordering::Release);
+    }
+
+    /// Closes the gate for good: another mount holds the lease now.
+    pub fn close_lost(&self) {
+        self.lost.store(true, Ordering::Release);
+    }
+
+    /// Whether the lease was lost to another mount.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Whether a write was attempted since the last call.
+    pub fn take_demand(&self) -> bool {
+        self.demand.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether writes may go now.
+    pub fn is_open(&self) -> bool {
+        self.closed().is_none()
+    }
+
+    /// Why writes may not go now, if they may not.
+    fn closed(&self) -> Option<&'static str> {
+        if self.is_lost() {
+            return Some("another mount took over this replica's lease");
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        (now >= self.open_until_ms.load(Ordering::Acquire))
+            .then_some("this mount's lease on the replica could not be renewed in time")
+    }
+}
+
+/// The outcome of a conditional PUT ([`ReplicaStore::put_if`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conditional {
+    /// Written; the object's new ETag.
+    Written(String),
+    /// Not written: the object exists (a create) or has changed (an update).
+    Conflict,
 }
 
 impl ReplicaStore {
@@ -215,6 +287,7 @@ impl ReplicaStore {
                     root: String::new(),
                     base: format!("file://{}", u.dir.display()),
                     counters: Arc::default(),
+                    fence: None,
                 })
             }
             ReplicaUrl::S3(u) => {
@@ -283,6 +356,7 @@ impl ReplicaStore {
                     root: u.prefix.clone(),
                     base: format!("s3://{}", u.bucket),
                     counters: Arc::default(),
+                    fence: None,
                 })
             }
         }
@@ -291,6 +365,90 @@ impl ReplicaStore {
     /// The layout this store writes.
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// Whether this mount lost its lease on the replica to another mount: it writes
+    /// nothing to it any more.
+    pub fn lease_lost(&self) -> bool {
+        self.fence.as_deref().is_some_and(Fence::is_lost)
+    }
+
+    /// This store with its writes gated by `fence`.
+    pub fn fenced(mut self, fence: Arc<Fence>) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// Fails a write to `key` while the fence is closed. The caller keeps what it meant to
+    /// write (the uploader retries staged transactions later).
+    fn check_fence(&self, op: &str, key: &str) -> Result<(), StoreError> {
+        if let Some(f) = &self.fence {
+            f.demand.store(true, Ordering::Release);
+        }
+        match self.fence.as_deref().and_then(Fence::closed) {
+            None => Ok(()),
+            Some(why) => Err(StoreError::new(
+                StoreErrorKind::Fenced,
+                format!(
+                    "{} {op} of {}/{key} not sent: {why}; what is staged stays staged",
+                    self.kind_name(),
+                    self.base
+                ),
+            )),
+        }
+    }
+
+    /// Downloads the object at `key` with its ETag.
+    pub async fn get_with_etag(&self, key: &str) -> Result<(Bytes, Option<String>), StoreError> {
+        let path = self.object_path(key)?;
+        Counters::bump(&self.counters.get);
+        let res = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| self.request_error("GET", key, e))?;
+        let etag = res.meta.e_tag.clone();
+        let bytes = res
+            .bytes()
+            .await
+            .map_err(|e| self.request_error("GET", key, e))?;
+        Ok((bytes, etag))
+    }
+
+    /// Writes `bytes` to `key` only if the object does not exist (`expected` None: S3's
+    /// `If-None-Match: *`) or still has the ETag `expected` (`If-Match`). Not fenced: the
+    /// lease itself is written with it.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        expected: Option<&str>,
+    ) -> Result<Conditional, StoreError> {
+        let path = self.object_path(key)?;
+        Counters::bump(&self.counters.put);
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(e) => PutMode::Update(UpdateVersion {
+                e_tag: Some(e.to_string()),
+                version: None,
+            }),
+        };
+        let opts = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_bytes(bytes), opts)
+            .await
+        {
+            Ok(r) => Ok(Conditional::Written(r.e_tag.unwrap_or_default())),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(Conditional::Conflict),
+            Err(e) => Err(self.request_error("PUT", key, e)),
+        }
     }
 
     /// Requests made so far, by kind.
@@ -368,6 +526,7 @@ impl ReplicaStore {
     /// For objects that are not LTX files, such as walfs's verification records.
     pub async fn put_object(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         let path = self.object_path(key)?;
+        self.check_fence("PUT", key)?;
         Counters::bump(&self.counters.put);
         self.store
             .put(&path, PutPayload::from(bytes))
@@ -525,6 +684,7 @@ impl ReplicaStore {
         check_db_path(db_path)?;
         let key = self.ltx_key(db_path, level, min_txid, max_txid);
         let path = self.object_path(&key)?;
+        self.check_fence("PUT", &key)?;
         let mut attrs = Attributes::new();
         if self.layout == Layout::S3 {
             attrs.insert(
@@ -770,6 +930,7 @@ impl ReplicaStore {
         check_db_path(db_path)?;
         let key = self.ltx_key(db_path, level, min_txid, max_txid);
         let path = self.object_path(&key)?;
+        self.check_fence("DELETE", &key)?;
         Counters::bump(&self.counters.delete);
         match self.store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -808,6 +969,7 @@ impl ReplicaStore {
     /// verification record. Deleting a missing object succeeds.
     pub async fn delete_object(&self, key: &str) -> Result<(), StoreError> {
         let path = self.object_path(key)?;
+        self.check_fence("DELETE", key)?;
         Counters::bump(&self.counters.delete);
         match self.store.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

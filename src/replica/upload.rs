@@ -333,11 +333,20 @@ impl Uploader {
     /// Uploads everything sealed for the databases in `dbs`; returns those still behind
     /// (their upload failed and will be retried).
     pub fn upload_round(&self, dbs: &BTreeSet<PathBuf>, merge: bool) -> BTreeSet<PathBuf> {
+        if !self.replicas.is_empty() && self.replicas.iter().all(ReplicaStore::lease_lost) {
+            // Another mount writes the replicas now (the lease said so, once): what is
+            // staged stays, unsent and unlogged.
+            return dbs.clone();
+        }
         let mut behind = BTreeSet::new();
         for db in dbs {
             if let Err(e) = self.upload_database(db, merge) {
                 behind.insert(db.clone());
-                tracing::warn!(db = %db.display(), "replica is behind: {e:#}; retrying");
+                if e.is_fenced() {
+                    tracing::debug!(db = %db.display(), "waiting for the lease: {e:#}");
+                } else {
+                    tracing::warn!(db = %db.display(), "replica is behind: {e:#}; retrying");
+                }
             }
         }
         behind
