@@ -202,10 +202,12 @@ impl Replication {
         for url in &opts.replicas {
             let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
             let store = ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?;
+            // The lease gets a client of its own, as maintenance does: a connection made
+            // on one runtime is driven only while that runtime runs.
             let lease = Lease::acquire(
                 &lease_rt,
                 &parsed,
-                &store,
+                &ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?,
                 mountpoint,
                 opts.lease_ttl,
                 opts.takeover,

@@ -91,8 +91,9 @@ fn stable_keys(f: &S3Fixture, db: &str) -> Vec<String> {
         } else if !now.is_empty() && since.elapsed() >= Duration::from_secs(1) {
             return now;
         }
+        // The uploader backs off up to 30 s while a store does not answer.
         assert!(
-            start.elapsed() < Duration::from_secs(30),
+            start.elapsed() < Duration::from_secs(60),
             "{db}'s objects did not settle"
         );
     }
@@ -244,4 +245,60 @@ fn a_second_mount_of_a_file_replica_is_refused_until_the_first_stops() {
     let m2 = Mount::with_env(&as_strs(&args("s2")), &[]);
     commit(&m2, "app.db", 5);
     assert!(Path::new(&dir.path().join("replica/.walfs-lease")).exists());
+}
+
+/// Forwards every connection to 127.0.0.1:`port` from a listener on 127.0.0.1:`on`.
+fn forward(on: u16, port: u16) {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind(("127.0.0.1", on)).unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut c, mut s) = (client, server);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// A store that cannot be reached at the start does not keep the application from its
+/// data: the mount starts, captures into staging, takes the lease once the store
+/// answers, and uploads then.
+#[test]
+fn an_unreachable_store_at_the_start_is_leased_once_it_answers() {
+    let f = S3Fixture::new("late");
+    let port = common::free_port();
+    let url = f.moto.s3_url_via(port, &f.prefix);
+    let mut m = Mount::with_env(&as_strs(&f.args_to(&url, TTL)), S3_ENV);
+    commit(&m, "app.db", 10);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(f.keys("app.db").is_empty());
+    forward(port, f.moto.port);
+    let start = std::time::Instant::now();
+    while f.keys("app.db").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "nothing uploaded once the store answered: {}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stable_keys(&f, "app.db");
+    assert!(lease_text(&f).contains(&format!("pid {}", m.child.as_ref().unwrap().id())));
+    commit(&m, "app.db", 10);
+    let log = m.log();
+    assert!(
+        log.contains("cannot reach the replica to take its lease"),
+        "{log}"
+    );
+    f.stop_and_restore_latest(&mut m, "app.db");
 }

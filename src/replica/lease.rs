@@ -194,6 +194,11 @@ struct S3Lease {
     etag: Mutex<Option<String>>,
     /// When the lease object was last written.
     written: Mutex<std::time::Instant>,
+    /// `--takeover`, for a lease taken after the start (the store was unreachable then).
+    takeover: bool,
+    /// Not taken yet: the store could not be reached at the start. Until it is, the fence
+    /// stays closed and each tick tries again.
+    pending: std::sync::atomic::AtomicBool,
 }
 
 impl Lease {
@@ -222,12 +227,29 @@ impl Lease {
                         since: SystemTime::now(),
                         etag: Mutex::new(None),
                         written: Mutex::new(std::time::Instant::now()),
+                        takeover,
+                        pending: std::sync::atomic::AtomicBool::new(false),
                     })),
                     fence,
                     base,
                 };
-                rt.block_on(lease.take(takeover))?;
-                Ok(lease)
+                match rt.block_on(lease.take(takeover)) {
+                    Ok(()) => Ok(lease),
+                    // An unreachable store must not keep the application from its data:
+                    // mount, capture into staging, and take the lease once the store
+                    // answers (uploads wait for it).
+                    Err(LeaseError::Store(e)) => {
+                        tracing::warn!(
+                            replica = %lease.base,
+                            "cannot reach the replica to take its lease ({e}); mounting anyway: uploads to it wait until the lease is taken"
+                        );
+                        if let Kind::S3(l) = &lease.kind {
+                            l.pending.store(true, std::sync::atomic::Ordering::Release);
+                        }
+                        Ok(lease)
+                    }
+                    Err(e) => Err(e),
+                }
             }
         }
     }
@@ -294,6 +316,26 @@ impl Lease {
         let Kind::S3(l) = &self.kind else {
             return;
         };
+        if l.pending.load(std::sync::atomic::Ordering::Acquire) {
+            // Taken late: the store was unreachable at the start. Every few seconds.
+            if l.written.lock().elapsed() < Duration::from_secs(5) {
+                return;
+            }
+            *l.written.lock() = std::time::Instant::now();
+            match self.take(l.takeover).await {
+                Ok(()) => l.pending.store(false, std::sync::atomic::Ordering::Release),
+                Err(LeaseError::Held(m)) => {
+                    l.pending.store(false, std::sync::atomic::Ordering::Release);
+                    self.fence.close_lost();
+                    tracing::error!(
+                        replica = %self.base,
+                        "{m}; this mount does not write to it, and what it captures stays in staging"
+                    );
+                }
+                Err(e) => tracing::debug!(replica = %self.base, "still cannot take the lease: {e}"),
+            }
+            return;
+        }
         if !self.fence.take_demand() || self.fence.is_lost() {
             return;
         }

@@ -35,6 +35,8 @@ const LEVEL_SNAPSHOTS: u8 = 9;
 
 /// The longest wait between retries of a failing replica.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How soon a round that waited for the replica's lease is tried again.
+const LEASE_RETRY: Duration = Duration::from_millis(500);
 
 /// One upload to send: a snapshot or a merged run of transactions.
 struct Upload {
@@ -264,6 +266,8 @@ pub struct Uploader {
     /// Databases whose staged items cannot be uploaded, waiting for a snapshot to supersede
     /// them (each is reported once).
     unreadable: Mutex<BTreeSet<PathBuf>>,
+    /// The last round found a replica's lease lapsed (`super::lease`).
+    waited_for_lease: AtomicBool,
 }
 
 /// Asks capture to restart the history of a database (relative path) from a snapshot,
@@ -306,6 +310,7 @@ impl Uploader {
             maintainer: std::sync::OnceLock::new(),
             restart: std::sync::OnceLock::new(),
             unreadable: Mutex::new(BTreeSet::new()),
+            waited_for_lease: AtomicBool::new(false),
         })
     }
 
@@ -343,6 +348,7 @@ impl Uploader {
             if let Err(e) = self.upload_database(db, merge) {
                 behind.insert(db.clone());
                 if e.is_fenced() {
+                    self.waited_for_lease.store(true, Ordering::Relaxed);
                     tracing::debug!(db = %db.display(), "waiting for the lease: {e:#}");
                 } else {
                     tracing::warn!(db = %db.display(), "replica is behind: {e:#}; retrying");
@@ -586,6 +592,11 @@ impl Uploader {
             behind = self.upload_round(&dbs, merge);
             backoff = if behind.is_empty() {
                 Duration::ZERO
+            } else if self.waited_for_lease.swap(false, Ordering::Relaxed) {
+                // Not a failing store: the lease had lapsed (an idle mount's, or one taken
+                // late), and the attempt asked for its renewal. Try again as soon as that
+                // can have happened, not after a backoff that could outlast each renewal.
+                LEASE_RETRY
             } else {
                 (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF)
             };
