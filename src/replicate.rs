@@ -185,8 +185,9 @@ impl From<io::Error> for ReplicationError {
 }
 
 impl Replication {
-    /// Opens the replicas and staging, stages snapshots of the databases already in
-    /// `backing`, and starts the uploader.
+    /// Takes each replica's lease for the mount at `mountpoint` (refusing if another
+    /// mount holds one), opens the replicas and staging, stages snapshots of the databases
+    /// already in `backing`, and starts the uploader.
     pub fn start(
         backing: &Path,
         mountpoint: &Path,
