@@ -474,17 +474,6 @@ fn set_fs_id(call: libc::c_long, id: u32) -> Result<()> {
     }
 }
 
-/// This thread's file-system user and group ids.
-pub fn fs_ids() -> (u32, u32) {
-    // SAFETY: -1 changes nothing; the calls only return the current values.
-    unsafe {
-        (
-            libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
-            libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
-        )
-    }
-}
-
 impl Drop for CallerIdentity {
     fn drop(&mut self) {
         // SAFETY: as in `assume`: thread-local credential changes back to the daemon's own.
@@ -547,6 +536,17 @@ pub fn fs_type(path: &std::path::Path) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This thread's file-system user and group ids.
+    fn fs_ids() -> (u32, u32) {
+        // SAFETY: -1 changes nothing; the calls only return the current values.
+        unsafe {
+            (
+                libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
+                libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
+            )
+        }
+    }
 
     /// Drops `CAP_SETUID` from this thread's effective capabilities (capabilities are per
     /// thread in Linux; a non-root thread has none to drop).

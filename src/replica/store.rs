@@ -537,16 +537,7 @@ impl ReplicaStore {
 
     /// Downloads the object at `key`; an error of kind NotFound if there is none.
     pub async fn get_object(&self, key: &str) -> Result<Bytes, StoreError> {
-        let path = self.object_path(key)?;
-        Counters::bump(&self.counters.get);
-        let res = self
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| self.request_error("GET", key, e))?;
-        res.bytes()
-            .await
-            .map_err(|e| self.request_error("GET", key, e))
+        self.get_with_etag(key).await.map(|(bytes, _)| bytes)
     }
 
     /// Downloads bytes `range` of the object at `key`.
