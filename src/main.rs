@@ -109,6 +109,7 @@ mod tests {
     use std::time::Duration;
     use walfs::mount::DatabaseIo;
     use walfs::replica::maintain::MaintenanceOptions;
+    use walfs::replica::sync::{SyncOptions, SyncTimeoutAction};
     use walfs::replicate::ReplicationOptions;
 
     /// Every argument of `walfs mount` that a config file may set, each with a value other
@@ -143,6 +144,23 @@ mod tests {
         ("stage-at-commit", "true", &["--stage-at-commit"]),
         ("takeover", "true", &["--takeover"]),
         ("lease-ttl", r#""10s""#, &["--lease-ttl", "10s"]),
+        ("sync-replication", "true", &["--sync-replication"]),
+        (
+            "sync-database",
+            r#"["orders.db", "tenants/*.db"]"#,
+            &[
+                "--sync-database",
+                "orders.db",
+                "--sync-database",
+                "tenants/*.db",
+            ],
+        ),
+        ("sync-timeout", r#""2s""#, &["--sync-timeout", "2s"]),
+        (
+            "sync-timeout-action",
+            r#""eio""#,
+            &["--sync-timeout-action", "eio"],
+        ),
         (
             "compaction-intervals",
             r#""10s,1m""#,
@@ -179,6 +197,12 @@ mod tests {
                 stage_at_commit: true,
                 takeover: true,
                 lease_ttl: Duration::from_secs(10),
+                sync: SyncOptions {
+                    sync_replication: true,
+                    sync_databases: vec!["orders.db".into(), "tenants/*.db".into()],
+                    sync_timeout: Duration::from_secs(2),
+                    sync_timeout_action: SyncTimeoutAction::Eio,
+                },
                 maintenance: MaintenanceOptions {
                     compaction_intervals: vec![Duration::from_secs(10), Duration::from_secs(60)],
                     snapshot_interval: Duration::from_secs(12 * 3600),
@@ -238,7 +262,11 @@ mod tests {
             keys, covered,
             "every argument of `walfs mount` needs an entry in SETTINGS"
         );
-        assert_eq!(keys.len(), 19, "18 flags less --config, and 2 positionals");
+        assert_eq!(
+            keys.len(),
+            23,
+            "21 flags besides --config, and 2 positionals"
+        );
     }
 
     /// Every setting of `walfs mount` works on the command line: each one alone changes
@@ -248,6 +276,7 @@ mod tests {
         let base = parse_mount(&["/srv/data", "/mnt/data"], None).unwrap();
         // The flags' defaults are the ones the maintenance code assumes.
         assert_eq!(base.replication.maintenance, MaintenanceOptions::default());
+        assert_eq!(base.replication.sync, SyncOptions::default());
         for (key, _, args) in SETTINGS.iter().filter(|(k, _, _)| !is_positional(k)) {
             let mut argv = vec!["/srv/data", "/mnt/data"];
             argv.extend_from_slice(args);

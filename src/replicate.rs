@@ -14,12 +14,13 @@ use std::fmt;
 use std::io;
 
 use crate::capture::watch::WalWatcher;
-use crate::capture::{database_of, Barrier, Capture, CaptureObserver};
+use crate::capture::{database_of, Barrier, Capture, CaptureObserver, CommitWaiter};
 use crate::fs::Observer;
 use crate::replica::error::{write_causes, ReplicaError, StoreError};
 use crate::replica::lease::{Lease, LeaseError};
 use crate::replica::maintain::{Maintainer, MaintenanceOptions};
 use crate::replica::store::{ReplicaStore, StoreTuning};
+use crate::replica::sync::{SyncOptions, SyncOutcome, SyncReplication};
 use crate::replica::upload::Uploader;
 use crate::replica::url::ReplicaUrl;
 use crate::staging::{Staging, StagingError};
@@ -77,6 +78,9 @@ pub struct ReplicationOptions {
     /// this mount stops writing the replica after half of it without a renewal).
     #[arg(long, default_value = "30s", value_parser = crate::flags::duration)]
     pub lease_ttl: Duration,
+    // Synchronous replication.
+    #[command(flatten)]
+    pub sync: SyncOptions,
     // Compaction, snapshots and retention.
     #[command(flatten)]
     pub maintenance: MaintenanceOptions,
@@ -87,6 +91,8 @@ pub struct Replication {
     stage_at_commit: bool,
     uploader: Arc<Uploader>,
     maintainer: Arc<Maintainer>,
+    /// `None` unless some database replicates synchronously.
+    sync: Option<Arc<SyncReplication>>,
     merge: bool,
     thread: Option<JoinHandle<()>>,
     maintenance_thread: Option<JoinHandle<()>>,
@@ -259,6 +265,11 @@ impl Replication {
         )?);
         let uploader = Arc::new(Uploader::new(staging, replicas)?);
         uploader.set_maintainer(maintainer.clone());
+        let sync = (opts.sync.enabled() && !opts.replicas.is_empty())
+            .then(|| Arc::new(SyncReplication::new(opts.sync.clone())));
+        if let Some(sync) = &sync {
+            uploader.set_sync(sync.clone());
+        }
         {
             let uploader = uploader.clone();
             capture.set_notify(Box::new(move || uploader.notify()));
@@ -301,6 +312,7 @@ impl Replication {
             stage_at_commit: opts.stage_at_commit,
             uploader,
             maintainer,
+            sync,
             merge: !opts.sync_interval.is_zero(),
             thread: Some(thread),
             maintenance_thread: Some(maintenance_thread),
@@ -311,9 +323,16 @@ impl Replication {
 
     /// The observer the FUSE layer calls at barriers.
     pub fn observer(&self) -> Arc<dyn Observer> {
+        let sync = self.sync.as_ref().map(|replication| {
+            Arc::new(SyncCommits {
+                replication: replication.clone(),
+                uploader: self.uploader.clone(),
+            }) as Arc<dyn CommitWaiter>
+        });
         Arc::new(CaptureObserver::new(
             self.capture.clone(),
             self.stage_at_commit,
+            sync,
         ))
     }
 
@@ -362,6 +381,19 @@ impl Replication {
             quick_resumes = stats.quick_resumes.load(Ordering::Relaxed),
             "capture stopped"
         );
+        if let Some(sync) = &self.sync {
+            let s = sync.stats();
+            let waits = s.waits.load(Ordering::Relaxed);
+            tracing::info!(
+                waits,
+                rounds = s.rounds.load(Ordering::Relaxed),
+                mean_wait_us = s.waited_us.load(Ordering::Relaxed) / waits.max(1),
+                timeouts = s.timeouts.load(Ordering::Relaxed),
+                degraded_commits = s.degraded_commits.load(Ordering::Relaxed),
+                failed_commits = s.failed_commits.load(Ordering::Relaxed),
+                "synchronous replication stopped"
+            );
+        }
         if !done {
             tracing::error!(
                 "the replica is behind: staged transactions could not be uploaded before exit; they stay in staging and are uploaded at the next mount"
@@ -372,6 +404,25 @@ impl Replication {
             let _ = thread.join();
         }
         done
+    }
+}
+
+/// Synchronous commits wait for the uploader: capture's [`CommitWaiter`], wired.
+struct SyncCommits {
+    replication: Arc<SyncReplication>,
+    uploader: Arc<Uploader>,
+}
+
+impl CommitWaiter for SyncCommits {
+    fn applies_to(&self, db: &Path) -> bool {
+        self.replication.applies_to(db)
+    }
+
+    fn wait(&self, db: &Path, txid: u64, known_uploaded: &dyn Fn() -> Option<u64>) -> bool {
+        let outcome = self
+            .replication
+            .wait(db, txid, known_uploaded, || self.uploader.upload_now());
+        outcome != SyncOutcome::Failed
     }
 }
 

@@ -52,7 +52,7 @@ pub mod watch;
 
 pub use barrier::Barrier;
 pub use database::DatabaseCapture;
-pub use observer::CaptureObserver;
+pub use observer::{CaptureObserver, CommitWaiter};
 pub(crate) use registry::WatcherWake;
 pub use registry::{Capture, CaptureStats, StagedNotify};
 

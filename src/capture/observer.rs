@@ -10,6 +10,11 @@
 //! commit by truncation or fsync then fails with EIO, logged once with its cause. A
 //! creation, unlink or rename is never refused: if staging fails there, the database's
 //! history restarts from a snapshot once staging works again.
+//!
+//! With synchronous replication of a database (`crate::replica::sync`), each barrier that
+//! makes a commit durable then waits until the replica holds it; only
+//! `--sync-timeout-action eio` lets that wait fail the barrier (an fsync, a truncation, or
+//! the unlink of a DELETE-mode journal).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -23,10 +28,22 @@ use crate::fs::observer::{Node, Observer};
 use crate::fs::{FsError, FsResult};
 use crate::staging::StagingResult;
 
+/// What synchronous commits wait with: the replica's side of synchronous replication
+/// (`crate::replica::sync`, wired by `crate::replicate`).
+pub trait CommitWaiter: Send + Sync {
+    /// Whether commits of `db` (relative to the backing root) wait for the replica.
+    fn applies_to(&self, db: &Path) -> bool;
+    /// Waits until every replica holds `db` up to `txid`; `known_uploaded` reads what
+    /// staging records the replica to hold. False: the barrier fails with EIO (already
+    /// logged).
+    fn wait(&self, db: &Path, txid: u64, known_uploaded: &dyn Fn() -> Option<u64>) -> bool;
+}
+
 /// The observer that connects the FUSE layer to a [`Capture`].
 pub struct CaptureObserver {
     capture: Arc<Capture>,
     stage_at_commit: bool,
+    sync: Option<Arc<dyn CommitWaiter>>,
 }
 
 impl CaptureObserver {
@@ -36,11 +53,46 @@ impl CaptureObserver {
     /// loses nothing: the frames stay in the `-wal` until a checkpoint has backfilled them
     /// all, which ends with an ftruncate and (unless `synchronous=OFF`) an fsync of the
     /// database file, and those are barriers at which the capture catches up (and, at the
-    /// fsync, makes the staging durable) before SQLite may restart the log.
-    pub fn new(capture: Arc<Capture>, stage_at_commit: bool) -> CaptureObserver {
+    /// fsync, makes the staging durable) before SQLite may restart the log. With `sync`,
+    /// the databases it applies to stage at every `-wal` fsync, and their durable
+    /// barriers wait for the replica.
+    pub fn new(
+        capture: Arc<Capture>,
+        stage_at_commit: bool,
+        sync: Option<Arc<dyn CommitWaiter>>,
+    ) -> CaptureObserver {
         CaptureObserver {
             capture,
             stage_at_commit,
+            sync,
+        }
+    }
+
+    /// Whether commits of `db` wait for the replica.
+    fn is_sync(&self, db: &Path) -> bool {
+        self.sync.as_ref().is_some_and(|w| w.applies_to(db))
+    }
+
+    /// After a barrier of `db` made its commits durable locally (`res` is the barrier's
+    /// result): with synchronous replication of `db`, waits until the replica holds what
+    /// capture staged. Fails only with `--sync-timeout-action eio`, after the timeout
+    /// (logged once by the wait).
+    fn replicated(&self, db: &Path, res: FsResult<()>) -> FsResult<()> {
+        res?;
+        let Some(waiter) = self.sync.as_ref().filter(|w| w.applies_to(db)) else {
+            return Ok(());
+        };
+        let Some(txid) = self.capture.staged_txid(db).filter(|&t| t > 0) else {
+            return Ok(());
+        };
+        let known_uploaded = || {
+            let state = self.capture.staging().state(db).ok().flatten();
+            state.map(|s| s.uploaded_txid).filter(|&t| t > 0)
+        };
+        if waiter.wait(db, txid, &known_uploaded) {
+            Ok(())
+        } else {
+            Err(FsError::eio_logged())
         }
     }
 
@@ -98,17 +150,22 @@ impl CaptureObserver {
 
     /// A removal or rename of `rel`: capture first; forget a database that goes away
     /// (`deleted`: and mark it deleted in the replica, unless another file replaces it).
-    fn removing(&self, op: &str, rel: &Path, deleted: bool) {
+    /// Fails only the unlink of a journal whose commit synchronous replication could not
+    /// replicate (see [`CaptureObserver::replicated`]).
+    fn removing(&self, op: &str, rel: &Path, deleted: bool) -> FsResult<()> {
         if let Some(db) = rollback::database_of_journal(rel) {
             // DELETE mode's commit point (and the end of a hot journal's rollback).
             let res = self
                 .capture
                 .on(&db, Barrier::Journal(JournalBarrier::Unlinking));
             self.unrefused(op, rel, &db, res);
-            return;
+            if op == "unlink" {
+                return self.replicated(&db, Ok(()));
+            }
+            return Ok(());
         }
         let Some((db, is_wal)) = database_of(rel) else {
-            return;
+            return Ok(());
         };
         if is_wal || self.capture.is_captured(&db) {
             let res = self.capture.on(&wal_path(&db), Barrier::WalDurable);
@@ -121,6 +178,7 @@ impl CaptureObserver {
         } else {
             self.capture.replacing(&db);
         }
+        Ok(())
     }
 }
 
@@ -172,7 +230,7 @@ impl Observer for CaptureObserver {
             let res = self
                 .capture
                 .on(&db, Barrier::Journal(JournalBarrier::Synced));
-            return self.durable("fsync", &rel, res);
+            return self.replicated(&db, self.durable("fsync", &rel, res));
         }
         let Some((db, is_wal)) = database_of(&rel) else {
             return Ok(());
@@ -181,7 +239,7 @@ impl Observer for CaptureObserver {
         // step) leaves the frames in the WAL (see `new`); a database fsync ends a
         // checkpoint's backfill, after which the WAL may restart, so what was staged must
         // then be durable.
-        if is_wal && !self.stage_at_commit {
+        if is_wal && !self.stage_at_commit && !self.is_sync(&db) {
             self.capture.wal_synced(&db);
             return Ok(());
         }
@@ -191,7 +249,7 @@ impl Observer for CaptureObserver {
             Barrier::DbSynced
         };
         let res = self.capture.on(&rel, barrier);
-        self.durable("fsync", &rel, res)
+        self.replicated(&db, self.durable("fsync", &rel, res))
     }
 
     fn truncated(&self, file: &Node<'_>, _size: u64) -> FsResult<()> {
@@ -203,7 +261,7 @@ impl Observer for CaptureObserver {
             let res = self
                 .capture
                 .on(&db, Barrier::Journal(JournalBarrier::Truncated));
-            return self.durable("truncate", &rel, res);
+            return self.replicated(&db, self.durable("truncate", &rel, res));
         }
         match database_of(&rel) {
             // A checkpoint's truncation of the database (or one outside SQLite's
@@ -227,28 +285,29 @@ impl Observer for CaptureObserver {
             }
             // The `-wal` is truncated: the frames it held go, so what was staged of them
             // must be durable.
-            Some((_, true)) => {
+            Some((db, true)) => {
                 let res = self.capture.on(&rel, Barrier::WalDurable);
-                self.durable("truncate", &rel, res)
+                self.replicated(&db, self.durable("truncate", &rel, res))
             }
             None => Ok(()),
         }
     }
 
-    fn unlinking(&self, dir: &Node<'_>, name: &OsStr) {
-        if let Some(rel) = Self::relative(dir).map(|d| d.join(name)) {
-            self.removing("unlink", &rel, true);
+    fn unlinking(&self, dir: &Node<'_>, name: &OsStr) -> FsResult<()> {
+        match Self::relative(dir).map(|d| d.join(name)) {
+            Some(rel) => self.removing("unlink", &rel, true),
+            None => Ok(()),
         }
     }
 
     fn renaming(&self, dir: &Node<'_>, name: &OsStr, new_dir: &Node<'_>, new_name: &OsStr) {
         if let Some(from) = Self::relative(dir).map(|d| d.join(name)) {
-            self.removing("rename", &from, true);
+            let _ = self.removing("rename", &from, true);
         }
         // A database renamed over is replaced: `renamed` registers the new file, whose
         // content continues the same history.
         if let Some(to) = Self::relative(new_dir).map(|d| d.join(new_name)) {
-            self.removing("rename", &to, false);
+            let _ = self.removing("rename", &to, false);
         }
     }
 

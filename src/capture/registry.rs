@@ -367,6 +367,12 @@ impl Capture {
     }
 
     /// Whether `db` (relative) is being captured.
+    /// The last TXID staged for `db`, if it is captured (0: nothing staged yet).
+    pub fn staged_txid(&self, db: &Path) -> Option<u64> {
+        self.slot(db, false)
+            .and_then(|s| s.lock().as_ref().map(|c| c.state().txid))
+    }
+
     pub fn is_captured(&self, db: &Path) -> bool {
         self.slot(db, false).is_some_and(|s| s.lock().is_some())
     }

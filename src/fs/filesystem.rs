@@ -357,7 +357,7 @@ impl PassthroughFs {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         self.check_writable()?;
         let parent = self.inodes.get(parent)?;
-        self.observer.unlinking(&self.node(&parent), name);
+        self.observer.unlinking(&self.node(&parent), name)?;
         let res = sys::unlinkat(parent.fd(), &sys::cstr(name)?, 0);
         self.names.changed();
         Ok(res?)
@@ -944,12 +944,13 @@ mod tests {
                 .push(format!("truncate {} {size}", p.display()));
             Ok(())
         }
-        fn unlinking(&self, dir: &Node<'_>, name: &OsStr) {
+        fn unlinking(&self, dir: &Node<'_>, name: &OsStr) -> FsResult<()> {
             let p = dir.relative_path().unwrap().join(name);
             self.0
                 .lock()
                 .unwrap()
                 .push(format!("unlink {}", p.display()));
+            Ok(())
         }
     }
 

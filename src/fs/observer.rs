@@ -52,9 +52,10 @@ impl Node<'_> {
 
 /// Called by the filesystem at barriers, after the backing operation (or just before it, for
 /// removals and [`Observer::syncing`]) and before the reply. Every method defaults to doing
-/// nothing. Only [`Observer::synced`] and [`Observer::truncated`] can fail the application's
-/// operation (a barrier whose captured transactions cannot be made durable); a creation,
-/// removal or rename is never refused for the observer's sake, which the types say.
+/// nothing. Only [`Observer::synced`], [`Observer::truncated`] and [`Observer::unlinking`]
+/// can fail the application's operation (a barrier whose captured transactions cannot be
+/// made durable, or, with synchronous replication, replicated); a creation or rename is
+/// never refused for the observer's sake, which the types say.
 pub trait Observer: Send + Sync + 'static {
     /// A regular file was created (or opened with O_CREAT) in `dir`.
     fn created(&self, _dir: &Node<'_>, _name: &OsStr, _file: &Node<'_>) {}
@@ -69,8 +70,11 @@ pub trait Observer: Send + Sync + 'static {
     fn truncated(&self, _file: &Node<'_>, _size: u64) -> FsResult<()> {
         Ok(())
     }
-    /// `name` in `dir` is about to be unlinked; it can still be read.
-    fn unlinking(&self, _dir: &Node<'_>, _name: &OsStr) {}
+    /// `name` in `dir` is about to be unlinked; it can still be read. An error fails the
+    /// unlink, which is then not made.
+    fn unlinking(&self, _dir: &Node<'_>, _name: &OsStr) -> FsResult<()> {
+        Ok(())
+    }
     /// `name` in `dir` is about to be renamed to `new_name` in `new_dir`.
     fn renaming(&self, _dir: &Node<'_>, _name: &OsStr, _new_dir: &Node<'_>, _new_name: &OsStr) {}
     /// A rename to `new_name` in `new_dir` succeeded (after [`Observer::renaming`]).

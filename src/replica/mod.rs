@@ -4,7 +4,8 @@
 //! The store, one idea a file: [`url`] (where a replica lives), [`layout`] (the key of each
 //! object), [`store`] (put, get, head, list, delete), [`error`] (what fails) and
 //! [`timestamp`] (the RFC 3339 times objects carry); [`lease`] keeps one writer per
-//! replica.
+//! replica; [`sync`] makes a commit wait until the replica holds it
+//! (`--sync-replication`).
 
 pub mod compact;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod maintain;
 pub mod record;
 pub mod retention;
 pub mod store;
+pub mod sync;
 pub mod timestamp;
 pub mod upload;
 pub mod url;

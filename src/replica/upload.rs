@@ -25,6 +25,7 @@ use super::kept::KeepSource;
 use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use super::store::ReplicaStore;
+use super::sync::SyncReplication;
 use crate::ltx::{LtxEncoder, LtxHeader, HEADER_SIZE};
 use crate::sqlite::lock_byte_page;
 use crate::staging::{Batch, PageMerge, Staged, Staging};
@@ -33,10 +34,17 @@ use crate::staging::{Batch, PageMerge, Staged, Staging};
 const LEVEL_TRANSACTIONS: u8 = 0;
 const LEVEL_SNAPSHOTS: u8 = 9;
 
+/// How many databases one upload round sends at once.
+const PARALLEL_UPLOADS: usize = 8;
+
 /// The longest wait between retries of a failing replica.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How soon a round that waited for the replica's lease is tried again.
 const LEASE_RETRY: Duration = Duration::from_millis(500);
+
+/// The longest wait between retries of a failing replica while a synchronous commit waits
+/// for it (`super::sync`): its timeout, not the backoff, decides how long it waits.
+const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(1);
 
 /// One upload to send: a snapshot or a merged run of transactions.
 struct Upload {
@@ -268,6 +276,11 @@ pub struct Uploader {
     unreadable: Mutex<BTreeSet<PathBuf>>,
     /// The last round found a replica's lease lapsed (`super::lease`).
     waited_for_lease: AtomicBool,
+    /// Told what every replica holds, for the commits that wait for it.
+    sync: std::sync::OnceLock<Arc<SyncReplication>>,
+    /// Set by [`Uploader::upload_now`]: a commit waits for the next round, which starts
+    /// without waiting for the sync interval.
+    urgent: AtomicBool,
 }
 
 /// Asks capture to restart the history of a database (relative path) from a snapshot,
@@ -311,12 +324,19 @@ impl Uploader {
             restart: std::sync::OnceLock::new(),
             unreadable: Mutex::new(BTreeSet::new()),
             waited_for_lease: AtomicBool::new(false),
+            sync: std::sync::OnceLock::new(),
+            urgent: AtomicBool::new(false),
         })
     }
 
     /// Tells `m` about every upload from now on.
     pub fn set_maintainer(&self, m: Arc<Maintainer>) {
         let _ = self.maintainer.set(m);
+    }
+
+    /// Tells `sync` what every replica holds after each upload.
+    pub fn set_sync(&self, sync: Arc<SyncReplication>) {
+        let _ = self.sync.set(sync);
     }
 
     /// Sets how to ask capture for a snapshot that supersedes staged items that can no
@@ -343,19 +363,36 @@ impl Uploader {
             // staged stays, unsent and unlogged.
             return dbs.clone();
         }
-        let mut behind = BTreeSet::new();
-        for db in dbs {
-            if let Err(e) = self.upload_database(db, merge) {
-                behind.insert(db.clone());
-                if e.is_fenced() {
-                    self.waited_for_lease.store(true, Ordering::Relaxed);
-                    tracing::debug!(db = %db.display(), "waiting for the lease: {e:#}");
-                } else {
-                    tracing::warn!(db = %db.display(), "replica is behind: {e:#}; retrying");
+        // Databases are uploaded side by side (each database's objects in order), so that
+        // the commits waiting in one round, on different databases, wait for one upload
+        // time rather than the sum of them. The threads share the uploader's runtime.
+        let queue = Mutex::new(dbs.iter());
+        let behind = Mutex::new(BTreeSet::new());
+        let work = || {
+            while let Some(db) = queue.lock().next() {
+                if let Err(e) = self.upload_database(db, merge) {
+                    behind.lock().insert(db.clone());
+                    if e.is_fenced() {
+                        self.waited_for_lease.store(true, Ordering::Relaxed);
+                        tracing::debug!(db = %db.display(), "waiting for the lease: {e:#}");
+                    } else {
+                        tracing::warn!(db = %db.display(), "replica is behind: {e:#}; retrying");
+                    }
                 }
             }
+        };
+        let workers = dbs.len().min(PARALLEL_UPLOADS);
+        if workers <= 1 {
+            work();
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 1..workers {
+                    scope.spawn(work);
+                }
+                work();
+            });
         }
-        behind
+        behind.into_inner()
     }
 
     fn upload_database(&self, db: &Path, merge: bool) -> ReplicaResult<()> {
@@ -451,6 +488,9 @@ impl Uploader {
             }
         }
         self.staging.mark_uploaded(db, max)?;
+        if let Some(sync) = self.sync.get() {
+            sync.uploaded(db, max);
+        }
         if let Some(m) = self.maintainer.get() {
             m.uploaded(db, kept);
         }
@@ -584,12 +624,16 @@ impl Uploader {
             } else {
                 self.wait_until(Some(Instant::now() + backoff), true)
             };
-            if !stopping && !interval.is_zero() {
+            if !stopping && !interval.is_zero() && !self.urgent.load(Ordering::Relaxed) {
                 stopping = self.wait_until(Some(Instant::now() + interval), false);
             }
+            self.urgent.store(false, Ordering::Relaxed);
             let mut dbs = std::mem::take(&mut behind);
             dbs.extend(take());
             behind = self.upload_round(&dbs, merge);
+            if let Some(sync) = self.sync.get().filter(|_| !dbs.is_empty()) {
+                sync.stats().rounds.fetch_add(1, Ordering::Relaxed);
+            }
             backoff = if behind.is_empty() {
                 Duration::ZERO
             } else if self.waited_for_lease.swap(false, Ordering::Relaxed) {
@@ -597,6 +641,8 @@ impl Uploader {
                 // late), and the attempt asked for its renewal. Try again as soon as that
                 // can have happened, not after a backoff that could outlast each renewal.
                 LEASE_RETRY
+            } else if self.sync.get().is_some_and(|s| s.has_waiters()) {
+                (backoff * 2).clamp(Duration::from_millis(100), MAX_SYNC_BACKOFF)
             } else {
                 (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF)
             };
@@ -606,14 +652,18 @@ impl Uploader {
         }
     }
 
-    /// Sleeps until `deadline` (forever if `None`), or until notified if `on_notify`.
-    /// True once shutdown was asked for.
+    /// Sleeps until `deadline` (forever if `None`), or until notified if `on_notify`, or
+    /// until [`Uploader::upload_now`]. True once shutdown was asked for.
     fn wait_until(&self, deadline: Option<Instant>, on_notify: bool) -> bool {
         let (lock, cvar) = &self.wake;
         let mut notified = lock.lock();
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return true;
+            }
+            if self.urgent.load(Ordering::Relaxed) {
+                *notified = false;
+                return false;
             }
             if on_notify && *notified {
                 *notified = false;
@@ -634,6 +684,16 @@ impl Uploader {
     pub fn notify(&self) {
         let (lock, cvar) = &self.wake;
         *lock.lock() = true;
+        cvar.notify_all();
+    }
+
+    /// A commit waits for the replica: starts the next round now (after the one under
+    /// way), without the sync interval or a failing replica's backoff.
+    pub fn upload_now(&self) {
+        let (lock, cvar) = &self.wake;
+        let mut notified = lock.lock();
+        *notified = true;
+        self.urgent.store(true, Ordering::Relaxed);
         cvar.notify_all();
     }
 
