@@ -143,6 +143,7 @@ mod tests {
         ("stage-at-commit", "true", &["--stage-at-commit"]),
         ("takeover", "true", &["--takeover"]),
         ("lease-ttl", r#""10s""#, &["--lease-ttl", "10s"]),
+        ("max-staging", r#""1.5G""#, &["--max-staging", "1.5G"]),
         (
             "compaction-intervals",
             r#""10s,1m""#,
@@ -179,6 +180,7 @@ mod tests {
                 stage_at_commit: true,
                 takeover: true,
                 lease_ttl: Duration::from_secs(10),
+                max_staging: Some(3 << 29),
                 maintenance: MaintenanceOptions {
                     compaction_intervals: vec![Duration::from_secs(10), Duration::from_secs(60)],
                     snapshot_interval: Duration::from_secs(12 * 3600),
@@ -238,7 +240,7 @@ mod tests {
             keys, covered,
             "every argument of `walfs mount` needs an entry in SETTINGS"
         );
-        assert_eq!(keys.len(), 19, "18 flags less --config, and 2 positionals");
+        assert_eq!(keys.len(), 20, "19 flags less --config, and 2 positionals");
     }
 
     /// Every setting of `walfs mount` works on the command line: each one alone changes
