@@ -15,8 +15,10 @@
 //! [`MIN_CHECK_GAP`]. It lists each staged database's `segments/` and `snapshots/` (one
 //! directory listing each, no reads). It acts only while the replica is behind, which it
 //! sees in staging itself: a pending file that was already pending at the previous check
-//! outlived a whole upload round. A healthy replica empties staging every round, so a
-//! burst larger than the bound is uploaded as it is, with every point in time.
+//! outlived a whole upload round, and the replica counts as behind once that has held for
+//! [`OUTAGE_GRACE`] (a round that renews a lapsed lease first is not an outage). A healthy
+//! replica empties staging every round, so a burst larger than the bound is uploaded as it
+//! is, with every point in time.
 //!
 //! It says so once per outage: one WARN at the first collapse, with the TXIDs that can no
 //! longer be restored, and one if even a snapshot per database exceeds the bound (those
@@ -40,6 +42,10 @@ use crate::staging::StagingResult;
 /// of 0).
 pub const MIN_CHECK_GAP: Duration = Duration::from_millis(250);
 
+/// How long pending files must keep outliving upload rounds before the replica counts as
+/// behind.
+pub const OUTAGE_GRACE: Duration = Duration::from_secs(1);
+
 /// The bound on one mount's staged data that waits for upload.
 pub struct StagingBudget {
     max: u64,
@@ -51,6 +57,8 @@ struct BudgetState {
     last_check: Option<Instant>,
     /// The pending files (not the active segments) found at the last check.
     seen: HashSet<PathBuf>,
+    /// Since when every check found pending files of the check before.
+    behind_since: Option<Instant>,
     /// The collapse of this outage was logged.
     warned_collapse: bool,
     /// That even the snapshots exceed the bound was logged in this outage.
@@ -125,8 +133,12 @@ impl StagingBudget {
         st.seen = seen;
         if !behind {
             // The replica took everything the last check saw: any outage is over.
+            st.behind_since = None;
             st.warned_collapse = false;
             st.warned_over = false;
+            return Vec::new();
+        }
+        if now.duration_since(*st.behind_since.get_or_insert(now)) < OUTAGE_GRACE {
             return Vec::new();
         }
         let total: u64 = pending.iter().map(|p| p.bytes).sum();
