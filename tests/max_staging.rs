@@ -167,14 +167,29 @@ fn forward(on: u16, port: u16) {
     });
 }
 
-const MAX: u64 = 4 << 20;
 const DBS: [(&str, &str, &str); 2] = [
     ("wal.db", "WAL", "PRAGMA synchronous=NORMAL;"),
     ("delete.db", "DELETE", "PRAGMA synchronous=FULL;"),
 ];
 
-#[test]
-fn a_long_outage_collapses_staging_into_snapshots_and_the_replica_catches_up() {
+/// What [`outage`] saw while the replica could not be reached.
+struct Outage {
+    f: S3Fixture,
+    m: Mount,
+    /// The log up to the end of the outage.
+    log: String,
+    /// The staging directory's largest size while the writers ran, and after them.
+    peak: u64,
+    settled: u64,
+    /// The sizes of the database files (a snapshot of each is about as large).
+    snapshots: u64,
+}
+
+/// Mounts with an S3 replica whose port answers nothing and `--max-staging max`, runs a
+/// writer of `commits` transactions on each of [`DBS`] (which must see no error) while
+/// sampling the staging directory's size, then makes the store answer and waits until
+/// staging holds nothing more to upload.
+fn outage(max: &str, commits: u32) -> Outage {
     let f = S3Fixture::new("bounded");
     let port = common::free_port();
     let url = f.moto.s3_url_via(port, &f.prefix);
@@ -182,7 +197,7 @@ fn a_long_outage_collapses_staging_into_snapshots_and_the_replica_catches_up() {
         &url,
         &[
             "--max-staging",
-            "4MiB",
+            max,
             "--sync-interval",
             "200ms",
             "--lease-ttl",
@@ -191,19 +206,16 @@ fn a_long_outage_collapses_staging_into_snapshots_and_the_replica_catches_up() {
     );
     let mut env = S3_ENV.to_vec();
     env.push(("RUST_LOG", "info"));
-    let mut m = Mount::with_env(&as_strs(&args), &env);
+    let m = Mount::with_env(&as_strs(&args), &env);
     for (db, mode, _) in DBS {
         create(&m, db, mode);
     }
     let staging = f.staging();
     let before = tree_bytes(&staging);
-
-    // The writers, while the replica cannot be reached, and the staging directory's size
-    // sampled meanwhile.
     let writers: Vec<_> = DBS
         .iter()
         .enumerate()
-        .map(|(i, (db, _, pragmas))| writer(&m, db, pragmas, 3000, 7 + i as u64))
+        .map(|(i, (db, _, pragmas))| writer(&m, db, pragmas, commits, 7 + i as u64))
         .collect();
     let (mut peak, mut samples) = (0u64, 0u32);
     while !writers.iter().all(|w| w.is_finished()) {
@@ -225,33 +237,15 @@ fn a_long_outage_collapses_staging_into_snapshots_and_the_replica_catches_up() {
         .iter()
         .map(|(db, _, _)| std::fs::metadata(m.backing_path(db)).unwrap().len())
         .sum();
-    // Written: 2 x 3000 commits of a 4000-byte row (their pages, about 25 MiB).
     eprintln!(
-        "staging: {before} bytes at the start, peak {peak} ({samples} samples), {settled} after \
-         the writers; bound {MAX} + snapshots {snapshots}"
+        "--max-staging {max}, {commits} commits of a 4000-byte row per database: staging \
+         {before} bytes at the start, peak {peak} ({samples} samples), {settled} after the \
+         writers; databases {snapshots}"
     );
     let log = m.log();
-    assert!(
-        peak <= MAX + snapshots + (3 << 20),
-        "staging reached {peak} bytes, bound {MAX} + {snapshots} + slack: {log}"
-    );
-    assert!(
-        settled <= MAX + snapshots,
-        "staging holds {settled} bytes after the writers: {log}"
-    );
-    assert_eq!(
-        log.matches("staging reached --max-staging 4 MiB").count(),
-        1,
-        "said once: {log}"
-    );
-    let line = log.lines().find(|l| l.contains("staging reached")).unwrap();
-    eprintln!("{line}");
-    assert!(line.contains("WARN"), "{line}");
-    assert!(line.contains("can no longer be restored"), "{line}");
-    assert!(
-        !log.contains("more than --max-staging"),
-        "two snapshots fit in 4 MiB: {log}"
-    );
+    for line in log.lines().filter(|l| l.contains("max-staging")) {
+        eprintln!("{line}");
+    }
     assert!(!log.contains("ERROR"), "{log}");
 
     // The store answers: the replica catches up from the snapshots.
@@ -266,22 +260,94 @@ fn a_long_outage_collapses_staging_into_snapshots_and_the_replica_catches_up() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let log = m.stop();
+    Outage {
+        f,
+        m,
+        log,
+        peak,
+        settled,
+        snapshots,
+    }
+}
+
+/// Stops the mount; each database restores equal to the live one, and `walfs verify`
+/// passes. Returns the stop summary's `collapses`.
+fn stop_and_check(o: &mut Outage) -> u64 {
+    let log = o.m.stop();
     let collapses = stop_counter(&log, "collapses");
     eprintln!("collapses={collapses}");
-    assert!(collapses >= 2, "{log}");
     for (db, _, _) in DBS {
-        let (out, _) = f.restore(db, &format!("latest-{db}"), &[]);
-        assert_same_database(&m.backing_path(db), &out);
+        let (out, _) = o.f.restore(db, &format!("latest-{db}"), &[]);
+        assert_same_database(&o.m.backing_path(db), &out);
     }
-    let report = verify(&f.url());
+    let report = verify(&o.f.url());
     assert!(report.contains("all 4 checks passed"), "{report}");
+    collapses
+}
+
+#[test]
+fn a_long_outage_collapses_staging_into_snapshots_and_the_replica_catches_up() {
+    const MAX: u64 = 4 << 20;
+    // About 25 MiB of pages written while the replica cannot be reached.
+    let mut o = outage("4MiB", 3000);
+    let (log, snapshots) = (&o.log, o.snapshots);
+    // The bound, one snapshot per database, and what one upload round stages.
+    assert!(
+        o.peak <= MAX + snapshots + (3 << 20),
+        "staging reached {} bytes, bound {MAX} + {snapshots} + slack: {log}",
+        o.peak
+    );
+    assert!(
+        o.settled <= MAX + snapshots,
+        "staging holds {} bytes after the writers: {log}",
+        o.settled
+    );
+    assert_eq!(
+        log.matches("staging reached --max-staging 4 MiB").count(),
+        1,
+        "said once: {log}"
+    );
+    let line = log.lines().find(|l| l.contains("staging reached")).unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("can no longer be restored"), "{line}");
+    assert!(
+        !log.contains("more than --max-staging"),
+        "two snapshots fit in 4 MiB: {log}"
+    );
+    assert!(stop_and_check(&mut o) >= 2);
     // The documented cost: a TXID inside a collapsed span cannot be restored, and the
     // restore says from where on it can.
-    let err = f
-        .try_restore("wal.db", "inside.db", &["--txid", "2"])
-        .expect_err("TXID 2 was collapsed away");
+    let err =
+        o.f.try_restore("wal.db", "inside.db", &["--txid", "2"])
+            .expect_err("TXID 2 was collapsed away");
     assert!(err.contains("before the oldest restorable TXID"), "{err}");
+}
+
+/// A bound smaller than one snapshot of each database: the snapshots are kept (they are
+/// the latest state), and walfs says so once.
+#[test]
+fn snapshots_larger_than_the_bound_are_kept() {
+    const MAX: u64 = 1 << 20;
+    let mut o = outage("1M", 800);
+    let log = &o.log;
+    assert_eq!(
+        log.matches("staging reached --max-staging").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("more than --max-staging 1 MiB").count(),
+        1,
+        "said once: {log}"
+    );
+    // Less than two snapshots' worth per database, and the state files.
+    assert!(
+        o.settled <= 2 * o.snapshots + (256 << 10),
+        "staging holds {} bytes after the writers: {log}",
+        o.settled
+    );
+    assert!(o.settled > MAX, "{}", o.settled);
+    assert!(stop_and_check(&mut o) >= 2);
 }
 
 #[test]

@@ -3,10 +3,13 @@
 //! directory, and a long outage would fill its disk. [`StagingBudget::check`] keeps what
 //! waits for upload near the bound without ever blocking or failing the application and
 //! without dropping a committed state silently: once the pending files pass `SIZE`, each
-//! captured database whose pending files are larger than a snapshot of it would be has
-//! them collapsed into one snapshot of its current committed state
+//! captured database whose pending files are at least twice as large as a snapshot of it
+//! (its size in pages) has them collapsed into one snapshot of its current committed state
 //! ([`Capture::collapse_pending`]), with the next TXID; the pending batches and snapshots
-//! it supersedes are deleted. The replica's history goes on from that snapshot: a restore
+//! it supersedes are deleted. The factor of two keeps a bound smaller than the snapshots
+//! from rewriting every database at every round: a database is snapshotted again only
+//! after it has staged about one snapshot's worth since, so the snapshots cost at most
+//! about as much I/O as the commits they replace. The replica's history goes on from that snapshot: a restore
 //! of the latest state, or of any TXID the replica holds or that comes later, is exact;
 //! the TXIDs between what the replica held and the snapshot can no longer be restored.
 //!
@@ -147,7 +150,7 @@ impl StagingBudget {
         }
         let mut collapsed = Vec::new();
         for p in &pending {
-            match self.collapse_if_smaller(capture, p) {
+            match self.collapse_if_worth_it(capture, p) {
                 Ok(Some(c)) => collapsed.push(c),
                 Ok(None) => {}
                 Err(e) => {
@@ -186,7 +189,7 @@ impl StagingBudget {
         }
         if after_total > self.max && !std::mem::replace(&mut st.warned_over, true) {
             tracing::warn!(
-                "staging holds {} waiting for the replica, more than --max-staging {}, with at most about one snapshot of each database pending; it keeps them (the latest state of every database) until the replica is back; bring the replica back, or raise --max-staging",
+                "staging holds {} waiting for the replica, more than --max-staging {}, though no database has more than about two snapshots' worth pending; walfs keeps it (the latest state of every database) until the replica is back; bring the replica back, or raise --max-staging above twice the databases' size",
                 format_size(after_total),
                 format_size(self.max)
             );
@@ -194,9 +197,10 @@ impl StagingBudget {
         collapsed.into_iter().map(|c| c.db).collect()
     }
 
-    /// Collapses the pending files of `p` if they are larger than a snapshot of the
-    /// database (by its size in pages, uncompressed) and are not already one snapshot.
-    fn collapse_if_smaller(
+    /// Collapses the pending files of `p` if they are at least twice as large as a
+    /// snapshot of the database (by its size in pages, uncompressed) and are not already
+    /// one snapshot.
+    fn collapse_if_worth_it(
         &self,
         capture: &Capture,
         p: &Pending,
@@ -211,7 +215,7 @@ impl StagingBudget {
         let snapshot = u64::from(state.page_size) * u64::from(state.commit);
         let items: Vec<&(PathBuf, u64)> = p.files.iter().filter(|(_, len)| *len > 0).collect();
         let one_snapshot = items.len() == 1 && items[0].0.extension().is_some_and(|e| e == "ltx");
-        if p.bytes <= snapshot || one_snapshot {
+        if p.bytes < 2 * snapshot || one_snapshot {
             return Ok(None);
         }
         Ok(capture.collapse_pending(&p.db)?.map(|txid| Collapsed {
