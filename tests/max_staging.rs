@@ -288,7 +288,7 @@ fn stop_and_check(o: &mut Outage) -> u64 {
 #[test]
 fn a_long_outage_collapses_staging_into_snapshots_and_the_replica_catches_up() {
     const MAX: u64 = 4 << 20;
-    // About 25 MiB of pages written while the replica cannot be reached.
+    // About 23 MiB of pages committed while the replica cannot be reached.
     let mut o = outage("4MiB", 3000);
     let (log, snapshots) = (&o.log, o.snapshots);
     // The bound, one snapshot per database, and what one upload round stages.

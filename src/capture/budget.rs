@@ -9,23 +9,23 @@
 //! it supersedes are deleted. The factor of two keeps a bound smaller than the snapshots
 //! from rewriting every database at every round: a database is snapshotted again only
 //! after it has staged about one snapshot's worth since, so the snapshots cost at most
-//! about as much I/O as the commits they replace. The replica's history goes on from that snapshot: a restore
-//! of the latest state, or of any TXID the replica holds or that comes later, is exact;
-//! the TXIDs between what the replica held and the snapshot can no longer be restored.
+//! about as much I/O as the commits they replace. The replica's history goes on from the
+//! snapshot: a restore of the latest state, or of any TXID the replica held or that comes
+//! after the snapshot, is exact; the TXIDs between can no longer be restored.
 //!
 //! The check runs on the uploader's thread at the start of each upload round, after the
 //! round's seal (so never beside an upload that reads the files it deletes), at most every
 //! [`MIN_CHECK_GAP`]. It lists each staged database's `segments/` and `snapshots/` (one
-//! directory listing each, no reads). It acts only while the replica is behind, which it
-//! sees in staging itself: a pending file that was already pending at the previous check
-//! outlived a whole upload round, and the replica counts as behind once that has held for
-//! [`OUTAGE_GRACE`] (a round that renews a lapsed lease first is not an outage). A healthy
-//! replica empties staging every round, so a burst larger than the bound is uploaded as it
-//! is, with every point in time.
+//! directory listing each) and reads the state file of a database it may collapse. It acts
+//! only while the replica is behind, which it sees in staging itself: a pending file that
+//! was already pending at the previous check outlived a whole upload round, and the
+//! replica counts as behind once that has held for [`OUTAGE_GRACE`] (a round that renews a
+//! lapsed lease first is not an outage). A healthy replica empties staging every round,
+//! so a burst larger than the bound is uploaded as it is, with every point in time.
 //!
 //! It says so once per outage: one WARN at the first collapse, with the TXIDs that can no
-//! longer be restored, and one if even a snapshot per database exceeds the bound (those
-//! are kept: they are the latest state). Every collapse is counted in
+//! longer be restored, and one if what is left still exceeds the bound (it is kept: it is
+//! the latest state). Every collapse is counted in
 //! [`CaptureStats::collapses`](super::CaptureStats).
 
 use std::collections::HashSet;
