@@ -1,8 +1,9 @@
 //! The parsers of command-line values (clap `value_parser`s) shared by the option structs of
-//! several layers: durations, seconds and TXIDs. Each refuses a bad value with one line
-//! that says what to give; none panics, whatever the input (`inf`, `NaN`, `1e30`).
+//! several layers: durations, seconds, sizes and TXIDs. Each refuses a bad value with one
+//! line that says what to give; none panics, whatever the input (`inf`, `NaN`, `1e30`).
 //!
-//! This file owns [`duration`], [`durations`], [`seconds`] and [`txid`].
+//! This file owns [`duration`], [`durations`], [`seconds`], [`size`], [`format_size`] (a
+//! size as log lines print it) and [`txid`].
 
 use std::time::Duration;
 
@@ -70,6 +71,68 @@ pub fn durations(s: &str) -> Result<Vec<Duration>, String> {
         ));
     }
     Ok(v)
+}
+
+/// The largest size a flag takes: 1 EiB.
+pub const MAX_SIZE: u64 = 1 << 60;
+
+/// A size in bytes, above zero: a number (fractions allowed) with an optional unit, `K`,
+/// `M`, `G`, `T` or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024), `KB`, `MB`, `GB`, `TB`
+/// (powers of 1000) or `B`; case does not matter (`512M`, `1.5GiB`, `4mb`, `1048576`).
+pub fn size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let not_a_size = || format!("{s:?} is not a size: use e.g. 512M, 1G or 4MiB");
+    let n: f64 = num
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| !n.is_nan())
+        .ok_or_else(not_a_size)?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use K, M, G, T (or KiB, MiB, ...; KB, MB, ...)"
+            ))
+        }
+    };
+    let bytes = n * scale;
+    if bytes < 1.0 {
+        return Err(format!("{s:?} must be at least one byte"));
+    }
+    if bytes > MAX_SIZE as f64 {
+        return Err(format!("{s:?} is too large: at most 1 EiB"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// `bytes` as log lines print it: `512 B`, `4 MiB`, `1.5 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{v:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text} {}", UNITS[unit])
 }
 
 /// A TXID, in one of three spellings that cannot be mistaken for each other:
@@ -220,5 +283,31 @@ mod tests {
             .unwrap_err()
             .contains("at most 8"));
         assert!(durations("1s,9999999999").unwrap_err().contains("too long"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("1048576"), Ok(1 << 20));
+        assert_eq!(size("1G"), Ok(1 << 30));
+        assert_eq!(size("1g"), Ok(1 << 30));
+        assert_eq!(size("4MiB"), Ok(4 << 20));
+        assert_eq!(size("512K"), Ok(512 << 10));
+        assert_eq!(size("1.5G"), Ok(3 << 29));
+        assert_eq!(size("2T"), Ok(2 << 40));
+        assert_eq!(size("1MB"), Ok(1_000_000));
+        assert_eq!(size("3 kb"), Ok(3000));
+        assert_eq!(size("100B"), Ok(100));
+        for bad in ["", "x", "G", "inf", "nan", "-", "1..5M"] {
+            let e = size(bad).unwrap_err();
+            assert!(e.contains("is not a size"), "{bad}: {e}");
+        }
+        assert!(size("0").unwrap_err().contains("at least one byte"));
+        assert!(size("-1G").unwrap_err().contains("at least one byte"));
+        assert!(size("2d").unwrap_err().contains("unknown unit"));
+        assert!(size("2000000T").unwrap_err().contains("too large"));
+        assert_eq!(format_size(512), "512 B");
+        assert_eq!(format_size(4 << 20), "4 MiB");
+        assert_eq!(format_size(3 << 29), "1.5 GiB");
+        assert_eq!(format_size((4 << 20) + (1 << 19) + 12345), "4.5 MiB");
     }
 }

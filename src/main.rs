@@ -161,6 +161,7 @@ mod tests {
             r#""eio""#,
             &["--sync-timeout-action", "eio"],
         ),
+        ("max-staging", r#""1.5G""#, &["--max-staging", "1.5G"]),
         (
             "compaction-intervals",
             r#""10s,1m""#,
@@ -203,6 +204,7 @@ mod tests {
                     sync_timeout: Duration::from_secs(2),
                     sync_timeout_action: SyncTimeoutAction::Eio,
                 },
+                max_staging: Some(3 << 29),
                 maintenance: MaintenanceOptions {
                     compaction_intervals: vec![Duration::from_secs(10), Duration::from_secs(60)],
                     snapshot_interval: Duration::from_secs(12 * 3600),
@@ -264,8 +266,8 @@ mod tests {
         );
         assert_eq!(
             keys.len(),
-            23,
-            "21 flags besides --config, and 2 positionals"
+            24,
+            "22 flags besides --config, and 2 positionals"
         );
     }
 

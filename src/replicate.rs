@@ -14,7 +14,7 @@ use std::fmt;
 use std::io;
 
 use crate::capture::watch::WalWatcher;
-use crate::capture::{database_of, Barrier, Capture, CaptureObserver, CommitWaiter};
+use crate::capture::{database_of, Barrier, Capture, CaptureObserver, CommitWaiter, StagingBudget};
 use crate::fs::Observer;
 use crate::replica::error::{write_causes, ReplicaError, StoreError};
 use crate::replica::lease::{Lease, LeaseError};
@@ -78,6 +78,12 @@ pub struct ReplicationOptions {
     /// this mount stops writing the replica after half of it without a renewal).
     #[arg(long, default_value = "30s", value_parser = crate::flags::duration)]
     pub lease_ttl: Duration,
+    /// Bound what waits for upload in staging: when a replica outage makes it larger than
+    /// SIZE (512M, 1G, 4MiB, ...), each database's pending transactions are collapsed
+    /// into one snapshot of its latest state (points in time inside them are lost).
+    /// Default: unbounded.
+    #[arg(long, value_name = "SIZE", value_parser = crate::flags::size)]
+    pub max_staging: Option<u64>,
     // Synchronous replication.
     #[command(flatten)]
     pub sync: SyncOptions,
@@ -295,9 +301,19 @@ impl Replication {
         let thread = {
             let (uploader, capture) = (uploader.clone(), capture.clone());
             let interval = opts.sync_interval;
+            // Bounded staging is checked at each round's seal (capture/budget.rs).
+            let budget = opts.max_staging.map(StagingBudget::new);
             std::thread::Builder::new()
                 .name("walfs-upload".into())
-                .spawn(move || uploader.run(interval, || capture.take_staged()))?
+                .spawn(move || {
+                    uploader.run(interval, || {
+                        let mut dbs = capture.take_staged();
+                        if let Some(b) = &budget {
+                            dbs.extend(b.check(&capture));
+                        }
+                        dbs
+                    })
+                })?
         };
         let maintenance_thread = {
             let maintainer = maintainer.clone();
@@ -379,6 +395,7 @@ impl Replication {
             waits = stats.waits.load(Ordering::Relaxed),
             failures = stats.failures.load(Ordering::Relaxed),
             quick_resumes = stats.quick_resumes.load(Ordering::Relaxed),
+            collapses = stats.collapses.load(Ordering::Relaxed),
             "capture stopped"
         );
         if let Some(sync) = &self.sync {

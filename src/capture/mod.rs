@@ -24,6 +24,9 @@
 //! - `image.rs`: a database's committed image as SQLite reads it (the database file, its
 //!   committed WAL frames, a live journal's original pages), for snapshots and comparisons.
 //! - [`watch`]: reads a database's `-wal` within milliseconds of a change between barriers.
+//! - [`StagingBudget`] (`budget.rs`): bounded staging (`--max-staging`): while the replica
+//!   is behind and what waits for upload passes the bound, each database's pending
+//!   transactions are collapsed into one snapshot ([`Capture::collapse_pending`]).
 //!
 //! - [`rollback`]: rollback-journal commits (DELETE, TRUNCATE, PERSIST) at the journal's
 //!   invalidation, changes made without a journal (`journal_mode=MEMORY`/`OFF`) and writes
@@ -43,6 +46,7 @@ use crate::sqlite::{
 use crate::staging::StagingError;
 
 mod barrier;
+mod budget;
 mod database;
 mod image;
 mod observer;
@@ -51,6 +55,7 @@ pub mod rollback;
 pub mod watch;
 
 pub use barrier::Barrier;
+pub use budget::StagingBudget;
 pub use database::DatabaseCapture;
 pub use observer::{CaptureObserver, CommitWaiter};
 pub(crate) use registry::WatcherWake;

@@ -30,6 +30,9 @@ pub struct CaptureStats {
     pub failures: AtomicU64,
     /// Databases resumed from the checksums a clean stop saved, without reading them.
     pub quick_resumes: AtomicU64,
+    /// Databases whose pending transactions were collapsed into one snapshot because
+    /// staging passed `--max-staging` while the replica was behind (`budget.rs`).
+    pub collapses: AtomicU64,
 }
 
 type Slot = Arc<Mutex<Option<DatabaseCapture>>>;
@@ -395,7 +398,7 @@ impl Capture {
     /// registers and its file holds an SQLite header. Files of other kinds cost one
     /// 100-byte read. Only a staging failure is
     /// returned; the caller decides what the application sees.
-    fn with_db(
+    pub(super) fn with_db(
         &self,
         rel: &Path,
         step: Step,

@@ -6,7 +6,8 @@
 //! copy for the maintenance loop (compaction, snapshots), which it tells. With a sync
 //! interval of 0, every batch is uploaded as its own file, so every captured commit stays
 //! restorable. A database with nothing staged costs no request at all, and an idle mount
-//! makes none. A failing replica is retried with backoff while staging keeps everything.
+//! makes none. A failing replica is retried with backoff while staging keeps everything
+//! (up to `--max-staging`, past which capture collapses it into snapshots: `capture/budget.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;

@@ -512,6 +512,24 @@ impl Staging {
         Ok(out)
     }
 
+    /// Every file of `db` that waits for upload, with its size in bytes: the segments
+    /// (the active one too) and the snapshots, temporary files included; not the local
+    /// copies of uploaded objects. One directory listing each, for bounded staging
+    /// (`--max-staging`); a file removed meanwhile is left out.
+    pub fn pending_files(&self, db: &Path) -> StagingResult<Vec<(PathBuf, u64)>> {
+        let mut out = Vec::new();
+        for dir in [self.snapshot_dir(db)?, self.segment_dir(db)?] {
+            for entry in list_dir(&dir)? {
+                if let Some(m) = gone_is_none(entry.metadata().map_err(Into::into))? {
+                    if m.is_file() {
+                        out.push((entry.path(), m.len()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The replica holds everything up to `upto_txid`: deletes the sealed segments and
     /// snapshots it covers and records it in the state. Returns how many files went.
     pub fn mark_uploaded(&self, db: &Path, upto_txid: u64) -> StagingResult<usize> {
