@@ -69,6 +69,8 @@ pub struct Capture {
     pub(super) checkpointing: Mutex<BTreeSet<PathBuf>>,
     /// See [`Capture::set_hold_pages`].
     pub(super) hold_pages: AtomicBool,
+    /// The last seal of a database failed (see [`Capture::retry_seals`]).
+    seal_failing: AtomicBool,
 }
 
 /// How [`Capture::wal_synced`] wakes the WAL watcher: at most once per `interval`.
@@ -96,6 +98,7 @@ impl Capture {
             wake: OnceLock::new(),
             checkpointing: Mutex::new(BTreeSet::new()),
             hold_pages: AtomicBool::new(true),
+            seal_failing: AtomicBool::new(false),
         }
     }
 
@@ -167,21 +170,40 @@ impl Capture {
     }
 
     /// Takes the databases with something staged since the last call, and seals what each
-    /// has staged (durable, ready for upload). A database whose seal fails stays in the set
-    /// and is logged; its batches stay staged.
+    /// has staged (durable, ready for upload). A database whose seal fails stays in the set,
+    /// its batches stay staged, and [`Capture::retry_seals`] wakes the uploader again for
+    /// it; the failure is logged once until a seal works again.
     pub fn take_staged(&self) -> Vec<PathBuf> {
         let dirty = std::mem::take(&mut *self.dirty.lock());
         let mut out = Vec::with_capacity(dirty.len());
+        let mut failed = false;
         for db in dirty {
             match self.seal(&db) {
                 Ok(()) => out.push(db),
                 Err(e) => {
-                    tracing::error!(db = %db.display(), "cannot seal staged batches for upload: {e}");
+                    if !self.seal_failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(db = %db.display(), "cannot seal staged batches for upload: {e}; retrying (said once until it works)");
+                    }
+                    failed = true;
                     self.dirty.lock().insert(db);
                 }
             }
         }
+        if !failed && self.seal_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("staged batches seal again; their upload resumes");
+        }
         out
+    }
+
+    /// After a failed seal (a full staging disk), wakes the uploader so that the next round
+    /// seals again: a database already waiting to be sealed is not announced again by
+    /// new commits, and may have none. Called by the WAL watcher every tick.
+    pub fn retry_seals(&self) {
+        if self.seal_failing.load(Ordering::Relaxed) && !self.dirty.lock().is_empty() {
+            if let Some(n) = self.notify.lock().as_ref() {
+                n();
+            }
+        }
     }
 
     /// Seals the active segment of `db`, if it is captured.

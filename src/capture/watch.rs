@@ -15,7 +15,9 @@
 //! polls them.
 //!
 //! Each round also retries the snapshot of any database whose history waits to restart
-//! ([`Capture::retry_restarts`]), so that one restarts once its files read consistently.
+//! ([`Capture::retry_restarts`]), so that one restarts once its files read consistently,
+//! and wakes the uploader for databases whose staged batches could not be sealed
+//! ([`Capture::retry_seals`]).
 //!
 //! A `-wal` fsync outside a barrier (most often a checkpoint's first step) wakes the
 //! watcher at once, at most once per window. It reads that WAL beside the checkpoint's
@@ -134,6 +136,8 @@ impl Watch {
             // Databases whose history waits to restart from a snapshot: try again, so that
             // they restart without waiting for a write.
             self.capture.retry_restarts();
+            // Databases whose staged batches could not be sealed for upload: again.
+            self.capture.retry_seals();
             let wait = if self.polling.is_empty() {
                 TICK
             } else {
