@@ -224,10 +224,7 @@ fn serve(client: TcpStream, upstream: u16, h: FaultHandle) {
         return;
     };
     let mut r = BufReader::new(client);
-    loop {
-        let Some(head) = read_head(&mut r) else {
-            break;
-        };
+    while let Some(head) = read_head(&mut r) {
         h.0.requests.fetch_add(1, Ordering::SeqCst);
         let (len, chunked) = body_framing(&head);
         let fault = h.fault();
