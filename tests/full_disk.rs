@@ -8,56 +8,17 @@
 
 mod common;
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{assert_replica_follows, Mount};
+use common::{assert_replica_follows, Mount, Tmpfs};
 use rusqlite::Connection;
-
-/// A 1 MiB tmpfs mounted at a directory for the life of the value. Needs root, as every
-/// test here does (FUSE).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path) -> Tmpfs {
-        let c = |s: &[u8]| CString::new(s).expect("no NUL");
-        let (fstype, target, opts) = (c(b"tmpfs"), c(path.as_os_str().as_bytes()), c(b"size=1m"));
-        // SAFETY: valid NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "mount a tmpfs for the staging directory (run as root): {}",
-            std::io::Error::last_os_error()
-        );
-        Tmpfs(path.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let target = CString::new(self.0.as_os_str().as_bytes()).expect("no NUL");
-        // SAFETY: a valid NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
-}
 
 #[test]
 fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let staging = dir.path().join("staging");
     std::fs::create_dir(&staging).unwrap();
-    let _tmpfs = Tmpfs::mount(&staging);
+    let _tmpfs = Tmpfs::mount(&staging, "1m");
     let url = format!("file://{}", dir.path().join("replica").display());
     let staging_arg = staging.display().to_string();
     let mut m = Mount::with_env(

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod fault_proxy;
+
 pub const WALFS: &str = env!("CARGO_BIN_EXE_walfs");
 
 /// A running `walfs mount` over a temporary backing directory.
@@ -45,7 +47,20 @@ impl Mount {
         Mount::create(args, env, true)
     }
 
+    /// A fresh backing directory and mountpoint, not mounted yet (e.g. to mount a small
+    /// tmpfs on the backing directory first); [`Mount::start`] mounts it, with its stderr
+    /// collected as with [`Mount::with_env`].
+    pub fn prepare(env: &[(&str, &str)]) -> Mount {
+        Mount::create_unstarted(env, true)
+    }
+
     fn create(args: &[&str], env: &[(&str, &str)], collect_log: bool) -> Mount {
+        let mut m = Mount::create_unstarted(env, collect_log);
+        m.start(args);
+        m
+    }
+
+    fn create_unstarted(env: &[(&str, &str)], collect_log: bool) -> Mount {
         let root = tempfile::Builder::new()
             .prefix("walfs-test-")
             .tempdir()
@@ -54,7 +69,7 @@ impl Mount {
         let mountpoint = root.path().join("mnt");
         std::fs::create_dir(&backing).unwrap();
         std::fs::create_dir(&mountpoint).unwrap();
-        let mut m = Mount {
+        Mount {
             root,
             backing,
             mountpoint,
@@ -65,9 +80,7 @@ impl Mount {
                 .collect(),
             log: collect_log.then(Default::default),
             log_thread: None,
-        };
-        m.start(args);
-        m
+        }
     }
 
     /// Starts (or restarts) the daemon on the same backing directory and mountpoint.
@@ -915,5 +928,46 @@ impl Rng {
     /// A number below `n`.
     pub fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
+    }
+}
+
+/// A small tmpfs mounted at a directory for the life of the value (a disk to fill). Needs
+/// root, as every test here does (FUSE).
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as tmpfs's `size=` option: `1m`, `64m`) at `path`.
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |s: &[u8]| std::ffi::CString::new(s).expect("no NUL");
+        let (fstype, target) = (c(b"tmpfs"), c(path.as_os_str().as_bytes()));
+        let opts = c(format!("size={size}").as_bytes());
+        // SAFETY: valid NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount a tmpfs at {} (run as root): {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt;
+        let target = std::ffi::CString::new(self.0.as_os_str().as_bytes()).expect("no NUL");
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }
 }
