@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Mirror BACKING at MOUNTPOINT, in the foreground, until unmounted (SIGINT, SIGTERM or
     /// fusermount3 -u).
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Restore databases from a replica, verified (content checksum where the writer
     /// recorded one, and PRAGMA integrity_check), written atomically.
     Restore(RestoreArgs),

@@ -253,6 +253,10 @@ struct Totals {
     faults: BTreeMap<&'static str, usize>,
     commits_checked: usize,
     rows_checked: usize,
+    /// Rounds with `--sync-replication`, and the acknowledged commits they checked in the
+    /// replica after `kill -9` and the loss of staging (RPO 0).
+    sync_rounds: usize,
+    sync_commits_checked: usize,
     losses: usize,
     /// Acknowledged rows that SQLite itself no longer holds (hostile `-wal` writes only).
     sqlite_lost: usize,
@@ -842,7 +846,21 @@ fn torture() {
                 .parse()
                 .unwrap_or(r as u64);
         }
-        run_round(&mut suite, n, round_seed, &mut totals);
+        // One round in four (by its seed) replicates synchronously: RPO 0 under kill -9,
+        // the loss of staging and S3 faults.
+        if Rng(round_seed ^ 0x5eed_5eed).below(4) == 0 {
+            let (checked, fault) = sync_replication_round(&mut suite, n, round_seed);
+            totals.rounds += 1;
+            totals.sync_rounds += 1;
+            totals.sync_commits_checked += checked;
+            totals.commits_checked += checked;
+            *totals.faults.entry("kill_walfs").or_default() += 1;
+            if let Some(k) = fault {
+                *totals.faults.entry(k).or_default() += 1;
+            }
+        } else {
+            run_round(&mut suite, n, round_seed, &mut totals);
+        }
     }
     let faults = KINDS
         .iter()
@@ -851,11 +869,13 @@ fn torture() {
         .join(", ");
     eprintln!(
         "torture: seed={seed} rounds={} faults={{{faults}}} commits_checked={} rows_checked={} \
-         sqlite_lost={} sqlite_corrupt={} expected_errors={} unexpected_errors={} losses={} \
-         wall={:.0}s",
+         sync_rounds={} sync_commits_checked={} sqlite_lost={} sqlite_corrupt={} \
+         expected_errors={} unexpected_errors={} losses={} wall={:.0}s",
         totals.rounds,
         totals.commits_checked,
         totals.rows_checked,
+        totals.sync_rounds,
+        totals.sync_commits_checked,
         totals.sqlite_lost,
         totals.sqlite_corrupt,
         totals.expected_errors,
@@ -893,10 +913,17 @@ fn acked(log: &Path) -> Vec<(i64, i64)> {
 }
 
 /// The synchronous-replication variant (RPO 0): writers commit with `synchronous=FULL` on a
-/// mount with `--sync-replication`; walfs is killed with `kill -9` at a random moment and
+/// mount with `--sync-replication --sync-timeout-action eio`; on an S3 replica, a window of
+/// 503s, resets or a hang may come first (a commit that outlasts `--sync-timeout` then
+/// fails, and is not acknowledged); walfs is killed with `kill -9` at a random moment and
 /// its staging directory deleted; a restore straight from the replica must then hold every
-/// acknowledged commit, and pass `integrity_check`. Returns the commits checked.
-fn sync_replication_round(suite: &mut Suite, n: usize, round_seed: u64) -> usize {
+/// acknowledged commit, and pass `integrity_check`. Returns the commits checked and the
+/// S3 fault injected, if any.
+fn sync_replication_round(
+    suite: &mut Suite,
+    n: usize,
+    round_seed: u64,
+) -> (usize, Option<&'static str>) {
     let mut rng = Rng(round_seed);
     let s3 = rng.below(10) < 7;
     let dbs: Vec<DbPlan> = (0..1 + rng.below(3))
@@ -909,10 +936,25 @@ fn sync_replication_round(suite: &mut Suite, n: usize, round_seed: u64) -> usize
         })
         .collect();
     let kill_at = Duration::from_millis(1000 + rng.below(4000) as u64);
+    // An S3 fault window inside the writes, before the kill.
+    let fault = (s3 && rng.below(3) > 0).then(|| {
+        let (kind, fault) = pick(
+            &mut rng,
+            &[
+                ("s3_503", Fault::Status503),
+                ("s3_reset", Fault::Reset),
+                ("s3_hang", Fault::Hang),
+            ],
+        );
+        let at = Duration::from_millis(rng.below(kill_at.as_millis() as usize / 2) as u64);
+        let for_ = Duration::from_millis(200 + rng.below(3000) as u64);
+        (kind, fault, at, for_)
+    });
     eprintln!(
         "torture sync round {n}: round seed {round_seed}, {} replica, kill -9 at {kill_at:?}, \
-         databases {dbs:?}",
-        if s3 { "s3" } else { "file" }
+         fault {:?}, databases {dbs:?}",
+        if s3 { "s3" } else { "file" },
+        fault.as_ref().map(|(k, _, at, d)| (k, at, d))
     );
     let rdir = suite.dir.path().join(format!("sync{n}"));
     let (logs, staging, out) = (rdir.join("logs"), rdir.join("staging"), rdir.join("out"));
@@ -935,6 +977,10 @@ fn sync_replication_round(suite: &mut Suite, n: usize, round_seed: u64) -> usize
         "--staging-dir".into(),
         staging.display().to_string(),
         "--sync-replication".into(),
+        "--sync-timeout".into(),
+        "2s".into(),
+        "--sync-timeout-action".into(),
+        "eio".into(),
     ];
     let mut m = Mount::with_env(&common::as_strs(&args), S3_ENV);
     for d in &dbs {
@@ -954,10 +1000,22 @@ fn sync_replication_round(suite: &mut Suite, n: usize, round_seed: u64) -> usize
             writers.push(spawn_writer(suite, d, i, &m, &logs, deadline, &mut rng));
         }
     }
+    let injector = fault.as_ref().map(|(_, f, at, for_)| {
+        let (handle, f, at, for_) = (suite.proxy.handle(), *f, *at, *for_);
+        std::thread::spawn(move || {
+            std::thread::sleep(at);
+            handle.set(f);
+            std::thread::sleep(for_);
+            handle.set(Fault::Pass);
+        })
+    });
     std::thread::sleep(kill_at);
     m.kill9();
     for w in writers.iter_mut() {
         kill9(&mut w.child);
+    }
+    if let Some(t) = injector {
+        t.join().unwrap();
     }
     std::fs::remove_dir_all(&staging).unwrap();
     let mut checked = 0;
@@ -999,13 +1057,11 @@ fn sync_replication_round(suite: &mut Suite, n: usize, round_seed: u64) -> usize
         }
     }
     drop(m);
-    checked
+    (checked, fault.map(|(k, ..)| k))
 }
 
-/// RPO 0 with `--sync-replication`: see [`sync_replication_round`]. Ignored until the flag
-/// exists on `walfs mount` (issue 20); then remove the `ignore`.
+/// RPO 0 with `--sync-replication`: see [`sync_replication_round`].
 #[test]
-#[ignore = "needs walfs mount --sync-replication (issue 20)"]
 fn torture_sync_replication() {
     let seed: u64 = std::env::var("WALFS_TORTURE_SEED")
         .ok()
@@ -1027,7 +1083,7 @@ fn torture_sync_replication() {
     let mut master = Rng(seed);
     let mut checked = 0;
     for n in 0..rounds {
-        checked += sync_replication_round(&mut suite, n, master.next());
+        checked += sync_replication_round(&mut suite, n, master.next()).0;
     }
     eprintln!("torture sync: seed={seed} rounds={rounds} commits_checked={checked} losses=0");
     assert!(checked > 0, "no commit was checked");
