@@ -247,29 +247,6 @@ fn a_second_mount_of_a_file_replica_is_refused_until_the_first_stops() {
     assert!(Path::new(&dir.path().join("replica/.walfs-lease")).exists());
 }
 
-/// Forwards every connection to 127.0.0.1:`port` from a listener on 127.0.0.1:`on`.
-fn forward(on: u16, port: u16) {
-    use std::net::{TcpListener, TcpStream};
-    let listener = TcpListener::bind(("127.0.0.1", on)).unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
-                continue;
-            };
-            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (mut c, mut s) = (client, server);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c, &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut s2, &mut c2);
-                let _ = c2.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-}
-
 /// A store that cannot be reached at the start does not keep the application from its
 /// data: the mount starts, captures into staging, takes the lease once the store
 /// answers, and uploads then.
@@ -282,7 +259,7 @@ fn an_unreachable_store_at_the_start_is_leased_once_it_answers() {
     commit(&m, "app.db", 10);
     std::thread::sleep(Duration::from_secs(1));
     assert!(f.keys("app.db").is_empty());
-    forward(port, f.moto.port);
+    common::forward(port, f.moto.port);
     let start = std::time::Instant::now();
     while f.keys("app.db").is_empty() {
         assert!(

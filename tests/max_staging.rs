@@ -144,29 +144,6 @@ fn verify(url: &str) -> String {
     out
 }
 
-/// Forwards 127.0.0.1:`on` to 127.0.0.1:`port` from now on (the store "comes back").
-fn forward(on: u16, port: u16) {
-    use std::net::{TcpListener, TcpStream};
-    let listener = TcpListener::bind(("127.0.0.1", on)).unwrap();
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
-                continue;
-            };
-            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (mut c, mut s) = (client, server);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c, &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut s2, &mut c2);
-                let _ = c2.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-}
-
 const DBS: [(&str, &str, &str); 2] = [
     ("wal.db", "WAL", "PRAGMA synchronous=NORMAL;"),
     ("delete.db", "DELETE", "PRAGMA synchronous=FULL;"),
@@ -249,7 +226,7 @@ fn outage(max: &str, commits: u32) -> Outage {
     assert!(!log.contains("ERROR"), "{log}");
 
     // The store answers: the replica catches up from the snapshots.
-    forward(port, f.moto.port);
+    common::forward(port, f.moto.port);
     let start = Instant::now();
     while !pending_files(&staging).is_empty() {
         assert!(

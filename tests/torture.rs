@@ -267,6 +267,46 @@ struct Totals {
     failures: Vec<String>,
 }
 
+/// Where one round keeps its files, and its replica's URL: through the fault proxy for the
+/// mount, straight to moto for the restores (or one `file://` directory for both).
+struct RoundDirs {
+    dir: PathBuf,
+    logs: PathBuf,
+    staging: PathBuf,
+    out: PathBuf,
+    mount_url: String,
+    url: String,
+}
+
+impl Suite {
+    /// Creates round `name`'s directories, with an S3 replica if `s3`.
+    fn round_dirs(&self, name: &str, s3: bool) -> RoundDirs {
+        let rdir = self.dir.path().join(name);
+        let (logs, staging, out) = (rdir.join("logs"), rdir.join("staging"), rdir.join("out"));
+        for d in [&logs, &staging, &out] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let prefix = format!("torture/{name}");
+        let (mount_url, url) = if s3 {
+            (
+                self.moto.s3_url_via(self.proxy.port, &prefix),
+                self.moto.s3_url(&prefix),
+            )
+        } else {
+            let u = format!("file://{}", rdir.join("replica").display());
+            (u.clone(), u)
+        };
+        RoundDirs {
+            dir: rdir,
+            logs,
+            staging,
+            out,
+            mount_url,
+            url,
+        }
+    }
+}
+
 struct Suite {
     moto: Moto,
     proxy: FaultProxy,
@@ -436,23 +476,14 @@ fn run_round(suite: &mut Suite, n: usize, round_seed: u64, totals: &mut Totals) 
         if s3 { "s3" } else { "file" }
     );
 
-    let rdir = suite.dir.path().join(format!("r{n}"));
-    let logs = rdir.join("logs");
-    let staging = rdir.join("staging");
-    let out = rdir.join("out");
-    for d in [&logs, &staging, &out] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let prefix = format!("torture/r{n}");
-    let (mount_url, url) = if s3 {
-        (
-            suite.moto.s3_url_via(suite.proxy.port, &prefix),
-            suite.moto.s3_url(&prefix),
-        )
-    } else {
-        let u = format!("file://{}", rdir.join("replica").display());
-        (u.clone(), u)
-    };
+    let RoundDirs {
+        dir: rdir,
+        logs,
+        staging,
+        out,
+        mount_url,
+        url,
+    } = suite.round_dirs(&format!("r{n}"), s3);
     // Big enough that only the FullStaging fault fills staging: a 64 MiB staging filled
     // up by itself in 9 s of VACUUMs with page size changes (snapshots), which is the
     // unbounded-staging problem of issue 20 (--max-staging), not the fault under test.
@@ -956,21 +987,14 @@ fn sync_replication_round(
         if s3 { "s3" } else { "file" },
         fault.as_ref().map(|(k, _, at, d)| (k, at, d))
     );
-    let rdir = suite.dir.path().join(format!("sync{n}"));
-    let (logs, staging, out) = (rdir.join("logs"), rdir.join("staging"), rdir.join("out"));
-    for d in [&logs, &staging, &out] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let prefix = format!("torture/sync{n}");
-    let (mount_url, url) = if s3 {
-        (
-            suite.moto.s3_url_via(suite.proxy.port, &prefix),
-            suite.moto.s3_url(&prefix),
-        )
-    } else {
-        let u = format!("file://{}", rdir.join("replica").display());
-        (u.clone(), u)
-    };
+    let RoundDirs {
+        logs,
+        staging,
+        out,
+        mount_url,
+        url,
+        ..
+    } = suite.round_dirs(&format!("sync{n}"), s3);
     let args: Vec<String> = vec![
         "--replica".into(),
         mount_url,
