@@ -156,9 +156,10 @@ impl SyncReplication {
         &self.stats
     }
 
-    /// The uploader reports that every replica holds `db` up to `txid`, after staging has
-    /// recorded it (uploads of one database are made in order, by one thread, so the last
-    /// report is the newest).
+    /// The uploader reports that every replica holds `db` up to `txid` (uploads of one
+    /// database are made in order, by one thread at a time, so the last report is the
+    /// newest). It records the entry even if no commit waits, so that a later wait never
+    /// reads an older TXID from staging instead.
     /// Wakes the commits waiting for it; a degraded database whose replica has caught up
     /// waits again from its next commit.
     pub fn uploaded(&self, db: &Path, txid: u64) {
@@ -181,9 +182,8 @@ impl SyncReplication {
 
     /// A barrier of `db` made `txid` durable locally: waits until every replica holds it,
     /// or until the timeout. `known_uploaded` reads what staging records the replica to
-    /// hold, for a database not uploaded yet this mount (read under the lock that
-    /// [`SyncReplication::uploaded`] takes, which the uploader calls after staging
-    /// recorded the upload, so no report falls between them); `kick` wakes the uploader.
+    /// hold, for a database not uploaded yet this mount (a database uploaded since has an
+    /// entry, which is used instead); `kick` wakes the uploader.
     pub fn wait(
         &self,
         db: &Path,

@@ -464,6 +464,11 @@ impl Uploader {
             }
             return Err(e);
         }
+        // Every replica holds it: the commits waiting for it return now, without waiting
+        // for the bookkeeping below.
+        if let Some(sync) = self.sync.get() {
+            sync.uploaded(db, max);
+        }
         // Keep a local copy of each object for compaction and snapshots; a copy that
         // cannot be kept only costs compaction that object (the replica holds it).
         let mut kept = Vec::new();
@@ -489,9 +494,6 @@ impl Uploader {
             }
         }
         self.staging.mark_uploaded(db, max)?;
-        if let Some(sync) = self.sync.get() {
-            sync.uploaded(db, max);
-        }
         if let Some(m) = self.maintainer.get() {
             m.uploaded(db, kept);
         }
