@@ -225,6 +225,11 @@ impl From<io::Error> for MountError {
 
 /// Validates the set-up and returns the canonical backing directory and mountpoint.
 fn preflight(opts: &MountOptions) -> MountResult<(PathBuf, PathBuf)> {
+    if opts.replication.sync.enabled() && opts.replication.replicas.is_empty() {
+        return Err(MountError::Setup(
+            "--sync-replication and --sync-database make commits wait for a replica, and none is given; add --replica URL".into(),
+        ));
+    }
     let backing = &opts.backing;
     match std::fs::metadata(backing) {
         Ok(m) if m.is_dir() => {}

@@ -219,6 +219,17 @@ fn bad_backing_and_mountpoint_are_refused_with_one_line() {
     );
     std::fs::remove_dir(&nested_backing).unwrap();
 
+    // Synchronous replication without a replica to wait for.
+    for flag in [&["--sync-replication"][..], &["--sync-database", "a.db"]] {
+        let mut args = vec!["mount", s(&backing), s(&mnt)];
+        args.extend(flag);
+        let err = refused(&args);
+        assert!(
+            err.contains("none is given") && err.contains("--replica"),
+            "{err}"
+        );
+    }
+
     // A non-empty mountpoint would hide its files.
     std::fs::write(mnt.join("x"), b"x").unwrap();
     let err = refused(&["mount", s(&backing), s(&mnt)]);
