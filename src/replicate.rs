@@ -289,7 +289,7 @@ impl Replication {
                     .is_some_and(|c| c.restart_history(db, reason))
             }));
         }
-        let found = stage_existing_databases(backing, &capture)?;
+        let found = stage_existing_databases(backing, &capture);
         // What a previous run staged (a crash may have left it unsealed) goes up now.
         capture.resume_uploads();
         tracing::info!(
@@ -491,8 +491,11 @@ fn default_staging_dir(backing: &Path) -> PathBuf {
     base.join(name)
 }
 
-/// Registers every SQLite database under `backing` (by header) and stages what it holds.
-fn stage_existing_databases(backing: &Path, capture: &Capture) -> ReplicationResult<usize> {
+/// Registers every SQLite database under `backing` (by header) and stages what it holds. A
+/// staging failure (a full staging disk) does not keep the mount from starting: that
+/// database is logged once and captured at its next barrier, from a snapshot if need be,
+/// once staging has room.
+fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {
     let mut stack = vec![PathBuf::new()];
     let mut found = 0;
     while let Some(rel) = stack.pop() {
@@ -516,17 +519,20 @@ fn stage_existing_databases(backing: &Path, capture: &Capture) -> ReplicationRes
                     Some((_, true)) => Barrier::WalDurable,
                     _ => Barrier::DbSynced,
                 };
-                capture
-                    .on(&child, barrier)
-                    .map_err(|e| ReplicationError::Staging {
-                        what: format!("cannot stage {}", child.display()),
-                        source: e,
-                    })?;
+                if let Err(e) = capture.on(&child, barrier) {
+                    let db = database_of(&child).map_or(child.clone(), |(db, _)| db);
+                    tracing::error!(
+                        file = %child.display(),
+                        "cannot stage what the database holds at the start ({e}); the mount starts anyway, and the database is captured at its next write once staging works ({})",
+                        e.hint()
+                    );
+                    capture.defer_restart(&db, &format!("staging failed at the start: {e}"));
+                }
                 if capture.is_captured(&child) {
                     found += 1;
                 }
             }
         }
     }
-    Ok(found)
+    found
 }

@@ -87,3 +87,62 @@ fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
     let log = m.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A staging disk that is full when walfs starts does not keep the application from its
+/// data: the mount starts (one ERROR says why the database is not captured yet), the
+/// database is read and written through it, and once there is room the capture starts by
+/// itself, without another write, and the replica equals the database.
+#[test]
+fn a_full_staging_disk_at_the_start_does_not_keep_the_mount_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let _tmpfs = Tmpfs::mount(&staging, "8m");
+    let url = format!("file://{}", dir.path().join("replica").display());
+    let staging_arg = staging.display().to_string();
+    // Full, but for a few KiB.
+    let filler = staging.join("filler");
+    {
+        let mut out = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
+    }
+    let args = [
+        "--replica",
+        &url,
+        "--staging-dir",
+        &staging_arg,
+        "--sync-interval",
+        "100ms",
+    ];
+    // A database of 2 MiB in BACKING: its first snapshot cannot fit.
+    let mut m = Mount::prepare(&[]);
+    {
+        let c = Connection::open(m.backing_path("big.db")).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
+             INSERT INTO t(v) SELECT randomblob(4000) FROM n;
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+    }
+    m.start(&args);
+    let log = m.log();
+    assert!(
+        log.contains("cannot stage what the database holds at the start")
+            && log.contains("the mount starts anyway"),
+        "{log}"
+    );
+    let c = Connection::open(m.path("big.db")).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 500);
+    drop(c);
+    // Room again: the capture starts without another write.
+    std::fs::remove_file(&filler).unwrap();
+    assert_replica_follows(&url, &[], &m, "big.db", Duration::from_secs(30));
+    let log = m.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -71,7 +71,12 @@ pub struct Capture {
     pub(super) hold_pages: AtomicBool,
     /// The last seal of a database failed (see [`Capture::retry_seals`]).
     seal_failing: AtomicBool,
+    /// When [`Capture::retry_restarts`] last tried to start captures that could not start.
+    last_open_retry: Mutex<Option<Instant>>,
 }
+
+/// How often a database whose capture could not start (staging failed) is tried again.
+const OPEN_RETRY: Duration = Duration::from_secs(2);
 
 /// How [`Capture::wal_synced`] wakes the WAL watcher: at most once per `interval`.
 pub(crate) struct WatcherWake {
@@ -99,6 +104,7 @@ impl Capture {
             checkpointing: Mutex::new(BTreeSet::new()),
             hold_pages: AtomicBool::new(true),
             seal_failing: AtomicBool::new(false),
+            last_open_retry: Mutex::new(None),
         }
     }
 
@@ -281,25 +287,48 @@ impl Capture {
 
     /// Marks the history of `db` (if captured) to restart from a snapshot at a later step,
     /// without staging anything now (staging just failed).
+    /// A database that is not captured yet (its capture could not start: staging failed)
+    /// is started by [`Capture::retry_restarts`] instead.
     pub fn defer_restart(&self, db: &Path, reason: &str) {
         if let Some(slot) = self.slot(db, false) {
             if let Some(c) = slot.lock().as_mut() {
                 c.defer_restart(reason.to_string());
-                self.note_restart(db, true);
             }
         }
+        self.note_restart(db, true);
     }
 
     /// Tries again the snapshots of databases whose history waits to restart (each at most
-    /// every half second), so that a database restarts without waiting for a write.
+    /// every half second), so that a database restarts without waiting for a write, and
+    /// starts the captures that could not start (every [`OPEN_RETRY`]).
     pub fn retry_restarts(&self) {
         let waiting: Vec<PathBuf> = self.restarting.lock().iter().cloned().collect();
+        let open_due = {
+            let mut last = self.last_open_retry.lock();
+            let due = last.is_none_or(|t| t.elapsed() >= OPEN_RETRY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
         for db in waiting {
-            if !self.is_captured(&db) {
+            // One whose capture could not start is started (registered) now, at most
+            // every OPEN_RETRY: starting reads the whole database.
+            let registers = !self.is_captured(&db);
+            if registers && !open_due {
+                continue;
+            }
+            let step = Step {
+                registers,
+                ..Step::BACKGROUND
+            };
+            let res = self.with_db(&db, step, |_| Ok(Vec::new()));
+            if res.is_ok() && !self.is_captured(&db) {
+                // Gone, or not a database now.
                 self.note_restart(&db, false);
                 continue;
             }
-            if let Err(e) = self.with_db(&db, Step::BACKGROUND, |_| Ok(Vec::new())) {
+            if let Err(e) = res {
                 let mut logged = self.retry_logged.lock();
                 if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     *logged = Some(Instant::now());
