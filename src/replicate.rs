@@ -2,7 +2,9 @@
 //! together. At start it finds the databases already in the backing directory and stages
 //! their initial snapshots; while mounted the uploader sends what capture staged every sync
 //! interval, and the maintenance loop compacts, snapshots and applies retention; at unmount
-//! it flushes what is pending within a bounded time.
+//! it flushes what is pending within a bounded time. With `--sync-replication`, the
+//! barriers of the databases it names wait for the uploader (`SyncCommits`); with
+//! `--max-staging`, each upload round first checks the staging budget.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;

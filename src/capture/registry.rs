@@ -286,9 +286,9 @@ impl Capture {
     }
 
     /// Marks the history of `db` (if captured) to restart from a snapshot at a later step,
-    /// without staging anything now (staging just failed).
-    /// A database that is not captured yet (its capture could not start: staging failed)
-    /// is started by [`Capture::retry_restarts`] instead.
+    /// without staging anything now (staging just failed). A database that is not captured
+    /// (its capture could not start: staging failed) is started by
+    /// [`Capture::retry_restarts`] instead.
     pub fn defer_restart(&self, db: &Path, reason: &str) {
         if let Some(slot) = self.slot(db, false) {
             if let Some(c) = slot.lock().as_mut() {
@@ -420,13 +420,13 @@ impl Capture {
             .is_some_and(|s| Arc::ptr_eq(s, slot))
     }
 
-    /// Whether `db` (relative) is being captured.
     /// The last TXID staged for `db`, if it is captured (0: nothing staged yet).
     pub fn staged_txid(&self, db: &Path) -> Option<u64> {
         self.slot(db, false)
             .and_then(|s| s.lock().as_ref().map(|c| c.state().txid))
     }
 
+    /// Whether `db` (relative) is being captured.
     pub fn is_captured(&self, db: &Path) -> bool {
         self.slot(db, false).is_some_and(|s| s.lock().is_some())
     }

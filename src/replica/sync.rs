@@ -102,7 +102,7 @@ pub struct SyncStats {
     /// Upload rounds that sent something while synchronous replication was on: with
     /// fewer rounds than waits, commits shared uploads.
     pub rounds: AtomicU64,
-    /// Microseconds spent waiting, over all barriers.
+    /// Microseconds spent waiting, over all barriers that waited (timeouts included).
     pub waited_us: AtomicU64,
     /// Times a database's synchronous replication timed out (each degrade or EIO period
     /// counts once).
@@ -227,6 +227,9 @@ impl SyncReplication {
                 return self.not_replicated();
             }
             if self.changed.wait_until(&mut dbs, deadline).timed_out() {
+                self.stats
+                    .waited_us
+                    .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
                 let s = dbs.get_mut(db).expect("entries are never removed");
                 if s.uploaded.is_some_and(|u| u >= txid) {
                     return SyncOutcome::Replicated;
