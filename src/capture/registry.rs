@@ -300,7 +300,7 @@ impl Capture {
 
     /// Tries again the snapshots of databases whose history waits to restart (each at most
     /// every half second), so that a database restarts without waiting for a write, and
-    /// starts the captures that could not start (every [`OPEN_RETRY`]).
+    /// starts the captures that could not start (every `OPEN_RETRY`, 2 s).
     pub fn retry_restarts(&self) {
         let waiting: Vec<PathBuf> = self.restarting.lock().iter().cloned().collect();
         let open_due = {
