@@ -435,13 +435,27 @@ fn run_round(suite: &mut Suite, n: usize, round_seed: u64, totals: &mut Totals) 
             writers: 1 + rng.below(3),
         })
         .collect();
+    // One round in four (by its seed) turns its first database to MEMORY or OFF, the
+    // journal modes in which SQLite itself cannot roll back a transaction that a killed
+    // process or a failed write interrupts: those rounds take no kill and no full backing
+    // disk, whose damage would be SQLite's, not the replica's.
+    let mut dbs = dbs;
+    let mut journalless = Rng(round_seed ^ 0x6e6f_6a72_6e6c);
+    if journalless.below(4) == 0 {
+        dbs[0].mode = pick(&mut journalless, &["MEMORY", "OFF"]);
+    }
     let any_wal = dbs.iter().any(|d| d.mode == "WAL");
-    let mut kinds: Vec<Kind> = vec![
-        Kind::KillWalfs,
-        Kind::KillWriter,
-        Kind::FullStaging,
-        Kind::FullBacking,
-    ];
+    let no_rollback = dbs.iter().any(|d| matches!(d.mode, "MEMORY" | "OFF"));
+    let mut kinds: Vec<Kind> = if no_rollback {
+        vec![Kind::FullStaging]
+    } else {
+        vec![
+            Kind::KillWalfs,
+            Kind::KillWriter,
+            Kind::FullStaging,
+            Kind::FullBacking,
+        ]
+    };
     if s3 {
         kinds.extend([Kind::S3_503, Kind::S3Hang, Kind::S3Reset, Kind::S3Outage]);
     }

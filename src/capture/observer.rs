@@ -8,8 +8,10 @@
 //! cannot make a barrier's transactions durable (a full disk, an I/O error in the staging
 //! directory): an fsync of the database, a `-wal` truncation, or a rollback journal's
 //! commit by truncation or fsync then fails with EIO, logged once with its cause. A
-//! creation, unlink or rename is never refused: if staging fails there, the database's
-//! history restarts from a snapshot once staging works again.
+//! creation, unlink or rename is never refused. After a staging failure at a barrier that
+//! must be durable, or at one no barrier may follow (a close, a rename, a removal), the
+//! database's history restarts from a snapshot once staging works again (the watcher
+//! retries it), so the replica catches up even when the application writes no more.
 //!
 //! With synchronous replication of a database (`crate::replica::sync`), each barrier that
 //! makes a commit durable then waits until the replica holds it; only
@@ -115,14 +117,39 @@ impl CaptureObserver {
             "{op} fails with EIO: staging cannot make the captured transactions durable ({e}); {}",
             e.hint()
         );
+        self.restart_later(op, rel, &e);
         Err(FsError::eio_logged())
     }
 
-    /// A point where capture catches up but nothing has to be durable yet: a staging
-    /// failure is logged, and a later barrier stages the same transactions.
+    /// A point where capture catches up but nothing has to be durable yet, and a barrier
+    /// follows (the fsync after a checkpoint's first step, a journal's commit): a staging
+    /// failure is logged, and that barrier stages the same transactions.
     fn lenient(&self, op: &str, rel: &Path, res: StagingResult<Vec<CaptureEvent>>) {
         if let Err(e) = res {
             tracing::warn!(file = %rel.display(), "staging failed at {op} ({e}); the next barrier retries");
+        }
+    }
+
+    /// A close or rename, after which no barrier may follow: a staging failure is logged,
+    /// and the database restarts from a snapshot once staging works again.
+    fn closing(&self, op: &str, rel: &Path, res: StagingResult<Vec<CaptureEvent>>) {
+        if let Err(e) = res {
+            tracing::warn!(file = %rel.display(), "staging failed at {op} ({e}); the replica restarts from a snapshot once staging works again");
+            self.restart_later(op, rel, &e);
+        }
+    }
+
+    /// After staging failed at a barrier of `rel`: its database's history restarts from a
+    /// snapshot of what SQLite reads once staging works again (the watcher retries it), so
+    /// that the replica catches up even if no barrier follows (a writer that closed, a
+    /// MEMORY or OFF journal whose only barriers failed).
+    fn restart_later(&self, op: &str, rel: &Path, e: &crate::staging::StagingError) {
+        let db = rollback::database_of_journal(rel).or_else(|| database_of(rel).map(|(db, _)| db));
+        if let Some(db) = db {
+            self.capture.defer_restart(
+                &db,
+                &format!("staging failed at {op} of {}: {e}", rel.display()),
+            );
         }
     }
 
@@ -317,7 +344,7 @@ impl Observer for CaptureObserver {
         };
         if let Some((_, false)) = database_of(&to) {
             let res = self.capture.on(&to, Barrier::DbClosed);
-            self.lenient("rename", &to, res);
+            self.closing("rename", &to, res);
         }
     }
 
@@ -330,7 +357,7 @@ impl Observer for CaptureObserver {
         };
         if let Some(db) = rollback::database_of_journal(&rel) {
             let res = self.capture.on(&db, Barrier::JournalClosed);
-            self.lenient("close", &db, res);
+            self.closing("close", &db, res);
             return;
         }
         // A database written and closed: changes without a journal (MEMORY, OFF), and
@@ -341,6 +368,6 @@ impl Observer for CaptureObserver {
             Some((_, true)) => self.capture.on(&rel, Barrier::WalClosed),
             None => Ok(Vec::new()),
         };
-        self.lenient("close", &rel, res);
+        self.closing("close", &rel, res);
     }
 }
