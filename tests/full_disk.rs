@@ -146,3 +146,74 @@ fn a_full_staging_disk_at_the_start_does_not_keep_the_mount_from_starting() {
     let log = m.stop();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A full backing disk can fail a WAL commit after all of its frames reached the `-wal`:
+/// SQLite writes the frames, then cannot grow the `-shm` for their wal-index entries
+/// (SQLITE_IOERR_SHMSIZE, "disk I/O error"), so the commit fails although its frames
+/// validate, and capture reads it. The next writer starts again at the wal-index's end
+/// and writes a longer transaction over it. Capture must notice that what it read is no
+/// longer in the log (the log validates past its end, with other frames) and restart from
+/// what SQLite reads: the replica catches up (found by the torture suite: the replica
+/// stayed behind for good, taking itself for caught up).
+#[test]
+fn a_commit_failed_by_a_full_backing_disk_and_written_over_is_not_replicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("replica").display());
+    let mut m = Mount::prepare(&[]);
+    let _tmpfs = Tmpfs::mount(&m.backing, "40m");
+    m.start(&["--replica", &url, "--sync-interval", "100ms"]);
+    let c = Connection::open(m.path("app.db")).unwrap();
+    c.execute_batch(
+        "PRAGMA page_size=4096; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+         PRAGMA wal_autocheckpoint=0; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);",
+    )
+    .unwrap();
+    // A log just short of the first wal-index block (4062 frames): the next commit that
+    // crosses it must grow the `-shm`.
+    let wal = m.backing_path("app.db-wal");
+    let frames = || (std::fs::metadata(&wal).unwrap().len() - 32) / (24 + 4096);
+    while frames() < 4040 {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+            .unwrap();
+    }
+    let shm = std::fs::metadata(m.backing_path("app.db-shm"))
+        .unwrap()
+        .len();
+    assert_eq!(shm, 32 * 1024, "one wal-index block");
+    // The backing disk full but for room for the next commit's frames.
+    let filler = m.backing.join("filler");
+    {
+        let mut out = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 4096];
+        while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
+        let len = out.metadata().unwrap().len();
+        out.set_len(len - 40 * 4096).unwrap();
+    }
+    let before = frames();
+    let e = c
+        .execute_batch(
+            "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 36)
+             INSERT INTO t(v) SELECT randomblob(3000) FROM n; COMMIT;",
+        )
+        .expect_err("the -shm cannot grow");
+    assert!(e.to_string().contains("disk I/O error"), "{e}");
+    let _ = c.execute_batch("ROLLBACK");
+    assert!(
+        frames() > before,
+        "the failed commit's frames are in the log"
+    );
+    // Capture reads the failed commit meanwhile.
+    std::thread::sleep(Duration::from_millis(500));
+    // Room again: a longer commit is written over the failed one.
+    std::fs::remove_file(&filler).unwrap();
+    c.execute_batch(
+        "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 80)
+         INSERT INTO t(v) SELECT randomblob(3000) FROM n; COMMIT;",
+    )
+    .unwrap();
+    assert_replica_follows(&url, &[], &m, "app.db", Duration::from_secs(15));
+    drop(c);
+    let log = m.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("capture healed with a snapshot"), "{log}");
+}

@@ -592,12 +592,25 @@ impl DatabaseCapture {
 
     /// Reads the log in `wal` again from its start: the commits read up to `pos` must
     /// still validate, or SQLite's readers stop before them and what was staged from
-    /// beyond that point is not what SQLite reads.
+    /// beyond that point is not what SQLite reads. The chain must also still pass through
+    /// `pos` itself, a commit ending there with the same checksum: frames written over
+    /// committed ones from an earlier point can validate past `pos` (SQLite reported a
+    /// commit as failed after its frames reached the log, e.g. when a full disk kept the
+    /// `-shm` from growing, and its next writer wrote a longer transaction from the
+    /// wal-index's end, over it). Then what was staged is not what SQLite reads either, and
+    /// the tracker, whose chain breaks at `pos`, would never read the log again.
     fn check_committed_frames(&self, wal: &File, pos: WalPosition) -> CaptureResult<()> {
         let mut fresh = WalTracker::new();
-        poll_wal(&mut fresh, Some(wal), false)?;
+        let events = poll_wal(&mut fresh, Some(wal), false)?;
+        let passes_through = |p: &WalPosition| {
+            *p == pos
+                || pos == WalPosition::start(pos.header)
+                || events
+                    .iter()
+                    .any(|e| matches!(e, WalEvent::Commit(t) if WalPosition::after(t) == pos))
+        };
         let corrupt = match fresh.position() {
-            Some(p) => p.header == pos.header && p.committed_end < pos.committed_end,
+            Some(p) => p.header == pos.header && !passes_through(&p),
             // A header that no longer validates (an empty file is a checkpoint's truncation).
             None => wal.metadata()?.len() >= crate::sqlite::WAL_HEADER_SIZE as u64,
         };

@@ -1454,3 +1454,52 @@ fn frames_rewritten_behind_the_read_position_heal_without_a_close() {
     let ev = f.capture.on(&f.wal_rel, Barrier::WalChanged).unwrap();
     assert!(ev.is_empty(), "{ev:?}");
 }
+
+/// A commit whose frames all reached the `-wal` but which SQLite then reported as failed
+/// (on a full disk the `-shm` cannot grow for its wal-index entries: SQLITE_IOERR_SHMSIZE,
+/// after the commit frame is written) is read, since its frames validate. SQLite's next
+/// writer starts again where the wal-index ends, and writes a longer transaction over it:
+/// the log's chain now passes over the failed commit's end with other frames. Capture must
+/// see that what it read is gone (though the log now validates past that end), and restart
+/// from what SQLite reads.
+#[test]
+fn a_failed_commit_overwritten_by_a_longer_one_heals() {
+    use std::os::unix::fs::FileExt;
+    let f = fixture();
+    let conn = open_db(&f.db, 4096, "NORMAL", 0);
+    conn.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
+        .unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalChanged).unwrap();
+    assert_eq!(staged_txids(&ev), vec![Some((1, 1))], "{ev:?}");
+    // The files as the failed commit finds them, set aside.
+    let side = tempfile::tempdir().unwrap();
+    let side_db = side.path().join("app.db");
+    fs::copy(&f.db, &side_db).unwrap();
+    let wal_path = f.db.with_file_name("app.db-wal");
+    fs::copy(&wal_path, side.path().join("app.db-wal")).unwrap();
+    // The commit that fails (here: succeeds, and is read).
+    conn.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
+        .unwrap();
+    let ev = f.capture.on(&f.wal_rel, Barrier::WalChanged).unwrap();
+    assert_eq!(staged_txids(&ev), vec![Some((2, 2))], "{ev:?}");
+    // The next writer, from the wal-index's end (before the failed commit): a longer
+    // transaction, written over the failed one in place.
+    let other = open_db(&side_db, 4096, "NORMAL", 0);
+    other
+        .execute("INSERT INTO t(v) VALUES (randomblob(20000))", [])
+        .unwrap();
+    let rewritten = fs::read(side.path().join("app.db-wal")).unwrap();
+    let wal = fs::OpenOptions::new().write(true).open(&wal_path).unwrap();
+    wal.write_all_at(&rewritten, 0).unwrap();
+    drop(wal);
+    std::thread::sleep(Duration::from_millis(40));
+    let mut healed = 0;
+    for _ in 0..3 {
+        let ev = f.capture.on(&f.wal_rel, Barrier::WalChanged).unwrap();
+        healed += heals(&ev);
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert_eq!(healed, 1);
+    assert_eq!(rebuild(&f), sqlite_view(&f));
+    drop((conn, other));
+}
