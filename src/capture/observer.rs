@@ -9,9 +9,9 @@
 //! directory): an fsync of the database, a `-wal` truncation, or a rollback journal's
 //! commit by truncation or fsync then fails with EIO, logged once with its cause. A
 //! creation, unlink or rename is never refused. After a staging failure at a barrier that
-//! must be durable, or at one no barrier may follow (a close, a rename, a removal), the
-//! database's history restarts from a snapshot once staging works again (the watcher
-//! retries it), so the replica catches up even when the application writes no more.
+//! no barrier may follow (a close, a rename, a removal), the database's history restarts
+//! from a snapshot once staging works again (the watcher retries it), so the replica
+//! catches up even when the application writes no more.
 //!
 //! With synchronous replication of a database (`crate::replica::sync`), each barrier that
 //! makes a commit durable then waits until the replica holds it; only
@@ -117,7 +117,6 @@ impl CaptureObserver {
             "{op} fails with EIO: staging cannot make the captured transactions durable ({e}); {}",
             e.hint()
         );
-        self.restart_later(op, rel, &e);
         Err(FsError::eio_logged())
     }
 
