@@ -1065,6 +1065,33 @@ impl DatabaseCapture {
             if upto.is_none() {
                 tracker = check;
             }
+            // Read after the file (a checkpoint records how far it backfills before it
+            // copies a page), with no commit added to the log since it was read.
+            if let (None, Some(pos)) = (upto, tracker.position()) {
+                let h = pos.header;
+                let frame = (WAL_FRAME_HEADER_SIZE as u64) + h.page_size as u64;
+                let valid = pos.committed_end.saturating_sub(32) / frame;
+                if let Some(ix) = wal_index(&self.db_path) {
+                    if ix.salts == (h.salt1, h.salt2) && u64::from(ix.backfilled) > valid {
+                        // (Commits added and checkpointed since the log was read: again.)
+                        let wal3 = open_optional(&self.wal_path)?;
+                        if !poll_wal(&mut tracker.clone(), wal3.as_ref(), false)?.is_empty() {
+                            continue;
+                        }
+                        // SQLite's connections read committed frames past a break in the
+                        // log's checksum chain, through the wal-index, and a checkpoint
+                        // copied some into the file: the file with the log's valid part on
+                        // top mixes page versions of different commits. The log's next
+                        // restart (after a checkpoint of all of it) is consistent.
+                        return Err(CaptureError::CannotFollow(format!(
+                            "a checkpoint copied frames of the WAL up to frame {} into the \
+                             database file, but its checksums validate only up to frame \
+                             {valid} (the log was written outside SQLite?)",
+                            ix.backfilled
+                        )));
+                    }
+                }
+            }
             return Ok(Some(ImageRead {
                 tracker,
                 page_size: image.page_size,
@@ -1354,4 +1381,36 @@ fn batch_page<'a>(
         )),
         Err(e) => Err(e.into()),
     }
+}
+
+/// What the wal-index in a database's `-shm` says of the log (if it holds a valid header:
+/// both copies equal and initialised).
+struct WalIndex {
+    /// The log header's salts, which the index was built for.
+    salts: (u32, u32),
+    /// How far a checkpoint backfilled or started to (`nBackfill`,
+    /// `nBackfillAttempted`), in frames.
+    backfilled: u32,
+}
+
+/// Reads the wal-index header and checkpoint information of the database at `db_path`
+/// (native byte order; the salts are the log header's bytes).
+fn wal_index(db_path: &Path) -> Option<WalIndex> {
+    let mut shm_path = db_path.as_os_str().to_owned();
+    shm_path.push("-shm");
+    let shm = File::open(PathBuf::from(shm_path)).ok()?;
+    let mut hdr = [0u8; 132];
+    if !read_full(&shm, 0, &mut hdr).ok()? {
+        return None;
+    }
+    let (a, b) = (&hdr[..48], &hdr[48..96]);
+    if a != b || a[12] != 1 {
+        return None;
+    }
+    let ne = |o: usize| u32::from_ne_bytes(hdr[o..o + 4].try_into().unwrap());
+    let be = |o: usize| u32::from_be_bytes(hdr[o..o + 4].try_into().unwrap());
+    Some(WalIndex {
+        salts: (be(32), be(36)),
+        backfilled: ne(96).max(ne(128)),
+    })
 }
