@@ -13,6 +13,16 @@ use std::time::Duration;
 use common::{assert_replica_follows, Mount, Tmpfs};
 use rusqlite::Connection;
 
+/// Fills the filesystem of `dir` with a file `filler`, written in pieces of `chunk`
+/// bytes (less than a piece stays free); returns its path.
+fn fill(dir: &std::path::Path, chunk: usize) -> std::path::PathBuf {
+    let filler = dir.join("filler");
+    let mut out = std::fs::File::create(&filler).unwrap();
+    let piece = vec![7u8; chunk];
+    while std::io::Write::write_all(&mut out, &piece).is_ok() {}
+    filler
+}
+
 #[test]
 fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -42,12 +52,7 @@ fn a_full_staging_disk_fails_only_a_durable_barrier_and_capture_catches_up() {
     assert_replica_follows(&url, &[], &m, "app.db", Duration::from_secs(15));
 
     // Fill the staging filesystem.
-    let filler = staging.join("filler");
-    {
-        let mut out = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![7u8; 64 * 1024];
-        while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
-    }
+    let filler = fill(&staging, 64 * 1024);
     // The commit itself succeeds (a `-wal` fsync does not wait for capture); the
     // checkpoint's database fsync must make it durable in staging, and cannot.
     c.execute("INSERT INTO t(v) VALUES (randomblob(20000))", [])
@@ -101,12 +106,7 @@ fn a_full_staging_disk_at_the_start_does_not_keep_the_mount_from_starting() {
     let url = format!("file://{}", dir.path().join("replica").display());
     let staging_arg = staging.display().to_string();
     // Full, but for a few KiB.
-    let filler = staging.join("filler");
-    {
-        let mut out = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![7u8; 64 * 1024];
-        while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
-    }
+    let filler = fill(&staging, 64 * 1024);
     let args = [
         "--replica",
         &url,
@@ -181,11 +181,12 @@ fn a_commit_failed_by_a_full_backing_disk_and_written_over_is_not_replicated() {
         .len();
     assert_eq!(shm, 32 * 1024, "one wal-index block");
     // The backing disk full but for room for the next commit's frames.
-    let filler = m.backing.join("filler");
+    let filler = fill(&m.backing, 4096);
     {
-        let mut out = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![7u8; 4096];
-        while std::io::Write::write_all(&mut out, &chunk).is_ok() {}
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&filler)
+            .unwrap();
         let len = out.metadata().unwrap().len();
         out.set_len(len - 40 * 4096).unwrap();
     }

@@ -359,6 +359,20 @@ fn kill9(child: &mut Child) {
 }
 
 /// Fills the filesystem holding `dir` with a file until it is full; returns the file.
+/// Creates each planned database through the mount, in its page size and journal mode.
+fn create_databases(m: &Mount, dbs: &[DbPlan]) {
+    for d in dbs {
+        let c = rusqlite::Connection::open(m.path(&d.name)).unwrap();
+        c.execute_batch(&format!(
+            "PRAGMA page_size={}; PRAGMA journal_mode={}; \
+             CREATE TABLE t(w INTEGER, seq INTEGER, v BLOB, PRIMARY KEY(w, seq)); \
+             CREATE TABLE junk(id INTEGER PRIMARY KEY, v BLOB);",
+            d.page_size, d.mode
+        ))
+        .unwrap();
+    }
+}
+
 fn fill(dir: &Path) -> PathBuf {
     let filler = dir.join("torture-filler");
     let mut out = std::fs::File::create(&filler).unwrap();
@@ -518,16 +532,7 @@ fn run_round(suite: &mut Suite, n: usize, round_seed: u64, totals: &mut Totals) 
     let args = common::as_strs(&args);
     m.start(&args);
     std::fs::create_dir_all(m.path("sub")).unwrap();
-    for d in &dbs {
-        let c = rusqlite::Connection::open(m.path(&d.name)).unwrap();
-        c.execute_batch(&format!(
-            "PRAGMA page_size={}; PRAGMA journal_mode={}; \
-             CREATE TABLE t(w INTEGER, seq INTEGER, v BLOB, PRIMARY KEY(w, seq)); \
-             CREATE TABLE junk(id INTEGER PRIMARY KEY, v BLOB);",
-            d.page_size, d.mode
-        ))
-        .unwrap();
-    }
+    create_databases(&m, &dbs);
 
     let start = Instant::now();
     let deadline = epoch_ms() + secs * 1000;
@@ -1024,16 +1029,7 @@ fn sync_replication_round(
         "eio".into(),
     ];
     let mut m = Mount::with_env(&common::as_strs(&args), S3_ENV);
-    for d in &dbs {
-        let c = rusqlite::Connection::open(m.path(&d.name)).unwrap();
-        c.execute_batch(&format!(
-            "PRAGMA page_size={}; PRAGMA journal_mode={}; \
-             CREATE TABLE t(w INTEGER, seq INTEGER, v BLOB, PRIMARY KEY(w, seq)); \
-             CREATE TABLE junk(id INTEGER PRIMARY KEY, v BLOB);",
-            d.page_size, d.mode
-        ))
-        .unwrap();
-    }
+    create_databases(&m, &dbs);
     let deadline = epoch_ms() + 60_000;
     let mut writers: Vec<Writer> = Vec::new();
     for (i, d) in dbs.iter().enumerate() {
