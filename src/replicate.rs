@@ -437,6 +437,10 @@ impl CommitWaiter for SyncCommits {
         self.replication.applies_to(db)
     }
 
+    fn fails_commits(&self) -> bool {
+        self.replication.fails_commits()
+    }
+
     fn wait(&self, db: &Path, txid: u64, known_uploaded: &dyn Fn() -> Option<u64>) -> bool {
         let outcome = self
             .replication

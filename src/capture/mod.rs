@@ -19,8 +19,10 @@
 //!   tells the uploader which databases have something new ([`Capture::take_staged`]).
 //! - [`CaptureObserver`] (`observer.rs`): the [`Observer`](crate::fs::Observer) that the FUSE layer calls; it turns
 //!   fsyncs, truncations, unlinks, renames and closes of a database's files into
-//!   [`Barrier`]s (`barrier.rs`) for the registry ([`Capture::on`] dispatches them), and
-//!   fails the application's operation with EIO when staging fails.
+//!   [`Barrier`]s (`barrier.rs`) for the registry ([`Capture::on`] dispatches them); when
+//!   staging fails there it lets the operation go on and restarts that database's history
+//!   from a snapshot (only synchronous replication with `--sync-timeout-action eio` fails
+//!   the operation).
 //! - `image.rs`: a database's committed image as SQLite reads it (the database file, its
 //!   committed WAL frames, a live journal's original pages), for snapshots and comparisons.
 //! - [`watch`]: reads a database's `-wal` within milliseconds of a change between barriers.

@@ -4,19 +4,20 @@
 //!
 //! The contract (docs/SEMANTICS.md, "Replication never changes what the application
 //! sees"): a state that capture cannot follow never reaches the application (the registry
-//! restarts that database's history instead). The one failure that does is staging that
-//! cannot make a barrier's transactions durable (a full disk, an I/O error in the staging
-//! directory): an fsync of the database, a `-wal` truncation, or a rollback journal's
-//! commit by truncation or fsync then fails with EIO, logged once with its cause. A
-//! creation, unlink or rename is never refused. After a staging failure at a barrier that
-//! no barrier may follow (a close, a rename, a removal), the database's history restarts
-//! from a snapshot once staging works again (the watcher retries it), so the replica
-//! catches up even when the application writes no more.
+//! restarts that database's history instead), and neither does a staging failure (a full
+//! disk, an I/O error in the staging directory). When staging cannot make a barrier's
+//! transactions durable (an fsync of the database, a `-wal` truncation, a rollback
+//! journal's commit by truncation or fsync), the barrier goes on, walfs logs an ERROR with
+//! the cause, and the database's history restarts from a snapshot once staging works again
+//! (the watcher retries it), so the replica catches up even when the application writes no
+//! more; the same holds at a barrier that no barrier may follow (a close, a rename, a
+//! removal). A creation, unlink or rename is never refused.
 //!
 //! With synchronous replication of a database (`crate::replica::sync`), each barrier that
 //! makes a commit durable then waits until the replica holds it; only
 //! `--sync-timeout-action eio` lets that wait fail the barrier (an fsync, a truncation, or
-//! the unlink of a DELETE-mode journal).
+//! the unlink of a DELETE-mode journal), and with it a staging failure at such a barrier
+//! fails it too: its commit cannot reach the replica.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -39,6 +40,9 @@ pub trait CommitWaiter: Send + Sync {
     /// staging records the replica to hold. False: the barrier fails with EIO (already
     /// logged).
     fn wait(&self, db: &Path, txid: u64, known_uploaded: &dyn Fn() -> Option<u64>) -> bool;
+    /// Whether a commit that cannot be replicated fails with EIO (`--sync-timeout-action
+    /// eio`) rather than returning unreplicated.
+    fn fails_commits(&self) -> bool;
 }
 
 /// The observer that connects the FUSE layer to a [`Capture`].
@@ -102,9 +106,18 @@ impl CaptureObserver {
         &self.capture
     }
 
-    /// A barrier whose transactions must be durable before `op` on `rel` returns: a
-    /// staging failure fails it with EIO, logged once here with its cause.
-    fn durable(&self, op: &str, rel: &Path, res: StagingResult<Vec<CaptureEvent>>) -> FsResult<()> {
+    /// A barrier whose transactions must be durable before `op` on `rel` (a file of `db`)
+    /// returns. A staging failure does not fail it: it is logged with its cause, and the
+    /// history of `db` restarts from a snapshot once staging works again. Only a database
+    /// replicated synchronously with `--sync-timeout-action eio` fails it with EIO (its
+    /// commit cannot reach the replica), logged here.
+    fn durable(
+        &self,
+        op: &str,
+        rel: &Path,
+        db: &Path,
+        res: StagingResult<Vec<CaptureEvent>>,
+    ) -> FsResult<()> {
         let Err(e) = res else {
             return Ok(());
         };
@@ -112,12 +125,26 @@ impl CaptureObserver {
             .stats()
             .failures
             .fetch_add(1, Ordering::Relaxed);
+        if self
+            .sync
+            .as_ref()
+            .is_some_and(|w| w.applies_to(db) && w.fails_commits())
+        {
+            tracing::error!(
+                file = %rel.display(),
+                "{op} fails with EIO: staging cannot make the captured transactions durable ({e}), so the commit cannot reach the replica (--sync-timeout-action eio); {}",
+                e.hint()
+            );
+            return Err(FsError::eio_logged());
+        }
         tracing::error!(
             file = %rel.display(),
-            "{op} fails with EIO: staging cannot make the captured transactions durable ({e}); {}",
+            "staging cannot make the captured transactions durable at {op} ({e}); the {op} goes on, and the replica of {} restarts from a snapshot once staging works again: {}",
+            db.display(),
             e.hint()
         );
-        Err(FsError::eio_logged())
+        self.restart_later(op, rel, &e);
+        Ok(())
     }
 
     /// A point where capture catches up but nothing has to be durable yet, and a barrier
@@ -256,7 +283,7 @@ impl Observer for CaptureObserver {
             let res = self
                 .capture
                 .on(&db, Barrier::Journal(JournalBarrier::Synced));
-            return self.replicated(&db, self.durable("fsync", &rel, res));
+            return self.replicated(&db, self.durable("fsync", &rel, &db, res));
         }
         let Some((db, is_wal)) = database_of(&rel) else {
             return Ok(());
@@ -275,7 +302,7 @@ impl Observer for CaptureObserver {
             Barrier::DbSynced
         };
         let res = self.capture.on(&rel, barrier);
-        self.replicated(&db, self.durable("fsync", &rel, res))
+        self.replicated(&db, self.durable("fsync", &rel, &db, res))
     }
 
     fn truncated(&self, file: &Node<'_>, _size: u64) -> FsResult<()> {
@@ -287,7 +314,7 @@ impl Observer for CaptureObserver {
             let res = self
                 .capture
                 .on(&db, Barrier::Journal(JournalBarrier::Truncated));
-            return self.replicated(&db, self.durable("truncate", &rel, res));
+            return self.replicated(&db, self.durable("truncate", &rel, &db, res));
         }
         match database_of(&rel) {
             // A checkpoint's truncation of the database (or one outside SQLite's
@@ -313,7 +340,7 @@ impl Observer for CaptureObserver {
             // must be durable.
             Some((db, true)) => {
                 let res = self.capture.on(&rel, Barrier::WalDurable);
-                self.replicated(&db, self.durable("truncate", &rel, res))
+                self.replicated(&db, self.durable("truncate", &rel, &db, res))
             }
             None => Ok(()),
         }

@@ -25,8 +25,9 @@ pub struct CaptureStats {
     pub heals: AtomicU64,
     /// Breaks after which a database waited for a consistent point to restart.
     pub waits: AtomicU64,
-    /// Capture failures returned to the application as EIO (staging could not make a
-    /// barrier's transactions durable).
+    /// Barriers at which staging could not make the transactions durable (each restarts
+    /// its database's history from a snapshot; only a synchronous database with
+    /// `--sync-timeout-action eio` returns EIO for it).
     pub failures: AtomicU64,
     /// Databases resumed from the checksums a clean stop saved, without reading them.
     pub quick_resumes: AtomicU64,

@@ -156,6 +156,12 @@ impl SyncReplication {
         &self.stats
     }
 
+    /// Whether a commit that cannot be replicated fails (`--sync-timeout-action eio`)
+    /// rather than returning unreplicated.
+    pub fn fails_commits(&self) -> bool {
+        self.options.sync_timeout_action == SyncTimeoutAction::Eio
+    }
+
     /// The uploader reports that every replica holds `db` up to `txid` (uploads of one
     /// database are made in order, by one thread at a time, so the last report is the
     /// newest). It records the entry even if no commit waits, so that a later wait never

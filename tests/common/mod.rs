@@ -148,6 +148,21 @@ impl Mount {
             .unwrap_or_default()
     }
 
+    /// The collected log once `ready` holds for it, or as it is after `timeout` (a reader
+    /// thread collects the daemon's stderr, so a line written just now may not be in
+    /// [`Mount::log`] yet).
+    #[allow(dead_code)]
+    pub fn log_when(&self, timeout: Duration, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if ready(&log) || Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The daemon's stderr up to now: the collected log, or what the pipe holds once the
     /// daemon has exited.
     pub fn take_stderr(&mut self, child: &mut Child) -> String {
