@@ -1139,7 +1139,7 @@ impl DatabaseCapture {
             // An empty database: nothing to stage yet.
             drop(writer);
         } else {
-            let staged = writer.expect("writer was started").commit()?;
+            let staged = writer.expect("writer was started").commit(sum)?;
             events.push(CaptureEvent::Staged {
                 min_txid: staged.min_txid,
                 max_txid: staged.max_txid,

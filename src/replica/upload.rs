@@ -105,7 +105,12 @@ fn plan_uploads(
             max_txid: s.max_txid,
             body: Body::Staged(s.path.clone()),
             timestamp: millis_to_time(header.timestamp_ms),
-            record: None,
+            record: s.content.map(|c| ChecksumRecord {
+                txid: s.max_txid,
+                checksum: RecordedChecksum::Content(c),
+                page_size: header.page_size,
+                commit: header.commit,
+            }),
         });
     }
     push_batches(&mut uploads, after, merge, tmp_dir)?;
@@ -403,7 +408,8 @@ impl Uploader {
         };
         let mut uploads = self.plan(db, &staged, merge)?;
         let max = last.max_txid();
-        // A snapshot's record: capture's state has it while it is still at that TXID.
+        // A snapshot's record, when staging has no sidecar for it (staged by an older
+        // walfs): capture's state has it while it is still at that TXID.
         let state = self.staging.state(db)?;
         for u in uploads.iter_mut().filter(|u| u.record.is_none()) {
             u.record = state
@@ -750,6 +756,62 @@ mod tests {
         sum.add_page(1, &page);
         w.finish(sum).unwrap();
         seg.seal().unwrap();
+    }
+
+    /// A staged snapshot carries its content checksum: its upload has a verification
+    /// record even when capture has moved past its TXID by then (`walfs verify` and
+    /// restores check it), and the record matches the pages.
+    #[test]
+    fn a_snapshot_uploaded_after_capture_moved_on_has_its_verification_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Arc::new(Staging::open(dir.path().join("staging")).unwrap());
+        let db = Path::new("app.db");
+        let pages: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; 1024]).collect();
+        let (_, sum) = staging
+            .stage_snapshot(
+                db,
+                pages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| Ok::<_, std::io::Error>((i as u32 + 1, p))),
+                1024,
+                3,
+                4,
+                2000,
+            )
+            .unwrap();
+        // Capture is at TXID 6 now: its state holds another checksum.
+        staging
+            .save_state(
+                db,
+                &DbState {
+                    txid: 6,
+                    page_size: 1024,
+                    commit: 3,
+                    ..DbState::default()
+                },
+            )
+            .unwrap();
+        let url = format!("file://{}", dir.path().join("replica").display());
+        let store =
+            ReplicaStore::open_with(&ReplicaUrl::parse(&url).unwrap(), &StoreTuning::default())
+                .unwrap();
+        let uploader = Uploader::new(staging.clone(), vec![store.clone()]).unwrap();
+        let dbs: BTreeSet<PathBuf> = [db.to_path_buf()].into();
+        assert!(uploader.upload_round(&dbs, true).is_empty());
+        let sidecar = SidecarStore::new(store);
+        let (record, _) = uploader
+            .runtime
+            .block_on(sidecar.get_checksum_record("app.db", 4, None))
+            .unwrap()
+            .expect("the snapshot's verification record");
+        assert_eq!(record.txid, 4);
+        assert_eq!(record.checksum, RecordedChecksum::Content(sum));
+        assert_eq!((record.page_size, record.commit), (1024, 3));
+        assert!(
+            staging.pending_files(db).unwrap().is_empty(),
+            "the snapshot and its sidecar went with the upload"
+        );
     }
 
     /// Staged batches that can never be uploaded together (their page sizes differ, as a

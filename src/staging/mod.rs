@@ -109,6 +109,33 @@ pub struct StagedLtx {
     pub max_txid: u64,
     /// Where it lies.
     pub path: PathBuf,
+    /// The content checksum of the database it holds (a snapshot's, from the sidecar
+    /// written beside it: [`snapshot_sum_path`]), if known.
+    pub content: Option<ContentChecksum>,
+}
+
+/// The sidecar beside a staged snapshot `ltx` that holds the content checksum of the
+/// database it holds (`<name>.ltx.sum`, the checksum in hex), for the verification record
+/// of its upload when capture has moved on by then.
+pub fn snapshot_sum_path(ltx: &Path) -> PathBuf {
+    let mut name = ltx.file_name().unwrap_or_default().to_os_string();
+    name.push(".sum");
+    ltx.with_file_name(name)
+}
+
+/// The TXID range of a staged snapshot's file or of its sidecar, from its name.
+fn snapshot_file_range(name: &str) -> Option<(u64, u64)> {
+    parse_ltx_object_name(name.strip_suffix(".sum").unwrap_or(name))
+}
+
+/// Reads a snapshot's content-checksum sidecar; `None` if missing or unreadable (the
+/// upload then goes without a verification record, as a snapshot staged before sidecars
+/// existed does).
+fn read_snapshot_sum(ltx: &Path) -> Option<ContentChecksum> {
+    let text = fs::read_to_string(snapshot_sum_path(ltx)).ok()?;
+    u128::from_str_radix(text.trim(), 16)
+        .ok()
+        .map(ContentChecksum::from_value)
 }
 
 impl StagedLtx {
@@ -222,8 +249,9 @@ impl LtxWriter {
     }
 
     /// Finishes the file (with the post-apply LTX checksum of the pages written, if the
-    /// header tracks checksums), fsyncs it, renames it into place and fsyncs the directory.
-    pub fn commit(mut self) -> StagingResult<StagedLtx> {
+    /// header tracks checksums), fsyncs it, writes `content` (the content checksum of the
+    /// pages) beside it, renames it into place and fsyncs the directory.
+    pub fn commit(mut self, content: ContentChecksum) -> StagingResult<StagedLtx> {
         let mut enc = self
             .encoder
             .take()
@@ -237,12 +265,20 @@ impl LtxWriter {
         let file = enc.into_inner().into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
+        // The sidecar first, so that a snapshot in place has its checksum beside it. It is
+        // not fsynced: after a crash a lost or torn one only costs the upload its
+        // verification record, and one left alone goes with the snapshot's range.
+        fs::write(
+            snapshot_sum_path(&self.dest),
+            format!("{:032x}\n", content.value()),
+        )?;
         fs::rename(&self.tmp, &self.dest)?;
         sync_dir(self.dest.parent().expect("staged file has a directory"))?;
         Ok(StagedLtx {
             min_txid: self.header.min_txid,
             max_txid: self.header.max_txid,
             path: self.dest.clone(),
+            content: Some(content),
         })
     }
 }
@@ -351,7 +387,7 @@ impl Staging {
             w.add_page(pgno, data.as_ref())?;
             sum.add_page(pgno, data.as_ref());
         }
-        Ok((w.commit()?, sum))
+        Ok((w.commit(sum)?, sum))
     }
 
     /// Opens the active segment of `db` for appending (call [`Staging::recover`] first).
@@ -370,12 +406,13 @@ impl Staging {
         for entry in list_dir(&snapshots)? {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let stale = match parse_ltx_object_name(&name) {
+            let stale = match snapshot_file_range(&name) {
                 Some((_, max)) => max > txid,
                 None => name.starts_with('.') && name.ends_with(".tmp"),
             };
             if stale && gone_is_none(fs::remove_file(entry.path()).map_err(Into::into))?.is_some() {
-                dropped += 1;
+                // A snapshot's checksum sidecar goes with it, uncounted.
+                dropped += usize::from(!name.ends_with(".sum"));
             }
         }
         let segments = self.segment_dir(db)?;
@@ -489,6 +526,7 @@ impl Staging {
                 out.push(Staged::Snapshot(StagedLtx {
                     min_txid,
                     max_txid,
+                    content: read_snapshot_sum(&entry.path()),
                     path: entry.path(),
                 }));
             }
@@ -554,11 +592,12 @@ impl Staging {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
                 let range =
-                    parse_ltx_object_name(&name).or_else(|| segment::parse_sealed_name(&name));
+                    snapshot_file_range(&name).or_else(|| segment::parse_sealed_name(&name));
                 if range.is_some_and(|(_, max)| max <= upto_txid) {
                     fs::remove_file(entry.path())?;
                     removed = true;
-                    n += 1;
+                    // A snapshot's checksum sidecar goes with it, uncounted.
+                    n += usize::from(!name.ends_with(".sum"));
                 }
             }
             if removed {
