@@ -876,6 +876,7 @@ fn a_restore_plans_again_when_a_live_writer_removed_its_objects() {
         RestoreTarget::Latest,
         &out,
         false,
+        true,
         |n| {
             attempts += 1;
             if n == 0 {
@@ -904,6 +905,7 @@ fn a_restore_plans_again_when_a_live_writer_removed_its_objects() {
         RestoreTarget::Latest,
         &out,
         false,
+        true,
         |_| {
             attempts += 1;
             Ok(stale.clone())

@@ -206,3 +206,66 @@ fn frequent_restarts_never_miss_a_commit() {
         }
     }
 }
+
+/// A database that is corrupt in its own right (a page overwritten outside SQLite) is
+/// replicated as it is. `walfs restore` refuses to write it, with one line that says what
+/// to do; with `--no-integrity-check` it writes it, says so, and the file equals the
+/// database, for salvage.
+#[test]
+fn a_corrupt_database_restores_only_with_no_integrity_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut m, replica) = replicated_mount(&dir, "100ms");
+    let db = m.path("app.db");
+    sqlite3(
+        &db,
+        "PRAGMA journal_mode=DELETE; PRAGMA page_size=1024; CREATE TABLE t(x);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400)
+         INSERT INTO t SELECT randomblob(300) FROM n;",
+    );
+    // Garbage over page 2 (the table's root, an interior page) past its header, through
+    // the mount: capture stages it at the close, as it does any write outside SQLite.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+        f.write_all_at(&[0xa5; 1012], 1024 + 12).unwrap();
+    }
+    let check = common::run_sqlite3(&db, "PRAGMA integrity_check;");
+    assert_ne!(check.stdout, b"ok\n", "the database must be corrupt");
+    m.stop();
+    let url = format!("file://{}", replica.display());
+    let out = m.root.path().join("restored.db");
+    let o = std::process::Command::new(common::WALFS)
+        .args(["restore", &url, "--db", "app.db", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("fails PRAGMA integrity_check")
+            && err
+                .contains("restore an earlier --txid or --timestamp, or pass --no-integrity-check"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!out.exists());
+    let log = walfs_restore(&[
+        &url,
+        "--db",
+        "app.db",
+        "-o",
+        out.to_str().unwrap(),
+        "--no-integrity-check",
+    ]);
+    assert!(
+        log.contains(
+            "content checksum matches the writer's record; integrity_check FAILED, written anyway"
+        ),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(m.backing_path("app.db")).unwrap(),
+        "the salvage restore must equal the database"
+    );
+}

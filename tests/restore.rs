@@ -178,6 +178,7 @@ impl Replica {
             force: false,
             txid: None,
             timestamp: None,
+            no_integrity_check: false,
         }
     }
 
@@ -427,6 +428,7 @@ fn missing_replica_and_empty_replica() {
         force: false,
         txid: None,
         timestamp: None,
+        no_integrity_check: false,
     };
     let e = restore_command(&args).unwrap_err().to_string();
     assert!(e.contains("does not exist"), "{e}");
@@ -518,6 +520,7 @@ fn restores_a_replica_written_by_litestream() {
         force: false,
         txid: None,
         timestamp: None,
+        no_integrity_check: false,
     })
     .unwrap_or_else(|e| panic!("restore failed: {e:#}; litestream log:\n{log}"));
     let theirs = tmp.path().join("theirs.db");

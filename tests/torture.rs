@@ -400,13 +400,16 @@ fn integrity_ok(path: &Path) -> bool {
 }
 
 /// Restores `db` from `url` until the file equals `expected`, for up to `limit`; `Err` with
-/// the last restore log if it never does.
+/// the last restore log if it never does. `corrupt`: `expected` itself fails
+/// `integrity_check` (a hostile write reached the database), so the restore is written
+/// despite the check (`--no-integrity-check`), and must equal it all the same.
 fn catch_up(
     url: &str,
     db: &str,
     expected: &Path,
     out: &Path,
     limit: Duration,
+    corrupt: bool,
 ) -> Result<(), String> {
     let want = std::fs::read(expected).unwrap();
     let deadline = Instant::now() + limit;
@@ -415,6 +418,7 @@ fn catch_up(
         let o = Command::new(common::WALFS)
             .args(["restore", url, "--db", db, "-o"])
             .arg(out)
+            .args(corrupt.then_some("--no-integrity-check"))
             .envs(S3_ENV.iter().copied())
             .output()
             .unwrap();
@@ -685,15 +689,25 @@ fn run_round(suite: &mut Suite, n: usize, round_seed: u64, totals: &mut Totals) 
     // fault's length): every database's replica must equal it within this, all together.
     let catch_limit = Duration::from_secs(if suite.long { 150 } else { 45 });
     let catch_deadline = Instant::now() + catch_limit;
-    for d in &dbs {
+    for (i, d) in dbs.iter().enumerate() {
         let Some(view) = sqlite_view(&m.backing_path(&d.name), &probe) else {
             totals
                 .failures
                 .push(format!("round {n}: {} holds no database", d.name));
             continue;
         };
+        // Garbage that SQLite's checkpoint copied into the database file corrupts the
+        // database itself; its replica must then hold the same corrupt pages.
+        let corrupt = garbage.contains(&i) && !integrity_ok(&view);
         let left = catch_deadline.saturating_duration_since(Instant::now());
-        if let Err(log) = catch_up(&url, &d.name, &view, &out.join("catch-up.db"), left) {
+        if let Err(log) = catch_up(
+            &url,
+            &d.name,
+            &view,
+            &out.join("catch-up.db"),
+            left,
+            corrupt,
+        ) {
             totals.failures.push(format!(
                 "round {n}: the replica of {} did not catch up within {catch_limit:?}: {log}\n\
                  daemon log:\n{}",
@@ -716,10 +730,12 @@ fn run_round(suite: &mut Suite, n: usize, round_seed: u64, totals: &mut Totals) 
         else {
             continue;
         };
+        let live_ok = integrity_ok(&live);
         let restored = out.join(format!("restored{i}.db"));
         let o = Command::new(common::WALFS)
             .args(["restore", &url, "--db", &d.name, "-o"])
             .arg(&restored)
+            .args((!live_ok).then_some("--no-integrity-check"))
             .envs(S3_ENV.iter().copied())
             .output()
             .unwrap();
@@ -731,7 +747,6 @@ fn run_round(suite: &mut Suite, n: usize, round_seed: u64, totals: &mut Totals) 
             ));
             continue;
         }
-        let live_ok = integrity_ok(&live);
         if live_ok {
             // A difference is recorded (with the daemon's log), so that the round's other
             // findings are reported too.

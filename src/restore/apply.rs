@@ -71,6 +71,9 @@ pub struct RestoreOutcome {
     pub objects: usize,
     /// Bytes downloaded.
     pub bytes: u64,
+    /// What `PRAGMA integrity_check` found, when the restore was written anyway (asked
+    /// without the check's veto); `None` when it passed.
+    pub integrity_failure: Option<String>,
 }
 
 /// Removes the temporary file unless disarmed.
@@ -187,8 +190,11 @@ fn checksums_of_pages(
     Ok((content, crc))
 }
 
-/// Restores `plan` into `out` (see the module documentation). `progress` shows a progress
-/// bar on stderr if stderr is a terminal.
+/// Restores `plan` into `out` (see the module documentation). Without `integrity_check`
+/// a restore that fails `PRAGMA integrity_check` is written anyway, and its outcome says
+/// what the check found. `progress` shows a progress bar on stderr if stderr is a
+/// terminal.
+#[allow(clippy::too_many_arguments)]
 pub fn restore_database(
     rt: &Runtime,
     store: &ReplicaStore,
@@ -196,6 +202,7 @@ pub fn restore_database(
     plan: &RestorePlan,
     out: &Path,
     force: bool,
+    integrity_check: bool,
     progress: bool,
 ) -> RestoreResult<RestoreOutcome> {
     check_output(out, force)?;
@@ -364,15 +371,22 @@ pub fn restore_database(
         None => ChecksumCheck::NotRecorded,
     };
 
-    // (b) SQLite's own check.
-    integrity_check(&tmp).map_err(|e| {
-        RestoreError::Corrupt(format!(
-            "restored {label} at TXID {} fails PRAGMA integrity_check: {e}; the replica is \
-             corrupt; {} was not written",
-            plan.txid,
-            out.display()
-        ))
-    })?;
+    // (b) SQLite's own check. The content checksum matched what the writer read, so a
+    // failure here is a replica that was corrupt when written, or a database that was.
+    let integrity_failure = match self::integrity_check(&tmp) {
+        Ok(()) => None,
+        Err(e) if !integrity_check => Some(e.to_string()),
+        Err(e) => {
+            return Err(RestoreError::Corrupt(format!(
+                "restored {label} at TXID {} fails PRAGMA integrity_check: {e}; the replica \
+                 is corrupt, or the database was when it was replicated: restore an earlier \
+                 --txid or --timestamp, or pass --no-integrity-check to salvage it; {} was \
+                 not written",
+                plan.txid,
+                out.display()
+            )))
+        }
+    };
     drop(file);
 
     // Stale companions of a replaced database would be applied to the new one.
@@ -411,6 +425,7 @@ pub fn restore_database(
         checksum_check,
         objects: plan.objects.len(),
         bytes: downloaded,
+        integrity_failure,
     })
 }
 

@@ -49,6 +49,11 @@ pub struct RestoreArgs {
     /// Restore the newest state committed at or before this time (RFC 3339).
     #[arg(long, value_parser = parse_time)]
     pub timestamp: Option<SystemTime>,
+    /// Write the restore even if PRAGMA integrity_check fails (the content checksum is
+    /// still checked): to salvage a database that was already corrupt when it was
+    /// replicated, e.g. with sqlite3's .recover.
+    #[arg(long)]
+    pub no_integrity_check: bool,
 }
 
 /// An RFC 3339 time such as 2026-11-22T05:00:00Z (`--timestamp`).
@@ -96,13 +101,20 @@ pub fn list_objects(
 }
 
 fn describe(o: &RestoreOutcome) -> String {
-    let check = match o.checksum_check {
-        ChecksumCheck::Recorded => {
+    let check = match (&o.checksum_check, &o.integrity_failure) {
+        (ChecksumCheck::Recorded, None) => {
             "content checksum matches the writer's record; integrity_check ok".to_string()
         }
-        ChecksumCheck::NotRecorded => "the content checksum was not recorded by the writer \
-             (e.g. Litestream wrote the replica): verified with integrity_check only (ok)"
+        (ChecksumCheck::NotRecorded, None) => "the content checksum was not recorded by the \
+             writer (e.g. Litestream wrote the replica): verified with integrity_check only (ok)"
             .to_string(),
+        (recorded, Some(e)) => format!(
+            "{}; integrity_check FAILED, written anyway (--no-integrity-check): {e}",
+            match recorded {
+                ChecksumCheck::Recorded => "content checksum matches the writer's record",
+                ChecksumCheck::NotRecorded => "the content checksum was not recorded by the writer",
+            }
+        ),
     };
     format!(
         "restored {} at TXID {} ({}) to {}: {} pages of {} bytes from {} objects ({} bytes); {check}",
@@ -123,6 +135,7 @@ struct Ctx {
     sidecar: SidecarStore,
     target: RestoreTarget,
     force: bool,
+    integrity_check: bool,
 }
 
 /// Resolves a timestamp target to a TXID with the commit times of the objects. A listing
@@ -193,6 +206,7 @@ impl Ctx {
             self.target,
             out,
             self.force,
+            self.integrity_check,
             |_| list_objects(&self.rt, &self.store, db),
         )
     }
@@ -239,7 +253,8 @@ pub fn replanning<T>(
 
 /// Restores `db` at `target` into `out` from the objects `list(attempt)` returns, resolving
 /// a time to a TXID with their commit times; plans again with a new listing when objects
-/// disappeared meanwhile ([`replanning`]).
+/// disappeared meanwhile ([`replanning`]). Without `integrity_check`, a restore that
+/// fails `PRAGMA integrity_check` is written anyway (said in its outcome).
 #[allow(clippy::too_many_arguments)]
 pub fn restore_replanning(
     rt: &Runtime,
@@ -249,6 +264,7 @@ pub fn restore_replanning(
     target: RestoreTarget,
     out: &Path,
     force: bool,
+    integrity_check: bool,
     mut list: impl FnMut(u32) -> RestoreResult<Vec<LtxObjectInfo>>,
 ) -> RestoreResult<RestoreOutcome> {
     replanning(db, |attempt| {
@@ -265,7 +281,7 @@ pub fn restore_replanning(
         if let Some(t) = resolved_time {
             p.timestamp = t;
         }
-        restore_database(rt, store, sidecar, &p, out, force, true)
+        restore_database(rt, store, sidecar, &p, out, force, integrity_check, true)
     })
 }
 
@@ -286,6 +302,7 @@ pub fn restore_command(args: &RestoreArgs) -> RestoreResult<()> {
         sidecar,
         target,
         force: args.force,
+        integrity_check: !args.no_integrity_check,
     };
     if let Some(db) = &args.db {
         let o = ctx.restore_one(db, &args.output)?;

@@ -139,7 +139,7 @@ pub fn verify_command(args: &VerifyArgs) -> RestoreResult<()> {
                     (&fresh, target)
                 };
                 let p = plan(db, objects, target, |a, b| store.ltx_key(db, 0, a, b))?;
-                restore_database(&rt, &store, &sidecar, &p, &out, false, false)
+                restore_database(&rt, &store, &sidecar, &p, &out, false, true, false)
             });
             let _ = std::fs::remove_file(&out);
             match result {
