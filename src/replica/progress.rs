@@ -45,7 +45,7 @@ pub struct ReplicaProgress {
 
 impl ReplicaProgress {
     /// Progress of the replicas called `names` (credential-free, see
-    /// [`super::url::ReplicaUrl::name`]), in the uploader's order.
+    /// [`super::store::ReplicaStore::name`]), in the uploader's order.
     pub fn new(names: Vec<String>) -> ReplicaProgress {
         ReplicaProgress {
             counters: names.iter().map(|_| ReplicaCounters::default()).collect(),
@@ -131,5 +131,26 @@ mod tests {
             p.get(Path::new("other.db"), 0, 0),
             DbReplicaProgress::default()
         );
+    }
+
+    /// The names that label metrics carry no query parameters and no credentials.
+    #[test]
+    fn replica_names_are_credential_free() {
+        use crate::replica::store::ReplicaStore;
+        use crate::replica::url::ReplicaUrl;
+        let dir = tempfile::tempdir().unwrap();
+        let file = format!("file://{}", dir.path().display());
+        let store = ReplicaStore::open(&ReplicaUrl::parse(&file).unwrap()).unwrap();
+        assert_eq!(store.name(), file);
+        for (url, name) in [
+            (
+                "s3://bucket/some/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1&forcePathStyle=true",
+                "s3://bucket/some/prefix",
+            ),
+            ("s3://bucket?region=eu-west-1", "s3://bucket"),
+        ] {
+            let store = ReplicaStore::open(&ReplicaUrl::parse(url).unwrap()).unwrap();
+            assert_eq!(store.name(), name);
+        }
     }
 }
