@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -125,11 +125,15 @@ where
         + prometheus_client::encoding::EncodeCounterValue,
 {
     let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    let sample = |s: &mut MetricEncoder, v: &V| match kind {
+        MetricType::Counter => s.encode_counter::<NoLabelSet, V, f64>(v, None),
+        _ => s.encode_gauge(v),
+    };
     for (labels, v) in samples {
-        let mut s = m.encode_family(&labels)?;
-        match kind {
-            MetricType::Counter => s.encode_counter::<NoLabelSet, V, f64>(&v, None)?,
-            _ => s.encode_gauge(&v)?,
+        if labels.is_empty() {
+            sample(&mut m, &v)?;
+        } else {
+            sample(&mut m.encode_family(&labels)?, &v)?;
         }
     }
     Ok(())
