@@ -322,6 +322,58 @@ mod tests {
         assert!(!e.contains('\n'), "{e}");
     }
 
+    /// The FUSE histogram is cumulative per operation, ends at +Inf with the call count,
+    /// and a mount without replicas exports no replica series.
+    #[test]
+    fn fuse_histogram_is_exported_cumulatively() {
+        use crate::fs::metrics::{Metrics, Op};
+        use std::time::Duration;
+        let fs = Arc::new(Metrics::default());
+        fs.record(Op::lookup, true, Duration::from_micros(3));
+        fs.record(Op::lookup, false, Duration::from_micros(70));
+        fs.record(Op::lookup, true, Duration::from_secs(2));
+        let view = MountView {
+            backing: "/b".into(),
+            mountpoint: "/m".into(),
+            fs,
+            replication: None,
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(MountCollector(view)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |series: &str| -> f64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+                .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+            line.rsplit_once(' ').unwrap().1.parse().unwrap()
+        };
+        let h = "walfs_fuse_request_duration_seconds";
+        assert_eq!(value(&format!("{h}_count{{op=\"lookup\"}}")), 3.0);
+        assert_eq!(
+            value(&format!("{h}_bucket{{le=\"0.00001\",op=\"lookup\"}}")),
+            1.0
+        );
+        assert_eq!(
+            value(&format!("{h}_bucket{{le=\"0.0001\",op=\"lookup\"}}")),
+            2.0
+        );
+        assert_eq!(
+            value(&format!("{h}_bucket{{le=\"1.0\",op=\"lookup\"}}")),
+            2.0
+        );
+        assert_eq!(
+            value(&format!("{h}_bucket{{le=\"+Inf\",op=\"lookup\"}}")),
+            3.0
+        );
+        assert!(value(&format!("{h}_sum{{op=\"lookup\"}}")) > 2.0);
+        assert_eq!(value("walfs_fuse_request_errors_total{op=\"lookup\"}"), 1.0);
+        assert!(value("walfs_process_resident_memory_bytes") > 0.0);
+        assert!(!text.contains("walfs_replica_txid{"), "{text}");
+        assert!(!text.contains("walfs_uploads_total"), "{text}");
+    }
+
     #[test]
     fn rss_is_measured() {
         assert!(rss_bytes() > 1 << 20);
