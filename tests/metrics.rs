@@ -294,6 +294,20 @@ fn status_of_a_plain_directory_and_of_a_mount_without_replicas() {
         String::from_utf8_lossy(&out.stdout).contains("no replicas"),
         "{out:?}"
     );
+    // Only the mount's user may ask.
+    use std::os::unix::fs::PermissionsExt;
+    let socket = walfs::observe::status::socket_path(&m.mountpoint.canonicalize().unwrap());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&socket), 0o600, "{}", socket.display());
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+    // A daemon killed with SIGKILL leaves its socket, which answers no more.
+    let mut m = m;
+    m.kill9();
+    assert!(socket.exists());
+    let out = status(&m.mountpoint, &[]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    let _ = std::fs::remove_file(&socket);
 }
 
 /// A port in use is a one-line startup error, and nothing is mounted.
