@@ -34,6 +34,7 @@ const WIRING: &[&str] = &[
     "replicate",
     "mount",
     "config",
+    "observe",
     "layering",
 ];
 

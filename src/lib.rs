@@ -14,6 +14,8 @@
 //! - `restore`: restore plans, verified restores and listing;
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals);
 //! - `config`: the `walfs mount --config` file, turned into arguments before clap parses;
+//! - `observe`: a running mount's metrics endpoint (`--metrics-addr`) and status socket
+//!   (`walfs status`);
 //! - `flags`: the parsers of command-line values (durations, seconds, TXIDs) that the
 //!   option structs of the other modules name in their clap attributes.
 //!
@@ -31,6 +33,7 @@ pub mod fs;
 mod layering;
 pub mod ltx;
 pub mod mount;
+pub mod observe;
 pub mod replica;
 pub mod replicate;
 pub mod restore;

@@ -37,6 +37,24 @@ enum Command {
     /// into a temporary directory, check the content checksum and PRAGMA integrity_check,
     /// and report. Only reads the replica. Exits non-zero on any problem.
     Verify(VerifyArgs),
+    /// Show what a running mount replicates: each database's TXID, and per replica the TXID
+    /// it holds, its lag, its last upload and last error. Exits 0 when every replica is
+    /// within --max-lag, 1 when one is behind longer, 3 when no walfs mount answers at
+    /// MOUNTPOINT.
+    Status(StatusArgs),
+}
+
+/// The arguments of `walfs status`.
+#[derive(Args)]
+struct StatusArgs {
+    /// The mountpoint of a running `walfs mount`.
+    mountpoint: PathBuf,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1 when a replica lacks a commit older than this (10s, 1m, ...).
+    #[arg(long, default_value = "60s", value_parser = walfs::flags::duration)]
+    max_lag: std::time::Duration,
 }
 
 /// The arguments of `walfs mount`: the mount's settings, and the file they may come from.
@@ -68,6 +86,9 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(argv);
     init_logging(cli.log_level.as_deref());
+    if let Command::Status(args) = &cli.command {
+        return status(args);
+    }
     // Each layer returns its own error type; here they become one report whose `{:#}`
     // prints the chain of causes joined by ": ".
     let result: anyhow::Result<()> = match &cli.command {
@@ -75,6 +96,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => walfs::restore::restore_command(args).map_err(Into::into),
         Command::List(args) => walfs::restore::list_command(args).map_err(Into::into),
         Command::Verify(args) => walfs::restore::verify_command(args).map_err(Into::into),
+        Command::Status(_) => unreachable!("answered above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,6 +105,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `walfs status`: prints the mount's status and exits with the documented code.
+fn status(args: &StatusArgs) -> ExitCode {
+    use walfs::observe::status::{query, table, EXIT_BEHIND, EXIT_NOT_RUNNING};
+    let status = match query(&args.mountpoint) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("walfs: error: {}", e.0);
+            return ExitCode::from(EXIT_NOT_RUNNING);
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("a status encodes")
+        );
+    } else {
+        print!("{}", table(&status));
+    }
+    let lag = status.max_lag();
+    if lag > args.max_lag.as_secs_f64() {
+        eprintln!(
+            "walfs: a replica is {lag:.1}s behind, more than --max-lag {:?}",
+            args.max_lag
+        );
+        return ExitCode::from(EXIT_BEHIND);
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_logging(level: Option<&str>) {
@@ -125,6 +176,11 @@ mod tests {
         ("database-io", r#""cached""#, &["--database-io", "cached"]),
         ("cache-ttl", "0.5", &["--cache-ttl", "0.5"]),
         ("allow-nonempty", "true", &["--allow-nonempty"]),
+        (
+            "metrics-addr",
+            r#""127.0.0.1:9090""#,
+            &["--metrics-addr", "127.0.0.1:9090"],
+        ),
         (
             "replica",
             r#"["s3://bucket/prefix?region=eu-west-1", "file:///backup/walfs"]"#,
@@ -188,6 +244,7 @@ mod tests {
             database_io: DatabaseIo::Cached,
             cache_ttl: Duration::from_millis(500),
             allow_nonempty: true,
+            metrics_addr: Some("127.0.0.1:9090".into()),
             replication: ReplicationOptions {
                 replicas: vec![
                     "s3://bucket/prefix?region=eu-west-1".into(),
@@ -266,8 +323,8 @@ mod tests {
         );
         assert_eq!(
             keys.len(),
-            24,
-            "22 flags besides --config, and 2 positionals"
+            25,
+            "23 flags besides --config, and 2 positionals"
         );
     }
 

@@ -14,6 +14,9 @@ use fuser::{MountOption, SessionACL};
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::metrics::Metrics;
 use crate::fs::{FsConfig, IoMode, NoObserver, Observer, PassthroughFs};
+use crate::observe::metrics::MetricsEndpoint;
+use crate::observe::status::{socket_path, StatusServer};
+use crate::observe::MountView;
 use crate::replica::error::write_causes;
 use crate::replicate::{Replication, ReplicationError, ReplicationOptions};
 
@@ -57,6 +60,10 @@ pub struct MountOptions {
     /// Mount even if MOUNTPOINT is not empty (its files are hidden while mounted).
     #[arg(long)]
     pub allow_nonempty: bool,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9090).
+    /// Default: off.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     // Replicas to stream every database's commits to (none: a plain mirror).
     #[command(flatten)]
     pub replication: ReplicationOptions,
@@ -65,6 +72,11 @@ pub struct MountOptions {
 /// Mounts and serves until unmounted (by a signal or `fusermount3 -u`).
 pub fn run(opts: &MountOptions) -> MountResult<()> {
     let (backing, mountpoint) = preflight(opts)?;
+    // Bound before anything starts: a bad address or a port in use is a one-line error.
+    let metrics_endpoint = match &opts.metrics_addr {
+        Some(addr) => Some(MetricsEndpoint::bind(addr).map_err(MountError::Setup)?),
+        None => None,
+    };
     raise_open_file_limit();
     // The kernel applies the caller's umask before a create request reaches walfs; the
     // daemon's own umask must not mask the mode a second time.
@@ -107,6 +119,12 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
         }
     })?);
     let metrics = Arc::new(Metrics::default());
+    let view = MountView {
+        backing: backing.clone(),
+        mountpoint: mountpoint.clone(),
+        fs: metrics.clone(),
+        replication: replication.as_ref().map(Replication::view),
+    };
 
     let mut fuse_config = fuser::Config::default();
     fuse_config.mount_options = vec![
@@ -143,6 +161,24 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
         "mounted"
     );
     unmount_on_signal(session.unmount_callable(), mountpoint.clone())?;
+    let metrics_server = match metrics_endpoint {
+        Some(e) => Some(e.serve(view.clone()).map_err(|e| MountError::Context {
+            what: "cannot start the metrics server".into(),
+            source: e,
+        })?),
+        None => None,
+    };
+    // `walfs status` asks here; a mount that cannot listen still serves its files.
+    let status_server = match StatusServer::start(view) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(
+                socket = %socket_path(&mountpoint).display(),
+                "cannot listen for `walfs status`: {e}; the mount goes on without it"
+            );
+            None
+        }
+    };
     let served = match session.run() {
         // The kernel ended the connection (an unmount, ours on a signal or `fusermount3
         // -u`, or an abort): a read in flight may see ECONNABORTED instead of the ENODEV
@@ -156,6 +192,12 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
             source: e,
         }),
     };
+    if let Some(s) = status_server {
+        s.stop();
+    }
+    if let Some(s) = metrics_server {
+        s.stop();
+    }
     if let Some(r) = replication {
         r.stop();
     }

@@ -339,6 +339,15 @@ impl Replication {
         })
     }
 
+    /// What metrics and `walfs status` read of this replication.
+    pub fn view(&self) -> crate::observe::ReplicationView {
+        crate::observe::ReplicationView {
+            capture: self.capture.clone(),
+            progress: self.uploader.progress().clone(),
+            maintainer: self.maintainer.clone(),
+        }
+    }
+
     /// The observer the FUSE layer calls at barriers.
     pub fn observer(&self) -> Arc<dyn Observer> {
         let sync = self.sync.as_ref().map(|replication| {

@@ -22,7 +22,7 @@ use super::barrier::{Barrier, Step};
 use super::image::{Image, ImageSink, PageSink};
 use super::{
     now_ms, open_optional, poll_wal, poll_wal_through, rollback, wal_path, CaptureError,
-    CaptureEvent, CaptureResult,
+    CaptureEvent, CaptureResult, RestartKind,
 };
 use crate::sqlite::{
     lock_byte_page, page_hash, read_full, ContentChecksum, FrameHeader, FrameReader, PageHash,
@@ -81,6 +81,8 @@ pub(super) struct ImageRead {
 pub(super) struct Restart {
     /// Why capture could not follow the files.
     reason: String,
+    /// What asked for the restart.
+    kind: RestartKind,
     /// A [`CaptureEvent::Waiting`] was reported for this break.
     warned: bool,
     /// When a snapshot was last tried.
@@ -257,6 +259,7 @@ impl DatabaseCapture {
             }
             self.restart = Some(Restart {
                 reason: e.to_string(),
+                kind: RestartKind::Follow,
                 warned,
                 tried: Some(Instant::now()),
             });
@@ -318,7 +321,7 @@ impl DatabaseCapture {
         match done {
             Ok(()) => Ok(()),
             Err(CaptureError::Staging(e)) => Err(e),
-            Err(e) => self.begin_restart(e.to_string(), barrier, events),
+            Err(e) => self.begin_restart(e.to_string(), RestartKind::Follow, barrier, events),
         }
     }
 
@@ -328,12 +331,14 @@ impl DatabaseCapture {
     pub(super) fn begin_restart(
         &mut self,
         reason: String,
+        kind: RestartKind,
         barrier: bool,
         events: &mut Vec<CaptureEvent>,
     ) -> StagingResult<()> {
         if self.restart.is_none() {
             self.restart = Some(Restart {
                 reason,
+                kind,
                 warned: false,
                 tried: None,
             });
@@ -347,11 +352,12 @@ impl DatabaseCapture {
     /// Marks the history to restart from a snapshot at a later step (not before
     /// [`RESTART_RETRY`]: the operation under way must finish first), without staging
     /// anything now.
-    pub(super) fn defer_restart(&mut self, reason: String) {
+    pub(super) fn defer_restart(&mut self, reason: String, kind: RestartKind) {
         self.pending = None;
         if self.restart.is_none() {
             self.restart = Some(Restart {
                 reason,
+                kind,
                 warned: false,
                 tried: Some(Instant::now()),
             });
@@ -401,6 +407,7 @@ impl DatabaseCapture {
                     txid: self.state.txid,
                     reason: r.reason,
                     waited: r.warned,
+                    kind: r.kind,
                 });
                 Ok(true)
             }

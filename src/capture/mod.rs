@@ -79,6 +79,7 @@ pub enum CaptureEvent {
         txid: u64,
         reason: String,
         waited: bool,
+        kind: RestartKind,
     },
     /// Capture cannot follow the database (`reason`), and its files are not at a
     /// consistent point yet: the replica stays at the last TXID staged until a snapshot
@@ -87,6 +88,36 @@ pub enum CaptureEvent {
     /// The file no longer holds an SQLite database (emptied, overwritten with something
     /// else): capture stops and the replica marks it deleted after `txid`.
     Gone { txid: u64 },
+}
+
+/// What started a database's history afresh from a snapshot (a label of the
+/// `walfs_capture_restarts_total` metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartKind {
+    /// Capture could not follow the files (a WAL restarted, truncated or replaced before
+    /// it was read, a page size change, a database changed while not captured, ...).
+    Follow,
+    /// Staging failed (a full disk); the snapshot follows once it works again.
+    Staging,
+    /// The uploader found staged transactions it can never upload.
+    Upload,
+}
+
+impl RestartKind {
+    pub const ALL: [RestartKind; 3] = [
+        RestartKind::Follow,
+        RestartKind::Staging,
+        RestartKind::Upload,
+    ];
+
+    /// The label: `follow`, `staging` or `upload`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartKind::Follow => "follow",
+            RestartKind::Staging => "staging",
+            RestartKind::Upload => "upload",
+        }
+    }
 }
 
 /// Why a capture step could not do its work.

@@ -12,7 +12,9 @@ use nix::sys::eventfd::EventFd;
 use parking_lot::Mutex;
 
 use super::barrier::{Barrier, Step};
-use super::{database_of, wal_path, CaptureError, CaptureEvent, CaptureResult, DatabaseCapture};
+use super::{
+    database_of, wal_path, CaptureError, CaptureEvent, CaptureResult, DatabaseCapture, RestartKind,
+};
 use crate::staging::{Staging, StagingResult};
 
 /// Counters of one mount's capture.
@@ -34,6 +36,8 @@ pub struct CaptureStats {
     /// Databases whose pending transactions were collapsed into one snapshot because
     /// staging passed `--max-staging` while the replica was behind (`budget.rs`).
     pub collapses: AtomicU64,
+    /// Restarts of a database's history from a snapshot, by [`RestartKind`] (its index).
+    pub restarts: [AtomicU64; 3],
 }
 
 type Slot = Arc<Mutex<Option<DatabaseCapture>>>;
@@ -279,7 +283,11 @@ impl Capture {
             registers: true,
             ..Step::BACKGROUND
         };
-        let res = self.with_db(db, step, |_| Err(CaptureError::CannotFollow(reason)));
+        let res = self.with_db(db, step, |c| {
+            let mut events = Vec::new();
+            c.begin_restart(reason, RestartKind::Upload, false, &mut events)?;
+            Ok(events)
+        });
         if let Err(e) = res {
             tracing::error!(db = %db.display(), "cannot stage a snapshot to restart the history: {e}");
         }
@@ -293,7 +301,7 @@ impl Capture {
     pub fn defer_restart(&self, db: &Path, reason: &str) {
         if let Some(slot) = self.slot(db, false) {
             if let Some(c) = slot.lock().as_mut() {
-                c.defer_restart(reason.to_string());
+                c.defer_restart(reason.to_string(), RestartKind::Staging);
             }
         }
         self.note_restart(db, true);
@@ -565,9 +573,11 @@ impl Capture {
                     txid,
                     reason,
                     waited,
+                    kind,
                 } => {
                     self.stats.staged.fetch_add(1, Ordering::Relaxed);
                     self.stats.heals.fetch_add(1, Ordering::Relaxed);
+                    self.stats.restarts[*kind as usize].fetch_add(1, Ordering::Relaxed);
                     if *waited {
                         tracing::info!(db = %db.display(), txid, "capture restarted the history with a snapshot: {reason}");
                     } else {
@@ -638,7 +648,11 @@ impl Capture {
         if let Some(slot) = self.slot(db, false) {
             if let Some(c) = slot.lock().as_mut() {
                 if let Err(e) = c.on_wal_removing() {
-                    c.defer_restart(e.to_string());
+                    let kind = match e {
+                        CaptureError::Staging(_) => RestartKind::Staging,
+                        _ => RestartKind::Follow,
+                    };
+                    c.defer_restart(e.to_string(), kind);
                     self.note_restart(db, true);
                 }
                 c.wal_replaced();

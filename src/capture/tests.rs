@@ -365,11 +365,27 @@ fn synchronous_off_missed_restart_heals() {
     };
     assert!(reason.contains("synchronous=OFF"), "{reason}");
     assert_eq!(f.capture.stats().heals.load(Ordering::Relaxed), 1);
+    assert_eq!(restarts(&f), [1, 0, 0], "counted as `follow`");
     // Capture continues incrementally after the heal.
     conn.execute("INSERT INTO t(v) VALUES(x'02')", []).unwrap();
     let ev = f.capture.on(&f.wal_rel, Barrier::WalCatchUp).unwrap();
     assert_eq!(heals(&ev), 0, "{ev:?}");
     assert_replica_matches(&f, &conn);
+    // The uploader asks for a restart (staged items it cannot upload): counted as such.
+    assert!(f.capture.restart_history(&f.rel, "a test"));
+    assert_eq!(restarts(&f), [1, 0, 1], "counted as `upload`");
+    assert_replica_matches(&f, &conn);
+}
+
+/// The history restarts counted so far, by [`RestartKind`] (follow, staging, upload).
+fn restarts(f: &Fixture) -> [u64; 3] {
+    let s = f.capture.stats();
+    [
+        crate::capture::RestartKind::Follow,
+        crate::capture::RestartKind::Staging,
+        crate::capture::RestartKind::Upload,
+    ]
+    .map(|k| s.restarts[k as usize].load(Ordering::Relaxed))
 }
 
 /// A writer that opens a new `-wal`, commits and checkpoints before capture reads the log

@@ -1,6 +1,7 @@
 //! Per-operation counters of the FUSE layer: how many requests of each kind arrived, how
-//! many failed, and the time spent serving them. Cheap enough for every request (relaxed
-//! atomics), and logged when the filesystem is unmounted.
+//! many failed, the time spent serving them, and how that time is distributed (a latency
+//! histogram per operation, [`LATENCY_BUCKETS`]). Cheap enough for every request (relaxed
+//! atomics, no lock), logged when the filesystem is unmounted and exported as metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -58,11 +59,30 @@ ops!(
 
 const N: usize = Op::ALL.len();
 
+/// The upper bounds of the latency histogram's buckets (a last bucket takes the rest).
+pub const LATENCY_BUCKETS: [Duration; 11] = [
+    Duration::from_micros(10),
+    Duration::from_micros(50),
+    Duration::from_micros(100),
+    Duration::from_micros(500),
+    Duration::from_millis(1),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+];
+
+/// Bucket counts: one per bound of [`LATENCY_BUCKETS`], and one above the last.
+const NB: usize = LATENCY_BUCKETS.len() + 1;
+
 #[derive(Default)]
 struct Counter {
     calls: AtomicU64,
     errors: AtomicU64,
     nanos: AtomicU64,
+    buckets: [AtomicU64; NB],
 }
 
 /// Counters for every operation.
@@ -96,6 +116,27 @@ impl Metrics {
         }
         c.nanos
             .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| elapsed <= b)
+            .unwrap_or(NB - 1);
+        c.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The latency histogram of every operation called at least once: per bucket of
+    /// [`LATENCY_BUCKETS`] (and one more, unbounded), how many calls took that long; not
+    /// cumulative.
+    pub fn histograms(&self) -> Vec<(OpTotals, [u64; NB])> {
+        self.totals()
+            .into_iter()
+            .map(|t| {
+                let c = &self.counters[t.op as usize];
+                (
+                    t,
+                    std::array::from_fn(|i| c.buckets[i].load(Ordering::Relaxed)),
+                )
+            })
+            .collect()
     }
 
     /// Totals of every operation that was called at least once.
@@ -131,5 +172,27 @@ impl Metrics {
             })
             .collect::<Vec<_>>()
             .join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_count_each_call_once() {
+        let m = Metrics::default();
+        m.record(Op::read, true, Duration::from_micros(5));
+        m.record(Op::read, true, Duration::from_micros(10));
+        m.record(Op::read, false, Duration::from_millis(2));
+        m.record(Op::read, true, Duration::from_secs(3));
+        let h = m.histograms();
+        assert_eq!(h.len(), 1);
+        let (t, b) = h[0];
+        assert_eq!((t.op, t.calls, t.errors), (Op::read, 4, 1));
+        assert_eq!(b[0], 2, "<= 10us");
+        assert_eq!(b[5], 1, "<= 5ms");
+        assert_eq!(b[NB - 1], 1, "above 1s");
+        assert_eq!(b.iter().sum::<u64>(), 4);
     }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -149,6 +149,18 @@ pub struct Maintainer {
     remote_only: Mutex<Vec<(PathBuf, ObjId, SystemTime)>>,
     wake: Condvar,
     views: Mutex<HashMap<PathBuf, DbView>>,
+    stats: MaintenanceStats,
+}
+
+/// What maintenance did since the mount started (for metrics).
+#[derive(Debug, Default)]
+pub struct MaintenanceStats {
+    /// Compactions uploaded (one merged object to every replica).
+    pub compactions: AtomicU64,
+    /// Snapshots uploaded.
+    pub snapshots: AtomicU64,
+    /// Objects deleted by retention (each replica's deletions count).
+    pub retention_deletions: AtomicU64,
 }
 
 impl Maintainer {
@@ -175,7 +187,13 @@ impl Maintainer {
             remote_only: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             views: Mutex::new(HashMap::new()),
+            stats: MaintenanceStats::default(),
         })
+    }
+
+    /// What maintenance did since the mount started.
+    pub fn stats(&self) -> &MaintenanceStats {
+        &self.stats
     }
 
     /// The uploader uploaded (and kept) these objects of `db`.
@@ -420,6 +438,7 @@ impl Maintainer {
                 self.staging.drop_kept(&input.path)?;
             }
         }
+        self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(db = %db.display(), level = k, min, max, inputs = run.len(), "compacted");
         view.add_remote(id_of(&kept), ms_to_time(kept.timestamp_ms));
         view.local.insert(id_of(&kept), kept);
@@ -530,6 +549,7 @@ impl Maintainer {
         let record = inputs[inputs.len() - 1].record;
         match self.merge_and_upload(db, SNAPSHOTS, (1, max), &inputs, true, record) {
             Ok(kept) => {
+                self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(db = %db.display(), txid = max, "snapshot taken");
                 view.snapshot_at = now;
                 view.add_remote(id_of(&kept), ms_to_time(kept.timestamp_ms));
@@ -681,6 +701,9 @@ impl Maintainer {
                 self.runtime
                     .block_on(replica.delete_ltx(&key, o.level, o.min, o.max))?;
                 objects.remove(o);
+                self.stats
+                    .retention_deletions
+                    .fetch_add(1, Ordering::Relaxed);
                 // A file replica's record goes with the last object that ends at its TXID.
                 if !replica.holds_records() && !objects.keys().any(|x| x.max == o.max) {
                     let sidecar = SidecarStore::new(replica.clone());

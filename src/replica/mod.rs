@@ -13,6 +13,7 @@ pub mod kept;
 pub mod layout;
 pub mod lease;
 pub mod maintain;
+pub mod progress;
 pub mod record;
 pub mod retention;
 pub mod store;

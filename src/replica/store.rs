@@ -559,6 +559,15 @@ impl ReplicaStore {
         &self.base
     }
 
+    /// The replica's name for metrics and `walfs status`: `s3://bucket/prefix` or
+    /// `file:///dir`, without query parameters or credentials.
+    pub fn name(&self) -> String {
+        match self.root.trim_matches('/') {
+            "" => self.base.clone(),
+            root => format!("{}/{root}", self.base.trim_end_matches('/')),
+        }
+    }
+
     /// Uploads an LTX object atomically (readers see all of it or none), with its timestamp
     /// as the file mtime or the `litestream-timestamp` metadata.
     pub async fn put_ltx(

@@ -24,6 +24,7 @@ use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
 use super::error::{ReplicaError, ReplicaResult};
 use super::kept::KeepSource;
 use super::maintain::Maintainer;
+use super::progress::ReplicaProgress;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use super::store::ReplicaStore;
 use super::sync::SyncReplication;
@@ -272,6 +273,8 @@ pub struct Uploader {
     wake: (Mutex<bool>, Condvar),
     /// Uploads that completed, for tests and metrics.
     uploaded: std::sync::atomic::AtomicU64,
+    /// What each replica holds of each database, and its counters.
+    progress: Arc<ReplicaProgress>,
     /// Told what was uploaded (compaction, snapshots, retention).
     maintainer: std::sync::OnceLock<Arc<Maintainer>>,
     /// Asks capture to restart a database's history from a snapshot (see
@@ -316,6 +319,7 @@ fn cannot_be_uploaded(e: &ReplicaError) -> bool {
 
 impl Uploader {
     pub fn new(staging: Arc<Staging>, replicas: Vec<ReplicaStore>) -> std::io::Result<Uploader> {
+        let names = replicas.iter().map(ReplicaStore::name).collect();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -326,6 +330,7 @@ impl Uploader {
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             uploaded: std::sync::atomic::AtomicU64::new(0),
+            progress: Arc::new(ReplicaProgress::new(names)),
             maintainer: std::sync::OnceLock::new(),
             restart: std::sync::OnceLock::new(),
             unreadable: Mutex::new(BTreeSet::new()),
@@ -354,6 +359,11 @@ impl Uploader {
     /// The replicas uploaded to.
     pub fn replicas(&self) -> &[ReplicaStore] {
         &self.replicas
+    }
+
+    /// What each replica holds of each database.
+    pub fn progress(&self) -> &Arc<ReplicaProgress> {
+        &self.progress
     }
 
     /// How many LTX files were uploaded (to every replica) so far.
@@ -430,33 +440,52 @@ impl Uploader {
         }
         let key = db.to_string_lossy();
         let sent = (|| -> ReplicaResult<()> {
-            for replica in &self.replicas {
-                // On S3 the record rides in the object's metadata (one PUT per object); a
-                // file replica keeps it as a file beside the object.
-                let in_metadata = replica.holds_records();
-                for u in &uploads {
-                    let txids = (u.min_txid, u.max_txid);
-                    let meta = u
-                        .record
-                        .filter(|_| in_metadata)
-                        .map(|r| r.encode().trim().to_string());
-                    match &u.body {
-                        Body::Bytes(b) => self.runtime.block_on(replica.put_ltx_with_record(
-                            &key,
-                            u.level,
-                            txids,
-                            b.clone(),
-                            u.timestamp,
-                            meta,
-                        ))?,
-                        Body::Staged(f) | Body::Temp(f) => self.runtime.block_on(
-                            replica.put_ltx_file(&key, u.level, txids, f, u.timestamp, meta),
-                        )?,
-                    };
-                    if let Some(record) = u.record.filter(|_| !in_metadata) {
-                        let sidecar = SidecarStore::new(replica.clone());
-                        self.runtime
-                            .block_on(sidecar.put_checksum_record(&key, &record))?;
+            for (i, replica) in self.replicas.iter().enumerate() {
+                // What each replica holds is recorded here, per replica (`super::progress`).
+                let mut bytes = 0;
+                let one = (|| -> ReplicaResult<()> {
+                    // On S3 the record rides in the object's metadata (one PUT per object);
+                    // a file replica keeps it as a file beside the object.
+                    let in_metadata = replica.holds_records();
+                    for u in &uploads {
+                        let txids = (u.min_txid, u.max_txid);
+                        let meta = u
+                            .record
+                            .filter(|_| in_metadata)
+                            .map(|r| r.encode().trim().to_string());
+                        let info = match &u.body {
+                            Body::Bytes(b) => {
+                                self.runtime.block_on(replica.put_ltx_with_record(
+                                    &key,
+                                    u.level,
+                                    txids,
+                                    b.clone(),
+                                    u.timestamp,
+                                    meta,
+                                ))?
+                            }
+                            Body::Staged(f) | Body::Temp(f) => self.runtime.block_on(
+                                replica.put_ltx_file(&key, u.level, txids, f, u.timestamp, meta),
+                            )?,
+                        };
+                        bytes += info.size;
+                        if let Some(record) = u.record.filter(|_| !in_metadata) {
+                            let sidecar = SidecarStore::new(replica.clone());
+                            self.runtime
+                                .block_on(sidecar.put_checksum_record(&key, &record))?;
+                        }
+                    }
+                    Ok(())
+                })();
+                match one {
+                    Ok(()) => self
+                        .progress
+                        .uploaded(db, i, max, uploads.len() as u64, bytes),
+                    Err(e) => {
+                        if !e.is_fenced() {
+                            self.progress.failed(db, i, &format!("{e:#}"));
+                        }
+                        return Err(e);
                     }
                 }
             }

@@ -550,6 +550,45 @@ impl Staging {
         Ok(out)
     }
 
+    /// When (milliseconds since the Unix epoch) the oldest commit of `db` after
+    /// `after_txid` was staged: the earliest timestamp among the snapshots, sealed segments
+    /// and active segment that hold a TXID past it; `None` if nothing past it is staged.
+    /// Reads record headers only; for metrics and `walfs status` (replication lag).
+    pub fn oldest_after(&self, db: &Path, after_txid: u64) -> StagingResult<Option<i64>> {
+        let mut oldest: Option<i64> = None;
+        let mut note = |ts: i64| oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
+        for entry in list_dir(&self.snapshot_dir(db)?)? {
+            let name = entry.file_name();
+            let Some((_, max)) = name.to_str().and_then(parse_ltx_object_name) else {
+                continue;
+            };
+            if max > after_txid {
+                let mut hb = [0u8; crate::ltx::HEADER_SIZE];
+                let read = File::open(entry.path())
+                    .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut hb, 0));
+                if let (Ok(()), Ok(h)) = (read, LtxHeader::from_bytes(&hb).map_err(drop)) {
+                    note(h.timestamp_ms);
+                }
+            }
+        }
+        for entry in list_dir(&self.segment_dir(db)?)? {
+            let name = entry.file_name();
+            let sealed = name.to_str().and_then(segment::parse_sealed_name);
+            if sealed.is_some_and(|(_, max)| max <= after_txid)
+                || (sealed.is_none() && name != ACTIVE_SEGMENT)
+            {
+                continue;
+            }
+            let Some(records) = gone_is_none(segment::list_records(&entry.path()))? else {
+                continue;
+            };
+            if let Some(b) = records.iter().find(|b| b.header.max_txid > after_txid) {
+                note(b.header.timestamp_ms);
+            }
+        }
+        Ok(oldest)
+    }
+
     /// Every file of `db` that waits for upload, with its size in bytes: the segments
     /// (the active one too) and the snapshots, temporary files included; not the local
     /// copies of uploaded objects. One directory listing each, for bounded staging
