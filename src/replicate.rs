@@ -235,10 +235,7 @@ impl Replication {
         // Renewed from now on: staging what the databases hold may take longer than a
         // lease lasts.
         let lease_thread = Some(spawn_lease_thread(lease_rt, leases)?);
-        let dir = match &opts.staging_dir {
-            Some(d) => d.clone(),
-            None => default_staging_dir(backing),
-        };
+        let dir = staging_dir(backing, opts);
         if dir.starts_with(backing) {
             return Err(ReplicationError::StagingInsideBacking(dir));
         }
@@ -471,6 +468,15 @@ fn spawn_lease_thread(
             }
         })?;
     Ok((thread, stop))
+}
+
+/// The staging directory of a mount of `backing` (canonical): `--staging-dir`, or the
+/// default.
+pub fn staging_dir(backing: &Path, opts: &ReplicationOptions) -> PathBuf {
+    match &opts.staging_dir {
+        Some(d) => d.clone(),
+        None => default_staging_dir(backing),
+    }
 }
 
 /// `/var/lib/walfs/staging/<backing path>` for root, else under `$XDG_STATE_HOME` (or

@@ -20,8 +20,11 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use crate::mount::{serve, MountControl, MountError, MountOptions, Serving};
 use crate::replica::error::write_causes;
 use crate::replica::url::ReplicaUrl;
-use crate::restore::{open_replica, restore_command, runtime, RestoreArgs, RestoreError};
+use crate::replicate::staging_dir;
+use crate::restore::apply::RestoreOutcome;
+use crate::restore::{open_replica, restore_outcomes, runtime, RestoreArgs, RestoreError};
 use crate::sqlite::is_sqlite;
+use crate::staging::{DbState, Staging};
 
 /// How long the command has to exit after SIGTERM when the mount went away under it,
 /// before SIGKILL; and how long an unmount waits for files still open under the mount.
@@ -349,7 +352,7 @@ fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
         backing.display(),
         dbs.len()
     );
-    restore_command(&RestoreArgs {
+    let restored = restore_outcomes(&RestoreArgs {
         url: url.clone(),
         output: backing.clone(),
         db: None,
@@ -357,6 +360,50 @@ fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
         txid: None,
         timestamp: None,
     })?;
+    continue_history(opts, &restored)
+}
+
+/// Tells staging that each restored database is the replica's state at the restored
+/// TXID, so that the mount continues the replica's history (its next commit gets the next
+/// TXID) instead of starting a new one at TXID 1 next to it. Capture checks the file
+/// against this state when it starts, and snapshots it (at a TXID after the replica's) if
+/// it differs.
+fn continue_history(opts: &MountOptions, restored: &[RestoreOutcome]) -> RunResult<()> {
+    let backing = std::fs::canonicalize(&opts.backing).map_err(|e| RunError::Command {
+        what: format!("cannot resolve {}", opts.backing.display()),
+        source: e,
+    })?;
+    let dir = staging_dir(&backing, &opts.replication);
+    let staging_failed = |e: &dyn fmt::Display| {
+        RunError::Setup(format!(
+            "cannot record the restored state in staging directory {}: {e}; give a writable one with --staging-dir",
+            dir.display()
+        ))
+    };
+    let staging = Staging::open(&dir).map_err(|e| staging_failed(&e))?;
+    for o in restored {
+        let rel = Path::new(&o.db);
+        if staging
+            .state(rel)
+            .map_err(|e| staging_failed(&e))?
+            .is_some()
+        {
+            // Staging already follows this database (a kept staging directory with a lost
+            // backing): capture reconciles the two when it starts.
+            continue;
+        }
+        let state = DbState {
+            txid: o.txid,
+            page_size: o.page_size,
+            commit: o.commit,
+            checksum: o.checksum,
+            wal: None,
+            uploaded_txid: o.txid,
+        };
+        staging
+            .save_state(rel, &state)
+            .map_err(|e| staging_failed(&e))?;
+    }
     Ok(())
 }
 
@@ -371,7 +418,7 @@ fn find_database(dir: &Path) -> io::Result<Option<PathBuf>> {
             if kind.is_dir() {
                 stack.push(entry.path());
             } else if kind.is_file() {
-                let mut head = [0u8; 16];
+                let mut head = [0u8; 100];
                 let Ok(mut f) = std::fs::File::open(entry.path()) else {
                     continue;
                 };
