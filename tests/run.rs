@@ -289,3 +289,101 @@ fn mount_going_away_stops_the_command() {
         "{log}"
     );
 }
+
+/// The strings of a JSON array of strings such as the Dockerfile's exec form
+/// (`["a", "b"]`); no escapes other than `\"` are expected there.
+fn json_strings(line: &str) -> Vec<String> {
+    let inner = line.trim().trim_start_matches('[').trim_end_matches(']');
+    let mut out = Vec::new();
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut s = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => s.extend(chars.next()),
+                '"' => break,
+                c => s.push(c),
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// The Dockerfile's ENTRYPOINT (with its default CMD, and with docs/docker-compose.yml's
+/// command) is a working `walfs run` command line: run here on the host with the
+/// container's paths mapped to temporary directories, the replica to a file:// one, and
+/// the app to a shell that checks the mount and the ready file.
+#[test]
+fn dockerfile_entrypoint_and_compose_command_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let exec_form = |keyword: &str| {
+        let line = dockerfile
+            .lines()
+            .find(|l| l.starts_with(keyword))
+            .unwrap_or_else(|| panic!("no {keyword} in the Dockerfile"));
+        json_strings(&line[keyword.len()..])
+    };
+    let entrypoint = exec_form("ENTRYPOINT ");
+    let cmd = exec_form("CMD ");
+    assert_eq!(entrypoint[..2], ["walfs", "run"]);
+    let compose = std::fs::read_to_string(root.join("docs/docker-compose.yml")).unwrap();
+    let command: Vec<String> = compose
+        .lines()
+        .skip_while(|l| l.trim() != "command:")
+        .skip(1)
+        .map_while(|l| l.trim().strip_prefix("- "))
+        .map(|v| v.trim_matches('"').to_string())
+        .collect();
+    assert!(command.contains(&"--".to_string()), "{command:?}");
+
+    let b = Box_::new();
+    let replica_dir = tempfile::tempdir().unwrap();
+    let ready = replica_dir.path().join("walfs.ready");
+    let replica = format!("file://{}", replica_dir.path().join("replica").display());
+    let map = |a: &str| -> String {
+        match a {
+            "/data" => b.backing.display().to_string(),
+            "/app-data" => b.mnt.display().to_string(),
+            "/var/lib/walfs/staging" => b.staging.display().to_string(),
+            "/run/walfs.ready" => ready.display().to_string(),
+            a if a.starts_with("s3://") => replica.clone(),
+            a => a.to_string(),
+        }
+    };
+    let run = |args: Vec<String>| -> Output {
+        Command::new(WALFS)
+            .args(args[1..].iter().map(|a| map(a)))
+            .env("READY", &ready)
+            .output()
+            .unwrap()
+    };
+    // The default CMD: a one-line usage message, exit 2.
+    let out = run(entrypoint.iter().chain(&cmd).cloned().collect());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("give the replica and the app"));
+    // The compose command, with its app replaced: the mount serves and the ready file is
+    // there while the app runs.
+    let dash = command.iter().position(|a| a == "--").unwrap();
+    let mut args: Vec<String> = entrypoint
+        .iter()
+        .chain(&command[..=dash])
+        .cloned()
+        .collect();
+    args.extend(
+        [
+            "sh",
+            "-c",
+            r#"test -f "$READY" && grep -q "$(cat "$READY")" /proc/self/mountinfo && exit 5"#,
+        ]
+        .map(String::from),
+    );
+    let out = run(args);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(!ready.exists());
+    assert!(!is_mounted(&b.mnt));
+}
