@@ -387,3 +387,55 @@ fn dockerfile_entrypoint_and_compose_command_run() {
     assert!(!ready.exists());
     assert!(!is_mounted(&b.mnt));
 }
+
+/// `walfs restore` and `walfs verify` draw a progress bar on a terminal (a pseudo-terminal
+/// from `script`), and print nothing of it when stderr is a pipe.
+#[test]
+fn progress_bars_only_on_a_terminal() {
+    let replica_dir = tempfile::tempdir().unwrap();
+    let replica = replica_dir.path().join("replica");
+    let b = Box_::new();
+    let out = b.run(
+        &replica,
+        r#"sqlite3 "$MNT/app.db" "PRAGMA journal_mode=wal; CREATE TABLE t(x);
+           WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 5000)
+           INSERT INTO t SELECT randomblob(500) FROM n;" >/dev/null"#,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let url = format!("file://{}", replica.display());
+    let dir = replica_dir.path();
+    let restore = |name: &str| -> Vec<String> {
+        ["restore", &url, "--db", "app.db", "-o"]
+            .into_iter()
+            .map(String::from)
+            .chain([dir.join(name).display().to_string()])
+            .collect()
+    };
+    let verify: Vec<String> = vec!["verify".into(), url.clone()];
+    for args in [restore("piped.db"), verify.clone()] {
+        let o = Command::new(WALFS).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert_plain(&text(&o.stderr));
+    }
+    for (args, label) in [
+        (restore("tty.db"), "restoring app.db"),
+        (verify, "restoring app.db"),
+    ] {
+        let line = std::iter::once(WALFS.to_string())
+            .chain(args)
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let o = Command::new("script")
+            .args(["-q", "-e", "-c", &line, "/dev/null"])
+            .env("TERM", "xterm")
+            .output()
+            .expect("script (util-linux)");
+        let shown = text(&o.stdout);
+        assert!(o.status.success(), "{shown}");
+        assert!(
+            shown.contains(label) && (shown.contains('\r') || shown.contains('\x1b')),
+            "no progress bar on a terminal: {shown:?}"
+        );
+    }
+}
