@@ -1,4 +1,4 @@
-//! The config file of `walfs mount` (`--config FILE` or `WALFS_CONFIG`): a TOML file whose
+//! The config file of `walfs mount` and `walfs run` (`--config FILE` or `WALFS_CONFIG`): a TOML file whose
 //! keys are the subcommand's long flag names and positional names, turned into command-line
 //! arguments before clap parses them. Every flag works in the file without code here, since
 //! the keys are read off the clap definition; flags on the command line override the file.
