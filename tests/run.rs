@@ -234,8 +234,25 @@ fn command_exit_status_is_propagated() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let out = b.run(&replica, "kill -KILL $$");
     assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));
-    let out = b.run(&replica, "test -d \"$MNT\" && exit 0; exit 1");
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The command gets walfs's umask back (the daemon itself runs with 0).
+    let out = Command::new("sh")
+        .args(["-c", "umask 027; exec \"$0\" \"$@\"", WALFS, "run"])
+        .arg(&b.backing)
+        .arg(&b.mnt)
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "test -d '{}' && test \"$(umask)\" = 0027 && exit 0; umask; exit 1",
+            b.mnt.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     // A command that cannot be started: an error of one line, non-zero.
     let o = Command::new(WALFS)
         .arg("run")
