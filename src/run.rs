@@ -261,7 +261,8 @@ fn supervise(control: MountControl, serving: Serving, command: &[OsString], chil
         }
         match cmd.spawn() {
             Ok(c) => {
-                tracing::info!(pid = c.id(), command = ?command, "started the command");
+                // Only the program: its arguments may hold secrets.
+                tracing::info!(pid = c.id(), program = ?command[0], "started the command");
                 s.pid = Some(c.id() as libc::pid_t);
                 Some(c)
             }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_database, is_mounted, sqlite3, wait_timeout, WALFS};
+use common::{assert_same_database, is_mounted, sqlite3, wait_timeout, S3Fixture, S3_ENV, WALFS};
 
 /// A backing directory, mountpoint and staging directory for one `walfs run`, and the
 /// replica they share with other boxes.
@@ -41,12 +41,18 @@ impl Box_ {
     /// `walfs run BACKING MNT --replica URL --staging-dir S -- sh -c SCRIPT`, started;
     /// `$MNT` in the script is the mountpoint.
     fn spawn(&self, replica: &Path, script: &str) -> Child {
+        self.spawn_url(&format!("file://{}", replica.display()), &[], script)
+    }
+
+    /// As [`Box_::spawn`], replicating to `url`, with `env` added.
+    fn spawn_url(&self, url: &str, env: &[(&str, &str)], script: &str) -> Child {
         Command::new(WALFS)
             .arg("run")
             .arg(&self.backing)
             .arg(&self.mnt)
             .arg("--replica")
-            .arg(format!("file://{}", replica.display()))
+            .arg(url)
+            .envs(env.iter().copied())
             .arg("--staging-dir")
             .arg(&self.staging)
             .args(["--sync-interval", "100ms", "--", "sh", "-c", script])
@@ -61,7 +67,11 @@ impl Box_ {
 
     /// Runs `walfs run ... -- sh -c SCRIPT` to its end (at most 60 s).
     fn run(&self, replica: &Path, script: &str) -> Output {
-        let mut child = self.spawn(replica, script);
+        self.finish(self.spawn(replica, script))
+    }
+
+    /// Waits for a `walfs run` to end (at most 60 s) and returns its output.
+    fn finish(&self, mut child: Child) -> Output {
         let status = wait_timeout(&mut child, Duration::from_secs(60));
         if status.is_none() {
             child.kill().ok();
@@ -181,6 +191,34 @@ fn first_boot_restores_and_a_restart_keeps_the_backing() {
         walk(&replica)
     );
     assert_same_database(&fresh.backing.join("app.db"), &restored);
+}
+
+/// First boot from an S3 replica that `walfs mount` wrote (moto): the command sees the
+/// restored rows, and the restored database equals the source.
+#[test]
+fn first_boot_restores_from_s3() {
+    let s3 = S3Fixture::new("run-first-boot");
+    let mut m = s3.mount(&[]);
+    sqlite3(
+        &m.path("app.db"),
+        "PRAGMA journal_mode=wal; CREATE TABLE t(x INTEGER);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 300)
+         INSERT INTO t SELECT i FROM n;",
+    );
+    m.stop();
+    let expect = sqlite3(&m.backing_path("app.db"), "SELECT count(*), sum(x) FROM t;");
+    assert_eq!(expect.trim(), "300|45150");
+    let fresh = Box_::new();
+    let out = fresh.finish(fresh.spawn_url(
+        &s3.url(),
+        S3_ENV,
+        r#"sqlite3 "$MNT/app.db" "SELECT count(*), sum(x) FROM t;""#,
+    ));
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("holds no database: restoring 1"), "{log}");
+    assert_eq!(text(&out.stdout), expect, "{log}");
+    assert_same_database(&m.backing_path("app.db"), &fresh.backing.join("app.db"));
 }
 
 /// SIGTERM to `walfs run` reaches the command, which traps it, commits once more and
