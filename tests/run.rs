@@ -494,3 +494,57 @@ fn progress_bars_only_on_a_terminal() {
         );
     }
 }
+
+/// The mount's first snapshots of 64 MiB or more of databases show a progress bar on a
+/// terminal, and nothing of it on a pipe.
+#[test]
+fn first_snapshot_progress_bar_only_on_a_terminal() {
+    let replica_dir = tempfile::tempdir().unwrap();
+    let b = Box_::new();
+    sqlite3(
+        &b.backing.join("big.db"),
+        "PRAGMA journal_mode=wal; CREATE TABLE t(b BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 80)
+         INSERT INTO t SELECT randomblob(1 << 20) FROM n;",
+    );
+    assert!(std::fs::metadata(b.backing.join("big.db")).unwrap().len() >= 80 << 20);
+    let args = |n: usize| -> Vec<String> {
+        let mut a: Vec<String> = vec![WALFS.into(), "run".into()];
+        a.extend([&b.backing, &b.mnt].map(|p| p.display().to_string()));
+        a.push("--replica".into());
+        a.push(format!(
+            "file://{}",
+            replica_dir.path().join(format!("r{n}")).display()
+        ));
+        a.push("--staging-dir".into());
+        a.push(
+            replica_dir
+                .path()
+                .join(format!("s{n}"))
+                .display()
+                .to_string(),
+        );
+        a.extend(["--", "true"].map(String::from));
+        a
+    };
+    let piped = args(0);
+    let o = Command::new(&piped[0]).args(&piped[1..]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_plain(&text(&o.stderr));
+    let line = args(1)
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let o = Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .expect("script (util-linux)");
+    let shown = text(&o.stdout);
+    assert!(o.status.success(), "{shown}");
+    assert!(
+        shown.contains("staging the databases' snapshots"),
+        "no progress bar on a terminal: {shown:?}"
+    );
+}
