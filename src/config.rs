@@ -1,4 +1,4 @@
-//! The config file of `walfs mount` (`--config FILE` or `WALFS_CONFIG`): a TOML file whose
+//! The config file of `walfs mount` and `walfs run` (`--config FILE` or `WALFS_CONFIG`): a TOML file whose
 //! keys are the subcommand's long flag names and positional names, turned into command-line
 //! arguments before clap parses them. Every flag works in the file without code here, since
 //! the keys are read off the clap definition; flags on the command line override the file.
@@ -112,6 +112,8 @@ pub fn config_args(
         .get_arguments()
         .filter(|a| !matches!(a.get_action(), ArgAction::Help | ArgAction::Version))
         .filter(|a| a.get_long() != Some(CONFIG_FLAG))
+        // The command of `walfs run` (after `--`) is not a setting.
+        .filter(|a| !a.is_last_set())
         .collect();
     let mut options = Vec::new();
     let mut positionals: Vec<(usize, OsString)> = Vec::new();
@@ -208,7 +210,10 @@ pub fn expand_config(
     while i < rest.len() {
         let a = rest[i].to_string_lossy();
         if a == "--" {
-            positionals += rest.len() - i - 1;
+            // After `--`: positionals, or the command of `walfs run` (a `last` argument).
+            if !cmd.get_arguments().any(|a| a.is_last_set()) {
+                positionals += rest.len() - i - 1;
+            }
             break;
         }
         if let Some(long) = a.strip_prefix("--") {

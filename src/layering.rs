@@ -33,6 +33,8 @@ const WIRING: &[&str] = &[
     "bin",
     "replicate",
     "mount",
+    "ready",
+    "run",
     "config",
     "observe",
     "layering",

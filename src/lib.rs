@@ -13,6 +13,8 @@
 //! - `replicate`: capture, staging and upload wired together for one mount;
 //! - `restore`: restore plans, verified restores and listing;
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals);
+//! - `ready`: readiness (systemd's READY=1 and STOPPING=1, `--ready-file`, `walfs wait`);
+//! - `run`: `walfs run`, the container entrypoint (restore if empty, mount, run a command);
 //! - `config`: the `walfs mount --config` file, turned into arguments before clap parses;
 //! - `observe`: a running mount's metrics endpoint (`--metrics-addr`) and status socket
 //!   (`walfs status`);
@@ -22,8 +24,8 @@
 //! Imports go one way, down these layers (`layering.rs` checks it): `testing` (test
 //! helpers) and `flags` → `sqlite` → `ltx` → `fs` and `staging` → `capture` (an `fs`
 //! observer that writes into staging) and `replica` (which uploads from staging) →
-//! `restore`. Modules of one layer do not import each other. `replicate`, `mount`,
-//! `config`, `main` and the binaries wire them together and may import anything.
+//! `restore`. Modules of one layer do not import each other. `replicate`, `mount`, `ready`,
+//! `run`, `config`, `main` and the binaries wire them together and may import anything.
 
 pub mod capture;
 pub mod config;
@@ -34,9 +36,11 @@ mod layering;
 pub mod ltx;
 pub mod mount;
 pub mod observe;
+pub mod ready;
 pub mod replica;
 pub mod replicate;
 pub mod restore;
+pub mod run;
 pub mod sqlite;
 pub mod staging;
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The `walfs` command line.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -42,6 +43,14 @@ enum Command {
     /// within --max-lag, 1 when one is behind longer, 3 when no walfs mount answers at
     /// MOUNTPOINT.
     Status(StatusArgs),
+    /// Container entrypoint: restore BACKING from the first replica if BACKING holds no
+    /// database and the replica holds some, mount (as `walfs mount`), run CMD once the
+    /// mount serves, forward SIGTERM, SIGINT and SIGHUP to it, and when it exits upload
+    /// what is pending, unmount and exit with its status.
+    Run(Box<RunArgs>),
+    /// Wait until MOUNTPOINT is a walfs mount that answers requests; exit non-zero after
+    /// the timeout.
+    Wait(walfs::ready::WaitArgs),
 }
 
 /// The arguments of `walfs status`.
@@ -55,6 +64,16 @@ struct StatusArgs {
     /// Exit 1 when a replica lacks a commit older than this (10s, 1m, ...).
     #[arg(long, default_value = "60s", value_parser = walfs::flags::duration)]
     max_lag: std::time::Duration,
+}
+
+/// The arguments of `walfs run`: those of `walfs mount`, then the command.
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    mount: MountArgs,
+    /// The command to run on the mount, with its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 /// The arguments of `walfs mount`: the mount's settings, and the file they may come from.
@@ -72,10 +91,11 @@ struct MountArgs {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().collect();
     let argv = match walfs::config::expand_config(
         &Cli::command(),
-        "mount",
-        std::env::args_os().collect(),
+        subcommand_of(&argv),
+        argv.clone(),
         |k| std::env::var_os(k),
     ) {
         Ok(a) => a,
@@ -97,6 +117,11 @@ fn main() -> ExitCode {
         Command::List(args) => walfs::restore::list_command(args).map_err(Into::into),
         Command::Verify(args) => walfs::restore::verify_command(args).map_err(Into::into),
         Command::Status(_) => unreachable!("answered above"),
+        Command::Run(args) => match walfs::run::run_command(&args.mount.options, &args.command) {
+            Ok(code) => return ExitCode::from(code),
+            Err(e) => Err(e.into()),
+        },
+        Command::Wait(args) => walfs::ready::wait_command(args).map_err(anyhow::Error::msg),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +159,22 @@ fn status(args: &StatusArgs) -> ExitCode {
         return ExitCode::from(EXIT_BEHIND);
     }
     ExitCode::SUCCESS
+}
+
+/// The subcommand named on the command line `argv` (the first argument that is not the
+/// global `--log-level` or its value), or "".
+fn subcommand_of(argv: &[OsString]) -> &str {
+    let mut args = argv.iter().skip(1).map(|a| a.to_str().unwrap_or(""));
+    while let Some(a) = args.next() {
+        match a {
+            "--log-level" => {
+                args.next();
+            }
+            a if a.starts_with("--log-level=") => {}
+            a => return a,
+        }
+    }
+    ""
 }
 
 fn init_logging(level: Option<&str>) {
@@ -180,6 +221,11 @@ mod tests {
             "metrics-addr",
             r#""127.0.0.1:9090""#,
             &["--metrics-addr", "127.0.0.1:9090"],
+        ),
+        (
+            "ready-file",
+            r#""/run/walfs.ready""#,
+            &["--ready-file", "/run/walfs.ready"],
         ),
         (
             "replica",
@@ -245,6 +291,7 @@ mod tests {
             cache_ttl: Duration::from_millis(500),
             allow_nonempty: true,
             metrics_addr: Some("127.0.0.1:9090".into()),
+            ready_file: Some("/run/walfs.ready".into()),
             replication: ReplicationOptions {
                 replicas: vec![
                     "s3://bucket/prefix?region=eu-west-1".into(),
@@ -294,6 +341,61 @@ mod tests {
         }
     }
 
+    /// `walfs run ARGS -- CMD...`, with `config` as its config file if given, as `main`
+    /// parses it: its mount options and its command.
+    fn parse_run(
+        args: &[&str],
+        config: Option<&str>,
+        cmd: &[&str],
+    ) -> Result<(MountOptions, Vec<OsString>), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walfs.toml");
+        let mut argv: Vec<OsString> = ["walfs", "--log-level", "debug", "run"]
+            .map(OsString::from)
+            .to_vec();
+        argv.extend(args.iter().map(OsString::from));
+        if let Some(text) = config {
+            std::fs::write(&path, text).unwrap();
+            argv.extend(["--config".into(), path.clone().into_os_string()]);
+        }
+        argv.push("--".into());
+        argv.extend(cmd.iter().map(OsString::from));
+        let sub = subcommand_of(&argv).to_string();
+        let argv = walfs::config::expand_config(&Cli::command(), &sub, argv, |_| None)
+            .map_err(|e| format!("{e:#}"))?;
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Run(r) => Ok((r.mount.options, r.command)),
+            _ => panic!("not a run"),
+        }
+    }
+
+    /// `walfs run` takes every setting of `walfs mount`, on the command line and in a
+    /// config file, and the command after `--` is the command's, even when it looks like
+    /// walfs's own flags or subcommands.
+    #[test]
+    fn run_takes_every_mount_setting_and_a_command() {
+        let cmd = ["sh", "-c", "exit 3", "--replica", "mount"];
+        let argv: Vec<&str> = SETTINGS
+            .iter()
+            .flat_map(|(_, _, a)| a.iter().copied())
+            .collect();
+        let (opts, command) = parse_run(&argv, None, &cmd).unwrap();
+        assert_eq!(opts, every_setting());
+        assert_eq!(command, cmd.map(OsString::from).to_vec());
+        let text: String = SETTINGS
+            .iter()
+            .map(|(key, toml, _)| format!("{key} = {toml}\n"))
+            .collect();
+        let (opts, command) = parse_run(&[], Some(&text), &cmd).unwrap();
+        assert_eq!(opts, every_setting());
+        assert_eq!(command, cmd.map(OsString::from).to_vec());
+        // No command: refused.
+        assert!(parse_run(&["/b", "/m"], None, &[]).is_err());
+    }
+
     fn is_positional(key: &str) -> bool {
         ["backing", "mountpoint"].contains(&key)
     }
@@ -323,7 +425,7 @@ mod tests {
         );
         assert_eq!(
             keys.len(),
-            25,
+            26,
             "23 flags besides --config, and 2 positionals"
         );
     }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use crate::fs::{FsConfig, IoMode, NoObserver, Observer, PassthroughFs};
 use crate::observe::metrics::MetricsEndpoint;
 use crate::observe::status::{socket_path, StatusServer};
 use crate::observe::MountView;
+use crate::ready::{answers, is_walfs_mount, unescape_mountinfo, Readiness};
 use crate::replica::error::write_causes;
 use crate::replicate::{Replication, ReplicationError, ReplicationOptions};
 
@@ -64,6 +66,11 @@ pub struct MountOptions {
     /// Default: off.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+    /// Once the mount serves, write this file (atomically; it holds the mountpoint), and
+    /// remove it when walfs starts to stop. With $NOTIFY_SOCKET set (systemd
+    /// Type=notify), walfs also sends READY=1 and STOPPING=1.
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
     // Replicas to stream every database's commits to (none: a plain mirror).
     #[command(flatten)]
     pub replication: ReplicationOptions,
@@ -71,6 +78,88 @@ pub struct MountOptions {
 
 /// Mounts and serves until unmounted (by a signal or `fusermount3 -u`).
 pub fn run(opts: &MountOptions) -> MountResult<()> {
+    serve(opts, None)
+}
+
+/// What runs alongside a mount (`walfs run`): called on a thread of its own as soon as
+/// the mount is made, with the means to unmount it and to wait until it serves. With a
+/// supervisor, the mount leaves SIGINT and SIGTERM to it.
+pub type Supervisor = Box<dyn FnOnce(MountControl, Serving) + Send>;
+
+/// Waits until a mount serves, and then tells others (systemd, the ready file).
+pub struct Serving {
+    mountpoint: PathBuf,
+    ended: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
+}
+
+impl Serving {
+    /// Waits until the mount answers a request (a stat that bypasses the attribute cache,
+    /// which blocks until the session serves), then sends `READY=1` and writes the ready
+    /// file; false if the session ended first.
+    pub fn wait(&self) -> bool {
+        while !self.ended.load(Ordering::SeqCst) {
+            if answers(&self.mountpoint) && is_walfs_mount(&self.mountpoint) {
+                if self.ended.load(Ordering::SeqCst) {
+                    break;
+                }
+                self.readiness.ready(&self.mountpoint);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+/// Unmounts a mount that [`serve`] serves, so that `serve` returns.
+pub struct MountControl {
+    unmounter: fuser::SessionUnmounter,
+    mountpoint: PathBuf,
+    readiness: Arc<Readiness>,
+    umask: libc::mode_t,
+}
+
+impl MountControl {
+    /// The umask walfs was started with (the daemon runs with 0; a command it starts
+    /// should get this one back).
+    pub fn umask(&self) -> libc::mode_t {
+        self.umask
+    }
+
+    /// The canonical mountpoint.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts: tells systemd STOPPING=1 and removes the ready file, then unmounts,
+    /// retrying for `grace` while files are open under the mount, and detaches it lazily
+    /// after that (the session ends when the last of them is closed).
+    pub fn unmount(mut self, grace: Duration) {
+        self.readiness.stopping();
+        let start = std::time::Instant::now();
+        loop {
+            match self.unmounter.unmount() {
+                Ok(()) => return,
+                Err(_) if !is_mountpoint(&self.mountpoint) => return,
+                Err(e) if start.elapsed() >= grace => {
+                    tracing::warn!(
+                        "cannot unmount {} ({e}): files are still open under it; detaching it lazily",
+                        self.mountpoint.display()
+                    );
+                    let _ = detach(&self.mountpoint);
+                    return;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+}
+
+/// Mounts and serves until unmounted. Once the mount answers a request it is ready:
+/// `READY=1` to `$NOTIFY_SOCKET` and the `--ready-file` ([`Serving::wait`], which the
+/// `supervisor`, if any, calls). Without a supervisor SIGINT and SIGTERM unmount.
+pub fn serve(opts: &MountOptions, supervisor: Option<Supervisor>) -> MountResult<()> {
     let (backing, mountpoint) = preflight(opts)?;
     // Bound before anything starts: a bad address or a port in use is a one-line error.
     let metrics_endpoint = match &opts.metrics_addr {
@@ -81,7 +170,7 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
     // The kernel applies the caller's umask before a create request reaches walfs; the
     // daemon's own umask must not mask the mode a second time.
     // SAFETY: umask cannot fail.
-    unsafe { libc::umask(0) };
+    let umask = unsafe { libc::umask(0) };
 
     let io_mode = if opts.no_passthrough {
         IoMode::PageCache
@@ -160,7 +249,6 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
         threads = opts.threads,
         "mounted"
     );
-    unmount_on_signal(session.unmount_callable(), mountpoint.clone())?;
     let metrics_server = match metrics_endpoint {
         Some(e) => Some(e.serve(view.clone()).map_err(|e| MountError::Context {
             what: "cannot start the metrics server".into(),
@@ -179,6 +267,34 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
             None
         }
     };
+    let readiness = Arc::new(Readiness::new(opts.ready_file.clone()));
+    let ended = Arc::new(AtomicBool::new(false));
+    let control = MountControl {
+        unmounter: session.unmount_callable(),
+        mountpoint: mountpoint.clone(),
+        readiness: readiness.clone(),
+        umask,
+    };
+    let supervisor = match supervisor {
+        None => {
+            unmount_on_signal(control, mountpoint.clone())?;
+            None
+        }
+        Some(s) => Some((s, control)),
+    };
+    let serving = Serving {
+        mountpoint: mountpoint.clone(),
+        ended: ended.clone(),
+        readiness: readiness.clone(),
+    };
+    std::thread::Builder::new()
+        .name("walfs-ready".into())
+        .spawn(move || match supervisor {
+            Some((s, control)) => s(control, serving),
+            None => {
+                serving.wait();
+            }
+        })?;
     let served = match session.run() {
         // The kernel ended the connection (an unmount, ours on a signal or `fusermount3
         // -u`, or an abort): a read in flight may see ECONNABORTED instead of the ENODEV
@@ -192,6 +308,8 @@ pub fn run(opts: &MountOptions) -> MountResult<()> {
             source: e,
         }),
     };
+    ended.store(true, Ordering::SeqCst);
+    readiness.stopping();
     if let Some(s) = status_server {
         s.stop();
     }
@@ -414,24 +532,6 @@ pub fn is_mountpoint(path: &Path) -> bool {
     })
 }
 
-fn unescape_mountinfo(field: &str) -> String {
-    let mut out = Vec::with_capacity(field.len());
-    let bytes = field.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// True if `path` is a FUSE mount whose daemon is gone: a stat that bypasses the attribute
 /// cache (`AT_STATX_FORCE_SYNC`) fails with ENOTCONN.
 fn is_dead_fuse_mount(path: &Path) -> bool {
@@ -502,10 +602,7 @@ fn mount_failed(e: io::Error, mountpoint: &Path) -> MountError {
 /// On SIGINT or SIGTERM: unmount, so the session ends and the process exits 0. If the
 /// mount is still there a few seconds later (files held open under it, or an unmount that
 /// did not take), detach it lazily and exit anyway.
-fn unmount_on_signal(
-    mut unmounter: fuser::SessionUnmounter,
-    mountpoint: PathBuf,
-) -> MountResult<()> {
+fn unmount_on_signal(control: MountControl, mountpoint: PathBuf) -> MountResult<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
@@ -515,6 +612,12 @@ fn unmount_on_signal(
                 return;
             };
             tracing::info!(signal = sig, "unmounting");
+            let MountControl {
+                mut unmounter,
+                readiness,
+                ..
+            } = control;
+            readiness.stopping();
             if let Err(e) = unmounter.unmount() {
                 tracing::warn!("unmount failed ({e}): files are still open under the mountpoint");
             }

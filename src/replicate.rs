@@ -25,6 +25,7 @@ use crate::replica::store::{ReplicaStore, StoreTuning};
 use crate::replica::sync::{SyncOptions, SyncOutcome, SyncReplication};
 use crate::replica::upload::Uploader;
 use crate::replica::url::ReplicaUrl;
+use crate::restore::apply::bytes_bar;
 use crate::staging::{Staging, StagingError};
 
 /// The mount's uploads retry briefly inside the client and then leave it to the uploader's
@@ -235,10 +236,7 @@ impl Replication {
         // Renewed from now on: staging what the databases hold may take longer than a
         // lease lasts.
         let lease_thread = Some(spawn_lease_thread(lease_rt, leases)?);
-        let dir = match &opts.staging_dir {
-            Some(d) => d.clone(),
-            None => default_staging_dir(backing),
-        };
+        let dir = staging_dir(backing, opts);
         if dir.starts_with(backing) {
             return Err(ReplicationError::StagingInsideBacking(dir));
         }
@@ -486,6 +484,15 @@ fn spawn_lease_thread(
     Ok((thread, stop))
 }
 
+/// The staging directory of a mount of `backing` (canonical): `--staging-dir`, or the
+/// default.
+pub fn staging_dir(backing: &Path, opts: &ReplicationOptions) -> PathBuf {
+    match &opts.staging_dir {
+        Some(d) => d.clone(),
+        None => default_staging_dir(backing),
+    }
+}
+
 /// `/var/lib/walfs/staging/<backing path>` for root, else under `$XDG_STATE_HOME` (or
 /// `~/.local/state`).
 fn default_staging_dir(backing: &Path) -> PathBuf {
@@ -506,13 +513,17 @@ fn default_staging_dir(backing: &Path) -> PathBuf {
     base.join(name)
 }
 
+/// Below this many bytes in the backing directory, the mount's first snapshots show no
+/// progress bar: they take a moment.
+const INITIAL_BAR_BYTES: u64 = 64 << 20;
+
 /// Registers every SQLite database under `backing` (by header) and stages what it holds. A
 /// staging failure (a full staging disk) does not keep the mount from starting: that
 /// database is logged once and captured at its next barrier, from a snapshot if need be,
 /// once staging has room.
 fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {
+    let mut files = Vec::new();
     let mut stack = vec![PathBuf::new()];
-    let mut found = 0;
     while let Some(rel) = stack.pop() {
         let entries = match std::fs::read_dir(backing.join(&rel)) {
             Ok(e) => e,
@@ -529,25 +540,41 @@ fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {
             if kind.is_dir() {
                 stack.push(child);
             } else if kind.is_file() {
-                // As at an fsync: what a database or its `-wal` holds is staged.
-                let barrier = match database_of(&child) {
-                    Some((_, true)) => Barrier::WalDurable,
-                    _ => Barrier::DbSynced,
-                };
-                if let Err(e) = capture.on(&child, barrier) {
-                    let db = database_of(&child).map_or(child.clone(), |(db, _)| db);
-                    tracing::error!(
-                        file = %child.display(),
-                        "cannot stage what the database holds at the start ({e}); the mount starts anyway, and the database is captured at its next write once staging works ({})",
-                        e.hint()
-                    );
-                    capture.defer_restart(&db, &format!("staging failed at the start: {e}"));
-                }
-                if capture.is_captured(&child) {
-                    found += 1;
-                }
+                files.push((child, entry.metadata().map_or(0, |m| m.len())));
             }
         }
+    }
+    // Reading large databases for their first snapshots takes a while: on a terminal, a
+    // progress bar says how far it got.
+    let total: u64 = files.iter().map(|(_, len)| len).sum();
+    let bar = (total >= INITIAL_BAR_BYTES)
+        .then(|| bytes_bar(total, "staging the databases' snapshots".into()))
+        .flatten();
+    let mut found = 0;
+    for (child, len) in files {
+        // As at an fsync: what a database or its `-wal` holds is staged.
+        let barrier = match database_of(&child) {
+            Some((_, true)) => Barrier::WalDurable,
+            _ => Barrier::DbSynced,
+        };
+        if let Err(e) = capture.on(&child, barrier) {
+            let db = database_of(&child).map_or(child.clone(), |(db, _)| db);
+            tracing::error!(
+                file = %child.display(),
+                "cannot stage what the database holds at the start ({e}); the mount starts anyway, and the database is captured at its next write once staging works ({})",
+                e.hint()
+            );
+            capture.defer_restart(&db, &format!("staging failed at the start: {e}"));
+        }
+        if capture.is_captured(&child) {
+            found += 1;
+        }
+        if let Some(b) = &bar {
+            b.inc(len);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     found
 }

@@ -190,6 +190,26 @@ fn checksums_of_pages(
     Ok((content, crc))
 }
 
+/// A progress bar of `total` bytes on stderr, labelled `msg`, if stderr is a terminal
+/// (else `None`: nothing extra is printed to a log or a pipe). It redraws itself every
+/// 200 ms, so that it shows time passing during one long step.
+pub fn bytes_bar(total: u64, msg: String) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} ({elapsed}, {eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b.set_message(msg);
+    b.enable_steady_tick(std::time::Duration::from_millis(200));
+    Some(b)
+}
+
 /// Restores `plan` into `out` (see the module documentation). Without `integrity_check`
 /// a restore that fails `PRAGMA integrity_check` is written anyway, and its outcome says
 /// what the check found. `progress` shows a progress bar on stderr if stderr is a
@@ -221,15 +241,8 @@ pub fn restore_database(
         armed: true,
     };
 
-    let bar = if progress && std::io::stderr().is_terminal() {
-        let b = ProgressBar::new(plan.bytes());
-        b.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b.set_message(format!("restoring {label}"));
-        Some(b)
+    let bar = if progress {
+        bytes_bar(plan.bytes(), format!("restoring {label}"))
     } else {
         None
     };

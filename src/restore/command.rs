@@ -288,6 +288,11 @@ pub fn restore_replanning(
 /// `walfs restore` (see the module documentation). Prints one line per restored database
 /// to stderr.
 pub fn restore_command(args: &RestoreArgs) -> RestoreResult<()> {
+    restore_outcomes(args).map(drop)
+}
+
+/// [`restore_command`], returning what was restored.
+pub fn restore_outcomes(args: &RestoreArgs) -> RestoreResult<Vec<RestoreOutcome>> {
     let usage = |m: String| Err(RestoreError::Usage(m));
     let target = match (args.txid, args.timestamp) {
         (Some(_), Some(_)) => return usage("pass --txid or --timestamp, not both".into()),
@@ -307,7 +312,7 @@ pub fn restore_command(args: &RestoreArgs) -> RestoreResult<()> {
     if let Some(db) = &args.db {
         let o = ctx.restore_one(db, &args.output)?;
         eprintln!("{}", describe(&o));
-        return Ok(());
+        return Ok(vec![o]);
     }
     let dbs = ctx.rt.block_on(ctx.store.list_databases())?;
     if dbs.is_empty() {
@@ -318,7 +323,7 @@ pub fn restore_command(args: &RestoreArgs) -> RestoreResult<()> {
     if dbs.len() == 1 && dbs[0].is_empty() {
         let o = ctx.restore_one("", &args.output)?;
         eprintln!("{}", describe(&o));
-        return Ok(());
+        return Ok(vec![o]);
     }
     if dbs.iter().any(|d| d.is_empty()) {
         return usage(format!(
@@ -363,9 +368,13 @@ pub fn restore_command(args: &RestoreArgs) -> RestoreResult<()> {
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut failures = Vec::new();
+    let mut restored = Vec::new();
     for db in &dbs {
         match ctx.restore_one(db, &out.join(db)) {
-            Ok(o) => eprintln!("{}", describe(&o)),
+            Ok(o) => {
+                eprintln!("{}", describe(&o));
+                restored.push(o);
+            }
             Err(e) => {
                 eprintln!("cannot restore {db}: {e:#}");
                 failures.push(format!("{db}: {e:#}"));
@@ -380,5 +389,5 @@ pub fn restore_command(args: &RestoreArgs) -> RestoreResult<()> {
             failures.join("; ")
         )));
     }
-    Ok(())
+    Ok(restored)
 }

@@ -21,8 +21,8 @@ pub mod verify;
 pub use crate::replica::record;
 
 pub use command::{
-    list_objects, open_replica, replanning, restore_command, restore_replanning, runtime,
-    RestoreArgs, REPLANS,
+    list_objects, open_replica, replanning, restore_command, restore_outcomes, restore_replanning,
+    runtime, RestoreArgs, REPLANS,
 };
 pub use error::{RestoreError, RestoreResult};
 pub use list::{list_command, ListArgs};

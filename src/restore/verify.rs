@@ -139,7 +139,8 @@ pub fn verify_command(args: &VerifyArgs) -> RestoreResult<()> {
                     (&fresh, target)
                 };
                 let p = plan(db, objects, target, |a, b| store.ltx_key(db, 0, a, b))?;
-                restore_database(&rt, &store, &sidecar, &p, &out, false, true, false)
+                // A bar per restore, on a terminal only (stdout keeps the report).
+                restore_database(&rt, &store, &sidecar, &p, &out, false, true, true)
             });
             let _ = std::fs::remove_file(&out);
             match result {
