@@ -215,7 +215,7 @@ impl Lease {
         let base = url.to_string();
         match url {
             ReplicaUrl::File(u) => Self::lock_file(&u.dir.join(LEASE_NAME), mount, base),
-            ReplicaUrl::S3(_) => {
+            ReplicaUrl::S3(_) | ReplicaUrl::Abs(_) | ReplicaUrl::Gs(_) => {
                 let key = format!("{}{LEASE_NAME}", prefix_of(store.root()));
                 let fence = Arc::new(Fence::default());
                 let lease = Lease {
