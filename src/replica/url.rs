@@ -599,9 +599,11 @@ fn parse_abs_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Replic
     for (k, v) in u.query_pairs() {
         match k.as_ref() {
             "endpoint" => endpoint = Some(v.into_owned()).filter(|v| !v.is_empty()),
-            k => return Err(StoreError::url(format!(
+            k => {
+                return Err(StoreError::url(format!(
                 "replica URL {shown:?}: unknown query key {k:?}; an abs:// URL takes endpoint only"
-            ))),
+            )))
+            }
         }
     }
     let emulator = env("AZURE_STORAGE_USE_EMULATOR")
@@ -699,9 +701,11 @@ fn parse_gs_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Replica
     for (k, v) in u.query_pairs() {
         match k.as_ref() {
             "endpoint" => endpoint = Some(v.into_owned()).filter(|v| !v.is_empty()),
-            k => return Err(StoreError::url(format!(
+            k => {
+                return Err(StoreError::url(format!(
                 "replica URL {shown:?}: unknown query key {k:?}; a gs:// URL takes endpoint only"
-            ))),
+            )))
+            }
         }
     }
     let endpoint = match endpoint.or_else(|| env("GOOGLE_BASE_URL")) {
