@@ -496,12 +496,23 @@ impl ReplicaStore {
                         b = b.with_application_credentials(p.display().to_string())
                     }
                     GcsCredentials::ApplicationDefault(None) => {}
-                    GcsCredentials::Anonymous => b = b.with_skip_signature(true),
+                    GcsCredentials::Anonymous => {
+                        // object_store 0.14 skips the signature of LISTs only: give every
+                        // other request an empty bearer token, not the metadata server's.
+                        b = b.with_skip_signature(true).with_credentials(Arc::new(
+                            object_store::StaticCredentialProvider::new(
+                                object_store::gcp::GcpCredential {
+                                    bearer: String::new(),
+                                },
+                            ),
+                        ))
+                    }
                 }
                 let gcs = b.with_client_options(client).build().map_err(|e| {
                     StoreError::url(format!(
-                        "cannot configure the GCS client for {url}: {e}; check the file \
-                         GOOGLE_APPLICATION_CREDENTIALS names (a service account key)"
+                        "cannot configure the GCS client for {url}: {e}; check the service \
+                         account key that GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_SERVICE_ACCOUNT \
+                         or GOOGLE_SERVICE_ACCOUNT_KEY gives"
                     ))
                     .caused_by(e)
                 })?;

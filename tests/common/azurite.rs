@@ -25,11 +25,9 @@ pub fn azurite_path() -> PathBuf {
 }
 
 /// The Python client: `az(method, path, query, body, headers)` signs a Shared Key request
-/// for Azurite's account at `PORT` and returns (status, headers, body).
+/// for account `ACCOUNT` with `KEY` at `PORT` and returns (status, headers, body).
 const CLIENT: &str = r#"
 import base64, hashlib, hmac, json, sys, urllib.request, urllib.parse, urllib.error, email.utils
-ACCOUNT = 'devstoreaccount1'
-KEY = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
 def az(method, path, query=None, body=b'', headers=None):
     query = dict(query or {})
     headers = dict(headers or {})
@@ -59,12 +57,21 @@ def az(method, path, query=None, body=b'', headers=None):
 pub struct Azurite {
     child: Child,
     pub port: u16,
+    /// The storage account it serves, and its key.
+    pub account: String,
+    pub key: String,
     _dir: tempfile::TempDir,
     log: tempfile::NamedTempFile,
 }
 
 impl Azurite {
+    /// Azurite with its default account, [`ACCOUNT`] and [`KEY`].
     pub fn start() -> Azurite {
+        Azurite::start_with_account(ACCOUNT, KEY)
+    }
+
+    /// Azurite serving only `account`, whose key is `key` (base64).
+    pub fn start_with_account(account: &str, key: &str) -> Azurite {
         let bin = azurite_path();
         let port = free_port();
         let dir = tempfile::Builder::new()
@@ -77,6 +84,7 @@ impl Azurite {
             .arg("--location")
             .arg(dir.path())
             .args(["--skipApiVersionCheck", "--loose", "--disableTelemetry"])
+            .env("AZURITE_ACCOUNTS", format!("{account}:{key}"))
             .stdin(Stdio::null())
             .stdout(log.reopen().unwrap())
             .stderr(log.reopen().unwrap())
@@ -85,6 +93,8 @@ impl Azurite {
         let mut az = Azurite {
             child,
             port,
+            account: account.to_string(),
+            key: key.to_string(),
             _dir: dir,
             log,
         };
@@ -115,15 +125,18 @@ impl Azurite {
     /// The `abs://` URL of `prefix` in the container on this server.
     pub fn url(&self, prefix: &str) -> String {
         format!(
-            "abs://{ACCOUNT}@{CONTAINER}/{prefix}?endpoint=http://127.0.0.1:{}/{ACCOUNT}",
-            self.port
+            "abs://{}@{CONTAINER}/{prefix}?endpoint=http://127.0.0.1:{}/{}",
+            self.account, self.port, self.account
         )
     }
 
     /// Runs a Python `script` with `az(...)` (see [`CLIENT`]) bound to this server, and
     /// `json`, `sys` imported.
     pub fn python(&self, script: &str) -> std::process::Output {
-        let prelude = format!("PORT = {}\n{CLIENT}\n", self.port);
+        let prelude = format!(
+            "PORT = {}\nACCOUNT = {:?}\nKEY = {:?}\n{CLIENT}\n",
+            self.port, self.account, self.key
+        );
         Command::new("python3")
             .arg("-c")
             .arg(prelude + script)
