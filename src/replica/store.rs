@@ -1206,6 +1206,42 @@ mod tests {
         assert!(!shown.contains("session-token-value"), "{shown}");
     }
 
+    #[test]
+    fn azure_and_gcs_stores_use_the_s3_layout_and_show_no_secrets() {
+        let key = "c2VjcmV0LWF6dXJlLWtleS1mb3ItdGhlLXN0b3JlLXRlc3Q=";
+        let env = |k: &str| (k == "AZURE_STORAGE_ACCOUNT_KEY").then(|| key.to_string());
+        let u = ReplicaUrl::parse_with_env(
+            "abs://acct@cont/pre/fix?endpoint=http://127.0.0.1:10000/acct",
+            env,
+        )
+        .unwrap();
+        let store = ReplicaStore::open(&u).unwrap();
+        assert_eq!(store.backend(), Backend::Azure);
+        assert_eq!(store.layout(), Layout::S3);
+        assert!(store.holds_records());
+        assert_eq!(store.base(), "abs://acct@cont");
+        assert_eq!(
+            store.ltx_key("app.db", 1, 1, 2),
+            "pre/fix/app.db/0001/0000000000000001-0000000000000002.ltx"
+        );
+        // Azure metadata names are C# identifiers: no hyphen (as Litestream's abs client).
+        assert_eq!(Backend::Azure.timestamp_key(), "litestreamtimestamp");
+        assert_eq!(Backend::Azure.record_key(), "walfsrecord");
+        let shown = format!("{store:?}");
+        assert!(!shown.contains(key), "{shown}");
+
+        let u = ReplicaUrl::parse_with_env("gs://bkt/p?endpoint=http://127.0.0.1:4443", |k| {
+            (k == "GOOGLE_SKIP_SIGNATURE").then(|| "true".to_string())
+        })
+        .unwrap();
+        let store = ReplicaStore::open(&u).unwrap();
+        assert_eq!(store.backend(), Backend::Gcs);
+        assert_eq!(store.layout(), Layout::S3);
+        assert_eq!(store.base(), "gs://bkt");
+        assert_eq!(Backend::Gcs.timestamp_key(), METADATA_KEY_TIMESTAMP);
+        assert_eq!(Backend::Gcs.record_key(), METADATA_KEY_RECORD);
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
