@@ -381,3 +381,60 @@ fn a_wrong_or_missing_account_key_fails_with_one_line_that_says_what_to_set() {
     assert!(ok, "walfs list: {err}");
     assert!(out.contains("holds no databases"), "{out}");
 }
+
+/// The conditional writes the lease is made of, straight against Azurite: a create on an
+/// existing blob and an update on a stale ETag are both conflicts (Azurite answers 409 and
+/// 412), never errors, and the tag each write returns is the one a read sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_writes_on_azurite_conflict_as_the_lease_expects() {
+    use bytes::Bytes;
+    use walfs::replica::store::{Conditional, ReplicaStore};
+    use walfs::replica::url::ReplicaUrl;
+
+    let az = Azurite::start();
+    let url = ReplicaUrl::parse_with_env(&az.url("cond"), |k| {
+        AZURE_ENV
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap();
+    let store = ReplicaStore::open(&url).unwrap();
+    let key = "cond/.walfs-lease";
+    let Conditional::Written(first) = store
+        .put_if(key, Bytes::from_static(b"one"), None)
+        .await
+        .unwrap()
+    else {
+        panic!("the first create conflicted");
+    };
+    assert!(!first.is_empty(), "a create returns the blob's ETag");
+    assert_eq!(
+        store
+            .put_if(key, Bytes::from_static(b"two"), None)
+            .await
+            .unwrap(),
+        Conditional::Conflict,
+        "a create on an existing blob"
+    );
+    let Conditional::Written(second) = store
+        .put_if(key, Bytes::from_static(b"three"), Some(&first))
+        .await
+        .unwrap()
+    else {
+        panic!("an update on the current ETag conflicted");
+    };
+    assert_ne!(first, second);
+    assert_eq!(
+        store
+            .put_if(key, Bytes::from_static(b"four"), Some(&first))
+            .await
+            .unwrap(),
+        Conditional::Conflict,
+        "an update on a stale ETag"
+    );
+    let (body, tag) = store.get_with_etag(key).await.unwrap();
+    assert_eq!(body.as_ref(), b"three");
+    assert_eq!(tag.as_deref(), Some(second.as_str()));
+    assert_eq!(az.get_text(key), "three");
+}
