@@ -380,6 +380,21 @@ fn a_wrong_or_missing_account_key_fails_with_one_line_that_says_what_to_set() {
     let (ok, out, err) = f.walfs(&["list", &f.url()], AZURE_ENV);
     assert!(ok, "walfs list: {err}");
     assert!(out.contains("holds no databases"), "{out}");
+    // So does AZURE_STORAGE_USE_EMULATOR, which defaults Azurite's account, key and
+    // address (AZURITE_BLOB_STORAGE_URL).
+    let base = format!("http://127.0.0.1:{}", f.az.port);
+    let (ok, out, err) = f.walfs(
+        &[
+            "list",
+            &format!("abs://{}/keys", common::azurite::CONTAINER),
+        ],
+        &[
+            ("AZURE_STORAGE_USE_EMULATOR", "true"),
+            ("AZURITE_BLOB_STORAGE_URL", &base),
+        ],
+    );
+    assert!(ok, "walfs list with AZURE_STORAGE_USE_EMULATOR: {err}");
+    assert!(out.contains("holds no databases"), "{out}");
 }
 
 /// The conditional writes the lease is made of, straight against Azurite: a create on an
@@ -437,4 +452,58 @@ async fn conditional_writes_on_azurite_conflict_as_the_lease_expects() {
     assert_eq!(body.as_ref(), b"three");
     assert_eq!(tag.as_deref(), Some(second.as_str()));
     assert_eq!(az.get_text(key), "three");
+}
+
+/// An LTX object larger than the multipart threshold goes up as blocks and a block list on
+/// Azure, and keeps its timestamp and record in the blob's metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_is_uploaded_in_blocks_with_its_metadata() {
+    use std::time::SystemTime;
+    use walfs::replica::store::{ReplicaStore, MULTIPART_THRESHOLD};
+    use walfs::replica::url::ReplicaUrl;
+
+    let az = Azurite::start();
+    let url = ReplicaUrl::parse_with_env(&az.url("big"), |k| {
+        AZURE_ENV
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap();
+    let store = ReplicaStore::open(&url).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big.ltx");
+    let len = MULTIPART_THRESHOLD as usize + 3 * 1024 * 1024 + 17;
+    let body: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&file, &body).unwrap();
+    let ts = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    let info = store
+        .put_ltx_file("app.db", 9, (1, 42), &file, ts, Some("record-42".into()))
+        .await
+        .unwrap();
+    assert_eq!(info.size, len as u64);
+    assert_eq!(
+        info.key,
+        "big/app.db/0009/0000000000000001-000000000000002a.ltx"
+    );
+    let got = store.get_ltx("app.db", 9, 1, 42).await.unwrap();
+    assert!(
+        got.as_ref() == body.as_slice(),
+        "the blob differs from the file"
+    );
+    let head = store.head_ltx("app.db", 9, 1, 42).await.unwrap();
+    assert_eq!(head.timestamp, ts);
+    assert_eq!(
+        store.head_ltx_record("app.db", 9, 1, 42).await.unwrap(),
+        Some("record-42".to_string())
+    );
+    let blobs = az.blobs("big/app.db");
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    assert!(
+        blobs[0].1.contains(&(
+            "litestreamtimestamp".into(),
+            "2023-11-14T22:13:20.123Z".into()
+        )),
+        "{blobs:?}"
+    );
 }
