@@ -8,7 +8,7 @@
 //! - `capture`: per-database capture of commits at SQLite's barriers, FUSE-agnostic;
 //! - `staging`: the durable local staging area where captured transactions wait, as LTX
 //!   files, for upload;
-//! - `replica`: the replica's object store (file:// and s3://, in Litestream 0.5's
+//! - `replica`: the replica's object store (file://, s3://, abs://, gs://, in Litestream 0.5's
 //!   layout), upload, compaction and retention;
 //! - `replicate`: capture, staging and upload wired together for one mount;
 //! - `restore`: restore plans, verified restores and listing;

@@ -55,8 +55,9 @@ const WATCH_COALESCE: Duration = Duration::from_millis(5);
 /// `--help` text).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ReplicationOptions {
-    /// Stream every database's commits to this replica: file:///abs/dir or
-    /// s3://bucket/prefix?endpoint=...&region=...&forcePathStyle=true. May be repeated.
+    /// Stream every database's commits to this replica: file:///abs/dir,
+    /// s3://bucket/prefix?endpoint=...&region=...&forcePathStyle=true,
+    /// abs://ACCOUNT@CONTAINER/prefix or gs://bucket/prefix. May be repeated.
     #[arg(long = "replica", value_name = "URL")]
     pub replicas: Vec<String>,
     /// Where captured transactions wait for upload (default: /var/lib/walfs/staging/...

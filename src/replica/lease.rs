@@ -2,7 +2,9 @@
 //!
 //! This file owns [`Lease`] and the holder description it stores ([`Holder`]).
 //!
-//! - S3: the object `<prefix>/.walfs-lease` names the holder and when its lease expires.
+//! - S3 (and Azure Blob Storage, GCS, whose stores make the same conditional writes; GCS
+//!   on the object's generation): the object `<prefix>/.walfs-lease` names the holder and
+//!   when its lease expires.
 //!   A mount takes it with a conditional create (`If-None-Match: *`), renews it every
 //!   sixth of `--lease-ttl` while it writes the replica with a conditional update on its
 //!   ETag (`If-Match`), and deletes it at unmount. An idle mount renews nothing (no
@@ -215,7 +217,7 @@ impl Lease {
         let base = url.to_string();
         match url {
             ReplicaUrl::File(u) => Self::lock_file(&u.dir.join(LEASE_NAME), mount, base),
-            ReplicaUrl::S3(_) => {
+            ReplicaUrl::S3(_) | ReplicaUrl::Abs(_) | ReplicaUrl::Gs(_) => {
                 let key = format!("{}{LEASE_NAME}", prefix_of(store.root()));
                 let fence = Arc::new(Fence::default());
                 let lease = Lease {

@@ -2,12 +2,15 @@
 //!
 //! This module owns [`ReplicaStore`]: put, get, head, list and delete of LTX objects on top
 //! of `object_store` (`LocalFileSystem` for file replicas, `AmazonS3` for S3 and
-//! S3-compatibles), with retries and backoff, and counters of requests by kind. It opens
-//! the store a [`ReplicaUrl`] (`super::url`) names.
+//! S3-compatibles, `MicrosoftAzure` for Azure Blob Storage, `GoogleCloudStorage` for GCS),
+//! with retries and backoff, and counters of requests by kind. It opens the store a
+//! [`ReplicaUrl`] (`super::url`) names.
 //!
-//! Objects are laid out as [`Layout`] (`super::layout`) says. Each carries its LTX
-//! timestamp as Litestream 0.5 writes it: the file's mtime on a file replica, the object
-//! metadata `litestream-timestamp` (Go's RFC3339Nano, UTC) on S3.
+//! Objects are laid out as [`Layout`] (`super::layout`) says; Azure and GCS replicas use
+//! the S3 layout, as Litestream does. Each carries its LTX timestamp as Litestream 0.5
+//! writes it: the file's mtime on a file replica, the object metadata
+//! `litestream-timestamp` (Go's RFC3339Nano, UTC) on S3 and GCS, `litestreamtimestamp` on
+//! Azure (whose metadata names cannot hold a hyphen).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +20,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -30,14 +35,60 @@ use crate::ltx::parse_ltx_object_name;
 use super::error::{StoreError, StoreErrorKind};
 use super::layout::{check_db_path, join_key, Layout};
 use super::timestamp::{format_rfc3339_nano, parse_rfc3339};
-use super::url::ReplicaUrl;
+use super::url::{AzureCredentials, GcsCredentials, ReplicaUrl};
 
-/// The S3 object metadata key that holds an LTX file's timestamp (Litestream's
+/// The S3 and GCS object metadata key that holds an LTX file's timestamp (Litestream's
 /// `MetadataKeyTimestamp`).
 pub const METADATA_KEY_TIMESTAMP: &str = "litestream-timestamp";
-/// S3 object metadata holding walfs's verification record of the object's max TXID
-/// (FORMAT.md); Litestream ignores it.
+/// S3 and GCS object metadata holding walfs's verification record of the object's max
+/// TXID (FORMAT.md); Litestream ignores it.
 pub const METADATA_KEY_RECORD: &str = "walfs-record";
+/// [`METADATA_KEY_TIMESTAMP`] on Azure, whose metadata names are C# identifiers (Litestream's
+/// `abs.MetadataKeyTimestamp`).
+pub const AZURE_METADATA_KEY_TIMESTAMP: &str = "litestreamtimestamp";
+/// [`METADATA_KEY_RECORD`] on Azure.
+pub const AZURE_METADATA_KEY_RECORD: &str = "walfsrecord";
+
+/// Which service a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A local directory.
+    File,
+    /// S3 or an S3-compatible service.
+    S3,
+    /// Azure Blob Storage (or Azurite).
+    Azure,
+    /// Google Cloud Storage.
+    Gcs,
+}
+
+impl Backend {
+    /// The URL scheme, which also names the store in messages.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Backend::File => "file",
+            Backend::S3 => "s3",
+            Backend::Azure => "abs",
+            Backend::Gcs => "gs",
+        }
+    }
+
+    /// The metadata key of an LTX object's timestamp.
+    fn timestamp_key(self) -> &'static str {
+        match self {
+            Backend::Azure => AZURE_METADATA_KEY_TIMESTAMP,
+            _ => METADATA_KEY_TIMESTAMP,
+        }
+    }
+
+    /// The metadata key of an LTX object's verification record.
+    fn record_key(self) -> &'static str {
+        match self {
+            Backend::Azure => AZURE_METADATA_KEY_RECORD,
+            _ => METADATA_KEY_RECORD,
+        }
+    }
+}
 
 /// One LTX object in a replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,10 +220,12 @@ pub struct ReplicaStore {
     /// Set for file replicas, to set file mtimes.
     local: Option<Arc<LocalFileSystem>>,
     layout: Layout,
+    backend: Backend,
     /// The key prefix inside the store ("" for file replicas, whose store is rooted at the
     /// directory).
     root: String,
-    /// How errors name this store, e.g. `s3://bucket` or `file:///dir`.
+    /// How errors name this store, e.g. `s3://bucket`, `abs://account@container` or
+    /// `file:///dir`.
     base: String,
     counters: Arc<Counters>,
     /// Closes the store's writes when this mount's lease on the replica lapses
@@ -240,6 +293,26 @@ impl Fence {
     }
 }
 
+/// The HTTP client settings of a cloud store.
+fn client_options(tuning: &StoreTuning) -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(tuning.connect_timeout)
+        .with_timeout(tuning.request_timeout)
+}
+
+/// The retries of a cloud store.
+fn retry_config(tuning: &StoreTuning) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: tuning.init_backoff,
+            max_backoff: tuning.max_backoff,
+            base: 2.0,
+        },
+        max_retries: tuning.max_retries,
+        retry_timeout: tuning.retry_timeout,
+    }
+}
+
 /// The outcome of a conditional PUT ([`ReplicaStore::put_if`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Conditional {
@@ -284,6 +357,7 @@ impl ReplicaStore {
                     store: local.clone(),
                     local: Some(local),
                     layout: Layout::File,
+                    backend: Backend::File,
                     root: String::new(),
                     base: format!("file://{}", u.dir.display()),
                     counters: Arc::default(),
@@ -353,13 +427,112 @@ impl ReplicaStore {
                     store: Arc::new(s3),
                     local: None,
                     layout: Layout::S3,
+                    backend: Backend::S3,
                     root: u.prefix.clone(),
                     base: format!("s3://{}", u.bucket),
                     counters: Arc::default(),
                     fence: None,
                 })
             }
+            ReplicaUrl::Abs(u) => {
+                let mut client = client_options(tuning);
+                // The environment's other AZURE_* settings (a service principal, managed
+                // identity, ...) first; what the URL names wins.
+                let mut b = MicrosoftAzureBuilder::from_env()
+                    .with_account(&u.account)
+                    .with_container_name(&u.container)
+                    .with_retry(retry_config(tuning));
+                if let Some(e) = &u.endpoint {
+                    if e.starts_with("http://") {
+                        client = client.with_allow_http(true);
+                    }
+                    b = b.with_endpoint(e.clone());
+                }
+                match &u.credentials {
+                    AzureCredentials::AccessKey(k) => b = b.with_access_key(k.expose()),
+                    AzureCredentials::Sas(t) => {
+                        b = b.with_config(object_store::azure::AzureConfigKey::SasKey, t.expose())
+                    }
+                    AzureCredentials::Environment => {}
+                }
+                let azure = b.with_client_options(client).build().map_err(|e| {
+                    StoreError::url(format!(
+                        "cannot configure the Azure client for {url}: {e}; check \
+                         AZURE_STORAGE_ACCOUNT_KEY (base64, as the portal shows it) or \
+                         AZURE_STORAGE_SAS_TOKEN"
+                    ))
+                    .caused_by(e)
+                })?;
+                Ok(ReplicaStore {
+                    store: Arc::new(azure),
+                    local: None,
+                    layout: Layout::S3,
+                    backend: Backend::Azure,
+                    root: u.prefix.clone(),
+                    base: format!("abs://{}@{}", u.account, u.container),
+                    counters: Arc::default(),
+                    fence: None,
+                })
+            }
+            ReplicaUrl::Gs(u) => {
+                let mut client = client_options(tuning);
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&u.bucket)
+                    .with_retry(retry_config(tuning));
+                if let Some(e) = &u.endpoint {
+                    if e.starts_with("http://") {
+                        client = client.with_allow_http(true);
+                    }
+                    b = b.with_base_url(e);
+                }
+                match &u.credentials {
+                    GcsCredentials::ServiceAccountFile(p) => {
+                        b = b.with_service_account_path(p.display().to_string())
+                    }
+                    GcsCredentials::ServiceAccountKey(k) => {
+                        b = b.with_service_account_key(k.expose())
+                    }
+                    GcsCredentials::ApplicationDefault(Some(p)) => {
+                        b = b.with_application_credentials(p.display().to_string())
+                    }
+                    GcsCredentials::ApplicationDefault(None) => {}
+                    GcsCredentials::Anonymous => {
+                        // object_store 0.14 skips the signature of LISTs only: give every
+                        // other request an empty bearer token, not the metadata server's.
+                        b = b.with_skip_signature(true).with_credentials(Arc::new(
+                            object_store::StaticCredentialProvider::new(
+                                object_store::gcp::GcpCredential {
+                                    bearer: String::new(),
+                                },
+                            ),
+                        ))
+                    }
+                }
+                let gcs = b.with_client_options(client).build().map_err(|e| {
+                    StoreError::url(format!(
+                        "cannot configure the GCS client for {url}: {e}; check the service \
+                         account key that GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_SERVICE_ACCOUNT \
+                         or GOOGLE_SERVICE_ACCOUNT_KEY gives"
+                    ))
+                    .caused_by(e)
+                })?;
+                Ok(ReplicaStore {
+                    store: Arc::new(gcs),
+                    local: None,
+                    layout: Layout::S3,
+                    backend: Backend::Gcs,
+                    root: u.prefix.clone(),
+                    base: format!("gs://{}", u.bucket),
+                    counters: Arc::default(),
+                    fence: None,
+                })
+            }
         }
+    }
+
+    /// The service this store talks to.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The layout this store writes.
@@ -398,7 +571,8 @@ impl ReplicaStore {
         }
     }
 
-    /// Downloads the object at `key` with its ETag.
+    /// Downloads the object at `key` with its ETag (on GCS its generation): the tag that
+    /// [`ReplicaStore::put_if`] takes.
     pub async fn get_with_etag(&self, key: &str) -> Result<(Bytes, Option<String>), StoreError> {
         let path = self.object_path(key)?;
         Counters::bump(&self.counters.get);
@@ -407,7 +581,11 @@ impl ReplicaStore {
             .get(&path)
             .await
             .map_err(|e| self.request_error("GET", key, e))?;
-        let etag = res.meta.e_tag.clone();
+        // GCS makes conditional writes on the object's generation, not its ETag.
+        let etag = match self.backend {
+            Backend::Gcs => res.meta.version.clone(),
+            _ => res.meta.e_tag.clone(),
+        };
         let bytes = res
             .bytes()
             .await
@@ -415,9 +593,10 @@ impl ReplicaStore {
         Ok((bytes, etag))
     }
 
-    /// Writes `bytes` to `key` only if the object does not exist (`expected` None: S3's
-    /// `If-None-Match: *`) or still has the ETag `expected` (`If-Match`). Not fenced: the
-    /// lease itself is written with it.
+    /// Writes `bytes` to `key` only if the object does not exist (`expected` None: S3's and
+    /// Azure's `If-None-Match: *`, GCS's generation 0) or still has the tag `expected` (the
+    /// ETag with `If-Match`; on GCS the generation). Not fenced: the lease itself is
+    /// written with it.
     pub async fn put_if(
         &self,
         key: &str,
@@ -428,6 +607,10 @@ impl ReplicaStore {
         Counters::bump(&self.counters.put);
         let mode = match expected {
             None => PutMode::Create,
+            Some(e) if self.backend == Backend::Gcs => PutMode::Update(UpdateVersion {
+                e_tag: None,
+                version: Some(e.to_string()),
+            }),
             Some(e) => PutMode::Update(UpdateVersion {
                 e_tag: Some(e.to_string()),
                 version: None,
@@ -442,7 +625,15 @@ impl ReplicaStore {
             .put_opts(&path, PutPayload::from_bytes(bytes), opts)
             .await
         {
-            Ok(r) => Ok(Conditional::Written(r.e_tag.unwrap_or_default())),
+            Ok(r) => Ok(Conditional::Written(
+                match self.backend {
+                    Backend::Gcs => r.version,
+                    _ => r.e_tag,
+                }
+                .unwrap_or_default(),
+            )),
+            // Every backend's "precondition failed" (S3 and Azure 412, Azurite 409, GCS 412
+            // on its generation match) arrives as one of these two.
             Err(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
@@ -483,16 +674,21 @@ impl ReplicaStore {
     }
 
     fn kind_name(&self) -> &'static str {
-        match self.layout {
-            Layout::File => "file",
-            Layout::S3 => "s3",
-        }
+        self.backend.scheme()
     }
 
     fn hint(&self) -> &'static str {
-        match self.layout {
-            Layout::File => "check that the replica directory exists and is writable",
-            Layout::S3 => "check the credentials, endpoint, region and bucket",
+        match self.backend {
+            Backend::File => "check that the replica directory exists and is writable",
+            Backend::S3 => "check the credentials, endpoint, region and bucket",
+            Backend::Azure => {
+                "check AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_TOKEN), the account, \
+                 the endpoint and that the container exists"
+            }
+            Backend::Gcs => {
+                "check GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT), the endpoint \
+                 and the bucket"
+            }
         }
     }
 
@@ -632,7 +828,7 @@ impl ReplicaStore {
         let (_, res) = self.head(db_path, level, min_txid, max_txid).await?;
         Ok(res
             .attributes
-            .get(&Attribute::Metadata(METADATA_KEY_RECORD.into()))
+            .get(&Attribute::Metadata(self.backend.record_key().into()))
             .map(|v| v.as_ref().to_string()))
     }
 
@@ -688,12 +884,12 @@ impl ReplicaStore {
         let mut attrs = Attributes::new();
         if self.layout == Layout::S3 {
             attrs.insert(
-                Attribute::Metadata(METADATA_KEY_TIMESTAMP.into()),
+                Attribute::Metadata(self.backend.timestamp_key().into()),
                 AttributeValue::from(format_rfc3339_nano(timestamp)),
             );
             if let Some(r) = record {
                 attrs.insert(
-                    Attribute::Metadata(METADATA_KEY_RECORD.into()),
+                    Attribute::Metadata(self.backend.record_key().into()),
                     AttributeValue::from(r),
                 );
             }
@@ -861,7 +1057,7 @@ impl ReplicaStore {
         let (key, res) = self.head(db_path, level, min_txid, max_txid).await?;
         let timestamp = res
             .attributes
-            .get(&Attribute::Metadata(METADATA_KEY_TIMESTAMP.into()))
+            .get(&Attribute::Metadata(self.backend.timestamp_key().into()))
             .and_then(|v| parse_rfc3339(v.as_ref()))
             .unwrap_or_else(|| res.meta.last_modified.into());
         Ok(LtxObjectInfo {
@@ -1017,6 +1213,42 @@ mod tests {
         let shown = format!("{store:?}");
         assert!(!shown.contains("very-secret-value"), "{shown}");
         assert!(!shown.contains("session-token-value"), "{shown}");
+    }
+
+    #[test]
+    fn azure_and_gcs_stores_use_the_s3_layout_and_show_no_secrets() {
+        let key = "c2VjcmV0LWF6dXJlLWtleS1mb3ItdGhlLXN0b3JlLXRlc3Q=";
+        let env = |k: &str| (k == "AZURE_STORAGE_ACCOUNT_KEY").then(|| key.to_string());
+        let u = ReplicaUrl::parse_with_env(
+            "abs://acct@cont/pre/fix?endpoint=http://127.0.0.1:10000/acct",
+            env,
+        )
+        .unwrap();
+        let store = ReplicaStore::open(&u).unwrap();
+        assert_eq!(store.backend(), Backend::Azure);
+        assert_eq!(store.layout(), Layout::S3);
+        assert!(store.holds_records());
+        assert_eq!(store.base(), "abs://acct@cont");
+        assert_eq!(
+            store.ltx_key("app.db", 1, 1, 2),
+            "pre/fix/app.db/0001/0000000000000001-0000000000000002.ltx"
+        );
+        // Azure metadata names are C# identifiers: no hyphen (as Litestream's abs client).
+        assert_eq!(Backend::Azure.timestamp_key(), "litestreamtimestamp");
+        assert_eq!(Backend::Azure.record_key(), "walfsrecord");
+        let shown = format!("{store:?}");
+        assert!(!shown.contains(key), "{shown}");
+
+        let u = ReplicaUrl::parse_with_env("gs://bkt/p?endpoint=http://127.0.0.1:4443", |k| {
+            (k == "GOOGLE_SKIP_SIGNATURE").then(|| "true".to_string())
+        })
+        .unwrap();
+        let store = ReplicaStore::open(&u).unwrap();
+        assert_eq!(store.backend(), Backend::Gcs);
+        assert_eq!(store.layout(), Layout::S3);
+        assert_eq!(store.base(), "gs://bkt");
+        assert_eq!(Backend::Gcs.timestamp_key(), METADATA_KEY_TIMESTAMP);
+        assert_eq!(Backend::Gcs.record_key(), METADATA_KEY_RECORD);
     }
 
     fn rt() -> tokio::runtime::Runtime {

@@ -1,7 +1,9 @@
 //! The replica URL: where a replica lives. [`ReplicaUrl`] parses `file:///dir` (or a plain
-//! absolute path) and `s3://bucket/prefix?...` with Litestream's query keys, takes S3
-//! credentials, region and endpoint from the environment when the URL does not name them,
-//! and redacts secrets from `Debug`, `Display` and error messages.
+//! absolute path), `s3://bucket/prefix?...` with Litestream's query keys,
+//! `abs://ACCOUNT@CONTAINER/prefix` (Azure Blob Storage, as Litestream spells it) and
+//! `gs://bucket/prefix` (Google Cloud Storage); takes credentials, region and endpoint from
+//! the environment when the URL does not name them, and redacts secrets from `Debug`,
+//! `Display` and error messages.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -82,6 +84,89 @@ pub struct S3Url {
     pub credentials: Option<S3Credentials>,
 }
 
+/// The account name Azurite (the Azure Storage emulator) serves.
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+/// Azurite's account key, published in Microsoft's documentation of the emulator.
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// How an Azure Blob Storage replica authenticates.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AzureCredentials {
+    /// The storage account's shared key (`AZURE_STORAGE_ACCOUNT_KEY`).
+    AccessKey(Secret),
+    /// A shared access signature (`AZURE_STORAGE_SAS_TOKEN`).
+    Sas(Secret),
+    /// Whatever else `AZURE_*` names (a service principal, workload or managed identity,
+    /// the Azure CLI): `object_store`'s own chain reads it when the store opens.
+    Environment,
+}
+
+impl fmt::Debug for AzureCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AzureCredentials::AccessKey(_) => f.write_str("AccessKey(<redacted>)"),
+            AzureCredentials::Sas(_) => f.write_str("Sas(<redacted>)"),
+            AzureCredentials::Environment => f.write_str("Environment"),
+        }
+    }
+}
+
+/// An Azure Blob Storage replica: `abs://ACCOUNT@CONTAINER/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsUrl {
+    /// The storage account.
+    pub account: String,
+    /// The container.
+    pub container: String,
+    /// The blob name prefix, without leading or trailing slashes ("" for the container root).
+    pub prefix: String,
+    /// The blob service endpoint, e.g. `http://127.0.0.1:10000/devstoreaccount1` for
+    /// Azurite (None: `https://ACCOUNT.blob.core.windows.net`).
+    pub endpoint: Option<String>,
+    /// How requests authenticate.
+    pub credentials: AzureCredentials,
+}
+
+/// How a Google Cloud Storage replica authenticates.
+#[derive(Clone, PartialEq, Eq)]
+pub enum GcsCredentials {
+    /// A service account key file (`GOOGLE_SERVICE_ACCOUNT`, `GOOGLE_SERVICE_ACCOUNT_PATH`).
+    ServiceAccountFile(PathBuf),
+    /// A service account key itself, as JSON (`GOOGLE_SERVICE_ACCOUNT_KEY`).
+    ServiceAccountKey(Secret),
+    /// Application default credentials: the file `GOOGLE_APPLICATION_CREDENTIALS` names,
+    /// gcloud's well-known file, or the metadata server of Google Cloud compute.
+    ApplicationDefault(Option<PathBuf>),
+    /// Unsigned requests (`GOOGLE_SKIP_SIGNATURE=true`: public buckets, emulators).
+    Anonymous,
+}
+
+impl fmt::Debug for GcsCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GcsCredentials::ServiceAccountFile(p) => write!(f, "ServiceAccountFile({p:?})"),
+            GcsCredentials::ServiceAccountKey(_) => f.write_str("ServiceAccountKey(<redacted>)"),
+            GcsCredentials::ApplicationDefault(p) => write!(f, "ApplicationDefault({p:?})"),
+            GcsCredentials::Anonymous => f.write_str("Anonymous"),
+        }
+    }
+}
+
+/// A Google Cloud Storage replica: `gs://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GsUrl {
+    /// The bucket.
+    pub bucket: String,
+    /// The object name prefix, without leading or trailing slashes ("" for the bucket root).
+    pub prefix: String,
+    /// A custom base URL of the JSON/XML API, e.g. an emulator's `http://127.0.0.1:4443`
+    /// (None: `https://storage.googleapis.com`).
+    pub endpoint: Option<String>,
+    /// How requests authenticate.
+    pub credentials: GcsCredentials,
+}
+
 /// Where one replica lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaUrl {
@@ -89,7 +174,15 @@ pub enum ReplicaUrl {
     File(FileUrl),
     /// `s3://bucket/prefix?endpoint=...&region=...&forcePathStyle=true&skipVerify=false`
     S3(S3Url),
+    /// `abs://ACCOUNT@CONTAINER/prefix?endpoint=...`
+    Abs(AbsUrl),
+    /// `gs://bucket/prefix?endpoint=...`
+    Gs(GsUrl),
 }
+
+/// The URL forms walfs takes, for messages.
+const SCHEMES: &str =
+    "file:///absolute/dir, s3://bucket/prefix, abs://ACCOUNT@CONTAINER/prefix or gs://bucket/prefix";
 
 /// Query keys that Litestream accepts and walfs ignores (with a warning): they tune
 /// performance only.
@@ -107,8 +200,11 @@ const IGNORED_QUERY_KEYS: &[&str] = &[
 
 impl ReplicaUrl {
     /// Parses a replica URL, taking credentials, region and endpoint defaults from the
-    /// process environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-    /// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`; the URL's query wins).
+    /// process environment (S3: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`; Azure:
+    /// `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_SAS_TOKEN`,
+    /// `AZURE_STORAGE_ENDPOINT`, ...; GCS: `GOOGLE_APPLICATION_CREDENTIALS`,
+    /// `GOOGLE_SERVICE_ACCOUNT(_PATH|_KEY)`, `GOOGLE_BASE_URL`, ...; the URL wins).
     pub fn parse(s: &str) -> Result<Self, StoreError> {
         Self::parse_with_env(s, |k| std::env::var(k).ok())
     }
@@ -127,14 +223,17 @@ impl ReplicaUrl {
         }
         let Some((scheme, _)) = s.split_once("://") else {
             return Err(StoreError::url(format!(
-                "replica URL {s:?} has no scheme; use file:///absolute/dir or s3://bucket/prefix"
+                "replica URL {:?} has no scheme; use {SCHEMES}",
+                redact_url_text(s)
             )));
         };
         match scheme.to_ascii_lowercase().as_str() {
             "file" => parse_file_url(s),
             "s3" => parse_s3_url(s, &env),
+            "abs" => parse_abs_url(s, &env),
+            "gs" => parse_gs_url(s, &env),
             other => Err(StoreError::url(format!(
-                "replica URL scheme {other:?} is not supported; use file:///absolute/dir or s3://bucket/prefix"
+                "replica URL scheme {other:?} is not supported; use {SCHEMES}"
             ))),
         }
     }
@@ -225,6 +324,15 @@ fn is_local_host(host: &str) -> bool {
 /// Gives an endpoint a scheme (http for local hosts, https otherwise, as Litestream does)
 /// and removes a trailing slash.
 fn normalize_endpoint(s: &str, endpoint: &str) -> Result<String, StoreError> {
+    normalize_endpoint_for(
+        s,
+        endpoint,
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead",
+    )
+}
+
+/// [`normalize_endpoint`], saying `creds_hint` when the endpoint holds credentials.
+fn normalize_endpoint_for(s: &str, endpoint: &str, creds_hint: &str) -> Result<String, StoreError> {
     let endpoint = endpoint.trim().trim_end_matches('/');
     let full = if endpoint.contains("://") {
         endpoint.to_string()
@@ -242,8 +350,7 @@ fn normalize_endpoint(s: &str, endpoint: &str) -> Result<String, StoreError> {
     })?;
     if !u.username().is_empty() || u.password().is_some() {
         return Err(StoreError::url(format!(
-            "replica URL endpoint {:?} holds credentials; remove them and set \
-             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead",
+            "replica URL endpoint {:?} holds credentials; remove them and {creds_hint}",
             redact_url_text(&full)
         )));
     }
@@ -269,8 +376,16 @@ fn redact_url_text(s: &str) -> String {
         rest = &rest[i + 3..];
         let end = rest.find(['?', '&', '#']).unwrap_or(rest.len());
         if let Some(at) = rest[..end].rfind('@') {
-            out.push_str("<redacted>");
-            rest = &rest[at..];
+            // An abs:// URL's user part is the storage account, no secret, unless a key
+            // was written after it.
+            let account = out.ends_with("abs://")
+                && rest[..at]
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-');
+            if !account {
+                out.push_str("<redacted>");
+                rest = &rest[at..];
+            }
         }
     }
     out.push_str(rest);
@@ -316,6 +431,28 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The key prefix a URL's path names: %-decoded, without empty or `.` segments.
+fn url_prefix(shown: &str, u: &url::Url) -> Result<String, StoreError> {
+    let raw_path = percent_decode(u.path()).ok_or_else(|| {
+        StoreError::url(format!(
+            "replica URL {shown:?} has a malformed %-escape in its path; fix the escape"
+        ))
+    })?;
+    let mut segs = Vec::new();
+    for seg in raw_path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                return Err(StoreError::url(format!(
+                    "replica URL {shown:?} contains '..' in its prefix; give the prefix without it"
+                )))
+            }
+            seg => segs.push(seg),
+        }
+    }
+    Ok(segs.join("/"))
+}
+
 fn parse_s3_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<ReplicaUrl, StoreError> {
     let shown = redact_url_text(s);
     let u = url::Url::parse(s).map_err(|e| {
@@ -342,24 +479,7 @@ fn parse_s3_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Replica
              s3://bucket/prefix?endpoint=http://host:port"
         )));
     }
-    let raw_path = percent_decode(u.path()).ok_or_else(|| {
-        StoreError::url(format!(
-            "replica URL {shown:?} has a malformed %-escape in its path; fix the escape"
-        ))
-    })?;
-    let mut segs = Vec::new();
-    for seg in raw_path.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                return Err(StoreError::url(format!(
-                    "replica URL {shown:?} contains '..' in its prefix; give the prefix without it"
-                )))
-            }
-            seg => segs.push(seg),
-        }
-    }
-    let prefix = segs.join("/");
+    let prefix = url_prefix(&shown, &u)?;
 
     let mut endpoint: Option<String> = None;
     let mut region: Option<String> = None;
@@ -430,6 +550,213 @@ fn parse_s3_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Replica
     }))
 }
 
+/// What the messages about Azure credentials tell the user to set.
+const AZURE_CREDS_HINT: &str = "set AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_TOKEN) instead";
+
+/// `AZURE_*` variables that name a credential `object_store`'s own chain resolves: a
+/// bearer token, a service principal, a workload or managed identity, the Azure CLI.
+const AZURE_CHAIN_KEYS: &[&str] = &[
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_ID",
+    "AZURE_STORAGE_CLIENT_ID",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_USE_AZURE_CLI",
+    "AZURE_MSI_ENDPOINT",
+    "AZURE_IDENTITY_ENDPOINT",
+    "AZURE_OBJECT_ID",
+    "AZURE_MSI_RESOURCE_ID",
+    "AZURE_CREDENTIAL_TYPE",
+];
+
+fn parse_abs_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<ReplicaUrl, StoreError> {
+    let shown = redact_url_text(s);
+    let u = url::Url::parse(s).map_err(|e| {
+        StoreError::url(format!(
+            "replica URL {shown:?} is malformed ({e}); use abs://ACCOUNT@CONTAINER/prefix"
+        ))
+        .caused_by(e)
+    })?;
+    if u.password().is_some() {
+        return Err(StoreError::url(format!(
+            "replica URL abs://<redacted>@...: the account key does not belong in the URL; \
+             use abs://ACCOUNT@CONTAINER/prefix and {AZURE_CREDS_HINT}"
+        )));
+    }
+    let container = u.host_str().unwrap_or("").to_string();
+    if container.is_empty() {
+        return Err(StoreError::url(format!(
+            "replica URL {shown:?} names no container; use abs://ACCOUNT@CONTAINER/prefix"
+        )));
+    }
+    if u.port().is_some() {
+        return Err(StoreError::url(format!(
+            "replica URL {shown:?}: the host part is the container name; give a custom server as \
+             abs://ACCOUNT@CONTAINER/prefix?endpoint=http://host:port/ACCOUNT"
+        )));
+    }
+    let prefix = url_prefix(&shown, &u)?;
+    let mut endpoint = None;
+    for (k, v) in u.query_pairs() {
+        match k.as_ref() {
+            "endpoint" => endpoint = Some(v.into_owned()).filter(|v| !v.is_empty()),
+            k => {
+                return Err(StoreError::url(format!(
+                "replica URL {shown:?}: unknown query key {k:?}; an abs:// URL takes endpoint only"
+            )))
+            }
+        }
+    }
+    let emulator = env("AZURE_STORAGE_USE_EMULATOR")
+        .map(|v| parse_bool(&shown, "AZURE_STORAGE_USE_EMULATOR", &v))
+        .transpose()?
+        .unwrap_or(false);
+    let account = match u.username() {
+        "" => env("AZURE_STORAGE_ACCOUNT_NAME")
+            .or_else(|| emulator.then(|| AZURITE_ACCOUNT.to_string())),
+        name => percent_decode(name),
+    };
+    let Some(account) = account else {
+        return Err(StoreError::url(format!(
+            "replica URL {shown:?} names no storage account; use abs://ACCOUNT@CONTAINER/prefix \
+             or set AZURE_STORAGE_ACCOUNT_NAME"
+        )));
+    };
+    if account.is_empty() || !account.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(StoreError::url(format!(
+            "replica URL {shown:?}: the storage account name must be letters and digits; \
+             use abs://ACCOUNT@CONTAINER/prefix"
+        )));
+    }
+    // The URL's query wins over the environment. Azurite serves the account under its
+    // address's path: http://127.0.0.1:10000/devstoreaccount1.
+    let endpoint = match endpoint
+        .or_else(|| env("AZURE_STORAGE_ENDPOINT"))
+        .or_else(|| {
+            emulator.then(|| {
+                let base = env("AZURITE_BLOB_STORAGE_URL")
+                    .unwrap_or_else(|| "http://127.0.0.1:10000".to_string());
+                format!("{}/{account}", base.trim_end_matches('/'))
+            })
+        }) {
+        Some(e) => Some(normalize_endpoint_for(&shown, &e, AZURE_CREDS_HINT)?),
+        None => None,
+    };
+    let key = env("AZURE_STORAGE_ACCOUNT_KEY")
+        .or_else(|| env("AZURE_STORAGE_ACCESS_KEY"))
+        .or_else(|| env("AZURE_STORAGE_MASTER_KEY"))
+        .or_else(|| env("LITESTREAM_AZURE_ACCOUNT_KEY"));
+    let sas = env("AZURE_STORAGE_SAS_TOKEN").or_else(|| env("AZURE_STORAGE_SAS_KEY"));
+    let credentials = if let Some(k) = key {
+        AzureCredentials::AccessKey(Secret(k))
+    } else if let Some(t) = sas {
+        AzureCredentials::Sas(Secret(t))
+    } else if emulator {
+        AzureCredentials::AccessKey(Secret(AZURITE_KEY.to_string()))
+    } else if AZURE_CHAIN_KEYS.iter().any(|k| env(k).is_some()) {
+        AzureCredentials::Environment
+    } else {
+        return Err(StoreError::url(format!(
+            "replica URL {shown:?} has no Azure credentials; set AZURE_STORAGE_ACCOUNT_KEY or \
+             AZURE_STORAGE_SAS_TOKEN (or AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID; \
+             or AZURE_CREDENTIAL_TYPE=managed_identity)"
+        )));
+    };
+    Ok(ReplicaUrl::Abs(AbsUrl {
+        account,
+        container,
+        prefix,
+        endpoint,
+        credentials,
+    }))
+}
+
+fn parse_gs_url(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<ReplicaUrl, StoreError> {
+    let shown = redact_url_text(s);
+    let u = url::Url::parse(s).map_err(|e| {
+        StoreError::url(format!(
+            "replica URL {shown:?} is malformed ({e}); use gs://bucket/prefix"
+        ))
+        .caused_by(e)
+    })?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(StoreError::url(
+            "replica URL gs://<redacted>@...: credentials do not belong in the URL; \
+             set GOOGLE_APPLICATION_CREDENTIALS to a service account key file instead",
+        ));
+    }
+    let bucket = u.host_str().unwrap_or("").to_string();
+    if bucket.is_empty() {
+        return Err(StoreError::url(format!(
+            "replica URL {shown:?} names no bucket; use gs://bucket/prefix"
+        )));
+    }
+    if u.port().is_some() {
+        return Err(StoreError::url(format!(
+            "replica URL {shown:?}: the host part is the bucket name; give a custom server as \
+             gs://bucket/prefix?endpoint=http://host:port"
+        )));
+    }
+    let prefix = url_prefix(&shown, &u)?;
+    let mut endpoint = None;
+    for (k, v) in u.query_pairs() {
+        match k.as_ref() {
+            "endpoint" => endpoint = Some(v.into_owned()).filter(|v| !v.is_empty()),
+            k => {
+                return Err(StoreError::url(format!(
+                "replica URL {shown:?}: unknown query key {k:?}; a gs:// URL takes endpoint only"
+            )))
+            }
+        }
+    }
+    let endpoint = match endpoint.or_else(|| env("GOOGLE_BASE_URL")) {
+        Some(e) => Some(normalize_endpoint_for(
+            &shown,
+            &e,
+            "set GOOGLE_APPLICATION_CREDENTIALS instead",
+        )?),
+        None => None,
+    };
+    let skip = env("GOOGLE_SKIP_SIGNATURE")
+        .map(|v| parse_bool(&shown, "GOOGLE_SKIP_SIGNATURE", &v))
+        .transpose()?
+        .unwrap_or(false);
+    let path = env("GOOGLE_SERVICE_ACCOUNT")
+        .or_else(|| env("GOOGLE_SERVICE_ACCOUNT_PATH"))
+        .or_else(|| env("SERVICE_ACCOUNT"));
+    let credentials = match (path, env("GOOGLE_SERVICE_ACCOUNT_KEY")) {
+        _ if skip => GcsCredentials::Anonymous,
+        (Some(_), Some(_)) => {
+            return Err(StoreError::url(
+                "both GOOGLE_SERVICE_ACCOUNT(_PATH) and GOOGLE_SERVICE_ACCOUNT_KEY are set; \
+                 unset one of them",
+            ))
+        }
+        (Some(p), None) => GcsCredentials::ServiceAccountFile(PathBuf::from(p)),
+        (None, Some(k)) => GcsCredentials::ServiceAccountKey(Secret(k)),
+        (None, None) => GcsCredentials::ApplicationDefault(
+            env("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from),
+        ),
+    };
+    let file = match &credentials {
+        GcsCredentials::ServiceAccountFile(p) => Some(p),
+        GcsCredentials::ApplicationDefault(p) => p.as_ref(),
+        _ => None,
+    };
+    if let Some(p) = file.filter(|p| !p.is_file()) {
+        return Err(StoreError::url(format!(
+            "GCS credentials file {} does not exist; point GOOGLE_APPLICATION_CREDENTIALS \
+             (or GOOGLE_SERVICE_ACCOUNT) at a service account key file",
+            p.display()
+        )));
+    }
+    Ok(ReplicaUrl::Gs(GsUrl {
+        bucket,
+        prefix,
+        endpoint,
+        credentials,
+    }))
+}
+
 impl fmt::Display for ReplicaUrl {
     /// The canonical URL, without credentials.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -451,6 +778,26 @@ impl fmt::Display for ReplicaUrl {
                 }
                 if u.skip_verify {
                     write!(f, "&skipVerify=true")?;
+                }
+                Ok(())
+            }
+            ReplicaUrl::Abs(u) => {
+                write!(f, "abs://{}@{}", u.account, u.container)?;
+                if !u.prefix.is_empty() {
+                    write!(f, "/{}", u.prefix)?;
+                }
+                if let Some(e) = &u.endpoint {
+                    write!(f, "?endpoint={}", redact_url_text(e))?;
+                }
+                Ok(())
+            }
+            ReplicaUrl::Gs(u) => {
+                write!(f, "gs://{}", u.bucket)?;
+                if !u.prefix.is_empty() {
+                    write!(f, "/{}", u.prefix)?;
+                }
+                if let Some(e) = &u.endpoint {
+                    write!(f, "?endpoint={}", redact_url_text(e))?;
                 }
                 Ok(())
             }
@@ -575,6 +922,220 @@ mod tests {
         assert!(e.to_string().contains("AWS_SECRET_ACCESS_KEY"), "{e}");
     }
 
+    fn abs(u: ReplicaUrl) -> AbsUrl {
+        match u {
+            ReplicaUrl::Abs(u) => u,
+            other => panic!("not abs: {other:?}"),
+        }
+    }
+
+    fn gs(u: ReplicaUrl) -> GsUrl {
+        match u {
+            ReplicaUrl::Gs(u) => u,
+            other => panic!("not gs: {other:?}"),
+        }
+    }
+
+    const AZ_KEY: &str = "c2VjcmV0LWF6dXJlLWtleS1mb3ItdGhlLXRlc3Q=";
+
+    #[test]
+    fn parses_abs_urls_as_litestream_spells_them() {
+        let env = env_of(&[("AZURE_STORAGE_ACCOUNT_KEY", AZ_KEY)]);
+        let u = abs(ReplicaUrl::parse_with_env("abs://acct@cont/some/prefix/", &env).unwrap());
+        assert_eq!(u.account, "acct");
+        assert_eq!(u.container, "cont");
+        assert_eq!(u.prefix, "some/prefix");
+        assert_eq!(u.endpoint, None);
+        assert_eq!(
+            u.credentials,
+            AzureCredentials::AccessKey(Secret::new(AZ_KEY))
+        );
+        assert_eq!(
+            ReplicaUrl::Abs(u.clone()).to_string(),
+            "abs://acct@cont/some/prefix"
+        );
+
+        // An emulator's endpoint; the account from the environment.
+        let env = env_of(&[
+            ("AZURE_STORAGE_ACCOUNT_NAME", "fromenv"),
+            ("AZURE_STORAGE_SAS_TOKEN", "sv=2021&sig=abc"),
+        ]);
+        let u = abs(ReplicaUrl::parse_with_env(
+            "abs://cont?endpoint=http://127.0.0.1:10000/fromenv",
+            &env,
+        )
+        .unwrap());
+        assert_eq!(u.account, "fromenv");
+        assert_eq!(u.prefix, "");
+        assert_eq!(
+            u.endpoint.as_deref(),
+            Some("http://127.0.0.1:10000/fromenv")
+        );
+        assert_eq!(
+            u.credentials,
+            AzureCredentials::Sas(Secret::new("sv=2021&sig=abc"))
+        );
+
+        // AZURE_STORAGE_USE_EMULATOR: Azurite's account, key and address.
+        let u = abs(ReplicaUrl::parse_with_env(
+            "abs://cont/p",
+            env_of(&[("AZURE_STORAGE_USE_EMULATOR", "true")]),
+        )
+        .unwrap());
+        assert_eq!(u.account, AZURITE_ACCOUNT);
+        assert_eq!(
+            u.endpoint.as_deref(),
+            Some("http://127.0.0.1:10000/devstoreaccount1")
+        );
+        assert_eq!(
+            u.credentials,
+            AzureCredentials::AccessKey(Secret::new(AZURITE_KEY))
+        );
+
+        // Other AZURE_* credentials are left to object_store's chain.
+        let u = abs(ReplicaUrl::parse_with_env(
+            "abs://a@c/p",
+            env_of(&[("AZURE_CREDENTIAL_TYPE", "managed_identity")]),
+        )
+        .unwrap());
+        assert_eq!(u.credentials, AzureCredentials::Environment);
+    }
+
+    #[test]
+    fn bad_abs_urls_and_missing_azure_credentials_say_what_to_set() {
+        let key = env_of(&[("AZURE_STORAGE_ACCOUNT_KEY", AZ_KEY)]);
+        for (bad, hint) in [
+            ("abs://cont/p", "AZURE_STORAGE_ACCOUNT_NAME"),
+            ("abs:///p", "abs://ACCOUNT@CONTAINER/prefix"),
+            ("abs://a@cont:99/p", "endpoint=http://host:port/ACCOUNT"),
+            ("abs://a@cont/p?region=x", "endpoint only"),
+            ("abs://a@cont/p?endpoint=ftp://x", "http://"),
+            ("abs://a_b@cont/p", "letters and digits"),
+        ] {
+            let e = ReplicaUrl::parse_with_env(bad, &key).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::InvalidUrl, "{bad}");
+            assert!(e.to_string().contains(hint), "{bad}: {e}");
+            assert!(!e.to_string().contains('\n'), "{bad}: {e}");
+        }
+        let e = ReplicaUrl::parse_with_env("abs://a@cont/p", env_of(&[])).unwrap_err();
+        assert!(e.to_string().contains("AZURE_STORAGE_ACCOUNT_KEY"), "{e}");
+        assert!(e.to_string().contains("abs://a@cont/p"), "{e}");
+        // A key in the URL is refused, not echoed.
+        let e = ReplicaUrl::parse_with_env(&format!("abs://a:{AZ_KEY}@cont/p"), env_of(&[]))
+            .unwrap_err();
+        assert!(!e.to_string().contains(AZ_KEY), "{e}");
+        assert!(!e.to_string().contains("c2VjcmV0"), "{e}");
+        assert!(e.to_string().contains("AZURE_STORAGE_ACCOUNT_KEY"), "{e}");
+        let u = ReplicaUrl::parse_with_env("abs://a@cont/p", &key).unwrap();
+        for shown in [format!("{u:?}"), format!("{u:#?}"), u.to_string()] {
+            assert!(!shown.contains(AZ_KEY), "{shown}");
+        }
+        let u = ReplicaUrl::parse_with_env(
+            "abs://a@cont/p",
+            env_of(&[("AZURE_STORAGE_SAS_TOKEN", "sig=sAsSeCrEt")]),
+        )
+        .unwrap();
+        assert!(!format!("{u:?}").contains("sAsSeCrEt"));
+    }
+
+    #[test]
+    fn parses_gs_urls_and_google_credentials() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("sa.json");
+        std::fs::write(&file, "{}").unwrap();
+        let f = file.to_str().unwrap();
+
+        let env = env_of(&[("GOOGLE_APPLICATION_CREDENTIALS", f)]);
+        let u = gs(ReplicaUrl::parse_with_env("gs://bkt/a/b/", &env).unwrap());
+        assert_eq!(u.bucket, "bkt");
+        assert_eq!(u.prefix, "a/b");
+        assert_eq!(u.endpoint, None);
+        assert_eq!(
+            u.credentials,
+            GcsCredentials::ApplicationDefault(Some(file.clone()))
+        );
+        assert_eq!(ReplicaUrl::Gs(u).to_string(), "gs://bkt/a/b");
+
+        let u = gs(ReplicaUrl::parse_with_env(
+            "gs://bkt?endpoint=127.0.0.1:4443",
+            env_of(&[("GOOGLE_SERVICE_ACCOUNT_PATH", f)]),
+        )
+        .unwrap());
+        assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:4443"));
+        assert_eq!(
+            u.credentials,
+            GcsCredentials::ServiceAccountFile(file.clone())
+        );
+
+        let u = gs(ReplicaUrl::parse_with_env(
+            "gs://bkt/p",
+            env_of(&[(
+                "GOOGLE_SERVICE_ACCOUNT_KEY",
+                "{\"private_key\": \"gsSeCrEt\"}",
+            )]),
+        )
+        .unwrap());
+        assert!(matches!(
+            u.credentials,
+            GcsCredentials::ServiceAccountKey(_)
+        ));
+        assert!(!format!("{u:?}").contains("gsSeCrEt"));
+
+        let u = gs(ReplicaUrl::parse_with_env(
+            "gs://bkt/p",
+            env_of(&[
+                ("GOOGLE_SKIP_SIGNATURE", "true"),
+                ("GOOGLE_BASE_URL", "http://localhost:9023"),
+            ]),
+        )
+        .unwrap());
+        assert_eq!(u.credentials, GcsCredentials::Anonymous);
+        assert_eq!(u.endpoint.as_deref(), Some("http://localhost:9023"));
+
+        // Nothing set: application default credentials (gcloud's file or the metadata
+        // server), as Litestream's client does.
+        let u = gs(ReplicaUrl::parse_with_env("gs://bkt/p", env_of(&[])).unwrap());
+        assert_eq!(u.credentials, GcsCredentials::ApplicationDefault(None));
+    }
+
+    #[test]
+    fn bad_gs_urls_and_credentials_say_what_to_set() {
+        for (bad, env, hint) in [
+            ("gs:///p", vec![], "gs://bucket/prefix"),
+            ("gs://b:1/p", vec![], "endpoint=http://host:port"),
+            ("gs://b/p?region=x", vec![], "endpoint only"),
+            (
+                "gs://key:gsSeCrEt@b/p",
+                vec![],
+                "GOOGLE_APPLICATION_CREDENTIALS",
+            ),
+            (
+                "gs://b/p",
+                vec![("GOOGLE_APPLICATION_CREDENTIALS", "/no/such/file.json")],
+                "GOOGLE_APPLICATION_CREDENTIALS",
+            ),
+            (
+                "gs://b/p",
+                vec![
+                    ("GOOGLE_SERVICE_ACCOUNT", "/x.json"),
+                    ("GOOGLE_SERVICE_ACCOUNT_KEY", "{}"),
+                ],
+                "unset one",
+            ),
+            (
+                "gs://b/p",
+                vec![("GOOGLE_SKIP_SIGNATURE", "maybe")],
+                "GOOGLE_SKIP_SIGNATURE=true",
+            ),
+        ] {
+            let e = ReplicaUrl::parse_with_env(bad, env_of(&env)).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::InvalidUrl, "{bad}");
+            assert!(e.to_string().contains(hint), "{bad}: {e}");
+            assert!(!e.to_string().contains("gsSeCrEt"), "{bad}: {e}");
+            assert!(!e.to_string().contains('\n'), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn secrets_are_redacted() {
         let env = env_of(&[
@@ -638,7 +1199,7 @@ mod tests {
             ("s3://b/p?regoin=us-east-1", "known keys"),
             ("s3://b/p?sseKmsKeyId=abc", "remove it"),
             ("s3://b:9000/p", "endpoint="),
-            ("gs://b/p", "s3://bucket/prefix"),
+            ("ftp://b/p", "gs://bucket/prefix"),
             ("b/p", "s3://bucket/prefix"),
         ] {
             let e = ReplicaUrl::parse_with_env(bad, env_of(&[])).unwrap_err();

@@ -28,7 +28,7 @@ use super::record::SidecarStore;
 /// The arguments of `walfs restore` (each field's doc comment is its `--help` text).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct RestoreArgs {
-    // The replica URL (`file:///dir`, `s3://bucket/prefix?...`).
+    // The replica URL (`file:///dir`, `s3://bucket/prefix?...`, `abs://...`, `gs://...`).
     /// A mount's replica root, or one database's replica (as Litestream lays it out).
     pub url: String,
     /// The database file to create; a directory when restoring a whole replica.

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod azurite;
+pub mod fake_gcs;
 pub mod fault_proxy;
 
 pub const WALFS: &str = env!("CARGO_BIN_EXE_walfs");
