@@ -290,6 +290,7 @@ impl Replication {
                     .is_some_and(|c| c.restart_history(db, reason))
             }));
         }
+        continue_replica_histories(backing, capture.staging(), uploader.replicas());
         let found = stage_existing_databases(backing, &capture);
         // What a previous run staged (a crash may have left it unsealed) goes up now.
         capture.resume_uploads();
@@ -522,7 +523,9 @@ const INITIAL_BAR_BYTES: u64 = 64 << 20;
 /// staging failure (a full staging disk) does not keep the mount from starting: that
 /// database is logged once and captured at its next barrier, from a snapshot if need be,
 /// once staging has room.
-fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {
+/// Every regular file under `backing` (relative paths, not following symbolic links), with
+/// its size.
+fn backing_files(backing: &Path) -> Vec<(PathBuf, u64)> {
     let mut files = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -545,6 +548,114 @@ fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {
             }
         }
     }
+    files
+}
+
+/// Whether `path` starts with SQLite's header string.
+fn has_sqlite_header(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"SQLite format 3\0")
+}
+
+/// For each database in `backing` that staging knows nothing of, while a replica holds a
+/// history of it (the staging directory was lost or is new: a container whose staging is
+/// not on a volume, a move to another host), records in staging that the replica holds
+/// that history up to its newest TXID (with its verification record, when there is one).
+/// Capture then continues that history: it resumes at once if the database still is the
+/// replica's newest state, and otherwise snapshots it at the next TXID. Without this the
+/// database would start a second history at TXID 1 beside the first, and restoring the
+/// latest state would return the old one. A replica that cannot be read is logged and
+/// left out. Returns how many databases continue a replica's history.
+fn continue_replica_histories(
+    backing: &Path,
+    staging: &Staging,
+    replicas: &[ReplicaStore],
+) -> usize {
+    if replicas.is_empty() {
+        return 0;
+    }
+    let candidates: Vec<PathBuf> = backing_files(backing)
+        .into_iter()
+        .filter_map(|(rel, _)| match database_of(&rel) {
+            Some((db, false)) => Some(db),
+            _ => None,
+        })
+        .filter(|db| matches!(staging.state(db), Ok(None)))
+        .filter(|db| has_sqlite_header(&backing.join(db)))
+        .collect();
+    if candidates.is_empty() {
+        return 0;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!("cannot look for the replicas' histories: {e}");
+            return 0;
+        }
+    };
+    let mut continued = 0;
+    for db in candidates {
+        let key = db.to_string_lossy();
+        // The newest TXID any replica holds, and that replica's object of it.
+        let mut newest: Option<(u64, &ReplicaStore, crate::replica::store::LtxObjectInfo)> = None;
+        for replica in replicas {
+            match rt.block_on(replica.list_db_ltx(&key)) {
+                Ok(objects) => {
+                    if let Some(o) = objects.into_iter().max_by_key(|o| o.max_txid) {
+                        if newest.as_ref().is_none_or(|(t, _, _)| o.max_txid > *t) {
+                            newest = Some((o.max_txid, replica, o));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(db = %db.display(), "cannot list the replica's history of the database: {e}")
+                }
+            }
+        }
+        let Some((txid, replica, object)) = newest else {
+            continue;
+        };
+        let sidecar = crate::replica::record::SidecarStore::new(replica.clone());
+        let record = rt
+            .block_on(sidecar.get_checksum_record(&key, txid, Some(&object)))
+            .ok()
+            .flatten()
+            .map(|(r, _)| r);
+        let mut state = crate::staging::DbState {
+            txid,
+            uploaded_txid: txid,
+            ..Default::default()
+        };
+        if let Some(r) = record.filter(|r| r.txid == txid) {
+            if let crate::replica::record::RecordedChecksum::Content(c) = r.checksum {
+                (state.page_size, state.commit, state.checksum) = (r.page_size, r.commit, c);
+            }
+        }
+        match staging.save_state(&db, &state) {
+            Ok(()) => {
+                continued += 1;
+                tracing::warn!(
+                    db = %db.display(),
+                    txid,
+                    "staging holds nothing of the database, but the replica holds its history up to this TXID: the history continues there (from a snapshot at the next TXID unless the database is still that state)"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(db = %db.display(), "cannot record the replica's history in staging: {e}")
+            }
+        }
+    }
+    continued
+}
+
+fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {
+    let files = backing_files(backing);
     // Reading large databases for their first snapshots takes a while: on a terminal, a
     // progress bar says how far it got.
     let total: u64 = files.iter().map(|(_, len)| len).sum();

@@ -269,3 +269,94 @@ fn a_corrupt_database_restores_only_with_no_integrity_check() {
         "the salvage restore must equal the database"
     );
 }
+
+/// A mount whose staging directory is lost (a container whose staging is not on a volume,
+/// a move to another host) while the backing directory is kept continues each database's
+/// history in the replica rather than starting a second one at TXID 1 beside it, whose
+/// older TXIDs would make "the latest state" the old one. An unchanged database resumes
+/// without a snapshot; one changed meanwhile is snapshotted at the next TXID. Either way
+/// the restore equals the database.
+#[test]
+fn a_lost_staging_directory_continues_the_replicas_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = replica_args(dir.path(), "100ms");
+    let mut m = Mount::with_args(&as_strs(&args));
+    for db in ["same.db", "changed.db"] {
+        sqlite3(
+            &m.path(db),
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(x);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50)
+             INSERT INTO t SELECT i FROM n;",
+        );
+        for i in 0..20 {
+            sqlite3(&m.path(db), &format!("INSERT INTO t VALUES ({i});"));
+        }
+    }
+    m.stop();
+    let url = format!("file://{}", dir.path().join("replica").display());
+    let newest = |db: &str| -> u64 {
+        let o = std::process::Command::new(common::WALFS)
+            .args(["list", &url, "--db", db])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        // "newest TXID N ..." as `walfs list --db` prints the restorable range.
+        let after = text
+            .split("newest")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no newest TXID in: {text}"));
+        let digits: String = after
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        digits.parse().unwrap_or_else(|_| panic!("{text}"))
+    };
+    let before = (newest("same.db"), newest("changed.db"));
+    // Staging is lost; changed.db changes while nothing is mounted.
+    std::fs::remove_dir_all(dir.path().join("staging")).unwrap();
+    sqlite3(
+        &m.backing_path("changed.db"),
+        "DELETE FROM t WHERE x % 3 = 0; PRAGMA wal_checkpoint(TRUNCATE);",
+    );
+    m.start(&as_strs(&args));
+    for db in ["same.db", "changed.db"] {
+        sqlite3(&m.path(db), "INSERT INTO t VALUES (1000);");
+    }
+    let log = m.stop();
+    assert!(
+        log.contains("the replica holds its history up to this TXID"),
+        "{log}"
+    );
+    for (db, was) in [("same.db", before.0), ("changed.db", before.1)] {
+        let now = newest(db);
+        assert!(
+            now > was,
+            "{db}: the history must go on past TXID {was}, not restart (now {now})"
+        );
+        let out = m.root.path().join(format!("restored-{db}"));
+        let log = walfs_restore(&[&url, "--db", db, "-o", out.to_str().unwrap()]);
+        assert!(
+            log.contains("content checksum matches the writer's record"),
+            "{log}"
+        );
+        assert_same_database(&m.backing_path(db), &out);
+    }
+    // The unchanged database resumed without a snapshot: its replica holds one snapshot
+    // only (the first), the changed one a second at the next TXID.
+    let snapshots = |db: &str| {
+        std::fs::read_dir(dir.path().join("replica").join(db).join("ltx/9"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        snapshots("same.db"),
+        1,
+        "same.db must resume without a snapshot"
+    );
+    assert_eq!(
+        snapshots("changed.db"),
+        2,
+        "changed.db is snapshotted at the next TXID"
+    );
+}
