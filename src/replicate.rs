@@ -345,6 +345,7 @@ impl Replication {
             capture: self.capture.clone(),
             progress: self.uploader.progress().clone(),
             maintainer: self.maintainer.clone(),
+            sync: self.sync.clone(),
         }
     }
 

@@ -216,6 +216,8 @@ fn unanswered_replica(action: &str) {
     let f = S3Fixture::new(action);
     let port = common::free_port();
     let url = f.moto.s3_url_via(port, &f.prefix);
+    let metrics_port = common::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let args = f.args_to(
         &url,
         &[
@@ -224,8 +226,21 @@ fn unanswered_replica(action: &str) {
             "1s",
             "--sync-timeout-action",
             action,
+            "--metrics-addr",
+            &metrics_addr,
         ],
     );
+    // One counter of the mount's metrics (`--metrics-addr`).
+    let metric = |name: &str| -> u64 {
+        let (status, _, body) = common::http(metrics_port, "GET", "/metrics").expect("scrape");
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+            .parse::<f64>()
+            .unwrap() as u64
+    };
     // The databases exist before the replica is on.
     let mut m = Mount::with_env(&[], S3_ENV);
     let modes = [("w.db", "WAL"), ("d.db", "DELETE")];
@@ -270,6 +285,19 @@ fn unanswered_replica(action: &str) {
             );
             assert!(log.contains("synchronous replication failed"), "{log}");
         }
+    }
+    // The metrics say so: at least one timeout (one per database), and the commits that
+    // returned unreplicated or failed.
+    assert!(metric("walfs_sync_timeouts_total") >= 1);
+    assert!(metric("walfs_sync_waits_total") >= 1);
+    match action {
+        "degrade" => {
+            assert!(metric("walfs_sync_degraded_commits_total") >= 38);
+            assert_eq!(metric("walfs_sync_failed_commits_total"), 0);
+        }
+        // Counted per barrier: a DELETE-mode commit that fails may fail two (the
+        // journal's fsync, then its unlink as SQLite rolls back).
+        _ => assert!(metric("walfs_sync_failed_commits_total") >= 40),
     }
     // Waiting for the timeout each, they would take 40 s.
     assert!(

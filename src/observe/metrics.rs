@@ -253,6 +253,46 @@ impl prometheus_client::collector::Collector for MountCollector {
                     [(vec![], v.load(Ordering::Relaxed))],
                 )?;
             }
+            if let Some(sync) = &r.sync {
+                let st = sync.stats();
+                for (name, help, v) in [
+                    (
+                        "walfs_sync_waits",
+                        "Commit barriers that waited for the replicas (--sync-replication).",
+                        &st.waits,
+                    ),
+                    (
+                        "walfs_sync_timeouts",
+                        "Times a database's synchronous replication timed out (--sync-timeout): each degrade or EIO period counts once.",
+                        &st.timeouts,
+                    ),
+                    (
+                        "walfs_sync_degraded_commits",
+                        "Commit barriers (fsyncs, journal truncations and unlinks) that returned without the replicas holding their commit, while degraded (--sync-timeout-action degrade).",
+                        &st.degraded_commits,
+                    ),
+                    (
+                        "walfs_sync_failed_commits",
+                        "Commit barriers failed with EIO (--sync-timeout-action eio); one failed commit may fail more than one.",
+                        &st.failed_commits,
+                    ),
+                ] {
+                    family(
+                        &mut enc,
+                        name,
+                        help,
+                        Counter,
+                        [(vec![], v.load(Ordering::Relaxed))],
+                    )?;
+                }
+                family(
+                    &mut enc,
+                    "walfs_sync_wait_seconds",
+                    "Time commits spent waiting for the replicas, in all.",
+                    Counter,
+                    [(vec![], st.waited_us.load(Ordering::Relaxed) as f64 / 1e6)],
+                )?;
+            }
             let stats = r.capture.stats();
             family(
                 &mut enc,

@@ -18,6 +18,7 @@ use crate::capture::Capture;
 use crate::fs::metrics::Metrics;
 use crate::replica::maintain::Maintainer;
 use crate::replica::progress::ReplicaProgress;
+use crate::replica::sync::SyncReplication;
 
 /// What a mount exposes to metrics and `walfs status`.
 #[derive(Clone)]
@@ -36,6 +37,8 @@ pub struct ReplicationView {
     pub capture: Arc<Capture>,
     pub progress: Arc<ReplicaProgress>,
     pub maintainer: Arc<Maintainer>,
+    /// `None` unless some database replicates synchronously.
+    pub sync: Option<Arc<SyncReplication>>,
 }
 
 /// The status of a mount, as the status socket sends it (JSON) and `walfs status` prints
