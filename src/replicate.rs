@@ -134,6 +134,9 @@ pub enum ReplicationError {
     Watch(io::Error),
     /// A replica's lease is held by another mount, or cannot be taken.
     Lease(LeaseError),
+    /// A replica cannot be listed to continue the history of `db`, which staging knows
+    /// nothing of.
+    History { db: PathBuf, source: StoreError },
 }
 
 /// The result of starting replication.
@@ -157,6 +160,11 @@ impl fmt::Display for ReplicationError {
                 f.write_str("cannot watch the backing directory for WAL changes (inotify)")?
             }
             ReplicationError::Lease(e) => write!(f, "{e}")?,
+            ReplicationError::History { db, .. } => write!(
+                f,
+                "cannot list the replica to continue the history of {} (the staging directory knows nothing of it, and starting a new history would mix two in the replica); start walfs again once the replica answers, or give the previous mount's staging directory with --staging-dir",
+                db.display()
+            )?,
         }
         if f.alternate() {
             write_causes(f, self)?;
@@ -178,6 +186,7 @@ impl std::error::Error for ReplicationError {
             ReplicationError::Lease(LeaseError::Store(e)) => e.source(),
             ReplicationError::Lease(LeaseError::Io { source, .. }) => Some(source),
             ReplicationError::Lease(LeaseError::Held(_)) => None,
+            ReplicationError::History { source, .. } => Some(source),
         }
     }
 }
@@ -290,7 +299,7 @@ impl Replication {
                     .is_some_and(|c| c.restart_history(db, reason))
             }));
         }
-        continue_replica_histories(backing, capture.staging(), uploader.replicas());
+        continue_replica_histories(backing, capture.staging(), uploader.replicas())?;
         let found = stage_existing_databases(backing, &capture);
         // What a previous run staged (a crash may have left it unsealed) goes up now.
         capture.resume_uploads();
@@ -568,15 +577,17 @@ fn has_sqlite_header(path: &Path) -> bool {
 /// Capture then continues that history: it resumes at once if the database still is the
 /// replica's newest state, and otherwise snapshots it at the next TXID. Without this the
 /// database would start a second history at TXID 1 beside the first, and restoring the
-/// latest state would return the old one. A replica that cannot be read is logged and
-/// left out. Returns how many databases continue a replica's history.
+/// latest state would return the old one, and their objects' names could collide. A
+/// replica that cannot be listed (after its client's retries), or a staging directory
+/// that cannot record this, stops the mount with one line: starting would mix two
+/// histories in the replica. Returns how many databases continue a replica's history.
 fn continue_replica_histories(
     backing: &Path,
     staging: &Staging,
     replicas: &[ReplicaStore],
-) -> usize {
+) -> ReplicationResult<usize> {
     if replicas.is_empty() {
-        return 0;
+        return Ok(0);
     }
     let candidates: Vec<PathBuf> = backing_files(backing)
         .into_iter()
@@ -588,34 +599,27 @@ fn continue_replica_histories(
         .filter(|db| has_sqlite_header(&backing.join(db)))
         .collect();
     if candidates.is_empty() {
-        return 0;
+        return Ok(0);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::warn!("cannot look for the replicas' histories: {e}");
-            return 0;
-        }
-    };
+        .build()?;
     let mut continued = 0;
     for db in candidates {
         let key = db.to_string_lossy();
         // The newest TXID any replica holds, and that replica's object of it.
         let mut newest: Option<(u64, &ReplicaStore, crate::replica::store::LtxObjectInfo)> = None;
         for replica in replicas {
-            match rt.block_on(replica.list_db_ltx(&key)) {
-                Ok(objects) => {
-                    if let Some(o) = objects.into_iter().max_by_key(|o| o.max_txid) {
-                        if newest.as_ref().is_none_or(|(t, _, _)| o.max_txid > *t) {
-                            newest = Some((o.max_txid, replica, o));
-                        }
-                    }
+            // (The store's client retries within its own bound first.)
+            let objects = rt.block_on(replica.list_db_ltx(&key)).map_err(|source| {
+                ReplicationError::History {
+                    db: db.clone(),
+                    source,
                 }
-                Err(e) => {
-                    tracing::warn!(db = %db.display(), "cannot list the replica's history of the database: {e}")
+            })?;
+            if let Some(o) = objects.into_iter().max_by_key(|o| o.max_txid) {
+                if newest.as_ref().is_none_or(|(t, _, _)| o.max_txid > *t) {
+                    newest = Some((o.max_txid, replica, o));
                 }
             }
         }
@@ -638,21 +642,23 @@ fn continue_replica_histories(
                 (state.page_size, state.commit, state.checksum) = (r.page_size, r.commit, c);
             }
         }
-        match staging.save_state(&db, &state) {
-            Ok(()) => {
-                continued += 1;
-                tracing::warn!(
-                    db = %db.display(),
-                    txid,
-                    "staging holds nothing of the database, but the replica holds its history up to this TXID: the history continues there (from a snapshot at the next TXID unless the database is still that state)"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(db = %db.display(), "cannot record the replica's history in staging: {e}")
-            }
-        }
+        staging
+            .save_state(&db, &state)
+            .map_err(|source| ReplicationError::Staging {
+                what: format!(
+                    "cannot record in staging where the replica's history of {} continues; free space or fix the staging directory",
+                    db.display()
+                ),
+                source,
+            })?;
+        continued += 1;
+        tracing::warn!(
+            db = %db.display(),
+            txid,
+            "staging holds nothing of the database, but the replica holds its history up to this TXID: the history continues there (from a snapshot at the next TXID unless the database is still that state)"
+        );
     }
-    continued
+    Ok(continued)
 }
 
 fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {
