@@ -43,6 +43,10 @@ const UPLOAD_TUNING: StoreTuning = StoreTuning {
 /// How long unmount waits for a maintenance step under way.
 const MAINTENANCE_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often the replicas' histories of databases held back from capture are asked for
+/// again (see `continue_replica_histories`).
+const HISTORY_RETRY: Duration = Duration::from_secs(5);
+
 /// How long unmount waits for pending uploads before giving up (and saying so).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,6 +113,9 @@ pub struct Replication {
     watcher: Option<WalWatcher>,
     /// Renews the replicas' leases until told to stop, then gives them up.
     lease_thread: Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
+    /// Asks the replicas for the histories of databases held back from capture, until
+    /// each is known (`continue_replica_histories`).
+    history_thread: Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
 }
 
 /// Why replication could not start.
@@ -134,9 +141,6 @@ pub enum ReplicationError {
     Watch(io::Error),
     /// A replica's lease is held by another mount, or cannot be taken.
     Lease(LeaseError),
-    /// A replica cannot be listed to continue the history of `db`, which staging knows
-    /// nothing of.
-    History { db: PathBuf, source: StoreError },
 }
 
 /// The result of starting replication.
@@ -160,11 +164,6 @@ impl fmt::Display for ReplicationError {
                 f.write_str("cannot watch the backing directory for WAL changes (inotify)")?
             }
             ReplicationError::Lease(e) => write!(f, "{e}")?,
-            ReplicationError::History { db, .. } => write!(
-                f,
-                "cannot list the replica to continue the history of {} (the staging directory knows nothing of it, and starting a new history would mix two in the replica); start walfs again once the replica answers, or give the previous mount's staging directory with --staging-dir",
-                db.display()
-            )?,
         }
         if f.alternate() {
             write_causes(f, self)?;
@@ -186,7 +185,6 @@ impl std::error::Error for ReplicationError {
             ReplicationError::Lease(LeaseError::Store(e)) => e.source(),
             ReplicationError::Lease(LeaseError::Io { source, .. }) => Some(source),
             ReplicationError::Lease(LeaseError::Held(_)) => None,
-            ReplicationError::History { source, .. } => Some(source),
         }
     }
 }
@@ -299,7 +297,7 @@ impl Replication {
                     .is_some_and(|c| c.restart_history(db, reason))
             }));
         }
-        continue_replica_histories(backing, capture.staging(), uploader.replicas())?;
+        let history_thread = continue_replica_histories(backing, &capture, uploader.replicas())?;
         let found = stage_existing_databases(backing, &capture);
         // What a previous run staged (a crash may have left it unsealed) goes up now.
         capture.resume_uploads();
@@ -345,6 +343,7 @@ impl Replication {
             maintenance_thread: Some(maintenance_thread),
             watcher: Some(watcher),
             lease_thread,
+            history_thread,
         })
     }
 
@@ -376,6 +375,10 @@ impl Replication {
     /// Stops the uploader after one last round, then retries what is still pending until
     /// the flush timeout. Returns false (and logs why) if the replica is left behind.
     pub fn stop(mut self) -> bool {
+        if let Some((t, stop)) = self.history_thread.take() {
+            let _ = stop.send(());
+            let _ = t.join();
+        }
         if let Some(w) = self.watcher.take() {
             w.stop();
         }
@@ -570,26 +573,10 @@ fn has_sqlite_header(path: &Path) -> bool {
         .is_ok_and(|()| &magic == b"SQLite format 3\0")
 }
 
-/// For each database in `backing` that staging knows nothing of, while a replica holds a
-/// history of it (the staging directory was lost or is new: a container whose staging is
-/// not on a volume, a move to another host), records in staging that the replica holds
-/// that history up to its newest TXID (with its verification record, when there is one).
-/// Capture then continues that history: it resumes at once if the database still is the
-/// replica's newest state, and otherwise snapshots it at the next TXID. Without this the
-/// database would start a second history at TXID 1 beside the first, and restoring the
-/// latest state would return the old one, and their objects' names could collide. A
-/// replica that cannot be listed (after its client's retries), or a staging directory
-/// that cannot record this, stops the mount with one line: starting would mix two
-/// histories in the replica. Returns how many databases continue a replica's history.
-fn continue_replica_histories(
-    backing: &Path,
-    staging: &Staging,
-    replicas: &[ReplicaStore],
-) -> ReplicationResult<usize> {
-    if replicas.is_empty() {
-        return Ok(0);
-    }
-    let candidates: Vec<PathBuf> = backing_files(backing)
+/// The databases in `backing` that staging knows nothing of (SQLite files by their
+/// header): each may have a history in a replica that its capture must continue.
+fn databases_unknown_to_staging(backing: &Path, staging: &Staging) -> Vec<PathBuf> {
+    backing_files(backing)
         .into_iter()
         .filter_map(|(rel, _)| match database_of(&rel) {
             Some((db, false)) => Some(db),
@@ -597,68 +584,137 @@ fn continue_replica_histories(
         })
         .filter(|db| matches!(staging.state(db), Ok(None)))
         .filter(|db| has_sqlite_header(&backing.join(db)))
-        .collect();
+        .collect()
+}
+
+/// For `db`, which staging knows nothing of, while a replica may hold its history (the
+/// staging directory was lost or is new: a container whose staging is not on a volume, a
+/// move to another host): records in staging that the replica holds that history up to
+/// its newest TXID (with its verification record, when there is one). Capture then
+/// continues that history: it resumes at once if the database still is the replica's
+/// newest state, and otherwise snapshots it at the next TXID. Without this the database
+/// would start a second history at TXID 1 beside the first, a restore of the latest
+/// state would return the old one, and object names could collide. True if a replica
+/// holds a history of it; an error if a replica cannot be listed (after its client's
+/// retries) or staging cannot record it.
+fn continue_replica_history(
+    rt: &tokio::runtime::Runtime,
+    staging: &Staging,
+    replicas: &[ReplicaStore],
+    db: &Path,
+) -> Result<bool, String> {
+    let key = db.to_string_lossy();
+    // The newest TXID any replica holds, and that replica's object of it.
+    let mut newest: Option<(u64, &ReplicaStore, crate::replica::store::LtxObjectInfo)> = None;
+    for replica in replicas {
+        let objects = rt
+            .block_on(replica.list_db_ltx(&key))
+            .map_err(|e| format!("cannot list replica {}: {e}", replica.name()))?;
+        if let Some(o) = objects.into_iter().max_by_key(|o| o.max_txid) {
+            if newest.as_ref().is_none_or(|(t, _, _)| o.max_txid > *t) {
+                newest = Some((o.max_txid, replica, o));
+            }
+        }
+    }
+    let Some((txid, replica, object)) = newest else {
+        return Ok(false);
+    };
+    let sidecar = crate::replica::record::SidecarStore::new(replica.clone());
+    let record = rt
+        .block_on(sidecar.get_checksum_record(&key, txid, Some(&object)))
+        .ok()
+        .flatten()
+        .map(|(r, _)| r);
+    let mut state = crate::staging::DbState {
+        txid,
+        uploaded_txid: txid,
+        ..Default::default()
+    };
+    if let Some(r) = record.filter(|r| r.txid == txid) {
+        if let crate::replica::record::RecordedChecksum::Content(c) = r.checksum {
+            (state.page_size, state.commit, state.checksum) = (r.page_size, r.commit, c);
+        }
+    }
+    staging
+        .save_state(db, &state)
+        .map_err(|e| format!("cannot record it in staging: {e}; {}", e.hint()))?;
+    tracing::warn!(
+        db = %db.display(),
+        txid,
+        "staging holds nothing of the database, but the replica holds its history up to this TXID: the history continues there (from a snapshot at the next TXID unless the database is still that state)"
+    );
+    Ok(true)
+}
+
+/// Continues the replicas' histories of the databases staging knows nothing of
+/// ([`continue_replica_history`]). Those whose history cannot be learnt now (a replica
+/// that does not answer) are held back from capture ([`Capture::hold_back`]) and tried
+/// again every [`HISTORY_RETRY`] on a thread of their own until each is released: the
+/// application uses them meanwhile, and nothing of them is staged until then. Returns
+/// that thread, if one is needed.
+fn continue_replica_histories(
+    backing: &Path,
+    capture: &Arc<Capture>,
+    replicas: &[ReplicaStore],
+) -> ReplicationResult<Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>> {
+    if replicas.is_empty() {
+        return Ok(None);
+    }
+    let candidates = databases_unknown_to_staging(backing, capture.staging());
     if candidates.is_empty() {
-        return Ok(0);
+        return Ok(None);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut continued = 0;
+    let mut held = Vec::new();
     for db in candidates {
-        let key = db.to_string_lossy();
-        // The newest TXID any replica holds, and that replica's object of it.
-        let mut newest: Option<(u64, &ReplicaStore, crate::replica::store::LtxObjectInfo)> = None;
-        for replica in replicas {
-            // (The store's client retries within its own bound first.)
-            let objects = rt.block_on(replica.list_db_ltx(&key)).map_err(|source| {
-                ReplicationError::History {
-                    db: db.clone(),
-                    source,
-                }
-            })?;
-            if let Some(o) = objects.into_iter().max_by_key(|o| o.max_txid) {
-                if newest.as_ref().is_none_or(|(t, _, _)| o.max_txid > *t) {
-                    newest = Some((o.max_txid, replica, o));
-                }
-            }
-        }
-        let Some((txid, replica, object)) = newest else {
+        // Once a replica failed, the others wait with it: the mount must not wait a retry
+        // period per database for a store that is down.
+        if !held.is_empty() {
+            held.push(db);
             continue;
-        };
-        let sidecar = crate::replica::record::SidecarStore::new(replica.clone());
-        let record = rt
-            .block_on(sidecar.get_checksum_record(&key, txid, Some(&object)))
-            .ok()
-            .flatten()
-            .map(|(r, _)| r);
-        let mut state = crate::staging::DbState {
-            txid,
-            uploaded_txid: txid,
-            ..Default::default()
-        };
-        if let Some(r) = record.filter(|r| r.txid == txid) {
-            if let crate::replica::record::RecordedChecksum::Content(c) = r.checksum {
-                (state.page_size, state.commit, state.checksum) = (r.page_size, r.commit, c);
-            }
         }
-        staging
-            .save_state(&db, &state)
-            .map_err(|source| ReplicationError::Staging {
-                what: format!(
-                    "cannot record in staging where the replica's history of {} continues; free space or fix the staging directory",
-                    db.display()
-                ),
-                source,
-            })?;
-        continued += 1;
-        tracing::warn!(
-            db = %db.display(),
-            txid,
-            "staging holds nothing of the database, but the replica holds its history up to this TXID: the history continues there (from a snapshot at the next TXID unless the database is still that state)"
-        );
+        if let Err(e) = continue_replica_history(&rt, capture.staging(), replicas, &db) {
+            tracing::error!(
+                db = %db.display(),
+                "cannot learn the replica's history of a database that staging knows nothing of ({e}); it and any others like it are not replicated until then (retried every {}s), so that the replica never holds two histories of one database",
+                HISTORY_RETRY.as_secs()
+            );
+            held.push(db);
+        }
     }
-    Ok(continued)
+    if held.is_empty() {
+        return Ok(None);
+    }
+    for db in &held {
+        capture.hold_back(db);
+    }
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let capture = capture.clone();
+    let replicas = replicas.to_vec();
+    let thread = std::thread::Builder::new()
+        .name("walfs-history".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(HISTORY_RETRY)
+            {
+                held.retain(|db| {
+                    match continue_replica_history(&rt, capture.staging(), &replicas, db) {
+                        Ok(_) => {
+                            capture.release(db, "its replica's history is known again");
+                            tracing::info!(db = %db.display(), "the replica's history is known: capture starts");
+                            false
+                        }
+                        Err(_) => true,
+                    }
+                });
+                if held.is_empty() {
+                    return;
+                }
+            }
+        })?;
+    Ok(Some((thread, stop)))
 }
 
 fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {

@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::{assert_same_database, sqlite3, walfs_restore, Mount};
 

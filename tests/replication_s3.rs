@@ -1042,3 +1042,46 @@ fn timestamp_restore_returns_the_state_committed_at_that_moment() {
     drop(c);
     m.stop();
 }
+
+/// A lost staging directory while the S3 replica does not answer (an outage when a
+/// container starts): the mount starts, the application uses its database, and nothing of
+/// it is replicated until the replica's history can be learnt; then that history
+/// continues (a snapshot at the next TXID, not a second history at TXID 1), and the
+/// restore equals the database.
+#[test]
+fn a_lost_staging_directory_during_an_outage_holds_the_database_back_until_the_replica_answers() {
+    use common::fault_proxy::{Fault, FaultProxy};
+    let r = S3Fixture::new("held-back");
+    let proxy = FaultProxy::start(r.moto.port);
+    let url = r.moto.s3_url_via(proxy.port, &r.prefix);
+    let args = r.args_to(&url, &["--sync-interval", "100ms"]);
+    let mut m = Mount::with_env(&as_strs(&args), S3_ENV);
+    sqlite3(
+        &m.path("app.db"),
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1), (2), (3);",
+    );
+    m.stop();
+    let (_, log) = r.restore("app.db", "first", &[]);
+    let first = common::restored_txid(&log);
+    std::fs::remove_dir_all(r.staging()).unwrap();
+    proxy.set(Fault::Status503);
+    m.start(&as_strs(&args));
+    let held = |l: &str| l.contains("cannot learn the replica's history");
+    let log = m.log_when(Duration::from_secs(60), held);
+    assert!(held(&log), "{log}");
+    // The application is not affected.
+    sqlite3(&m.path("app.db"), "INSERT INTO t VALUES (4);");
+    proxy.set(Fault::Pass);
+    let continued = |l: &str| l.contains("the replica holds its history up to this TXID");
+    let log = m.log_when(Duration::from_secs(60), continued);
+    assert!(continued(&log), "{log}");
+    sqlite3(&m.path("app.db"), "INSERT INTO t VALUES (5);");
+    let log = m.stop();
+    assert!(!log.contains("panicked"), "{log}");
+    let (out, log) = r.restore("app.db", "after", &[]);
+    assert!(
+        common::restored_txid(&log) > first,
+        "the history goes on past TXID {first}: {log}"
+    );
+    assert_same_database(&m.backing_path("app.db"), &out);
+}
