@@ -321,7 +321,7 @@ impl Capture {
         self.any_held.store(true, Ordering::Release);
     }
 
-    /// Lets `db` be captured again, and starts its capture within [`OPEN_RETRY`] (its
+    /// Lets `db` be captured again, and starts its capture within 2 s (`OPEN_RETRY`; its
     /// history restarts from a snapshot unless staging's state says it is unchanged).
     pub fn release(&self, db: &Path, reason: &str) {
         let mut held = self.held_back.lock();
