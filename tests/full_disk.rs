@@ -78,6 +78,12 @@ fn a_full_staging_disk_fails_no_operation_and_the_replica_catches_up() {
         "the failure must be logged with what to do: {log}"
     );
     assert!(!log.contains("fails with EIO"), "{log}");
+    assert_eq!(
+        log.matches("staging cannot make the captured transactions durable")
+            .count(),
+        1,
+        "two failed checkpoints, one line: {log}"
+    );
     // Nothing committed is lost: the rows are there.
     let n: i64 = c
         .query_row("SELECT count(*) FROM t", [], |r| r.get(0))

@@ -50,7 +50,13 @@ pub struct CaptureObserver {
     capture: Arc<Capture>,
     stage_at_commit: bool,
     sync: Option<Arc<dyn CommitWaiter>>,
+    /// When a staging failure at a durable barrier was last logged, per database: a
+    /// writer on a full disk meets one at every fsync, and one line a minute says it.
+    failure_logged: parking_lot::Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>,
 }
+
+/// How often a staging failure at the durable barriers of one database is logged.
+const FAILURE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl CaptureObserver {
     /// Connects `capture`. A `-wal` fsync (each commit with `synchronous=FULL`, and a
@@ -71,6 +77,7 @@ impl CaptureObserver {
             capture,
             stage_at_commit,
             sync,
+            failure_logged: parking_lot::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -137,12 +144,25 @@ impl CaptureObserver {
             );
             return Err(FsError::eio_logged());
         }
-        tracing::error!(
-            file = %rel.display(),
-            "staging cannot make the captured transactions durable at {op} ({e}); the {op} goes on, and the replica of {} restarts from a snapshot once staging works again: {}",
-            db.display(),
-            e.hint()
-        );
+        let due = {
+            let mut logged = self.failure_logged.lock();
+            let now = std::time::Instant::now();
+            let due = logged
+                .get(db)
+                .is_none_or(|t| now.duration_since(*t) >= FAILURE_LOG_EVERY);
+            if due {
+                logged.insert(db.to_path_buf(), now);
+            }
+            due
+        };
+        if due {
+            tracing::error!(
+                file = %rel.display(),
+                "staging cannot make the captured transactions durable at {op} ({e}); the {op} goes on, and the replica of {} restarts from a snapshot once staging works again (said at most once a minute): {}",
+                db.display(),
+                e.hint()
+            );
+        }
         self.restart_later(op, rel, &e);
         Ok(())
     }
