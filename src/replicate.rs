@@ -43,10 +43,6 @@ const UPLOAD_TUNING: StoreTuning = StoreTuning {
 /// How long unmount waits for a maintenance step under way.
 const MAINTENANCE_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How often the replicas' histories of databases held back from capture are asked for
-/// again (see `continue_replica_histories`).
-const HISTORY_RETRY: Duration = Duration::from_secs(5);
-
 /// How long unmount waits for pending uploads before giving up (and saying so).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -113,9 +109,6 @@ pub struct Replication {
     watcher: Option<WalWatcher>,
     /// Renews the replicas' leases until told to stop, then gives them up.
     lease_thread: Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
-    /// Asks the replicas for the histories of databases held back from capture, until
-    /// each is known (`continue_replica_histories`).
-    history_thread: Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
 }
 
 /// Why replication could not start.
@@ -297,7 +290,7 @@ impl Replication {
                     .is_some_and(|c| c.restart_history(db, reason))
             }));
         }
-        let history_thread = continue_replica_histories(backing, &capture, uploader.replicas())?;
+        continue_replica_histories(backing, &capture, uploader.replicas())?;
         let found = stage_existing_databases(backing, &capture);
         // What a previous run staged (a crash may have left it unsealed) goes up now.
         capture.resume_uploads();
@@ -343,7 +336,6 @@ impl Replication {
             maintenance_thread: Some(maintenance_thread),
             watcher: Some(watcher),
             lease_thread,
-            history_thread,
         })
     }
 
@@ -375,10 +367,6 @@ impl Replication {
     /// Stops the uploader after one last round, then retries what is still pending until
     /// the flush timeout. Returns false (and logs why) if the replica is left behind.
     pub fn stop(mut self) -> bool {
-        if let Some((t, stop)) = self.history_thread.take() {
-            let _ = stop.send(());
-            let _ = t.join();
-        }
         if let Some(w) = self.watcher.take() {
             w.stop();
         }
@@ -647,74 +635,37 @@ fn continue_replica_history(
 }
 
 /// Continues the replicas' histories of the databases staging knows nothing of
-/// ([`continue_replica_history`]). Those whose history cannot be learnt now (a replica
-/// that does not answer) are held back from capture ([`Capture::hold_back`]) and tried
-/// again every [`HISTORY_RETRY`] on a thread of their own until each is released: the
-/// application uses them meanwhile, and nothing of them is staged until then. Returns
-/// that thread, if one is needed.
+/// ([`continue_replica_history`]). If a replica does not answer (after its client's
+/// retries), the databases not yet resolved start new histories, as they would without
+/// this, and one ERROR says so: holding them back from capture would let synchronous
+/// commits return unreplicated. The replica is not asked again for each of them, so that
+/// the mount does not wait a retry period per database.
 fn continue_replica_histories(
     backing: &Path,
     capture: &Arc<Capture>,
     replicas: &[ReplicaStore],
-) -> ReplicationResult<Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>> {
+) -> ReplicationResult<()> {
     if replicas.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     let candidates = databases_unknown_to_staging(backing, capture.staging());
     if candidates.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut held = Vec::new();
-    for db in candidates {
-        // Once a replica failed, the others wait with it: the mount must not wait a retry
-        // period per database for a store that is down.
-        if !held.is_empty() {
-            held.push(db);
-            continue;
-        }
-        if let Err(e) = continue_replica_history(&rt, capture.staging(), replicas, &db) {
+    for (i, db) in candidates.iter().enumerate() {
+        if let Err(e) = continue_replica_history(&rt, capture.staging(), replicas, db) {
             tracing::error!(
                 db = %db.display(),
-                "cannot learn the replica's history of a database that staging knows nothing of ({e}); it and any others like it are not replicated until then (retried every {}s), so that the replica never holds two histories of one database",
-                HISTORY_RETRY.as_secs()
+                "cannot learn the replica's history of databases that staging knows nothing of ({e}); {} of them start new histories at TXID 1, and if the replica holds older ones a restore of the latest state may return those: restore with --timestamp, or start walfs with the previous staging directory",
+                candidates.len() - i
             );
-            held.push(db);
+            break;
         }
     }
-    if held.is_empty() {
-        return Ok(None);
-    }
-    for db in &held {
-        capture.hold_back(db);
-    }
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let capture = capture.clone();
-    let replicas = replicas.to_vec();
-    let thread = std::thread::Builder::new()
-        .name("walfs-history".into())
-        .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(HISTORY_RETRY)
-            {
-                held.retain(|db| {
-                    match continue_replica_history(&rt, capture.staging(), &replicas, db) {
-                        Ok(_) => {
-                            capture.release(db, "its replica's history is known again");
-                            tracing::info!(db = %db.display(), "the replica's history is known: capture starts");
-                            false
-                        }
-                        Err(_) => true,
-                    }
-                });
-                if held.is_empty() {
-                    return;
-                }
-            }
-        })?;
-    Ok(Some((thread, stop)))
+    Ok(())
 }
 
 fn stage_existing_databases(backing: &Path, capture: &Capture) -> usize {

@@ -78,10 +78,6 @@ pub struct Capture {
     seal_failing: AtomicBool,
     /// When [`Capture::retry_restarts`] last tried to start captures that could not start.
     last_open_retry: Mutex<Option<Instant>>,
-    /// Databases not captured until released (see [`Capture::hold_back`]); `any_held`
-    /// spares each step the lock while there are none.
-    held_back: Mutex<BTreeSet<PathBuf>>,
-    any_held: AtomicBool,
 }
 
 /// How often a database whose capture could not start (staging failed) is tried again.
@@ -114,8 +110,6 @@ impl Capture {
             hold_pages: AtomicBool::new(true),
             seal_failing: AtomicBool::new(false),
             last_open_retry: Mutex::new(None),
-            held_back: Mutex::new(BTreeSet::new()),
-            any_held: AtomicBool::new(false),
         }
     }
 
@@ -313,24 +307,6 @@ impl Capture {
         self.note_restart(db, true);
     }
 
-    /// Keeps `db` (not captured yet) from being captured until [`Capture::release`]: its
-    /// replica's history must be known first (`crate::replicate`). Nothing of it is
-    /// staged meanwhile; the application is not affected.
-    pub fn hold_back(&self, db: &Path) {
-        self.held_back.lock().insert(db.to_path_buf());
-        self.any_held.store(true, Ordering::Release);
-    }
-
-    /// Lets `db` be captured again, and starts its capture within 2 s (`OPEN_RETRY`; its
-    /// history restarts from a snapshot unless staging's state says it is unchanged).
-    pub fn release(&self, db: &Path, reason: &str) {
-        let mut held = self.held_back.lock();
-        held.remove(db);
-        self.any_held.store(!held.is_empty(), Ordering::Release);
-        drop(held);
-        self.defer_restart(db, reason);
-    }
-
     /// Tries again the snapshots of databases whose history waits to restart (each at most
     /// every half second), so that a database restarts without waiting for a write, and
     /// starts the captures that could not start (every `OPEN_RETRY`, 2 s).
@@ -491,9 +467,6 @@ impl Capture {
         let Some((db, _)) = database_of(rel) else {
             return Ok(Vec::new());
         };
-        if self.any_held.load(Ordering::Acquire) && self.held_back.lock().contains(&db) {
-            return Ok(Vec::new());
-        }
         if !step.registers && !self.is_captured(&db) {
             return Ok(Vec::new());
         }
