@@ -552,17 +552,8 @@ fn backing_files(backing: &Path) -> Vec<(PathBuf, u64)> {
     files
 }
 
-/// Whether `path` starts with SQLite's header string.
-fn has_sqlite_header(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 16];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == b"SQLite format 3\0")
-}
-
-/// The databases in `backing` that staging knows nothing of (SQLite files by their
-/// header): each may have a history in a replica that its capture must continue.
+/// The databases in `backing` that staging knows nothing of (what SQLite would read as
+/// one, `capture::is_database`): each may have a history in a replica that its capture must continue.
 fn databases_unknown_to_staging(backing: &Path, staging: &Staging) -> Vec<PathBuf> {
     backing_files(backing)
         .into_iter()
@@ -571,7 +562,7 @@ fn databases_unknown_to_staging(backing: &Path, staging: &Staging) -> Vec<PathBu
             _ => None,
         })
         .filter(|db| matches!(staging.state(db), Ok(None)))
-        .filter(|db| has_sqlite_header(&backing.join(db)))
+        .filter(|db| crate::capture::is_database(&backing.join(db)))
         .collect()
 }
 
