@@ -1,8 +1,9 @@
 //! Replication of one mount: wires capture (at the FUSE barriers), staging and upload
 //! together. At start it finds the databases already in the backing directory and stages
-//! their initial snapshots; while mounted the uploader sends what capture staged every sync
-//! interval, and the maintenance loop compacts, snapshots and applies retention; at unmount
-//! it flushes what is pending within a bounded time. With `--sync-replication`, the
+//! their initial snapshots; while mounted each replica's uploader sends what capture staged
+//! every sync interval, and its maintenance loop compacts, snapshots and applies
+//! retention, each replica on its own (`replica::fanout`); at unmount it flushes what is
+//! pending within a bounded time. With `--sync-replication`, the
 //! barriers of the databases it names wait for the uploader (`SyncCommits`); with
 //! `--max-staging`, each upload round first checks the staging budget.
 
@@ -19,6 +20,7 @@ use crate::capture::watch::WalWatcher;
 use crate::capture::{database_of, Barrier, Capture, CaptureObserver, CommitWaiter, StagingBudget};
 use crate::fs::Observer;
 use crate::replica::error::{write_causes, ReplicaError, StoreError};
+use crate::replica::fanout::Fanout;
 use crate::replica::lease::{Lease, LeaseError};
 use crate::replica::maintain::{Maintainer, MaintenanceOptions};
 use crate::replica::store::{ReplicaStore, StoreTuning};
@@ -99,16 +101,19 @@ pub struct ReplicationOptions {
 pub struct Replication {
     capture: Arc<Capture>,
     stage_at_commit: bool,
-    uploader: Arc<Uploader>,
-    maintainer: Arc<Maintainer>,
+    fanout: Arc<Fanout>,
+    /// One per replica, in the mount's order.
+    uploaders: Vec<Arc<Uploader>>,
+    /// One per replica, in the mount's order.
+    maintainers: Vec<Arc<Maintainer>>,
     /// `None` unless some database replicates synchronously.
     sync: Option<Arc<SyncReplication>>,
     merge: bool,
-    thread: Option<JoinHandle<()>>,
-    maintenance_thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
+    maintenance_threads: Vec<JoinHandle<()>>,
     watcher: Option<WalWatcher>,
-    /// Renews the replicas' leases until told to stop, then gives them up.
-    lease_thread: Option<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
+    /// Renew the replicas' leases (one thread each) until told to stop, then give them up.
+    lease_threads: Vec<(JoinHandle<()>, std::sync::mpsc::Sender<()>)>,
 }
 
 /// Why replication could not start.
@@ -210,13 +215,15 @@ impl Replication {
         opts: &ReplicationOptions,
     ) -> ReplicationResult<Replication> {
         // One writer per replica: each lease is taken before anything is written.
-        let lease_rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         let mut replicas = Vec::new();
         let mut leases = Vec::new();
         let mut fences = Vec::new();
         for url in &opts.replicas {
+            // Each lease is renewed on a thread and runtime of its own, so that a hanging
+            // replica never delays another's renewal.
+            let lease_rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
             let store = ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?;
             // The lease gets a client of its own, as maintenance does: a connection made
@@ -232,11 +239,14 @@ impl Replication {
             .map_err(ReplicationError::Lease)?;
             replicas.push(store.fenced(lease.fence()));
             fences.push(lease.fence());
-            leases.push(lease);
+            leases.push((lease_rt, lease));
         }
         // Renewed from now on: staging what the databases hold may take longer than a
         // lease lasts.
-        let lease_thread = Some(spawn_lease_thread(lease_rt, leases)?);
+        let lease_threads = leases
+            .into_iter()
+            .map(|(rt, lease)| spawn_lease_thread(rt, lease))
+            .collect::<io::Result<Vec<_>>>()?;
         let dir = staging_dir(backing, opts);
         if dir.starts_with(backing) {
             return Err(ReplicationError::StagingInsideBacking(dir));
@@ -257,40 +267,53 @@ impl Replication {
         let capture = Arc::new(Capture::new(backing, staging.clone()));
         // With a sync interval of 0 every batch is uploaded alone: nothing to merge.
         capture.set_hold_pages(!opts.sync_interval.is_zero());
-        // The maintenance thread gets clients of its own: a connection made on the
-        // uploader's runtime is driven only while that runtime runs.
-        let mut maintenance_stores = Vec::new();
-        for (url, fence) in opts.replicas.iter().zip(&fences) {
+        let fanout = Arc::new(
+            Fanout::new(staging, replicas.iter().map(ReplicaStore::name).collect()).map_err(
+                |e| ReplicationError::Staging {
+                    what: "cannot read the staging directory".into(),
+                    source: e,
+                },
+            )?,
+        );
+        // Each replica has an uploader and a maintenance loop of its own, so that a
+        // failing one never delays another. The maintenance loop gets clients of its own:
+        // a connection made on the uploader's runtime is driven only while that runtime
+        // runs.
+        let mut uploaders = Vec::new();
+        let mut maintainers = Vec::new();
+        for (i, ((url, fence), store)) in
+            opts.replicas.iter().zip(&fences).zip(&replicas).enumerate()
+        {
             let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
-            maintenance_stores
-                .push(ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?.fenced(fence.clone()));
+            let maintainer = Arc::new(Maintainer::new(
+                fanout.copies(i).clone(),
+                vec![ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?.fenced(fence.clone())],
+                opts.maintenance.clone(),
+            )?);
+            let uploader = Arc::new(Uploader::new(fanout.clone(), i, store.clone())?);
+            uploader.set_maintainer(maintainer.clone());
+            uploaders.push(uploader);
+            maintainers.push(maintainer);
         }
-        let maintainer = Arc::new(Maintainer::new(
-            staging.clone(),
-            maintenance_stores,
-            opts.maintenance.clone(),
-        )?);
-        let uploader = Arc::new(Uploader::new(staging, replicas)?);
-        uploader.set_maintainer(maintainer.clone());
         let sync = (opts.sync.enabled() && !opts.replicas.is_empty())
             .then(|| Arc::new(SyncReplication::new(opts.sync.clone())));
         if let Some(sync) = &sync {
-            uploader.set_sync(sync.clone());
+            fanout.set_sync(sync.clone());
         }
         {
-            let uploader = uploader.clone();
-            capture.set_notify(Box::new(move || uploader.notify()));
+            let uploaders = uploaders.clone();
+            capture.set_notify(Box::new(move || uploaders.iter().for_each(|u| u.notify())));
         }
         {
-            // Weak: the capture already holds the uploader (its notify).
+            // Weak: the capture already holds the uploaders (its notify).
             let capture = Arc::downgrade(&capture);
-            uploader.set_restart(Box::new(move |db, reason| {
+            fanout.set_restart(Box::new(move |db, reason| {
                 capture
                     .upgrade()
                     .is_some_and(|c| c.restart_history(db, reason))
             }));
         }
-        continue_replica_histories(backing, &capture, uploader.replicas())?;
+        continue_replica_histories(backing, &capture, &replicas)?;
         let found = stage_existing_databases(backing, &capture);
         // What a previous run staged (a crash may have left it unsealed) goes up now.
         capture.resume_uploads();
@@ -300,42 +323,57 @@ impl Replication {
             databases = found,
             "replication on"
         );
-        let thread = {
-            let (uploader, capture) = (uploader.clone(), capture.clone());
+        // Bounded staging is checked at each round's seal (capture/budget.rs), which any
+        // replica's uploader may start: what it seals goes to every replica.
+        let budget = Arc::new(opts.max_staging.map(StagingBudget::new));
+        let mut threads = Vec::new();
+        for (i, uploader) in uploaders.iter().enumerate() {
+            let (uploader, capture, fanout, budget) = (
+                uploader.clone(),
+                capture.clone(),
+                fanout.clone(),
+                budget.clone(),
+            );
             let interval = opts.sync_interval;
-            // Bounded staging is checked at each round's seal (capture/budget.rs).
-            let budget = opts.max_staging.map(StagingBudget::new);
-            std::thread::Builder::new()
-                .name("walfs-upload".into())
-                .spawn(move || {
-                    uploader.run(interval, || {
-                        let mut dbs = capture.take_staged();
-                        if let Some(b) = &budget {
-                            dbs.extend(b.check(&capture));
-                        }
-                        dbs
-                    })
-                })?
-        };
-        let maintenance_thread = {
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("walfs-upload-{i}"))
+                    .spawn(move || {
+                        uploader.run(interval, || {
+                            fanout.take(i, || {
+                                let mut dbs = capture.take_staged();
+                                if let Some(b) = budget.as_ref() {
+                                    dbs.extend(b.check(&capture));
+                                }
+                                dbs
+                            })
+                        })
+                    })?,
+            );
+        }
+        let mut maintenance_threads = Vec::new();
+        for (i, maintainer) in maintainers.iter().enumerate() {
             let maintainer = maintainer.clone();
-            std::thread::Builder::new()
-                .name("walfs-maintain".into())
-                .spawn(move || maintainer.run())?
-        };
+            maintenance_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("walfs-maintain-{i}"))
+                    .spawn(move || maintainer.run())?,
+            );
+        }
         let watcher =
             WalWatcher::start(capture.clone(), WATCH_COALESCE).map_err(ReplicationError::Watch)?;
         Ok(Replication {
             capture,
             stage_at_commit: opts.stage_at_commit,
-            uploader,
-            maintainer,
+            fanout,
+            uploaders,
+            maintainers,
             sync,
             merge: !opts.sync_interval.is_zero(),
-            thread: Some(thread),
-            maintenance_thread: Some(maintenance_thread),
+            threads,
+            maintenance_threads,
             watcher: Some(watcher),
-            lease_thread,
+            lease_threads,
         })
     }
 
@@ -343,8 +381,8 @@ impl Replication {
     pub fn view(&self) -> crate::observe::ReplicationView {
         crate::observe::ReplicationView {
             capture: self.capture.clone(),
-            progress: self.uploader.progress().clone(),
-            maintainer: self.maintainer.clone(),
+            fanout: self.fanout.clone(),
+            maintainers: self.maintainers.clone(),
             sync: self.sync.clone(),
         }
     }
@@ -354,7 +392,7 @@ impl Replication {
         let sync = self.sync.as_ref().map(|replication| {
             Arc::new(SyncCommits {
                 replication: replication.clone(),
-                uploader: self.uploader.clone(),
+                uploaders: self.uploaders.clone(),
             }) as Arc<dyn CommitWaiter>
         });
         Arc::new(CaptureObserver::new(
@@ -372,9 +410,9 @@ impl Replication {
         }
         // Compaction and retention resume from the local copies at the next mount. A step
         // under way (a request to a slow store) is not waited for long.
-        self.maintainer.shutdown();
-        if let Some(t) = self.maintenance_thread.take() {
-            let deadline = Instant::now() + MAINTENANCE_STOP_TIMEOUT;
+        self.maintainers.iter().for_each(|m| m.shutdown());
+        let deadline = Instant::now() + MAINTENANCE_STOP_TIMEOUT;
+        for t in std::mem::take(&mut self.maintenance_threads) {
             while !t.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -386,10 +424,11 @@ impl Replication {
                 );
             }
         }
-        self.uploader.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // Each uploader ends its round under way (one to a hanging replica may not end
+        // in time, and is left to the exit), then flushes on its own thread: a failing
+        // replica does not use up the others' time.
+        self.uploaders.iter().for_each(|u| u.shutdown());
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
         // Commits made since the last WAL event, then everything sealed.
         self.capture.poll_all();
         let mut dbs = self.capture.take_staged();
@@ -397,9 +436,38 @@ impl Replication {
         dbs.extend(self.capture.staging().databases().unwrap_or_default());
         dbs.sort();
         dbs.dedup();
-        let done = self
-            .uploader
-            .flush(&dbs, self.merge, Instant::now() + FLUSH_TIMEOUT);
+        let dbs = Arc::new(dbs);
+        let mut behind = Vec::new();
+        let mut flushes = Vec::new();
+        for (round, u) in std::mem::take(&mut self.threads)
+            .into_iter()
+            .zip(&self.uploaders)
+        {
+            let (u, dbs, merge) = (u.clone(), dbs.clone(), self.merge);
+            let name = u.replica().name();
+            let flush = std::thread::Builder::new()
+                .name("walfs-flush".into())
+                .spawn(move || {
+                    let _ = round.join();
+                    u.flush(&dbs, merge, deadline)
+                });
+            match flush {
+                Ok(t) => flushes.push((name, t)),
+                Err(e) => {
+                    tracing::error!(replica = %name, "cannot start the last upload: {e}");
+                    behind.push(name);
+                }
+            }
+        }
+        for (name, flush) in flushes {
+            while !flush.is_finished() && Instant::now() < deadline + Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !(flush.is_finished() && flush.join().unwrap_or(false)) {
+                behind.push(name);
+            }
+        }
+        let done = behind.is_empty();
         let stats = self.capture.stats();
         tracing::info!(
             staged = stats.staged.load(Ordering::Relaxed),
@@ -425,21 +493,31 @@ impl Replication {
         }
         if !done {
             tracing::error!(
+                replicas = %behind.join(", "),
                 "the replica is behind: staged transactions could not be uploaded before exit; they stay in staging and are uploaded at the next mount"
             );
         }
-        if let Some((thread, stop)) = self.lease_thread.take() {
+        // A lease of a hanging replica is not waited for long: it expires.
+        for (_, stop) in &self.lease_threads {
             let _ = stop.send(());
-            let _ = thread.join();
+        }
+        let deadline = Instant::now() + MAINTENANCE_STOP_TIMEOUT;
+        for (thread, _) in std::mem::take(&mut self.lease_threads) {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
         done
     }
 }
 
-/// Synchronous commits wait for the uploader: capture's [`CommitWaiter`], wired.
+/// Synchronous commits wait for the uploaders: capture's [`CommitWaiter`], wired.
 struct SyncCommits {
     replication: Arc<SyncReplication>,
-    uploader: Arc<Uploader>,
+    uploaders: Vec<Arc<Uploader>>,
 }
 
 impl CommitWaiter for SyncCommits {
@@ -452,37 +530,29 @@ impl CommitWaiter for SyncCommits {
     }
 
     fn wait(&self, db: &Path, txid: u64, known_uploaded: &dyn Fn() -> Option<u64>) -> bool {
-        let outcome = self
-            .replication
-            .wait(db, txid, known_uploaded, || self.uploader.upload_now());
+        let outcome = self.replication.wait(db, txid, known_uploaded, || {
+            self.uploaders.iter().for_each(|u| u.upload_now())
+        });
         outcome != SyncOutcome::Failed
     }
 }
 
-/// Ticks each S3 lease (renewed while its replica is written) until told to stop (or the
-/// replication is dropped), then gives every lease up.
+/// Ticks an S3 lease (renewed while its replica is written) until told to stop (or the
+/// replication is dropped), then gives it up.
 fn spawn_lease_thread(
     rt: tokio::runtime::Runtime,
-    leases: Vec<Lease>,
+    lease: Lease,
 ) -> io::Result<(JoinHandle<()>, std::sync::mpsc::Sender<()>)> {
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let every = leases
-        .iter()
-        .filter_map(Lease::tick_every)
-        .min()
-        .unwrap_or(Duration::from_secs(3600));
+    let every = lease.tick_every().unwrap_or(Duration::from_secs(3600));
     let thread = std::thread::Builder::new()
         .name("walfs-lease".into())
         .spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
             {
-                for lease in &leases {
-                    rt.block_on(lease.tick());
-                }
+                rt.block_on(lease.tick());
             }
-            for lease in &leases {
-                rt.block_on(lease.release());
-            }
+            rt.block_on(lease.release());
         })?;
     Ok((thread, stop))
 }

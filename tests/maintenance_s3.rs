@@ -270,7 +270,7 @@ fn object_count_and_staging_stay_bounded_under_steady_writes() {
                     |r| r.get::<_, i64>(0),
                 )
                 .unwrap() as u64;
-            let copies = files_under(&f.staging().join(rel).join("replica"))
+            let copies = files_under(&f.staging().join(rel).join("replicas"))
                 .iter()
                 .filter(|n| n.ends_with(".ltx"))
                 .count();
@@ -650,7 +650,7 @@ fn staging_without_local_copies_fetches_the_snapshot_once_and_goes_on() {
     drop(c);
     m.stop();
     // A staging as a walfs without maintenance left it: no local copies.
-    let kept = f.staging().join(rel).join("replica");
+    let kept = f.staging().join(rel).join("replicas");
     assert!(
         kept.is_dir(),
         "no local copies were kept in {}",

@@ -5,7 +5,7 @@
 //! lists every series.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -206,12 +206,13 @@ impl prometheus_client::collector::Collector for MountCollector {
             [(vec![], status.staging_bytes)],
         )?;
         if let Some(r) = &view.replication {
-            let names = r.progress.names();
+            let progress = r.fanout.progress();
+            let names = progress.names();
             let counter = |f: fn(&crate::replica::progress::ReplicaCounters) -> u64| {
                 names
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| (vec![("replica", n.clone())], f(r.progress.counters(i))))
+                    .map(|(i, n)| (vec![("replica", n.clone())], f(progress.counters(i))))
                     .collect::<Vec<_>>()
             };
             family(
@@ -235,22 +236,40 @@ impl prometheus_client::collector::Collector for MountCollector {
                 Counter,
                 counter(|c| c.upload_bytes.load(Ordering::Relaxed)),
             )?;
-            let m = r.maintainer.stats();
-            for (name, help, v) in [
-                ("walfs_compactions", "Compactions uploaded.", &m.compactions),
-                ("walfs_snapshots", "Snapshots uploaded.", &m.snapshots),
+            type Stat = fn(&crate::replica::maintain::MaintenanceStats) -> &AtomicU64;
+            let maintained: [(&str, &str, Stat); 3] = [
+                (
+                    "walfs_compactions",
+                    "Compactions uploaded to each replica.",
+                    |m| &m.compactions,
+                ),
+                (
+                    "walfs_snapshots",
+                    "Snapshots uploaded to each replica.",
+                    |m| &m.snapshots,
+                ),
                 (
                     "walfs_retention_deletions",
-                    "Objects deleted from the replicas by retention.",
-                    &m.retention_deletions,
+                    "Objects deleted from each replica by retention.",
+                    |m| &m.retention_deletions,
                 ),
-            ] {
+            ];
+            for (name, help, stat) in maintained {
                 family(
                     &mut enc,
                     name,
                     help,
                     Counter,
-                    [(vec![], v.load(Ordering::Relaxed))],
+                    names
+                        .iter()
+                        .zip(&r.maintainers)
+                        .map(|(n, m)| {
+                            (
+                                vec![("replica", n.clone())],
+                                stat(m.stats()).load(Ordering::Relaxed),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
                 )?;
             }
             if let Some(sync) = &r.sync {

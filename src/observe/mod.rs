@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::capture::Capture;
 use crate::fs::metrics::Metrics;
+use crate::replica::fanout::Fanout;
 use crate::replica::maintain::Maintainer;
-use crate::replica::progress::ReplicaProgress;
 use crate::replica::sync::SyncReplication;
 
 /// What a mount exposes to metrics and `walfs status`.
@@ -35,8 +35,10 @@ pub struct MountView {
 #[derive(Clone)]
 pub struct ReplicationView {
     pub capture: Arc<Capture>,
-    pub progress: Arc<ReplicaProgress>,
-    pub maintainer: Arc<Maintainer>,
+    /// What each replica holds, and its counters.
+    pub fanout: Arc<Fanout>,
+    /// Each replica's maintenance loop, in the mount's order.
+    pub maintainers: Vec<Arc<Maintainer>>,
     /// `None` unless some database replicates synchronously.
     pub sync: Option<Arc<SyncReplication>>,
 }
@@ -111,7 +113,8 @@ impl MountView {
         let mut dbs: BTreeSet<PathBuf> = r.capture.databases().into_iter().collect();
         dbs.extend(staging.databases().unwrap_or_default());
         let now_ms = millis(SystemTime::now());
-        let names = r.progress.names();
+        let progress = r.fanout.progress();
+        let names = progress.names();
         let databases = dbs
             .into_iter()
             .map(|db| {
@@ -130,7 +133,8 @@ impl MountView {
                     .iter()
                     .enumerate()
                     .map(|(i, name)| {
-                        let p = r.progress.get(&db, i, known);
+                        let held = r.fanout.held(&db, i).unwrap_or(known);
+                        let p = progress.get(&db, i, held);
                         let lag_ms = if p.txid >= txid {
                             0
                         } else {

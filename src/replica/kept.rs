@@ -1,24 +1,27 @@
-//! Local copies of what the replica holds, so that compaction and snapshots never GET
+//! Local copies of what one replica holds, so that compaction and snapshots never GET
 //! what walfs uploaded itself.
 //!
-//! Per database, under its staging directory:
+//! Per database and replica, under the database's staging directory (`<id>`: see
+//! [`super::fanout::replica_id`]):
 //!
 //! ```text
-//! <staging>/<relpath>/replica/<level>/<min>-<max>.ltx      an LTX object the replica holds
-//! <staging>/<relpath>/replica/<level>/<min>-<max>.record   its verification record, if any
+//! <staging>/<relpath>/replicas/<id>/<level>/<min>-<max>.ltx      an LTX object the replica holds
+//! <staging>/<relpath>/replicas/<id>/<level>/<min>-<max>.record   its verification record, if any
 //! ```
 //!
-//! The uploader keeps each object it uploaded; the maintenance loop
+//! Each replica's uploader keeps each object it uploaded; that replica's maintenance loop
 //! ([`super::maintain`]) adds the objects it compacts and deletes the copies it no
 //! longer needs. After a restart the directory is the maintenance loop's view of what is
-//! still to compact.
+//! still to compact. Replicas are uploaded on their own ([`super::fanout`]), so each holds
+//! different objects and has copies of its own.
 //!
-//! The copies live in each database's staging directory (staging leaves
-//! [`KEPT_DIR`] alone), so they are methods of [`Staging`]; the replica layer owns them.
+//! The copies live in each database's staging directory (staging leaves [`KEPT_DIR`]
+//! alone); [`KeptCopies`] is one replica's view of them.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::ltx::{ltx_object_name, parse_ltx_object_name, LtxHeader, HEADER_SIZE};
 use crate::staging::{list_dir, sync_dir, Staging, StagingResult, KEPT_DIR};
@@ -44,18 +47,48 @@ pub struct Kept {
 pub enum KeepSource<'a> {
     /// The object's bytes: written to a new file (fsynced).
     Bytes(&'a [u8]),
-    /// A file in staging: moved into place.
+    /// A file in staging that nothing else needs: moved into place.
     File(&'a Path),
+    /// A file in staging that stays (a staged snapshot another replica may still need):
+    /// hard-linked into place (copied where links do not work).
+    Linked(&'a Path),
 }
 
 fn record_path(ltx: &Path) -> PathBuf {
     ltx.with_extension("record")
 }
 
-impl Staging {
+/// One replica's local copies of the objects it holds, for every database of a mount.
+#[derive(Clone)]
+pub struct KeptCopies {
+    staging: Arc<Staging>,
+    /// The replica's directory inside each database's staging directory.
+    dir: PathBuf,
+}
+
+impl KeptCopies {
+    /// The copies of the replica with id `id` ([`super::fanout::replica_id`]).
+    pub fn new(staging: Arc<Staging>, id: &str) -> KeptCopies {
+        KeptCopies {
+            staging,
+            dir: Path::new(KEPT_DIR).join(id),
+        }
+    }
+
+    /// The staging area the copies live in.
+    pub fn staging(&self) -> &Arc<Staging> {
+        &self.staging
+    }
+
+    /// The replica's directory of `db` (its copies by level, and what the replica holds:
+    /// [`super::fanout`]).
+    pub fn replica_dir(&self, db: &Path) -> StagingResult<PathBuf> {
+        Ok(self.staging.db_dir(db)?.join(&self.dir))
+    }
+
     /// The directory of `db`'s local copies at `level`.
     pub fn kept_dir(&self, db: &Path, level: u8) -> StagingResult<PathBuf> {
-        Ok(self.db_dir(db)?.join(KEPT_DIR).join(level.to_string()))
+        Ok(self.replica_dir(db)?.join(level.to_string()))
     }
 
     /// Keeps a local copy of an object the replica now holds; returns it.
@@ -81,6 +114,16 @@ impl Staging {
             KeepSource::File(f) => {
                 if f != path {
                     fs::rename(f, &path)?;
+                }
+            }
+            KeepSource::Linked(f) => {
+                let _ = fs::remove_file(&path);
+                if let Err(e) = fs::hard_link(f, &path) {
+                    tracing::debug!(file = %f.display(), "copying rather than linking: {e}");
+                    let tmp = path.with_extension("ltx.tmp");
+                    fs::copy(f, &tmp)?;
+                    File::open(&tmp)?.sync_all()?;
+                    fs::rename(&tmp, &path)?;
                 }
             }
         }
@@ -121,7 +164,7 @@ impl Staging {
 
     /// The directories of `db`'s local copies, one per level, with their level.
     fn level_dirs(&self, db: &Path) -> StagingResult<Vec<(u8, PathBuf)>> {
-        Ok(list_dir(&self.db_dir(db)?.join(KEPT_DIR))?
+        Ok(list_dir(&self.replica_dir(db)?)?
             .into_iter()
             .filter_map(|e| {
                 let level = e.file_name().to_str()?.parse::<u8>().ok()?;
@@ -175,7 +218,7 @@ impl Staging {
 
     /// The local copies of `db` by name only (level and TXIDs) with their paths, without
     /// reading them
-    /// and without the clean-up of [`Staging::kept`], so that it is safe to call while the
+    /// and without the clean-up of [`KeptCopies::kept`], so that it is safe to call while the
     /// maintenance loop writes or drops copies (a copy may be gone by the time it is read).
     pub fn kept_names(&self, db: &Path) -> StagingResult<Vec<(ObjId, PathBuf)>> {
         let mut out = Vec::new();

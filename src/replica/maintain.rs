@@ -1,8 +1,9 @@
 //! Maintenance of a mount's replicas: compaction into levels 1 and up, snapshots at level
-//! 9, and retention. One thread per mount, beside the uploader.
+//! 9, and retention. One thread per replica, beside its uploader (replicas are uploaded
+//! and maintained each on its own: [`super::fanout`]).
 //!
-//! It works from the local copies that staging keeps of every uploaded object
-//! ([`Staging::keep`]), so compaction and snapshots never GET from the store. It acts only
+//! It works from the local copies that staging keeps of every object uploaded to its
+//! replica ([`KeptCopies::keep`]), so compaction and snapshots never GET from the store. It acts only
 //! when something changed: the uploader tells it what it uploaded; each level is compacted
 //! at its interval while the level below holds something new; a snapshot is built (the
 //! previous snapshot merged with the objects since) once per snapshot interval for a
@@ -14,7 +15,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
@@ -23,12 +23,11 @@ use super::compact::{
     compacted_away, compaction_inputs, merge_ltx, snapshot_chain, superseded_by_snapshot, ObjId,
 };
 use super::error::{ReplicaError, ReplicaResult};
-use super::kept::{KeepSource, Kept};
+use super::kept::{KeepSource, Kept, KeptCopies};
 use super::record::SidecarStore;
 use super::retention::{plan_retention, RetentionPolicy};
 use super::store::ReplicaStore;
 use crate::ltx::ltx_object_name;
-use crate::staging::Staging;
 
 /// The snapshot level.
 const SNAPSHOTS: u8 = 9;
@@ -138,7 +137,7 @@ fn ms_to_time(ms: i64) -> SystemTime {
 
 /// The maintenance loop of one mount.
 pub struct Maintainer {
-    staging: Arc<Staging>,
+    copies: KeptCopies,
     replicas: Vec<ReplicaStore>,
     opts: MaintenanceOptions,
     runtime: tokio::runtime::Runtime,
@@ -165,7 +164,7 @@ pub struct MaintenanceStats {
 
 impl Maintainer {
     pub fn new(
-        staging: Arc<Staging>,
+        copies: KeptCopies,
         replicas: Vec<ReplicaStore>,
         opts: MaintenanceOptions,
     ) -> ReplicaResult<Maintainer> {
@@ -178,7 +177,7 @@ impl Maintainer {
             .enable_all()
             .build()?;
         Ok(Maintainer {
-            staging,
+            copies,
             replicas,
             opts,
             runtime,
@@ -228,7 +227,7 @@ impl Maintainer {
     }
 
     fn new_view(&self, db: &Path) -> DbView {
-        let local: BTreeMap<ObjId, Kept> = match self.staging.kept(db) {
+        let local: BTreeMap<ObjId, Kept> = match self.copies.kept(db) {
             Ok(k) => k.into_iter().map(|k| (id_of(&k), k)).collect(),
             Err(e) => {
                 tracing::warn!(db = %db.display(), "cannot read the local copies: {e}");
@@ -259,7 +258,7 @@ impl Maintainer {
     pub fn run(&self) {
         {
             let mut views = self.views.lock();
-            for db in self.staging.databases().unwrap_or_default() {
+            for db in self.copies.staging().databases().unwrap_or_default() {
                 let v = self.new_view(&db);
                 if !v.local.is_empty() {
                     views.insert(db, v);
@@ -435,7 +434,7 @@ impl Maintainer {
         let local: Vec<ObjId> = view.local.keys().copied().collect();
         for o in compacted_away(&local, id_of(&kept)) {
             if let Some(input) = view.local.remove(&o) {
-                self.staging.drop_kept(&input.path)?;
+                self.copies.drop_kept(&input.path)?;
             }
         }
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
@@ -454,7 +453,7 @@ impl Maintainer {
         snapshot: bool,
         record: Option<super::record::ChecksumRecord>,
     ) -> ReplicaResult<Kept> {
-        let dir = self.staging.kept_dir(db, level)?;
+        let dir = self.copies.kept_dir(db, level)?;
         std::fs::create_dir_all(&dir)?;
         let out = dir.join(ltx_object_name(min, max));
         let paths: Vec<&Path> = inputs.iter().map(|k| k.path.as_path()).collect();
@@ -485,11 +484,11 @@ impl Maintainer {
             Ok(())
         })();
         if let Err(e) = sent {
-            let _ = self.staging.drop_kept(&out);
+            let _ = self.copies.drop_kept(&out);
             return Err(e);
         }
         Ok(self
-            .staging
+            .copies
             .keep(db, level, (min, max), KeepSource::File(&out), record)?)
     }
 
@@ -589,7 +588,7 @@ impl Maintainer {
             .collect();
         for o in gone {
             if let Some(k) = view.local.remove(&o) {
-                if let Err(e) = self.staging.drop_kept(&k.path) {
+                if let Err(e) = self.copies.drop_kept(&k.path) {
                     tracing::warn!(db = %db.display(), "cannot drop a local copy: {e}");
                 }
             }
@@ -663,7 +662,7 @@ impl Maintainer {
                 .runtime
                 .block_on(sidecar.get_checksum_record(&key, o.max, Some(&info)))?
                 .map(|(r, _)| r);
-            let kept = self.staging.keep(
+            let kept = self.copies.keep(
                 db,
                 o.level,
                 (o.min, o.max),

@@ -5,10 +5,11 @@
 //! object), [`store`] (put, get, head, list, delete), [`error`] (what fails) and
 //! [`timestamp`] (the RFC 3339 times objects carry); [`lease`] keeps one writer per
 //! replica; [`sync`] makes a commit wait until the replica holds it
-//! (`--sync-replication`).
+//! (`--sync-replication`); [`fanout`] lets each replica upload on its own.
 
 pub mod compact;
 pub mod error;
+pub mod fanout;
 pub mod kept;
 pub mod layout;
 pub mod lease;

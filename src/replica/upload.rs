@@ -1,9 +1,12 @@
-//! Upload: moves what capture staged to every replica. It waits until a database has
+//! Upload: moves what capture staged to one replica (each replica has an uploader of its
+//! own, [`super::fanout`], so that one failing replica never delays another). It waits
+//! until a database has
 //! something staged, gives further commits one sync interval to join, then merges each
 //! database's sealed batches into one level-0 LTX file (one PUT per database per interval,
 //! however many commits it holds), or uploads its newest snapshot to level 9, and only then
-//! tells staging they are safe to drop. Each uploaded object is kept in staging as a local
-//! copy for the maintenance loop (compaction, snapshots), which it tells. With a sync
+//! tells the fan-out, which drops from staging what every replica holds. Each uploaded
+//! object is kept in staging as a local copy for this replica's maintenance loop
+//! (compaction, snapshots), which it tells. With a sync
 //! interval of 0, every batch is uploaded as its own file, so every captured commit stays
 //! restorable. A database with nothing staged costs no request at all, and an idle mount
 //! makes none. A failing replica is retried with backoff while staging keeps everything
@@ -22,12 +25,11 @@ use parking_lot::{Condvar, Mutex};
 
 use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
 use super::error::{ReplicaError, ReplicaResult};
-use super::kept::KeepSource;
+use super::fanout::Fanout;
+use super::kept::{KeepSource, KeptCopies};
 use super::maintain::Maintainer;
-use super::progress::ReplicaProgress;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use super::store::ReplicaStore;
-use super::sync::SyncReplication;
 use crate::ltx::{LtxEncoder, LtxHeader, HEADER_SIZE};
 use crate::sqlite::lock_byte_page;
 use crate::staging::{Batch, PageMerge, Staged, Staging};
@@ -263,38 +265,31 @@ fn millis_to_time(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
-/// The uploader of one mount.
+/// The uploader of one replica of a mount.
 pub struct Uploader {
     staging: Arc<Staging>,
-    replicas: Vec<ReplicaStore>,
+    fanout: Arc<Fanout>,
+    /// The replica's place in the mount's list (and in the fan-out).
+    index: usize,
+    replica: ReplicaStore,
+    copies: KeptCopies,
     runtime: tokio::runtime::Runtime,
     stop: AtomicBool,
     /// Set by [`Uploader::notify`]: something new is staged.
     wake: (Mutex<bool>, Condvar),
     /// Uploads that completed, for tests and metrics.
     uploaded: std::sync::atomic::AtomicU64,
-    /// What each replica holds of each database, and its counters.
-    progress: Arc<ReplicaProgress>,
     /// Told what was uploaded (compaction, snapshots, retention).
     maintainer: std::sync::OnceLock<Arc<Maintainer>>,
-    /// Asks capture to restart a database's history from a snapshot (see
-    /// [`Uploader::set_restart`]).
-    restart: std::sync::OnceLock<RestartHistory>,
     /// Databases whose staged items cannot be uploaded, waiting for a snapshot to supersede
     /// them (each is reported once).
     unreadable: Mutex<BTreeSet<PathBuf>>,
-    /// The last round found a replica's lease lapsed (`super::lease`).
+    /// The last round found the replica's lease lapsed (`super::lease`).
     waited_for_lease: AtomicBool,
-    /// Told what every replica holds, for the commits that wait for it.
-    sync: std::sync::OnceLock<Arc<SyncReplication>>,
     /// Set by [`Uploader::upload_now`]: a commit waits for the next round, which starts
     /// without waiting for the sync interval.
     urgent: AtomicBool,
 }
-
-/// Asks capture to restart the history of a database (relative path) from a snapshot,
-/// giving the reason; false if the database cannot be captured now.
-pub type RestartHistory = Box<dyn Fn(&Path, &str) -> bool + Send + Sync>;
 
 /// Whether an error reading or encoding staged items is permanent: the items cannot be
 /// uploaded as they are (unreadable, inconsistent, not valid LTX), rather than waiting for
@@ -318,24 +313,28 @@ fn cannot_be_uploaded(e: &ReplicaError) -> bool {
 }
 
 impl Uploader {
-    pub fn new(staging: Arc<Staging>, replicas: Vec<ReplicaStore>) -> std::io::Result<Uploader> {
-        let names = replicas.iter().map(ReplicaStore::name).collect();
+    /// The uploader of replica `index` of `fanout`, which is `replica`.
+    pub fn new(
+        fanout: Arc<Fanout>,
+        index: usize,
+        replica: ReplicaStore,
+    ) -> std::io::Result<Uploader> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         Ok(Uploader {
-            staging,
-            replicas,
+            staging: fanout.staging().clone(),
+            copies: fanout.copies(index).clone(),
+            fanout,
+            index,
+            replica,
             runtime,
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
             uploaded: std::sync::atomic::AtomicU64::new(0),
-            progress: Arc::new(ReplicaProgress::new(names)),
             maintainer: std::sync::OnceLock::new(),
-            restart: std::sync::OnceLock::new(),
             unreadable: Mutex::new(BTreeSet::new()),
             waited_for_lease: AtomicBool::new(false),
-            sync: std::sync::OnceLock::new(),
             urgent: AtomicBool::new(false),
         })
     }
@@ -345,28 +344,12 @@ impl Uploader {
         let _ = self.maintainer.set(m);
     }
 
-    /// Tells `sync` what every replica holds after each upload.
-    pub fn set_sync(&self, sync: Arc<SyncReplication>) {
-        let _ = self.sync.set(sync);
+    /// The replica uploaded to.
+    pub fn replica(&self) -> &ReplicaStore {
+        &self.replica
     }
 
-    /// Sets how to ask capture for a snapshot that supersedes staged items that can no
-    /// longer be uploaded.
-    pub fn set_restart(&self, restart: RestartHistory) {
-        let _ = self.restart.set(restart);
-    }
-
-    /// The replicas uploaded to.
-    pub fn replicas(&self) -> &[ReplicaStore] {
-        &self.replicas
-    }
-
-    /// What each replica holds of each database.
-    pub fn progress(&self) -> &Arc<ReplicaProgress> {
-        &self.progress
-    }
-
-    /// How many LTX files were uploaded (to every replica) so far.
+    /// How many LTX files were uploaded so far.
     pub fn uploaded_files(&self) -> u64 {
         self.uploaded.load(Ordering::Relaxed)
     }
@@ -374,8 +357,8 @@ impl Uploader {
     /// Uploads everything sealed for the databases in `dbs`; returns those still behind
     /// (their upload failed and will be retried).
     pub fn upload_round(&self, dbs: &BTreeSet<PathBuf>, merge: bool) -> BTreeSet<PathBuf> {
-        if !self.replicas.is_empty() && self.replicas.iter().all(ReplicaStore::lease_lost) {
-            // Another mount writes the replicas now (the lease said so, once): what is
+        if self.replica.lease_lost() {
+            // Another mount writes the replica now (the lease said so, once): what is
             // staged stays, unsent and unlogged.
             return dbs.clone();
         }
@@ -392,7 +375,7 @@ impl Uploader {
                         self.waited_for_lease.store(true, Ordering::Relaxed);
                         tracing::debug!(db = %db.display(), "waiting for the lease: {e:#}");
                     } else {
-                        tracing::warn!(db = %db.display(), "replica is behind: {e:#}; retrying");
+                        tracing::warn!(db = %db.display(), replica = %self.replica.name(), "replica is behind: {e:#}; retrying");
                     }
                 }
             }
@@ -412,7 +395,7 @@ impl Uploader {
     }
 
     fn upload_database(&self, db: &Path, merge: bool) -> ReplicaResult<()> {
-        let staged = self.staging.pending(db)?;
+        let staged = self.fanout.pending(db, self.index)?;
         let Some(last) = staged.last() else {
             return self.upload_deleted_marker(db);
         };
@@ -439,59 +422,45 @@ impl Uploader {
             }
         }
         let key = db.to_string_lossy();
+        let replica = &self.replica;
+        let mut bytes = 0;
         let sent = (|| -> ReplicaResult<()> {
-            for (i, replica) in self.replicas.iter().enumerate() {
-                // What each replica holds is recorded here, per replica (`super::progress`).
-                let mut bytes = 0;
-                let one = (|| -> ReplicaResult<()> {
-                    // On S3 the record rides in the object's metadata (one PUT per object);
-                    // a file replica keeps it as a file beside the object.
-                    let in_metadata = replica.holds_records();
-                    for u in &uploads {
-                        let txids = (u.min_txid, u.max_txid);
-                        let meta = u
-                            .record
-                            .filter(|_| in_metadata)
-                            .map(|r| r.encode().trim().to_string());
-                        let info = match &u.body {
-                            Body::Bytes(b) => {
-                                self.runtime.block_on(replica.put_ltx_with_record(
-                                    &key,
-                                    u.level,
-                                    txids,
-                                    b.clone(),
-                                    u.timestamp,
-                                    meta,
-                                ))?
-                            }
-                            Body::Staged(f) | Body::Temp(f) => self.runtime.block_on(
-                                replica.put_ltx_file(&key, u.level, txids, f, u.timestamp, meta),
-                            )?,
-                        };
-                        bytes += info.size;
-                        if let Some(record) = u.record.filter(|_| !in_metadata) {
-                            let sidecar = SidecarStore::new(replica.clone());
-                            self.runtime
-                                .block_on(sidecar.put_checksum_record(&key, &record))?;
-                        }
-                    }
-                    Ok(())
-                })();
-                match one {
-                    Ok(()) => self
-                        .progress
-                        .uploaded(db, i, max, uploads.len() as u64, bytes),
-                    Err(e) => {
-                        if !e.is_fenced() {
-                            self.progress.failed(db, i, &format!("{e:#}"));
-                        }
-                        return Err(e);
-                    }
+            // On S3 the record rides in the object's metadata (one PUT per object); a file
+            // replica keeps it as a file beside the object.
+            let in_metadata = replica.holds_records();
+            for u in &uploads {
+                let txids = (u.min_txid, u.max_txid);
+                let meta = u
+                    .record
+                    .filter(|_| in_metadata)
+                    .map(|r| r.encode().trim().to_string());
+                let info = match &u.body {
+                    Body::Bytes(b) => self.runtime.block_on(replica.put_ltx_with_record(
+                        &key,
+                        u.level,
+                        txids,
+                        b.clone(),
+                        u.timestamp,
+                        meta,
+                    ))?,
+                    Body::Staged(f) | Body::Temp(f) => self.runtime.block_on(
+                        replica.put_ltx_file(&key, u.level, txids, f, u.timestamp, meta),
+                    )?,
+                };
+                bytes += info.size;
+                if let Some(record) = u.record.filter(|_| !in_metadata) {
+                    let sidecar = SidecarStore::new(replica.clone());
+                    self.runtime
+                        .block_on(sidecar.put_checksum_record(&key, &record))?;
                 }
             }
             Ok(())
         })();
+        let progress = self.fanout.progress();
         if let Err(e) = sent {
+            if !e.is_fenced() {
+                progress.failed(db, self.index, &format!("{e:#}"));
+            }
             for u in &uploads {
                 if let Body::Temp(f) = &u.body {
                     let _ = std::fs::remove_file(f);
@@ -499,21 +468,22 @@ impl Uploader {
             }
             return Err(e);
         }
-        // Every replica holds it: the commits waiting for it return now, without waiting
-        // for the bookkeeping below.
-        if let Some(sync) = self.sync.get() {
-            sync.uploaded(db, max);
-        }
+        progress.uploaded(db, self.index, max, uploads.len() as u64, bytes);
+        // The replica holds it: the commits waiting for it (once every replica holds it)
+        // return now, without waiting for the bookkeeping below.
+        self.fanout.holds(db, self.index, max)?;
         // Keep a local copy of each object for compaction and snapshots; a copy that
         // cannot be kept only costs compaction that object (the replica holds it).
         let mut kept = Vec::new();
         for u in &uploads {
             let source = match &u.body {
                 Body::Bytes(b) => KeepSource::Bytes(b),
-                Body::Staged(f) | Body::Temp(f) => KeepSource::File(f),
+                // Other replicas may still need it; staging drops it once they hold it.
+                Body::Staged(f) => KeepSource::Linked(f),
+                Body::Temp(f) => KeepSource::File(f),
             };
             match self
-                .staging
+                .copies
                 .keep(db, u.level, (u.min_txid, u.max_txid), source, u.record)
             {
                 Ok(k) => kept.push(k),
@@ -528,13 +498,13 @@ impl Uploader {
                 }
             }
         }
-        self.staging.mark_uploaded(db, max)?;
+        self.fanout.record(db, self.index, max)?;
         if let Some(m) = self.maintainer.get() {
             m.uploaded(db, kept);
         }
         self.uploaded
             .fetch_add(uploads.len() as u64, Ordering::Relaxed);
-        tracing::debug!(db = %db.display(), txid = max, files = uploads.len(), "uploaded");
+        tracing::debug!(db = %db.display(), replica = %replica.name(), txid = max, files = uploads.len(), "uploaded");
         self.upload_deleted_marker(db)
     }
 
@@ -565,7 +535,7 @@ impl Uploader {
             }
         }
         let reason = format!("its staged transactions cannot be uploaded ({e})");
-        let restarted = self.restart.get().is_some_and(|r| r(db, &reason));
+        let restarted = self.fanout.restart(db, &reason);
         if !restarted {
             // Nothing can supersede them: drop them rather than retry forever.
             let upto = staged.last().map_or(0, |s| s.max_txid());
@@ -585,7 +555,7 @@ impl Uploader {
     /// On any error `u` is left as it was (one tick alone is always correct); a copy that
     /// the maintenance loop dropped meanwhile is such an error.
     fn absorb(&self, db: &Path, u: &mut Upload) -> ReplicaResult<()> {
-        let copies: HashMap<ObjId, PathBuf> = self.staging.kept_names(db)?.into_iter().collect();
+        let copies: HashMap<ObjId, PathBuf> = self.copies.kept_names(db)?.into_iter().collect();
         let ids: Vec<ObjId> = copies.keys().copied().collect();
         let level0: Vec<ObjId> = ids.iter().copied().filter(|o| o.level == 0).collect();
         let absorbed = absorbed_by_next(&level0, window_start(&ids, 0), u.min_txid - 1);
@@ -621,23 +591,20 @@ impl Uploader {
         Ok(())
     }
 
-    /// Puts the deletion marker capture staged for `db` (once its last TXID is uploaded),
-    /// then removes the staged one.
+    /// Puts the deletion marker capture staged for `db` (once the replica holds its last
+    /// TXID); staging drops it once every replica has it.
     fn upload_deleted_marker(&self, db: &Path) -> ReplicaResult<()> {
         let Some(content) = self.staging.deleted_marker(db)? else {
             return Ok(());
         };
-        if !self.staging.pending(db)?.is_empty() {
+        if !self.fanout.pending(db, self.index)?.is_empty() {
             return Ok(());
         }
         let key = db.to_string_lossy();
-        for replica in &self.replicas {
-            let sidecar = SidecarStore::new(replica.clone());
-            self.runtime
-                .block_on(sidecar.put_deleted_marker(&key, &content))?;
-        }
-        self.staging.clear_deleted(db, Some(&content))?;
-        tracing::info!(db = %db.display(), "the replica marks the database as deleted");
+        let sidecar = SidecarStore::new(self.replica.clone());
+        self.runtime
+            .block_on(sidecar.put_deleted_marker(&key, &content))?;
+        self.fanout.marker_sent(db, self.index, &content)?;
         Ok(())
     }
 
@@ -669,7 +636,11 @@ impl Uploader {
             let mut dbs = std::mem::take(&mut behind);
             dbs.extend(take());
             behind = self.upload_round(&dbs, merge);
-            if let Some(sync) = self.sync.get().filter(|_| !dbs.is_empty()) {
+            if let Some(sync) = self
+                .fanout
+                .sync()
+                .filter(|_| !dbs.is_empty() && self.index == 0)
+            {
                 sync.stats().rounds.fetch_add(1, Ordering::Relaxed);
             }
             backoff = if behind.is_empty() {
@@ -679,7 +650,7 @@ impl Uploader {
                 // late), and the attempt asked for its renewal. Try again as soon as that
                 // can have happened, not after a backoff that could outlast each renewal.
                 LEASE_RETRY
-            } else if self.sync.get().is_some_and(|s| s.has_waiters()) {
+            } else if self.fanout.sync().is_some_and(|s| s.has_waiters()) {
                 (backoff * 2).clamp(Duration::from_millis(100), MAX_SYNC_BACKOFF)
             } else {
                 (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF)
@@ -766,6 +737,12 @@ mod tests {
     use crate::sqlite::{page_hash, ContentChecksum};
     use crate::staging::{BatchHeader, DbState};
 
+    /// The uploader of a mount with the one replica `store`.
+    fn one_replica(staging: &Arc<Staging>, store: ReplicaStore) -> Uploader {
+        let fanout = Fanout::new(staging.clone(), vec![store.name()]).unwrap();
+        Uploader::new(Arc::new(fanout), 0, store).unwrap()
+    }
+
     /// Appends a one-page batch of `page_size` bytes with TXID `txid` to `db`'s segment.
     fn stage_batch(staging: &Staging, db: &Path, page_size: u32, txid: u64) {
         let mut seg = staging.open_segment(db).unwrap();
@@ -825,7 +802,7 @@ mod tests {
         let store =
             ReplicaStore::open_with(&ReplicaUrl::parse(&url).unwrap(), &StoreTuning::default())
                 .unwrap();
-        let uploader = Uploader::new(staging.clone(), vec![store.clone()]).unwrap();
+        let uploader = one_replica(&staging, store.clone());
         let dbs: BTreeSet<PathBuf> = [db.to_path_buf()].into();
         assert!(uploader.upload_round(&dbs, true).is_empty());
         let sidecar = SidecarStore::new(store);
@@ -869,11 +846,11 @@ mod tests {
         let store =
             ReplicaStore::open_with(&ReplicaUrl::parse(&url).unwrap(), &StoreTuning::default())
                 .unwrap();
-        let uploader = Uploader::new(staging.clone(), vec![store]).unwrap();
+        let uploader = one_replica(&staging, store);
         let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         {
             let (staging, asked) = (staging.clone(), asked.clone());
-            uploader.set_restart(Box::new(move |db, reason| {
+            uploader.fanout.set_restart(Box::new(move |db, reason| {
                 assert!(reason.contains("page size"), "{reason}");
                 asked.fetch_add(1, Ordering::Relaxed);
                 let page = vec![9u8; 1024];

@@ -10,7 +10,8 @@
 //! <staging>/<relpath>/segments/active                    batches being appended (segment.rs)
 //! <staging>/<relpath>/segments/<min>-<max>.seg           sealed batches, awaiting upload
 //! <staging>/<relpath>/snapshots/<min>-<max>.ltx          snapshots (LTX), awaiting upload
-//! <staging>/<relpath>/replica/<level>/<min>-<max>.ltx    local copies of uploaded objects
+//! <staging>/<relpath>/replicas/<id>/uploaded             what replica <id> holds
+//! <staging>/<relpath>/replicas/<id>/<level>/<min>-<max>.ltx  its local copies of uploaded objects
 //! <staging>/<relpath>/deleted                            deletion marker, awaiting upload
 //! ```
 //!
@@ -177,9 +178,14 @@ fn gone_is_none<T>(r: StagingResult<T>) -> StagingResult<Option<T>> {
     }
 }
 
-/// The directory inside a database's staging directory that holds the replica's local
-/// copies of its objects (`crate::replica::kept`); staging only leaves it alone.
-pub const KEPT_DIR: &str = "replica";
+/// The directory inside a database's staging directory that holds, per replica, what the
+/// replica holds and local copies of its objects (`crate::replica::kept`,
+/// `crate::replica::fanout`); staging only leaves it alone.
+pub const KEPT_DIR: &str = "replicas";
+
+/// Where walfs before per-replica uploads kept the one set of local copies
+/// (`crate::replica::fanout` moves it into [`KEPT_DIR`]); staging leaves it alone too.
+pub const LEGACY_KEPT_DIR: &str = "replica";
 
 /// Fsyncs a directory, so that renames and creations in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -187,7 +193,7 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically and durably (temp file, fsync, rename, dir fsync).
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -660,7 +666,11 @@ impl Staging {
                     out.push(child.clone());
                 }
                 let name = entry.file_name();
-                if name != "segments" && name != "snapshots" && name != KEPT_DIR {
+                if name != "segments"
+                    && name != "snapshots"
+                    && name != KEPT_DIR
+                    && name != LEGACY_KEPT_DIR
+                {
                     stack.push(child);
                 }
             }

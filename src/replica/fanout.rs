@@ -1,0 +1,314 @@
+//! Fan-out: a mount's replicas are uploaded each on its own (an uploader and a maintenance
+//! loop per replica, [`super::upload`], [`super::maintain`]), so that a failing or hanging
+//! replica never delays the others. What they share is staging, and this file owns the
+//! sharing:
+//!
+//! - what each replica holds of each database (its uploaded TXID), kept in memory and in
+//!   `<staging>/<relpath>/replicas/<id>/uploaded`, so that a restart resumes each replica
+//!   where it was rather than sending the faster ones again what they hold;
+//! - what staging may drop: the staged batches and snapshots that every replica holds
+//!   (the smallest uploaded TXID), and what synchronous commits are told (the same: a
+//!   synchronous commit returns once every replica holds it);
+//! - the databases newly staged for each replica (capture seals them once, for all);
+//! - the deletion marker, dropped from staging once every replica has it;
+//! - the request to restart a database's history from a snapshot when staged items
+//!   cannot be uploaded.
+//!
+//! A replica's `<id>` is the first 16 hex digits of the BLAKE3 hash of its credential-free
+//! name ([`super::store::ReplicaStore::name`]), so it follows the replica, not its place in
+//! the `--replica` list. Local copies written before replicas were uploaded on their own
+//! (one set, in `<relpath>/replica/`) become the first replica's.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+use super::kept::KeptCopies;
+use super::progress::ReplicaProgress;
+use super::sync::SyncReplication;
+use crate::staging::{write_atomic, Staged, Staging, StagingResult, KEPT_DIR, LEGACY_KEPT_DIR};
+
+/// The file in a replica's directory of a database that says what the replica holds.
+const UPLOADED_FILE: &str = "uploaded";
+
+/// Asks capture to restart the history of a database (relative path) from a snapshot,
+/// giving the reason; false if the database cannot be captured now.
+pub type RestartHistory = Box<dyn Fn(&Path, &str) -> bool + Send + Sync>;
+
+/// The directory name of the replica called `name` (credential-free) in each database's
+/// staging directory.
+pub fn replica_id(name: &str) -> String {
+    blake3::hash(name.as_bytes()).to_hex()[..16].to_string()
+}
+
+/// What the replicas of one mount share (see the module comment).
+pub struct Fanout {
+    staging: Arc<Staging>,
+    copies: Vec<KeptCopies>,
+    progress: Arc<ReplicaProgress>,
+    /// Per database, the TXID each replica holds (loaded when first needed).
+    held: Mutex<HashMap<PathBuf, Vec<u64>>>,
+    /// Databases staged since each replica's uploader last asked.
+    inboxes: Mutex<Vec<BTreeSet<PathBuf>>>,
+    /// Per database, the deletion marker being sent and which replicas have it.
+    markers: Mutex<HashMap<PathBuf, (String, Vec<bool>)>>,
+    sync: OnceLock<Arc<SyncReplication>>,
+    restart: OnceLock<RestartHistory>,
+}
+
+impl Fanout {
+    /// The fan-out of the replicas called `names` (credential-free, in the mount's order)
+    /// over `staging`. Moves local copies of an older walfs to the first replica.
+    pub fn new(staging: Arc<Staging>, names: Vec<String>) -> StagingResult<Fanout> {
+        let copies: Vec<KeptCopies> = names
+            .iter()
+            .map(|n| KeptCopies::new(staging.clone(), &replica_id(n)))
+            .collect();
+        if let Some(first) = copies.first() {
+            for db in staging.databases()? {
+                let legacy = staging.db_dir(&db)?.join(LEGACY_KEPT_DIR);
+                let dir = first.replica_dir(&db)?;
+                if legacy.is_dir() && !dir.exists() {
+                    std::fs::create_dir_all(staging.db_dir(&db)?.join(KEPT_DIR))?;
+                    std::fs::rename(&legacy, &dir)?;
+                    tracing::info!(db = %db.display(), "local copies now belong to the first replica");
+                }
+            }
+        }
+        Ok(Fanout {
+            inboxes: Mutex::new(vec![BTreeSet::new(); names.len()]),
+            progress: Arc::new(ReplicaProgress::new(names)),
+            staging,
+            copies,
+            held: Mutex::new(HashMap::new()),
+            markers: Mutex::new(HashMap::new()),
+            sync: OnceLock::new(),
+            restart: OnceLock::new(),
+        })
+    }
+
+    pub fn staging(&self) -> &Arc<Staging> {
+        &self.staging
+    }
+
+    /// How many replicas there are.
+    pub fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+
+    /// Replica `replica`'s local copies.
+    pub fn copies(&self, replica: usize) -> &KeptCopies {
+        &self.copies[replica]
+    }
+
+    /// What each replica holds of each database, and its counters.
+    pub fn progress(&self) -> &Arc<ReplicaProgress> {
+        &self.progress
+    }
+
+    /// Tells `sync` what every replica holds after each upload.
+    pub fn set_sync(&self, sync: Arc<SyncReplication>) {
+        let _ = self.sync.set(sync);
+    }
+
+    pub fn sync(&self) -> Option<&Arc<SyncReplication>> {
+        self.sync.get()
+    }
+
+    /// Sets how to ask capture for a snapshot that supersedes staged items that can no
+    /// longer be uploaded.
+    pub fn set_restart(&self, restart: RestartHistory) {
+        let _ = self.restart.set(restart);
+    }
+
+    /// Asks capture to restart `db`'s history from a snapshot; false if it cannot now.
+    pub fn restart(&self, db: &Path, reason: &str) -> bool {
+        self.restart.get().is_some_and(|r| r(db, reason))
+    }
+
+    /// The databases newly staged for replica `replica`: `fresh` seals what capture
+    /// staged (once, for every replica), and what it returns joins each replica's inbox.
+    pub fn take(&self, replica: usize, fresh: impl FnOnce() -> Vec<PathBuf>) -> Vec<PathBuf> {
+        let mut inboxes = self.inboxes.lock();
+        let new = fresh();
+        for inbox in inboxes.iter_mut() {
+            inbox.extend(new.iter().cloned());
+        }
+        std::mem::take(&mut inboxes[replica]).into_iter().collect()
+    }
+
+    /// The TXID replica `replica` holds of `db`: what it was last told, else what its file
+    /// says, else what staging's state says every replica holds (as before replicas were
+    /// uploaded on their own).
+    pub fn held(&self, db: &Path, replica: usize) -> StagingResult<u64> {
+        Ok(self.held_all(db)?[replica])
+    }
+
+    fn held_all(&self, db: &Path) -> StagingResult<Vec<u64>> {
+        if let Some(h) = self.held.lock().get(db) {
+            return Ok(h.clone());
+        }
+        let floor = self.staging.state(db)?.map_or(0, |s| s.uploaded_txid);
+        let mut loaded = Vec::with_capacity(self.copies.len());
+        for c in &self.copies {
+            let file = c.replica_dir(db)?.join(UPLOADED_FILE);
+            let txid = match std::fs::read_to_string(&file) {
+                Ok(text) => parse_uploaded(&text).unwrap_or_else(|| {
+                    tracing::warn!(file = %file.display(), "unreadable; the replica is taken to hold what every replica holds");
+                    floor
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => floor,
+                Err(e) => return Err(e.into()),
+            };
+            loaded.push(txid.max(floor));
+        }
+        Ok(self
+            .held
+            .lock()
+            .entry(db.to_path_buf())
+            .or_insert(loaded)
+            .clone())
+    }
+
+    /// The sealed batches and snapshots of `db` that replica `replica` does not hold yet,
+    /// in order ([`Staging::pending`]).
+    pub fn pending(&self, db: &Path, replica: usize) -> StagingResult<Vec<Staged>> {
+        let held = self.held(db, replica)?;
+        let mut staged = self.staging.pending(db)?;
+        staged.retain(|s| s.max_txid() > held);
+        Ok(staged)
+    }
+
+    /// Replica `replica` now holds `db` up to `txid`: the synchronous commits that every
+    /// replica now holds return. Fast (memory only); [`Fanout::record`] follows.
+    pub fn holds(&self, db: &Path, replica: usize, txid: u64) -> StagingResult<()> {
+        self.held_all(db)?;
+        let all = {
+            let mut held = self.held.lock();
+            let h = held.entry(db.to_path_buf()).or_default();
+            h[replica] = h[replica].max(txid);
+            h.iter().copied().min().unwrap_or(txid)
+        };
+        if let Some(sync) = self.sync.get() {
+            sync.uploaded(db, all);
+        }
+        Ok(())
+    }
+
+    /// Records durably that replica `replica` holds `db` up to `txid`, and drops from
+    /// staging what every replica holds.
+    pub fn record(&self, db: &Path, replica: usize, txid: u64) -> StagingResult<()> {
+        self.holds(db, replica, txid)?;
+        let dir = self.copies[replica].replica_dir(db)?;
+        std::fs::create_dir_all(&dir)?;
+        write_atomic(
+            &dir.join(UPLOADED_FILE),
+            format!("txid {txid}\n").as_bytes(),
+        )?;
+        let all = self.held_all(db)?.into_iter().min().unwrap_or(txid);
+        self.staging.mark_uploaded(db, all)?;
+        Ok(())
+    }
+
+    /// Replica `replica` holds `db`'s deletion marker `content`: once every replica does,
+    /// staging drops it.
+    pub fn marker_sent(&self, db: &Path, replica: usize, content: &str) -> StagingResult<()> {
+        let everywhere = {
+            let mut markers = self.markers.lock();
+            let entry = markers
+                .entry(db.to_path_buf())
+                .or_insert_with(|| (content.to_string(), vec![false; self.copies.len()]));
+            if entry.0 != content {
+                *entry = (content.to_string(), vec![false; self.copies.len()]);
+            }
+            entry.1[replica] = true;
+            let all = entry.1.iter().all(|&b| b);
+            if all {
+                markers.remove(db);
+            }
+            all
+        };
+        if everywhere {
+            self.staging.clear_deleted(db, Some(content))?;
+            tracing::info!(db = %db.display(), "the replicas mark the database as deleted");
+        }
+        Ok(())
+    }
+}
+
+fn parse_uploaded(text: &str) -> Option<u64> {
+    text.trim().strip_prefix("txid ")?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::staging::DbState;
+
+    /// Staging keeps what one replica lacks while the other moves on; each replica's
+    /// position survives a restart, and the legacy copies go to the first replica.
+    #[test]
+    fn staging_drops_only_what_every_replica_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Arc::new(Staging::open(dir.path()).unwrap());
+        let db = Path::new("app.db");
+        staging
+            .save_state(
+                db,
+                &DbState {
+                    txid: 3,
+                    uploaded_txid: 2,
+                    ..DbState::default()
+                },
+            )
+            .unwrap();
+        let legacy = staging.db_dir(db).unwrap().join(LEGACY_KEPT_DIR).join("0");
+        std::fs::create_dir_all(&legacy).unwrap();
+        let names = vec!["file:///a".to_string(), "s3://b".to_string()];
+        let fanout = Fanout::new(staging.clone(), names.clone()).unwrap();
+        assert!(
+            fanout.copies(0).kept_dir(db, 0).unwrap().is_dir(),
+            "the legacy copies are the first replica's"
+        );
+        assert_eq!(fanout.held(db, 0).unwrap(), 2, "the state's floor");
+        fanout.record(db, 0, 5).unwrap();
+        assert_eq!(fanout.held(db, 0).unwrap(), 5);
+        assert_eq!(fanout.held(db, 1).unwrap(), 2);
+        assert_eq!(staging.state(db).unwrap().unwrap().uploaded_txid, 2);
+        fanout.record(db, 1, 4).unwrap();
+        assert_eq!(staging.state(db).unwrap().unwrap().uploaded_txid, 4);
+
+        let again = Fanout::new(staging.clone(), names.into_iter().rev().collect()).unwrap();
+        assert_eq!(again.held(db, 0).unwrap(), 4, "by replica, not by place");
+        assert_eq!(again.held(db, 1).unwrap(), 5);
+
+        staging.mark_deleted(db, 5).unwrap();
+        let marker = staging.deleted_marker(db).unwrap().unwrap();
+        again.marker_sent(db, 1, &marker).unwrap();
+        assert!(staging.deleted_marker(db).unwrap().is_some(), "one has it");
+        again.marker_sent(db, 0, &marker).unwrap();
+        assert!(
+            staging.deleted_marker(db).unwrap().is_none(),
+            "both have it"
+        );
+    }
+
+    #[test]
+    fn each_replica_gets_every_staged_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Arc::new(Staging::open(dir.path()).unwrap());
+        let fanout = Fanout::new(staging, vec!["a".into(), "b".into()]).unwrap();
+        let got = fanout.take(0, || vec![PathBuf::from("x.db")]);
+        assert_eq!(got, vec![PathBuf::from("x.db")]);
+        assert!(fanout.take(0, Vec::new).is_empty());
+        let got = fanout.take(1, || vec![PathBuf::from("y.db")]);
+        assert_eq!(got, vec![PathBuf::from("x.db"), PathBuf::from("y.db")]);
+        assert_eq!(fanout.take(0, Vec::new), vec![PathBuf::from("y.db")]);
+    }
+}
