@@ -361,3 +361,79 @@ fn a_lost_staging_directory_continues_the_replicas_history() {
         "changed.db is snapshotted at the next TXID"
     );
 }
+
+/// A replica added to a mount that already replicated elsewhere gets each database from a
+/// snapshot on its own, without a write (the old replica's staged history was dropped once
+/// it held it), and both restore to the live database. The old replica is not sent again
+/// what it holds.
+#[test]
+fn a_replica_added_to_the_mount_gets_a_snapshot_without_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = replica_args(dir.path(), "100ms");
+    let mut m = Mount::with_args(&as_strs(&args));
+    sqlite3(
+        &m.path("app.db"),
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(x);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
+         INSERT INTO t SELECT randomblob(300) FROM n;",
+    );
+    for i in 0..10 {
+        sqlite3(&m.path("app.db"), &format!("INSERT INTO t VALUES ({i});"));
+    }
+    m.stop();
+    let old = dir.path().join("replica");
+    let new = dir.path().join("second");
+    let objects = |replica: &Path| -> Vec<String> {
+        let mut names = Vec::new();
+        for level in std::fs::read_dir(replica.join("app.db/ltx"))
+            .map(|d| d.flatten().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            for f in std::fs::read_dir(level.path()).unwrap().flatten() {
+                names.push(format!(
+                    "{}/{}",
+                    level.file_name().to_string_lossy(),
+                    f.file_name().to_string_lossy()
+                ));
+            }
+        }
+        names.sort();
+        names
+    };
+    let old_before = objects(&old);
+    assert!(!old_before.is_empty());
+    let mut both = args.clone();
+    both.extend(["--replica".into(), format!("file://{}", new.display())]);
+    m.start(&as_strs(&both));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while objects(&new).iter().all(|o| !o.starts_with("9/")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the added replica got no snapshot within 20 s: {:?}",
+            objects(&new)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    sqlite3(&m.path("app.db"), "INSERT INTO t VALUES ('after');");
+    m.stop();
+    // "level/<min>-<max>.ltx": the max TXID.
+    let max_txid = |o: &String| {
+        let max = o.rsplit('-').next().unwrap().trim_end_matches(".ltx");
+        u64::from_str_radix(max, 16).unwrap()
+    };
+    let held = old_before.iter().map(max_txid).max().unwrap();
+    let resent: Vec<String> = objects(&old)
+        .into_iter()
+        .filter(|o| !old_before.contains(o) && o.starts_with("0/") && max_txid(o) <= held)
+        .collect();
+    assert!(
+        resent.is_empty(),
+        "the old replica was sent again what it held (up to TXID {held}): {resent:?}"
+    );
+    for (name, replica) in [("old", &old), ("new", &new)] {
+        let out = m.root.path().join(format!("restored-{name}.db"));
+        let url = format!("file://{}", replica.display());
+        walfs_restore(&[&url, "--db", "app.db", "-o", out.to_str().unwrap()]);
+        assert_same_database(&m.backing_path("app.db"), &out);
+    }
+}

@@ -5,7 +5,11 @@
 //!
 //! - what each replica holds of each database (its uploaded TXID), kept in memory and in
 //!   `<staging>/<relpath>/replicas/<id>/uploaded`, so that a restart resumes each replica
-//!   where it was rather than sending the faster ones again what they hold;
+//!   where it was rather than sending the faster ones again what they hold. A replica
+//!   without that file (one added to the mount, or staging written by an older walfs) is
+//!   unconfirmed: its uploader asks the replica once what it holds
+//!   ([`Fanout::confirm`]), and a replica that lacks what staging already dropped gets a
+//!   snapshot;
 //! - what staging may drop: the staged batches and snapshots that every replica holds
 //!   (the smallest uploaded TXID), and what synchronous commits are told (the same: a
 //!   synchronous commit returns once every replica holds it);
@@ -43,13 +47,21 @@ pub fn replica_id(name: &str) -> String {
     blake3::hash(name.as_bytes()).to_hex()[..16].to_string()
 }
 
+/// What one replica holds of one database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    txid: u64,
+    /// Known from the replica's own file or from an upload, not taken from the state.
+    confirmed: bool,
+}
+
 /// What the replicas of one mount share (see the module comment).
 pub struct Fanout {
     staging: Arc<Staging>,
     copies: Vec<KeptCopies>,
     progress: Arc<ReplicaProgress>,
-    /// Per database, the TXID each replica holds (loaded when first needed).
-    held: Mutex<HashMap<PathBuf, Vec<u64>>>,
+    /// Per database, what each replica holds (loaded when first needed).
+    held: Mutex<HashMap<PathBuf, Vec<Position>>>,
     /// Databases staged since each replica's uploader last asked.
     inboxes: Mutex<Vec<BTreeSet<PathBuf>>>,
     /// Per database, the deletion marker being sent and which replicas have it.
@@ -144,29 +156,68 @@ impl Fanout {
     }
 
     /// The TXID replica `replica` holds of `db`: what it was last told, else what its file
-    /// says, else what staging's state says every replica holds (as before replicas were
-    /// uploaded on their own).
+    /// says, else what staging's state says every replica holds (unconfirmed, see
+    /// [`Fanout::unconfirmed`]).
     pub fn held(&self, db: &Path, replica: usize) -> StagingResult<u64> {
-        Ok(self.held_all(db)?[replica])
+        Ok(self.positions(db)?[replica].txid)
     }
 
-    fn held_all(&self, db: &Path) -> StagingResult<Vec<u64>> {
+    /// Whether what replica `replica` holds of `db` is only assumed (staging has no record
+    /// of it, but its state says the replicas hold something): its uploader asks the
+    /// replica ([`Fanout::confirm`]) before it uploads.
+    pub fn unconfirmed(&self, db: &Path, replica: usize) -> StagingResult<bool> {
+        Ok(!self.positions(db)?[replica].confirmed)
+    }
+
+    /// Replica `replica` holds `db` up to `txid`, as it says itself (it may be less than
+    /// what staging kept: the replica then needs a snapshot, see [`Fanout::lacks_staged`]).
+    pub fn confirm(&self, db: &Path, replica: usize, txid: u64) -> StagingResult<()> {
+        self.positions(db)?;
+        self.write_position(db, replica, txid)?;
+        if let Some(h) = self.held.lock().get_mut(db) {
+            h[replica] = Position {
+                txid,
+                confirmed: true,
+            };
+        }
+        Ok(())
+    }
+
+    /// Whether replica `replica` lacks TXIDs of `db` that staging no longer holds (every
+    /// other replica had them when staging dropped them): only a snapshot can bring it up
+    /// to date.
+    pub fn lacks_staged(&self, db: &Path, replica: usize) -> StagingResult<bool> {
+        let floor = self.staging.state(db)?.map_or(0, |s| s.uploaded_txid);
+        Ok(self.held(db, replica)? < floor)
+    }
+
+    fn positions(&self, db: &Path) -> StagingResult<Vec<Position>> {
         if let Some(h) = self.held.lock().get(db) {
             return Ok(h.clone());
         }
         let floor = self.staging.state(db)?.map_or(0, |s| s.uploaded_txid);
+        let assumed = Position {
+            txid: floor,
+            confirmed: floor == 0,
+        };
         let mut loaded = Vec::with_capacity(self.copies.len());
         for c in &self.copies {
             let file = c.replica_dir(db)?.join(UPLOADED_FILE);
-            let txid = match std::fs::read_to_string(&file) {
-                Ok(text) => parse_uploaded(&text).unwrap_or_else(|| {
-                    tracing::warn!(file = %file.display(), "unreadable; the replica is taken to hold what every replica holds");
-                    floor
-                }),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => floor,
+            let position = match std::fs::read_to_string(&file) {
+                Ok(text) => match parse_uploaded(&text) {
+                    Some(txid) => Position {
+                        txid,
+                        confirmed: true,
+                    },
+                    None => {
+                        tracing::warn!(file = %file.display(), "unreadable; the replica will be asked what it holds");
+                        assumed
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => assumed,
                 Err(e) => return Err(e.into()),
             };
-            loaded.push(txid.max(floor));
+            loaded.push(position);
         }
         Ok(self
             .held
@@ -174,6 +225,16 @@ impl Fanout {
             .entry(db.to_path_buf())
             .or_insert(loaded)
             .clone())
+    }
+
+    fn write_position(&self, db: &Path, replica: usize, txid: u64) -> StagingResult<()> {
+        let dir = self.copies[replica].replica_dir(db)?;
+        std::fs::create_dir_all(&dir)?;
+        write_atomic(
+            &dir.join(UPLOADED_FILE),
+            format!("txid {txid}\n").as_bytes(),
+        )?;
+        Ok(())
     }
 
     /// The sealed batches and snapshots of `db` that replica `replica` does not hold yet,
@@ -188,15 +249,18 @@ impl Fanout {
     /// Replica `replica` now holds `db` up to `txid`: the synchronous commits that every
     /// replica now holds return. Fast (memory only); [`Fanout::record`] follows.
     pub fn holds(&self, db: &Path, replica: usize, txid: u64) -> StagingResult<()> {
-        self.held_all(db)?;
-        let all = {
-            let mut held = self.held.lock();
-            let h = held.entry(db.to_path_buf()).or_default();
-            h[replica] = h[replica].max(txid);
-            h.iter().copied().min().unwrap_or(txid)
+        self.positions(db)?;
+        let mut held = self.held.lock();
+        let Some(h) = held.get_mut(db) else {
+            return Ok(());
         };
+        h[replica] = Position {
+            txid: h[replica].txid.max(txid),
+            confirmed: true,
+        };
+        // Under the lock, so that the reports reach `sync` in order.
         if let Some(sync) = self.sync.get() {
-            sync.uploaded(db, all);
+            sync.uploaded(db, min_held(h).unwrap_or(txid));
         }
         Ok(())
     }
@@ -205,13 +269,8 @@ impl Fanout {
     /// staging what every replica holds.
     pub fn record(&self, db: &Path, replica: usize, txid: u64) -> StagingResult<()> {
         self.holds(db, replica, txid)?;
-        let dir = self.copies[replica].replica_dir(db)?;
-        std::fs::create_dir_all(&dir)?;
-        write_atomic(
-            &dir.join(UPLOADED_FILE),
-            format!("txid {txid}\n").as_bytes(),
-        )?;
-        let all = self.held_all(db)?.into_iter().min().unwrap_or(txid);
+        self.write_position(db, replica, txid)?;
+        let all = min_held(&self.positions(db)?).unwrap_or(txid);
         self.staging.mark_uploaded(db, all)?;
         Ok(())
     }
@@ -240,6 +299,10 @@ impl Fanout {
         }
         Ok(())
     }
+}
+
+fn min_held(positions: &[Position]) -> Option<u64> {
+    positions.iter().map(|p| p.txid).min()
 }
 
 fn parse_uploaded(text: &str) -> Option<u64> {
@@ -277,7 +340,9 @@ mod tests {
             "the legacy copies are the first replica's"
         );
         assert_eq!(fanout.held(db, 0).unwrap(), 2, "the state's floor");
+        assert!(fanout.unconfirmed(db, 0).unwrap() && fanout.unconfirmed(db, 1).unwrap());
         fanout.record(db, 0, 5).unwrap();
+        assert!(!fanout.unconfirmed(db, 0).unwrap(), "an upload confirms it");
         assert_eq!(fanout.held(db, 0).unwrap(), 5);
         assert_eq!(fanout.held(db, 1).unwrap(), 2);
         assert_eq!(staging.state(db).unwrap().unwrap().uploaded_txid, 2);
@@ -287,6 +352,20 @@ mod tests {
         let again = Fanout::new(staging.clone(), names.into_iter().rev().collect()).unwrap();
         assert_eq!(again.held(db, 0).unwrap(), 4, "by replica, not by place");
         assert_eq!(again.held(db, 1).unwrap(), 5);
+        assert!(!again.unconfirmed(db, 0).unwrap());
+
+        // A third replica, new to the mount: assumed to hold what all do, until it says
+        // it holds less; it then lacks what staging dropped.
+        let names = vec!["file:///a".into(), "s3://b".into(), "gs://c".into()];
+        let third = Fanout::new(staging.clone(), names).unwrap();
+        assert_eq!(third.held(db, 2).unwrap(), 4);
+        assert!(third.unconfirmed(db, 2).unwrap());
+        assert!(!third.lacks_staged(db, 2).unwrap());
+        third.confirm(db, 2, 0).unwrap();
+        assert!(!third.unconfirmed(db, 2).unwrap());
+        assert!(third.lacks_staged(db, 2).unwrap(), "it needs a snapshot");
+        third.record(db, 2, 7).unwrap();
+        assert!(!third.lacks_staged(db, 2).unwrap());
 
         staging.mark_deleted(db, 5).unwrap();
         let marker = staging.deleted_marker(db).unwrap().unwrap();

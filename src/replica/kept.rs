@@ -62,6 +62,8 @@ fn record_path(ltx: &Path) -> PathBuf {
 #[derive(Clone)]
 pub struct KeptCopies {
     staging: Arc<Staging>,
+    /// The replica's id ([`super::fanout::replica_id`]).
+    id: String,
     /// The replica's directory inside each database's staging directory.
     dir: PathBuf,
 }
@@ -71,8 +73,14 @@ impl KeptCopies {
     pub fn new(staging: Arc<Staging>, id: &str) -> KeptCopies {
         KeptCopies {
             staging,
+            id: id.to_string(),
             dir: Path::new(KEPT_DIR).join(id),
         }
+    }
+
+    /// The replica's id.
+    pub fn replica_id(&self) -> &str {
+        &self.id
     }
 
     /// The staging area the copies live in.

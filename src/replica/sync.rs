@@ -10,9 +10,9 @@
 //! `synchronous=FULL`, the journal's invalidation in rollback modes, a database fsync), and
 //! the barrier then asks [`SyncReplication::wait`] for its TXID. The waiter wakes the
 //! uploader at once (no sync interval), and sleeps until the uploader reports, through
-//! [`SyncReplication::uploaded`], that every replica holds that TXID. The uploader is one
-//! thread, so the commits that arrive while an upload is under way share the next one
-//! (group commit).
+//! [`SyncReplication::uploaded`], that every replica holds that TXID. Each replica's
+//! uploader is one thread, so the commits that arrive while an upload is under way share
+//! the next one (group commit).
 //!
 //! When the replica does not confirm within `--sync-timeout`, `--sync-timeout-action` says
 //! what the application sees: `degrade` (the default) lets the commit return, logs one
@@ -162,9 +162,9 @@ impl SyncReplication {
         self.options.sync_timeout_action == SyncTimeoutAction::Eio
     }
 
-    /// The uploader reports that every replica holds `db` up to `txid` (uploads of one
-    /// database are made in order, by one thread at a time, so the last report is the
-    /// newest). It records the entry even if no commit waits, so that a later wait never
+    /// The uploaders report that every replica holds `db` up to `txid` (each replica's
+    /// uploads of one database are made in order, and the fan-out reports the smallest
+    /// TXID the replicas hold under one lock, so the last report is the newest). It records the entry even if no commit waits, so that a later wait never
     /// reads an older TXID from staging instead.
     /// Wakes the commits waiting for it; a degraded database whose replica has caught up
     /// waits again from its next commit.

@@ -70,6 +70,22 @@ enum Body {
     Temp(PathBuf),
 }
 
+/// Where one replica's uploader writes temporary files of a database: in its staging
+/// directory (where [`Staging::remove_temporaries`] finds what a crash left), named after
+/// the replica, so that two replicas' uploaders never write one file.
+struct TempFiles {
+    dir: PathBuf,
+    replica_id: String,
+}
+
+impl TempFiles {
+    /// `.upload-<replica id>-<what>.tmp`.
+    fn path(&self, what: &str) -> PathBuf {
+        self.dir
+            .join(format!(".upload-{}-{what}.tmp", self.replica_id))
+    }
+}
+
 /// Merges whose pages exceed this are encoded into a temporary file rather than memory.
 const IN_MEMORY_MERGE: u64 = 32 * 1024 * 1024;
 
@@ -84,7 +100,7 @@ fn plan_uploads(
     staged: &[Staged],
     merge: bool,
     skip_before: bool,
-    tmp_dir: &Path,
+    tmp: &TempFiles,
 ) -> ReplicaResult<Vec<Upload>> {
     let is_snapshot = |s: &Staged| matches!(s, Staged::Snapshot(_));
     let (before, snapshot, after) = match (
@@ -96,7 +112,7 @@ fn plan_uploads(
     };
     let mut uploads = Vec::new();
     if !(skip_before && snapshot.is_some()) {
-        push_batches(&mut uploads, before, merge, tmp_dir)?;
+        push_batches(&mut uploads, before, merge, tmp)?;
     }
     if let Some(Staged::Snapshot(s)) = snapshot {
         let mut hb = [0u8; HEADER_SIZE];
@@ -116,17 +132,17 @@ fn plan_uploads(
             }),
         });
     }
-    push_batches(&mut uploads, after, merge, tmp_dir)?;
+    push_batches(&mut uploads, after, merge, tmp)?;
     Ok(uploads)
 }
 
 /// Adds the batches among `items` to `uploads`: merged into one file, or one file each.
-/// Large merges are written to temporary files in `tmp_dir`.
+/// Large merges are written to temporary files (`tmp`).
 fn push_batches(
     uploads: &mut Vec<Upload>,
     items: &[Staged],
     merge: bool,
-    tmp_dir: &Path,
+    tmp: &TempFiles,
 ) -> ReplicaResult<()> {
     let batches: Vec<&Batch> = items
         .iter()
@@ -139,10 +155,10 @@ fn push_batches(
         return Ok(());
     }
     if merge {
-        uploads.push(merge_batches(&batches, tmp_dir)?);
+        uploads.push(merge_batches(&batches, tmp)?);
     } else {
         for b in batches {
-            uploads.push(merge_batches(&[b], tmp_dir)?);
+            uploads.push(merge_batches(&[b], tmp)?);
         }
     }
     Ok(())
@@ -150,8 +166,8 @@ fn push_batches(
 
 /// Encodes consecutive staged batches as one LTX file: the newest version of each page
 /// (read once from the segments), the last commit size, the TXID range of them all. In
-/// memory, or in a temporary file in `tmp_dir` when it would be large.
-fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> ReplicaResult<Upload> {
+/// memory, or in a temporary file (`tmp`) when it would be large.
+fn merge_batches(batches: &[&Batch], tmp: &TempFiles) -> ReplicaResult<Upload> {
     let (first, last) = (batches[0], batches[batches.len() - 1]);
     let page_size = last.header.page_size;
     let mut merge = PageMerge::new(None);
@@ -198,8 +214,8 @@ fn merge_batches(batches: &[&Batch], tmp_dir: &Path) -> ReplicaResult<Upload> {
             record: Some(record_of(last)),
         });
     }
-    let tmp = tmp_dir.join(format!(
-        ".upload-{:016x}-{:016x}.ltx.tmp",
+    let tmp = tmp.path(&format!(
+        "{:016x}-{:016x}.ltx",
         first.header.min_txid, last.header.max_txid
     ));
     let out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
@@ -395,11 +411,20 @@ impl Uploader {
     }
 
     fn upload_database(&self, db: &Path, merge: bool) -> ReplicaResult<()> {
+        if self.fanout.unconfirmed(db, self.index)? {
+            self.confirm(db)?;
+        }
         let staged = self.fanout.pending(db, self.index)?;
-        let Some(last) = staged.last() else {
+        let mut uploads = if self.fanout.lacks_staged(db, self.index)? {
+            self.plan_from_snapshot(db, &staged, merge)?
+        } else if staged.is_empty() {
             return self.upload_deleted_marker(db);
+        } else {
+            self.plan(db, &staged, merge)?
         };
-        let mut uploads = self.plan(db, &staged, merge)?;
+        let Some(last) = staged.last() else {
+            return Ok(());
+        };
         let max = last.max_txid();
         // A snapshot's record, when staging has no sidecar for it (staged by an older
         // walfs): capture's state has it while it is still at that TXID.
@@ -508,13 +533,65 @@ impl Uploader {
         self.upload_deleted_marker(db)
     }
 
+    /// Where this uploader writes temporary files of `db`.
+    fn temp_files(&self, db: &Path) -> ReplicaResult<TempFiles> {
+        Ok(TempFiles {
+            dir: self.staging.db_dir(db)?,
+            replica_id: self.copies.replica_id().to_string(),
+        })
+    }
+
+    /// Asks the replica what it holds of `db` (one LIST), for a replica that staging has
+    /// no record of ([`Fanout::unconfirmed`]).
+    fn confirm(&self, db: &Path) -> ReplicaResult<()> {
+        let key = db.to_string_lossy();
+        let listed = self.runtime.block_on(self.replica.list_db_ltx(&key));
+        let objects = listed.map_err(ReplicaError::from).inspect_err(|e| {
+            if !e.is_fenced() {
+                let e = format!("cannot list what the replica holds: {e}");
+                self.fanout.progress().failed(db, self.index, &e);
+            }
+        })?;
+        let newest = objects.iter().map(|o| o.max_txid).max().unwrap_or(0);
+        let assumed = self.fanout.held(db, self.index)?;
+        self.fanout.confirm(db, self.index, newest)?;
+        if newest < assumed {
+            tracing::warn!(db = %db.display(), replica = %self.replica.name(), "the replica holds the database only up to TXID {newest}, while the others hold it up to {assumed} (a replica new to this mount?): it gets a snapshot");
+        }
+        Ok(())
+    }
+
+    /// Plans the uploads of `db` to a replica that lacks TXIDs staging no longer holds
+    /// ([`Fanout::lacks_staged`]): the newest staged snapshot and what follows it. Without
+    /// a staged snapshot, capture is asked for one (logged once) and the upload waits.
+    fn plan_from_snapshot(
+        &self,
+        db: &Path,
+        staged: &[Staged],
+        merge: bool,
+    ) -> ReplicaResult<Vec<Upload>> {
+        if staged.iter().any(|s| matches!(s, Staged::Snapshot(_))) {
+            self.unreadable.lock().remove(db);
+            return plan_uploads(staged, merge, true, &self.temp_files(db)?);
+        }
+        let reason = format!(
+            "replica {} lacks TXIDs that staging no longer holds",
+            self.replica.name()
+        );
+        let restarted = self.fanout.restart(db, &reason);
+        if self.unreadable.lock().insert(db.to_path_buf()) && !restarted {
+            tracing::warn!(db = %db.display(), "{reason}, and the database cannot be captured for a snapshot now; it gets one at its next write");
+        }
+        Err(ReplicaError::AwaitingSnapshot)
+    }
+
     /// Plans the uploads of `db`'s staged items. Items that cannot be read or do not fit
     /// together are never retried forever: a snapshot staged after them supersedes them,
     /// and without one, capture is asked to stage one (the next round uploads it). Each
     /// such case is logged once.
     fn plan(&self, db: &Path, staged: &[Staged], merge: bool) -> ReplicaResult<Vec<Upload>> {
-        let dir = self.staging.db_dir(db)?;
-        let e = match plan_uploads(staged, merge, false, &dir) {
+        let tmp = self.temp_files(db)?;
+        let e = match plan_uploads(staged, merge, false, &tmp) {
             Ok(u) => {
                 self.unreadable.lock().remove(db);
                 return Ok(u);
@@ -528,7 +605,7 @@ impl Uploader {
             Staged::Batch(_) => None,
         });
         if let Some(txid) = snapshot {
-            if let Ok(u) = plan_uploads(staged, merge, true, &dir) {
+            if let Ok(u) = plan_uploads(staged, merge, true, &tmp) {
                 tracing::warn!(db = %db.display(), "staged transactions cannot be uploaded ({e}); the snapshot at TXID {txid} supersedes them");
                 self.unreadable.lock().remove(db);
                 return Ok(u);
@@ -562,10 +639,9 @@ impl Uploader {
         if absorbed.is_empty() {
             return Ok(());
         }
-        let dir = self.staging.db_dir(db)?;
-        let name = |min: u64, what: &str| {
-            dir.join(format!(".upload-{min:016x}-{:016x}.{what}.tmp", u.max_txid))
-        };
+        let tmp = self.temp_files(db)?;
+        let name =
+            |min: u64, what: &str| tmp.path(&format!("{min:016x}-{:016x}.{what}", u.max_txid));
         // The new tick as a file: a small upload is in memory, a large one in a temporary
         // file already (level-0 uploads are never staged snapshots).
         let (tick, written) = match &u.body {
