@@ -425,10 +425,14 @@ impl Replication {
             }
         }
         // Each uploader ends its round under way (one to a hanging replica may not end
-        // in time, and is left to the exit), then flushes on its own thread: a failing
-        // replica does not use up the others' time.
+        // in time: it is left to the exit, and its replica is behind), then flushes on its
+        // own thread: a failing replica does not use up the others' time.
         self.uploaders.iter().for_each(|u| u.shutdown());
         let deadline = Instant::now() + FLUSH_TIMEOUT;
+        let rounds: Vec<JoinHandle<()>> = std::mem::take(&mut self.threads);
+        while rounds.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // Commits made since the last WAL event, then everything sealed.
         self.capture.poll_all();
         let mut dbs = self.capture.take_staged();
@@ -439,18 +443,17 @@ impl Replication {
         let dbs = Arc::new(dbs);
         let mut behind = Vec::new();
         let mut flushes = Vec::new();
-        for (round, u) in std::mem::take(&mut self.threads)
-            .into_iter()
-            .zip(&self.uploaders)
-        {
-            let (u, dbs, merge) = (u.clone(), dbs.clone(), self.merge);
+        for (round, u) in rounds.into_iter().zip(&self.uploaders) {
             let name = u.replica().name();
+            if !round.is_finished() {
+                behind.push(name);
+                continue;
+            }
+            let _ = round.join();
+            let (u, dbs, merge) = (u.clone(), dbs.clone(), self.merge);
             let flush = std::thread::Builder::new()
                 .name("walfs-flush".into())
-                .spawn(move || {
-                    let _ = round.join();
-                    u.flush(&dbs, merge, deadline)
-                });
+                .spawn(move || u.flush(&dbs, merge, deadline));
             match flush {
                 Ok(t) => flushes.push((name, t)),
                 Err(e) => {
@@ -497,13 +500,20 @@ impl Replication {
                 "the replica is behind: staged transactions could not be uploaded before exit; they stay in staging and are uploaded at the next mount"
             );
         }
-        // A lease of a hanging replica is not waited for long: it expires.
+        // Each lease is given up; one of a replica that is behind (failing or hanging) is
+        // not waited for: it expires.
         for (_, stop) in &self.lease_threads {
             let _ = stop.send(());
         }
         let deadline = Instant::now() + MAINTENANCE_STOP_TIMEOUT;
-        for (thread, _) in std::mem::take(&mut self.lease_threads) {
-            while !thread.is_finished() && Instant::now() < deadline {
+        let leases = std::mem::take(&mut self.lease_threads);
+        for ((thread, _), u) in leases.into_iter().zip(&self.uploaders) {
+            let wait_until = if behind.contains(&u.replica().name()) {
+                Instant::now()
+            } else {
+                deadline
+            };
+            while !thread.is_finished() && Instant::now() < wait_until {
                 std::thread::sleep(Duration::from_millis(10));
             }
             if thread.is_finished() {

@@ -517,3 +517,81 @@ fn a_failing_replica_does_not_stall_the_other() {
 fn a_hanging_replica_does_not_stall_the_other() {
     replica_b_keeps_up_while_a(Fault::Hang, false);
 }
+
+/// An unmount while replica A hangs: the daemon exits within its flush bound (it does not
+/// wait for A's hung requests), B holds every commit, and the line that says a replica is
+/// behind names A. The next mount, with A healed, brings A up to date from staging.
+#[test]
+fn an_unmount_while_a_replica_hangs_ends_in_time_and_the_next_mount_catches_it_up() {
+    let r = S3Fixture::new("a");
+    let proxy = FaultProxy::start(r.moto.port);
+    let url_a = r.moto.s3_url_via(proxy.port, "a");
+    let url_b = r.moto.s3_url("b");
+    let args = r.args_to(
+        &url_a,
+        &["--replica", &url_b, "--sync-interval", SYNC_INTERVAL],
+    );
+    let mut m = Mount::with_env(&as_strs(&args), S3_ENV);
+    let heal = HealOnDrop(proxy.handle());
+    let dbp = m.path("app.db");
+    sqlite3(
+        &dbp,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         INSERT INTO t(v) VALUES (randomblob(5000));",
+    );
+    proxy.set(Fault::Hang);
+    for i in 0..20 {
+        sqlite3(
+            &dbp,
+            &format!("INSERT INTO t(v) VALUES (randomblob(2000) || 'hung {i}');"),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopping = Instant::now();
+    let log = m.stop();
+    let took = stopping.elapsed();
+    println!("unmount with A hanging took {took:.1?}");
+    assert!(
+        took < Duration::from_secs(14),
+        "the unmount waited for the hanging replica: {took:?}\n{log}"
+    );
+    let behind = log
+        .lines()
+        .find(|l| l.contains("the replica is behind: staged transactions could not be uploaded"))
+        .unwrap_or_else(|| panic!("no line says a replica is behind:\n{log}"));
+    assert!(
+        behind.contains("s3://walfs-test/a") && !behind.contains("s3://walfs-test/b"),
+        "{behind}"
+    );
+    let live = m.backing_path("app.db");
+    let out_b = r.out("b.db");
+    restore_from(&url_b, "app.db", &out_b);
+    assert_same_database(&live, &out_b);
+
+    // Healed: the next mount uploads to A what staging kept for it, without a write.
+    drop(heal);
+    proxy.set(Fault::Pass);
+    m.start(&as_strs(&args));
+    let out_a = r.out("a.db");
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let _ = std::fs::remove_file(&out_a);
+        let o = Command::new(WALFS)
+            .args(["restore", &r.moto.s3_url("a"), "--db", "app.db", "-o"])
+            .arg(&out_a)
+            .envs(S3_ENV.iter().copied())
+            .output()
+            .unwrap();
+        if o.status.success() && std::fs::read(&out_a).ok() == std::fs::read(&live).ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A did not catch up within {CATCH_UP:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    m.stop();
+    assert_same_database(&live, &out_a);
+}
