@@ -43,8 +43,8 @@ enum Command {
     /// within --max-lag, 1 when one is behind longer, 3 when no walfs mount answers at
     /// MOUNTPOINT.
     Status(StatusArgs),
-    /// Container entrypoint: restore BACKING from the first replica if BACKING holds no
-    /// database and the replica holds some, mount (as `walfs mount`), run CMD once the
+    /// Container entrypoint: restore BACKING from the first replica that holds databases if
+    /// BACKING holds none, mount (as `walfs mount`), run CMD once the
     /// mount serves, forward SIGTERM, SIGINT and SIGHUP to it, and when it exits upload
     /// what is pending, unmount and exit with its status.
     Run(Box<RunArgs>),

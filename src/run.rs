@@ -305,13 +305,15 @@ fn stop_command(child: &Child) {
     }
 }
 
-/// Restores every database of the first replica into BACKING if BACKING holds none and
-/// the replica holds some; otherwise logs why not.
+/// Restores every database of a replica into BACKING if BACKING holds none and a replica
+/// holds some: the first replica that answers and holds databases, in `--replica` order
+/// (a replica that cannot be listed is skipped, with a WARN, so that a second replica
+/// covers an outage of the first); otherwise logs why not.
 fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
-    let Some(url) = opts.replication.replicas.first() else {
+    if opts.replication.replicas.is_empty() {
         tracing::info!("no --replica: nothing to restore from");
         return Ok(());
-    };
+    }
     let backing = &opts.backing;
     if !backing.is_dir() {
         // The mount's checks say what to do.
@@ -328,41 +330,70 @@ fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
         );
         return Ok(());
     }
+    let mut first_error = None;
+    for url in &opts.replication.replicas {
+        match databases_of(url) {
+            Ok(Some(dbs)) => {
+                tracing::info!(
+                    "backing directory {} holds no database: restoring {} from replica {}",
+                    backing.display(),
+                    dbs,
+                    ReplicaUrl::parse(url).map_err(RestoreError::from)?
+                );
+                let restored = restore_outcomes(&RestoreArgs {
+                    url: url.clone(),
+                    output: backing.clone(),
+                    db: None,
+                    force: false,
+                    txid: None,
+                    timestamp: None,
+                    no_integrity_check: false,
+                })?;
+                return continue_history(opts, &restored);
+            }
+            Ok(None) => {}
+            Err(e @ RunError::Setup(_)) => return Err(e),
+            Err(e) => {
+                let more = opts.replication.replicas.len() > 1;
+                if more {
+                    tracing::warn!("{e}; trying the next replica");
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        // No replica could say whether it holds databases.
+        Some(e) if opts.replication.replicas.len() == 1 => Err(e),
+        Some(e) => Err(RunError::Setup(format!(
+            "a replica cannot be read ({e}) and no other holds databases to restore: check the replicas, or start with a database in BACKING"
+        ))),
+        None => {
+            tracing::info!("the replicas hold no databases yet: nothing to restore");
+            Ok(())
+        }
+    }
+}
+
+/// How many databases the replica at `url` holds (`None`: none, or it does not exist yet);
+/// an error if it cannot be listed or is not a mount's replica.
+fn databases_of(url: &str) -> RunResult<Option<usize>> {
     let parsed = ReplicaUrl::parse(url).map_err(RestoreError::from)?;
     if let ReplicaUrl::File(f) = &parsed {
         if !f.dir.is_dir() {
-            tracing::info!("replica {parsed} holds no databases yet: nothing to restore");
-            return Ok(());
+            return Ok(None);
         }
     }
     let (_, store, _) = open_replica(url)?;
     let dbs = runtime()?
         .block_on(store.list_databases())
         .map_err(RestoreError::from)?;
-    if dbs.is_empty() {
-        tracing::info!("replica {parsed} holds no databases yet: nothing to restore");
-        return Ok(());
-    }
     if dbs.iter().any(String::is_empty) {
         return Err(RunError::Setup(format!(
             "replica {parsed} holds a single database at its root, not a mount's replica: restore it with walfs restore -o BACKING/NAME.db first"
         )));
     }
-    tracing::info!(
-        "backing directory {} holds no database: restoring {} from replica {parsed}",
-        backing.display(),
-        dbs.len()
-    );
-    let restored = restore_outcomes(&RestoreArgs {
-        url: url.clone(),
-        output: backing.clone(),
-        db: None,
-        force: false,
-        txid: None,
-        timestamp: None,
-        no_integrity_check: false,
-    })?;
-    continue_history(opts, &restored)
+    Ok((!dbs.is_empty()).then_some(dbs.len()))
 }
 
 /// Tells staging that each restored database is the replica's state at the restored

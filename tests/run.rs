@@ -46,12 +46,16 @@ impl Box_ {
 
     /// As [`Box_::spawn`], replicating to `url`, with `env` added.
     fn spawn_url(&self, url: &str, env: &[(&str, &str)], script: &str) -> Child {
+        self.spawn_urls(&[url], env, script)
+    }
+
+    /// As [`Box_::spawn`], replicating to every one of `urls`, with `env` added.
+    fn spawn_urls(&self, urls: &[&str], env: &[(&str, &str)], script: &str) -> Child {
         Command::new(WALFS)
             .arg("run")
             .arg(&self.backing)
             .arg(&self.mnt)
-            .arg("--replica")
-            .arg(url)
+            .args(urls.iter().flat_map(|u| ["--replica", u]))
             .envs(env.iter().copied())
             .arg("--staging-dir")
             .arg(&self.staging)
@@ -219,6 +223,45 @@ fn first_boot_restores_from_s3() {
     assert!(log.contains("holds no database: restoring 1"), "{log}");
     assert_eq!(text(&out.stdout), expect, "{log}");
     assert_same_database(&m.backing_path("app.db"), &fresh.backing.join("app.db"));
+}
+
+/// First boot with two replicas whose first cannot be reached (nothing listens at its
+/// endpoint): the second one, which holds the databases, is restored from, with a WARN
+/// that names why the first was skipped.
+#[test]
+fn first_boot_restores_from_the_second_replica_when_the_first_is_down() {
+    let replica_dir = tempfile::tempdir().unwrap();
+    let replica = replica_dir.path().join("replica");
+    let source = Box_::new();
+    let out = source.run(
+        &replica,
+        r#"sqlite3 "$MNT/app.db" "PRAGMA journal_mode=wal; CREATE TABLE t(x);
+           INSERT INTO t VALUES (1), (2), (3);""#,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let down = format!(
+        "s3://walfs-test/down?endpoint=http://127.0.0.1:{}&region=us-east-1&forcePathStyle=true",
+        common::free_port()
+    );
+    let file = format!("file://{}", replica.display());
+    let fresh = Box_::new();
+    let out = fresh.finish(fresh.spawn_urls(
+        &[&down, &file],
+        S3_ENV,
+        r#"sqlite3 "$MNT/app.db" "SELECT sum(x) FROM t;""#,
+    ));
+    let log = text(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("trying the next replica"), "{log}");
+    assert!(
+        log.contains(&format!("restoring 1 from replica {file}")),
+        "{log}"
+    );
+    assert_eq!(text(&out.stdout), "6\n", "{log}");
+    assert_same_database(
+        &source.backing.join("app.db"),
+        &fresh.backing.join("app.db"),
+    );
 }
 
 /// SIGTERM to `walfs run` reaches the command, which traps it, commits once more and
