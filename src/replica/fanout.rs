@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 use super::kept::KeptCopies;
 use super::progress::ReplicaProgress;
 use super::sync::SyncReplication;
-use crate::staging::{write_atomic, Staged, Staging, StagingResult, KEPT_DIR, LEGACY_KEPT_DIR};
+use crate::staging::{Staged, Staging, StagingResult, KEPT_DIR, LEGACY_KEPT_DIR};
 
 /// The file in a replica's directory of a database that says what the replica holds.
 const UPLOADED_FILE: &str = "uploaded";
@@ -227,13 +227,16 @@ impl Fanout {
             .clone())
     }
 
+    /// Replaces the position file (temporary file, rename), without fsync: it costs the
+    /// upload round no flush. After a power loss it may be older than what the replica
+    /// holds (the replica is sent some objects again) or unreadable (the replica is asked,
+    /// [`Fanout::confirm`]); it is written only once the replica holds what it says.
     fn write_position(&self, db: &Path, replica: usize, txid: u64) -> StagingResult<()> {
         let dir = self.copies[replica].replica_dir(db)?;
         std::fs::create_dir_all(&dir)?;
-        write_atomic(
-            &dir.join(UPLOADED_FILE),
-            format!("txid {txid}\n").as_bytes(),
-        )?;
+        let tmp = dir.join(format!(".{UPLOADED_FILE}.tmp"));
+        std::fs::write(&tmp, format!("txid {txid}\n"))?;
+        std::fs::rename(&tmp, dir.join(UPLOADED_FILE))?;
         Ok(())
     }
 
