@@ -369,7 +369,16 @@ fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
             "a replica cannot be read ({e}) and no other holds databases to restore: check the replicas, or start with a database in BACKING"
         ))),
         None => {
-            tracing::info!("the replicas hold no databases yet: nothing to restore");
+            match opts.replication.replicas.as_slice() {
+                [one] => tracing::info!(
+                    "replica {} holds no databases yet: nothing to restore",
+                    ReplicaUrl::parse(one).map_err(RestoreError::from)?
+                ),
+                all => tracing::info!(
+                    "none of the {} replicas holds databases yet: nothing to restore",
+                    all.len()
+                ),
+            }
             Ok(())
         }
     }
