@@ -1463,6 +1463,122 @@ mod tests {
             .unwrap()
     }
 
+    fn keyring(seeds: &[u8]) -> Option<Arc<Keyring>> {
+        let mut keys = seeds.iter().map(|&seed| {
+            let raw: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(29) ^ seed).collect();
+            crypt::Key::parse(&raw).unwrap()
+        });
+        let first = keys.next().unwrap();
+        Some(Arc::new(Keyring::new(first, keys)))
+    }
+
+    #[test]
+    fn an_encrypted_file_replica_round_trips_and_refuses_missing_or_wrong_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("replica");
+        let url = ReplicaUrl::parse(&format!("file://{}", dir.display())).unwrap();
+        let plain = ReplicaStore::open(&url).unwrap();
+        let k1 = plain.clone().with_keyring(keyring(&[1]));
+        let id1 = k1.keyring().unwrap().current().id().to_string();
+        let ts = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // A body larger than the multipart threshold streams through the encryptor.
+        let big: Vec<u8> = (0..MULTIPART_THRESHOLD as usize + 100_000)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let staged = tmp.path().join("big.ltx");
+        std::fs::write(&staged, &big).unwrap();
+        rt().block_on(async {
+            let mut body = b"LTX1".to_vec();
+            body.extend_from_slice(&[7u8; 200]);
+            let info = k1
+                .put_ltx("a.db", 0, 1, 2, Bytes::from(body.clone()), ts)
+                .await
+                .unwrap();
+            assert_eq!(info.size, crypt::encrypted_len(body.len() as u64));
+            let on_disk = std::fs::read(dir.join(&info.key)).unwrap();
+            assert!(crypt::is_encrypted(&on_disk));
+            assert!(!on_disk.windows(4).any(|w| w == b"LTX1"));
+            assert_eq!(k1.get_ltx("a.db", 0, 1, 2).await.unwrap(), body);
+            assert_eq!(
+                k1.get_ltx_head("a.db", 0, (1, 2), 100).await.unwrap(),
+                body[..100]
+            );
+            let big_info = k1
+                .put_ltx_file("a.db", 9, (1, 2), &staged, ts, None)
+                .await
+                .unwrap();
+            let stored = std::fs::metadata(dir.join(&big_info.key)).unwrap().len();
+            assert_eq!(stored, crypt::encrypted_len(big.len() as u64));
+            assert_eq!(big_info.size, stored);
+            assert_eq!(k1.get_ltx("a.db", 9, 1, 2).await.unwrap(), big);
+            assert_eq!(
+                k1.get_ltx_head("a.db", 9, (1, 2), 100).await.unwrap(),
+                big[..100]
+            );
+            // Records and markers are encrypted too.
+            k1.put_object("a.db/walfs/deleted", Bytes::from_static(b"txid=2"))
+                .await
+                .unwrap();
+            let raw = std::fs::read(dir.join("a.db/walfs/deleted")).unwrap();
+            assert!(crypt::is_encrypted(&raw));
+            assert_eq!(
+                k1.get_object("a.db/walfs/deleted").await.unwrap(),
+                &b"txid=2"[..]
+            );
+
+            // No key: one line naming the key id needed, on every kind of read.
+            for e in [
+                plain.get_ltx("a.db", 0, 1, 2).await.unwrap_err(),
+                plain
+                    .get_ltx_head("a.db", 9, (1, 2), 100)
+                    .await
+                    .unwrap_err(),
+                plain.get_object("a.db/walfs/deleted").await.unwrap_err(),
+            ] {
+                assert_eq!(e.kind(), StoreErrorKind::KeyNeeded, "{e}");
+                let m = e.to_string();
+                assert!(m.contains(&id1) && m.contains("no key was given"), "{m}");
+                assert!(m.contains("a.db/"), "{m}");
+                assert!(!m.contains('\n'));
+            }
+            // A wrong key names both; with the old key given too, it reads.
+            let k2 = plain.clone().with_keyring(keyring(&[2]));
+            let e = k2.get_ltx("a.db", 0, 1, 2).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::KeyNeeded);
+            let id2 = k2.keyring().unwrap().current().id().to_string();
+            assert!(
+                e.to_string().contains(&id1) && e.to_string().contains(&id2),
+                "{e}"
+            );
+            let k21 = plain.clone().with_keyring(keyring(&[2, 1]));
+            assert_eq!(k21.get_ltx("a.db", 0, 1, 2).await.unwrap(), body);
+
+            // A bit flipped on disk fails authentication and names the object.
+            let path = dir.join(&info.key);
+            let mut bad = std::fs::read(&path).unwrap();
+            bad[60] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            let e = k1.get_ltx("a.db", 0, 1, 2).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Unauthentic);
+            assert!(e.to_string().contains(&info.key), "{e}");
+            // A body moved to another object's name fails too.
+            std::fs::copy(
+                dir.join(&big_info.key),
+                dir.join(k1.ltx_key("a.db", 9, 1, 3)),
+            )
+            .unwrap();
+            let e = k1.get_ltx("a.db", 9, 1, 3).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Unauthentic, "{e}");
+            // A plaintext object where a key is given is refused.
+            plain
+                .put_ltx("a.db", 0, 3, 3, Bytes::from_static(b"LTX1 plain"), ts)
+                .await
+                .unwrap();
+            let e = k1.get_ltx("a.db", 0, 3, 3).await.unwrap_err();
+            assert!(e.to_string().contains("is not encrypted"), "{e}");
+        });
+    }
+
     #[test]
     fn file_replica_round_trip() {
         let tmp = tempfile::tempdir().unwrap();
