@@ -189,7 +189,7 @@ impl std::error::Error for ReplicationError {
             ReplicationError::Watch(e) => Some(e),
             ReplicationError::Lease(LeaseError::Store(e)) => e.source(),
             ReplicationError::Lease(LeaseError::Io { source, .. }) => Some(source),
-            ReplicationError::Lease(LeaseError::Held(_)) => None,
+            ReplicationError::Lease(LeaseError::Held(_) | LeaseError::Encryption(_)) => None,
             ReplicationError::Encryption(_) => None,
         }
     }
@@ -255,7 +255,7 @@ impl Replication {
             let lease = Lease::acquire(
                 &lease_rt,
                 &parsed,
-                &ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?,
+                &ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?.with_keyring(keyring.clone()),
                 mountpoint,
                 opts.lease_ttl,
                 opts.takeover,

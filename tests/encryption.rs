@@ -296,6 +296,20 @@ fn after_a_key_rotation_a_restore_needs_every_key_the_history_was_written_with()
         .try_restore("app.db", "old-only.db", &["--encryption-key-file", k1s])
         .unwrap_err();
     one_line_with(&e, &[&id2]);
+
+    // A mount without the key refuses to add plaintext objects to the encrypted replica
+    // (its lease names the key the last mount wrote with).
+    let args = r.args(&[]);
+    let mut argv = vec![
+        "mount",
+        m.backing.to_str().unwrap(),
+        m.mountpoint.to_str().unwrap(),
+    ];
+    argv.extend(as_strs(&args));
+    let (ok, out) = walfs(&argv, &[]);
+    assert!(!ok, "{out}");
+    one_line_with(&out, &["is encrypted", &id2, "--encryption-key-file"]);
+    assert!(!common::is_mounted(&m.mountpoint));
 }
 
 #[test]
@@ -375,6 +389,35 @@ fn an_encrypted_file_replica_round_trips_with_the_key_in_the_environment() {
     );
     assert!(!ok);
     one_line_with(&log, &[&id, "no key was given"]);
+
+    // The replica refuses a mount without the key, and a plaintext replica a mount with
+    // one: one replica never mixes the two.
+    // (At the default log level a mount logs its key id at INFO before it stops.)
+    let mount = |url: &str, env: &[(&str, &str)]| {
+        let env: Vec<(&str, &str)> = env.iter().copied().chain([("RUST_LOG", "warn")]).collect();
+        walfs(
+            &[
+                "mount",
+                m.backing.to_str().unwrap(),
+                m.mountpoint.to_str().unwrap(),
+                "--replica",
+                url,
+                "--staging-dir",
+                tmp.path().join("staging2").to_str().unwrap(),
+            ],
+            &env,
+        )
+    };
+    let (ok, log) = mount(&url, &[]);
+    assert!(!ok);
+    one_line_with(&log, &["is encrypted", &id]);
+    let plain = format!("file://{}", tmp.path().join("plain").display());
+    let mut p = Mount::with_args(&["--replica", &plain]);
+    p.stop();
+    drop(p);
+    let (ok, log) = mount(&plain, &env);
+    assert!(!ok);
+    one_line_with(&log, &["written without encryption", "new replica"]);
 }
 
 #[test]
