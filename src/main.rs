@@ -441,8 +441,8 @@ mod tests {
         );
         assert_eq!(
             keys.len(),
-            26,
-            "23 flags besides --config, and 2 positionals"
+            27,
+            "24 flags besides --config, and 2 positionals"
         );
     }
 
