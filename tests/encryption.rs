@@ -376,6 +376,20 @@ fn an_encrypted_file_replica_round_trips_with_the_key_in_the_environment() {
         "{log}"
     );
     assert_same_database(&m.backing_path("dir/app.db"), &out);
+    // The database's own replica URL (Litestream's layout) reads it too: objects are not
+    // bound to their database's path.
+    let own = tmp.path().join("own.db");
+    let (ok, log) = walfs(
+        &[
+            "restore",
+            &format!("{url}/dir/app.db"),
+            "-o",
+            own.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(ok, "{log}");
+    assert_same_database(&m.backing_path("dir/app.db"), &own);
     let (ok, log) = walfs(
         &[
             "restore",
