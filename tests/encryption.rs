@@ -432,6 +432,34 @@ fn an_encrypted_file_replica_round_trips_with_the_key_in_the_environment() {
     let (ok, log) = mount(&plain, &env);
     assert!(!ok);
     one_line_with(&log, &["written without encryption", "new replica"]);
+
+    // `walfs run` on an empty backing restores the encrypted replica at first boot with
+    // the key from the environment, and the command reads the rows.
+    let boot = tmp.path().join("boot");
+    let boot_mnt = tmp.path().join("boot-mnt");
+    std::fs::create_dir_all(&boot).unwrap();
+    std::fs::create_dir_all(&boot_mnt).unwrap();
+    let expect = sqlite3(&m.backing_path("dir/app.db"), "SELECT count(*) FROM t;");
+    let o = Command::new(WALFS)
+        .arg("run")
+        .arg(&boot)
+        .arg(&boot_mnt)
+        .args(["--replica", &url, "--staging-dir"])
+        .arg(tmp.path().join("boot-staging"))
+        .args(["--", "sqlite3"])
+        .arg(boot_mnt.join("dir/app.db"))
+        .arg("SELECT count(*) FROM t;")
+        .env_remove("WALFS_ENCRYPTION_KEY")
+        .envs(env)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "walfs run: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), expect);
 }
 
 #[test]
