@@ -516,3 +516,78 @@ fn malformed_and_weak_keys_are_refused_with_one_line() {
     one_line_with(&log, &["zeros.key", "weak"]);
     assert!(!common::is_mounted(&mnt));
 }
+
+/// Maintenance that lacks its local copies fetches the objects it builds a snapshot on
+/// from the replica, and decrypts those written under the previous key with it.
+#[test]
+fn a_snapshot_built_from_fetched_objects_reads_the_old_key() {
+    let r = S3Fixture::new("fetch");
+    let (k1, id1) = key_file(r.dir.path(), "k1.key", 31);
+    let (k2, id2) = key_file(r.dir.path(), "k2.key", 32);
+    let (k1s, k2s) = (k1.to_str().unwrap(), k2.to_str().unwrap());
+    let maintenance = [
+        "--sync-interval",
+        "200ms",
+        "--compaction-intervals",
+        "1s,2s",
+        "--snapshot-interval",
+        "3s",
+        "--retention",
+        "120s",
+    ];
+    let first: Vec<&str> = maintenance
+        .iter()
+        .copied()
+        .chain(["--encryption-key-file", k1s])
+        .collect();
+    let mut m = r.mount(&first);
+    write_rows(&m, "app.db", 6);
+    m.stop();
+    // Staging as a walfs without maintenance left it: no local copies.
+    std::fs::remove_dir_all(r.staging().join("app.db").join("replicas")).unwrap();
+    let old_max = r.objects("app.db").iter().map(|o| o.2).max().unwrap();
+    let mark = r.moto.requests().len();
+    let rotated: Vec<&str> = maintenance
+        .iter()
+        .copied()
+        .chain(["--encryption-key-file", k2s, "--encryption-key-file", k1s])
+        .collect();
+    r.restart(&mut m, &rotated);
+    write_rows(&m, "app.db", 6);
+    let start = Instant::now();
+    while !r
+        .objects("app.db")
+        .iter()
+        .any(|o| o.0 == 9 && o.2 > old_max)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no snapshot beyond TXID {old_max}: {:?}\n{}",
+            r.objects("app.db"),
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gets = r.moto.requests()[mark..]
+        .iter()
+        .filter(|q| q.starts_with("GET ") && q.contains(".ltx"))
+        .count();
+    assert!(gets > 0, "the snapshot was built without fetching");
+    m.stop();
+    let log = m.log();
+    assert!(!log.contains("cannot fetch"), "{log}");
+    // The new snapshot is under the new key; the fetched objects were under the old.
+    let objects = bucket_objects(&r);
+    let snap_ids: Vec<&str> = objects
+        .iter()
+        .filter(|(k, ..)| k.contains("/0009/"))
+        .map(|(_, _, meta)| meta["walfs-key-id"].as_str().unwrap())
+        .collect();
+    assert!(snap_ids.contains(&id2.as_str()), "{snap_ids:?} {id1} {id2}");
+    let (out, _) = r.restore(
+        "app.db",
+        "rotated.db",
+        &["--encryption-key-file", k2s, "--encryption-key-file", k1s],
+    );
+    assert_same_database(&m.backing_path("app.db"), &out);
+}
