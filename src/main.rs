@@ -276,6 +276,16 @@ mod tests {
         ),
         ("retention", "3600", &["--retention", "3600"]),
         ("l0-retention", r#""1m""#, &["--l0-retention", "1m"]),
+        (
+            "encryption-key-file",
+            r#"["/etc/walfs/new.key", "/etc/walfs/old.key"]"#,
+            &[
+                "--encryption-key-file",
+                "/etc/walfs/new.key",
+                "--encryption-key-file",
+                "/etc/walfs/old.key",
+            ],
+        ),
     ];
 
     /// What `SETTINGS`, all together, mean.
@@ -314,6 +324,12 @@ mod tests {
                     snapshot_interval: Duration::from_secs(12 * 3600),
                     retention: Duration::from_secs(3600),
                     l0_retention: Duration::from_secs(60),
+                },
+                encryption: walfs::replica::crypt::EncryptionArgs {
+                    encryption_key_files: vec![
+                        "/etc/walfs/new.key".into(),
+                        "/etc/walfs/old.key".into(),
+                    ],
                 },
             },
         }
@@ -425,8 +441,8 @@ mod tests {
         );
         assert_eq!(
             keys.len(),
-            26,
-            "23 flags besides --config, and 2 positionals"
+            27,
+            "24 flags besides --config, and 2 positionals"
         );
     }
 

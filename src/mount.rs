@@ -390,6 +390,13 @@ fn preflight(opts: &MountOptions) -> MountResult<(PathBuf, PathBuf)> {
             "--sync-replication and --sync-database make commits wait for a replica, and none is given; add --replica URL".into(),
         ));
     }
+    if !opts.replication.encryption.encryption_key_files.is_empty()
+        && opts.replication.replicas.is_empty()
+    {
+        return Err(MountError::Setup(
+            "--encryption-key-file encrypts what is written to a replica, and none is given; add --replica URL".into(),
+        ));
+    }
     let backing = &opts.backing;
     match std::fs::metadata(backing) {
         Ok(m) if m.is_dir() => {}

@@ -19,6 +19,7 @@ use std::io;
 use crate::capture::watch::WalWatcher;
 use crate::capture::{database_of, Barrier, Capture, CaptureObserver, CommitWaiter, StagingBudget};
 use crate::fs::Observer;
+use crate::replica::crypt::EncryptionArgs;
 use crate::replica::error::{write_causes, ReplicaError, StoreError};
 use crate::replica::fanout::Fanout;
 use crate::replica::lease::{Lease, LeaseError};
@@ -96,6 +97,9 @@ pub struct ReplicationOptions {
     // Compaction, snapshots and retention.
     #[command(flatten)]
     pub maintenance: MaintenanceOptions,
+    // Encryption at rest.
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
 }
 
 pub struct Replication {
@@ -139,6 +143,8 @@ pub enum ReplicationError {
     Watch(io::Error),
     /// A replica's lease is held by another mount, or cannot be taken.
     Lease(LeaseError),
+    /// An encryption key file (or variable) is missing, malformed or weak: the message.
+    Encryption(String),
 }
 
 /// The result of starting replication.
@@ -162,6 +168,7 @@ impl fmt::Display for ReplicationError {
                 f.write_str("cannot watch the backing directory for WAL changes (inotify)")?
             }
             ReplicationError::Lease(e) => write!(f, "{e}")?,
+            ReplicationError::Encryption(m) => f.write_str(m)?,
         }
         if f.alternate() {
             write_causes(f, self)?;
@@ -182,7 +189,8 @@ impl std::error::Error for ReplicationError {
             ReplicationError::Watch(e) => Some(e),
             ReplicationError::Lease(LeaseError::Store(e)) => e.source(),
             ReplicationError::Lease(LeaseError::Io { source, .. }) => Some(source),
-            ReplicationError::Lease(LeaseError::Held(_)) => None,
+            ReplicationError::Lease(LeaseError::Held(_) | LeaseError::Encryption(_)) => None,
+            ReplicationError::Encryption(_) => None,
         }
     }
 }
@@ -214,6 +222,21 @@ impl Replication {
         mountpoint: &Path,
         opts: &ReplicationOptions,
     ) -> ReplicationResult<Replication> {
+        // Keys first: a bad key file stops the mount before any request.
+        let keyring = opts
+            .encryption
+            .keyring()
+            .map_err(ReplicationError::Encryption)?;
+        if let Some(ring) = &keyring {
+            tracing::info!(
+                "encrypting what is written to the replicas with key id {}{}",
+                ring.current().id(),
+                match ring.ids().len() {
+                    1 => String::new(),
+                    n => format!(" ({} older keys decrypt only)", n - 1),
+                }
+            );
+        }
         // One writer per replica: each lease is taken before anything is written.
         let mut replicas = Vec::new();
         let mut leases = Vec::new();
@@ -225,13 +248,14 @@ impl Replication {
                 .enable_all()
                 .build()?;
             let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
-            let store = ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?;
+            let store =
+                ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?.with_keyring(keyring.clone());
             // The lease gets a client of its own, as maintenance does: a connection made
             // on one runtime is driven only while that runtime runs.
             let lease = Lease::acquire(
                 &lease_rt,
                 &parsed,
-                &ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?,
+                &ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?.with_keyring(keyring.clone()),
                 mountpoint,
                 opts.lease_ttl,
                 opts.takeover,
@@ -287,7 +311,9 @@ impl Replication {
             let parsed = ReplicaUrl::parse(url).map_err(ReplicationError::ReplicaUrl)?;
             let maintainer = Arc::new(Maintainer::new(
                 fanout.copies(i).clone(),
-                vec![ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?.fenced(fence.clone())],
+                vec![ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?
+                    .with_keyring(keyring.clone())
+                    .fenced(fence.clone())],
                 opts.maintenance.clone(),
             )?);
             let uploader = Arc::new(Uploader::new(fanout.clone(), i, store.clone())?);

@@ -18,6 +18,7 @@ use parking_lot::{Condvar, Mutex};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::mount::{serve, MountControl, MountError, MountOptions, Serving};
+use crate::replica::crypt::EncryptionArgs;
 use crate::replica::error::write_causes;
 use crate::replica::url::ReplicaUrl;
 use crate::replicate::staging_dir;
@@ -332,7 +333,7 @@ fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
     }
     let mut first_error = None;
     for url in &opts.replication.replicas {
-        match databases_of(url) {
+        match databases_of(url, &opts.replication.encryption) {
             Ok(Some(dbs)) => {
                 tracing::info!(
                     "backing directory {} holds no database: restoring {} from replica {}",
@@ -348,6 +349,7 @@ fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
                     txid: None,
                     timestamp: None,
                     no_integrity_check: false,
+                    encryption: opts.replication.encryption.clone(),
                 })?;
                 return continue_history(opts, &restored);
             }
@@ -386,14 +388,14 @@ fn restore_if_empty(opts: &MountOptions) -> RunResult<()> {
 
 /// How many databases the replica at `url` holds (`None`: none, or it does not exist yet);
 /// an error if it cannot be listed or is not a mount's replica.
-fn databases_of(url: &str) -> RunResult<Option<usize>> {
+fn databases_of(url: &str, encryption: &EncryptionArgs) -> RunResult<Option<usize>> {
     let parsed = ReplicaUrl::parse(url).map_err(RestoreError::from)?;
     if let ReplicaUrl::File(f) = &parsed {
         if !f.dir.is_dir() {
             return Ok(None);
         }
     }
-    let (_, store, _) = open_replica(url)?;
+    let (_, store, _) = open_replica(url, encryption)?;
     let dbs = runtime()?
         .block_on(store.list_databases())
         .map_err(RestoreError::from)?;

@@ -179,6 +179,7 @@ impl Replica {
             txid: None,
             timestamp: None,
             no_integrity_check: false,
+            encryption: Default::default(),
         }
     }
 
@@ -397,7 +398,7 @@ fn whole_replica_restores_every_database() {
     assert_eq!(std::fs::read(r.out("b2.db")).unwrap(), r.states[1].1[2]);
 
     // Listing.
-    let (_, store, sidecar) = open_replica(&r.url).unwrap();
+    let (_, store, sidecar) = open_replica(&r.url, &Default::default()).unwrap();
     let rt = runtime().unwrap();
     let s = summarize(&rt, &store, &sidecar, "sub/dir/b.db").unwrap();
     assert_eq!(s.latest_txid, 4);
@@ -409,11 +410,13 @@ fn whole_replica_restores_every_database() {
     list_command(&ListArgs {
         url: r.url.clone(),
         db: None,
+        encryption: Default::default(),
     })
     .unwrap();
     list_command(&ListArgs {
         url: r.url.clone(),
         db: Some("a.db".into()),
+        encryption: Default::default(),
     })
     .unwrap();
 }
@@ -429,6 +432,7 @@ fn missing_replica_and_empty_replica() {
         txid: None,
         timestamp: None,
         no_integrity_check: false,
+        encryption: Default::default(),
     };
     let e = restore_command(&args).unwrap_err().to_string();
     assert!(e.contains("does not exist"), "{e}");
@@ -521,6 +525,7 @@ fn restores_a_replica_written_by_litestream() {
         txid: None,
         timestamp: None,
         no_integrity_check: false,
+        encryption: Default::default(),
     })
     .unwrap_or_else(|e| panic!("restore failed: {e:#}; litestream log:\n{log}"));
     let theirs = tmp.path().join("theirs.db");

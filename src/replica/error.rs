@@ -25,6 +25,12 @@ pub enum StoreErrorKind {
     Request,
     /// A write was not sent: this mount's lease on the replica lapsed or was taken over.
     Fenced,
+    /// The object is encrypted with a key that was not given (no key, or only others).
+    KeyNeeded,
+    /// The object failed authentication (changed, cut short or moved after it was
+    /// written), is not an encrypted object this walfs reads, or is plaintext where a key
+    /// was given (`super::crypt`).
+    Unauthentic,
 }
 
 /// A one-line error that names the object or URL and says what to do, and keeps the error

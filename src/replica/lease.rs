@@ -48,11 +48,15 @@ pub struct Holder {
     pub expires: Option<SystemTime>,
     /// Given up by a clean unmount: free to take.
     pub released: bool,
+    /// What the holder encrypts the replica's objects with: a key id, or `none`
+    /// (`--encryption-key-file`); `None` in the lease of a walfs from before encryption,
+    /// which wrote plaintext.
+    pub encryption: Option<String>,
 }
 
 impl Holder {
     /// This process, holding since now.
-    pub fn this_process(mount: &Path, expires: Option<SystemTime>) -> Holder {
+    pub fn this_process(mount: &Path, expires: Option<SystemTime>, encryption: &str) -> Holder {
         Holder {
             host: hostname(),
             pid: std::process::id(),
@@ -60,6 +64,7 @@ impl Holder {
             since: SystemTime::now(),
             expires,
             released: false,
+            encryption: Some(encryption.to_string()),
         }
     }
 
@@ -77,6 +82,9 @@ impl Holder {
         if self.released {
             s.push_str("released 1\n");
         }
+        if let Some(e) = &self.encryption {
+            s.push_str(&format!("encryption {e}\n"));
+        }
         s
     }
 
@@ -87,6 +95,7 @@ impl Holder {
         }
         let (mut host, mut pid, mut mount, mut since, mut expires) = (None, None, None, None, None);
         let mut released = false;
+        let mut encryption = None;
         for line in lines {
             let (k, v) = line.split_once(' ')?;
             match k {
@@ -96,6 +105,7 @@ impl Holder {
                 "since" => since = parse_rfc3339(v),
                 "expires" => expires = parse_rfc3339(v),
                 "released" => released = v == "1",
+                "encryption" => encryption = Some(v.to_string()),
                 _ => {}
             }
         }
@@ -106,6 +116,7 @@ impl Holder {
             since: since?,
             expires,
             released,
+            encryption,
         })
     }
 
@@ -157,12 +168,15 @@ pub enum LeaseError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The replica was written encrypted and this mount has no key, or the reverse: the
+    /// message says what to do.
+    Encryption(String),
 }
 
 impl std::fmt::Display for LeaseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LeaseError::Held(m) => f.write_str(m),
+            LeaseError::Held(m) | LeaseError::Encryption(m) => f.write_str(m),
             LeaseError::Store(e) => write!(f, "cannot take the replica's lease: {e}"),
             LeaseError::Io { path, source } => {
                 write!(f, "cannot lock {}: {source}", path.display())
@@ -188,6 +202,8 @@ enum Kind {
 /// An S3 lease: the object, and what its next renewal writes.
 struct S3Lease {
     store: ReplicaStore,
+    /// What this mount encrypts with (a key id, or `none`), for the lease object.
+    encryption: String,
     key: String,
     ttl: Duration,
     mount: PathBuf,
@@ -215,14 +231,20 @@ impl Lease {
         takeover: bool,
     ) -> Result<Lease, LeaseError> {
         let base = url.to_string();
+        let encryption = store
+            .keyring()
+            .map_or_else(|| "none".to_string(), |k| k.current().id().to_string());
         match url {
-            ReplicaUrl::File(u) => Self::lock_file(&u.dir.join(LEASE_NAME), mount, base),
+            ReplicaUrl::File(u) => {
+                Self::lock_file(&u.dir.join(LEASE_NAME), mount, base, &encryption, store)
+            }
             ReplicaUrl::S3(_) | ReplicaUrl::Abs(_) | ReplicaUrl::Gs(_) => {
                 let key = format!("{}{LEASE_NAME}", prefix_of(store.root()));
                 let fence = Arc::new(Fence::default());
                 let lease = Lease {
                     kind: Kind::S3(Box::new(S3Lease {
                         store: store.clone(),
+                        encryption,
                         key,
                         ttl,
                         mount: mount.to_path_buf(),
@@ -256,7 +278,13 @@ impl Lease {
         }
     }
 
-    fn lock_file(path: &Path, mount: &Path, base: String) -> Result<Lease, LeaseError> {
+    fn lock_file(
+        path: &Path,
+        mount: &Path,
+        base: String,
+        encryption: &str,
+        store: &ReplicaStore,
+    ) -> Result<Lease, LeaseError> {
         let io = |source| LeaseError::Io {
             path: path.to_path_buf(),
             source,
@@ -284,7 +312,10 @@ impl Lease {
                 "replica {base} is in use by another mount ({who}); stop that mount first: one replica takes one writer"
             )));
         }
-        let me = Holder::this_process(mount, None);
+        let mut before = String::new();
+        let _ = f.read_to_string(&mut before);
+        check_encryption(Holder::decode(&before).as_ref(), store, &base)?;
+        let me = Holder::this_process(mount, None, encryption);
         f.set_len(0).map_err(io)?;
         f.rewind().map_err(io)?;
         f.write_all(me.encode().as_bytes()).map_err(io)?;
@@ -326,7 +357,7 @@ impl Lease {
             *l.written.lock() = std::time::Instant::now();
             match self.take(l.takeover).await {
                 Ok(()) => l.pending.store(false, std::sync::atomic::Ordering::Release),
-                Err(LeaseError::Held(m)) => {
+                Err(LeaseError::Held(m) | LeaseError::Encryption(m)) => {
                     l.pending.store(false, std::sync::atomic::Ordering::Release);
                     self.fence.close_lost();
                     tracing::error!(
@@ -350,7 +381,7 @@ impl Lease {
         match &self.kind {
             Kind::S3(l) => Some(Holder {
                 since: l.since,
-                ..Holder::this_process(&l.mount, Some(now + l.ttl))
+                ..Holder::this_process(&l.mount, Some(now + l.ttl), &l.encryption)
             }),
             Kind::File { .. } => None,
         }
@@ -377,6 +408,7 @@ impl Lease {
                         .is_some_and(|h| h.expires.is_some_and(|e| e <= now));
                     let crashed_here = held.as_ref().is_some_and(Holder::is_dead_here);
                     let released = held.as_ref().is_some_and(|h| h.released);
+                    check_encryption(held.as_ref(), store, &self.base)?;
                     if !(released || crashed_here || (expired && takeover)) {
                         let who = held.as_ref().map_or_else(
                             || "a lease object walfs cannot read".to_string(),
@@ -505,6 +537,51 @@ impl Lease {
     }
 }
 
+/// Refuses to write a replica whose last writer (`before`, its lease) encrypted it when
+/// `store` has no key, or wrote it in plaintext (or was a walfs from before encryption)
+/// when `store` has one: one replica never mixes plaintext and encrypted objects, which no
+/// restore could read together. A rotation (another key) is allowed; a previous key that
+/// is not among the store's keys gets a warning.
+fn check_encryption(
+    before: Option<&Holder>,
+    store: &ReplicaStore,
+    base: &str,
+) -> Result<(), LeaseError> {
+    let Some(before) = before else {
+        return Ok(());
+    };
+    let theirs = before.encryption.as_deref().unwrap_or("none");
+    match (theirs, store.keyring()) {
+        ("none", None) => Ok(()),
+        ("none", Some(_)) => Err(LeaseError::Encryption(format!(
+            "replica {base} was written without encryption (its last mount's lease says so), \
+             and one replica never mixes plaintext and encrypted objects: give encrypted \
+             objects a new replica (another prefix or directory), or mount without \
+             --encryption-key-file"
+        ))),
+        (id, None) => Err(LeaseError::Encryption(format!(
+            "replica {base} is encrypted (its last mount wrote with key id {id}); give this \
+             mount the key with --encryption-key-file FILE (or WALFS_ENCRYPTION_KEY_FILE)"
+        ))),
+        (id, Some(ring)) => {
+            if !ring.ids().iter().any(|k| k.to_string() == id) {
+                tracing::warn!(
+                    replica = %base,
+                    "the replica's last mount encrypted with key id {id}, which is not among \
+                     this mount's keys ({}): what it wrote restores only with that key, so \
+                     keep its file and give it to restores",
+                    ring.ids()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `prefix/`, or "" for the bucket's root.
 fn prefix_of(root: &str) -> String {
     let root = root.trim_matches('/');
@@ -528,6 +605,7 @@ mod tests {
             since: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             expires: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_030)),
             released: false,
+            encryption: Some("0011223344556677".into()),
         };
         assert_eq!(Holder::decode(&h.encode()), Some(h.clone()));
         let released = Holder {
@@ -542,7 +620,11 @@ mod tests {
         );
         assert!(d.contains("lease expires"), "{d}");
         assert_eq!(Holder::decode("not a lease"), None);
-        let me = Holder::this_process(Path::new("/m"), None);
+        let me = Holder::this_process(Path::new("/m"), None, "none");
+        assert_eq!(Holder::decode(&me.encode()), Some(me.clone()));
+        // A lease from before encryption has no such line.
+        let old = "walfs-lease 1\nhost h\npid 1\nmount /m\nsince 2026-12-04T21:00:00Z\n";
+        assert_eq!(Holder::decode(old).unwrap().encryption, None);
         assert!(!me.is_dead_here(), "this process runs");
     }
 }

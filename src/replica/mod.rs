@@ -4,10 +4,11 @@
 //! The store, one idea a file: [`url`] (where a replica lives), [`layout`] (the key of each
 //! object), [`store`] (put, get, head, list, delete), [`error`] (what fails) and
 //! [`timestamp`] (the RFC 3339 times objects carry); [`lease`] keeps one writer per
-//! replica; [`sync`] makes a commit wait until the replica holds it
+//! replica; [`crypt`] encrypts what the store writes (`--encryption-key-file`); [`sync`] makes a commit wait until the replica holds it
 //! (`--sync-replication`); [`fanout`] lets each replica upload on its own.
 
 pub mod compact;
+pub mod crypt;
 pub mod error;
 pub mod fanout;
 pub mod kept;

@@ -26,8 +26,6 @@
 //! `ReplicaStore::list_databases` ignores them for the same reason.
 //!
 
-use std::ops::Range;
-
 use bytes::Bytes;
 
 use crate::ltx::{LtxHeader, HEADER_SIZE};
@@ -241,14 +239,14 @@ impl SidecarStore {
         check(text, format!("{base}/{key}")).map(Some)
     }
 
-    /// Reads bytes `range` of the object at `key`.
-    pub async fn get_range(&self, key: &str, range: Range<u64>) -> ReplicaResult<Bytes> {
-        Ok(self.store.get_range(key, range).await?)
-    }
-
-    /// Reads and parses only the 100-byte header of the LTX object at `key`.
-    pub async fn ltx_header(&self, key: &str) -> ReplicaResult<LtxHeader> {
-        let b = self.get_range(key, 0..HEADER_SIZE as u64).await?;
+    /// Reads and parses only the 100-byte header of `db_path`'s LTX object `o` (one
+    /// ranged GET; on an encrypted replica, of its first 64 KiB segment).
+    pub async fn ltx_header(&self, db_path: &str, o: &LtxObjectInfo) -> ReplicaResult<LtxHeader> {
+        let key = &o.key;
+        let b = self
+            .store
+            .get_ltx_head(db_path, o.level, (o.min_txid, o.max_txid), HEADER_SIZE)
+            .await?;
         let arr: &[u8; HEADER_SIZE] = b[..].try_into().map_err(|_| {
             ReplicaError::Invalid(format!("object {key} is shorter than an LTX header"))
         })?;

@@ -11,6 +11,13 @@
 //! writes it: the file's mtime on a file replica, the object metadata
 //! `litestream-timestamp` (Go's RFC3339Nano, UTC) on S3 and GCS, `litestreamtimestamp` on
 //! Azure (whose metadata names cannot hold a hyphen).
+//!
+//! With a [`Keyring`] ([`ReplicaStore::with_keyring`], `--encryption-key-file`) the store
+//! encrypts the body of every object it puts (LTX objects, verification records and
+//! deletion markers; `super::crypt` owns the format) and the verification record in an
+//! object's metadata, names the key in the metadata `walfs-key-id` (Azure `walfskeyid`),
+//! and decrypts on get, so the code above it sees plaintext only. The lease
+//! ([`ReplicaStore::put_if`], [`ReplicaStore::get_with_etag`]) stays plaintext.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +39,7 @@ use object_store::{
 
 use crate::ltx::parse_ltx_object_name;
 
+use super::crypt::{self, CryptError, Encryptor, Keyring};
 use super::error::{StoreError, StoreErrorKind};
 use super::layout::{check_db_path, join_key, Layout};
 use super::timestamp::{format_rfc3339_nano, parse_rfc3339};
@@ -48,6 +56,11 @@ pub const METADATA_KEY_RECORD: &str = "walfs-record";
 pub const AZURE_METADATA_KEY_TIMESTAMP: &str = "litestreamtimestamp";
 /// [`METADATA_KEY_RECORD`] on Azure.
 pub const AZURE_METADATA_KEY_RECORD: &str = "walfsrecord";
+/// S3 and GCS object metadata naming the key an encrypted object was encrypted with (its
+/// id, 16 hex digits; the body's header names it too).
+pub const METADATA_KEY_KEY_ID: &str = "walfs-key-id";
+/// [`METADATA_KEY_KEY_ID`] on Azure.
+pub const AZURE_METADATA_KEY_KEY_ID: &str = "walfskeyid";
 
 /// Which service a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +99,14 @@ impl Backend {
         match self {
             Backend::Azure => AZURE_METADATA_KEY_RECORD,
             _ => METADATA_KEY_RECORD,
+        }
+    }
+
+    /// The metadata key of an encrypted object's key id.
+    pub fn key_id_key(self) -> &'static str {
+        match self {
+            Backend::Azure => AZURE_METADATA_KEY_KEY_ID,
+            _ => METADATA_KEY_KEY_ID,
         }
     }
 }
@@ -231,6 +252,8 @@ pub struct ReplicaStore {
     /// Closes the store's writes when this mount's lease on the replica lapses
     /// (`super::lease`); none for stores that only read.
     fence: Option<Arc<Fence>>,
+    /// Encrypts what is put and decrypts what is got; none for a plaintext replica.
+    keyring: Option<Arc<Keyring>>,
 }
 
 /// A gate on a store's writes (PUT and DELETE): open while this mount holds its lease on
@@ -362,6 +385,7 @@ impl ReplicaStore {
                     base: format!("file://{}", u.dir.display()),
                     counters: Arc::default(),
                     fence: None,
+                    keyring: None,
                 })
             }
             ReplicaUrl::S3(u) => {
@@ -432,6 +456,7 @@ impl ReplicaStore {
                     base: format!("s3://{}", u.bucket),
                     counters: Arc::default(),
                     fence: None,
+                    keyring: None,
                 })
             }
             ReplicaUrl::Abs(u) => {
@@ -472,6 +497,7 @@ impl ReplicaStore {
                     base: format!("abs://{}@{}", u.account, u.container),
                     counters: Arc::default(),
                     fence: None,
+                    keyring: None,
                 })
             }
             ReplicaUrl::Gs(u) => {
@@ -525,6 +551,7 @@ impl ReplicaStore {
                     base: format!("gs://{}", u.bucket),
                     counters: Arc::default(),
                     fence: None,
+                    keyring: None,
                 })
             }
         }
@@ -544,6 +571,75 @@ impl ReplicaStore {
     /// nothing to it any more.
     pub fn lease_lost(&self) -> bool {
         self.fence.as_deref().is_some_and(Fence::is_lost)
+    }
+
+    /// This store encrypting what it puts with `keyring`'s current key and decrypting
+    /// what it gets with any of its keys; with `None`, a plaintext store that refuses
+    /// encrypted objects, naming the key they need.
+    pub fn with_keyring(mut self, keyring: Option<Arc<Keyring>>) -> Self {
+        self.keyring = keyring;
+        self
+    }
+
+    /// The keys this store encrypts and decrypts with, if any.
+    pub fn keyring(&self) -> Option<&Arc<Keyring>> {
+        self.keyring.as_ref()
+    }
+
+    /// What an LTX object's encryption is bound to: its level and TXIDs (not its database
+    /// path, so that a database's own replica URL reads it too).
+    fn ltx_context(level: u8, min_txid: u64, max_txid: u64) -> String {
+        format!("ltx {level} {min_txid:016x}-{max_txid:016x}")
+    }
+
+    /// What the encryption of an LTX object's verification record (in its metadata) is
+    /// bound to.
+    fn record_context(level: u8, min_txid: u64, max_txid: u64) -> String {
+        format!("record {level} {min_txid:016x}-{max_txid:016x}")
+    }
+
+    /// What the encryption of another object (a verification record or deletion marker)
+    /// is bound to: its key from the `walfs/` directory on (`walfs/checksums/<txid>`,
+    /// `walfs/deleted`), or the whole key.
+    fn object_context(key: &str) -> String {
+        let tail = key.rfind("walfs/").map_or(key, |i| &key[i..]);
+        format!("object {tail}")
+    }
+
+    /// The one-line error of an object that could not be decrypted.
+    fn crypt_error(&self, key: &str, e: CryptError) -> StoreError {
+        let kind = match e {
+            CryptError::KeyNeeded { .. } => StoreErrorKind::KeyNeeded,
+            CryptError::Random(_) => StoreErrorKind::Request,
+            _ => StoreErrorKind::Unauthentic,
+        };
+        let what = match kind {
+            StoreErrorKind::Unauthentic if !matches!(e, CryptError::NotEncrypted) => {
+                "; restore an earlier --txid or --timestamp, or from another replica"
+            }
+            _ => "",
+        };
+        StoreError::new(kind, format!("object {}/{key} {e}{what}", self.base)).caused_by(e)
+    }
+
+    /// Decrypts `body`, the object at `key` bound to `context`: as it is when it is
+    /// plaintext and the store has no keys.
+    fn open_body(&self, key: &str, context: &str, body: Bytes) -> Result<Bytes, StoreError> {
+        match crypt::decrypt(self.keyring.as_deref(), context.as_bytes(), &body) {
+            Ok(Some(plain)) => Ok(Bytes::from(plain)),
+            Ok(None) => Ok(body),
+            Err(e) => Err(self.crypt_error(key, e)),
+        }
+    }
+
+    /// Encrypts `body` for `key` bound to `context` if the store has keys.
+    fn seal_body(&self, key: &str, context: &str, body: Bytes) -> Result<Bytes, StoreError> {
+        match &self.keyring {
+            None => Ok(body),
+            Some(ring) => crypt::encrypt(ring.current(), context.as_bytes(), &body)
+                .map(Bytes::from)
+                .map_err(|e| self.crypt_error(key, e)),
+        }
     }
 
     /// This store with its writes gated by `fence`.
@@ -720,34 +816,41 @@ impl ReplicaStore {
 
     /// Uploads `bytes` to `key` (relative to the bucket or replica directory) atomically.
     /// For objects that are not LTX files, such as walfs's verification records.
+    /// With keys, the body is encrypted ([`ReplicaStore::with_keyring`]).
     pub async fn put_object(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         let path = self.object_path(key)?;
         self.check_fence("PUT", key)?;
+        let bytes = self.seal_body(key, &Self::object_context(key), bytes)?;
+        let opts = PutOptions {
+            attributes: self.key_id_attributes(),
+            ..PutOptions::default()
+        };
         Counters::bump(&self.counters.put);
         self.store
-            .put(&path, PutPayload::from(bytes))
+            .put_opts(&path, PutPayload::from(bytes), opts)
             .await
             .map(drop)
             .map_err(|e| self.request_error("PUT", key, e))
     }
 
-    /// Downloads the object at `key`; an error of kind NotFound if there is none.
+    /// Downloads the object at `key` (put by [`ReplicaStore::put_object`]), decrypted; an
+    /// error of kind NotFound if there is none.
     pub async fn get_object(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.get_with_etag(key).await.map(|(bytes, _)| bytes)
+        let (bytes, _) = self.get_with_etag(key).await?;
+        self.open_body(key, &Self::object_context(key), bytes)
     }
 
-    /// Downloads bytes `range` of the object at `key`.
-    pub async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, StoreError> {
-        let path = self.object_path(key)?;
-        Counters::bump(&self.counters.get);
-        self.store
-            .get_range(&path, range)
-            .await
-            .map_err(|e| self.request_error("GET", key, e))
+    /// The metadata naming the key an object is encrypted with (none without keys, or on
+    /// a file replica, whose bodies' headers name it).
+    fn key_id_attributes(&self) -> Attributes {
+        let mut attrs = Attributes::new();
+        if let (Some(ring), Layout::S3) = (&self.keyring, self.layout) {
+            attrs.insert(
+                Attribute::Metadata(self.backend.key_id_key().into()),
+                AttributeValue::from(ring.current().id().to_string()),
+            );
+        }
+        attrs
     }
 
     /// The replica's address without credentials, for messages.
@@ -825,11 +928,22 @@ impl ReplicaStore {
         if !self.holds_records() {
             return Ok(None);
         }
-        let (_, res) = self.head(db_path, level, min_txid, max_txid).await?;
-        Ok(res
+        let (key, res) = self.head(db_path, level, min_txid, max_txid).await?;
+        let Some(value) = res
             .attributes
             .get(&Attribute::Metadata(self.backend.record_key().into()))
-            .map(|v| v.as_ref().to_string()))
+        else {
+            return Ok(None);
+        };
+        let context = Self::record_context(level, min_txid, max_txid);
+        crypt::open_text(self.keyring.as_deref(), context.as_bytes(), value.as_ref())
+            .map(Some)
+            .map_err(|e| {
+                self.crypt_error(
+                    &format!("{key} (its metadata {})", self.backend.record_key()),
+                    e,
+                )
+            })
     }
 
     /// Uploads the LTX file at `file` like [`ReplicaStore::put_ltx`]. Files larger than
@@ -881,22 +995,33 @@ impl ReplicaStore {
         let key = self.ltx_key(db_path, level, min_txid, max_txid);
         let path = self.object_path(&key)?;
         self.check_fence("PUT", &key)?;
-        let mut attrs = Attributes::new();
+        let mut attrs = self.key_id_attributes();
         if self.layout == Layout::S3 {
             attrs.insert(
                 Attribute::Metadata(self.backend.timestamp_key().into()),
                 AttributeValue::from(format_rfc3339_nano(timestamp)),
             );
             if let Some(r) = record {
+                let r = match &self.keyring {
+                    None => r,
+                    Some(ring) => crypt::seal_text(
+                        ring.current(),
+                        Self::record_context(level, min_txid, max_txid).as_bytes(),
+                        &r,
+                    )
+                    .map_err(|e| self.crypt_error(&key, e))?,
+                };
                 attrs.insert(
                     Attribute::Metadata(self.backend.record_key().into()),
                     AttributeValue::from(r),
                 );
             }
         }
+        let context = Self::ltx_context(level, min_txid, max_txid);
         Counters::bump(&self.counters.put);
         let size = match source {
             LtxSource::Bytes(bytes) => {
+                let bytes = self.seal_body(&key, &context, bytes)?;
                 let size = bytes.len() as u64;
                 let opts = PutOptions {
                     attributes: attrs,
@@ -908,7 +1033,18 @@ impl ReplicaStore {
                     .map_err(|e| self.request_error("PUT", &key, e))?;
                 size
             }
-            LtxSource::File(file, size) => {
+            LtxSource::File(file, plain_size) => {
+                let mut encryptor = match &self.keyring {
+                    None => None,
+                    Some(ring) => Some(
+                        Encryptor::new(ring.current(), context.as_bytes())
+                            .map_err(|e| self.crypt_error(&key, e))?,
+                    ),
+                };
+                let size = match encryptor {
+                    None => plain_size,
+                    Some(_) => crypt::encrypted_len(plain_size),
+                };
                 let opts = PutMultipartOptions {
                     attributes: attrs,
                     ..PutMultipartOptions::default()
@@ -933,15 +1069,34 @@ impl ReplicaStore {
                 let res: Result<(), StoreError> = async {
                     let mut f = std::fs::File::open(&file).map_err(staged_err)?;
                     let mut buf = vec![0u8; MULTIPART_PART];
+                    // The ciphertext of one buffer (a buffer and its tags).
+                    let mut sealed = Vec::new();
+                    if let Some(e) = &encryptor {
+                        w.write(e.header());
+                    }
                     loop {
                         w.wait_for_capacity(MULTIPART_IN_FLIGHT)
                             .await
                             .map_err(|e| self.request_error("PUT", &key, e))?;
                         let n = std::io::Read::read(&mut f, &mut buf).map_err(staged_err)?;
-                        if n == 0 {
-                            return Ok(());
+                        match encryptor.as_mut() {
+                            None if n == 0 => return Ok(()),
+                            None => w.write(&buf[..n]),
+                            Some(_) if n == 0 => {
+                                let e = encryptor.take().expect("matched Some");
+                                sealed.clear();
+                                e.finish(&mut sealed)
+                                    .map_err(|e| self.crypt_error(&key, e))?;
+                                w.write(&sealed);
+                                return Ok(());
+                            }
+                            Some(e) => {
+                                sealed.clear();
+                                e.push(&buf[..n], &mut sealed)
+                                    .map_err(|e| self.crypt_error(&key, e))?;
+                                w.write(&sealed);
+                            }
                         }
-                        w.write(&buf[..n]);
                     }
                 }
                 .await;
@@ -1016,9 +1171,59 @@ impl ReplicaStore {
             .get(&path)
             .await
             .map_err(|e| self.request_error("GET", &key, e))?;
-        res.bytes()
+        let body = res
+            .bytes()
             .await
-            .map_err(|e| self.request_error("GET", &key, e))
+            .map_err(|e| self.request_error("GET", &key, e))?;
+        self.open_body(&key, &Self::ltx_context(level, min_txid, max_txid), body)
+    }
+
+    /// Downloads the first `n` bytes of an LTX object's content (its header, say) with one
+    /// ranged GET. On an encrypted replica that GET reads the object's first segment (64
+    /// KiB) and decrypts it; `n` must not exceed that.
+    pub async fn get_ltx_head(
+        &self,
+        db_path: &str,
+        level: u8,
+        (min_txid, max_txid): (u64, u64),
+        n: usize,
+    ) -> Result<Bytes, StoreError> {
+        check_db_path(db_path)?;
+        let key = self.ltx_key(db_path, level, min_txid, max_txid);
+        let path = self.object_path(&key)?;
+        // Without keys, enough for the content or for an encrypted header that names
+        // the key it needs.
+        let want = match self.keyring {
+            Some(_) => crypt::FIRST_SEGMENT_LEN.max(n),
+            None => n.max(crypt::HEADER_LEN),
+        };
+        Counters::bump(&self.counters.get);
+        let opts = GetOptions {
+            range: Some((0..want as u64).into()),
+            ..GetOptions::default()
+        };
+        let res = self
+            .store
+            .get_opts(&path, opts)
+            .await
+            .map_err(|e| self.request_error("GET", &key, e))?;
+        let total = res.meta.size;
+        let start = res
+            .bytes()
+            .await
+            .map_err(|e| self.request_error("GET", &key, e))?;
+        let context = Self::ltx_context(level, min_txid, max_txid);
+        let plain = match crypt::decrypt_first_segment(
+            self.keyring.as_deref(),
+            context.as_bytes(),
+            &start,
+            total,
+        ) {
+            Ok(Some(plain)) => Bytes::from(plain),
+            Ok(None) => start,
+            Err(e) => return Err(self.crypt_error(&key, e)),
+        };
+        Ok(plain.slice(..n.min(plain.len())))
     }
 
     /// HEADs one LTX object: its key and the response (metadata, attributes).
@@ -1256,6 +1461,122 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    fn keyring(seeds: &[u8]) -> Option<Arc<Keyring>> {
+        let mut keys = seeds.iter().map(|&seed| {
+            let raw: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(29) ^ seed).collect();
+            crypt::Key::parse(&raw).unwrap()
+        });
+        let first = keys.next().unwrap();
+        Some(Arc::new(Keyring::new(first, keys)))
+    }
+
+    #[test]
+    fn an_encrypted_file_replica_round_trips_and_refuses_missing_or_wrong_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("replica");
+        let url = ReplicaUrl::parse(&format!("file://{}", dir.display())).unwrap();
+        let plain = ReplicaStore::open(&url).unwrap();
+        let k1 = plain.clone().with_keyring(keyring(&[1]));
+        let id1 = k1.keyring().unwrap().current().id().to_string();
+        let ts = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        // A body larger than the multipart threshold streams through the encryptor.
+        let big: Vec<u8> = (0..MULTIPART_THRESHOLD as usize + 100_000)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let staged = tmp.path().join("big.ltx");
+        std::fs::write(&staged, &big).unwrap();
+        rt().block_on(async {
+            let mut body = b"LTX1".to_vec();
+            body.extend_from_slice(&[7u8; 200]);
+            let info = k1
+                .put_ltx("a.db", 0, 1, 2, Bytes::from(body.clone()), ts)
+                .await
+                .unwrap();
+            assert_eq!(info.size, crypt::encrypted_len(body.len() as u64));
+            let on_disk = std::fs::read(dir.join(&info.key)).unwrap();
+            assert!(crypt::is_encrypted(&on_disk));
+            assert!(!on_disk.windows(4).any(|w| w == b"LTX1"));
+            assert_eq!(k1.get_ltx("a.db", 0, 1, 2).await.unwrap(), body);
+            assert_eq!(
+                k1.get_ltx_head("a.db", 0, (1, 2), 100).await.unwrap(),
+                body[..100]
+            );
+            let big_info = k1
+                .put_ltx_file("a.db", 9, (1, 2), &staged, ts, None)
+                .await
+                .unwrap();
+            let stored = std::fs::metadata(dir.join(&big_info.key)).unwrap().len();
+            assert_eq!(stored, crypt::encrypted_len(big.len() as u64));
+            assert_eq!(big_info.size, stored);
+            assert_eq!(k1.get_ltx("a.db", 9, 1, 2).await.unwrap(), big);
+            assert_eq!(
+                k1.get_ltx_head("a.db", 9, (1, 2), 100).await.unwrap(),
+                big[..100]
+            );
+            // Records and markers are encrypted too.
+            k1.put_object("a.db/walfs/deleted", Bytes::from_static(b"txid=2"))
+                .await
+                .unwrap();
+            let raw = std::fs::read(dir.join("a.db/walfs/deleted")).unwrap();
+            assert!(crypt::is_encrypted(&raw));
+            assert_eq!(
+                k1.get_object("a.db/walfs/deleted").await.unwrap(),
+                &b"txid=2"[..]
+            );
+
+            // No key: one line naming the key id needed, on every kind of read.
+            for e in [
+                plain.get_ltx("a.db", 0, 1, 2).await.unwrap_err(),
+                plain
+                    .get_ltx_head("a.db", 9, (1, 2), 100)
+                    .await
+                    .unwrap_err(),
+                plain.get_object("a.db/walfs/deleted").await.unwrap_err(),
+            ] {
+                assert_eq!(e.kind(), StoreErrorKind::KeyNeeded, "{e}");
+                let m = e.to_string();
+                assert!(m.contains(&id1) && m.contains("no key was given"), "{m}");
+                assert!(m.contains("a.db/"), "{m}");
+                assert!(!m.contains('\n'));
+            }
+            // A wrong key names both; with the old key given too, it reads.
+            let k2 = plain.clone().with_keyring(keyring(&[2]));
+            let e = k2.get_ltx("a.db", 0, 1, 2).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::KeyNeeded);
+            let id2 = k2.keyring().unwrap().current().id().to_string();
+            assert!(
+                e.to_string().contains(&id1) && e.to_string().contains(&id2),
+                "{e}"
+            );
+            let k21 = plain.clone().with_keyring(keyring(&[2, 1]));
+            assert_eq!(k21.get_ltx("a.db", 0, 1, 2).await.unwrap(), body);
+
+            // A bit flipped on disk fails authentication and names the object.
+            let path = dir.join(&info.key);
+            let mut bad = std::fs::read(&path).unwrap();
+            bad[60] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            let e = k1.get_ltx("a.db", 0, 1, 2).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Unauthentic);
+            assert!(e.to_string().contains(&info.key), "{e}");
+            // A body moved to another object's name fails too.
+            std::fs::copy(
+                dir.join(&big_info.key),
+                dir.join(k1.ltx_key("a.db", 9, 1, 3)),
+            )
+            .unwrap();
+            let e = k1.get_ltx("a.db", 9, 1, 3).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Unauthentic, "{e}");
+            // A plaintext object where a key is given is refused.
+            plain
+                .put_ltx("a.db", 0, 3, 3, Bytes::from_static(b"LTX1 plain"), ts)
+                .await
+                .unwrap();
+            let e = k1.get_ltx("a.db", 0, 3, 3).await.unwrap_err();
+            assert!(e.to_string().contains("is not encrypted"), "{e}");
+        });
     }
 
     #[test]

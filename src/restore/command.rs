@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use tokio::runtime::Runtime;
 
+use crate::replica::crypt::EncryptionArgs;
 use crate::replica::layout::Layout;
 use crate::replica::store::{LtxObjectInfo, ReplicaStore};
 use crate::replica::timestamp::format_rfc3339_nano;
@@ -54,6 +55,9 @@ pub struct RestoreArgs {
     /// replicated, e.g. with sqlite3's .recover.
     #[arg(long)]
     pub no_integrity_check: bool,
+    // The keys of an encrypted replica.
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
 }
 
 /// An RFC 3339 time such as 2026-11-22T05:00:00Z (`--timestamp`).
@@ -70,9 +74,13 @@ pub fn runtime() -> RestoreResult<Runtime> {
         .context("cannot start the I/O runtime")
 }
 
-/// Parses `url` and opens its store and sidecar handle. A file replica must exist (opening
-/// the store would create it).
-pub fn open_replica(url: &str) -> RestoreResult<(ReplicaUrl, ReplicaStore, SidecarStore)> {
+/// Parses `url` and opens its store and sidecar handle, decrypting with the keys
+/// `encryption` names. A file replica must exist (opening the store would create it).
+pub fn open_replica(
+    url: &str,
+    encryption: &EncryptionArgs,
+) -> RestoreResult<(ReplicaUrl, ReplicaStore, SidecarStore)> {
+    let keyring = encryption.keyring().map_err(RestoreError::Usage)?;
     let url = ReplicaUrl::parse(url)?;
     if let ReplicaUrl::File(f) = &url {
         if !f.dir.is_dir() {
@@ -82,8 +90,8 @@ pub fn open_replica(url: &str) -> RestoreResult<(ReplicaUrl, ReplicaStore, Sidec
             )));
         }
     }
-    let store = ReplicaStore::open(&url)?;
-    let sidecar = SidecarStore::open(&url)?;
+    let store = ReplicaStore::open(&url)?.with_keyring(keyring);
+    let sidecar = SidecarStore::new(store.clone());
     Ok((url, store, sidecar))
 }
 
@@ -300,7 +308,7 @@ pub fn restore_outcomes(args: &RestoreArgs) -> RestoreResult<Vec<RestoreOutcome>
         (None, Some(t)) => RestoreTarget::Timestamp(t),
         (None, None) => RestoreTarget::Latest,
     };
-    let (url, store, sidecar) = open_replica(&args.url)?;
+    let (url, store, sidecar) = open_replica(&args.url, &args.encryption)?;
     let ctx = Ctx {
         rt: runtime()?,
         store,

@@ -36,6 +36,9 @@ pub struct ListArgs {
     /// Show the restorable range and objects of this database.
     #[arg(long)]
     pub db: Option<String>,
+    // The keys of an encrypted replica.
+    #[command(flatten)]
+    pub encryption: crate::replica::crypt::EncryptionArgs,
 }
 
 /// What the replica holds of one database.
@@ -150,7 +153,7 @@ pub fn summarize(
             db_label(db)
         )));
     };
-    let h = rt.block_on(sidecar.ltx_header(&latest.key))?;
+    let h = rt.block_on(sidecar.ltx_header(db, latest))?;
     let reach = restorable_txids(&objects);
     let restorable = match (reach.iter().next(), reach.iter().next_back()) {
         (Some((a, ta)), Some((b, tb))) => Some((
@@ -229,7 +232,7 @@ fn shown_path(db: &str) -> &str {
 
 /// `walfs list` (see the module documentation); prints to stdout.
 pub fn list_command(args: &ListArgs) -> RestoreResult<()> {
-    let (url, store, sidecar) = open_replica(&args.url)?;
+    let (url, store, sidecar) = open_replica(&args.url, &args.encryption)?;
     let rt = runtime()?;
     let mut out = std::io::stdout().lock();
     if let Some(db) = &args.db {

@@ -28,6 +28,9 @@ pub struct VerifyArgs {
     /// Seed of the random choice of the earlier TXID, to repeat a drill.
     #[arg(long)]
     pub seed: Option<u64>,
+    // The keys of an encrypted replica.
+    #[command(flatten)]
+    pub encryption: crate::replica::crypt::EncryptionArgs,
 }
 
 /// SplitMix64: a small, reproducible generator for the choice of the earlier TXID.
@@ -77,7 +80,7 @@ impl Drop for TempDir {
 /// `walfs verify` (see the module documentation). Prints to stdout; the error counts the
 /// failed checks and repeats the first.
 pub fn verify_command(args: &VerifyArgs) -> RestoreResult<()> {
-    let (url, store, sidecar) = open_replica(&args.url)?;
+    let (url, store, sidecar) = open_replica(&args.url, &args.encryption)?;
     let rt = runtime()?;
     let dbs = match &args.db {
         Some(db) => vec![db.clone()],
