@@ -844,6 +844,9 @@ impl DatabaseCapture {
         if !batch.is_empty() {
             events.push(self.stage_pending(wal, &mut batch)?);
         }
+        // Every page this poll validated is staged: the frames' buffer goes, so that an
+        // idle database holds none.
+        self.frames.release();
         self.tracker = tracker;
         self.state.wal = self.tracker.position();
         if let (true, Some(wal)) = (found_nothing, wal) {

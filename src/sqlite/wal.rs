@@ -942,8 +942,9 @@ fn read_frame<R: ReadAt + ?Sized>(
 ///
 /// The bytes a poll read stay in the buffer (up to `FrameReader::RETAIN`), so that the
 /// caller can take the pages of the transactions it yielded from there
-/// ([`FrameReader::validated`]) instead of reading them again. Keep one per WAL to reuse
-/// its allocation.
+/// ([`FrameReader::validated`]) instead of reading them again. Once they are taken,
+/// [`FrameReader::release`] frees the buffer: a mount of a thousand databases must not keep
+/// one per database.
 #[derive(Debug, Default)]
 pub struct FrameReader {
     buf: Vec<u8>,
@@ -975,6 +976,15 @@ impl FrameReader {
         if self.buf.capacity() > 2 * Self::RETAIN {
             self.buf = Vec::new();
         }
+    }
+
+    /// Frees the buffer (its bytes are read again when asked for): call it once the pages
+    /// of a poll's transactions were taken. The next read starts again at a small chunk.
+    pub fn release(&mut self) {
+        self.buf = Vec::new();
+        self.start = 0;
+        self.len = 0;
+        self.chunk = 0;
     }
 
     /// The `size` bytes at `offset`, or `None` if the file ends before.

@@ -75,8 +75,9 @@ const HEADER_SIZE: usize = 96;
 const TRAILER_SIZE: usize = 24;
 /// Appends are flushed to the file in chunks of this size.
 const FLUSH_AT: usize = 1 << 20;
-/// The largest held batch buffer kept for reuse.
-const SPARE_BATCH_BYTES: usize = 4 << 20;
+/// The largest held batch buffer kept for reuse (per database: a mount of a thousand
+/// databases keeps one each).
+const SPARE_BATCH_BYTES: usize = 256 << 10;
 
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
