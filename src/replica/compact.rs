@@ -99,18 +99,28 @@ pub fn snapshot_chain(objs: &[ObjId], from: u64) -> Vec<ObjId> {
 /// is `popcount(n)` objects, and each tick's pages are uploaded about `log2(ticks per
 /// window) / 2` more times.
 ///
-/// `level` holds the level's objects (the local copies: every object of the window, for
-/// counting ticks); `ends_at` is where the chain must end for the new object to continue
-/// it (the TXID before the new tick's first). A chain that does not end there (a missing
-/// copy, an overlap after a race with the level above) absorbs nothing: the new object is
-/// then one tick, which is always correct, only less compact.
-pub fn absorbed_by_next(level: &[ObjId], window_start: u64, ends_at: u64) -> Vec<ObjId> {
-    let window: Vec<ObjId> = level
-        .iter()
-        .copied()
-        .filter(|o| o.max > window_start && o.max <= ends_at)
-        .collect();
-    let chain = chain_from(&window, window_start);
+/// `level` holds the level's objects that have bytes (the local copies); `ticked` the
+/// level's objects whose copies were dropped because a larger object of the level covers
+/// them ([`covered_at_level`]; only their tick is remembered). Together they are every
+/// object of the window, for counting ticks; the chain is taken from `level` alone (a
+/// covered object never is the furthest reach while its cover is kept). `ends_at` is
+/// where the chain must end for the new object to continue it (the TXID before the new
+/// tick's first). A chain that does not end there (a missing copy, an overlap after a
+/// race with the level above) absorbs nothing: the new object is then one tick, which is
+/// always correct, only less compact.
+pub fn absorbed_by_next(
+    level: &[ObjId],
+    ticked: &[ObjId],
+    window_start: u64,
+    ends_at: u64,
+) -> Vec<ObjId> {
+    let in_window = |o: &&ObjId| o.max > window_start && o.max <= ends_at;
+    let with_bytes: Vec<ObjId> = level.iter().filter(in_window).copied().collect();
+    let mut window: Vec<ObjId> = with_bytes.clone();
+    window.extend(ticked.iter().filter(in_window).copied());
+    window.sort();
+    window.dedup();
+    let chain = chain_from(&with_bytes, window_start);
     if chain.last().map(|o| o.max) != Some(ends_at) {
         return Vec::new();
     }
@@ -138,7 +148,10 @@ pub fn absorbed_by_next(level: &[ObjId], window_start: u64, ends_at: u64) -> Vec
 /// local copies `local` (all levels) and `done`, the highest TXID level `k` holds. The
 /// first object continues the level's binary counter ([`absorbed_by_next`]): it starts
 /// with the level-`k` objects it absorbs, then the run of level `k - 1`.
-pub fn compaction_inputs(local: &[ObjId], k: u8, done: u64) -> Vec<Vec<ObjId>> {
+///
+/// `ticked` holds the objects (any levels) whose copies were dropped, covered by a larger
+/// one of their level, and only count ticks ([`absorbed_by_next`]).
+pub fn compaction_inputs(local: &[ObjId], ticked: &[ObjId], k: u8, done: u64) -> Vec<Vec<ObjId>> {
     let below: Vec<ObjId> = local
         .iter()
         .copied()
@@ -147,7 +160,8 @@ pub fn compaction_inputs(local: &[ObjId], k: u8, done: u64) -> Vec<Vec<ObjId>> {
     let mut runs = compaction_runs(&below, done);
     if let Some(first) = runs.first_mut() {
         let at_k: Vec<ObjId> = local.iter().copied().filter(|o| o.level == k).collect();
-        let mut absorbed = absorbed_by_next(&at_k, window_start(local, k), done);
+        let ticked_k: Vec<ObjId> = ticked.iter().copied().filter(|o| o.level == k).collect();
+        let mut absorbed = absorbed_by_next(&at_k, &ticked_k, window_start(local, k), done);
         if !absorbed.is_empty() && first[0].min <= done + 1 {
             absorbed.append(first);
             *first = absorbed;
@@ -176,6 +190,20 @@ pub fn window_start(local: &[ObjId], k: u8) -> u64 {
         .map(|o| o.max)
         .max()
         .unwrap_or(0)
+}
+
+/// The objects of `local` whose bytes `written` holds at its own level: the objects of
+/// its level that it covers (`written.min <= min` and `max < written.max`), such as the
+/// ones a binary-counter object absorbed ([`absorbed_by_next`]). Their copies can go:
+/// wherever one of them is applicable, `written` is too and reaches further, so no chain
+/// (compaction, snapshot, the binary counter's) takes them while `written` is kept; only
+/// their ticks must still be counted.
+pub fn covered_at_level(local: &[ObjId], written: ObjId) -> Vec<ObjId> {
+    local
+        .iter()
+        .copied()
+        .filter(|o| o.level == written.level && written.min <= o.min && o.max < written.max)
+        .collect()
 }
 
 /// The local copies that are no longer needed once `written` (level `k`, compacted from
@@ -383,7 +411,7 @@ mod tests {
         let mut local = vec![o(9, 1, 10)];
         for t in 11..=18u64 {
             let l0: Vec<ObjId> = local.iter().copied().filter(|x| x.level == 0).collect();
-            let absorbed = absorbed_by_next(&l0, window_start(&local, 0), t - 1);
+            let absorbed = absorbed_by_next(&l0, &[], window_start(&local, 0), t - 1);
             let min = absorbed.first().map_or(t, |a| a.min);
             local.push(o(0, min, t));
         }
@@ -409,7 +437,7 @@ mod tests {
         assert_eq!(chain_from(&l0, 10), vec![o(0, 11, 18)]);
 
         // Level 1 compacts the chain; its first object starts a new level-0 window.
-        let inputs = compaction_inputs(&local, 1, 0);
+        let inputs = compaction_inputs(&local, &[], 1, 0);
         assert_eq!(inputs, vec![vec![o(0, 11, 18)]]);
         local.push(o(1, 11, 18));
         let gone = compacted_away(&local, o(1, 11, 18));
@@ -417,33 +445,69 @@ mod tests {
         local.retain(|x| !gone.contains(x));
         assert_eq!(window_start(&local, 0), 18);
         let l0: Vec<ObjId> = local.iter().copied().filter(|x| x.level == 0).collect();
-        assert!(absorbed_by_next(&l0, 18, 18).is_empty());
+        assert!(absorbed_by_next(&l0, &[], 18, 18).is_empty());
         // The second level-1 compaction absorbs the first.
         local.push(o(0, 19, 19));
         local.push(o(0, 19, 20));
         assert_eq!(
-            compaction_inputs(&local, 1, 18),
+            compaction_inputs(&local, &[], 1, 18),
             vec![vec![o(1, 11, 18), o(0, 19, 20)]]
         );
     }
 
     #[test]
+    fn covered_copies_go_and_the_counter_counts_their_ticks() {
+        // The same counter as above, keeping only the copies no object of the level
+        // covers (the others become ticks): it writes the same objects, and the copies
+        // kept are the chain alone, popcount(n) non-overlapping objects.
+        let mut plain = vec![o(9, 1, 10)];
+        let mut local = vec![o(9, 1, 10)];
+        let mut ticked: Vec<ObjId> = Vec::new();
+        for t in 11..=74u64 {
+            let l0 = |v: &[ObjId]| -> Vec<ObjId> {
+                v.iter().copied().filter(|x| x.level == 0).collect()
+            };
+            let a = absorbed_by_next(&l0(&plain), &[], 10, t - 1);
+            let b = absorbed_by_next(&l0(&local), &ticked, 10, t - 1);
+            assert_eq!(a, b, "tick {t}");
+            let new = o(0, a.first().map_or(t, |x| x.min), t);
+            plain.push(new);
+            local.push(new);
+            for c in covered_at_level(&local, new) {
+                local.retain(|x| *x != c);
+                ticked.push(c);
+            }
+            let kept = l0(&local);
+            let n = t - 10;
+            assert_eq!(kept.len() as u32, n.count_ones(), "tick {t}: {kept:?}");
+            assert_eq!(chain_from(&kept, 10), kept);
+            assert_eq!(chain_from(&kept, 10), chain_from(&l0(&plain), 10));
+            assert_eq!(
+                compaction_inputs(&local, &ticked, 1, 0),
+                compaction_inputs(&plain, &[], 1, 0)
+            );
+        }
+        // Ticks are counted at their own level only.
+        assert!(covered_at_level(&[o(0, 11, 12), o(1, 11, 18)], o(1, 11, 18)).is_empty());
+    }
+
+    #[test]
     fn a_first_upload_that_a_snapshot_repeats_is_not_compacted() {
         let local = [o(9, 1, 2), o(0, 1, 2), o(0, 3, 4)];
-        assert_eq!(compaction_inputs(&local, 1, 0), vec![vec![o(0, 3, 4)]]);
+        assert_eq!(compaction_inputs(&local, &[], 1, 0), vec![vec![o(0, 3, 4)]]);
         // Reaching past the snapshot, it is the history's base and is compacted.
         let local = [o(9, 1, 2), o(0, 1, 5)];
-        assert_eq!(compaction_inputs(&local, 1, 0), vec![vec![o(0, 1, 5)]]);
+        assert_eq!(compaction_inputs(&local, &[], 1, 0), vec![vec![o(0, 1, 5)]]);
     }
 
     #[test]
     fn a_chain_that_does_not_end_where_the_next_object_starts_absorbs_nothing() {
         let l0 = [o(0, 11, 11), o(0, 12, 12)];
-        assert_eq!(absorbed_by_next(&l0, 10, 12), vec![o(0, 12, 12)]);
+        assert_eq!(absorbed_by_next(&l0, &[], 10, 12), vec![o(0, 12, 12)]);
         // A missing copy: the tick ending at 13 was never kept.
-        assert!(absorbed_by_next(&l0, 10, 13).is_empty());
+        assert!(absorbed_by_next(&l0, &[], 10, 13).is_empty());
         // A chain ending short of where the next object starts.
-        assert!(absorbed_by_next(&[o(0, 11, 12)], 10, 14).is_empty());
+        assert!(absorbed_by_next(&[o(0, 11, 12)], &[], 10, 14).is_empty());
     }
 
     #[test]

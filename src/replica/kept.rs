@@ -7,7 +7,13 @@
 //! ```text
 //! <staging>/<relpath>/replicas/<id>/<level>/<min>-<max>.ltx      an LTX object the replica holds
 //! <staging>/<relpath>/replicas/<id>/<level>/<min>-<max>.record   its verification record, if any
+//! <staging>/<relpath>/replicas/<id>/<level>/<min>-<max>.tick     an object whose copy went (empty)
 //! ```
+//!
+//! A `.tick` file stands for an object of the level's window whose copy was dropped
+//! because a larger object of the same level covers it ([`super::compact::covered_at_level`]):
+//! the binary counter still counts its tick ([`super::compact::absorbed_by_next`]), but
+//! nothing needs its bytes.
 //!
 //! Each replica's uploader keeps each object it uploaded; that replica's maintenance loop
 //! ([`super::maintain`]) adds the objects it compacts and deletes the copies it no
@@ -252,6 +258,39 @@ impl KeptCopies {
         Ok(())
     }
 
+    /// Replaces the copy of `id` by a tick marker: the object's tick still counts, its bytes
+    /// and record go. The marker is written before the copy goes, without fsync: if a crash
+    /// loses it, the binary counter only counts one tick fewer (a less compact object).
+    pub fn drop_to_tick(&self, db: &Path, id: ObjId, ltx: &Path) -> StagingResult<()> {
+        let dir = self.kept_dir(db, id.level)?;
+        File::create(dir.join(tick_name(id.min, id.max)))?;
+        self.drop_kept(ltx)
+    }
+
+    /// The objects of `db` whose copies were replaced by tick markers
+    /// ([`KeptCopies::drop_to_tick`]), any level.
+    pub fn ticks(&self, db: &Path) -> StagingResult<Vec<ObjId>> {
+        let mut out = Vec::new();
+        for (level, dir) in self.level_dirs(db)? {
+            for f in list_dir(&dir)? {
+                if let Some((min, max)) = parse_tick_name(&f.file_name().to_string_lossy()) {
+                    out.push(ObjId::new(level, min, max));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes a tick marker.
+    pub fn drop_tick(&self, db: &Path, id: ObjId) -> StagingResult<()> {
+        let p = self.kept_dir(db, id.level)?.join(tick_name(id.min, id.max));
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Bytes of every local copy of every database (for tests and metrics).
     pub fn kept_bytes(&self, db: &Path) -> StagingResult<u64> {
         Ok(self
@@ -261,6 +300,14 @@ impl KeptCopies {
             .map(|m| m.len())
             .sum())
     }
+}
+
+fn tick_name(min: u64, max: u64) -> String {
+    ltx_object_name(min, max).replace(".ltx", ".tick")
+}
+
+fn parse_tick_name(name: &str) -> Option<(u64, u64)> {
+    parse_ltx_object_name(&format!("{}.ltx", name.strip_suffix(".tick")?))
 }
 
 fn read_header(path: &Path) -> io::Result<LtxHeader> {

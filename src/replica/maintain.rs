@@ -12,7 +12,7 @@
 //! holds is learnt from one LIST per database and replica, the first time retention needs
 //! it, and then tracked in memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Condvar, Mutex};
 
 use super::compact::{
-    compacted_away, compaction_inputs, merge_ltx, snapshot_chain, superseded_by_snapshot, ObjId,
+    compacted_away, compaction_inputs, covered_at_level, merge_ltx, snapshot_chain,
+    superseded_by_snapshot, window_start, ObjId,
 };
 use super::error::{ReplicaError, ReplicaResult};
 use super::kept::{KeepSource, Kept, KeptCopies};
@@ -89,6 +90,9 @@ struct DbView {
     changed: bool,
     /// When a failed step may be tried again.
     retry_at: Option<Instant>,
+    /// Objects whose copies went because a larger one of their level covers them; they
+    /// still count the binary counter's ticks (tick markers: [`KeptCopies::ticks`]).
+    ticked: BTreeSet<ObjId>,
 }
 
 impl DbView {
@@ -240,7 +244,15 @@ impl Maintainer {
             .max_by_key(|k| k.max_txid)
             .and_then(|k| std::fs::metadata(&k.path).ok()?.modified().ok())
             .unwrap_or(UNIX_EPOCH);
+        let ticked = match self.copies.ticks(db) {
+            Ok(t) => t.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(db = %db.display(), "cannot read the tick markers: {e}");
+                BTreeSet::new()
+            }
+        };
         DbView {
+            ticked,
             local,
             remote: None,
             unlisted: BTreeMap::new(),
@@ -331,6 +343,8 @@ impl Maintainer {
         let now_i = Instant::now();
         let now = SystemTime::now();
         let at = |i: Instant| now + i.saturating_duration_since(now_i);
+        // The uploader's binary counter may have covered copies since the last step.
+        self.thin(db, view);
         if let Some(r) = view.retry_at {
             if r > now_i {
                 return Some(at(r));
@@ -390,6 +404,8 @@ impl Maintainer {
             view.retry_at = Some(now_i + RETRY);
             soonest(now + RETRY);
         }
+        // Compaction may have covered copies of its own level, or moved a window's start.
+        self.thin(db, view);
         next
     }
 
@@ -397,7 +413,49 @@ impl Maintainer {
     /// own objects it absorbs, then a run of level `k - 1`; see [`compaction_inputs`]).
     fn runs(&self, view: &DbView, k: u8) -> Vec<Vec<ObjId>> {
         let local: Vec<ObjId> = view.local.keys().copied().collect();
-        compaction_inputs(&local, k, self.done(view, k))
+        let ticked: Vec<ObjId> = view.ticked.iter().copied().collect();
+        compaction_inputs(&local, &ticked, k, self.done(view, k))
+    }
+
+    /// Drops the copies (levels 0 to 8) that a larger kept copy of their level covers
+    /// ([`covered_at_level`]), leaving a tick marker for each, and the tick markers that
+    /// no longer count (at or below their level's window start). Compaction and snapshots
+    /// take the covering copy instead; the binary counter counts the markers.
+    fn thin(&self, db: &Path, view: &mut DbView) {
+        let local: Vec<ObjId> = view.local.keys().copied().collect();
+        let mut covered = BTreeSet::new();
+        for w in local.iter().filter(|o| o.level < SNAPSHOTS) {
+            covered.extend(covered_at_level(&local, *w));
+        }
+        for o in covered {
+            let Some(k) = view.local.get(&o) else {
+                continue;
+            };
+            match self.copies.drop_to_tick(db, o, &k.path) {
+                Ok(()) => {
+                    view.local.remove(&o);
+                    view.ticked.insert(o);
+                }
+                Err(e) => {
+                    tracing::warn!(db = %db.display(), "cannot drop a covered local copy: {e}");
+                    return;
+                }
+            }
+        }
+        let local: Vec<ObjId> = view.local.keys().copied().collect();
+        let stale: Vec<ObjId> = view
+            .ticked
+            .iter()
+            .copied()
+            .filter(|t| t.max <= window_start(&local, t.level))
+            .collect();
+        for t in stale {
+            if let Err(e) = self.copies.drop_tick(db, t) {
+                tracing::warn!(db = %db.display(), "cannot drop a tick marker: {e}");
+                return;
+            }
+            view.ticked.remove(&t);
+        }
     }
 
     /// The highest TXID level `k` already holds, locally or in a replica.
@@ -421,8 +479,8 @@ impl Maintainer {
 
     /// Merges `run` (local copies: level-`k` objects it absorbs, then level `k - 1`) into
     /// one object at level `k`, uploads it to every replica, keeps it and drops the
-    /// level-`k - 1` copies it covers. The absorbed level-`k` copies stay until the level
-    /// above covers them: they count the ticks of the level's window.
+    /// level-`k - 1` copies it covers. The absorbed level-`k` copies become tick markers
+    /// ([`Maintainer::thin`]): they still count the ticks of the level's window.
     fn compact(&self, db: &Path, view: &mut DbView, k: u8, run: &[ObjId]) -> ReplicaResult<()> {
         let inputs: Vec<&Kept> = run
             .iter()

@@ -635,7 +635,13 @@ impl Uploader {
         let copies: HashMap<ObjId, PathBuf> = self.copies.kept_names(db)?.into_iter().collect();
         let ids: Vec<ObjId> = copies.keys().copied().collect();
         let level0: Vec<ObjId> = ids.iter().copied().filter(|o| o.level == 0).collect();
-        let absorbed = absorbed_by_next(&level0, window_start(&ids, 0), u.min_txid - 1);
+        let ticked: Vec<ObjId> = self
+            .copies
+            .ticks(db)?
+            .into_iter()
+            .filter(|o| o.level == 0)
+            .collect();
+        let absorbed = absorbed_by_next(&level0, &ticked, window_start(&ids, 0), u.min_txid - 1);
         if absorbed.is_empty() {
             return Ok(());
         }

@@ -621,7 +621,7 @@ mod tests {
         };
         for t in 2..=DAY + 1 {
             let l0: Vec<ObjId> = local.iter().copied().filter(|x| x.level == 0).collect();
-            let absorbed = absorbed_by_next(&l0, window_start(&local, 0), t - 1);
+            let absorbed = absorbed_by_next(&l0, &[], window_start(&local, 0), t - 1);
             let new = o(0, absorbed.first().map_or(t, |a| a.min), t);
             local.push(new);
             remote.push(new);
@@ -630,7 +630,7 @@ mod tests {
                 if (t - 1) % every != 0 {
                     continue;
                 }
-                for inputs in compaction_inputs(&local, k, done(&remote, k)) {
+                for inputs in compaction_inputs(&local, &[], k, done(&remote, k)) {
                     let written = o(k, inputs[0].min, inputs[inputs.len() - 1].max);
                     let gone = compacted_away(&local, written);
                     local.retain(|x| !gone.contains(x));
