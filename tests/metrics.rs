@@ -8,99 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::{Fault, FaultProxy};
-use common::{as_strs, free_port, http, sqlite3, Mount, S3Fixture, S3_ENV, WALFS};
-
-/// The samples of one scrape: (name, labels as written, value).
-struct Scrape(Vec<(String, String, f64)>);
-
-impl Scrape {
-    fn take(port: u16) -> Scrape {
-        let (status, head, body) = http(port, "GET", "/metrics").expect("scrape /metrics");
-        assert_eq!(status, 200, "{head}");
-        assert!(
-            head.to_ascii_lowercase().contains("openmetrics-text"),
-            "{head}"
-        );
-        let text = String::from_utf8(body).unwrap();
-        assert!(text.ends_with("# EOF\n"), "{text}");
-        let samples = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                let (series, value) = l.rsplit_once(' ').unwrap();
-                let (name, labels) = match series.split_once('{') {
-                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                    None => (series, ""),
-                };
-                let value = match value {
-                    "+Inf" => f64::INFINITY,
-                    v => v.parse().unwrap_or_else(|_| panic!("bad sample {l:?}")),
-                };
-                (name.to_string(), labels.to_string(), value)
-            })
-            .collect();
-        Scrape(samples)
-    }
-
-    /// The value of `name` whose labels contain every one of `labels` (`key="value"`).
-    fn get(&self, name: &str, labels: &[&str]) -> Option<f64> {
-        self.0
-            .iter()
-            .find(|(n, l, _)| n == name && labels.iter().all(|want| l.contains(want)))
-            .map(|(_, _, v)| *v)
-    }
-
-    fn must(&self, name: &str, labels: &[&str]) -> f64 {
-        self.get(name, labels)
-            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in the scrape"))
-    }
-}
-
-/// Scrapes until `ok` holds (or panics after `limit` with the last scrape's values).
-fn wait_for(port: u16, limit: Duration, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
-    let start = Instant::now();
-    loop {
-        let s = Scrape::take(port);
-        if ok(&s) {
-            return s;
-        }
-        if start.elapsed() > limit {
-            let walfs: Vec<String> =
-                s.0.iter()
-                    .filter(|(n, _, _)| !n.starts_with("walfs_fuse"))
-                    .map(|(n, l, v)| format!("{n}{{{l}}} {v}"))
-                    .collect();
-            panic!(
-                "{what}: not within {limit:?}; last scrape:\n{}",
-                walfs.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn status(mountpoint: &Path, args: &[&str]) -> Output {
-    Command::new(WALFS)
-        .arg("status")
-        .arg(mountpoint)
-        .args(args)
-        .output()
-        .expect("run walfs status")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "walfs status printed no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+use common::scrape::{json, status, wait_for};
+use common::{as_strs, free_port, sqlite3, Mount, S3Fixture, S3_ENV, WALFS};
 
 fn insert(m: &Mount, n: usize) {
     let sql: String = (0..n)

@@ -14,16 +14,15 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::{Fault, FaultHandle, FaultProxy};
-use common::{
-    as_strs, assert_same_database, free_port, http, sqlite3, Mount, S3Fixture, S3_ENV, WALFS,
-};
+use common::scrape::{json, status, wait_for, Scrape};
+use common::{as_strs, assert_same_database, free_port, sqlite3, Mount, S3Fixture, S3_ENV, WALFS};
 
 /// The sync interval of the mount.
 const SYNC_INTERVAL: &str = "200ms";
@@ -42,98 +41,6 @@ const B_FOLLOWS_WITHIN: Duration = Duration::from_secs(1);
 const MIN_A_LAG: f64 = 3.0;
 /// How long both replicas have to catch up once A heals.
 const CATCH_UP: Duration = Duration::from_secs(30);
-
-/// The samples of one scrape of `/metrics`: (name, labels as written, value). (As in
-/// tests/metrics.rs.)
-struct Scrape(Vec<(String, String, f64)>);
-
-impl Scrape {
-    fn take(port: u16) -> Scrape {
-        let (status, head, body) = http(port, "GET", "/metrics").expect("scrape /metrics");
-        assert_eq!(status, 200, "{head}");
-        let text = String::from_utf8(body).unwrap();
-        assert!(text.ends_with("# EOF\n"), "{text}");
-        let samples = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                let (series, value) = l.rsplit_once(' ').unwrap();
-                let (name, labels) = match series.split_once('{') {
-                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                    None => (series, ""),
-                };
-                let value = match value {
-                    "+Inf" => f64::INFINITY,
-                    v => v.parse().unwrap_or_else(|_| panic!("bad sample {l:?}")),
-                };
-                (name.to_string(), labels.to_string(), value)
-            })
-            .collect();
-        Scrape(samples)
-    }
-
-    /// The value of `name` whose labels contain every one of `labels` (`key="value"`).
-    fn get(&self, name: &str, labels: &[&str]) -> Option<f64> {
-        self.0
-            .iter()
-            .find(|(n, l, _)| n == name && labels.iter().all(|want| l.contains(want)))
-            .map(|(_, _, v)| *v)
-    }
-
-    fn must(&self, name: &str, labels: &[&str]) -> f64 {
-        self.get(name, labels)
-            .unwrap_or_else(|| panic!("no sample {name}{labels:?} in the scrape:\n{self}"))
-    }
-}
-
-impl std::fmt::Display for Scrape {
-    /// The replication series (not the FUSE histogram).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (n, l, v) in self
-            .0
-            .iter()
-            .filter(|(n, _, _)| !n.starts_with("walfs_fuse"))
-        {
-            writeln!(f, "{n}{{{l}}} {v}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Scrapes until `ok` holds (or panics after `limit` with the last scrape).
-fn wait_for(port: u16, limit: Duration, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
-    let start = Instant::now();
-    loop {
-        let s = Scrape::take(port);
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not within {limit:?}; last scrape:\n{s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn status(mountpoint: &Path, args: &[&str]) -> Output {
-    Command::new(WALFS)
-        .arg("status")
-        .arg(mountpoint)
-        .args(args)
-        .output()
-        .expect("run walfs status")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "walfs status printed no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
 
 /// The status of replica `name` of the only database in a `walfs status --json`.
 fn replica_status<'a>(j: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod azurite;
 pub mod fake_gcs;
 pub mod fault_proxy;
+pub mod scrape;
 
 pub const WALFS: &str = env!("CARGO_BIN_EXE_walfs");
 
