@@ -35,6 +35,7 @@ const WIRING: &[&str] = &[
     "mount",
     "ready",
     "run",
+    "follow",
     "config",
     "observe",
     "layering",

@@ -15,6 +15,8 @@
 //! - `mount`: the `walfs mount` lifecycle (checks, session, signals);
 //! - `ready`: readiness (systemd's READY=1 and STOPPING=1, `--ready-file`, `walfs wait`);
 //! - `run`: `walfs run`, the container entrypoint (restore if empty, mount, run a command);
+//! - `follow`: `walfs follow`, a read-only mount of a replica on another host (the flow
+//!   reversed: replica → versions of each database → a FUSE adapter of its own);
 //! - `config`: the `walfs mount --config` file, turned into arguments before clap parses;
 //! - `observe`: a running mount's metrics endpoint (`--metrics-addr`) and status socket
 //!   (`walfs status`);
@@ -25,11 +27,13 @@
 //! helpers) and `flags` → `sqlite` → `ltx` → `fs` and `staging` → `capture` (an `fs`
 //! observer that writes into staging) and `replica` (which uploads from staging) →
 //! `restore`. Modules of one layer do not import each other. `replicate`, `mount`, `ready`,
-//! `run`, `config`, `main` and the binaries wire them together and may import anything.
+//! `run`, `follow`, `config`, `main` and the binaries wire them together and may import
+//! anything.
 
 pub mod capture;
 pub mod config;
 pub mod flags;
+pub mod follow;
 pub mod fs;
 #[cfg(test)]
 mod layering;

@@ -51,6 +51,10 @@ enum Command {
     /// Wait until MOUNTPOINT is a walfs mount that answers requests; exit non-zero after
     /// the timeout.
     Wait(walfs::ready::WaitArgs),
+    /// Follower: mount every database of the replica at URL read-only at MOUNTPOINT, on
+    /// any host, kept at the writer's latest upload (new databases appear, deleted ones
+    /// go). Each read transaction of an unmodified SQLite reader sees one committed state.
+    Follow(Box<walfs::follow::FollowArgs>),
 }
 
 /// The arguments of `walfs status`.
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::Wait(args) => walfs::ready::wait_command(args).map_err(anyhow::Error::msg),
+        Command::Follow(args) => walfs::follow::follow_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -94,6 +94,15 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// Waits for the mount at `mountpoint` until `ended`.
+    pub fn new(mountpoint: PathBuf, ended: Arc<AtomicBool>, readiness: Arc<Readiness>) -> Serving {
+        Serving {
+            mountpoint,
+            ended,
+            readiness,
+        }
+    }
+
     /// Waits until the mount answers a request (a stat that bypasses the attribute cache,
     /// which blocks until the session serves), then sends `READY=1` and writes the ready
     /// file; false if the session ended first.
@@ -121,6 +130,27 @@ pub struct MountControl {
 }
 
 impl MountControl {
+    /// The control of a session mounted at `mountpoint` (by `serve`, or by `walfs
+    /// follow`).
+    pub fn new(
+        unmounter: fuser::SessionUnmounter,
+        mountpoint: PathBuf,
+        readiness: Arc<Readiness>,
+    ) -> MountControl {
+        // SAFETY: umask cannot fail; read and put back.
+        let umask = unsafe {
+            let m = libc::umask(0);
+            libc::umask(m);
+            m
+        };
+        MountControl {
+            unmounter,
+            mountpoint,
+            readiness,
+            umask,
+        }
+    }
+
     /// The umask walfs was started with (the daemon runs with 0; a command it starts
     /// should get this one back).
     pub fn umask(&self) -> libc::mode_t {
@@ -421,8 +451,31 @@ fn preflight(opts: &MountOptions) -> MountResult<(PathBuf, PathBuf)> {
         }
     }
     let backing = std::fs::canonicalize(backing)?;
+    let mountpoint = check_mountpoint(&opts.mountpoint)?;
 
-    let mountpoint = absolute(&opts.mountpoint)?;
+    if mountpoint.starts_with(&backing) {
+        return Err(MountError::Setup(format!(
+            "mountpoint {} is inside backing directory {}; that would loop: put the mountpoint elsewhere",
+            mountpoint.display(),
+            backing.display()
+        )));
+    }
+    if backing.starts_with(&mountpoint) {
+        return Err(MountError::Setup(format!(
+            "backing directory {} is inside mountpoint {}; that would loop: put the backing directory elsewhere",
+            backing.display(),
+            mountpoint.display()
+        )));
+    }
+    check_empty(&mountpoint, opts.allow_nonempty)?;
+    check_fuse_device()?;
+    Ok((backing, mountpoint))
+}
+
+/// Checks that `mountpoint` can be mounted on (an existing directory, not mounted),
+/// cleaning a stale mount a dead daemon left; its canonical path.
+pub fn check_mountpoint(mountpoint: &Path) -> MountResult<PathBuf> {
+    let mountpoint = absolute(mountpoint)?;
     match std::fs::metadata(&mountpoint) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             clean_stale_mount(&mountpoint)?;
@@ -460,29 +513,22 @@ fn preflight(opts: &MountOptions) -> MountResult<(PathBuf, PathBuf)> {
             }
         }
     }
-    let mountpoint = std::fs::canonicalize(&mountpoint)?;
+    Ok(std::fs::canonicalize(&mountpoint)?)
+}
 
-    if mountpoint.starts_with(&backing) {
-        return Err(MountError::Setup(format!(
-            "mountpoint {} is inside backing directory {}; that would loop: put the mountpoint elsewhere",
-            mountpoint.display(),
-            backing.display()
-        )));
-    }
-    if backing.starts_with(&mountpoint) {
-        return Err(MountError::Setup(format!(
-            "backing directory {} is inside mountpoint {}; that would loop: put the backing directory elsewhere",
-            backing.display(),
-            mountpoint.display()
-        )));
-    }
-    if !opts.allow_nonempty && std::fs::read_dir(&mountpoint)?.next().is_some() {
+/// Checks that a mount on `mountpoint` would hide nothing, unless `allow_nonempty`.
+pub fn check_empty(mountpoint: &Path, allow_nonempty: bool) -> MountResult<()> {
+    if !allow_nonempty && std::fs::read_dir(mountpoint)?.next().is_some() {
         return Err(MountError::Setup(format!(
             "mountpoint {} is busy: it is not empty and the mount would hide its files; empty it or pass --allow-nonempty",
             mountpoint.display()
         )));
     }
+    Ok(())
+}
 
+/// Checks that this process can make a FUSE mount: `/dev/fuse`, and `fusermount3` or root.
+pub fn check_fuse_device() -> MountResult<()> {
     match std::fs::metadata("/dev/fuse") {
         Ok(m) if m.file_type().is_char_device() => {}
         _ => {
@@ -507,7 +553,7 @@ fn preflight(opts: &MountOptions) -> MountResult<(PathBuf, PathBuf)> {
                 .into(),
         ));
     }
-    Ok((backing, mountpoint))
+    Ok(())
 }
 
 /// `path` made absolute without resolving its last component (which may be a dead mount).
@@ -592,7 +638,8 @@ fn detach(mountpoint: &Path) -> io::Result<()> {
     }
 }
 
-fn mount_failed(e: io::Error, mountpoint: &Path) -> MountError {
+/// The one-line error of a mount the kernel refused.
+pub fn mount_failed(e: io::Error, mountpoint: &Path) -> MountError {
     MountError::Setup(match e.raw_os_error() {
         Some(libc::EBUSY) => format!(
             "mountpoint {} is busy; stop what is using it, or pick another directory",
@@ -609,7 +656,7 @@ fn mount_failed(e: io::Error, mountpoint: &Path) -> MountError {
 /// On SIGINT or SIGTERM: unmount, so the session ends and the process exits 0. If the
 /// mount is still there a few seconds later (files held open under it, or an unmount that
 /// did not take), detach it lazily and exit anyway.
-fn unmount_on_signal(control: MountControl, mountpoint: PathBuf) -> MountResult<()> {
+pub fn unmount_on_signal(control: MountControl, mountpoint: PathBuf) -> MountResult<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()

@@ -5,12 +5,13 @@
 //! object), [`store`] (put, get, head, list, delete), [`error`] (what fails) and
 //! [`timestamp`] (the RFC 3339 times objects carry); [`lease`] keeps one writer per
 //! replica; [`crypt`] encrypts what the store writes (`--encryption-key-file`); [`sync`] makes a commit wait until the replica holds it
-//! (`--sync-replication`); [`fanout`] lets each replica upload on its own.
+//! (`--sync-replication`); [`fanout`] lets each replica upload on its own; [`feed`] tells followers what changed.
 
 pub mod compact;
 pub mod crypt;
 pub mod error;
 pub mod fanout;
+pub mod feed;
 pub mod kept;
 pub mod layout;
 pub mod lease;

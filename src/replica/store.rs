@@ -840,6 +840,38 @@ impl ReplicaStore {
         self.open_body(key, &Self::object_context(key), bytes)
     }
 
+    /// Downloads the object at `key`, decrypted, with its ETag, unless its ETag is still
+    /// `etag` (a conditional GET: `None` when it has not changed, at the cost of one
+    /// request and no body). An error of kind NotFound if there is none.
+    pub async fn get_object_if_changed(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+    ) -> Result<Option<(Bytes, Option<String>)>, StoreError> {
+        let path = self.object_path(key)?;
+        Counters::bump(&self.counters.get);
+        let opts = GetOptions {
+            if_none_match: etag.map(str::to_string),
+            ..GetOptions::default()
+        };
+        let res = match self.store.get_opts(&path, opts).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotModified { .. }) => return Ok(None),
+            Err(e) => return Err(self.request_error("GET", key, e)),
+        };
+        let tag = res.meta.e_tag.clone();
+        let bytes = res
+            .bytes()
+            .await
+            .map_err(|e| self.request_error("GET", key, e))?;
+        // A store that ignores If-None-Match sends the body again: unchanged all the same.
+        if tag.is_some() && tag.as_deref() == etag {
+            return Ok(None);
+        }
+        let plain = self.open_body(key, &Self::object_context(key), bytes)?;
+        Ok(Some((plain, tag)))
+    }
+
     /// The metadata naming the key an object is encrypted with (none without keys, or on
     /// a file replica, whose bodies' headers name it).
     fn key_id_attributes(&self) -> Attributes {

@@ -26,6 +26,7 @@ use parking_lot::{Condvar, Mutex};
 use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
 use super::error::{ReplicaError, ReplicaResult};
 use super::fanout::Fanout;
+use super::feed::FeedWriter;
 use super::kept::{KeepSource, KeptCopies};
 use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
@@ -305,6 +306,8 @@ pub struct Uploader {
     /// Set by [`Uploader::upload_now`]: a commit waits for the next round, which starts
     /// without waiting for the sync interval.
     urgent: AtomicBool,
+    /// Tells followers which databases a round uploaded (one PUT per round).
+    feed: FeedWriter,
 }
 
 /// Whether an error reading or encoding staged items is permanent: the items cannot be
@@ -338,6 +341,7 @@ impl Uploader {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let feed = FeedWriter::new(&replica);
         Ok(Uploader {
             staging: fanout.staging().clone(),
             copies: fanout.copies(index).clone(),
@@ -352,6 +356,7 @@ impl Uploader {
             unreadable: Mutex::new(BTreeSet::new()),
             waited_for_lease: AtomicBool::new(false),
             urgent: AtomicBool::new(false),
+            feed,
         })
     }
 
@@ -407,7 +412,23 @@ impl Uploader {
                 work();
             });
         }
-        behind.into_inner()
+        let behind = behind.into_inner();
+        self.publish_feed(dbs, &behind);
+        behind
+    }
+
+    /// Tells followers what the round uploaded: one PUT of the feed (`super::feed`), only
+    /// if the round uploaded anything.
+    fn publish_feed(&self, dbs: &BTreeSet<PathBuf>, behind: &BTreeSet<PathBuf>) {
+        for db in dbs.difference(behind) {
+            if let Ok(txid) = self.fanout.held(db, self.index) {
+                self.feed.note(&db.to_string_lossy(), txid);
+            }
+        }
+        if let Err(e) = self.runtime.block_on(self.feed.publish(&self.replica)) {
+            // A hint only: followers fall back to listing once it is stale.
+            tracing::debug!(replica = %self.replica.name(), "cannot put the change feed: {e:#}");
+        }
     }
 
     fn upload_database(&self, db: &Path, merge: bool) -> ReplicaResult<()> {
@@ -687,6 +708,8 @@ impl Uploader {
         self.runtime
             .block_on(sidecar.put_deleted_marker(&key, &content))?;
         self.fanout.marker_sent(db, self.index, &content)?;
+        self.feed
+            .note_deleted(&key, self.fanout.held(db, self.index).unwrap_or(0));
         Ok(())
     }
 

@@ -115,7 +115,7 @@ pub fn deleted_state(marker: Option<DeletedMarker>, latest_txid: u64) -> Option<
     marker.filter(|m| m.txid >= latest_txid)
 }
 
-async fn read_deleted_marker(
+pub async fn read_deleted_marker(
     store: &ReplicaStore,
     db: &str,
 ) -> RestoreResult<Option<DeletedMarker>> {

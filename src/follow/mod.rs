@@ -1,0 +1,203 @@
+//! `walfs follow URL MOUNTPOINT`: a read-only mount, on any host, of every database a
+//! replica holds, kept at the writer's latest uploaded state.
+//!
+//! The data flows the other way from a writer's mount: the replica is read by the
+//! applier ([`apply`]), whose new states become versions of each database ([`versions`]),
+//! which the FUSE adapter ([`fuse`]) serves from a tree of the databases, their open files
+//! and their readers' locks ([`namespace`]). Unmodified SQLite readers under the mount see
+//! one committed state per read transaction: the state that was latest when the
+//! transaction took its shared lock.
+//!
+//! This module owns the command: its arguments, the checks before mounting, the first
+//! restore of every database, and the session's life until SIGINT or SIGTERM.
+
+pub mod apply;
+pub mod fuse;
+pub mod namespace;
+pub mod versions;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fuser::{MountOption, SessionACL};
+
+use crate::mount::{
+    check_empty, check_fuse_device, check_mountpoint, mount_failed, unmount_on_signal,
+    MountControl, Serving,
+};
+use crate::ready::Readiness;
+use crate::replica::crypt::EncryptionArgs;
+use apply::{Applier, FollowStats};
+use namespace::Namespace;
+
+/// The shortest wait between two polls (after a change).
+pub const POLL_MIN: Duration = Duration::from_millis(200);
+
+/// `walfs follow`'s arguments (each field's doc comment is its `--help` text).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct FollowArgs {
+    /// The replica to follow, as given to the writer's `--replica` (s3://, file://, abs://,
+    /// gs://).
+    pub url: String,
+    /// An empty directory where the databases appear, read-only.
+    pub mountpoint: PathBuf,
+    /// The longest wait between two polls of the replica, reached while nothing changes
+    /// (after a change it polls every 200 ms). A new commit shows within about this long
+    /// after the writer uploaded it.
+    #[arg(long, default_value = "1s", value_parser = crate::flags::duration)]
+    pub poll_interval: Duration,
+    /// Where the follower keeps its copies of the databases (emptied at start). Default:
+    /// /var/cache/walfs/follow/ID as root, else ~/.cache/walfs/follow/ID, where ID
+    /// names the mountpoint.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The name under the mount of a database kept at the replica's root (a replica of
+    /// one database, `--replica` on a single file's URL).
+    #[arg(long, default_value = "db", value_name = "NAME")]
+    pub root_name: String,
+    /// Let users other than the one running walfs read the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Mount even if MOUNTPOINT is not empty (its files are hidden while mounted).
+    #[arg(long)]
+    pub allow_nonempty: bool,
+    /// FUSE worker threads (1 to 256).
+    #[arg(long, default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub threads: usize,
+    /// Once every database is restored and the mount serves, write this file (it holds
+    /// the mountpoint); removed when walfs starts to stop.
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
+}
+
+/// The default cache directory of a follower mounted at `mountpoint`.
+fn default_cache_dir(mountpoint: &Path) -> PathBuf {
+    let id = blake3::hash(mountpoint.as_os_str().as_encoded_bytes()).to_hex();
+    // SAFETY: plain getter.
+    let root = unsafe { libc::geteuid() } == 0;
+    let base = match std::env::var_os("HOME") {
+        Some(home) if !root => PathBuf::from(home).join(".cache/walfs/follow"),
+        _ => PathBuf::from("/var/cache/walfs/follow"),
+    };
+    base.join(&id.as_str()[..16])
+}
+
+/// Runs `walfs follow` until SIGINT or SIGTERM.
+pub fn follow_command(args: &FollowArgs) -> anyhow::Result<()> {
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    check_empty(&mountpoint, args.allow_nonempty)?;
+    check_fuse_device()?;
+    if args.poll_interval < POLL_MIN {
+        anyhow::bail!(
+            "--poll-interval {:?} is shorter than the {POLL_MIN:?} between polls after a change; give at least 200ms",
+            args.poll_interval
+        );
+    }
+    let (_, store, _) = crate::restore::open_replica(&args.url, &args.encryption)?;
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| default_cache_dir(&mountpoint));
+    if cache.starts_with(&mountpoint) {
+        anyhow::bail!(
+            "cache directory {} is inside mountpoint {}; put it elsewhere",
+            cache.display(),
+            mountpoint.display()
+        );
+    }
+    match std::fs::remove_dir_all(&cache) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot empty cache directory {}", cache.display()))
+        }
+    }
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("cannot create cache directory {}", cache.display()))?;
+
+    let ns = Arc::new(Namespace::new());
+    let stats = Arc::new(FollowStats::default());
+    let mut applier = Applier::new(
+        store.clone(),
+        ns.clone(),
+        cache.clone(),
+        args.root_name.clone(),
+        POLL_MIN,
+        args.poll_interval,
+        stats.clone(),
+    )?;
+    let start = Instant::now();
+    applier
+        .scan(true)
+        .with_context(|| format!("cannot follow replica {}", store.name()))?;
+    tracing::info!(
+        replica = %store.name(),
+        restored = stats.restored.load(Ordering::Relaxed),
+        seconds = start.elapsed().as_secs_f64(),
+        "the follower holds the replica's databases"
+    );
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("walfs:follow:{}", store.name())),
+        MountOption::Subtype("walfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::RO,
+    ];
+    config.acl = if args.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(args.threads);
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fuse::FollowFuse::new(ns), &mountpoint, &config)
+        .map_err(|e| mount_failed(e, &mountpoint))?;
+    tracing::info!(replica = %store.name(), mountpoint = %mountpoint.display(), "following");
+
+    let readiness = Arc::new(Readiness::new(args.ready_file.clone()));
+    let control = MountControl::new(
+        session.unmount_callable(),
+        mountpoint.clone(),
+        readiness.clone(),
+    );
+    unmount_on_signal(control, mountpoint.clone())?;
+    let ended = Arc::new(AtomicBool::new(false));
+    let serving = Serving::new(mountpoint.clone(), ended.clone(), readiness.clone());
+    std::thread::Builder::new()
+        .name("walfs-ready".into())
+        .spawn(move || {
+            serving.wait();
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let applier_thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("walfs-follow".into())
+            .spawn(move || applier.run(&stop))?
+    };
+
+    let served = match session.run() {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+        r => r.context("FUSE session failed"),
+    };
+    ended.store(true, Ordering::SeqCst);
+    readiness.stopping();
+    stop.store(true, Ordering::SeqCst);
+    let _ = applier_thread.join();
+    let _ = std::fs::remove_dir_all(&cache);
+    served?;
+    tracing::info!(
+        applied = stats.applied.load(Ordering::Relaxed),
+        restored = stats.restored.load(Ordering::Relaxed),
+        "walfs follow stopped"
+    );
+    Ok(())
+}

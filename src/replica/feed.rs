@@ -1,0 +1,292 @@
+//! The change feed: one small object per replica, `<prefix>/.walfs-feed`, that says which
+//! databases the writer uploaded to lately and up to which TXID, so that a follower
+//! (`walfs follow`) learns what changed with one conditional GET, whatever the number of
+//! databases, instead of listing each of them.
+//!
+//! This module owns the feed's format ([`FeedEntry`], [`parse_feed`], [`encode_feed`]) and
+//! the writer's side of it ([`FeedWriter`]): each uploader notes the databases a round
+//! uploaded and puts the feed once after the round (one PUT per round that uploaded
+//! anything, whatever the number of databases in it; an idle mount puts nothing).
+//!
+//! The feed lists every database changed in the last [`FEED_WINDOW`], not only those of the
+//! last round, so a follower that polls less often than the writer uploads still sees
+//! them all. Each writer start picks a new random epoch: a follower that sees the epoch
+//! change, or that has not read the feed for longer than the window, lists the replica
+//! again instead of trusting the feed. The feed is a hint, never the record: the LTX
+//! objects are. It is encrypted like every other body when the replica is.
+//!
+//! ```text
+//! walfs-feed 1
+//! epoch 9f86d081884c7d65
+//! seq 42
+//! 0000000000000017 app.db
+//! 0000000000000003 tenants/a.db
+//! deleted 0000000000000009 old.db
+//! ```
+//!
+//! A `deleted` line says the writer uploaded the database's deletion marker at that TXID.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::error::StoreError;
+use super::store::ReplicaStore;
+
+/// The name of the feed object beside the replica's databases (and its lease).
+pub const FEED_NAME: &str = ".walfs-feed";
+
+/// How long a database stays in the feed after its last upload.
+pub const FEED_WINDOW: Duration = Duration::from_secs(60);
+
+/// The key of the feed of a replica whose databases live under `root`.
+pub fn feed_key(root: &str) -> String {
+    match root.trim_matches('/') {
+        "" => FEED_NAME.to_string(),
+        r => format!("{r}/{FEED_NAME}"),
+    }
+}
+
+/// One database in the feed: its path in the replica and the TXID the replica holds, or
+/// at which it was deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedEntry {
+    pub db: String,
+    pub txid: u64,
+    pub deleted: bool,
+}
+
+/// A parsed feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feed {
+    /// Random per writer start.
+    pub epoch: u64,
+    /// Counts the feed's puts within the epoch.
+    pub seq: u64,
+    pub entries: Vec<FeedEntry>,
+}
+
+/// The feed's text.
+pub fn encode_feed(feed: &Feed) -> String {
+    let mut s = format!(
+        "walfs-feed 1\nepoch {:016x}\nseq {}\n",
+        feed.epoch, feed.seq
+    );
+    for e in &feed.entries {
+        let mark = if e.deleted { "deleted " } else { "" };
+        s.push_str(&format!("{mark}{:016x} {}\n", e.txid, e.db));
+    }
+    s
+}
+
+/// Parses a feed; the error says which line is wrong.
+pub fn parse_feed(text: &str) -> Result<Feed, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some("walfs-feed 1") {
+        return Err("it does not start with `walfs-feed 1`".into());
+    }
+    let field = |line: Option<&str>, name: &str| -> Result<String, String> {
+        line.and_then(|l| l.strip_prefix(name))
+            .and_then(|l| l.strip_prefix(' '))
+            .map(str::to_string)
+            .ok_or_else(|| format!("its `{name}` line is missing"))
+    };
+    let epoch = u64::from_str_radix(&field(lines.next(), "epoch")?, 16)
+        .map_err(|e| format!("its epoch is not hex: {e}"))?;
+    let seq = field(lines.next(), "seq")?
+        .parse::<u64>()
+        .map_err(|e| format!("its seq is not a number: {e}"))?;
+    let mut entries = Vec::new();
+    for line in lines {
+        let (deleted, rest) = match line.strip_prefix("deleted ") {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let (txid, db) = rest
+            .split_once(' ')
+            .ok_or_else(|| format!("line {line:?} is not `<txid> <database>`"))?;
+        let txid = u64::from_str_radix(txid, 16)
+            .map_err(|e| format!("line {line:?} has no hex TXID: {e}"))?;
+        entries.push(FeedEntry {
+            db: db.to_string(),
+            txid,
+            deleted,
+        });
+    }
+    Ok(Feed {
+        epoch,
+        seq,
+        entries,
+    })
+}
+
+/// The writer's side: what was uploaded lately, put after each round that uploaded.
+pub struct FeedWriter {
+    key: String,
+    epoch: u64,
+    state: Mutex<WriterState>,
+}
+
+#[derive(Default)]
+struct WriterState {
+    seq: u64,
+    /// Database → (TXID, deleted, when noted).
+    recent: BTreeMap<String, (u64, bool, Instant)>,
+    /// Noted since the last successful put.
+    dirty: bool,
+}
+
+impl FeedWriter {
+    pub fn new(store: &ReplicaStore) -> FeedWriter {
+        let mut b = [0u8; 8];
+        // Without randomness the epoch only needs to differ from the last start's.
+        if getrandom::fill(&mut b).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            b = (u64::from(std::process::id()) ^ nanos).to_le_bytes();
+        }
+        FeedWriter {
+            key: feed_key(store.root()),
+            epoch: u64::from_le_bytes(b),
+            state: Mutex::new(WriterState::default()),
+        }
+    }
+
+    /// `db` was uploaded up to `txid`. A deletion noted at `txid` or later stays.
+    pub fn note(&self, db: &str, txid: u64) {
+        let mut st = self.state.lock();
+        if matches!(st.recent.get(db), Some((t, true, _)) if *t >= txid) {
+            return;
+        }
+        st.recent
+            .insert(db.to_string(), (txid, false, Instant::now()));
+        st.dirty = true;
+    }
+
+    /// `db`'s deletion marker was uploaded; the database was at `txid`.
+    pub fn note_deleted(&self, db: &str, txid: u64) {
+        let mut st = self.state.lock();
+        st.recent
+            .insert(db.to_string(), (txid, true, Instant::now()));
+        st.dirty = true;
+    }
+
+    /// The feed to put now, if anything was noted since the last put.
+    fn next(&self) -> Option<Feed> {
+        let mut st = self.state.lock();
+        if !st.dirty {
+            return None;
+        }
+        st.recent
+            .retain(|_, (_, _, at)| at.elapsed() <= FEED_WINDOW);
+        st.seq += 1;
+        st.dirty = false;
+        let entries = st
+            .recent
+            .iter()
+            .map(|(db, (txid, deleted, _))| FeedEntry {
+                db: db.clone(),
+                txid: *txid,
+                deleted: *deleted,
+            })
+            .collect();
+        Some(Feed {
+            epoch: self.epoch,
+            seq: st.seq,
+            entries,
+        })
+    }
+
+    /// Puts the feed if anything was noted since the last put. A failed put is tried
+    /// again after the next round (the feed is a hint: followers poll the databases
+    /// themselves when it goes stale).
+    pub async fn publish(&self, store: &ReplicaStore) -> Result<(), StoreError> {
+        let Some(feed) = self.next() else {
+            return Ok(());
+        };
+        let body = Bytes::from(encode_feed(&feed));
+        let res = store.put_object(&self.key, body).await;
+        if res.is_err() {
+            self.state.lock().dirty = true;
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feed_round_trips_with_a_database_at_the_root() {
+        let feed = Feed {
+            epoch: 0x9f86_d081_884c_7d65,
+            seq: 42,
+            entries: vec![
+                FeedEntry {
+                    db: String::new(),
+                    txid: 3,
+                    deleted: false,
+                },
+                FeedEntry {
+                    db: "tenants/a b.db".into(),
+                    txid: 0x17,
+                    deleted: false,
+                },
+                FeedEntry {
+                    db: "old.db".into(),
+                    txid: 9,
+                    deleted: true,
+                },
+            ],
+        };
+        let text = encode_feed(&feed);
+        assert!(
+            text.contains("\n0000000000000017 tenants/a b.db\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ndeleted 0000000000000009 old.db\n"),
+            "{text}"
+        );
+        assert_eq!(parse_feed(&text).unwrap(), feed);
+    }
+
+    #[test]
+    fn a_malformed_feed_names_what_is_wrong() {
+        assert!(parse_feed("nope").unwrap_err().contains("walfs-feed 1"));
+        let e = parse_feed("walfs-feed 1\nepoch zz\nseq 1\n").unwrap_err();
+        assert!(e.contains("epoch"), "{e}");
+        let e = parse_feed("walfs-feed 1\nepoch 01\nseq 1\nxyz\n").unwrap_err();
+        assert!(e.contains("xyz"), "{e}");
+    }
+
+    #[test]
+    fn a_deletion_stays_in_the_feed_until_the_database_moves_past_it() {
+        let w = FeedWriter {
+            key: FEED_NAME.into(),
+            epoch: 1,
+            state: Mutex::new(WriterState::default()),
+        };
+        w.note("a.db", 5);
+        w.note_deleted("a.db", 5);
+        w.note("a.db", 5);
+        assert!(w.next().unwrap().entries[0].deleted);
+        assert!(w.next().is_none(), "nothing new was noted");
+        w.note("a.db", 6);
+        let f = w.next().unwrap();
+        assert_eq!(
+            (f.entries[0].txid, f.entries[0].deleted, f.seq),
+            (6, false, 2)
+        );
+    }
+
+    #[test]
+    fn the_feed_key_sits_beside_the_databases() {
+        assert_eq!(feed_key(""), ".walfs-feed");
+        assert_eq!(feed_key("/p/q/"), "p/q/.walfs-feed");
+    }
+}
