@@ -250,6 +250,7 @@ mod tests {
         ("sync-interval", r#""250ms""#, &["--sync-interval", "250ms"]),
         ("stage-at-commit", "true", &["--stage-at-commit"]),
         ("takeover", "true", &["--takeover"]),
+        ("no-follower-feed", "true", &["--no-follower-feed"]),
         ("lease-ttl", r#""10s""#, &["--lease-ttl", "10s"]),
         ("sync-replication", "true", &["--sync-replication"]),
         (
@@ -316,6 +317,7 @@ mod tests {
                 sync_interval: Duration::from_millis(250),
                 stage_at_commit: true,
                 takeover: true,
+                no_follower_feed: true,
                 lease_ttl: Duration::from_secs(10),
                 sync: SyncOptions {
                     sync_replication: true,
@@ -446,8 +448,8 @@ mod tests {
         );
         assert_eq!(
             keys.len(),
-            27,
-            "24 flags besides --config, and 2 positionals"
+            28,
+            "26 flags besides --config, and 2 positionals"
         );
     }
 

@@ -81,6 +81,11 @@ pub struct ReplicationOptions {
     /// without it).
     #[arg(long)]
     pub takeover: bool,
+    /// Do not put the change feed (`.walfs-feed`) after each upload round. It costs one
+    /// PUT per round (not per database) and lets followers (`walfs follow`) learn what
+    /// changed with one GET; without it they list every database at each poll.
+    #[arg(long)]
+    pub no_follower_feed: bool,
     /// How long an S3 replica's lease lasts without renewal (renewed every sixth of it;
     /// this mount stops writing the replica after half of it without a renewal).
     #[arg(long, default_value = "30s", value_parser = crate::flags::duration)]
@@ -316,7 +321,12 @@ impl Replication {
                     .fenced(fence.clone())],
                 opts.maintenance.clone(),
             )?);
-            let uploader = Arc::new(Uploader::new(fanout.clone(), i, store.clone())?);
+            let uploader = Arc::new(Uploader::new(
+                fanout.clone(),
+                i,
+                store.clone(),
+                !opts.no_follower_feed,
+            )?);
             uploader.set_maintainer(maintainer.clone());
             uploaders.push(uploader);
             maintainers.push(maintainer);

@@ -5,8 +5,9 @@
 //!
 //! This module owns the feed's format ([`FeedEntry`], [`parse_feed`], [`encode_feed`]) and
 //! the writer's side of it ([`FeedWriter`]): each uploader notes the databases a round
-//! uploaded and puts the feed once after the round (one PUT per round that uploaded
-//! anything, whatever the number of databases in it; an idle mount puts nothing).
+//! uploaded, and the feed's thread puts it once after the round (one PUT per round that
+//! uploaded anything, whatever the number of databases in it; an idle mount puts
+//! nothing).
 //!
 //! The feed lists every database changed in the last [`FEED_WINDOW`], not only those of the
 //! last round, so a follower that polls less often than the writer uploads still sees
@@ -27,10 +28,11 @@
 //! A `deleted` line says the writer uploaded the database's deletion marker at that TXID.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::error::StoreError;
 use super::store::ReplicaStore;
@@ -122,11 +124,22 @@ pub fn parse_feed(text: &str) -> Result<Feed, String> {
     })
 }
 
-/// The writer's side: what was uploaded lately, put after each round that uploaded.
+/// The writer's side: what was uploaded lately, put by a thread of its own after each
+/// round that uploaded, so that an upload round (and a synchronous commit waiting for the
+/// next one) never waits for the feed's PUT. Puts that fail are retried with backoff
+/// while something is noted; [`FeedWriter::flush`] puts synchronously (at unmount).
 pub struct FeedWriter {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: ReplicaStore,
     key: String,
     epoch: u64,
     state: Mutex<WriterState>,
+    wake: Condvar,
+    /// Held for a whole put, so that puts go out in the order of their `seq`.
+    putting: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -136,10 +149,15 @@ struct WriterState {
     recent: BTreeMap<String, (u64, bool, Instant)>,
     /// Noted since the last successful put.
     dirty: bool,
+    stop: bool,
 }
 
+/// The longest wait between retries of a failing put.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 impl FeedWriter {
-    pub fn new(store: &ReplicaStore) -> FeedWriter {
+    /// The feed of `store`, with its putting thread.
+    pub fn start(store: &ReplicaStore) -> FeedWriter {
         let mut b = [0u8; 8];
         // Without randomness the epoch only needs to differ from the last start's.
         if getrandom::fill(&mut b).is_err() {
@@ -148,16 +166,27 @@ impl FeedWriter {
                 .map_or(0, |d| d.as_nanos() as u64);
             b = (u64::from(std::process::id()) ^ nanos).to_le_bytes();
         }
-        FeedWriter {
+        let shared = Arc::new(Shared {
             key: feed_key(store.root()),
+            store: store.clone(),
             epoch: u64::from_le_bytes(b),
             state: Mutex::new(WriterState::default()),
+            wake: Condvar::new(),
+            putting: Mutex::new(()),
+        });
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("walfs-feed".into())
+            .spawn(move || s.run());
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the change feed's thread ({e}); followers will list the replica instead");
         }
+        FeedWriter { shared }
     }
 
     /// `db` was uploaded up to `txid`. A deletion noted at `txid` or later stays.
     pub fn note(&self, db: &str, txid: u64) {
-        let mut st = self.state.lock();
+        let mut st = self.shared.state.lock();
         if matches!(st.recent.get(db), Some((t, true, _)) if *t >= txid) {
             return;
         }
@@ -168,12 +197,33 @@ impl FeedWriter {
 
     /// `db`'s deletion marker was uploaded; the database was at `txid`.
     pub fn note_deleted(&self, db: &str, txid: u64) {
-        let mut st = self.state.lock();
+        let mut st = self.shared.state.lock();
         st.recent
             .insert(db.to_string(), (txid, true, Instant::now()));
         st.dirty = true;
     }
 
+    /// Wakes the thread to put what was noted (after a round).
+    pub fn publish(&self) {
+        self.shared.wake.notify_all();
+    }
+
+    /// Puts what was noted now, on `rt` (at unmount, after the last round).
+    pub fn flush(&self, rt: &tokio::runtime::Runtime) {
+        if let Err(e) = self.shared.put(rt) {
+            tracing::debug!("cannot put the change feed: {e:#}");
+        }
+    }
+}
+
+impl Drop for FeedWriter {
+    fn drop(&mut self) {
+        self.shared.state.lock().stop = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+impl Shared {
     /// The feed to put now, if anything was noted since the last put.
     fn next(&self) -> Option<Feed> {
         let mut st = self.state.lock();
@@ -200,19 +250,59 @@ impl FeedWriter {
         })
     }
 
-    /// Puts the feed if anything was noted since the last put. A failed put is tried
-    /// again after the next round (the feed is a hint: followers poll the databases
-    /// themselves when it goes stale).
-    pub async fn publish(&self, store: &ReplicaStore) -> Result<(), StoreError> {
+    /// Puts the feed, on `rt`, if anything was noted since the last put; on failure it
+    /// stays noted.
+    fn put(&self, rt: &tokio::runtime::Runtime) -> Result<(), StoreError> {
+        let _order = self.putting.lock();
         let Some(feed) = self.next() else {
             return Ok(());
         };
-        let body = Bytes::from(encode_feed(&feed));
-        let res = store.put_object(&self.key, body).await;
+        let res = rt.block_on(
+            self.store
+                .put_object(&self.key, Bytes::from(encode_feed(&feed))),
+        );
         if res.is_err() {
             self.state.lock().dirty = true;
         }
         res
+    }
+
+    /// The thread: puts whenever something is noted, until the writer is dropped.
+    fn run(&self) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::warn!("cannot start the change feed's runtime ({e}); followers will list the replica instead");
+                return;
+            }
+        };
+        let mut backoff = Duration::ZERO;
+        loop {
+            {
+                let mut st = self.state.lock();
+                while !st.stop && !st.dirty {
+                    self.wake.wait(&mut st);
+                }
+                if st.stop {
+                    return;
+                }
+            }
+            match self.put(&rt) {
+                Ok(()) => backoff = Duration::ZERO,
+                Err(e) => {
+                    // A hint only: followers list the replica once it is stale.
+                    tracing::debug!(replica = %self.store.name(), "cannot put the change feed: {e:#}");
+                    backoff = (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
+                    let mut st = self.state.lock();
+                    if !st.stop {
+                        self.wake.wait_for(&mut st, backoff);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -266,22 +356,44 @@ mod tests {
 
     #[test]
     fn a_deletion_stays_in_the_feed_until_the_database_moves_past_it() {
-        let w = FeedWriter {
-            key: FEED_NAME.into(),
-            epoch: 1,
-            state: Mutex::new(WriterState::default()),
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let url =
+            crate::replica::url::ReplicaUrl::parse(&format!("file://{}", dir.path().display()))
+                .unwrap();
+        let w = FeedWriter::start(&ReplicaStore::open(&url).unwrap());
+        // Noted without waking the thread: `next` sees it.
         w.note("a.db", 5);
         w.note_deleted("a.db", 5);
         w.note("a.db", 5);
-        assert!(w.next().unwrap().entries[0].deleted);
-        assert!(w.next().is_none(), "nothing new was noted");
+        assert!(w.shared.next().unwrap().entries[0].deleted);
+        assert!(w.shared.next().is_none(), "nothing new was noted");
         w.note("a.db", 6);
-        let f = w.next().unwrap();
+        let f = w.shared.next().unwrap();
         assert_eq!(
             (f.entries[0].txid, f.entries[0].deleted, f.seq),
             (6, false, 2)
         );
+    }
+
+    #[test]
+    fn the_thread_puts_what_a_round_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let url =
+            crate::replica::url::ReplicaUrl::parse(&format!("file://{}", dir.path().display()))
+                .unwrap();
+        let w = FeedWriter::start(&ReplicaStore::open(&url).unwrap());
+        w.note("x.db", 3);
+        w.publish();
+        let path = dir.path().join(FEED_NAME);
+        let start = Instant::now();
+        while !path.exists() {
+            assert!(start.elapsed() < Duration::from_secs(5), "no feed put");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let feed = parse_feed(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(feed.entries.len(), 1);
+        assert_eq!((feed.entries[0].txid, feed.seq), (3, 1));
     }
 
     #[test]

@@ -306,8 +306,9 @@ pub struct Uploader {
     /// Set by [`Uploader::upload_now`]: a commit waits for the next round, which starts
     /// without waiting for the sync interval.
     urgent: AtomicBool,
-    /// Tells followers which databases a round uploaded (one PUT per round).
-    feed: FeedWriter,
+    /// Tells followers which databases a round uploaded (one PUT per round); none with
+    /// `--no-follower-feed`.
+    feed: Option<FeedWriter>,
 }
 
 /// Whether an error reading or encoding staged items is permanent: the items cannot be
@@ -332,16 +333,18 @@ fn cannot_be_uploaded(e: &ReplicaError) -> bool {
 }
 
 impl Uploader {
-    /// The uploader of replica `index` of `fanout`, which is `replica`.
+    /// The uploader of replica `index` of `fanout`, which is `replica`; with `feed`, it
+    /// keeps the replica's change feed (`super::feed`).
     pub fn new(
         fanout: Arc<Fanout>,
         index: usize,
         replica: ReplicaStore,
+        feed: bool,
     ) -> std::io::Result<Uploader> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let feed = FeedWriter::new(&replica);
+        let feed = feed.then(|| FeedWriter::start(&replica));
         Ok(Uploader {
             staging: fanout.staging().clone(),
             copies: fanout.copies(index).clone(),
@@ -388,9 +391,14 @@ impl Uploader {
         // time rather than the sum of them. The threads share the uploader's runtime.
         let queue = Mutex::new(dbs.iter());
         let behind = Mutex::new(BTreeSet::new());
+        let sent = Mutex::new(Vec::new());
         let work = || {
             while let Some(db) = queue.lock().next() {
-                if let Err(e) = self.upload_database(db, merge) {
+                let result = self.upload_database(db, merge);
+                if let Ok(true) = result {
+                    sent.lock().push(db.clone());
+                }
+                if let Err(e) = result {
                     behind.lock().insert(db.clone());
                     if e.is_fenced() {
                         self.waited_for_lease.store(true, Ordering::Relaxed);
@@ -412,26 +420,27 @@ impl Uploader {
                 work();
             });
         }
-        let behind = behind.into_inner();
-        self.publish_feed(dbs, &behind);
-        behind
+        self.publish_feed(&sent.into_inner());
+        behind.into_inner()
     }
 
-    /// Tells followers what the round uploaded: one PUT of the feed (`super::feed`), only
-    /// if the round uploaded anything.
-    fn publish_feed(&self, dbs: &BTreeSet<PathBuf>, behind: &BTreeSet<PathBuf>) {
-        for db in dbs.difference(behind) {
+    /// Tells followers what the round uploaded: the feed's thread puts it (`super::feed`;
+    /// one PUT, only if the round uploaded anything).
+    fn publish_feed(&self, sent: &[PathBuf]) {
+        let Some(feed) = self.feed.as_ref().filter(|_| !sent.is_empty()) else {
+            return;
+        };
+        for db in sent {
             if let Ok(txid) = self.fanout.held(db, self.index) {
-                self.feed.note(&db.to_string_lossy(), txid);
+                feed.note(&db.to_string_lossy(), txid);
             }
         }
-        if let Err(e) = self.runtime.block_on(self.feed.publish(&self.replica)) {
-            // A hint only: followers fall back to listing once it is stale.
-            tracing::debug!(replica = %self.replica.name(), "cannot put the change feed: {e:#}");
-        }
+        feed.publish();
     }
 
-    fn upload_database(&self, db: &Path, merge: bool) -> ReplicaResult<()> {
+    /// Uploads what `db` has staged for this replica, and its deletion marker; true if it
+    /// put anything.
+    fn upload_database(&self, db: &Path, merge: bool) -> ReplicaResult<bool> {
         if self.fanout.unconfirmed(db, self.index)? {
             self.confirm(db)?;
         }
@@ -444,7 +453,7 @@ impl Uploader {
             self.plan(db, &staged, merge)?
         };
         let Some(last) = staged.last() else {
-            return Ok(());
+            return Ok(false);
         };
         let max = last.max_txid();
         // A snapshot's record, when staging has no sidecar for it (staged by an older
@@ -551,7 +560,7 @@ impl Uploader {
         self.uploaded
             .fetch_add(uploads.len() as u64, Ordering::Relaxed);
         tracing::debug!(db = %db.display(), replica = %replica.name(), txid = max, files = uploads.len(), "uploaded");
-        self.upload_deleted_marker(db)
+        self.upload_deleted_marker(db).map(|_| true)
     }
 
     /// Where this uploader writes temporary files of `db`.
@@ -695,22 +704,23 @@ impl Uploader {
     }
 
     /// Puts the deletion marker capture staged for `db` (once the replica holds its last
-    /// TXID); staging drops it once every replica has it.
-    fn upload_deleted_marker(&self, db: &Path) -> ReplicaResult<()> {
+    /// TXID); staging drops it once every replica has it. True if it put it.
+    fn upload_deleted_marker(&self, db: &Path) -> ReplicaResult<bool> {
         let Some(content) = self.staging.deleted_marker(db)? else {
-            return Ok(());
+            return Ok(false);
         };
         if !self.fanout.pending(db, self.index)?.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let key = db.to_string_lossy();
         let sidecar = SidecarStore::new(self.replica.clone());
         self.runtime
             .block_on(sidecar.put_deleted_marker(&key, &content))?;
         self.fanout.marker_sent(db, self.index, &content)?;
-        self.feed
-            .note_deleted(&key, self.fanout.held(db, self.index).unwrap_or(0));
-        Ok(())
+        if let Some(feed) = &self.feed {
+            feed.note_deleted(&key, self.fanout.held(db, self.index).unwrap_or(0));
+        }
+        Ok(true)
     }
 
     /// Runs until [`Uploader::shutdown`]: waits for [`Uploader::notify`], lets one
@@ -761,6 +771,8 @@ impl Uploader {
                 (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF)
             };
             if stopping {
+                // The last round's feed goes out before the mount lets go of the replica.
+                self.flush_feed();
                 return;
             }
         }
@@ -818,16 +830,21 @@ impl Uploader {
         self.wake.1.notify_all();
     }
 
+    /// Puts the change feed now, if anything is noted in it.
+    fn flush_feed(&self) {
+        if let Some(feed) = &self.feed {
+            feed.flush(&self.runtime);
+        }
+    }
+
     /// Uploads what is staged, retrying until `deadline`; true if nothing is left behind.
     pub fn flush(&self, dbs: &[PathBuf], merge: bool, deadline: Instant) -> bool {
         let mut left: BTreeSet<PathBuf> = dbs.iter().cloned().collect();
         loop {
             left = self.upload_round(&left, merge);
-            if left.is_empty() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
+            if left.is_empty() || Instant::now() >= deadline {
+                self.flush_feed();
+                return left.is_empty();
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -845,7 +862,7 @@ mod tests {
     /// The uploader of a mount with the one replica `store`.
     fn one_replica(staging: &Arc<Staging>, store: ReplicaStore) -> Uploader {
         let fanout = Fanout::new(staging.clone(), vec![store.name()]).unwrap();
-        Uploader::new(Arc::new(fanout), 0, store).unwrap()
+        Uploader::new(Arc::new(fanout), 0, store, false).unwrap()
     }
 
     /// Appends a one-page batch of `page_size` bytes with TXID `txid` to `db`'s segment.
