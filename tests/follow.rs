@@ -512,3 +512,157 @@ fn an_encrypted_replica_is_followed_with_its_key_and_refused_without() {
     f.stop();
     w.stop();
 }
+
+/// Waits until `sql` through the follower prints `want`.
+fn wait_for_answer(f: &Follower, db: &str, sql: &str, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let o = common::run_sqlite3(&f.path(db), sql);
+        if o.status.success() && String::from_utf8_lossy(&o.stdout) == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{db} did not answer {want:?} to {sql} within {limit:?} (it said {:?} {:?}): {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            f.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_writer_without_the_feed_is_followed_by_listing_each_database() {
+    let r = S3Fixture::new("follow-nofeed");
+    let mut w = r.mount(&["--sync-interval", "100ms", "--no-follower-feed"]);
+    sqlite3(
+        &w.path("a.db"),
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1);",
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let f = Follower::start(&r.url(), &["--poll-interval", "500ms"], &[]);
+    sqlite3(&w.path("a.db"), "INSERT INTO t VALUES (2);");
+    let took = wait_for_answer(
+        &f,
+        "a.db",
+        "SELECT count(*) FROM t;",
+        "2\n",
+        Duration::from_secs(10),
+    );
+    eprintln!("without a feed, a commit showed after {took:?}");
+    assert!(
+        !r.moto
+            .requests()
+            .iter()
+            .any(|q| q.contains("PUT ") && q.ends_with("/.walfs-feed")),
+        "--no-follower-feed put the feed"
+    );
+    // What it costs while idle: one LIST of level 0 (and one GET finding no feed) per poll.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = r.moto.requests().len();
+    std::thread::sleep(Duration::from_secs(5));
+    let idle = r.moto.requests()[before..].to_vec();
+    let lists = idle.iter().filter(|q| q.contains("list-type=2")).count();
+    assert!((6..=14).contains(&lists), "{lists} LISTs in 5 s: {idle:?}");
+    w.stop();
+}
+
+#[test]
+fn a_follower_that_fell_behind_catches_up_from_compacted_levels_and_a_damaged_copy_is_restored_afresh(
+) {
+    let r = S3Fixture::new("follow-behind");
+    // Level 0 is compacted into level 1 every second and kept for a second only.
+    let args = [
+        "--sync-interval",
+        "100ms",
+        "--compaction-intervals",
+        "1s,10s",
+        "--l0-retention",
+        "1s",
+    ];
+    let mut w = r.mount(&args);
+    let c = open_writer(&w.path("app.db"));
+    c.execute_batch("CREATE TABLE t(i INTEGER PRIMARY KEY, v BLOB);")
+        .unwrap();
+    for i in 0..20 {
+        c.execute("INSERT INTO t VALUES (?1, randomblob(2000))", [i])
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let mut f = Follower::start(&r.url(), &[], &[]);
+    wait_for_answer(
+        &f,
+        "app.db",
+        "SELECT count(*) FROM t;",
+        "20\n",
+        Duration::from_secs(10),
+    );
+
+    // The follower stops (SIGSTOP) while the writer commits and compacts level 0 away.
+    let pid = f.child.as_ref().unwrap().id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    for i in 20..60 {
+        c.execute("INSERT INTO t VALUES (?1, randomblob(2000))", [i])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_for_answer(
+        &f,
+        "app.db",
+        "SELECT count(*) FROM t;",
+        "60\n",
+        Duration::from_secs(15),
+    );
+    let log = f.log();
+    assert!(
+        !log.contains("restored afresh"),
+        "it restored instead of catching up from the compacted levels: {log}"
+    );
+
+    // Its copy is damaged on disk: the next object's checksum does not match what it
+    // holds, and it restores the database afresh, saying why.
+    let cache = f.dir.path().join("cache");
+    let base = std::fs::read_dir(cache.join("1"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("base-")
+        })
+        .expect("a base file");
+    let mut bytes = std::fs::read(&base).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0xff;
+    std::fs::write(&base, bytes).unwrap();
+    c.execute("UPDATE t SET v = randomblob(2000)", []).unwrap();
+    let log_has = |s: &str| {
+        let start = Instant::now();
+        while !f.log().contains(s) {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no {s:?}: {}",
+                f.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    log_has("restored afresh");
+    let log = f.log();
+    assert!(
+        log.contains("its verification record says"),
+        "the restore was not for the checksum: {log}"
+    );
+    drop(c);
+    w.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    let (restored, _) = r.restore("app.db", "app.db", &[]);
+    let copy = r.out("follower-copy.db");
+    follower_copy_with_header_of(&f.path("app.db"), &restored, &copy);
+    assert_same_database(&restored, &copy);
+    f.stop();
+}

@@ -6,9 +6,11 @@
 //! feed (`crate::replica::feed`) with a conditional GET: unchanged, it costs one request
 //! and no body; changed, it names the databases that moved, and only those are read. For
 //! each, one LIST of level 0 finds the objects after the TXID the follower holds, and each
-//! is applied as a new version, checked against its LTX checksums on the way (the state
-//! before it, where the object starts right after the follower's TXID, and the state after
-//! it). Only if level 0 no longer holds the next TXID (compacted away while the follower
+//! is applied as a new version, checked on the way: the follower keeps the content checksum
+//! of its state (docs/FORMAT.md) and compares it with the writer's verification record of
+//! the object's max TXID, which comes in the object's metadata on S3 (no extra request) or
+//! beside it on a file replica; objects that carry LTX checksums (Litestream's) are
+//! checked against those too, before and after. Only if level 0 no longer holds the next TXID (compacted away while the follower
 //! was behind) are the other levels listed; only if nothing continues the follower's
 //! state, or a checksum does not match, is the database restored afresh, as a new
 //! generation that readers move to at their next transaction.
@@ -32,11 +34,12 @@ use super::versions::FollowedDb;
 use crate::ltx::{DatabaseChecksum, LtxDecoder};
 use crate::replica::error::{ReplicaError, StoreErrorKind};
 use crate::replica::feed::{feed_key, parse_feed, FEED_WINDOW};
-use crate::replica::record::SidecarStore;
+use crate::replica::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
 use crate::replica::store::{LtxObjectInfo, ReplicaStore};
 use crate::restore::list::{deleted_state, read_deleted_marker};
 use crate::restore::plan::{RestoreTarget, SNAPSHOT_LEVEL};
 use crate::restore::{restore_replanning, RestoreError, RestoreResult};
+use crate::sqlite::ContentChecksum;
 
 /// How often a replica without a feed is listed for new databases.
 pub const RESCAN: Duration = Duration::from_secs(30);
@@ -62,7 +65,10 @@ struct Followed {
     shown: String,
     txid: u64,
     commit: u32,
+    /// LTX's database checksum (CRC-64), for objects that carry one (Litestream's).
     checksum: DatabaseChecksum,
+    /// walfs's content checksum (docs/FORMAT.md), for the writer's verification records.
+    content: ContentChecksum,
 }
 
 /// Reads the replica and applies what is new.
@@ -126,7 +132,7 @@ impl Applier {
     pub fn scan(&mut self, strict: bool) -> RestoreResult<()> {
         let listed = self.rt.block_on(self.store.list_databases())?;
         for db in &listed {
-            match self.try_sync(db) {
+            match self.try_sync(db, None) {
                 Err(e) if strict && is_key_error(&e) => return Err(e),
                 Err(e) => self.failed(db, &e),
                 Ok(_) => {}
@@ -248,7 +254,7 @@ impl Applier {
             }
             (None, true) => false,
             (Some(h), false) if txid <= h => false,
-            _ => self.sync(db),
+            _ => self.sync_to(db, Some(txid)),
         }
     }
 
@@ -269,7 +275,13 @@ impl Applier {
     /// Brings `db` up to what the replica holds. True if a version was published or the
     /// database went; on failure it is tried again at the next poll.
     fn sync(&mut self, db: &str) -> bool {
-        match self.try_sync(db) {
+        self.sync_to(db, None)
+    }
+
+    /// [`Applier::sync`], knowing (from the feed) that the replica holds `db` up to
+    /// `hint`.
+    fn sync_to(&mut self, db: &str, hint: Option<u64>) -> bool {
+        match self.try_sync(db, hint) {
             Ok(changed) => changed,
             Err(e) => {
                 self.failed(db, &e);
@@ -278,11 +290,11 @@ impl Applier {
         }
     }
 
-    /// [`Applier::sync`], with its error.
-    fn try_sync(&mut self, db: &str) -> RestoreResult<bool> {
+    /// [`Applier::sync_to`], with its error.
+    fn try_sync(&mut self, db: &str, hint: Option<u64>) -> RestoreResult<bool> {
         let before = self.version_count();
         if self.dbs.contains_key(db) {
-            self.catch_up(db)?;
+            self.catch_up(db, hint.unwrap_or(0))?;
         } else {
             self.restore(db, "it is new to the follower")?;
         }
@@ -294,19 +306,18 @@ impl Applier {
         self.retry.insert(db.to_string());
     }
 
-    /// Applies the objects that continue `db`'s state: from level 0, else from any level
-    /// but snapshots; restores afresh if none does.
-    fn catch_up(&mut self, db: &str) -> RestoreResult<()> {
+    /// Applies the objects that continue `db`'s state up to what level 0 holds (and at
+    /// least to `hint`, what the feed said): from level 0, else from any level but
+    /// snapshots; restores afresh if none does.
+    fn catch_up(&mut self, db: &str, hint: u64) -> RestoreResult<()> {
         let held = self.dbs[db].txid;
         let level0 = self.rt.block_on(self.store.list_ltx(db, 0))?;
         let newest = level0.iter().map(|o| o.max_txid).max().unwrap_or(0);
         let mut chain = continuation(&level0, held);
         let reach = chain.last().map_or(held, |o| o.max_txid);
-        if reach < newest
-            || (chain.is_empty()
-                && level0.iter().all(|o| o.min_txid > held + 1)
-                && !level0.is_empty())
-        {
+        // Short of level 0's newest object, or of the feed's TXID: what follows the
+        // follower's state was compacted out of level 0.
+        if reach < newest.max(hint) {
             let all = self.rt.block_on(self.store.list_db_ltx(db))?;
             let newest = all.iter().map(|o| o.max_txid).max().unwrap_or(0);
             chain = continuation(
@@ -335,11 +346,27 @@ impl Applier {
 
     /// Applies one object on top of `db`'s latest version as the next version.
     fn apply_object(&mut self, db: &str, obj: &LtxObjectInfo) -> RestoreResult<Continue> {
-        let bytes =
-            self.rt.block_on(
-                self.store
-                    .get_ltx(db, obj.level, obj.min_txid, obj.max_txid),
-            )?;
+        let (bytes, in_metadata) = self.rt.block_on(self.store.get_ltx_with_record(
+            db,
+            obj.level,
+            obj.min_txid,
+            obj.max_txid,
+        ))?;
+        // The writer's content checksum of the state after the object: in its metadata
+        // (S3, Azure, GCS), or beside it (a file replica; a local read).
+        let record = match in_metadata {
+            Some(text) => Some(ChecksumRecord::parse(&text).map_err(|m| {
+                RestoreError::Corrupt(format!(
+                    "the verification record of object {} is malformed: {m}",
+                    obj.key
+                ))
+            })?),
+            None if !self.store.holds_records() => self
+                .rt
+                .block_on(self.sidecar.get_checksum_record(db, obj.max_txid, None))?
+                .map(|(r, _)| r),
+            None => None,
+        };
         let corrupt = |e: &dyn std::fmt::Display| {
             RestoreError::Corrupt(format!("object {} is corrupt: {e}", obj.key))
         };
@@ -371,6 +398,7 @@ impl Applier {
             )));
         }
         let mut checksum = f.checksum;
+        let mut content = f.content;
         let mut pending = f.db.begin()?;
         let mut page = vec![0u8; h.page_size as usize];
         let mut old = vec![0u8; h.page_size as usize];
@@ -379,8 +407,10 @@ impl Applier {
                 if pgno <= f.commit {
                     f.db.read_latest_page(pgno, &mut old)?;
                     checksum.remove_page(pgno, &old);
+                    content.add_page(pgno, &old);
                 }
                 checksum.add_page(pgno, &page);
+                content.add_page(pgno, &page);
                 f.db.write_page(&mut pending, pgno, &page)?;
             }
             let trailer = dec.finish().map_err(|e| corrupt(&e))?;
@@ -390,6 +420,23 @@ impl Applier {
                 if !written.contains(&pgno) {
                     f.db.read_latest_page(pgno, &mut old)?;
                     checksum.remove_page(pgno, &old);
+                    content.add_page(pgno, &old);
+                }
+            }
+            if let Some(r) = &record {
+                let mine = match r.checksum {
+                    RecordedChecksum::Content(_) => RecordedChecksum::Content(content),
+                    RecordedChecksum::LegacyCrc64(_) => {
+                        RecordedChecksum::LegacyCrc64(checksum.value())
+                    }
+                };
+                if r.txid != h.max_txid
+                    || (r.checksum, r.page_size, r.commit) != (mine, h.page_size, h.commit)
+                {
+                    return Err(RestoreError::Corrupt(format!(
+                        "after object {} (TXID {}) the follower holds {mine} ({} pages), its verification record says TXID {} {} ({} pages)",
+                        obj.key, h.max_txid, h.commit, r.txid, r.checksum, r.commit
+                    )));
                 }
             }
             if h.has_checksums()
@@ -416,6 +463,7 @@ impl Applier {
         f.txid = h.max_txid;
         f.commit = h.commit;
         f.checksum = checksum;
+        f.content = content;
         tracing::debug!(db = %f.shown, txid = h.max_txid, key = %obj.key, "applied");
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
         self.note_lag(obj);
@@ -494,6 +542,7 @@ impl Applier {
                 txid: outcome.txid,
                 commit: outcome.commit,
                 checksum,
+                content: outcome.checksum,
             },
         );
         self.stats.restored.fetch_add(1, Ordering::Relaxed);

@@ -1194,6 +1194,21 @@ impl ReplicaStore {
         min_txid: u64,
         max_txid: u64,
     ) -> Result<Bytes, StoreError> {
+        self.get_ltx_with_record(db_path, level, min_txid, max_txid)
+            .await
+            .map(|(body, _)| body)
+    }
+
+    /// Downloads an LTX object like [`ReplicaStore::get_ltx`], with the verification
+    /// record its metadata holds (S3, Azure and GCS; a file replica keeps records beside
+    /// the objects), from the same request.
+    pub async fn get_ltx_with_record(
+        &self,
+        db_path: &str,
+        level: u8,
+        min_txid: u64,
+        max_txid: u64,
+    ) -> Result<(Bytes, Option<String>), StoreError> {
         check_db_path(db_path)?;
         let key = self.ltx_key(db_path, level, min_txid, max_txid);
         let path = self.object_path(&key)?;
@@ -1203,11 +1218,30 @@ impl ReplicaStore {
             .get(&path)
             .await
             .map_err(|e| self.request_error("GET", &key, e))?;
+        let record = match res
+            .attributes
+            .get(&Attribute::Metadata(self.backend.record_key().into()))
+        {
+            Some(value) if self.holds_records() => {
+                let context = Self::record_context(level, min_txid, max_txid);
+                Some(
+                    crypt::open_text(self.keyring.as_deref(), context.as_bytes(), value.as_ref())
+                        .map_err(|e| {
+                        self.crypt_error(
+                            &format!("{key} (its metadata {})", self.backend.record_key()),
+                            e,
+                        )
+                    })?,
+                )
+            }
+            _ => None,
+        };
         let body = res
             .bytes()
             .await
             .map_err(|e| self.request_error("GET", &key, e))?;
-        self.open_body(&key, &Self::ltx_context(level, min_txid, max_txid), body)
+        let body = self.open_body(&key, &Self::ltx_context(level, min_txid, max_txid), body)?;
+        Ok((body, record))
     }
 
     /// Downloads the first `n` bytes of an LTX object's content (its header, say) with one
