@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::Wait(args) => walfs::ready::wait_command(args).map_err(anyhow::Error::msg),
-        Command::Follow(args) => walfs::follow::follow_command(args),
+        Command::Follow(args) => walfs::follow::follow_command(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,12 +21,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use fuser::{MountOption, SessionACL};
 
 use crate::mount::{
     check_empty, check_fuse_device, check_mountpoint, mount_failed, unmount_on_signal,
-    MountControl, Serving,
+    MountControl, MountError, MountResult, Serving,
 };
 use crate::ready::Readiness;
 use crate::replica::crypt::EncryptionArgs;
@@ -89,38 +88,39 @@ fn default_cache_dir(mountpoint: &Path) -> PathBuf {
 }
 
 /// Runs `walfs follow` until SIGINT or SIGTERM.
-pub fn follow_command(args: &FollowArgs) -> anyhow::Result<()> {
+pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     check_empty(&mountpoint, args.allow_nonempty)?;
     check_fuse_device()?;
     if args.poll_interval < POLL_MIN {
-        anyhow::bail!(
+        return Err(MountError::Setup(format!(
             "--poll-interval {:?} is shorter than the {POLL_MIN:?} between polls after a change; give at least 200ms",
             args.poll_interval
-        );
+        )));
     }
-    let (_, store, _) = crate::restore::open_replica(&args.url, &args.encryption)?;
+    let (_, store, _) = crate::restore::open_replica(&args.url, &args.encryption)
+        .map_err(|e| MountError::Setup(format!("{e:#}")))?;
     let cache = args
         .cache_dir
         .clone()
         .unwrap_or_else(|| default_cache_dir(&mountpoint));
     if cache.starts_with(&mountpoint) {
-        anyhow::bail!(
+        return Err(MountError::Setup(format!(
             "cache directory {} is inside mountpoint {}; put it elsewhere",
             cache.display(),
             mountpoint.display()
-        );
+        )));
     }
+    let cache_error = |what: &str| {
+        let what = format!("cannot {what} cache directory {}", cache.display());
+        move |source| MountError::Context { what, source }
+    };
     match std::fs::remove_dir_all(&cache) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot empty cache directory {}", cache.display()))
-        }
+        Err(e) => return Err(cache_error("empty")(e)),
     }
-    std::fs::create_dir_all(&cache)
-        .with_context(|| format!("cannot create cache directory {}", cache.display()))?;
+    std::fs::create_dir_all(&cache).map_err(cache_error("create"))?;
 
     let ns = Arc::new(Namespace::new());
     let stats = Arc::new(FollowStats::default());
@@ -132,11 +132,12 @@ pub fn follow_command(args: &FollowArgs) -> anyhow::Result<()> {
         POLL_MIN,
         args.poll_interval,
         stats.clone(),
-    )?;
+    )
+    .map_err(|e| MountError::Setup(format!("{e:#}")))?;
     let start = Instant::now();
     applier
         .scan(true)
-        .with_context(|| format!("cannot follow replica {}", store.name()))?;
+        .map_err(|e| MountError::Setup(format!("cannot follow replica {}: {e:#}", store.name())))?;
     tracing::info!(
         replica = %store.name(),
         restored = stats.restored.load(Ordering::Relaxed),
@@ -186,7 +187,10 @@ pub fn follow_command(args: &FollowArgs) -> anyhow::Result<()> {
 
     let served = match session.run() {
         Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
-        r => r.context("FUSE session failed"),
+        r => r.map_err(|source| MountError::Context {
+            what: "FUSE session failed".into(),
+            source,
+        }),
     };
     ended.store(true, Ordering::SeqCst);
     readiness.stopping();
