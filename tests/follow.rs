@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::scrape::Scrape;
 use common::{
     as_strs, assert_same_database, is_mounted, sqlite3, wait_timeout, Mount, S3Fixture, S3_ENV,
     WALFS,
@@ -156,6 +157,17 @@ fn wait_for_file(path: &Path, limit: Duration) -> Duration {
     start.elapsed()
 }
 
+/// The TXID in `walfs restore`'s report ("restored app.db at TXID 42 (...)").
+fn restore_txid(report: &str) -> u64 {
+    let at = report.find(" at TXID ").expect(report) + " at TXID ".len();
+    report[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// The value at quantile `q` of `v`.
 fn quantile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -184,7 +196,12 @@ fn rows_committed_on_the_writer_are_read_through_the_follower_within_the_bound()
     c.execute("INSERT INTO t VALUES (0, 0, randomblob(3000))", [])
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let mut f = Follower::start(&r.url(), &[], &[]);
+    let port = common::free_port();
+    let mut f = Follower::start(
+        &r.url(),
+        &["--metrics-addr", &format!("127.0.0.1:{port}")],
+        &[],
+    );
     let db = f.path("app.db");
     assert_eq!(sqlite3(&db, "SELECT count(*) FROM t;"), "1\n");
 
@@ -243,6 +260,27 @@ fn rows_committed_on_the_writer_are_read_through_the_follower_within_the_bound()
     assert_same_database(&restored, &copy);
     let head = std::fs::read(&db).unwrap();
     assert_eq!(&head[18..20], &[1, 1], "served in rollback-journal mode");
+
+    // Its metrics say which TXID it serves: the one the restore verified.
+    let txid = restore_txid(&r.restore("app.db", "again.db", &[]).1);
+    let m = Scrape::take(port);
+    assert_eq!(
+        m.must("walfs_follower_txid", &["db=\"app.db\""]),
+        txid as f64,
+        "{m}"
+    );
+    let polled = m.must("walfs_follower_last_poll_timestamp_seconds", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(now - polled < 5.0, "last poll {polled}, now {now}");
+    assert!(m.must("walfs_follower_applied_total", &[]) >= 60.0, "{m}");
+    assert_eq!(
+        m.must("walfs_follower_readers", &["db=\"app.db\""]),
+        0.0,
+        "{m}"
+    );
 
     // Read-only: no write, no journal, no WAL.
     let err = Connection::open(&db)

@@ -25,7 +25,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::runtime::Runtime;
 
@@ -44,18 +44,30 @@ use crate::sqlite::ContentChecksum;
 /// How often a replica without a feed is listed for new databases.
 pub const RESCAN: Duration = Duration::from_secs(30);
 
-/// What the applier counts, for the log and `walfs status`-like reports.
+/// What the follower holds of one database, for its metrics.
+#[derive(Clone)]
+pub struct FollowedStatus {
+    pub txid: u64,
+    /// When the state served was committed on the writer (its LTX timestamp).
+    pub committed: SystemTime,
+    pub db: Arc<FollowedDb>,
+}
+
+/// What the applier counts and holds, for the log and `--metrics-addr`.
 #[derive(Default)]
 pub struct FollowStats {
+    /// Each database shown, by its path under the mount.
+    pub databases: parking_lot::Mutex<std::collections::BTreeMap<String, FollowedStatus>>,
+    /// When the replica last answered a poll.
+    pub last_poll: parking_lot::Mutex<Option<SystemTime>>,
+    /// Polls the replica failed to answer.
+    pub poll_errors: AtomicU64,
     /// Versions published from level-0 (or compacted) objects.
     pub applied: AtomicU64,
     /// Databases restored afresh (at start, when new, or when they could not be followed).
     pub restored: AtomicU64,
     /// Feed reads that found it unchanged.
     pub unchanged_polls: AtomicU64,
-    /// Milliseconds between an applied object's upload (its listing's time) and its
-    /// publication, the largest seen.
-    pub max_lag_ms: AtomicU64,
 }
 
 /// One database the follower holds.
@@ -174,6 +186,7 @@ impl Applier {
             {
                 Ok(None) => {
                     self.stats.unchanged_polls.fetch_add(1, Ordering::Relaxed);
+                    *self.stats.last_poll.lock() = Some(SystemTime::now());
                     last_read = Instant::now();
                     last_error.clear();
                 }
@@ -196,15 +209,18 @@ impl Applier {
                         self.follow_entry(&e.db, e.txid, e.deleted);
                     }
                     etag = tag;
+                    *self.stats.last_poll.lock() = Some(SystemTime::now());
                     last_read = Instant::now();
                     changed = true;
                 }
                 Err(e) if e.is_not_found() => {
                     last_error.clear();
                     changed |= self.poll_all(&mut last_scan, false);
+                    *self.stats.last_poll.lock() = Some(SystemTime::now());
                     last_read = Instant::now();
                 }
                 Err(e) => {
+                    self.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
                     let msg = format!("{e:#}");
                     if msg != last_error {
                         tracing::warn!("cannot read the replica ({msg}); the mount serves what it holds and tries again");
@@ -269,6 +285,7 @@ impl Applier {
     fn remove(&mut self, db: &str) {
         if let Some(f) = self.dbs.remove(db) {
             self.ns.remove(&f.shown);
+            self.stats.databases.lock().remove(&f.shown);
         }
     }
 
@@ -466,18 +483,11 @@ impl Applier {
         f.content = content;
         tracing::debug!(db = %f.shown, txid = h.max_txid, key = %obj.key, "applied");
         self.stats.applied.fetch_add(1, Ordering::Relaxed);
-        self.note_lag(obj);
-        Ok(Continue::Applied)
-    }
-
-    /// Records how long after its upload an object was published (by its listing time:
-    /// the file's mtime, or S3's Last-Modified).
-    fn note_lag(&self, obj: &LtxObjectInfo) {
-        if let Ok(lag) = SystemTime::now().duration_since(obj.timestamp) {
-            self.stats
-                .max_lag_ms
-                .fetch_max(lag.as_millis() as u64, Ordering::Relaxed);
+        if let Some(st) = self.stats.databases.lock().get_mut(&f.shown) {
+            st.txid = h.max_txid;
+            st.committed = timestamp_of(h.timestamp_ms);
         }
+        Ok(Continue::Applied)
     }
 
     /// Restores `db` afresh at the replica's latest state, as a new generation (or removes
@@ -546,6 +556,15 @@ impl Applier {
             },
         );
         self.stats.restored.fetch_add(1, Ordering::Relaxed);
+        let status = FollowedStatus {
+            txid: outcome.txid,
+            committed: outcome.timestamp,
+            db: self.dbs[db].db.clone(),
+        };
+        self.stats
+            .databases
+            .lock()
+            .insert(self.dbs[db].shown.clone(), status);
         Ok(())
     }
 }
@@ -581,6 +600,11 @@ fn continuation(objects: &[LtxObjectInfo], held: u64) -> Vec<LtxObjectInfo> {
     out
 }
 
+/// An LTX timestamp (milliseconds since the epoch) as a time.
+fn timestamp_of(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
 /// Sleeps for `d`, waking early once `stop` is set.
 fn sleep_unless(stop: &AtomicBool, d: Duration) {
     let end = Instant::now() + d;
@@ -596,7 +620,6 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::UNIX_EPOCH;
 
     fn obj(level: u8, min: u64, max: u64) -> LtxObjectInfo {
         LtxObjectInfo {

@@ -27,6 +27,8 @@ use crate::mount::{
     check_empty, check_fuse_device, check_mountpoint, mount_failed, unmount_on_signal,
     MountControl, MountError, MountResult, Serving,
 };
+use crate::observe::follower::FollowerCollector;
+use crate::observe::metrics::MetricsEndpoint;
 use crate::ready::Readiness;
 use crate::replica::crypt::EncryptionArgs;
 use apply::{Applier, FollowStats};
@@ -67,6 +69,10 @@ pub struct FollowArgs {
     #[arg(long, default_value_t = 4,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub threads: usize,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (each database's TXID and
+    /// commit time, the last poll, requests, readers). Default: off.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
     /// Once every database is restored and the mount serves, write this file (it holds
     /// the mountpoint); removed when walfs starts to stop.
     #[arg(long, value_name = "PATH")]
@@ -98,6 +104,11 @@ pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
             args.poll_interval
         )));
     }
+    // Bound before anything starts: a bad address is a one-line error.
+    let metrics_endpoint = match &args.metrics_addr {
+        Some(addr) => Some(MetricsEndpoint::bind(addr).map_err(MountError::Setup)?),
+        None => None,
+    };
     let (_, store, _) = crate::restore::open_replica(&args.url, &args.encryption)
         .map_err(|e| MountError::Setup(format!("{e:#}")))?;
     let cache = args
@@ -163,6 +174,19 @@ pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
         .map_err(|e| mount_failed(e, &mountpoint))?;
     tracing::info!(replica = %store.name(), mountpoint = %mountpoint.display(), "following");
 
+    let metrics_server = match metrics_endpoint {
+        Some(e) => Some(
+            e.serve_collector(Box::new(FollowerCollector {
+                stats: stats.clone(),
+                store: store.clone(),
+            }))
+            .map_err(|source| MountError::Context {
+                what: "cannot start the metrics server".into(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
     let readiness = Arc::new(Readiness::new(args.ready_file.clone()));
     let control = MountControl::new(
         session.unmount_callable(),
@@ -196,6 +220,9 @@ pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
     readiness.stopping();
     stop.store(true, Ordering::SeqCst);
     let _ = applier_thread.join();
+    if let Some(s) = metrics_server {
+        s.stop();
+    }
     let _ = std::fs::remove_dir_all(&cache);
     served?;
     tracing::info!(

@@ -60,8 +60,17 @@ impl MetricsEndpoint {
 
     /// Serves `GET /metrics` from `view` on a thread of its own.
     pub fn serve(self, view: MountView) -> std::io::Result<MetricsServer> {
+        self.serve_collector(Box::new(MountCollector(view)))
+    }
+
+    /// Serves `GET /metrics` from `collector` (a mount's, or a follower's) on a thread of
+    /// its own.
+    pub fn serve_collector(
+        self,
+        collector: Box<dyn prometheus_client::collector::Collector>,
+    ) -> std::io::Result<MetricsServer> {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(MountCollector(view)));
+        registry.register_collector(collector);
         let server = self.server.clone();
         let thread = std::thread::Builder::new()
             .name("walfs-metrics".into())
@@ -113,7 +122,7 @@ impl std::fmt::Debug for MountCollector {
 }
 
 /// One metric family: a descriptor and its samples, each with its labels.
-fn family<V>(
+pub(crate) fn family<V>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -140,7 +149,7 @@ where
 }
 
 /// The resident set size of this process in bytes, from /proc/self/statm.
-fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

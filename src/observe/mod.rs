@@ -1,9 +1,10 @@
 //! Observing a running mount: the view of its state taken when asked ([`MountView`]: each
 //! database's TXID, what each replica holds of it, lag, pending bytes), the Prometheus
 //! endpoint of `--metrics-addr` ([`metrics`]) and the status socket that `walfs status`
-//! asks ([`status`]). Nothing here runs on a FUSE request: gauges are computed at scrape
+//! asks ([`status`]); a follower's metrics ([`follower`]). Nothing here runs on a FUSE request: gauges are computed at scrape
 //! time from the capture registry, staging and the replicas' progress.
 
+pub mod follower;
 pub mod metrics;
 pub mod status;
 
