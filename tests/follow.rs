@@ -111,21 +111,7 @@ impl Follower {
 
 impl Drop for Follower {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                child.kill().ok();
-                child.wait().ok();
-            }
-        }
-        if is_mounted(&self.mountpoint) {
-            Command::new("umount")
-                .arg("-l")
-                .arg(&self.mountpoint)
-                .status()
-                .ok();
-        }
-        let _ = &self.dir;
+        common::end_daemon(self.child.take(), &self.mountpoint);
     }
 }
 

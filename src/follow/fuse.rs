@@ -99,14 +99,20 @@ impl Filesystem for FollowFuse {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // An open file whose database went keeps its attributes.
         let node = self
             .ns
             .node(ino.0)
             .or_else(|| fh.and_then(|f| self.ns.handle_db(f.0)).map(Node::Db));
         match node {
-            Some(node) => reply.attr(&TTL, &self.attr(ino.0, &node)),
+            Some(node) => {
+                let attr = self.attr(ino.0, &node);
+                if let Node::Db(_) = node {
+                    self.ns.stat_answered(ino.0, req.pid(), attr.size);
+                }
+                reply.attr(&TTL, &attr)
+            }
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -128,7 +134,7 @@ impl Filesystem for FollowFuse {
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -137,7 +143,10 @@ impl Filesystem for FollowFuse {
         lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.ns.read(fh.0, lock_owner.map(|o| o.0), offset, size) {
+        match self
+            .ns
+            .read(fh.0, lock_owner.map(|o| o.0), req.pid(), offset, size)
+        {
             Some(Ok(data)) => reply.data(&data),
             Some(Err(e)) => {
                 tracing::error!("a follower read fails with EIO: {e}");

@@ -11,9 +11,11 @@
 //! - when the file's process takes SQLite's shared lock through it (the mount asks the
 //!   kernel to forward POSIX locks, `FUSE_POSIX_LOCKS`);
 //! - when SQLite reads the 16 bytes at offset 24 (the file change counter and what follows
-//!   it), which each connection does as its transaction starts, after its shared lock;
-//!   this covers a second connection of a process whose shared lock another connection
-//!   already holds, which takes no lock of its own;
+//!   it), which each connection does as its transaction starts, after its shared lock and
+//!   a `stat` of the file; this covers a second connection of a process whose shared lock
+//!   another connection already holds, which takes no lock of its own. It does not move
+//!   to a version larger than that `stat` said (a version published in between): SQLite
+//!   would take the file for corrupt;
 //! - at the file's first read.
 //!
 //! A pin is dropped when its process releases its shared lock (no connection of it is in a
@@ -78,6 +80,8 @@ pub struct Namespace {
     locks: Mutex<HashMap<(u64, u64), Ranges>>,
     /// File handle → the lock owner (process) that last read or locked through it.
     fh_owner: Mutex<HashMap<u64, u64>>,
+    /// (inode, thread) → the size the thread's last `stat` of the file answered.
+    stat_sizes: Mutex<HashMap<(u64, u32), u64>>,
 }
 
 struct Tree {
@@ -112,7 +116,18 @@ impl Namespace {
             next_fh: AtomicU64::new(1),
             locks: Mutex::new(HashMap::new()),
             fh_owner: Mutex::new(HashMap::new()),
+            stat_sizes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Thread `tid` was told that file `ino` has `size` bytes (a `stat`).
+    pub fn stat_answered(&self, ino: u64, tid: u32, size: u64) {
+        let mut m = self.stat_sizes.lock();
+        // Threads that stat without reading leave theirs behind: keep it bounded.
+        if m.len() >= 4096 {
+            m.clear();
+        }
+        m.insert((ino, tid), size);
     }
 
     /// Shows `db` at `path` (`a/b.db`), creating its directories.
@@ -233,22 +248,29 @@ impl Namespace {
         self.fh_owner.lock().remove(&fh);
     }
 
-    /// Reads through file handle `fh` (of process `owner`, when the kernel says) as it
-    /// sees the file: at its pin, which moves to the latest version where a transaction
-    /// starts (see the module documentation).
+    /// Reads through file handle `fh` (of process `owner`, when the kernel says; by thread
+    /// `tid`) as it sees the file: at its pin, which moves to the latest version where a
+    /// transaction starts (see the module documentation), but not to a version larger than
+    /// the thread's `stat` just said.
     pub fn read(
         &self,
         fh: u64,
         owner: Option<u64>,
+        tid: u32,
         offset: u64,
         size: u32,
     ) -> Option<std::io::Result<Vec<u8>>> {
-        let db = self.handle_db(fh)?;
+        let (ino, db) = self
+            .handles
+            .lock()
+            .get(&fh)
+            .map(|h| (h.ino, h.db.clone()))?;
         if let Some(o) = owner {
             self.fh_owner.lock().insert(fh, o);
         }
         if (offset, size) == TRANSACTION_START_READ {
-            db.pin(fh);
+            let said = self.stat_sizes.lock().remove(&(ino, tid));
+            db.pin_within(fh, said);
         } else {
             db.pin_if_unpinned(fh);
         }
@@ -384,7 +406,7 @@ mod tests {
         assert!(ns.lookup(ROOT_INO, "a").is_none(), "empty directories stay");
         assert!(ns.lookup(ROOT_INO, "top.db").is_some());
         // The open file still reads.
-        assert_eq!(ns.read(fh, None, 0, 16).unwrap().unwrap().len(), 16);
+        assert_eq!(ns.read(fh, None, 1, 0, 16).unwrap().unwrap().len(), 16);
     }
 
     #[test]
@@ -404,7 +426,7 @@ mod tests {
         // A second connection of the process reads without a lock of its own: pinned at
         // its first read, moved at its transaction's start read.
         let fh2 = ns.open(ino).unwrap();
-        ns.read(fh2, Some(9), 0, 100).unwrap().unwrap();
+        ns.read(fh2, Some(9), 1, 0, 100).unwrap().unwrap();
         assert_eq!(d.pinned(), (2, 1));
         assert_eq!(
             ns.conflicting_read_lock(fh, 3, 0, u64::MAX),

@@ -362,6 +362,26 @@ impl FollowedDb {
         }
     }
 
+    /// Pins `reader` to the latest version, as [`FollowedDb::pin`], if that version's size
+    /// is within `limit`, the size its `stat` just answered (SQLite refuses a header that
+    /// says more pages than the file holds); else it keeps the version it has, which is
+    /// within it. Without a limit, or without a pin, it takes the latest.
+    pub fn pin_within(&self, reader: u64, limit: Option<u64>) {
+        let fits = {
+            let v = self.inner.read();
+            let latest = v.versions.get(&v.latest).and_then(|x| {
+                v.generations
+                    .get(&x.generation)
+                    .map(|g| u64::from(x.commit) * u64::from(g.page_size))
+            });
+            limit.is_none_or(|l| latest.is_none_or(|size| size <= l))
+                || !v.pins.contains_key(&reader)
+        };
+        if fits {
+            self.pin(reader);
+        }
+    }
+
     /// Pins `reader` to the latest version unless it is pinned already.
     pub fn pin_if_unpinned(&self, reader: u64) {
         if !self.inner.read().pins.contains_key(&reader) {
@@ -558,6 +578,27 @@ mod tests {
         // A read that starts inside the header is patched too.
         let part = db.read(None, 20, 10).unwrap();
         assert_eq!(&part[4..8], &2u32.to_be_bytes());
+    }
+
+    #[test]
+    fn a_reader_does_not_move_to_a_version_larger_than_its_stat_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_base(dir.path(), 2);
+        db.pin(1);
+        let said = db.size();
+        // A larger version arrives between the reader's stat and its header read.
+        apply(&db, &[(3, 3)], 3, 11);
+        db.pin_within(1, Some(said));
+        assert!(
+            page_of(&db, Some(1), 3).is_empty(),
+            "it moved past its stat"
+        );
+        // Its next transaction's stat covers the new size.
+        db.pin_within(1, Some(db.size()));
+        assert_eq!(page_of(&db, Some(1), 3), page(3));
+        // Without a pin it takes the latest whatever the limit.
+        db.pin_within(2, Some(1));
+        assert_eq!(page_of(&db, Some(2), 3), page(3));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 
-use super::metrics::{family, rss_bytes};
+use super::metrics::{family, rss_family};
 use crate::follow::apply::FollowStats;
 use crate::replica::store::ReplicaStore;
 
@@ -99,13 +99,6 @@ impl prometheus_client::collector::Collector for FollowerCollector {
             ]
             .map(|(k, v)| (vec![("kind", k.to_string())], v)),
         )?;
-        family(
-            &mut enc,
-            "walfs_process_resident_memory_bytes",
-            "Resident set size of the walfs process.",
-            Gauge,
-            [(vec![], rss_bytes())],
-        )?;
-        Ok(())
+        rss_family(&mut enc)
     }
 }

@@ -149,7 +149,7 @@ where
 }
 
 /// The resident set size of this process in bytes, from /proc/self/statm.
-pub(crate) fn rss_bytes() -> u64 {
+fn rss_bytes() -> u64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
@@ -363,15 +363,19 @@ impl prometheus_client::collector::Collector for MountCollector {
             ops.iter()
                 .map(|(t, _)| (vec![("op", t.op.name().to_string())], t.errors)),
         )?;
-        family(
-            &mut enc,
-            "walfs_process_resident_memory_bytes",
-            "Resident set size of the walfs process.",
-            Gauge,
-            [(vec![], rss_bytes())],
-        )?;
-        Ok(())
+        rss_family(&mut enc)
     }
+}
+
+/// `walfs_process_resident_memory_bytes`, of a mount or a follower.
+pub(crate) fn rss_family(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    family(
+        enc,
+        "walfs_process_resident_memory_bytes",
+        "Resident set size of the walfs process.",
+        MetricType::Gauge,
+        [(vec![], rss_bytes())],
+    )
 }
 
 #[cfg(test)]

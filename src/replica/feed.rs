@@ -354,13 +354,17 @@ mod tests {
         assert!(e.contains("xyz"), "{e}");
     }
 
+    /// The feed writer of a file replica in `dir`.
+    fn writer_in(dir: &std::path::Path) -> FeedWriter {
+        let url =
+            crate::replica::url::ReplicaUrl::parse(&format!("file://{}", dir.display())).unwrap();
+        FeedWriter::start(&ReplicaStore::open(&url).unwrap())
+    }
+
     #[test]
     fn a_deletion_stays_in_the_feed_until_the_database_moves_past_it() {
         let dir = tempfile::tempdir().unwrap();
-        let url =
-            crate::replica::url::ReplicaUrl::parse(&format!("file://{}", dir.path().display()))
-                .unwrap();
-        let w = FeedWriter::start(&ReplicaStore::open(&url).unwrap());
+        let w = writer_in(dir.path());
         // Noted without waking the thread: `next` sees it.
         w.note("a.db", 5);
         w.note_deleted("a.db", 5);
@@ -378,10 +382,7 @@ mod tests {
     #[test]
     fn the_thread_puts_what_a_round_noted() {
         let dir = tempfile::tempdir().unwrap();
-        let url =
-            crate::replica::url::ReplicaUrl::parse(&format!("file://{}", dir.path().display()))
-                .unwrap();
-        let w = FeedWriter::start(&ReplicaStore::open(&url).unwrap());
+        let w = writer_in(dir.path());
         w.note("x.db", 3);
         w.publish();
         let path = dir.path().join(FEED_NAME);

@@ -221,20 +221,26 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                child.kill().ok();
-                child.wait().ok();
-            }
+        end_daemon(self.child.take(), &self.mountpoint);
+    }
+}
+
+/// Ends a walfs daemon a test left running (SIGTERM, SIGKILL after 10 s) and detaches
+/// its mount if it is still there.
+pub fn end_daemon(child: Option<Child>, mountpoint: &Path) {
+    if let Some(mut child) = child {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+            child.kill().ok();
+            child.wait().ok();
         }
-        if is_mounted(&self.mountpoint) {
-            Command::new("umount")
-                .arg("-l")
-                .arg(&self.mountpoint)
-                .status()
-                .ok();
-        }
+    }
+    if is_mounted(mountpoint) {
+        Command::new("umount")
+            .arg("-l")
+            .arg(mountpoint)
+            .status()
+            .ok();
     }
 }
 
