@@ -55,8 +55,8 @@ pub struct FollowArgs {
     /// names the mountpoint.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// The name under the mount of a database kept at the replica's root (a replica of
-    /// one database, `--replica` on a single file's URL).
+    /// The name under the mount of a database whose objects sit at the URL itself (the
+    /// replica of one database, as Litestream writes one).
     #[arg(long, default_value = "db", value_name = "NAME")]
     pub root_name: String,
     /// Let users other than the one running walfs read the mount.
