@@ -8,7 +8,10 @@
 //! invariant over many pages holds in every read, and a read transaction sees one state
 //! from its first statement to its last); new databases appear and deleted ones go; the
 //! follower's copy equals a verified restore page by page; an idle follower costs only
-//! conditional GETs of the change feed; an encrypted replica needs its key.
+//! conditional GETs of the change feed; an encrypted replica needs its key; a follower
+//! that fell behind catches up through compacted levels, and one whose copy is damaged
+//! restores it afresh; a replica without a feed (`--no-follower-feed`, or written by
+//! Litestream) is followed by listing.
 
 mod common;
 
@@ -689,4 +692,66 @@ fn a_follower_that_fell_behind_catches_up_from_compacted_levels_and_a_damaged_co
     follower_copy_with_header_of(&f.path("app.db"), &restored, &copy);
     assert_same_database(&restored, &copy);
     f.stop();
+}
+
+#[test]
+fn a_replica_written_by_litestream_is_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let rep = dir.path().join("rep");
+    sqlite3(
+        &db,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);",
+    );
+    let mut ls = Command::new(common::litestream())
+        .arg("replicate")
+        .arg(&db)
+        .arg(format!("file://{}", rep.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn litestream");
+    let start = Instant::now();
+    while !rep.join("ltx").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "litestream wrote nothing"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // A database at the replica's root, shown under --root-name; no feed: polled.
+    let f = Follower::start(
+        &format!("file://{}", rep.display()),
+        &["--root-name", "app.db", "--poll-interval", "500ms"],
+        &[],
+    );
+    wait_for_answer(
+        &f,
+        "app.db",
+        "SELECT count(*) FROM t;",
+        "2\n",
+        Duration::from_secs(10),
+    );
+    let c = open_writer(&db);
+    for i in 3..=40 {
+        c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+    }
+    wait_for_answer(
+        &f,
+        "app.db",
+        "SELECT count(*), sum(x) FROM t;",
+        "40|820\n",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        sqlite3(&f.path("app.db"), "PRAGMA integrity_check;"),
+        "ok\n"
+    );
+    let log = f.log();
+    assert!(!log.contains("restored afresh"), "{log}");
+    drop(c);
+    ls.kill().ok();
+    ls.wait().ok();
 }
