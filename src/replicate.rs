@@ -321,12 +321,18 @@ impl Replication {
                     .fenced(fence.clone())],
                 opts.maintenance.clone(),
             )?);
-            let uploader = Arc::new(Uploader::new(
-                fanout.clone(),
-                i,
-                store.clone(),
-                !opts.no_follower_feed,
-            )?);
+            // The change feed is put on a thread and runtime of its own, with a client of
+            // its own too.
+            let feed = if opts.no_follower_feed {
+                None
+            } else {
+                Some(
+                    ReplicaStore::open_with(&parsed, &UPLOAD_TUNING)?
+                        .with_keyring(keyring.clone())
+                        .fenced(fence.clone()),
+                )
+            };
+            let uploader = Arc::new(Uploader::new(fanout.clone(), i, store.clone(), feed)?);
             uploader.set_maintainer(maintainer.clone());
             uploaders.push(uploader);
             maintainers.push(maintainer);

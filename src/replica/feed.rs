@@ -133,7 +133,11 @@ pub struct FeedWriter {
 }
 
 struct Shared {
+    /// A store with a client of its own: a connection made on one runtime is driven only
+    /// while that runtime runs, so the feed never shares the uploader's.
     store: ReplicaStore,
+    /// Every put runs on it, from the feed's thread or from [`FeedWriter::flush`].
+    rt: tokio::runtime::Runtime,
     key: String,
     epoch: u64,
     state: Mutex<WriterState>,
@@ -156,8 +160,9 @@ struct WriterState {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl FeedWriter {
-    /// The feed of `store`, with its putting thread.
-    pub fn start(store: &ReplicaStore) -> FeedWriter {
+    /// The feed of `store` (opened for the feed alone: see [`Shared::store`]), with its
+    /// putting thread.
+    pub fn start(store: ReplicaStore) -> std::io::Result<FeedWriter> {
         let mut b = [0u8; 8];
         // Without randomness the epoch only needs to differ from the last start's.
         if getrandom::fill(&mut b).is_err() {
@@ -166,9 +171,13 @@ impl FeedWriter {
                 .map_or(0, |d| d.as_nanos() as u64);
             b = (u64::from(std::process::id()) ^ nanos).to_le_bytes();
         }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let shared = Arc::new(Shared {
             key: feed_key(store.root()),
-            store: store.clone(),
+            store,
+            rt,
             epoch: u64::from_le_bytes(b),
             state: Mutex::new(WriterState::default()),
             wake: Condvar::new(),
@@ -178,10 +187,8 @@ impl FeedWriter {
         let spawned = std::thread::Builder::new()
             .name("walfs-feed".into())
             .spawn(move || s.run());
-        if let Err(e) = spawned {
-            tracing::warn!("cannot start the change feed's thread ({e}); followers will list the replica instead");
-        }
-        FeedWriter { shared }
+        spawned?;
+        Ok(FeedWriter { shared })
     }
 
     /// `db` was uploaded up to `txid`. A deletion noted at `txid` or later stays.
@@ -208,9 +215,11 @@ impl FeedWriter {
         self.shared.wake.notify_all();
     }
 
-    /// Puts what was noted now, on `rt` (at unmount, after the last round).
-    pub fn flush(&self, rt: &tokio::runtime::Runtime) {
-        if let Err(e) = self.shared.put(rt) {
+    /// Puts what was noted now (at unmount, after the last round), unless a put is under
+    /// way for longer than `wait` (a hanging replica: the feed is a hint, and an unmount
+    /// must not wait for it).
+    pub fn flush(&self, wait: Duration) {
+        if let Err(e) = self.shared.put(Some(wait)) {
             tracing::debug!("cannot put the change feed: {e:#}");
         }
     }
@@ -250,14 +259,20 @@ impl Shared {
         })
     }
 
-    /// Puts the feed, on `rt`, if anything was noted since the last put; on failure it
-    /// stays noted.
-    fn put(&self, rt: &tokio::runtime::Runtime) -> Result<(), StoreError> {
-        let _order = self.putting.lock();
+    /// Puts the feed if anything was noted since the last put; on failure it stays noted.
+    /// With `wait`, gives up if another put holds the feed longer than that.
+    fn put(&self, wait: Option<Duration>) -> Result<(), StoreError> {
+        let _order = match wait {
+            None => self.putting.lock(),
+            Some(w) => match self.putting.try_lock_for(w) {
+                Some(g) => g,
+                None => return Ok(()),
+            },
+        };
         let Some(feed) = self.next() else {
             return Ok(());
         };
-        let res = rt.block_on(
+        let res = self.rt.block_on(
             self.store
                 .put_object(&self.key, Bytes::from(encode_feed(&feed))),
         );
@@ -269,16 +284,6 @@ impl Shared {
 
     /// The thread: puts whenever something is noted, until the writer is dropped.
     fn run(&self) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::warn!("cannot start the change feed's runtime ({e}); followers will list the replica instead");
-                return;
-            }
-        };
         let mut backoff = Duration::ZERO;
         loop {
             {
@@ -290,7 +295,7 @@ impl Shared {
                     return;
                 }
             }
-            match self.put(&rt) {
+            match self.put(None) {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(e) => {
                     // A hint only: followers list the replica once it is stale.
@@ -358,7 +363,7 @@ mod tests {
     fn writer_in(dir: &std::path::Path) -> FeedWriter {
         let url =
             crate::replica::url::ReplicaUrl::parse(&format!("file://{}", dir.display())).unwrap();
-        FeedWriter::start(&ReplicaStore::open(&url).unwrap())
+        FeedWriter::start(ReplicaStore::open(&url).unwrap()).unwrap()
     }
 
     #[test]

@@ -333,18 +333,19 @@ fn cannot_be_uploaded(e: &ReplicaError) -> bool {
 }
 
 impl Uploader {
-    /// The uploader of replica `index` of `fanout`, which is `replica`; with `feed`, it
-    /// keeps the replica's change feed (`super::feed`).
+    /// The uploader of replica `index` of `fanout`, which is `replica`; with `feed` (the
+    /// same replica opened again, for a client of its own), it keeps the replica's change
+    /// feed (`super::feed`).
     pub fn new(
         fanout: Arc<Fanout>,
         index: usize,
         replica: ReplicaStore,
-        feed: bool,
+        feed: Option<ReplicaStore>,
     ) -> std::io::Result<Uploader> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let feed = feed.then(|| FeedWriter::start(&replica));
+        let feed = feed.map(FeedWriter::start).transpose()?;
         Ok(Uploader {
             staging: fanout.staging().clone(),
             copies: fanout.copies(index).clone(),
@@ -830,10 +831,11 @@ impl Uploader {
         self.wake.1.notify_all();
     }
 
-    /// Puts the change feed now, if anything is noted in it.
+    /// Puts the change feed now, if anything is noted in it (waiting at most a second for
+    /// a put under way).
     fn flush_feed(&self) {
         if let Some(feed) = &self.feed {
-            feed.flush(&self.runtime);
+            feed.flush(Duration::from_secs(1));
         }
     }
 
@@ -862,7 +864,7 @@ mod tests {
     /// The uploader of a mount with the one replica `store`.
     fn one_replica(staging: &Arc<Staging>, store: ReplicaStore) -> Uploader {
         let fanout = Fanout::new(staging.clone(), vec![store.name()]).unwrap();
-        Uploader::new(Arc::new(fanout), 0, store, false).unwrap()
+        Uploader::new(Arc::new(fanout), 0, store, None).unwrap()
     }
 
     /// Appends a one-page batch of `page_size` bytes with TXID `txid` to `db`'s segment.
