@@ -137,12 +137,16 @@ impl MountControl {
         mountpoint: PathBuf,
         readiness: Arc<Readiness>,
     ) -> MountControl {
-        // SAFETY: umask cannot fail; read and put back.
-        let umask = unsafe {
-            let m = libc::umask(0);
-            libc::umask(m);
-            m
-        };
+        // Read from /proc, not by setting it and back, which would race with threads
+        // creating files.
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| libc::mode_t::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022);
         MountControl {
             unmounter,
             mountpoint,
