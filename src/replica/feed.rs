@@ -160,8 +160,8 @@ struct WriterState {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl FeedWriter {
-    /// The feed of `store` (opened for the feed alone: see [`Shared::store`]), with its
-    /// putting thread.
+    /// The feed of `store` (opened for the feed alone: its HTTP client and runtime are its
+    /// own, see `Shared::store`), with its putting thread.
     pub fn start(store: ReplicaStore) -> std::io::Result<FeedWriter> {
         let mut b = [0u8; 8];
         // Without randomness the epoch only needs to differ from the last start's.
