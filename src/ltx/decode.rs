@@ -108,6 +108,11 @@ impl<R: Read> LtxDecoder<R> {
         &self.header
     }
 
+    /// How many bytes of the file the decoder has consumed (and checksummed) so far.
+    pub fn consumed(&self) -> u64 {
+        self.offset
+    }
+
     /// Where each page read so far lies in the file.
     pub fn index(&self) -> &[PageIndexEntry] {
         &self.frames

@@ -224,6 +224,9 @@ fn ltx_io(path: &Path, e: LtxError) -> ReplicaError {
     }
 }
 
+/// How much more of a consumed input is read before the read part is freed.
+const FREE_EVERY: u64 = 1 << 20;
+
 /// One input of a merge: its decoder and the page it stands at.
 struct Input {
     dec: LtxDecoder<File>,
@@ -232,6 +235,36 @@ struct Input {
     buf: Vec<u8>,
     /// The smallest commit size of the inputs after this one: pages above it were cut off.
     survives_to: u32,
+    /// An input the merge consumes: its file, and how much of it is freed.
+    consume: Option<(File, u64)>,
+}
+
+impl Input {
+    /// Frees what the merge has read of a consumed input, once it is [`FREE_EVERY`] more
+    /// than was freed: its blocks are punched out of the file (the file keeps its size).
+    /// A file system that cannot punch holes leaves the input whole.
+    fn free_read(&mut self, path: &Path) {
+        let Some((file, freed)) = &mut self.consume else {
+            return;
+        };
+        let upto = self.dec.consumed() & !4095;
+        if upto < *freed + FREE_EVERY {
+            return;
+        }
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(&*file, mode, *freed as i64, (upto - *freed) as i64) {
+            Ok(()) => *freed = upto,
+            Err(e) => {
+                static WARNED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(file = %path.display(), "cannot free a merged input as it is read ({e}): while a large database's copies merge, staging holds them twice (logged once)");
+                }
+                self.consume = None;
+            }
+        }
+    }
 }
 
 /// Merges the LTX files `inputs` (oldest first; each continues the one before) into one
@@ -242,12 +275,40 @@ struct Input {
 /// Every input is verified (its file checksum) before the result is kept. Pages keep the
 /// LZ4 blocks their input stores (no second compression). Returns the header written.
 pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> ReplicaResult<LtxHeader> {
+    merge_ltx_consuming(inputs, &vec![false; inputs.len()], out, snapshot)
+}
+
+/// [`merge_ltx`], freeing the inputs marked in `consume` as it reads them (each
+/// [`FREE_EVERY`] bytes, punched out of the file, which keeps its size), so that the merge
+/// never holds its inputs and its output on disk in full at once: a compaction of a large
+/// database would otherwise need twice its size. Whatever the result, a consumed input
+/// that was freed is no longer a valid LTX file (its header is zeros, which a restart's
+/// [`super::kept::KeptCopies::kept`] drops, and which fails the checksum of any other
+/// reader): the caller drops it. An input with more than one link (a staged snapshot
+/// hard-linked into the copies) is never consumed: it would be freed under its other name
+/// too.
+pub fn merge_ltx_consuming(
+    inputs: &[&Path],
+    consume: &[bool],
+    out: &Path,
+    snapshot: bool,
+) -> ReplicaResult<LtxHeader> {
+    use std::os::unix::fs::MetadataExt;
     if inputs.is_empty() {
         return Err(ReplicaError::Invalid("nothing to merge".into()));
     }
     let mut decs = Vec::with_capacity(inputs.len());
-    for p in inputs {
+    let mut consumed = Vec::with_capacity(inputs.len());
+    for (i, p) in inputs.iter().enumerate() {
         let f = File::open(p)?;
+        let own = consume.get(i).copied().unwrap_or(false) && f.metadata()?.nlink() == 1;
+        // Punching holes needs the file open for writing.
+        let freer = if own {
+            Some((File::options().write(true).open(p)?, 0))
+        } else {
+            None
+        };
+        consumed.push(freer);
         decs.push(LtxDecoder::new(f).map_err(|e| ltx_io(p, e))?);
     }
     let first = *decs[0].header();
@@ -272,13 +333,14 @@ pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> ReplicaResult<
     let floor = commits.iter().copied().min().unwrap_or(0);
     let commit = last.commit;
     let mut ins: Vec<Input> = Vec::with_capacity(decs.len());
-    for (i, dec) in decs.into_iter().enumerate() {
+    for (i, (dec, consume)) in decs.into_iter().zip(consumed).enumerate() {
         let survives_to = commits[i + 1..].iter().copied().min().unwrap_or(u32::MAX);
         ins.push(Input {
             dec,
             pgno: None,
             buf: vec![0u8; page_size as usize],
             survives_to,
+            consume,
         });
     }
     for (i, input) in ins.iter_mut().enumerate() {
@@ -342,6 +404,7 @@ pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> ReplicaResult<
                         .dec
                         .read_page(&mut input.buf)
                         .map_err(|e| ltx_io(inputs[i], e))?;
+                    input.free_read(inputs[i]);
                 }
             }
         }
@@ -600,6 +663,85 @@ mod tests {
             pages_of(&out).1,
             vec![(1, 3), (2, 1), (3, 2), (4, 0), (5, 3)]
         );
+    }
+
+    /// A page of `n` bytes that LZ4 cannot shrink, different for each `seed`.
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn write_noise(path: &Path, h: LtxHeader, pages: impl Iterator<Item = (u32, u64)>) {
+        let mut enc = LtxEncoder::new(File::create(path).unwrap(), h.without_checksums()).unwrap();
+        for (p, seed) in pages {
+            enc.add_page(p, &noise(seed, h.page_size as usize)).unwrap();
+        }
+        enc.finish(0).unwrap();
+    }
+
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_consuming_merge_frees_its_inputs_as_it_reads_them_but_never_a_linked_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        // 12 MiB of pages, then a small later object rewriting the first ten.
+        let big = LtxHeader::incremental(4096, 3000, 2, 2, 1000, 0);
+        write_noise(&p("a"), big, (1..=3000).map(|n| (n, n as u64)));
+        let small = LtxHeader::incremental(4096, 3000, 3, 3, 2000, 0);
+        write_noise(&p("b"), small, (1..=10).map(|n| (n, 10_000 + n as u64)));
+        let expect: Vec<(u32, u64)> = (1..=10)
+            .map(|n| (n, 10_000 + n as u64))
+            .chain((11..=3000).map(|n| (n, n as u64)))
+            .collect();
+        write_noise(
+            &p("fresh"),
+            LtxHeader::incremental(4096, 3000, 2, 3, 2000, 0),
+            expect.iter().copied(),
+        );
+        let size = std::fs::metadata(p("a")).unwrap().len();
+        assert!(allocated(&p("a")) >= size, "{}", allocated(&p("a")));
+
+        let out = p("out");
+        merge_ltx_consuming(&[&p("a"), &p("b")], &[true, true], &out, false).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(p("fresh")).unwrap()
+        );
+        // All but the last FREE_EVERY of the large input is freed; the file keeps its
+        // size, and its header is gone.
+        assert!(
+            allocated(&p("a")) <= FREE_EVERY + 65536,
+            "{} of {size} bytes still allocated",
+            allocated(&p("a"))
+        );
+        assert_eq!(std::fs::metadata(p("a")).unwrap().len(), size);
+        assert!(LtxDecoder::new(File::open(p("a")).unwrap()).is_err());
+
+        // A copy hard-linked elsewhere (a staged snapshot) is never freed.
+        write_noise(&p("c"), big, (1..=3000).map(|n| (n, n as u64)));
+        std::fs::hard_link(p("c"), p("c-staged")).unwrap();
+        merge_ltx_consuming(&[&p("c"), &p("b")], &[true, true], &out, false).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(p("fresh")).unwrap()
+        );
+        assert!(allocated(&p("c")) >= size);
+        assert_eq!(pages_count(&p("c-staged")), 3000);
+    }
+
+    fn pages_count(path: &Path) -> usize {
+        decode(File::open(path).unwrap()).unwrap().pages.len()
     }
 
     #[test]
