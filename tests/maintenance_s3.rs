@@ -11,6 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::scrape::Scrape;
 use common::{assert_same_database, restored_txid, Mount, S3Fixture, S3_ENV};
 use rusqlite::Connection;
 
@@ -396,6 +397,123 @@ fn a_burst_keeps_no_local_copy_that_a_larger_one_covers() {
             "staging {staged} bytes for a database of {db_bytes}; copies {copies:?}"
         );
     }
+    drop(c);
+    f.stop_and_restore_latest(&mut m, rel);
+}
+
+/// Bytes allocated on disk under `dir` (blocks, so a merge's freed input counts for what
+/// it still holds), a file with several links counted once.
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(p: &Path, seen: &mut std::collections::HashSet<u64>) -> u64 {
+        let Ok(rd) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                n += walk(&e.path(), seen);
+            } else if seen.insert(md.ino()) {
+                n += md.blocks() * 512;
+            }
+        }
+        n
+    }
+    walk(dir, &mut std::collections::HashSet::new())
+}
+
+#[test]
+fn compacting_a_large_burst_never_holds_its_copies_twice() {
+    // 64 MiB of new rows in 4 MiB transactions, uploaded each second: the local copies of
+    // level 0 hold about the whole database, in objects too large for level 0's binary
+    // counter to merge. Compacting them into level 1 frees each copy as the merge reads
+    // it, so staging never holds the database twice: sampled every few milliseconds
+    // whenever nothing is pending upload, through the compaction, it stays within 1.2 ×
+    // the database.
+    let f = S3Fixture::new("compact-large");
+    let rel = "large.db";
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    let mut m = f.mount(&[
+        "--sync-interval",
+        "1s",
+        "--compaction-intervals",
+        "15s",
+        "--snapshot-interval",
+        "1h",
+        "--metrics-addr",
+        &addr,
+    ]);
+    let c = open_wal(&m.path(rel));
+    // The history's first object (a snapshot of the empty table) first, then the burst.
+    while f.objects(rel).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nothing uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..16 {
+        c.execute(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1024) \
+             INSERT INTO t(k, v) SELECT 'r', randomblob(4000) FROM n",
+            [],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let db_bytes: u64 = c
+        .query_row(
+            "SELECT page_count * page_size FROM pragma_page_count, pragma_page_size",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64;
+    let pending = || Scrape::take(port).must("walfs_pending_bytes", &[]);
+    let compactions = || {
+        Scrape::take(port)
+            .get("walfs_compactions_total", &[])
+            .unwrap_or(0.0)
+    };
+    let (mut peak, mut samples) = (0u64, 0usize);
+    loop {
+        // Pending before and after the walk: a sample counts only if nothing was pending
+        // upload throughout (a large upload's encoded body is a copy of what is pending).
+        let done = compactions() >= 1.0;
+        if pending() == 0.0 {
+            let on_disk = allocated_bytes(&f.staging());
+            if pending() == 0.0 {
+                peak = peak.max(on_disk);
+                samples += 1;
+            }
+        }
+        let l0 = at_level(&local_copies(&f, rel), 0);
+        if done && l0 == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "not compacted within 120 s: copies {:?}",
+            local_copies(&f, rel)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let copies = local_copies(&f, rel);
+    eprintln!(
+        "database {db_bytes} bytes; staging peak {peak} bytes ({:.2} ×) over {samples} samples; copies {copies:?}",
+        peak as f64 / db_bytes as f64
+    );
+    assert!(at_level(&copies, 1) >= 1, "{copies:?}");
+    assert!(samples >= 10, "{samples} samples with nothing pending");
+    assert!(
+        peak <= db_bytes + db_bytes / 5,
+        "staging held {peak} bytes for a database of {db_bytes} ({:.2} ×)",
+        peak as f64 / db_bytes as f64
+    );
     drop(c);
     f.stop_and_restore_latest(&mut m, rel);
 }

@@ -310,7 +310,8 @@ fn parse_tick_name(name: &str) -> Option<(u64, u64)> {
     parse_ltx_object_name(&format!("{}.ltx", name.strip_suffix(".tick")?))
 }
 
-fn read_header(path: &Path) -> io::Result<LtxHeader> {
+/// The header of a local copy.
+pub fn read_header(path: &Path) -> io::Result<LtxHeader> {
     use std::os::unix::fs::FileExt;
     let mut b = [0u8; HEADER_SIZE];
     File::open(path)?.read_exact_at(&mut b, 0)?;

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Condvar, Mutex};
 
 use super::compact::{
-    compacted_away, compaction_inputs, covered_at_level, merge_ltx, snapshot_chain,
+    compacted_away, compaction_inputs, covered_at_level, merge_ltx_consuming, snapshot_chain,
     superseded_by_snapshot, window_start, ObjId,
 };
 use super::error::{ReplicaError, ReplicaResult};
-use super::kept::{KeepSource, Kept, KeptCopies};
+use super::kept::{read_header, KeepSource, Kept, KeptCopies};
 use super::record::SidecarStore;
 use super::retention::{plan_retention, RetentionPolicy};
 use super::store::ReplicaStore;
@@ -129,6 +129,12 @@ impl DbView {
         }
         self.changed = true;
     }
+}
+
+/// Forgets the copies of `view` whose files are gone (consumed by a merge that failed:
+/// [`Maintainer::merge_and_upload`]).
+fn forget_dropped(view: &mut DbView) {
+    view.local.retain(|_, k| k.path.exists());
 }
 
 fn id_of(k: &Kept) -> ObjId {
@@ -488,7 +494,11 @@ impl Maintainer {
             .collect();
         let (min, max) = (run[0].min, run[run.len() - 1].max);
         let record = inputs[inputs.len() - 1].record;
-        let kept = self.merge_and_upload(db, k, (min, max), &inputs, false, record)?;
+        // Every input goes once the result is kept (the level below compacted away, the
+        // level's own absorbed into it): large ones are freed as they are merged.
+        let consume = vec![true; inputs.len()];
+        let kept = self.merge_and_upload(db, k, (min, max), &inputs, &consume, false, record);
+        let kept = kept.inspect_err(|_| forget_dropped(view))?;
         let local: Vec<ObjId> = view.local.keys().copied().collect();
         for o in compacted_away(&local, id_of(&kept)) {
             if let Some(input) = view.local.remove(&o) {
@@ -502,12 +512,21 @@ impl Maintainer {
         Ok(())
     }
 
+    /// Merges `inputs` into one object at `level`, uploads it to every replica and keeps
+    /// it. The inputs marked in `dropped_after` go once it is kept, and are freed while they
+    /// are merged ([`merge_ltx_consuming`]), so that staging never holds a large database's
+    /// copies twice. If the merge or an upload fails, the copies it freed are dropped
+    /// (every replica holds their objects; a later snapshot fetches what it needs,
+    /// [`Maintainer::fetch_missing_chain`]) and the caller forgets them
+    /// ([`forget_dropped`]).
+    #[allow(clippy::too_many_arguments)]
     fn merge_and_upload(
         &self,
         db: &Path,
         level: u8,
         (min, max): (u64, u64),
         inputs: &[&Kept],
+        dropped_after: &[bool],
         snapshot: bool,
         record: Option<super::record::ChecksumRecord>,
     ) -> ReplicaResult<Kept> {
@@ -515,7 +534,26 @@ impl Maintainer {
         std::fs::create_dir_all(&dir)?;
         let out = dir.join(ltx_object_name(min, max));
         let paths: Vec<&Path> = inputs.iter().map(|k| k.path.as_path()).collect();
-        let header = merge_ltx(&paths, &out, snapshot)?;
+        let drop_consumed = |e: ReplicaError| {
+            // A freed copy's header went with its first bytes.
+            let gone: Vec<&&Path> = paths
+                .iter()
+                .zip(dropped_after)
+                .filter(|(p, c)| **c && read_header(p).is_err())
+                .map(|(p, _)| p)
+                .collect();
+            if !gone.is_empty() {
+                tracing::warn!(db = %db.display(), level, min, max, "a failed merge freed {} local copies: they are dropped (the replica holds them)", gone.len());
+                for p in gone {
+                    if let Err(e) = self.copies.drop_kept(p) {
+                        tracing::warn!(db = %db.display(), "cannot drop a local copy: {e}");
+                    }
+                }
+            }
+            e
+        };
+        let header =
+            merge_ltx_consuming(&paths, dropped_after, &out, snapshot).map_err(drop_consumed)?;
         let ts = ms_to_time(header.timestamp_ms);
         let key = db.to_string_lossy();
         let sent = (|| -> ReplicaResult<()> {
@@ -543,11 +581,11 @@ impl Maintainer {
         })();
         if let Err(e) = sent {
             let _ = self.copies.drop_kept(&out);
-            return Err(e);
+            return Err(drop_consumed(e));
         }
-        Ok(self
-            .copies
-            .keep(db, level, (min, max), KeepSource::File(&out), record)?)
+        self.copies
+            .keep(db, level, (min, max), KeepSource::File(&out), record)
+            .map_err(|e| drop_consumed(e.into()))
     }
 
     /// Builds and uploads a snapshot when one is due and the database changed since the
@@ -604,7 +642,23 @@ impl Maintainer {
         inputs.extend(chain.iter().map(|o| &view.local[o]));
         let max = chain[chain.len() - 1].max;
         let record = inputs[inputs.len() - 1].record;
-        match self.merge_and_upload(db, SNAPSHOTS, (1, max), &inputs, true, record) {
+        // What [`Maintainer::clean_local`] drops once the new snapshot is kept.
+        let mut local: Vec<ObjId> = view.local.keys().copied().collect();
+        local.push(ObjId::new(SNAPSHOTS, 1, max));
+        let dropped_after: Vec<bool> = inputs
+            .iter()
+            .map(|k| self.dropped_by_snapshot(view, &local, max, &id_of(k)))
+            .collect();
+        let made = self.merge_and_upload(
+            db,
+            SNAPSHOTS,
+            (1, max),
+            &inputs,
+            &dropped_after,
+            true,
+            record,
+        );
+        match made {
             Ok(kept) => {
                 self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(db = %db.display(), txid = max, "snapshot taken");
@@ -617,6 +671,7 @@ impl Maintainer {
                 if !e.is_fenced() {
                     tracing::warn!(db = %db.display(), "snapshot failed: {e:#}; retrying");
                 }
+                forget_dropped(view);
                 view.retry_at = Some(Instant::now() + RETRY);
                 Some(now + RETRY)
             }
@@ -630,18 +685,11 @@ impl Maintainer {
         let Some(snap) = view.latest_snapshot().map(id_of) else {
             return;
         };
-        let top = view.top_level(self.opts.compaction_intervals.len());
         let local: Vec<ObjId> = view.local.keys().copied().collect();
         let gone: Vec<ObjId> = view
             .local
             .keys()
-            .filter(|o| {
-                (o.level == SNAPSHOTS && o.max < snap.max)
-                    || superseded_by_snapshot(&local, o)
-                    || (o.level < SNAPSHOTS
-                        && o.max <= snap.max
-                        && (o.level == top || o.max <= self.done(view, o.level + 1)))
-            })
+            .filter(|o| self.dropped_by_snapshot(view, &local, snap.max, o))
             .copied()
             .collect();
         for o in gone {
@@ -651,6 +699,25 @@ impl Maintainer {
                 }
             }
         }
+    }
+
+    /// Whether the copy of `o` is no longer needed once the snapshot up to `snap_max` is
+    /// the latest (`local`: every copy, that snapshot's included): an older snapshot, a
+    /// whole image it repeats, or a top-level object it covers (lower levels go once
+    /// compacted).
+    fn dropped_by_snapshot(
+        &self,
+        view: &DbView,
+        local: &[ObjId],
+        snap_max: u64,
+        o: &ObjId,
+    ) -> bool {
+        let top = view.top_level(self.opts.compaction_intervals.len());
+        (o.level == SNAPSHOTS && o.max < snap_max)
+            || superseded_by_snapshot(local, o)
+            || (o.level < SNAPSHOTS
+                && o.max <= snap_max
+                && (o.level == top || o.max <= self.done(view, o.level + 1)))
     }
 
     /// Lists what each replica holds of `db`, once per mount.
