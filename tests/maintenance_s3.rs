@@ -11,8 +11,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::scrape::Scrape;
-use common::{assert_same_database, restored_txid, Mount, S3Fixture, S3_ENV};
+use common::fault_proxy::{Fault, FaultProxy};
+use common::scrape::{wait_for, Scrape};
+use common::{as_strs, assert_same_database, restored_txid, Mount, S3Fixture, S3_ENV};
 use rusqlite::Connection;
 
 /// Bytes under the staging directory.
@@ -513,6 +514,87 @@ fn compacting_a_large_burst_never_holds_its_copies_twice() {
         peak <= db_bytes + db_bytes / 5,
         "staging held {peak} bytes for a database of {db_bytes} ({:.2} ×)",
         peak as f64 / db_bytes as f64
+    );
+    drop(c);
+    f.stop_and_restore_latest(&mut m, rel);
+}
+
+#[test]
+fn a_compaction_that_cannot_upload_drops_the_copies_it_freed_and_loses_nothing() {
+    // The burst again, but the replica goes down before its compaction: the merge frees the
+    // level-0 copies, its upload fails, and the copies it freed are dropped (the replica
+    // holds their objects). Once the replica is back, writes go on, a snapshot is built
+    // (fetching what the dropped copies held), and a restore equals the source.
+    let f = S3Fixture::new("compact-fail");
+    let rel = "large.db";
+    let proxy = FaultProxy::start(f.moto.port);
+    let url = f.moto.s3_url_via(proxy.port, &f.prefix);
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = f.args_to(
+        &url,
+        &[
+            "--sync-interval",
+            "1s",
+            "--compaction-intervals",
+            "15s",
+            "--snapshot-interval",
+            "30s",
+            "--metrics-addr",
+            &addr,
+        ],
+    );
+    let start = Instant::now();
+    let mut m = Mount::with_env(&as_strs(&args), S3_ENV);
+    let c = open_wal(&m.path(rel));
+    while f.objects(rel).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nothing uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..8 {
+        c.execute(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1024) \
+             INSERT INTO t(k, v) SELECT 'r', randomblob(4000) FROM n",
+            [],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for(port, Duration::from_secs(60), "the burst uploaded", |s| {
+        s.must("walfs_pending_bytes", &[]) == 0.0
+    });
+    assert_eq!(
+        Scrape::take(port).get("walfs_compactions_total", &[]),
+        Some(0.0)
+    );
+    let freed = at_level(&local_copies(&f, rel), 0);
+    assert!(freed >= 2, "{:?}", local_copies(&f, rel));
+    proxy.set(Fault::Down);
+    let log = m.log_when(Duration::from_secs(240), |l| {
+        l.contains("a failed merge freed")
+    });
+    proxy.set(Fault::Pass);
+    assert!(
+        log.contains(&format!("a failed merge freed {freed} local copies")),
+        "{log}"
+    );
+    // None of the freed copies is left, and none of their bytes.
+    let copies = local_copies(&f, rel);
+    assert_eq!(at_level(&copies, 0), 0, "{copies:?}");
+    assert!(
+        allocated_bytes(&f.staging()) < 4 << 20,
+        "{} bytes in staging",
+        allocated_bytes(&f.staging())
+    );
+    write(&c, "after", 50, Duration::from_millis(20));
+    wait_for(
+        port,
+        Duration::from_secs(120),
+        "a snapshot after the outage",
+        |s| s.get("walfs_snapshots_total", &[]).unwrap_or(0.0) >= 1.0,
     );
     drop(c);
     f.stop_and_restore_latest(&mut m, rel);
