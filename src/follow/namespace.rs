@@ -272,7 +272,8 @@ impl Namespace {
             let said = self.stat_sizes.lock().remove(&(ino, tid));
             db.pin_within(fh, said);
         } else {
-            db.pin_if_unpinned(fh);
+            let said = self.stat_sizes.lock().get(&(ino, tid)).copied();
+            db.pin_if_unpinned(fh, said);
         }
         Some(db.read(Some(fh), offset, size))
     }

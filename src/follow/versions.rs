@@ -161,6 +161,23 @@ impl Versions {
         Ok(())
     }
 
+    /// Version `n`'s size in bytes, if it is kept.
+    fn size_of(&self, n: u64) -> Option<u64> {
+        let x = self.versions.get(&n)?;
+        let g = self.generations.get(&x.generation)?;
+        Some(u64::from(x.commit) * u64::from(g.page_size))
+    }
+
+    /// The newest kept version whose size is within `limit`, or the latest if none is.
+    fn newest_within(&self, limit: u64) -> u64 {
+        self.versions
+            .keys()
+            .rev()
+            .copied()
+            .find(|n| self.size_of(*n).is_some_and(|size| size <= limit))
+            .unwrap_or(self.latest)
+    }
+
     fn version_of(&self, reader: Option<u64>) -> Option<(u64, Version)> {
         let n = reader
             .and_then(|o| self.pins.get(&o).copied())
@@ -181,6 +198,15 @@ pub struct FollowedDb {
     /// Where its files live (`<cache>/<n>`).
     dir: PathBuf,
     inner: RwLock<Versions>,
+}
+
+impl Drop for FollowedDb {
+    /// Its directory goes with it (a database removed from the mount, or one whose first
+    /// restore failed), once no open file holds it.
+    fn drop(&mut self) {
+        self.inner.get_mut().generations.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl FollowedDb {
@@ -243,7 +269,9 @@ impl FollowedDb {
         );
         v.next = n + 1;
         v.latest = n;
-        v.prune()
+        // The version is live: a fold that fails only leaves the overlay larger.
+        self.prune_logged(&mut v);
+        Ok(())
     }
 
     /// The page size of the latest version, if there is one.
@@ -276,16 +304,17 @@ impl FollowedDb {
     /// Starts the next version on top of the latest.
     pub fn begin(&self) -> io::Result<PendingVersion> {
         let mut v = self.inner.write();
-        v.writing = true;
         let latest = v
             .versions
             .get(&v.latest)
             .ok_or_else(|| io::Error::other("no version to apply on"))?;
-        Ok(PendingVersion {
+        let pending = PendingVersion {
             generation: latest.generation,
             version: v.next,
             entries: Vec::new(),
-        })
+        };
+        v.writing = true;
+        Ok(pending)
     }
 
     /// Adds a page to `pending` (one page of the generation's page size). Only the applier
@@ -315,13 +344,16 @@ impl FollowedDb {
     /// see it, readers pinned to older versions do not.
     pub fn publish(&self, pending: PendingVersion, commit: u32, txid: u64) -> io::Result<()> {
         let mut v = self.inner.write();
-        if v.next != pending.version {
-            return Err(io::Error::other("another version was published meanwhile"));
+        if v.next != pending.version || !v.generations.contains_key(&pending.generation) {
+            v.writing = false;
+            return Err(io::Error::other(
+                "another version or generation was installed meanwhile",
+            ));
         }
         let g = v
             .generations
             .get_mut(&pending.generation)
-            .ok_or_else(|| io::Error::other("generation gone"))?;
+            .expect("checked above, under the same lock");
         for (pgno, off) in pending.entries {
             let e = g.index.entry(pgno).or_default();
             match e.last_mut() {
@@ -340,7 +372,9 @@ impl FollowedDb {
         v.next = pending.version + 1;
         v.latest = pending.version;
         v.writing = false;
-        v.prune()
+        // The version is live: a fold that fails only leaves the overlay larger.
+        self.prune_logged(&mut v);
+        Ok(())
     }
 
     /// Gives up `pending`: its pages stay in the overlay, unindexed, until it is emptied.
@@ -365,29 +399,41 @@ impl FollowedDb {
     /// Pins `reader` to the latest version, as [`FollowedDb::pin`], if that version's size
     /// is within `limit`, the size its `stat` just answered (SQLite refuses a header that
     /// says more pages than the file holds); else it keeps the version it has, which is
-    /// within it. Without a limit, or without a pin, it takes the latest.
+    /// within it. Without a pin it takes the newest version within `limit` (the latest if
+    /// none is kept). Without a limit it takes the latest. The check and the pin are one
+    /// step: a version published meanwhile is never pinned unchecked.
     pub fn pin_within(&self, reader: u64, limit: Option<u64>) {
-        let fits = {
-            let v = self.inner.read();
-            let latest = v.versions.get(&v.latest).and_then(|x| {
-                v.generations
-                    .get(&x.generation)
-                    .map(|g| u64::from(x.commit) * u64::from(g.page_size))
-            });
-            limit.is_none_or(|l| latest.is_none_or(|size| size <= l))
-                || !v.pins.contains_key(&reader)
+        let mut v = self.inner.write();
+        let latest = v.latest;
+        let target = match (limit, v.pins.get(&reader)) {
+            (None, _) => latest,
+            (Some(l), Some(&pinned)) => {
+                if v.size_of(latest).is_none_or(|size| size <= l) {
+                    latest
+                } else {
+                    pinned
+                }
+            }
+            (Some(l), None) => v.newest_within(l),
         };
-        if fits {
-            self.pin(reader);
+        if v.pins
+            .insert(reader, target)
+            .is_some_and(|old| old != target)
+        {
+            self.prune_logged(&mut v);
         }
     }
 
-    /// Pins `reader` to the latest version unless it is pinned already.
-    pub fn pin_if_unpinned(&self, reader: u64) {
+    /// Pins `reader`, unless it is pinned already, to the newest version within `limit`
+    /// (the size its thread's last `stat` answered, if any), as [`FollowedDb::pin_within`].
+    pub fn pin_if_unpinned(&self, reader: u64, limit: Option<u64>) {
         if !self.inner.read().pins.contains_key(&reader) {
             let mut v = self.inner.write();
-            let latest = v.latest;
-            v.pins.entry(reader).or_insert(latest);
+            let target = match limit {
+                Some(l) => v.newest_within(l),
+                None => v.latest,
+            };
+            v.pins.entry(reader).or_insert(target);
         }
     }
 
@@ -593,12 +639,22 @@ mod tests {
             page_of(&db, Some(1), 3).is_empty(),
             "it moved past its stat"
         );
-        // Its next transaction's stat covers the new size.
-        db.pin_within(1, Some(db.size()));
-        assert_eq!(page_of(&db, Some(1), 3), page(3));
-        // Without a pin it takes the latest whatever the limit.
-        db.pin_within(2, Some(1));
-        assert_eq!(page_of(&db, Some(2), 3), page(3));
+        // Without a pin it takes the newest version within the limit (kept for reader 1):
+        // the version its stat saw.
+        db.pin_within(2, Some(said));
+        assert!(page_of(&db, Some(2), 3).is_empty());
+        db.pin_if_unpinned(3, Some(said));
+        assert!(page_of(&db, Some(3), 3).is_empty());
+        // Their next transactions' stats cover the new size.
+        for r in 1..=3 {
+            db.pin_within(r, Some(db.size()));
+            assert_eq!(page_of(&db, Some(r), 3), page(3));
+        }
+        // The latest when no kept version is within it.
+        db.pin_within(4, Some(1));
+        assert_eq!(page_of(&db, Some(4), 3), page(3));
+        db.pin_if_unpinned(5, None);
+        assert_eq!(page_of(&db, Some(5), 3), page(3));
     }
 
     #[test]
