@@ -711,8 +711,9 @@ fn has_cap_sys_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
-/// Each node the kernel knows holds one descriptor; allow as many as the hard limit.
-fn raise_open_file_limit() {
+/// Each node the kernel knows holds one descriptor (a follower's database two, more while
+/// old versions are read); allow as many as the hard limit.
+pub fn raise_open_file_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

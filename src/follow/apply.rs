@@ -18,7 +18,11 @@
 //! Polling backs off while nothing changes: from `poll_min` after a change, doubling up to
 //! `poll_max`. Without a feed (a replica written by Litestream, or by a walfs older than
 //! the feed) every database's level 0 is listed at each poll instead, and the replica is
-//! listed for new databases every [`RESCAN`].
+//! listed for new databases every [`RESCAN`]. With a feed, the replica is listed again
+//! when the feed's epoch changes (a writer restarted: what it uploaded before its first
+//! feed is in no feed), when the feed was read too late to trust, and every
+//! [`FULL_RESCAN`] in any case: the feed is a hint, and a feed that a writer stopped
+//! putting (or never put after its last upload) must not keep a follower stale for ever.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -43,6 +47,10 @@ use crate::sqlite::ContentChecksum;
 
 /// How often a replica without a feed is listed for new databases.
 pub const RESCAN: Duration = Duration::from_secs(30);
+
+/// How often a replica with a feed is listed in full all the same (one LIST of the
+/// databases and one of each database's level 0).
+pub const FULL_RESCAN: Duration = Duration::from_secs(600);
 
 /// What the follower holds of one database, for its metrics.
 #[derive(Clone)]
@@ -171,6 +179,7 @@ impl Applier {
         let mut last_scan = Instant::now();
         let mut interval = self.poll_min;
         let mut last_error = String::new();
+        let mut epoch: Option<u64> = None;
         while !stop.load(Ordering::Relaxed) {
             sleep_unless(stop, interval);
             if stop.load(Ordering::Relaxed) {
@@ -186,6 +195,9 @@ impl Applier {
             {
                 Ok(None) => {
                     self.stats.unchanged_polls.fetch_add(1, Ordering::Relaxed);
+                    if last_scan.elapsed() >= FULL_RESCAN {
+                        changed |= self.poll_all(&mut last_scan, true);
+                    }
                     *self.stats.last_poll.lock() = Some(SystemTime::now());
                     last_read = Instant::now();
                     last_error.clear();
@@ -201,8 +213,14 @@ impl Applier {
                             continue;
                         }
                     };
-                    // Read too late, the feed may have dropped databases that changed.
-                    if last_read.elapsed() > FEED_WINDOW / 2 {
+                    // A new writer (its uploads before this feed are in none), or read
+                    // too late (the feed may have dropped databases that changed).
+                    let restarted = epoch.is_some_and(|e| e != feed.epoch);
+                    epoch = Some(feed.epoch);
+                    if restarted
+                        || last_read.elapsed() > FEED_WINDOW / 2
+                        || last_scan.elapsed() >= FULL_RESCAN
+                    {
                         self.poll_all(&mut last_scan, true);
                     }
                     for e in &feed.entries {
@@ -433,7 +451,7 @@ impl Applier {
             let trailer = dec.finish().map_err(|e| corrupt(&e))?;
             // Pages past a shrunk end leave the checksum (those the object did not write).
             let written: BTreeSet<u32> = dec.index().iter().map(|e| e.pgno).collect();
-            for pgno in h.commit + 1..=f.commit {
+            for pgno in h.commit.saturating_add(1)..=f.commit {
                 if !written.contains(&pgno) {
                     f.db.read_latest_page(pgno, &mut old)?;
                     checksum.remove_page(pgno, &old);

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use fuser::{MountOption, SessionACL};
 
 use crate::mount::{
-    check_empty, check_fuse_device, check_mountpoint, mount_failed, unmount_on_signal,
-    MountControl, MountError, MountResult, Serving,
+    check_empty, check_fuse_device, check_mountpoint, mount_failed, raise_open_file_limit,
+    unmount_on_signal, MountControl, MountError, MountResult, Serving,
 };
 use crate::observe::follower::FollowerCollector;
 use crate::observe::metrics::MetricsEndpoint;
@@ -98,6 +98,7 @@ pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     check_empty(&mountpoint, args.allow_nonempty)?;
     check_fuse_device()?;
+    raise_open_file_limit();
     if args.poll_interval < POLL_MIN {
         return Err(MountError::Setup(format!(
             "--poll-interval {:?} is shorter than the {POLL_MIN:?} between polls after a change; give at least 200ms",
