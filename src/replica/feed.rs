@@ -153,6 +153,8 @@ struct WriterState {
     recent: BTreeMap<String, (u64, bool, Instant)>,
     /// Noted since the last successful put.
     dirty: bool,
+    /// When the last successful put started (what was noted before it is in a feed).
+    last_put: Option<Instant>,
     stop: bool,
 }
 
@@ -239,8 +241,11 @@ impl Shared {
         if !st.dirty {
             return None;
         }
+        // An entry stays for the window after it was first put: while puts fail it is
+        // kept, however long that lasts.
+        let put_ok = st.last_put;
         st.recent
-            .retain(|_, (_, _, at)| at.elapsed() <= FEED_WINDOW);
+            .retain(|_, (_, _, at)| at.elapsed() <= FEED_WINDOW || put_ok.is_none_or(|p| *at >= p));
         st.seq += 1;
         st.dirty = false;
         let entries = st
@@ -272,12 +277,15 @@ impl Shared {
         let Some(feed) = self.next() else {
             return Ok(());
         };
+        let started = Instant::now();
         let res = self.rt.block_on(
             self.store
                 .put_object(&self.key, Bytes::from(encode_feed(&feed))),
         );
-        if res.is_err() {
-            self.state.lock().dirty = true;
+        let mut st = self.state.lock();
+        match res {
+            Ok(()) => st.last_put = Some(started),
+            Err(_) => st.dirty = true,
         }
         res
     }

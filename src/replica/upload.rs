@@ -26,7 +26,7 @@ use parking_lot::{Condvar, Mutex};
 use super::compact::{absorbed_by_next, merge_ltx, window_start, ObjId};
 use super::error::{ReplicaError, ReplicaResult};
 use super::fanout::Fanout;
-use super::feed::FeedWriter;
+use super::feed::{feed_key, FeedWriter};
 use super::kept::{KeepSource, KeptCopies};
 use super::maintain::Maintainer;
 use super::record::{ChecksumRecord, RecordedChecksum, SidecarStore};
@@ -333,6 +333,8 @@ pub struct Uploader {
     /// Tells followers which databases a round uploaded (one PUT per round); none with
     /// `--no-follower-feed`.
     feed: Option<FeedWriter>,
+    /// Without a feed: whether a feed an earlier writer left is deleted.
+    stale_feed_gone: AtomicBool,
 }
 
 /// Whether an error reading or encoding staged items is permanent: the items cannot be
@@ -386,6 +388,7 @@ impl Uploader {
             waited_for_lease: AtomicBool::new(false),
             urgent: AtomicBool::new(false),
             feed,
+            stale_feed_gone: AtomicBool::new(false),
         })
     }
 
@@ -453,7 +456,19 @@ impl Uploader {
     /// Tells followers what the round uploaded: the feed's thread puts it (`super::feed`;
     /// one PUT, only if the round uploaded anything).
     fn publish_feed(&self, sent: &[PathBuf]) {
-        let Some(feed) = self.feed.as_ref().filter(|_| !sent.is_empty()) else {
+        if sent.is_empty() {
+            return;
+        }
+        let Some(feed) = self.feed.as_ref() else {
+            // With `--no-follower-feed`, a feed that an earlier writer left would keep
+            // followers on stale hints: it goes at the first round that uploads.
+            if !self.stale_feed_gone.swap(true, Ordering::Relaxed) {
+                let key = feed_key(self.replica.root());
+                if let Err(e) = self.runtime.block_on(self.replica.delete_object(&key)) {
+                    tracing::debug!("cannot delete an earlier writer's change feed: {e:#}");
+                    self.stale_feed_gone.store(false, Ordering::Relaxed);
+                }
+            }
             return;
         };
         for db in sent {
