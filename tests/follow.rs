@@ -48,11 +48,16 @@ impl Follower {
         std::fs::create_dir(&mountpoint).unwrap();
         let ready = dir.path().join("ready");
         let log = dir.path().join("log");
+        let own_cache = dir.path().join("cache");
+        let cache = if extra.contains(&"--cache-dir") {
+            vec![]
+        } else {
+            vec!["--cache-dir".as_ref(), own_cache.as_os_str()]
+        };
         let child = Command::new(WALFS)
             .args(["follow", url])
             .arg(&mountpoint)
-            .arg("--cache-dir")
-            .arg(dir.path().join("cache"))
+            .args(cache)
             .arg("--ready-file")
             .arg(&ready)
             .args(extra)
@@ -537,6 +542,72 @@ fn an_encrypted_replica_is_followed_with_its_key_and_refused_without() {
         std::thread::sleep(Duration::from_millis(50));
     }
     f.stop();
+    w.stop();
+}
+
+/// `walfs follow URL MNT --cache-dir CACHE` expected to refuse to start: its last line.
+fn refused(url: &str, mnt: &Path, cache: &Path) -> String {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut child = Command::new(WALFS)
+        .args(["follow", url])
+        .arg(mnt)
+        .arg("--cache-dir")
+        .arg(cache)
+        .envs(S3_ENV.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("it exits");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(!is_mounted(mnt));
+    err.lines().last().unwrap_or("").to_string()
+}
+
+#[test]
+fn a_cache_dir_of_other_files_or_of_another_follower_is_refused() {
+    let r = S3Fixture::new("follow-cache");
+    let mut w = r.mount(&["--sync-interval", "100ms"]);
+    sqlite3(
+        &w.path("a.db"),
+        "CREATE TABLE t(x); INSERT INTO t VALUES (1);",
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    // A mistyped --cache-dir that holds other files: refused, and its files stay.
+    let other = r.dir.path().join("home");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "mine").unwrap();
+    let line = refused(&r.url(), &r.dir.path().join("m1"), &other);
+    assert!(
+        line.starts_with("walfs: error:") && line.contains("--cache-dir"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(other.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    // Another follower's cache, while it runs: refused, and that follower still serves.
+    let mut f = Follower::start(&r.url(), &[], &[]);
+    let line = refused(
+        &r.url(),
+        &r.dir.path().join("m2"),
+        &f.dir.path().join("cache"),
+    );
+    assert!(line.contains("in use by another walfs follow"), "{line}");
+    assert_eq!(sqlite3(&f.path("a.db"), "SELECT x FROM t;"), "1\n");
+    // Once it stopped, the cache is a follower's: taken again (and emptied).
+    f.stop();
+    let mut g = Follower::start(
+        &r.url(),
+        &[
+            "--cache-dir",
+            &f.dir.path().join("cache").display().to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(sqlite3(&g.path("a.db"), "SELECT x FROM t;"), "1\n");
+    g.stop();
     w.stop();
 }
 

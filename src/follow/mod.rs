@@ -50,7 +50,8 @@ pub struct FollowArgs {
     /// after the writer uploaded it.
     #[arg(long, default_value = "1s", value_parser = crate::flags::duration)]
     pub poll_interval: Duration,
-    /// Where the follower keeps its copies of the databases (emptied at start). Default:
+    /// Where the follower keeps its copies of the databases: a new or empty directory, or
+    /// one a follower used before (emptied at start and at stop). Default:
     /// /var/cache/walfs/follow/ID as root, else ~/.cache/walfs/follow/ID, where ID
     /// names the mountpoint.
     #[arg(long, value_name = "DIR")]
@@ -93,6 +94,64 @@ fn default_cache_dir(mountpoint: &Path) -> PathBuf {
     base.join(&id.as_str()[..16])
 }
 
+/// The file that marks a directory as a follower's cache, locked while a follower uses it.
+const CACHE_MARKER: &str = ".walfs-follow-cache";
+
+/// Makes `cache` this follower's, empty: a new or empty directory, or one a follower used
+/// before (it holds [`CACHE_MARKER`]); never a directory of other files (a mistyped
+/// `--cache-dir` must not delete them), nor one another follower uses (its marker is
+/// locked). The returned lock is held until the follower stops.
+fn take_cache_dir(cache: &Path) -> MountResult<nix::fcntl::Flock<std::fs::File>> {
+    let error = |what: &str| {
+        let what = format!("cannot {what} cache directory {}", cache.display());
+        move |source| MountError::Context { what, source }
+    };
+    std::fs::create_dir_all(cache).map_err(error("create"))?;
+    let marker = cache.join(CACHE_MARKER);
+    let others = std::fs::read_dir(cache)
+        .map_err(error("read"))?
+        .flatten()
+        .any(|e| e.file_name() != CACHE_MARKER);
+    if others && !marker.exists() {
+        return Err(MountError::Setup(format!(
+            "cache directory {} holds files that are not a follower's cache; give a new or empty directory with --cache-dir",
+            cache.display()
+        )));
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&marker)
+        .map_err(error("create a marker in"))?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| {
+            MountError::Setup(format!(
+                "cache directory {} is in use by another walfs follow; give each follower its own --cache-dir",
+                cache.display()
+            ))
+        })?;
+    empty_cache_dir(cache);
+    Ok(lock)
+}
+
+/// Deletes what a follower keeps in `cache` (not the directory, nor its marker).
+fn empty_cache_dir(cache: &Path) {
+    for e in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        if e.file_name() == CACHE_MARKER {
+            continue;
+        }
+        let p = e.path();
+        let gone = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+            _ => std::fs::remove_file(&p),
+        };
+        if let Err(err) = gone {
+            tracing::warn!(path = %p.display(), "cannot delete from the follower's cache: {err}");
+        }
+    }
+}
+
 /// Runs `walfs follow` until SIGINT or SIGTERM.
 pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
     let mountpoint = check_mountpoint(&args.mountpoint)?;
@@ -123,16 +182,7 @@ pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
             mountpoint.display()
         )));
     }
-    let cache_error = |what: &str| {
-        let what = format!("cannot {what} cache directory {}", cache.display());
-        move |source| MountError::Context { what, source }
-    };
-    match std::fs::remove_dir_all(&cache) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(cache_error("empty")(e)),
-    }
-    std::fs::create_dir_all(&cache).map_err(cache_error("create"))?;
+    let _cache_lock = take_cache_dir(&cache)?;
 
     let ns = Arc::new(Namespace::new());
     let stats = Arc::new(FollowStats::default());
@@ -203,11 +253,24 @@ pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
             serving.wait();
         })?;
     let stop = Arc::new(AtomicBool::new(false));
+    // An applier that panicked would leave the mount serving a state that no longer
+    // follows the replica: the follower unmounts and exits non-zero instead.
+    let applier_failed = Arc::new(AtomicBool::new(false));
     let applier_thread = {
         let stop = stop.clone();
+        let failed = applier_failed.clone();
         std::thread::Builder::new()
             .name("walfs-follow".into())
-            .spawn(move || applier.run(&stop))?
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| applier.run(&stop));
+                if std::panic::catch_unwind(run).is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                    tracing::error!(
+                        "the follower stopped applying the replica (the panic above); unmounting"
+                    );
+                    let _ = signal_hook::low_level::raise(signal_hook::consts::SIGTERM);
+                }
+            })?
     };
 
     let served = match session.run() {
@@ -224,8 +287,13 @@ pub fn follow_command(args: &FollowArgs) -> MountResult<()> {
     if let Some(s) = metrics_server {
         s.stop();
     }
-    let _ = std::fs::remove_dir_all(&cache);
+    empty_cache_dir(&cache);
     served?;
+    if applier_failed.load(Ordering::SeqCst) {
+        return Err(MountError::Setup(
+            "the follower stopped applying the replica (see the log above); start walfs follow again".into(),
+        ));
+    }
     tracing::info!(
         applied = stats.applied.load(Ordering::Relaxed),
         restored = stats.restored.load(Ordering::Relaxed),
