@@ -7,7 +7,8 @@
 //! appended to an overlay file and indexed in memory by page and version. A reader (an
 //! open file) pinned to a version reads, for each page, the newest overlay entry at or
 //! below its version, else the base. So applying a version never changes what a pinned
-//! reader sees, and readers never wait for the applier.
+//! reader sees, and a reader never waits for a whole version to be applied: at most for
+//! one page write, or for a fold (which runs only once no reader needs what it folds).
 //!
 //! Once no reader is pinned below a version, the overlay up to it is folded into the base
 //! (written in place) and dropped; with short read transactions that happens after every
