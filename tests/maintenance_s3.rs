@@ -426,6 +426,30 @@ fn allocated_bytes(dir: &Path) -> u64 {
     walk(dir, &mut std::collections::HashSet::new())
 }
 
+/// Waits for the history's first object of `rel` (a snapshot of the empty table), then
+/// commits `transactions` 4 MiB transactions of new rows, 300 ms apart (about one per upload at
+/// `--sync-interval 1s`, so that each level-0 object is too large for the binary counter
+/// to merge).
+fn burst_after_first_upload(f: &S3Fixture, c: &Connection, rel: &str, transactions: usize) {
+    let start = Instant::now();
+    while f.objects(rel).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nothing uploaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..transactions {
+        c.execute(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1024) \
+             INSERT INTO t(k, v) SELECT 'r', randomblob(4000) FROM n",
+            [],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn compacting_a_large_burst_never_holds_its_copies_twice() {
     // 64 MiB of new rows in 4 MiB transactions, uploaded each second: the local copies of
@@ -450,23 +474,7 @@ fn compacting_a_large_burst_never_holds_its_copies_twice() {
         &addr,
     ]);
     let c = open_wal(&m.path(rel));
-    // The history's first object (a snapshot of the empty table) first, then the burst.
-    while f.objects(rel).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "nothing uploaded"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for _ in 0..16 {
-        c.execute(
-            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1024) \
-             INSERT INTO t(k, v) SELECT 'r', randomblob(4000) FROM n",
-            [],
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    burst_after_first_upload(&f, &c, rel, 16);
     let db_bytes: u64 = c
         .query_row(
             "SELECT page_count * page_size FROM pragma_page_count, pragma_page_size",
@@ -544,25 +552,9 @@ fn a_compaction_that_cannot_upload_drops_the_copies_it_freed_and_loses_nothing()
             &addr,
         ],
     );
-    let start = Instant::now();
     let mut m = Mount::with_env(&as_strs(&args), S3_ENV);
     let c = open_wal(&m.path(rel));
-    while f.objects(rel).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "nothing uploaded"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for _ in 0..8 {
-        c.execute(
-            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 1024) \
-             INSERT INTO t(k, v) SELECT 'r', randomblob(4000) FROM n",
-            [],
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    burst_after_first_upload(&f, &c, rel, 8);
     wait_for(port, Duration::from_secs(60), "the burst uploaded", |s| {
         s.must("walfs_pending_bytes", &[]) == 0.0
     });
