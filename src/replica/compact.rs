@@ -278,8 +278,8 @@ pub fn merge_ltx(inputs: &[&Path], out: &Path, snapshot: bool) -> ReplicaResult<
     merge_ltx_consuming(inputs, &vec![false; inputs.len()], out, snapshot)
 }
 
-/// [`merge_ltx`], freeing the inputs marked in `consume` as it reads them (each
-/// [`FREE_EVERY`] bytes, punched out of the file, which keeps its size), so that the merge
+/// [`merge_ltx`], freeing the inputs marked in `consume` as it reads them (each MiB read
+/// is punched out of the file, which keeps its size), so that the merge
 /// never holds its inputs and its output on disk in full at once: a compaction of a large
 /// database would otherwise need twice its size. Whatever the result, a consumed input
 /// that was freed is no longer a valid LTX file (its header is zeros, which a restart's
