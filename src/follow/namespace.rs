@@ -272,8 +272,7 @@ impl Namespace {
             let said = self.stat_sizes.lock().remove(&(ino, tid));
             db.pin_within(fh, said);
         } else {
-            let said = self.stat_sizes.lock().get(&(ino, tid)).copied();
-            db.pin_if_unpinned(fh, said);
+            db.pin_if_unpinned(fh, || self.stat_sizes.lock().get(&(ino, tid)).copied());
         }
         Some(db.read(Some(fh), offset, size))
     }

@@ -427,8 +427,10 @@ impl FollowedDb {
 
     /// Pins `reader`, unless it is pinned already, to the newest version within `limit`
     /// (the size its thread's last `stat` answered, if any), as [`FollowedDb::pin_within`].
-    pub fn pin_if_unpinned(&self, reader: u64, limit: Option<u64>) {
+    /// `limit` is asked only for an unpinned reader: every read of a pinned one comes here.
+    pub fn pin_if_unpinned(&self, reader: u64, limit: impl FnOnce() -> Option<u64>) {
         if !self.inner.read().pins.contains_key(&reader) {
+            let limit = limit();
             let mut v = self.inner.write();
             let target = match limit {
                 Some(l) => v.newest_within(l),
@@ -644,7 +646,7 @@ mod tests {
         // the version its stat saw.
         db.pin_within(2, Some(said));
         assert!(page_of(&db, Some(2), 3).is_empty());
-        db.pin_if_unpinned(3, Some(said));
+        db.pin_if_unpinned(3, || Some(said));
         assert!(page_of(&db, Some(3), 3).is_empty());
         // Their next transactions' stats cover the new size.
         for r in 1..=3 {
@@ -654,7 +656,7 @@ mod tests {
         // The latest when no kept version is within it.
         db.pin_within(4, Some(1));
         assert_eq!(page_of(&db, Some(4), 3), page(3));
-        db.pin_if_unpinned(5, None);
+        db.pin_if_unpinned(5, || None);
         assert_eq!(page_of(&db, Some(5), 3), page(3));
     }
 
